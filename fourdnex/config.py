@@ -1,0 +1,77 @@
+"""Every default and named preset of fourdnex, in one place.
+
+The preset keys are the command-line choices (``--type``, ``--mode``); the dataclass defaults reproduce the
+4DNeX paper's inference settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+#: Appended to every caption, at training and at inference.
+PROMPT_SUFFIX = " POINTMAP_STYLE."
+#: Default XYZ latent statistics (after the VAE's own normalization), used when an adapter carries none.
+XYZ_LATENT_MEAN = -0.13
+XYZ_LATENT_STD = 1.70
+#: The pixel area one modality is generated at (480 x 720); other aspect ratios keep this area.
+DEFAULT_AREA = 480 * 720
+#: Where inference looks for the base model unless told otherwise.
+DEFAULT_MODEL_PATH = "./pretrained/Wan2.1-I2V-14B-480P-Diffusers"
+BASE_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+#: Where the released LoRA targets live inside every transformer block.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+Layout = Literal["rgb", "xyz", "rgbxyz"]
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """Which of the 4DNeX adaptations the transformer uses."""
+
+    domain_embedding: bool
+    shared_rope: bool
+
+
+#: ``--type`` choices: width-wise fusion always; domain embedding and shared RoPE as named.
+MODEL_TYPES: dict[str, ModelType] = {
+    "i2vwbw-demb-samerope": ModelType(domain_embedding=True, shared_rope=True),
+    "i2vwbw-demb": ModelType(domain_embedding=True, shared_rope=False),
+    "i2vwbw": ModelType(domain_embedding=False, shared_rope=False),
+}
+DEFAULT_MODEL_TYPE = "i2vwbw-demb-samerope"
+
+#: ``--mode`` choices: the layout of the generated frame.
+MODES: dict[str, Layout] = {"xyzrgb": "rgbxyz", "xyz": "xyz"}
+
+
+@dataclass
+class SampleConfig:
+    """Sampling settings; the defaults are the reference's."""
+
+    num_frames: int = 49
+    height: int | None = None  # per modality; None: from the image's aspect ratio at DEFAULT_AREA
+    width: int | None = None
+    steps: int = 50
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    seed: int = 42
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting a Wan model cannot sample."""
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 4k+1 (e.g. 49 or 81), got {self.num_frames}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 16):
+                raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+def size_for_aspect(image_height: int, image_width: int, area: int = DEFAULT_AREA) -> tuple[int, int]:
+    """Per-modality (height, width) of the reference's rule: keep ``area`` and the image's aspect, multiples of 16."""
+    height = round(math.sqrt(area * image_height / image_width)) // 16 * 16
+    width = round(math.sqrt(area * image_width / image_height)) // 16 * 16
+    return height, width

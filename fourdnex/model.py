@@ -1,0 +1,119 @@
+"""The 4DNeX transformer: diffusers' Wan2.1 transformer plus a domain embedding and a RoPE shared across halves.
+
+A fused latent holds the RGB video on the left and the XYZ pointmap video on the right half of its width:
+``(B, C, T, h, 2w)``. Two things change relative to Wan2.1, and both are small modules swapped into the stock
+model so that every diffusers feature keyed on module names keeps working (attention backends, gradient
+checkpointing, regional compile of ``blocks``, offloading, LoRA loading and the context-parallel plan, which splits
+the output of ``rope`` and the input of ``blocks.0``):
+
+* ``patch_embedding`` adds a learnable ``(2, inner_dim)`` domain embedding to its output: row 0 on RGB tokens,
+  row 1 on XYZ tokens (zero-initialised, trained with the LoRA);
+* ``rope`` gives an XYZ token the rotary phases of its RGB twin at the same (t, h, w): width position ``w mod W/2``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+from torch import nn
+
+from .config import Layout
+
+
+class DomainPatchEmbedding(nn.Conv3d):
+    """Wan's 3D patch embedding followed by a per-modality offset along the (still explicit) latent width."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=kernel_size, stride=stride)
+        self.domain_embedding = nn.Parameter(torch.zeros(2, out_channels))
+        self.layout: Layout = "rgb"
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)  # (B, D, t, h, w)
+        if not self.enabled:
+            return x
+        emb = self.domain_embedding.to(x.dtype)  # (2, D)
+        if self.layout == "rgbxyz":
+            half = x.shape[-1] // 2
+            offset = emb.repeat_interleave(half, dim=0)  # (w, D): row 0 for the left half, row 1 for the right
+            return x + offset.t()[None, :, None, None, :]
+        row = emb[1 if self.layout == "xyz" else 0]
+        return x + row[None, :, None, None, None]
+
+
+class SharedRotaryPosEmbed(WanRotaryPosEmbed):
+    """Wan's 3D RoPE; with ``shared`` set, the right half of the width repeats the left half's positions."""
+
+    def __init__(self, attention_head_dim: int, patch_size, max_seq_len: int) -> None:
+        super().__init__(attention_head_dim, patch_size, max_seq_len)
+        self.shared = False
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.shared:
+            return super().forward(hidden_states)
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        if width % (2 * p_w):
+            raise ValueError(f"a fused latent needs a width divisible by {2 * p_w}, got {width}")
+        cos, sin = super().forward(hidden_states[..., : width // 2])  # (1, t*h*w/2, 1, D) each
+        grid = (frames // p_t, height // p_h, width // (2 * p_w), cos.shape[-1])
+
+        def repeat_halves(freqs: torch.Tensor) -> torch.Tensor:
+            freqs = freqs.reshape(grid)
+            return torch.cat([freqs, freqs], dim=2).reshape(1, -1, 1, grid[-1])  # (1, t*h*w, 1, D)
+
+        return repeat_halves(cos), repeat_halves(sin)
+
+
+class FourDNeXTransformer(WanTransformer3DModel):
+    """``WanTransformer3DModel`` with the 4DNeX domain embedding and shared RoPE.
+
+    Loads any Wan2.1 transformer folder (``from_pretrained``); the domain embedding starts at zero. With the
+    default layout ``"rgb"`` and no shared RoPE it computes exactly what the stock model computes.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        stock = self.patch_embedding
+        self.patch_embedding = DomainPatchEmbedding(
+            stock.in_channels, stock.out_channels, kernel_size=stock.kernel_size, stride=stock.stride
+        )
+        self.rope = SharedRotaryPosEmbed(self.config.attention_head_dim, self.config.patch_size, self.rope.max_seq_len)
+
+    # diffusers reads the config keys off the __init__ signature: expose the stock model's.
+    __init__.__signature__ = inspect.signature(WanTransformer3DModel.__init__)
+
+    @property
+    def domain_embedding(self) -> nn.Parameter:
+        """The learnable ``(2, inner_dim)`` domain embedding (row 0: RGB, row 1: XYZ)."""
+        return self.patch_embedding.domain_embedding
+
+    @property
+    def layout(self) -> Layout:
+        return self.patch_embedding.layout
+
+    def set_layout(self, layout: Layout, domain_embedding: bool = True, shared_rope: bool = True) -> None:
+        """Choose what the width holds: ``"rgbxyz"`` (fused halves), ``"xyz"`` or ``"rgb"`` (one modality).
+
+        ``shared_rope`` applies to the fused layout only; ``domain_embedding`` switches the offset on or off.
+        """
+        if layout not in ("rgb", "xyz", "rgbxyz"):
+            raise ValueError(f"layout must be 'rgb', 'xyz' or 'rgbxyz', got {layout!r}")
+        self.patch_embedding.layout = layout
+        self.patch_embedding.enabled = domain_embedding
+        self.rope.shared = shared_rope and layout == "rgbxyz"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> FourDNeXTransformer:
+        """Load a Wan2.1 transformer; the domain embedding, absent from Wan checkpoints, is set to zero."""
+        model = super().from_pretrained(*args, **kwargs)
+        emb = model.patch_embedding.domain_embedding
+        if emb.is_meta:
+            model.patch_embedding.domain_embedding = nn.Parameter(
+                torch.zeros(emb.shape, dtype=model.patch_embedding.weight.dtype, device=model.patch_embedding.weight.device)
+            )
+        return model
