@@ -14,7 +14,9 @@ from .config import XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
 def fuse_width(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
     """``(..., W)`` and ``(..., W)`` -> ``(..., 2W)``: RGB left, XYZ right."""
     if rgb.shape != xyz.shape:
-        raise ValueError(f"RGB and XYZ must have the same shape to be fused, got {tuple(rgb.shape)} and {tuple(xyz.shape)}")
+        raise ValueError(
+            f"RGB and XYZ must have the same shape to be fused, got {tuple(rgb.shape)} and {tuple(xyz.shape)}"
+        )
     return torch.cat([rgb, xyz], dim=-1)
 
 
@@ -38,28 +40,30 @@ def sloped_plane(height: int, width: int, dtype: torch.dtype = torch.float32, de
 
 
 def condition_video(image: torch.Tensor, num_frames: int, layout: Layout) -> torch.Tensor:
-    """The video the VAE encodes as the condition: the first frame, then ``num_frames - 1`` zero frames.
+    """The video the VAE encodes as the condition: a first frame, then ``num_frames - 1`` zero frames.
 
-    ``image`` is ``(B, 3, H, W)`` in [-1, 1]. For ``"rgbxyz"`` the first frame is ``[image | sloped plane]``
-    ``(B, 3, H, 2W)``; otherwise the image alone. Returns ``(B, 3, F, H, W')``.
+    ``image`` is ``(B, 3, H, W)`` in [-1, 1]. The first frame is the image (``"rgb"``), the sloped plane
+    (``"xyz"``), or both side by side, ``[image | plane]`` of width 2W (``"rgbxyz"``). Returns ``(B, 3, F, H, W')``.
     """
     batch, _, height, width = image.shape
-    first = image
-    if layout == "rgbxyz":
-        plane = sloped_plane(height, width, image.dtype, image.device).expand(batch, -1, -1, -1)
+    plane = sloped_plane(height, width, image.dtype, image.device).expand(batch, -1, -1, -1)
+    first = {"rgb": image, "xyz": plane}.get(layout)
+    if first is None:
         first = fuse_width(image, plane)
     rest = first.new_zeros(batch, 3, num_frames - 1, height, first.shape[-1])
     return torch.cat([first[:, :, None], rest], dim=2)
 
 
-def soft_mask(batch: int, latent_frames: int, height: int, width: int, layout: Layout, dtype=torch.float32, device=None) -> torch.Tensor:
+def soft_mask(
+    batch: int, latent_frames: int, height: int, width: int, layout: Layout, dtype=torch.float32, device=None
+) -> torch.Tensor:
     """Wan I2V's 4-channel mask for a latent of ``(T, h, w)``: ``(B, 4, T, h, w)``.
 
-    The first latent frame is 1.0 where the condition is known (the RGB image) and 0.5 on the XYZ half of a fused
-    latent (the sloped plane is only a hint); all later frames are 0.
+    The first latent frame is 1.0 where the condition is known (the RGB image) and 0.5 where it is only a hint
+    (the sloped plane: the XYZ half of a fused latent, or all of an ``"xyz"`` one); all later frames are 0.
     """
     mask = torch.zeros(batch, 4, latent_frames, height, width, dtype=dtype, device=device)
-    mask[:, :, 0] = 1.0
+    mask[:, :, 0] = 0.5 if layout == "xyz" else 1.0
     if layout == "rgbxyz":
         mask[:, :, 0, :, width // 2 :] = 0.5
     return mask

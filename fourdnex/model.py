@@ -20,7 +20,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 
-from .config import Layout
+from .config import Layout, ModelType
 
 
 class DomainPatchEmbedding(nn.Conv3d):
@@ -46,14 +46,15 @@ class DomainPatchEmbedding(nn.Conv3d):
 
 
 class SharedRotaryPosEmbed(WanRotaryPosEmbed):
-    """Wan's 3D RoPE; with ``shared`` set, the right half of the width repeats the left half's positions."""
+    """Wan's 3D RoPE; on a fused latent, the right half of the width repeats the left half's positions."""
 
     def __init__(self, attention_head_dim: int, patch_size, max_seq_len: int) -> None:
         super().__init__(attention_head_dim, patch_size, max_seq_len)
-        self.shared = False
+        self.enabled = True  # the model type uses shared RoPE
+        self.fused = False  # the latent holds two halves
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.shared:
+        if not (self.enabled and self.fused):
             return super().forward(hidden_states)
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
@@ -96,16 +97,17 @@ class FourDNeXTransformer(WanTransformer3DModel):
     def layout(self) -> Layout:
         return self.patch_embedding.layout
 
-    def set_layout(self, layout: Layout, domain_embedding: bool = True, shared_rope: bool = True) -> None:
-        """Choose what the width holds: ``"rgbxyz"`` (fused halves), ``"xyz"`` or ``"rgb"`` (one modality).
+    def set_model_type(self, model_type: ModelType) -> None:
+        """Switch the domain embedding and the shared RoPE on or off (the ``--type`` presets)."""
+        self.patch_embedding.enabled = model_type.domain_embedding
+        self.rope.enabled = model_type.shared_rope
 
-        ``shared_rope`` applies to the fused layout only; ``domain_embedding`` switches the offset on or off.
-        """
+    def set_layout(self, layout: Layout) -> None:
+        """Choose what the latent width holds: ``"rgbxyz"`` (RGB | XYZ halves), or one modality, ``"rgb"``/``"xyz"``."""
         if layout not in ("rgb", "xyz", "rgbxyz"):
             raise ValueError(f"layout must be 'rgb', 'xyz' or 'rgbxyz', got {layout!r}")
         self.patch_embedding.layout = layout
-        self.patch_embedding.enabled = domain_embedding
-        self.rope.shared = shared_rope and layout == "rgbxyz"
+        self.rope.fused = layout == "rgbxyz"
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> FourDNeXTransformer:
@@ -114,6 +116,8 @@ class FourDNeXTransformer(WanTransformer3DModel):
         emb = model.patch_embedding.domain_embedding
         if emb.is_meta:
             model.patch_embedding.domain_embedding = nn.Parameter(
-                torch.zeros(emb.shape, dtype=model.patch_embedding.weight.dtype, device=model.patch_embedding.weight.device)
+                torch.zeros(
+                    emb.shape, dtype=model.patch_embedding.weight.dtype, device=model.patch_embedding.weight.device
+                )
             )
         return model

@@ -84,7 +84,12 @@ def build_tiny_pipeline(seed: int = SEED) -> WanImageToVideoPipeline:
     )
     image_encoder = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
         )
     )
     image_processor = CLIPImageProcessor(

@@ -1,0 +1,220 @@
+"""The 4DNeX sampling pipeline: one image + a caption -> an RGB video and an XYZ pointmap video.
+
+It is diffusers' ``WanImageToVideoPipeline`` (same components, same encoders, same offloading and loading) with the
+denoising loop written for a fused latent: RGB on the left half of the width, XYZ on the right.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from transformers import CLIPVisionModel
+
+from .config import BASE_MODEL_ID, PROMPT_SUFFIX, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
+from .fusion import condition_video, denormalize_xyz, soft_mask, split_width, vae_denormalize, vae_normalize
+from .model import FourDNeXTransformer
+
+
+class ModelFolderError(FileNotFoundError):
+    """The base model folder is missing or incomplete; the message names the file and how to get the weights."""
+
+
+@dataclass
+class FourDNeXOutput:
+    """What one call of :class:`FourDNeXPipeline` returns (``B`` samples, ``F`` frames of ``H x W``)."""
+
+    rgb: torch.Tensor  # (B, F, H, W, 3) float in [0, 1]
+    xyz: torch.Tensor | None  # (B, F, H, W, 3) float in [-1, 1]; None for the "rgb" layout
+    latents: torch.Tensor  # (B, 16, T, h, w') the final latents, as the transformer sees them
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class FourDNeXPipeline(WanImageToVideoPipeline):
+    """Wan2.1-I2V with the 4DNeX width-wise fusion of RGB and XYZ.
+
+    Load it with :func:`load_pipeline`. The transformer is a :class:`~fourdnex.model.FourDNeXTransformer`; the
+    ``layout`` argument of ``__call__`` sets what its width holds.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PIL.Image.Image,
+        prompt: str,
+        negative_prompt: str = "",
+        height: int = 480,
+        width: int = 720,
+        num_frames: int = 49,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        generator: torch.Generator | None = None,
+        layout: Layout = "rgbxyz",
+        xyz_mean: float = XYZ_LATENT_MEAN,
+        xyz_std: float = XYZ_LATENT_STD,
+        prompt_suffix: str = PROMPT_SUFFIX,
+        max_sequence_length: int = 512,
+    ) -> FourDNeXOutput:
+        """Generate one sample. ``height`` and ``width`` are per modality (the fused frame is twice as wide).
+
+        ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1 image-to-video, step for step.
+        """
+        if (num_frames - 1) % self.vae_scale_factor_temporal:
+            raise ValueError(f"num_frames must be 4k+1, got {num_frames}")
+        if height % 16 or width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+        self.transformer.set_layout(layout)
+        device = self._execution_device
+        transformer_dtype = self.transformer.dtype
+        do_cfg = guidance_scale > 1.0
+        timings: dict[str, float] = {}
+        tic = time.perf_counter()
+
+        # 1. Text and image conditions: UMT5 on the captioned prompt, CLIP's penultimate layer on the image.
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt + prompt_suffix,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=do_cfg,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if do_cfg:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+        image_embeds = self.encode_image(image, device).to(transformer_dtype)  # (1, 257, 1280)
+
+        # 2. Timesteps from the checkpoint's scheduler (UniPC, flow prediction, shift 3.0 for Wan2.1-I2V-480P).
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        # 3. Initial noise over the fused latent.
+        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        latent_h = height // self.vae_scale_factor_spatial
+        latent_w = width // self.vae_scale_factor_spatial * (2 if layout == "rgbxyz" else 1)
+        shape = (1, self.vae.config.z_dim, latent_frames, latent_h, latent_w)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+        # 4. Condition: [image | sloped plane] then zero frames, VAE-encoded (mode) and VAE-normalized, after the mask.
+        pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+        video = condition_video(pixels, num_frames, layout)  # (1, 3, F, H, W')
+        vae_device = get_module_execution_device(self.vae)
+        encoded = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode()
+        condition_latents = vae_normalize(self.vae, encoded.to(device, torch.float32))  # (1, 16, T, h, w')
+        mask = soft_mask(1, latent_frames, latent_h, latent_w, layout, device=device)  # (1, 4, T, h, w')
+        condition = torch.cat([mask, condition_latents], dim=1)  # (1, 20, T, h, w')
+        timings["encode"] = time.perf_counter() - tic
+
+        # 5. Denoise: 16 noisy + 4 mask + 16 condition channels in; flow velocity out; classifier-free guidance.
+        tic = time.perf_counter()
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
+                model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)  # (1, 36, T, h, w')
+                timestep = t.expand(latents.shape[0])
+                with self.transformer.cache_context("cond"):
+                    velocity = self.transformer(model_input, timestep, prompt_embeds, image_embeds, return_dict=False)[
+                        0
+                    ]
+                if do_cfg:
+                    with self.transformer.cache_context("uncond"):
+                        velocity_uncond = self.transformer(
+                            model_input, timestep, negative_prompt_embeds, image_embeds, return_dict=False
+                        )[0]
+                    velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                progress.update()
+        timings["denoise"] = time.perf_counter() - tic
+
+        # 6. Decode each modality on its own (as each was encoded for training), after undoing the normalizations.
+        tic = time.perf_counter()
+        rgb, xyz = self.decode_latents(latents, layout, xyz_mean, xyz_std)
+        if layout == "xyz":
+            rgb = ((pixels[:, :, None] + 1) / 2).clamp(0, 1).expand(-1, -1, num_frames, -1, -1)
+        timings["decode"] = time.perf_counter() - tic
+        self.maybe_free_model_hooks()
+
+        def channels_last(video: torch.Tensor) -> torch.Tensor:
+            return video.permute(0, 2, 3, 4, 1).float().cpu()  # (B, F, H, W, 3)
+
+        return FourDNeXOutput(
+            rgb=channels_last(rgb),
+            xyz=None if xyz is None else channels_last(xyz),
+            latents=latents,
+            timings=timings,
+        )
+
+    def decode_latents(
+        self, latents: torch.Tensor, layout: Layout, xyz_mean: float, xyz_std: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1]."""
+        if layout == "rgbxyz":
+            rgb_latents, xyz_latents = split_width(latents)
+            halves = [rgb_latents, denormalize_xyz(xyz_latents, xyz_mean, xyz_std)]
+        elif layout == "xyz":
+            halves = [denormalize_xyz(latents, xyz_mean, xyz_std)]
+        else:
+            halves = [latents]
+        vae_device = get_module_execution_device(self.vae)
+        batched = torch.cat(halves).to(vae_device, self.vae.dtype)
+        videos = self.vae.decode(vae_denormalize(self.vae, batched), return_dict=False)[0].chunk(len(halves))
+        if layout == "xyz":
+            return None, videos[0].clamp(-1, 1)
+        rgb = (videos[0] / 2 + 0.5).clamp(0, 1)
+        return rgb, (videos[1].clamp(-1, 1) if layout == "rgbxyz" else None)
+
+
+#: Files every Wan2.1-I2V diffusers folder must hold (weights may be sharded: any of the listed names will do).
+REQUIRED_FILES = {
+    "model_index.json": None,
+    "transformer/config.json": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ),
+    "vae/config.json": ("diffusion_pytorch_model.safetensors",),
+    "text_encoder/config.json": ("model.safetensors", "model.safetensors.index.json"),
+    "tokenizer/tokenizer_config.json": None,
+    "image_encoder/config.json": ("model.safetensors", "model.safetensors.index.json"),
+    "image_processor/preprocessor_config.json": None,
+    "scheduler/scheduler_config.json": None,
+}
+
+
+def check_model_folder(path: str | Path) -> None:
+    """Raise ModelFolderError naming the first missing file of a Wan2.1-I2V diffusers folder."""
+    path = Path(path)
+    how = f"download the base model with: hf download {BASE_MODEL_ID} --local-dir {path}"
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {path} does not exist; {how}")
+    for config, weights in REQUIRED_FILES.items():
+        if not (path / config).is_file():
+            raise ModelFolderError(f"model folder {path} is incomplete: {config} is missing; {how}")
+        if weights and not any((path / config).parent.joinpath(name).is_file() for name in weights):
+            missing = (path / config).parent / weights[0]
+            raise ModelFolderError(f"model folder {path} is incomplete: {missing} is missing; {how}")
+
+
+def load_pipeline(
+    model_path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    transformer_path: str | Path | None = None,
+) -> FourDNeXPipeline:
+    """Load a Wan2.1-I2V diffusers folder as a :class:`FourDNeXPipeline` (on the CPU; move or offload it after).
+
+    The transformer and text encoder take ``dtype``; the VAE and the CLIP image encoder stay in float32, as Wan
+    recommends. ``transformer_path`` replaces the base transformer with a fully fine-tuned one (diffusers folder).
+    """
+    check_model_folder(model_path)
+    if transformer_path is None:
+        transformer = FourDNeXTransformer.from_pretrained(model_path, subfolder="transformer", dtype=dtype)
+    else:
+        transformer = FourDNeXTransformer.from_pretrained(transformer_path, dtype=dtype)
+    vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32)
+    image_encoder = CLIPVisionModel.from_pretrained(Path(model_path) / "image_encoder", dtype=torch.float32)
+    return FourDNeXPipeline.from_pretrained(
+        model_path, transformer=transformer, vae=vae, image_encoder=image_encoder, dtype=dtype
+    )
