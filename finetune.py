@@ -1,6 +1,98 @@
-"""finetune: not implemented yet."""
+"""Fine-tune Wan2.1-I2V into 4DNeX: LoRA + domain embedding on cached RGB|XYZ latents, with DeepSpeed ZeRO.
 
+One process (CPU or one GPU) runs as is; several GPUs or nodes through accelerate (see scripts/finetune.sh):
+
+    python finetune.py --cache_dir data/cache --output_dir runs/4dnex
+    accelerate launch --config_file configs/accelerate_zero2.yaml --num_processes 8 finetune.py \\
+        --cache_dir data/cache --output_dir runs/4dnex --resume_from_checkpoint latest
+
+Every checkpoint (``OUTPUT_DIR/checkpoints/checkpoint-NNNNNN``) holds the DeepSpeed state to resume from and
+``adapter/fourdnex_adapter.safetensors``, which ``inference.py --lora_path`` loads; the final adapter is written to
+``OUTPUT_DIR/adapter``. ``python -m fourdnex.checkpoint CHECKPOINT`` re-exports an adapter from the ZeRO state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
 
+from fourdnex.config import DEFAULT_LORA_TARGETS, MODEL_TYPES
+from fourdnex.train_data import CacheError
+from fourdnex.training import TrainConfig, TrainingError, train
+
+
+def main(args: argparse.Namespace) -> None:
+    """Build the TrainConfig from the parsed flags and train."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    cfg.lora_targets = tuple(cfg.lora_targets)
+    try:
+        adapter = train(cfg)
+    except (TrainingError, CacheError) as err:
+        sys.exit(f"finetune.py: {err}")
+    print(f"adapter: {adapter}")
+
+
 if __name__ == "__main__":
-    sys.exit("finetune.py: not implemented yet")
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("data and model")
+    g.add_argument("--cache_dir", required=True, help="latent cache written by build_wan_dataset.py")
+    g.add_argument("--output_dir", default=d.output_dir, help="checkpoints, logs and the final adapter")
+    g.add_argument("--model_path", default=None, help="Wan2.1-I2V diffusers folder (default: the cache's)")
+    g.add_argument("--type", dest="model_type", default=d.model_type, choices=sorted(MODEL_TYPES))
+    g.add_argument("--height", type=int, default=d.height, help="per modality; must match the cache")
+    g.add_argument("--width", type=int, default=d.width, help="per modality; must match the cache")
+    g.add_argument("--num_frames", type=int, default=d.num_frames, help="first frames of each clip (4k+1)")
+    g = parser.add_argument_group("adapter")
+    g.add_argument("--lora_rank", type=int, default=d.lora_rank)
+    g.add_argument("--lora_alpha", type=float, default=d.lora_alpha)
+    g.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="linear layer names")
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    g.add_argument("--lr_schedule", default=d.lr_schedule, choices=["cosine", "linear", "constant"])
+    g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument("--min_lr_ratio", type=float, default=d.min_lr_ratio, help="final lr / learning_rate")
+    g.add_argument("--max_steps", type=int, default=d.max_steps, help="optimizer steps")
+    g.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm)
+    g.add_argument("--adam_beta1", type=float, default=d.adam_beta1)
+    g.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
+    g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    g.add_argument("--mixed_precision", default=d.mixed_precision, choices=["bf16", "no"])
+    g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
+    g.add_argument(
+        "--save_attention_blocks",
+        type=int,
+        default=d.save_attention_blocks,
+        help="keep the attention output of the first N blocks instead of recomputing it (memory for speed)",
+    )
+    g.add_argument("--attention_backend", default=None, help="diffusers attention backend, e.g. _native_cudnn")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--deepspeed_config", default=None, help="DeepSpeed json (default: configs/deepspeed_zero2.json)")
+    g = parser.add_argument_group("loss")
+    g.add_argument("--timestep_sampling", default=d.timestep_sampling, choices=["uniform", "shifted", "logit_normal"])
+    g.add_argument("--shift", type=float, default=d.shift, help="for shifted sampling (inference flow_shift)")
+    g.add_argument("--logit_mean", type=float, default=d.logit_mean)
+    g.add_argument("--logit_std", type=float, default=d.logit_std)
+    g.add_argument("--rgb_loss_weight", type=float, default=d.rgb_loss_weight)
+    g.add_argument("--xyz_loss_weight", type=float, default=d.xyz_loss_weight)
+    g.add_argument(
+        "--no_rgb_first_frame_loss",
+        dest="rgb_first_frame_loss",
+        action="store_false",
+        help="leave the first RGB latent frame (the given condition) out of the loss",
+    )
+    g = parser.add_argument_group("checkpoints, logging, validation")
+    g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps)
+    g.add_argument("--checkpoints_total_limit", type=int, default=d.checkpoints_total_limit)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--logging_steps", type=int, default=d.logging_steps)
+    g.add_argument("--validation_steps", type=int, default=d.validation_steps, help="0: no validation sampling")
+    g.add_argument("--validation_image", default=None)
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--validation_inference_steps", type=int, default=d.validation_inference_steps)
+    main(parser.parse_args())
