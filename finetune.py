@@ -31,10 +31,12 @@ def main(args: argparse.Namespace) -> None:
         adapter = train(cfg)
     except (TrainingError, CacheError) as err:
         sys.exit(f"finetune.py: {err}")
-    print(f"adapter: {adapter}")
+    if adapter is not None:
+        print(f"adapter: {adapter}")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default comes from TrainConfig."""
     d = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("data and model")
@@ -71,6 +73,7 @@ if __name__ == "__main__":
         help="keep the attention output of the first N blocks instead of recomputing it (memory for speed)",
     )
     g.add_argument("--attention_backend", default=None, help="diffusers attention backend, e.g. _native_cudnn")
+    g.add_argument("--compile_blocks", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed json (default: configs/deepspeed_zero2.json)")
     g = parser.add_argument_group("loss")
@@ -95,4 +98,8 @@ if __name__ == "__main__":
     g.add_argument("--validation_image", default=None)
     g.add_argument("--validation_prompt", default=None)
     g.add_argument("--validation_inference_steps", type=int, default=d.validation_inference_steps)
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

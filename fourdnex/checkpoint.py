@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterMeta, save_adapter
-
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "state"
@@ -54,6 +52,8 @@ def fp32_trainable_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 
 def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the fourdnex adapter (fp32 LoRA + domain embedding + the run's metadata) of ``checkpoint`` to ``out``."""
+    from .adapters import AdapterMeta, save_adapter
+
     checkpoint = Path(checkpoint)
     state_file = checkpoint / TRAINER_STATE_FILE
     if not state_file.is_file():

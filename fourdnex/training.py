@@ -32,12 +32,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from .adapters import AdapterMeta, save_adapter
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     DEEPSPEED_TAG,
@@ -50,8 +49,10 @@ from .checkpoint import (
 from .config import DEFAULT_LORA_TARGETS, DEFAULT_MODEL_PATH, DEFAULT_MODEL_TYPE, MODEL_TYPES
 from .fusion import split_width
 from .io import write_json
-from .model import FourDNeXTransformer
 from .train_data import LatentCache, Sample
+
+if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: loaded when used
+    from .adapters import AdapterMeta
 
 logger = logging.getLogger("fourdnex.training")
 
@@ -98,6 +99,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     save_attention_blocks: int = 0  # blocks whose attention output is kept instead of recomputed (memory for time)
     attention_backend: str | None = None  # a diffusers attention backend, e.g. "_native_cudnn"; None: its default
+    compile_blocks: bool = False  # torch.compile each transformer block (regional compilation)
     # Flow-matching noise levels and loss.
     timestep_sampling: TimestepSampling = "uniform"
     shift: float = 3.0  # for "shifted": the inference scheduler's flow_shift
@@ -358,6 +360,8 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
     """
     from peft import LoraConfig
 
+    from .model import FourDNeXTransformer
+
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
     if transformer is None:
         transformer = FourDNeXTransformer.from_pretrained(model_path, subfolder="transformer", dtype=dtype)
@@ -377,6 +381,8 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
             block._fourdnex_index = index
         keep = set(range(min(cfg.save_attention_blocks, len(transformer.blocks))))
         transformer.enable_gradient_checkpointing(_attention_saving_checkpoint(keep))
+    if cfg.compile_blocks:
+        transformer.compile_repeated_blocks()
     transformer.train()
     return transformer
 
@@ -561,6 +567,8 @@ class Trainer:
 
     def save_adapter(self, path: str | Path, step: int) -> Path | None:
         """Write the inference-ready adapter (fourdnex format) to ``path``; every process must call."""
+        from .adapters import AdapterMeta, save_adapter
+
         tensors = self.adapter_tensors()
         if tensors is None:
             return None
@@ -627,6 +635,8 @@ def _jsonable(value):
 
 def adapter_meta(cfg: TrainConfig, cache: LatentCache, model_path: str) -> AdapterMeta:
     """The metadata every adapter of this run carries."""
+    from .adapters import AdapterMeta
+
     return AdapterMeta(
         rank=cfg.lora_rank,
         alpha=cfg.lora_alpha,
@@ -644,8 +654,8 @@ def adapter_meta(cfg: TrainConfig, cache: LatentCache, model_path: str) -> Adapt
     )
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Fine-tune on ``cfg.cache_dir``; returns the final adapter file (written on the main process)."""
+def train(cfg: TrainConfig) -> Path | None:
+    """Fine-tune on ``cfg.cache_dir``; returns the final adapter file on the main process, None on the others."""
     from tqdm.auto import tqdm
 
     cfg.validate()
@@ -653,6 +663,7 @@ def train(cfg: TrainConfig) -> Path:
     model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
     if not (Path(model_path) / "transformer" / "config.json").is_file():
         raise TrainingError(f"model folder {model_path} has no transformer/config.json")
+    deepspeed_config(cfg)  # refuse a bad DeepSpeed json before loading anything
     output_dir = Path(cfg.output_dir)
     resume = None
     if cfg.resume_from_checkpoint:
@@ -660,9 +671,9 @@ def train(cfg: TrainConfig) -> Path:
             resume = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
         except FileNotFoundError as err:
             raise TrainingError(str(err)) from err
-    accelerator = make_accelerator(cfg, output_dir / "logs")
     torch.manual_seed(cfg.seed)
     transformer = build_transformer(cfg, model_path)
+    accelerator = make_accelerator(cfg, output_dir / "logs")
     trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
     if resume is not None:
         trainer.load_checkpoint(resume)
@@ -707,7 +718,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     final = trainer.save_adapter(output_dir / ADAPTER_DIR, trainer.step)
     accelerator.end_training()
-    return final or output_dir / ADAPTER_DIR
+    return final
 
 
 def _tracker_config(cfg: TrainConfig) -> dict:

@@ -1,0 +1,297 @@
+"""Seconds per optimizer step and peak memory of 4DNeX fine-tuning, through the trainer's own step function.
+
+The transformer is built with random bf16 weights directly on the GPU (``--real-size``: Wan2.1-I2V-14B, 40 layers,
+5120 wide; default: the tiny test model) and fed random tensors at the 4DNeX shape (latent 16x13x60x180 fused,
+35,100 tokens; text 512x4096; CLIP 257x1280). The inputs of global sample position p come from a generator seeded
+with p, so one process with ``--gradient_accumulation_steps 2`` and two processes with 1 see the same samples.
+
+    # the trainer (DeepSpeed ZeRO-2, bf16 LoRA, gradient checkpointing), one GPU
+    python bench/bench_train_step.py --real-size --steps 3
+    # the same with another attention kernel / keeping 8 blocks' attention outputs / compiled blocks
+    python bench/bench_train_step.py --real-size --attention_backend _native_cudnn --save_attention_blocks 8
+    # plain diffusers + peft + gradient checkpointing + torch AdamW (fp32 LoRA under bf16 autocast), no DeepSpeed
+    python bench/bench_train_step.py --real-size --mode baseline
+    # two processes, ZeRO-2 or ZeRO-3, one sample each (compare with --gradient_accumulation_steps 2 on one)
+    accelerate launch --config_file configs/accelerate_zero2.yaml --num_processes 2 \
+        bench/bench_train_step.py --real-size
+    # attention kernels alone at the 4DNeX shape (forward + backward), per backend
+    python bench/bench_train_step.py --real-size --mode attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fourdnex.model import FourDNeXTransformer
+from fourdnex.training import (
+    Batch,
+    LossWeights,
+    TrainConfig,
+    Trainer,
+    batch_loss,
+    build_transformer,
+    make_accelerator,
+    stream_positions,
+    trainable_parameters,
+)
+
+#: Wan2.1-I2V-14B-480P's transformer.
+REAL = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=36,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=1280,
+    added_kv_proj_dim=5120,
+    rope_max_seq_len=1024,
+)
+#: The tiny test model's transformer (CPU smoke runs).
+TINY = dict(REAL, num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2)
+TINY.update(image_dim=32, added_kv_proj_dim=24, rope_max_seq_len=64)
+#: (latent frames, latent height, latent width per modality, text tokens) of a 49 x 480 x 720 sample, and a tiny one.
+REAL_SHAPE = (13, 60, 90, 512)
+TINY_SHAPE = (3, 4, 4, 16)
+
+
+def build_model(config: dict, device: torch.device) -> FourDNeXTransformer:
+    """Random weights in bf16, created on ``device`` (no fp32 host copy of 16B parameters)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            torch.manual_seed(0)
+            return FourDNeXTransformer(**config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def random_batch(position: int, shape: tuple[int, int, int, int], text_dim: int, image_dim: int) -> Batch:
+    """The random sample at a global stream position (batch of 1), float32 on the CPU."""
+    frames, h, w, tokens = shape
+    g = torch.Generator().manual_seed(position)
+    latent = (1, 16, frames, h, 2 * w)
+    return Batch(
+        x0=torch.randn(latent, generator=g),
+        condition=torch.cat([torch.rand(1, 4, frames, h, 2 * w, generator=g), torch.randn(latent, generator=g)], 1),
+        prompt_embeds=torch.randn(1, tokens, text_dim, generator=g),
+        image_embeds=torch.randn(1, 257, image_dim, generator=g),
+        noise=torch.randn(latent, generator=g),
+        sigmas=torch.rand(1, generator=g),
+    )
+
+
+def peak_gib(device: torch.device) -> tuple[float, float]:
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    lines = [" | ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
+    """Steps of :class:`fourdnex.training.Trainer` under DeepSpeed; one table row per process."""
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    model = build_transformer(cfg, transformer=build_model(config, device))
+    tic = time.perf_counter()
+    trainer = Trainer(cfg, model, accelerator, meta=None)
+    setup = time.perf_counter() - tic
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rows = []
+    for step in range(args.warmup + args.steps):
+        batches = [
+            random_batch(stream_positions(cfg, step, m, rank, world)[0], shape, config["text_dim"], config["image_dim"])
+            for m in range(cfg.gradient_accumulation_steps)
+        ]
+        metrics = trainer.train_step(batches, sync_timings=True)
+        rows.append(metrics)
+    timed = rows[args.warmup :]
+    allocated, reserved = peak_gib(device)
+    seconds = statistics.mean(m.seconds for m in timed)
+    result = {
+        "mode": f"trainer ZeRO-{trainer.zero_stage}",
+        "rank": f"{rank}/{world}",
+        "attention": cfg.attention_backend or "default",
+        "saved_attn": cfg.save_attention_blocks,
+        "compile": cfg.compile_blocks,
+        "gas": cfg.gradient_accumulation_steps,
+        "s/step": f"{seconds:.2f}",
+        "fwd": f"{statistics.mean(m.timings['forward'] for m in timed):.2f}",
+        "bwd": f"{statistics.mean(m.timings['backward'] for m in timed):.2f}",
+        "opt": f"{statistics.mean(m.timings['optimizer'] for m in timed):.3f}",
+        "samples/s": f"{cfg.gradient_accumulation_steps * world / seconds:.3f}",
+        "peak GiB": f"{allocated:.1f}",
+        "reserved GiB": f"{reserved:.1f}",
+        "setup s": f"{setup:.1f}",
+        "losses": " ".join(f"{m.loss:.5f}" for m in rows),
+    }
+    gathered = [None] * world if world > 1 else [result]
+    if world > 1:
+        torch.distributed.all_gather_object(gathered, result)
+    if accelerator.is_main_process:
+        print(table(gathered))
+        print(json.dumps({"trainable": sum(p.numel() for p in trainable_parameters(trainer.module).values())}))
+
+
+def run_baseline(args, cfg: TrainConfig, config: dict, shape) -> None:
+    """Plain diffusers + peft + gradient checkpointing + torch AdamW on fp32 LoRA weights under bf16 autocast."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(config, device)
+    model.set_layout("rgbxyz")
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets)))
+    model.domain_embedding.requires_grad_(True)
+    cast_training_params(model, dtype=torch.float32)
+    if cfg.attention_backend:
+        model.set_attention_backend(cfg.attention_backend)
+    model.enable_gradient_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=1e-4)
+    times, losses = [], []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for step in range(args.warmup + args.steps):
+        batch = random_batch(step, shape, config["text_dim"], config["image_dim"]).to(device)
+        sync()
+        tic = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = batch_loss(model, batch, LossWeights(), torch.bfloat16)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - tic)
+        losses.append(loss.item())
+    allocated, reserved = peak_gib(device)
+    seconds = statistics.mean(times[args.warmup :])
+    row = {
+        "mode": "baseline (diffusers+peft)",
+        "attention": cfg.attention_backend or "default",
+        "s/step": f"{seconds:.2f}",
+        "samples/s": f"{1 / seconds:.3f}",
+        "peak GiB": f"{allocated:.1f}",
+        "reserved GiB": f"{reserved:.1f}",
+        "losses": " ".join(f"{v:.5f}" for v in losses),
+    }
+    print(table([row]))
+
+
+def run_attention(args, config: dict, shape) -> None:
+    """Forward + backward of one self-attention at the 4DNeX shape, per diffusers attention backend."""
+    from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    frames, h, w, _ = shape
+    tokens = frames * (h // 2) * (2 * w // 2)
+    heads, dim = config["num_attention_heads"], config["attention_head_dim"]
+    q, k, v = (
+        torch.randn(1, tokens, heads, dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
+    )
+    flops = 4 * tokens * tokens * heads * dim  # forward matmuls
+    rows = []
+    for backend in args.attention_backends:
+        try:
+            timings = []
+            for _ in range(args.warmup + args.steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                with attention_backend(backend):
+                    out = dispatch_attention_fn(q, k, v)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t1 = time.perf_counter()
+                out.backward(torch.ones_like(out))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings.append((t1 - t0, time.perf_counter() - t1))
+            fwd = statistics.mean(t[0] for t in timings[args.warmup :])
+            bwd = statistics.mean(t[1] for t in timings[args.warmup :])
+            rows.append(
+                {
+                    "backend": backend,
+                    "tokens": tokens,
+                    "fwd ms": f"{fwd * 1e3:.1f}",
+                    "bwd ms": f"{bwd * 1e3:.1f}",
+                    "fwd TFLOP/s": f"{flops / fwd / 1e12:.0f}",
+                    "bwd TFLOP/s": f"{2.5 * flops / bwd / 1e12:.0f}",
+                    "x40 layers x(2 fwd + bwd) s": f"{40 * (2 * fwd + bwd):.2f}",
+                }
+            )
+        except Exception as err:  # a backend this machine lacks is reported as a row, the others still run
+            rows.append(
+                {"backend": backend, "tokens": tokens, "fwd ms": f"unavailable ({type(err).__name__}: {str(err)[:60]})"}
+            )
+        q.grad = k.grad = v.grad = None
+    keys = ["backend", "tokens", "fwd ms", "bwd ms", "fwd TFLOP/s", "bwd TFLOP/s", "x40 layers x(2 fwd + bwd) s"]
+    print(table([{k: r.get(k, "") for k in keys} for r in rows]))
+
+
+def main(args: argparse.Namespace) -> None:
+    config, shape = (REAL, REAL_SHAPE) if args.real_size else (TINY, TINY_SHAPE)
+    cfg = TrainConfig(
+        lora_rank=64,
+        lora_alpha=32,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        attention_backend=args.attention_backend,
+        save_attention_blocks=args.save_attention_blocks,
+        compile_blocks=args.compile,
+        deepspeed_config=args.deepspeed_config,
+        lr_warmup_steps=0,
+    )
+    if args.mode == "trainer":
+        run_trainer(args, cfg, config, shape)
+    elif args.mode == "baseline":
+        run_baseline(args, cfg, config, shape)
+    else:
+        run_attention(args, config, shape)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="trainer", choices=["trainer", "baseline", "attention"])
+    parser.add_argument("--real-size", action="store_true", help="Wan2.1-I2V-14B at 49x480x1440 (else tiny, for CPU)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--attention_backend", default=None, help="diffusers backend, e.g. _native_cudnn")
+    parser.add_argument("--save_attention_blocks", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--deepspeed_config", default=None, help="default: configs/deepspeed_zero2.json")
+    parser.add_argument(
+        "--attention_backends",
+        nargs="+",
+        default=["native", "_native_flash", "_native_cudnn", "_native_efficient", "flash", "_flash_3"],
+    )
+    main(parser.parse_args())

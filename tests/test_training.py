@@ -1,0 +1,380 @@
+"""Fine-tuning: finetune.py under DeepSpeed ZeRO-2 on CPU (gloo) with the tiny model, and the pure pieces it uses."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+from train_cache import TINY_MODEL, write_tiny_cache
+
+from fourdnex.adapters import apply_adapter, read_adapter
+from fourdnex.checkpoint import export_adapter, list_checkpoints
+from fourdnex.fusion import condition_video, soft_mask, split_width
+from fourdnex.model import FourDNeXTransformer
+from fourdnex.pointmap import load_result
+from fourdnex.train_data import CacheError, LatentCache
+from fourdnex.training import (
+    LossWeights,
+    TrainConfig,
+    TrainingError,
+    batch_loss,
+    build_transformer,
+    deepspeed_config,
+    flow_matching_loss,
+    lr_factor,
+    make_batch,
+    sample_sigmas,
+    stream_positions,
+    transformer_inputs,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = ["--height", "32", "--width", "32", "--num_frames", "9"]
+TINY = [*SIZE, "--lora_rank", "8", "--lora_alpha", "8"]
+
+
+def finetune_env() -> dict[str, str]:
+    """The environment of a one-process finetune.py run (it picks a free port itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def finetune(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "finetune.py"), *args], env=finetune_env(), capture_output=True, text=True
+    )
+    if check and result.returncode:
+        raise AssertionError(f"finetune.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) pairs that a run logged to TensorBoard under ``tag``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for events in sorted((run / "logs").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return values
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return write_tiny_cache(tmp_path_factory.mktemp("cache"), num_clips=2)
+
+
+def overfit_args(cache_dir: Path, out: Path) -> list[str]:
+    """30 steps of bf16 ZeRO-2 on two clips, a checkpoint every 10 steps (2 kept), a validation sample at the end."""
+    return [
+        "--cache_dir", str(cache_dir), "--output_dir", str(out), *TINY,
+        "--learning_rate", "3e-3", "--lr_warmup_steps", "0", "--lr_schedule", "constant",
+        "--max_steps", "30", "--checkpointing_steps", "10", "--validation_steps", "30",
+        "--validation_image", str(ROOT / "example" / "scene.png"), "--validation_prompt", "a red ball",
+        "--validation_inference_steps", "2",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def overfit_run(cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("overfit")
+    finetune(*overfit_args(cache_dir, out))
+    return out
+
+
+def fixed_batches(cache_dir: Path, n: int = 4):
+    """Held-fixed noisy samples of the training clips (positions no training step uses)."""
+    cfg = TrainConfig(cache_dir=str(cache_dir), height=32, width=32, num_frames=9)
+    cache = LatentCache(cache_dir, cfg.num_latent_frames, 32, 32)
+    return [make_batch(cache, cfg, list(range(10_000 + 8 * i, 10_008 + 8 * i))) for i in range(n)]
+
+
+def eval_loss(batches, adapter: Path | None) -> float:
+    transformer = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
+    transformer.set_layout("rgbxyz")
+    if adapter is not None:
+        apply_adapter(transformer, read_adapter(adapter))
+    with torch.no_grad():
+        return sum(batch_loss(transformer, b, LossWeights(), torch.float32)[0].item() for b in batches) / len(batches)
+
+
+def test_overfit_loss_goes_down(overfit_run, cache_dir):
+    batches = fixed_batches(cache_dir)
+    base, trained = eval_loss(batches, None), eval_loss(batches, overfit_run / "adapter")
+    print(f"flow-matching loss on held-fixed noise: base {base:.4f} -> trained {trained:.4f}")
+    assert trained < 0.85 * base
+    logged = [v for _, v in scalars(overfit_run, "loss/total")]
+    assert len(logged) == 30 and sum(logged[-10:]) < sum(logged[:10])
+
+
+def test_logs_and_schedule(overfit_run):
+    for tag in ("loss/rgb", "loss/xyz", "grad_norm", "samples_per_second"):
+        values = scalars(overfit_run, tag)
+        assert len(values) == 30 and all(math.isfinite(v) for _, v in values), tag
+    total = dict(scalars(overfit_run, "loss/total"))
+    parts = dict(scalars(overfit_run, "loss/rgb")), dict(scalars(overfit_run, "loss/xyz"))
+    assert all(abs(total[s] - (parts[0][s] + parts[1][s]) / 2) < 1e-5 for s in total)  # equal weights, halves
+    assert all(abs(v - 3e-3) < 1e-9 for _, v in scalars(overfit_run, "lr"))
+
+
+def test_checkpoints_pruned_and_exported(overfit_run):
+    kept = list_checkpoints(overfit_run)
+    assert [p.name for p in kept] == ["checkpoint-000020", "checkpoint-000030"]
+    assert not list((overfit_run / "checkpoints").glob(".*partial*"))
+    saved = read_adapter(kept[-1] / "adapter")
+    final = read_adapter(overfit_run / "adapter")
+    exported = read_adapter(export_adapter(kept[-1], overfit_run / "exported"))  # DeepSpeed's zero_to_fp32
+    for adapter in (final, exported):
+        assert adapter.lora.keys() == saved.lora.keys() and len(saved.lora) == 2 * 2 * 2 * 4  # blocks*attn*targets*AB
+        assert all(torch.equal(adapter.lora[k], saved.lora[k]) for k in saved.lora)
+        assert torch.equal(adapter.domain_embedding, saved.domain_embedding)
+    assert saved.domain_embedding.abs().max() > 0  # the domain embedding was trained
+    meta = saved.meta
+    assert (meta.rank, meta.alpha, meta.xyz_latent_mean, meta.xyz_latent_std) == (8, 8.0, -0.1, 1.5)
+    assert meta.target_modules == ["to_q", "to_k", "to_v", "to_out.0"] and meta.extra["step"] == 30
+
+
+def test_validation_sample_written(overfit_run):
+    result = load_result(overfit_run / "validation" / "step-000030" / "00000.npz")
+    assert result.rgb.shape == result.xyz.shape == (9, 32, 32, 3)
+    assert result.meta["step"] == 30 and result.meta["prompt"] == "a red ball"
+
+
+def test_adapter_changes_pipeline_output(overfit_run):
+    from PIL import Image
+
+    from fourdnex.pipeline import load_pipeline
+
+    pipe = load_pipeline(TINY_MODEL, dtype=torch.float32)
+    image = Image.new("RGB", (32, 32), (120, 60, 30))
+    kwargs = dict(height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=1.0)
+
+    def run():
+        return pipe(image, "a dog", generator=torch.Generator().manual_seed(0), **kwargs).latents
+
+    before = run()
+    apply_adapter(pipe.transformer, read_adapter(overfit_run / "adapter"))
+    after = run()
+    assert before.shape == after.shape == (1, 16, 3, 4, 8)
+    assert (after - before).abs().max() > 1e-2
+
+
+def test_resume_is_bit_identical(overfit_run, cache_dir, tmp_path):
+    """Killed after its first checkpoint and resumed, a run ends exactly where the uninterrupted one did."""
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "finetune.py"), *overfit_args(cache_dir, interrupted)],
+        env=finetune_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while not (interrupted / "checkpoints" / "checkpoint-000010").exists() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert [p.name for p in list_checkpoints(interrupted)] == ["checkpoint-000010"]
+    finetune(*overfit_args(cache_dir, interrupted), "--resume_from_checkpoint", "latest")
+    whole, resumed = read_adapter(overfit_run / "adapter"), read_adapter(interrupted / "adapter")
+    assert all(torch.equal(whole.lora[k], resumed.lora[k]) for k in whole.lora)
+    assert torch.equal(whole.domain_embedding, resumed.domain_embedding)
+    assert scalars(interrupted, "loss/total")[-1] == scalars(overfit_run, "loss/total")[-1]
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("finetune_cli", ROOT / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing_cache", "does not exist"),
+        ("other_resolution", "built at 32x32 per modality, training asks for 48x48"),
+        ("missing_stats", "stats.json: missing"),
+        ("unknown_target", "LoRA target 'to_qq' matches no linear layer"),
+        ("bad_frames", "num_frames must be 4k+1"),
+    ],
+)
+def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
+    """Each user error ends the run before any training with one line naming the problem."""
+    cli = load_cli()
+    args = ["--cache_dir", str(cache_dir), "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "4"]
+    if setup == "missing_cache":
+        args[1] = str(tmp_path / "nowhere")
+    if setup == "missing_stats":
+        subprocess.run(["cp", "-r", str(cache_dir), str(tmp_path / "cache")], check=True)
+        (tmp_path / "cache" / "stats.json").unlink()
+        args[1] = str(tmp_path / "cache")
+    extra = {
+        "other_resolution": ["--height", "48", "--width", "48"],
+        "unknown_target": ["--lora_targets", "to_q", "to_qq"],
+        "bad_frames": ["--num_frames", "10"],
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cli.build_parser().parse_args(args + extra.get(setup, [])))
+    text = str(exit_info.value.code)
+    assert text.startswith("finetune.py: ") and message in text and "\n" not in text, text
+
+
+def test_cli_error_is_one_line_and_nonzero(tmp_path):
+    result = finetune("--cache_dir", str(tmp_path / "nowhere"), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("finetune.py: cache folder")
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_clip_names_its_file(cache_dir, tmp_path):
+    broken = tmp_path / "cache"
+    subprocess.run(["cp", "-r", str(cache_dir), str(broken)], check=True)
+    (broken / "latents" / "clip001.safetensors").write_bytes(b"not a safetensors file")
+    cache = LatentCache(broken, 3, 32, 32)
+    cache.sample(0)
+    with pytest.raises(CacheError, match=r"latents/clip001\.safetensors: unreadable"):
+        cache.sample(1)
+    (broken / "clip" / "clip000.safetensors").unlink()
+    with pytest.raises(CacheError, match=r"clip/clip000\.safetensors: missing"):
+        cache.sample(0)
+
+
+def test_deepspeed_config_owns_no_optimizer(tmp_path):
+    cfg = TrainConfig(train_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.5)
+    config = deepspeed_config(cfg)
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 3
+    assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": True}
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}')
+    with pytest.raises(TrainingError, match="remove 'scheduler'"):
+        deepspeed_config(TrainConfig(deepspeed_config=str(bad)))
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, warmup_steps=10, max_steps=110, schedule="cosine") for s in range(110)]
+    assert f[0] == 0.1 and f[9] == 1.0 and f[10] == 1.0 and abs(f[60] - 0.5) < 1e-12 and f[-1] < 1e-3
+    g = [lr_factor(s, warmup_steps=0, max_steps=100, schedule="linear", min_ratio=0.1) for s in range(101)]
+    assert g[0] == 1.0 and abs(g[50] - 0.55) < 1e-12 and abs(g[100] - 0.1) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("method", "cdf"),
+    [
+        ("uniform", lambda s: s),
+        ("shifted", lambda s: s / (3.0 - 2.0 * s)),  # u = s / (shift - (shift - 1) s)
+        ("logit_normal", lambda s: stats.norm.cdf((torch.logit(torch.as_tensor(s)).numpy() - 0.5) / 0.8)),
+    ],
+)
+def test_timestep_samplers(method, cdf):
+    sigmas = sample_sigmas(20_000, method, torch.Generator().manual_seed(0), shift=3.0, logit_mean=0.5, logit_std=0.8)
+    assert sigmas.min() > 0 and sigmas.max() < 1
+    assert stats.kstest(sigmas.double().numpy(), cdf).pvalue > 0.01
+    other = sample_sigmas(20_000, "uniform", torch.Generator().manual_seed(0))
+    if method != "uniform":
+        assert stats.kstest(other.double().numpy(), cdf).pvalue < 1e-6  # the test can tell the laws apart
+    if method == "shifted":
+        assert abs(sigmas.median().item() - 0.75) < 0.01  # shift 3 moves the median from 0.5 to 0.75
+
+
+def test_loss_weights_and_first_frame():
+    g = torch.Generator().manual_seed(0)
+    pred, x0, noise = (torch.randn(2, 16, 3, 4, 8, generator=g) for _ in range(3))
+    target = noise - x0
+    rgb_error, xyz_error = (e.square() for e in split_width(pred - target))
+    loss, parts = flow_matching_loss(pred, x0, noise, LossWeights())
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, target))
+    torch.testing.assert_close(parts["rgb"], rgb_error.mean())
+    only_xyz, _ = flow_matching_loss(pred, x0, noise, LossWeights(rgb=0.0, xyz=1.0))
+    torch.testing.assert_close(only_xyz, xyz_error.mean())
+    weighted, _ = flow_matching_loss(pred, x0, noise, LossWeights(rgb=1.0, xyz=3.0))
+    torch.testing.assert_close(weighted, (rgb_error.mean() + 3 * xyz_error.mean()) / 4)
+    no_first, parts = flow_matching_loss(pred, x0, noise, LossWeights(rgb_first_frame=False))
+    torch.testing.assert_close(parts["rgb"], rgb_error[:, :, 1:].mean())
+    pred2 = pred.clone()
+    pred2[:, :, 0, :, :4] += 100.0  # the first RGB latent frame no longer counts
+    torch.testing.assert_close(flow_matching_loss(pred2, x0, noise, LossWeights(rgb_first_frame=False))[0], no_first)
+
+
+def test_sample_is_the_inference_input(cache_dir):
+    """x0, mask and condition are laid out as the pipeline builds them; timestep = 1000 s."""
+    cfg = TrainConfig(cache_dir=str(cache_dir), height=32, width=32, num_frames=9)
+    cache = LatentCache(cache_dir, cfg.num_latent_frames, 32, 32)
+    batch = make_batch(cache, cfg, [0, 1])
+    inputs = transformer_inputs(batch, torch.float32)
+    hidden = inputs["hidden_states"]
+    assert hidden.shape == (2, 36, 3, 4, 8)
+    s = batch.sigmas.view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(hidden[:, :16], (1 - s) * batch.x0 + s * batch.noise)
+    torch.testing.assert_close(hidden[:, 16:20], soft_mask(2, 3, 4, 8, "rgbxyz"))
+    torch.testing.assert_close(inputs["timestep"], batch.sigmas * 1000)
+    # the same positions give the same noise and clips however they are grouped
+    again = make_batch(cache, cfg, [1])
+    assert torch.equal(again.noise[0], batch.noise[1]) and torch.equal(again.x0[0], batch.x0[1])
+    one = TrainConfig(train_batch_size=2)
+    two = TrainConfig(train_batch_size=1)
+    assert stream_positions(one, 3, 0, 0, 1) == stream_positions(two, 3, 0, 0, 2) + stream_positions(two, 3, 0, 1, 2)
+
+
+def test_condition_cut_equals_shorter_encoding(cache_dir):
+    """Causal VAE: the first latent frames of the cached (longer) condition are the shorter clip's encoding."""
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    vae = AutoencoderKLWan.from_pretrained(TINY_MODEL, subfolder="vae", dtype=torch.float32)
+    image = load_file(cache_dir / "latents" / "clip000.safetensors")  # only to check the cut below
+    with torch.no_grad():
+        first = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        long = vae.encode(condition_video(first, 9, "rgbxyz")).latent_dist.mode()  # (1, 16, 3, 4, 8)
+        short = vae.encode(condition_video(first, 5, "rgbxyz")).latent_dist.mode()  # (1, 16, 2, 4, 8)
+    assert torch.equal(long[:, :, :2], short)
+    sample = LatentCache(cache_dir, 2, 32, 32).sample(0)
+    assert torch.equal(sample.condition[4:], image["cond"][:, :2])
+    with pytest.raises(CacheError, match="holds 9 frames"):
+        LatentCache(cache_dir, 4, 32, 32)
+
+
+def test_saving_attention_keeps_gradients_and_skips_recompute():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func):
+                CountAttention.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 36, 3, 4, 8, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 16, 32, generator=g),
+        "encoder_hidden_states_image": torch.randn(1, 257, 32, generator=g),
+    }
+    grads, calls = [], []
+    for keep in (0, 2):
+        cfg = TrainConfig(lora_rank=4, mixed_precision="no", save_attention_blocks=keep)
+        model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
+        model = build_transformer(cfg, transformer=model)
+        torch.manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        CountAttention.calls = 0
+        with CountAttention():
+            model(**inputs, return_dict=False)[0].square().mean().backward()
+        calls.append(CountAttention.calls)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    # 2 blocks x 2 attentions run forward once; full checkpointing runs them again before backward
+    assert calls[1] < calls[0]
