@@ -81,3 +81,12 @@ def test_same_seed_same_sample(tiny_pipe, example_image):
     b = tiny_pipe(example_image, "a cat", generator=torch.Generator().manual_seed(5), **SMALL)
     c = tiny_pipe(example_image, "a cat", generator=torch.Generator().manual_seed(6), **SMALL)
     assert torch.equal(a.xyz, b.xyz) and not torch.equal(a.xyz, c.xyz)
+
+
+def test_xyz_mode_generates_one_wide_xyz_video(tiny_pipe, example_image):
+    out = tiny_pipe(example_image, "a cat", layout="xyz", generator=torch.Generator().manual_seed(0), **SMALL)
+    assert out.latents.shape == (1, 16, 2, 4, 6)  # one modality: no doubled width
+    assert out.xyz.shape == out.rgb.shape == (1, 5, 32, 48, 3)
+    pixels = tiny_pipe.video_processor.preprocess(example_image, height=32, width=48)
+    expected = ((pixels[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0)
+    assert all(torch.allclose(frame, expected, atol=1e-6) for frame in out.rgb[0])  # the input image on every frame
