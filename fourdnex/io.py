@@ -12,6 +12,12 @@ from pathlib import Path
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
@@ -21,6 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -50,3 +57,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 24) -> None:
         with contextlib.closing(writer):
             for frame in frames:
                 writer.append_data(frame)
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Decode a whole video into ``(F, H, W, 3)`` uint8 frames."""
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(path, format="FFMPEG")
+    with contextlib.closing(reader):
+        return np.stack([np.asarray(frame) for frame in reader])

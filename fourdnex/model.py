@@ -14,6 +14,7 @@ the output of ``rope`` and the input of ``blocks.0``):
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -21,6 +22,17 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 
 from .config import Layout, ModelType
+
+
+class _DropMessagesNaming(logging.Filter):
+    """Drops log records that contain ``text`` (the expected-missing-weights warning of a base checkpoint)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 class DomainPatchEmbedding(nn.Conv3d):
@@ -112,7 +124,13 @@ class FourDNeXTransformer(WanTransformer3DModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> FourDNeXTransformer:
         """Load a Wan2.1 transformer; the domain embedding, absent from Wan checkpoints, is set to zero."""
-        model = super().from_pretrained(*args, **kwargs)
+        loader_log = logging.getLogger("diffusers.models.modeling_utils")
+        expected_gap = _DropMessagesNaming("['patch_embedding.domain_embedding']")
+        loader_log.addFilter(expected_gap)
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        finally:
+            loader_log.removeFilter(expected_gap)
         emb = model.patch_embedding.domain_embedding
         if emb.is_meta:
             model.patch_embedding.domain_embedding = nn.Parameter(

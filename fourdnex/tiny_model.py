@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,8 +44,16 @@ _CORPUS = [
 
 
 def tiny_tokenizer() -> T5Tokenizer:
-    """A T5 (unigram) tokenizer trained offline on a few captions."""
-    return T5Tokenizer().train_new_from_iterator(_CORPUS * 4, vocab_size=400)
+    """A T5 (unigram) tokenizer over the words and characters of a few captions, scored by frequency.
+
+    The vocabulary is built directly rather than trained, so that it is the same on every machine and every run.
+    """
+    words = Counter(f"\u2581{word}" for line in _CORPUS for word in line.split())
+    chars = Counter(char for line in _CORPUS for char in line if not char.isspace())
+    total = sum(words.values()) + sum(chars.values())
+    pieces = [(piece, math.log(count / total)) for piece, count in sorted((words + chars).items())]
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    return T5Tokenizer(vocab=specials + pieces, extra_ids=0)
 
 
 def build_tiny_pipeline(seed: int = SEED) -> WanImageToVideoPipeline:

@@ -1,0 +1,312 @@
+"""Generate 4D results (an RGB video and an XYZ pointmap video) from images and captions.
+
+    python inference.py --prompt ./example/prompt.txt --image ./example/image.txt --out ./results \\
+        --model_path ./pretrained/Wan2.1-I2V-14B-480P-Diffusers --lora_path ./pretrained/4dnex-lora
+
+``--prompt`` and ``--image`` are text files with one caption / one image path per line (or a literal caption and a
+single image path). For each selected line i it writes, into ``--out``:
+
+    {i:05d}.mp4      RGB | XYZ side by side, 24 fps
+    {i:05d}_rgb.mp4  the RGB video
+    {i:05d}_xyz.mp4  the XYZ video, [-1, 1] shown as colours
+    {i:05d}.npz      rgb (F, H, W, 3) uint8, xyz (F, H, W, 3) float32 in [-1, 1]
+    {i:05d}.json     prompt, image, settings, model and adapter, versions, timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fourdnex import __version__
+from fourdnex.config import (
+    DEFAULT_MODEL_PATH,
+    DEFAULT_MODEL_TYPE,
+    MODEL_TYPES,
+    MODES,
+    XYZ_LATENT_MEAN,
+    XYZ_LATENT_STD,
+    SampleConfig,
+    size_for_aspect,
+)
+
+PROG = "inference.py"
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for; reported as one line."""
+
+
+def read_lines_or_literal(value: str, what: str) -> tuple[list[str], Path | None]:
+    """A ``.txt`` file's non-empty lines, or the value itself; returns the list and the file it came from."""
+    path = Path(value)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise UsageError(f"{what} list {path} does not exist")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise UsageError(f"{what} list {path} is empty")
+        return lines, path
+    return [value], None
+
+
+def resolve_image(name: str, list_file: Path | None) -> Path:
+    """An image path as written, or relative to the list file that names it."""
+    path = Path(name).expanduser()
+    if not path.is_file() and list_file is not None and (list_file.parent / path).is_file():
+        path = list_file.parent / path
+    if not path.is_file():
+        raise UsageError(f"image {name} does not exist")
+    return path
+
+
+def load_image(path: Path):
+    """Open an image as RGB, or raise UsageError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise UsageError(f"image {path} cannot be read ({err})") from err
+
+
+def select_jobs(args: argparse.Namespace) -> list[tuple[int, str, Path]]:
+    """(line index, prompt, image path) for every line to generate, all checked before any model loads."""
+    prompts, _ = read_lines_or_literal(args.prompt, "prompt")
+    images, image_list = read_lines_or_literal(args.image, "image")
+    if len(prompts) != len(images):
+        raise UsageError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt line")
+    indices = range(len(prompts)) if args.idx < 0 else [args.idx]
+    if args.idx >= len(prompts):
+        raise UsageError(f"--idx {args.idx} is out of range: there are {len(prompts)} lines")
+    jobs = []
+    for i in indices:
+        path = resolve_image(images[i], image_list)
+        load_image(path)
+        jobs.append((i, prompts[i], path))
+    return jobs
+
+
+def prepare_out(out: Path) -> None:
+    """Create the output folder and prove it is writable."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out} ({err.strerror or err})") from err
+
+
+def sample_config(args: argparse.Namespace) -> SampleConfig:
+    if (args.height is None) != (args.width is None):
+        raise UsageError("give both --height and --width, or neither (then the image's aspect ratio decides)")
+    config = SampleConfig(
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+    )
+    try:
+        config.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    return config
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but no CUDA GPU is visible")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def to_uint8(video: np.ndarray, low: float) -> np.ndarray:
+    """Float frames in [low, 1] -> uint8."""
+    return np.round((video - low) / (1.0 - low) * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "fourdnex": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def write_outputs(out: Path, index: int, rgb: np.ndarray, xyz: np.ndarray, meta: dict) -> None:
+    """All files of one sample; each is written atomically, the json last."""
+    from fourdnex.io import write_video
+    from fourdnex.pointmap import save_result
+
+    rgb8, xyz8 = to_uint8(rgb, 0.0), to_uint8(xyz, -1.0)
+    write_video(out / f"{index:05d}_rgb.mp4", rgb8)
+    write_video(out / f"{index:05d}_xyz.mp4", xyz8)
+    write_video(out / f"{index:05d}.mp4", np.concatenate([rgb8, xyz8], axis=2))
+    save_result(out, index, rgb8, xyz, meta)
+
+
+def main(args: argparse.Namespace) -> None:
+    config = sample_config(args)
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise UsageError(f"--lora_rank must be positive, got {args.lora_rank}")
+    jobs = select_jobs(args)
+    out = Path(args.out)
+    prepare_out(out)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from fourdnex.adapters import apply_adapter, read_adapter
+    from fourdnex.pipeline import load_pipeline
+    from fourdnex.tiny_model import TINY_MARKER
+
+    adapter = read_adapter(args.lora_path) if args.lora_path else None
+    tic = time.perf_counter()
+    pipe = load_pipeline(args.model_path, dtype=dtype, transformer_path=args.sft_path)
+    pipe.transformer.set_model_type(MODEL_TYPES[args.type])
+    lora_scale, xyz_mean, xyz_std = None, XYZ_LATENT_MEAN, XYZ_LATENT_STD
+    if adapter is not None:
+        lora_scale = apply_adapter(pipe.transformer, adapter, scale=args.lora_scale, lora_rank=args.lora_rank)
+        if adapter.meta.xyz_latent_mean is not None:
+            xyz_mean, xyz_std = adapter.meta.xyz_latent_mean, adapter.meta.xyz_latent_std
+    pipe.to(device)
+    load_seconds = time.perf_counter() - tic
+    random_weights = json.loads((Path(args.model_path) / "model_index.json").read_text()).get(TINY_MARKER, False)
+    if random_weights:
+        print(f"note: {args.model_path} is the tiny test model with random weights: its outputs are noise")
+    if adapter is None:
+        print("note: no --lora_path given: sampling the base Wan2.1 model, which was not trained for pointmaps")
+
+    layout = MODES[args.mode]
+    for index, prompt, image_path in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1):
+        image = load_image(image_path)
+        height, width = (config.height, config.width) if config.height else size_for_aspect(image.height, image.width)
+        generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        try:
+            result = pipe(
+                image,
+                prompt,
+                negative_prompt=config.negative_prompt,
+                height=height,
+                width=width,
+                num_frames=config.num_frames,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance_scale,
+                generator=generator,
+                layout=layout,
+                xyz_mean=xyz_mean,
+                xyz_std=xyz_std,
+            )
+        except torch.OutOfMemoryError as err:
+            raise UsageError(
+                "out of GPU memory: try --dtype bfloat16, fewer --num_frames, a smaller --height/--width, "
+                "or run on a GPU with more memory"
+            ) from err
+        tic = time.perf_counter()
+        meta = {
+            "prompt": prompt,
+            "image": str(image_path),
+            "index": index,
+            **dataclasses.asdict(config),
+            "height": height,
+            "width": width,
+            "mode": args.mode,
+            "type": args.type,
+            "model_path": str(args.model_path),
+            "sft_path": args.sft_path,
+            "random_weights": random_weights,
+            "lora_path": args.lora_path,
+            "adapter_format": adapter.format if adapter else None,
+            "lora_scale": lora_scale,
+            "xyz_latent_mean": xyz_mean,
+            "xyz_latent_std": xyz_std,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "versions": versions(),
+            "timings": {"load": load_seconds, **result.timings},
+        }
+        write_outputs(out, index, result.rgb[0].numpy(), result.xyz[0].numpy(), meta)
+        print(f"wrote {out / f'{index:05d}'}.{{mp4,npz,json}} ({sum(result.timings.values()):.1f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--prompt", required=True, help="a .txt file with one caption per line, or one caption")
+    io.add_argument("--image", required=True, help="a .txt file with one image path per line, or one image path")
+    io.add_argument("--idx", type=int, default=-1, help="generate only this line (default -1: all lines)")
+    io.add_argument("--out", default="./results", help="output folder (default ./results)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="Wan2.1-I2V-14B-480P diffusers folder")
+    model.add_argument("--sft_path", default=None, help="a fully fine-tuned transformer folder replacing the base one")
+    model.add_argument("--lora_path", default=None, help="adapter: released 4DNeX folder or fourdnex .safetensors")
+    model.add_argument("--lora_rank", type=int, default=None, help="expected LoRA rank (default: read from the file)")
+    model.add_argument(
+        "--lora_scale", type=float, default=None, help="LoRA scale (default: 0.5 released, alpha/rank fourdnex)"
+    )
+    model.add_argument("--type", default=DEFAULT_MODEL_TYPE, choices=sorted(MODEL_TYPES), help="model variant")
+    model.add_argument(
+        "--mode",
+        default="xyzrgb",
+        choices=sorted(MODES),
+        help="xyzrgb: RGB | XYZ side by side (default); xyz: the whole frame is XYZ",
+    )
+    sampling = parser.add_argument_group("sampling (defaults reproduce the paper)")
+    defaults = SampleConfig()
+    sampling.add_argument("--num_frames", type=int, default=defaults.num_frames, help="frames, 4k+1 (default 49)")
+    sampling.add_argument("--height", type=int, default=None, help="per-modality height (default: 480x720 area)")
+    sampling.add_argument("--width", type=int, default=None, help="per-modality width, a multiple of 16")
+    sampling.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps (default 50)")
+    sampling.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale, help="(default 5.0)")
+    sampling.add_argument("--negative_prompt", default=defaults.negative_prompt, help="(default: empty)")
+    sampling.add_argument("--seed", type=int, default=defaults.seed, help="(default 42)")
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    hardware.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="transformer and text encoder dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    cli_args = build_parser().parse_args()
+    try:
+        main(cli_args)
+    except UsageError as err:
+        sys.exit(f"{PROG}: {err}")
+    except (FileNotFoundError, ValueError) as err:
+        from fourdnex.adapters import AdapterError
+        from fourdnex.pipeline import ModelFolderError
+
+        if isinstance(err, AdapterError | ModelFolderError):
+            sys.exit(f"{PROG}: {err}")
+        raise

@@ -1,0 +1,206 @@
+"""inference.py end to end on the tiny model, and every kind of bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY
+from safetensors.torch import save_file
+
+from fourdnex.adapters import AdapterMeta, save_adapter
+from fourdnex.io import read_video
+
+SMALL_FLAGS = ["--height", "32", "--width", "48", "--num_frames", "5", "--steps", "2"]
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "inference.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("inference.py: ")
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    shutil.copy(ROOT / "example" / "scene.png", folder / "a.png")
+    (folder / "b.png").write_bytes((ROOT / "example" / "scene.png").read_bytes())
+    (folder / "images.txt").write_text("a.png\nb.png\n")
+    (folder / "prompts.txt").write_text("a red ball rolls\n\na cat jumps onto a table\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def generated(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    proc = run_cli(
+        "--prompt", inputs / "prompts.txt", "--image", inputs / "images.txt", "--out", out,
+        "--model_path", TINY, *SMALL_FLAGS,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_writes_every_output_with_documented_shapes(generated, inputs):
+    names = sorted(p.name for p in generated.iterdir())
+    expected = [f"{i:05d}{suffix}" for i in (0, 1) for suffix in (".json", ".mp4", ".npz", "_rgb.mp4", "_xyz.mp4")]
+    assert names == sorted(expected)
+    with np.load(generated / "00001.npz", allow_pickle=False) as data:
+        assert data["rgb"].shape == (5, 32, 48, 3) and data["rgb"].dtype == np.uint8
+        assert data["xyz"].shape == (5, 32, 48, 3) and data["xyz"].dtype == np.float32
+        assert data["xyz"].min() >= -1 and data["xyz"].max() <= 1
+        rgb = data["rgb"]
+    side_by_side = read_video(generated / "00001.mp4")
+    assert side_by_side.shape == (5, 32, 96, 3)
+    assert read_video(generated / "00001_rgb.mp4").shape == (5, 32, 48, 3)
+    assert np.abs(side_by_side[..., :48, :].astype(int) - rgb).mean() < 20  # lossy, but the same video
+    meta = json.loads((generated / "00001.json").read_text())
+    assert meta["prompt"] == "a cat jumps onto a table"
+    assert meta["image"].endswith("b.png")
+    assert (meta["seed"], meta["steps"], meta["guidance_scale"], meta["num_frames"]) == (42, 2, 5.0, 5)
+    assert (meta["height"], meta["width"], meta["random_weights"]) == (32, 48, True)
+    assert set(meta["timings"]) == {"load", "encode", "denoise", "decode"}
+    assert meta["versions"]["diffusers"] == "0.42.1"
+
+
+def test_literal_prompt_single_image_and_idx(tmp_path, inputs, generated):
+    proc = run_cli(
+        "--prompt", "a cat jumps onto a table", "--image", inputs / "b.png", "--out", tmp_path,
+        "--model_path", TINY, *SMALL_FLAGS,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "00000.npz") as single, np.load(generated / "00001.npz") as listed:
+        assert np.array_equal(single["xyz"], listed["xyz"])  # same prompt, image and seed: same sample
+    proc = run_cli(
+        "--prompt", inputs / "prompts.txt", "--image", inputs / "images.txt", "--idx", 1, "--out", tmp_path / "one",
+        "--model_path", TINY, *SMALL_FLAGS,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.npz")) == ["00001.npz"]
+
+
+def test_both_adapter_formats_change_the_output(tmp_path, inputs, generated):
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for block in range(2):
+        for attn in ("attn1", "attn2"):
+            for name in ("to_q", "to_k", "to_v", "to_out.0"):
+                lora[f"transformer.blocks.{block}.{attn}.{name}.lora_A.weight"] = torch.randn(4, 24, generator=g)
+                lora[f"transformer.blocks.{block}.{attn}.{name}.lora_B.weight"] = torch.randn(24, 4, generator=g)
+    released = tmp_path / "released"
+    released.mkdir()
+    save_file(lora, released / "pytorch_lora_weights.safetensors")
+    torch.save(torch.randn(2, 24, generator=g), released / "learnable_domain_embeddings.pt")
+    ours = save_adapter(
+        tmp_path / "ours.safetensors", lora, torch.randn(2, 24, generator=g),
+        AdapterMeta(rank=4, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"], xyz_latent_mean=0.0,
+                    xyz_latent_std=1.0),
+    )  # fmt: skip
+    with np.load(generated / "00000.npz") as base:
+        base_xyz = base["xyz"]
+    for name, adapter in (("released", released), ("ours", ours)):
+        proc = run_cli(
+            "--prompt", inputs / "prompts.txt", "--image", inputs / "images.txt", "--idx", 0,
+            "--out", tmp_path / name, "--model_path", TINY, "--lora_path", adapter, *SMALL_FLAGS,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        meta = json.loads((tmp_path / name / "00000.json").read_text())
+        with np.load(tmp_path / name / "00000.npz") as data:
+            assert np.abs(data["xyz"] - base_xyz).max() > 1e-3
+        assert meta["lora_scale"] == (0.5 if name == "released" else 1.0)
+        assert meta["xyz_latent_std"] == (1.7 if name == "released" else 1.0)
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path, inputs):
+    out = tmp_path / "out"
+    common = ["--out", out, "--model_path", TINY, *SMALL_FLAGS]
+    prompts, images = inputs / "prompts.txt", inputs / "images.txt"
+    (tmp_path / "broken.png").write_text("not an image")
+    (tmp_path / "one.txt").write_text("a cat\n")
+    cases = [
+        (["--prompt", "x", "--image", tmp_path / "missing.png", *common], ["image", "missing.png", "does not exist"]),
+        (["--prompt", "x", "--image", tmp_path / "broken.png", *common], ["broken.png", "cannot be read"]),
+        (["--prompt", tmp_path / "one.txt", "--image", images, *common], ["1 prompts but 2 images"]),
+        (["--prompt", prompts, "--image", images, "--idx", 7, *common], ["--idx 7 is out of range"]),
+        (["--prompt", "x", "--image", inputs / "a.png", *common, "--num_frames", 48], ["4k+1", "48"]),
+        (["--prompt", "x", "--image", inputs / "a.png", *common, "--height", 40], ["multiple of 16", "40"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_cli(*args), *fragments)
+    assert not out.exists()  # nothing written by any of them
+
+
+def test_missing_or_incomplete_model_folder(tmp_path, inputs):
+    common = ["--prompt", "x", "--image", inputs / "a.png", "--out", tmp_path / "out", *SMALL_FLAGS]
+    proc = run_cli(*common, "--model_path", tmp_path / "nowhere")
+    assert_one_line_error(proc, "does not exist", "hf download Wan-AI/Wan2.1-I2V-14B-480P-Diffusers")
+    partial = tmp_path / "partial"
+    shutil.copytree(TINY, partial)
+    (partial / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    proc = run_cli(*common, "--model_path", partial)
+    assert_one_line_error(proc, "incomplete", "vae/diffusion_pytorch_model.safetensors", "hf download")
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_adapter_that_does_not_fit(tmp_path, inputs):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    save_file(
+        {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 5120),
+         "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(5120, 4)},
+        folder / "pytorch_lora_weights.safetensors",
+    )  # fmt: skip
+    proc = run_cli(
+        "--prompt", "x", "--image", inputs / "a.png", "--out", tmp_path / "out", "--model_path", TINY,
+        "--lora_path", folder, *SMALL_FLAGS,
+    )  # fmt: skip
+    assert_one_line_error(proc, "blocks.0.attn1.to_q.lora_A.weight has shape (4, 5120), the model expects (4, 24)")
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_unwritable_out(tmp_path, inputs):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = run_cli("--prompt", "x", "--image", inputs / "a.png", "--out", blocker / "sub", "--model_path", TINY)
+    assert_one_line_error(proc, "cannot write to --out")
+
+
+def test_out_of_memory_names_the_memory_options(tmp_path, inputs, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    import inference
+    from fourdnex.pipeline import FourDNeXPipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(FourDNeXPipeline, "__call__", out_of_memory)
+    args = inference.build_parser().parse_args(
+        ["--prompt", "x", "--image", str(inputs / "a.png"), "--out", str(tmp_path), "--model_path", str(TINY),
+         "--device", "cpu", *SMALL_FLAGS]
+    )  # fmt: skip
+    with pytest.raises(inference.UsageError, match="out of GPU memory: try --dtype bfloat16"):
+        inference.main(args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_lists_the_reference_flags():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for flag in ("--prompt", "--image", "--out", "--sft_path", "--type", "--mode", "--lora_path", "--lora_rank",
+                 "--idx", "--model_path", "--lora_scale", "--num_frames", "--height", "--width", "--steps",
+                 "--guidance_scale", "--negative_prompt", "--seed", "--device", "--dtype"):  # fmt: skip
+        assert flag in proc.stdout
+    assert os.linesep.join(["i2vwbw-demb-samerope"]) in proc.stdout

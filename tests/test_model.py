@@ -1,0 +1,141 @@
+"""The 4DNeX transformer against diffusers' stock Wan transformer."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from fourdnex.config import MODEL_TYPES
+from fourdnex.model import FourDNeXTransformer
+
+
+@pytest.fixture(scope="module")
+def models(tiny_path):
+    ours = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
+    stock = WanTransformer3DModel.from_pretrained(tiny_path, subfolder="transformer")
+    return ours, stock
+
+
+def inputs(width=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, 36, 3, 4, width, generator=g),
+        torch.tensor([700]),
+        torch.randn(1, 7, 32, generator=g),
+        torch.randn(1, 17, 32, generator=g),
+    )
+
+
+def run(model, args):
+    with torch.no_grad():
+        return model(*args, return_dict=False)[0]
+
+
+def test_loads_base_checkpoint_with_zero_domain_embedding(models):
+    ours, _ = models
+    assert ours.domain_embedding.shape == (2, 24)
+    assert not ours.domain_embedding.is_meta
+    assert (ours.domain_embedding == 0).all()
+
+
+def test_equals_stock_model_with_zero_embedding_one_modality(models):
+    ours, stock = models
+    ours.set_layout("rgb")
+    args = inputs()
+    assert torch.equal(run(ours, args), run(stock, args))
+
+
+def test_shared_rope_gives_twins_identical_phases(models):
+    ours, stock = models
+    fused = torch.zeros(1, 36, 3, 4, 16)  # latent width 16 -> 8 token columns, 4 per half
+    ours.set_layout("rgbxyz")
+    cos, sin = ours.rope(fused)
+    stock_cos, _ = stock.rope(fused)
+    assert cos.shape == stock_cos.shape == (1, 3 * 2 * 8, 1, 12)
+    grid_cos, grid_sin = cos.reshape(3, 2, 8, 12), sin.reshape(3, 2, 8, 12)
+    assert torch.equal(grid_cos[:, :, :4], grid_cos[:, :, 4:]) and torch.equal(grid_sin[:, :, :4], grid_sin[:, :, 4:])
+    # The left half keeps the stock phases; the stock model gives the right half new ones.
+    stock_grid = stock_cos.reshape(3, 2, 8, 12)
+    assert torch.equal(grid_cos[:, :, :4], stock_grid[:, :, :4])
+    assert not torch.equal(stock_grid[:, :, :4], stock_grid[:, :, 4:])
+
+
+def test_domain_embedding_offsets_each_half(models):
+    ours, _ = models
+    ours.set_layout("rgbxyz")
+    x = torch.randn(1, 36, 3, 4, 16)
+    with torch.no_grad():
+        plain = torch.nn.functional.conv3d(x, ours.patch_embedding.weight, ours.patch_embedding.bias, stride=(1, 2, 2))
+        ours.domain_embedding.copy_(torch.randn(2, 24))
+        embedded = ours.patch_embedding(x)
+        rgb_row, xyz_row = ours.domain_embedding
+        assert torch.allclose(
+            embedded[..., :4] - plain[..., :4], rgb_row[None, :, None, None, None].expand(1, 24, 3, 2, 4)
+        )
+        assert torch.allclose(
+            embedded[..., 4:] - plain[..., 4:], xyz_row[None, :, None, None, None].expand(1, 24, 3, 2, 4)
+        )
+        ours.set_layout("xyz")
+        assert torch.allclose(ours.patch_embedding(x) - plain, xyz_row[None, :, None, None, None].expand_as(plain))
+        ours.set_model_type(MODEL_TYPES["i2vwbw"])
+        assert torch.equal(ours.patch_embedding(x), plain)
+        ours.set_model_type(MODEL_TYPES["i2vwbw-demb-samerope"])
+        ours.domain_embedding.zero_()
+
+
+def test_model_type_switches_shared_rope(models):
+    ours, stock = models
+    fused = torch.zeros(1, 36, 3, 4, 16)
+    ours.set_layout("rgbxyz")
+    ours.set_model_type(MODEL_TYPES["i2vwbw-demb"])
+    assert torch.equal(ours.rope(fused)[0], stock.rope(fused)[0])
+    ours.set_model_type(MODEL_TYPES["i2vwbw-demb-samerope"])
+    assert not torch.equal(ours.rope(fused)[0], stock.rope(fused)[0])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_path):
+    model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
+    model.set_layout("rgbxyz")
+    args = inputs(width=16, seed=3)
+
+    def grads():
+        model.zero_grad()
+        model(*args, return_dict=False)[0].square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    checkpointed = grads()
+    assert len(plain) == len(checkpointed) > 0
+    assert model.domain_embedding.grad is not None and model.domain_embedding.grad.abs().sum() > 0
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_attention_backends_agree(models):
+    ours, _ = models
+    ours.set_layout("rgbxyz")
+    args = inputs(width=16, seed=5)
+    default = run(ours, args)
+    ours.set_attention_backend("_native_math")
+    try:
+        assert torch.allclose(run(ours, args), default, atol=1e-5)
+    finally:
+        ours.reset_attention_backend()
+
+
+def test_keeps_the_names_diffusers_machinery_relies_on(models):
+    ours, _ = models
+    assert ours._cp_plan is WanTransformer3DModel._cp_plan
+    names = dict(ours.named_modules())
+    for key in ours._cp_plan:
+        assert key == "" or key in names
+    assert ours._repeated_blocks == ["WanTransformerBlock"]
+
+
+def test_regional_compile_traces_without_graph_breaks(tiny_path):
+    model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
+    model.set_layout("rgbxyz")
+    args = inputs(width=16, seed=7)
+    eager = run(model, args)
+    model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    assert torch.allclose(run(model, args), eager, atol=1e-6)
