@@ -363,7 +363,7 @@ def _render_frame(layout: _Layout, t: float, c2w: np.ndarray, K: np.ndarray, hei
         ts = torch.where(ts > 0, ts, inf)
         t_best, bg_axis = ts.min(-1)
     else:
-        dome = 40.0
+        dome = 25.0
         t_best = _intersect_sphere_local(origin.expand_as(flat_d) / dome, flat_d / dome, inside=True)
         bg_axis = torch.zeros(n, dtype=torch.long)
     labels = torch.zeros(n, dtype=torch.long)
