@@ -43,7 +43,8 @@ def main(args: argparse.Namespace) -> None:
         print("lists and stats.json are written when every clip is done (by the last shard, or with --merge)")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (snake_case flags; the reference's flags keep working)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="4DNeX-10M root: dynamic/ static/ raw/ caption/")
     parser.add_argument("--out", required=True, help="the cache folder")
@@ -53,7 +54,7 @@ if __name__ == "__main__":
     parser.add_argument("--resolution_h", type=int, default=480)
     parser.add_argument("--resolution_w", type=int, default=720)
     parser.add_argument("--num_frames", type=int, default=81, help="frames per clip (training uses 49)")
-    parser.add_argument("--cond_num_frames", type=int, default=49, help="frames of the cached condition latent")
+    parser.add_argument("--cond_num_frames", type=int, default=None, help="condition frames (min(49, num_frames))")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips (in id order)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
@@ -61,4 +62,8 @@ if __name__ == "__main__":
     parser.add_argument("--num_workers", type=int, default=2, help="threads reading clips ahead")
     parser.add_argument("--retry_failed", action="store_true", help="try clips that failed before again")
     parser.add_argument("--merge", action="store_true", help="only combine the shards' records into lists and stats")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

@@ -23,7 +23,9 @@ Cache (``--out``; ``<id>`` as above, so files sit in ``<kind>/<subset>/`` sub-fo
     pointmaps/<id>.safetensors       pointmap (F, H, W, 3) float16: the normalized pointmap in [-1, 1], pixel-aligned
                                        with the video, in the first camera's frame (OpenCV axes)
                                      center (F, 3) float64, scale () float64: metric = pointmap * scale + center[f]
-                                       (exact for points inside the per-frame 2nd-98th percentile box)
+                                       for every point inside its frame's clipping box (2nd-98th percentile per
+                                       axis), i.e. |metric - center[f]| < half_range[f]
+                                     half_range (F, 3) float64: the clipping box's half sizes (metric)
                                      cam2world0 (4, 4) float64: the first camera, camera-to-world in the source's world
                                      cam2world (F, 4, 4) float64: every frame's camera, camera-to-world, source world
                                      intrinsics (F, 3, 3) float64: K of the cropped H x W frames (pixel centres at
@@ -123,6 +125,7 @@ class PreparedClip:
     pointmap: np.ndarray  # (F, H, W, 3) float32 in [-1, 1], first-camera frame
     center: np.ndarray  # (F, 3) float64
     scale: float
+    half_range: np.ndarray  # (F, 3) float64: the clipping box is center +- half_range
     cam2world: np.ndarray  # (F, 4, 4) float64
     intrinsics: np.ndarray  # (F, 3, 3) float64 for the H x W frames
     intrinsics_source: str
@@ -474,13 +477,13 @@ def fit_intrinsics(points_cam: np.ndarray, step: int = 4) -> np.ndarray:
     return np.stack(Ks)
 
 
-def normalize_pointmap(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def normalize_pointmap(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """The 4DNeX pointmap normalization, returning what undoes it.
 
     ``points`` ``(F, H, W, 3)`` in the first camera's frame. Per frame and axis, clip to the 2nd-98th percentile;
     subtract the per-frame centre (midpoint of the clipped range); divide by one scale (the largest half-range).
-    Returns ``(normalized (F, H, W, 3) in [-1, 1], center (F, 3), scale)``; for an unclipped point
-    ``points = normalized * scale + center[f]``.
+    Returns ``(normalized (F, H, W, 3) in [-1, 1], center (F, 3), scale, half_range (F, 3))``; a point with
+    ``|points - center[f]| < half_range[f]`` (not clipped) is ``normalized * scale + center[f]``.
     """
     flat = points.reshape(len(points), -1, 3)
     lo, hi = np.percentile(flat, PERCENTILES, axis=1)  # (F, 3) each
@@ -489,7 +492,7 @@ def normalize_pointmap(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     if not scale > 0:
         raise ClipError(f"the pointmap is degenerate (its largest half-range is {scale})")
     normalized = (np.clip(flat, lo[:, None], hi[:, None]) - center[:, None]) / scale
-    return normalized.reshape(points.shape), center, scale
+    return normalized.reshape(points.shape), center, scale, (hi - lo) / 2.0
 
 
 def prepare_clip(source: ClipSource, raw: RawClip, num_frames: int, height: int, width: int) -> PreparedClip:
@@ -513,13 +516,14 @@ def prepare_clip(source: ClipSource, raw: RawClip, num_frames: int, height: int,
     pts = torch.from_numpy(np.ascontiguousarray(cam0)).permute(0, 3, 1, 2)
     pts, (sx, sy, x0, y0) = cover_crop(pts, height, width, "nearest-exact")
     cam0 = pts.permute(0, 2, 3, 1).numpy()
-    normalized, center, scale = normalize_pointmap(cam0)
+    normalized, center, scale, half_range = normalize_pointmap(cam0)
     return PreparedClip(
         source=source,
         rgb=rgb,
         pointmap=normalized.astype(np.float32),
         center=center,
         scale=scale,
+        half_range=half_range,
         cam2world=c2w,
         intrinsics=crop_intrinsics(K_src, sx, sy, x0, y0),
         intrinsics_source=intrinsics_source,
@@ -588,6 +592,7 @@ def write_clip_media(out: Path, clip: PreparedClip, files: dict[str, str]) -> No
             "pointmap": torch.from_numpy(clip.pointmap).half(),
             "center": torch.from_numpy(clip.center),
             "scale": torch.tensor(clip.scale, dtype=torch.float64),
+            "half_range": torch.from_numpy(clip.half_range),
             "cam2world0": torch.from_numpy(clip.cam2world[0]),
             "cam2world": torch.from_numpy(clip.cam2world),
             "intrinsics": torch.from_numpy(clip.intrinsics),
@@ -674,8 +679,11 @@ def merge(out: str | Path, clips: list[ClipSource], config: dict) -> MergeResult
         "videos.txt": [r["files"]["video"] for r in records],
         "failures.jsonl": [json.dumps(f, sort_keys=True) for f in failures],
     }
-    for name, content in lines.items():
-        with atomic_path(out / name) as tmp:
-            tmp.write_text("".join(line + "\n" for line in content))
-    write_json(out / "stats.json", merge_stats(records, config))
+    texts = {name: "".join(line + "\n" for line in content) for name, content in lines.items()}
+    texts["stats.json"] = json.dumps(merge_stats(records, config), indent=2) + "\n"
+    for name, text in texts.items():
+        path = out / name
+        if not path.is_file() or path.read_text() != text:  # a re-run with nothing new touches nothing
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
     return MergeResult(len(records), len(failures), 0, True)

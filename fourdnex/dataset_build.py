@@ -31,7 +31,7 @@ class BuildConfig:
     out: str
     model_path: str
     num_frames: int = 81
-    cond_num_frames: int = 49
+    cond_num_frames: int | None = None  # None: min(49, num_frames), the training length
     resolution_h: int = 480
     resolution_w: int = 720
     num_tasks: int = 1
@@ -42,6 +42,10 @@ class BuildConfig:
     batch_size: int = 1
     num_workers: int = 2
     retry_failed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cond_num_frames is None:
+            self.cond_num_frames = min(49, self.num_frames)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
