@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PROMPT_SUFFIX
-from .io import atomic_path, write_json, write_video
+from .io import atomic_path, write_video
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
