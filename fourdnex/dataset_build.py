@@ -259,7 +259,9 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
         if isinstance(subset_captions, ClipError):
             raise subset_captions
         raw = data.read_clip(data_dir, source, subset_captions)
-        return data.prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w)
+        clip = data.prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w)
+        data.write_clip_media(out, clip, data.clip_files(source.id, clip.prompt))  # video encoding, off the GPU loop
+        return clip
 
     processed = failed_now = 0
     bar = tqdm(total=len(todo), unit="clip", desc=f"shard {cfg.task_idx}/{cfg.num_tasks}", disable=not show_progress)
@@ -332,13 +334,15 @@ def _write_clip(
     cfg: BuildConfig,
     seen_prompts: set[str],
 ) -> None:
-    """Write every file of a clip, its record last; a clip whose latents are not finite becomes a failure."""
+    """Write the latents and embeddings of a clip (its media are written by the reader), its record last.
+
+    Raises ClipError (the clip becomes a failure) when a latent is not finite.
+    """
     source = clip.source
     for key, value in latents.items():
         if not torch.isfinite(value).all():
             raise ClipError(f"{source.id}: the {key} latent is not finite")
     files = data.clip_files(source.id, clip.prompt)
-    data.write_clip_media(out, clip, files)
     data.save_safetensors(
         out / files["latents"],
         latents,
