@@ -127,6 +127,25 @@ def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_n
     return counts
 
 
+def encoder_flops(pipe) -> dict[str, float]:
+    """FLOPs of one UMT5 prompt (512 tokens) and one CLIP image with ``pipe``'s encoder configs (meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        text_encoder = type(pipe.text_encoder)(pipe.text_encoder.config)
+        image_encoder = type(pipe.image_encoder)(pipe.image_encoder.config)
+    size = pipe.image_encoder.config.image_size
+    counts = {}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ids = torch.zeros(1, 512, dtype=torch.long, device="meta")
+        text_encoder(ids, torch.ones_like(ids))
+    counts["umt5"] = float(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        image_encoder(pixel_values=torch.empty(1, 3, size, size, device="meta"), output_hidden_states=True)
+    counts["clip"] = float(counter.get_total_flops())
+    return counts
+
+
 def _tflop(flops: float) -> str:
     """FLOPs in TFLOP, or GFLOP when small."""
     return f"{flops / 1e12:.2f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.2f} GFLOP"
@@ -203,8 +222,10 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"bench_dataset.py: {summary.failed_now} clips failed: see {out}/failures.jsonl")
 
     flops = vae_flops(dict(pipe.vae.config), args.num_frames, args.height, args.width, cond_frames)
+    flops.update({f"{k}_encoder": v for k, v in encoder_flops(pipe).items()})
     rate = matmul_rate(device, dtype)
     floor_s = flops["clip"] / rate
+    all_floor_s = (flops["clip"] + flops["umt5_encoder"] + flops["clip_encoder"]) / rate
     per_clip = {k: v / clips for k, v in encoders.seconds.items()}
     model = "real-size (random) Wan2.1 VAE + UMT5-XXL + CLIP ViT-H/14" if args.real_size else "tiny random model"
     rows = [
@@ -236,6 +257,14 @@ def main(args: argparse.Namespace) -> None:
         ),
         ("matmul rate measured", f"{_tflop(rate)}/s"),
         ("**VAE floor**", f"**{floor_s:.2f} s/clip = {60 / floor_s:.1f} clips/min**"),
+        (
+            "UMT5 / CLIP FLOPs",
+            f"{_tflop(flops['umt5_encoder'])} per prompt / {_tflop(flops['clip_encoder'])} per image",
+        ),
+        (
+            "floor with UMT5 + CLIP (a new prompt per clip)",
+            f"{all_floor_s:.2f} s/clip = {60 / all_floor_s:.1f} clips/min",
+        ),
     ]
     if device.type == "cuda":
         rows.append(("peak GPU memory", f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"))

@@ -343,7 +343,11 @@ def _screen_box(center: np.ndarray, radius: float, c2w: np.ndarray, K: np.ndarra
 
 
 def _render_frame(layout: _Layout, t: float, c2w: np.ndarray, K: np.ndarray, height: int, width: int, dynamic: bool):
-    """Ray-cast one frame: (rgb (H, W, 3) float, depth (H, W), points (H, W, 3), labels (H, W), moving (H, W))."""
+    """Ray-cast one frame: (rgb (H, W, 3) float, depth (H, W), points (H, W, 3), labels (H, W), moving (H, W)).
+
+    Every surface is shaded over whole (sub-)images and picked with ``torch.where``: boolean-mask indexing is many
+    times slower on a CPU.
+    """
     f32 = torch.float32
     v, u = torch.meshgrid(torch.arange(height, dtype=f32), torch.arange(width, dtype=f32), indexing="ij")
     dirs_cam = torch.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], torch.ones_like(u)], -1)
@@ -353,27 +357,19 @@ def _render_frame(layout: _Layout, t: float, c2w: np.ndarray, K: np.ndarray, hei
     inf = math.inf
 
     # Background: room walls/ceiling (seen from inside a box) or a sky dome (from inside a sphere).
-    flat_d = d.reshape(-1, 3)
-    n = flat_d.shape[0]
     if layout.room:
         half = torch.tensor([layout.room_half, layout.room_height, layout.room_half], dtype=f32)
-        bound = torch.where(flat_d > 0, half, -half)
-        bound[:, 1] = torch.where(flat_d[:, 1] > 0, half[1], -1.0)  # below is the ground plane, nearer
-        ts = (bound - origin) / torch.where(flat_d.abs() < 1e-9, 1e-9, flat_d)
-        ts = torch.where(ts > 0, ts, inf)
-        t_best, bg_axis = ts.min(-1)
+        bound = torch.where(d > 0, half, -half)
+        bound[..., 1] = torch.where(d[..., 1] > 0, half[1], -1.0)  # below is the ground plane, nearer
+        ts = (bound - origin) / torch.where(d.abs() < 1e-9, 1e-9, d)
+        t_best, bg_axis = torch.where(ts > 0, ts, inf).min(-1)
     else:
         dome = 25.0
-        t_best = _intersect_sphere_local(origin.expand_as(flat_d) / dome, flat_d / dome, inside=True)
-        bg_axis = torch.zeros(n, dtype=torch.long)
-    labels = torch.zeros(n, dtype=torch.long)
-    t_ground = torch.where(flat_d[:, 1] < -1e-9, -origin[1] / flat_d[:, 1], inf)
-    closer = t_ground < t_best
-    t_best = torch.where(closer, t_ground, t_best)
-    labels[closer] = 1
-    t_best = t_best.reshape(height, width)
-    labels = labels.reshape(height, width)
-    bg_axis = bg_axis.reshape(height, width)
+        t_best = _intersect_sphere_local(origin / dome, d / dome, inside=True)
+        bg_axis = torch.zeros(height, width, dtype=torch.long)
+    t_ground = torch.where(d[..., 1] < -1e-9, -origin[1] / d[..., 1], inf)
+    labels = (t_ground < t_best).long()  # 0 background, 1 ground
+    t_best = torch.minimum(t_ground, t_best)
 
     # Objects, each only over the pixels its bounding sphere can cover.
     poses = [obj.pose(t) for obj in layout.objects]
@@ -397,55 +393,55 @@ def _render_frame(layout: _Layout, t: float, c2w: np.ndarray, K: np.ndarray, hei
             t_obj = _intersect_sphere_local(o_l / s, d_l / s)
         tb = t_best[v0:v1, u0:u1]
         closer = t_obj < tb
-        tb[closer] = t_obj[closer]
-        labels[v0:v1, u0:u1][closer] = 2 + k
+        t_best[v0:v1, u0:u1] = torch.where(closer, t_obj, tb)
+        labels[v0:v1, u0:u1] = torch.where(closer, 2 + k, labels[v0:v1, u0:u1])
 
     points = origin + t_best[..., None] * d  # (H, W, 3)
-    normals = torch.zeros_like(points)
-    albedo = torch.zeros_like(points)
-    lit = torch.ones(height, width, dtype=torch.bool)
+    light = torch.from_numpy(layout.light).to(f32)
 
-    sel = labels == 0
-    p = points[sel]
+    # Background colour and normal, for every pixel.
     if layout.room:
-        axis = bg_axis[sel]
-        normals[sel] = -torch.nn.functional.one_hot(axis, 3).to(f32) * torch.sign(d[sel])
-        horizontal = torch.where(axis == 0, p[:, 2], p[:, 0])
+        normal_bg = -torch.nn.functional.one_hot(bg_axis, 3).to(f32) * torch.sign(d)
+        horizontal = torch.where(bg_axis == 0, points[..., 2], points[..., 0])
+        height_w = points[..., 1]
         c1, c2 = (torch.tensor(c, dtype=f32) for c in layout.wall_colors)
         if layout.wall_name == "brick":
-            row = torch.floor(p[:, 1] / 0.25)
-            pattern = (torch.remainder(horizontal / 0.5 + 0.5 * row, 1.0) < 0.92) & (
-                torch.remainder(p[:, 1], 0.25) > 0.02
-            )
+            row = torch.floor(height_w / 0.25)
+            mortar = torch.remainder(height_w, 0.25) > 0.02
+            pattern = (torch.remainder(horizontal / 0.5 + 0.5 * row, 1.0) < 0.92) & mortar
         else:
             pattern = torch.remainder(horizontal / 0.6, 1.0) < 0.5
-        shade = 0.9 + 0.1 * _noise(horizontal, p[:, 1], 3.0)
-        col = torch.where(pattern[:, None], c1, c2) * shade[:, None]
-        col[axis == 1] = torch.tensor([0.92, 0.92, 0.9], dtype=f32)  # ceiling
-        albedo[sel] = col
+        shade = 0.9 + 0.1 * _noise(horizontal, height_w, 3.0)
+        color_bg = torch.where(pattern[..., None], c1, c2) * shade[..., None]
+        color_bg = torch.where((bg_axis == 1)[..., None], torch.tensor([0.92, 0.92, 0.9], dtype=f32), color_bg)
+        lit_bg = torch.ones(height, width, dtype=torch.bool)
     else:
-        dirn = p / p.norm(dim=-1, keepdim=True)
-        elevation = dirn[:, 1].clamp(0, 1)
-        azimuth = torch.atan2(dirn[:, 2], dirn[:, 0])
+        dirn = points / points.norm(dim=-1, keepdim=True)
+        elevation = dirn[..., 1].clamp(0, 1)
+        azimuth = torch.atan2(dirn[..., 2], dirn[..., 0])
         horizon, top = (torch.from_numpy(c).to(f32) for c in (layout.sky_horizon, layout.sky_top))
-        sky = horizon + (top - horizon) * elevation[:, None] ** 0.6
+        sky = horizon + (top - horizon) * elevation[..., None] ** 0.6
         ridge = 0.06 + 0.04 * sum(
             torch.sin(f * azimuth + ph) / (i + 1)
             for i, (f, ph) in enumerate(zip(layout.mountain_freqs, layout.mountain_phases, strict=True))
         )
-        rock = torch.tensor([0.35, 0.42, 0.38], dtype=f32) * (0.8 + 2.0 * elevation)[:, None]
-        albedo[sel] = torch.where((elevation < ridge)[:, None], rock, sky)
-        lit[sel] = False  # the sky is not shaded
+        rock = torch.tensor([0.35, 0.42, 0.38], dtype=f32) * (0.8 + 2.0 * elevation)[..., None]
+        color_bg = torch.where((elevation < ridge)[..., None], rock, sky)
+        normal_bg = torch.zeros_like(points)
+        lit_bg = torch.zeros(height, width, dtype=torch.bool)  # the sky is not shaded
 
-    sel = labels == 1
-    p = points[sel]
+    # Ground colour, for every pixel; then pick per pixel.
     ca, sa = math.cos(layout.ground_angle), math.sin(layout.ground_angle)
-    gx, gz = ca * p[:, 0] + sa * p[:, 2], -sa * p[:, 0] + ca * p[:, 2]
+    gx = ca * points[..., 0] + sa * points[..., 2]
+    gz = -sa * points[..., 0] + ca * points[..., 2]
     checker = (torch.floor(gx / layout.ground_tile) + torch.floor(gz / layout.ground_tile)) % 2 == 0
     c1, c2 = (torch.tensor(c, dtype=f32) for c in layout.ground_colors)
     grain = 0.85 + 0.15 * _noise(gx * 2.0, gz * 2.0, 1.0)
-    albedo[sel] = torch.where(checker[:, None], c1, c2) * grain[:, None]
-    normals[sel] = torch.tensor([0.0, 1.0, 0.0], dtype=f32)
+    color_ground = torch.where(checker[..., None], c1, c2) * grain[..., None]
+    on_ground = (labels == 1)[..., None]
+    albedo = torch.where(on_ground, color_ground, color_bg)
+    normals = torch.where(on_ground, torch.tensor([0.0, 1.0, 0.0], dtype=f32), normal_bg)
+    lit = lit_bg | (labels >= 1)
 
     moving = torch.zeros(height, width, dtype=torch.bool)
     for k, (obj, (center, orot, size)) in enumerate(zip(layout.objects, poses, strict=True)):
@@ -458,19 +454,23 @@ def _render_frame(layout: _Layout, t: float, c2w: np.ndarray, K: np.ndarray, hei
         c = torch.from_numpy(center).to(f32)
         r = torch.from_numpy(orot).to(f32)
         s = torch.from_numpy(size).to(f32)
-        p_l = (points[v0:v1, u0:u1][sel] - c) @ r
+        p_l = (points[v0:v1, u0:u1] - c) @ r
         q = p_l / s
         # Local normal: the box face the ray entered through, or the sphere/ellipsoid gradient.
-        n_l = torch.nn.functional.one_hot(box_axes[k][sel], 3).to(f32) * torch.sign(p_l) if k in box_axes else q / s
-        normals[v0:v1, u0:u1][sel] = torch.nn.functional.normalize(n_l @ r.T, dim=-1)
+        n_l = torch.nn.functional.one_hot(box_axes[k], 3).to(f32) * torch.sign(p_l) if k in box_axes else q / s
         freq = obj.texture_freq
-        pattern = torch.sin(freq * q[:, 0]) * torch.sin(freq * q[:, 1]) * torch.sin(freq * q[:, 2])
+        pattern = torch.sin(freq * q[..., 0]) * torch.sin(freq * q[..., 1]) * torch.sin(freq * q[..., 2])
         color1, color2 = (torch.from_numpy(c).to(f32) for c in (obj.color, obj.color2))
-        albedo[v0:v1, u0:u1][sel] = torch.where((pattern > 0)[:, None], color1, color2)
+        sel3 = sel[..., None]
+        albedo[v0:v1, u0:u1] = torch.where(
+            sel3, torch.where((pattern > 0)[..., None], color1, color2), albedo[v0:v1, u0:u1]
+        )
+        n_w = torch.nn.functional.normalize(n_l @ r.T, dim=-1)
+        normals[v0:v1, u0:u1] = torch.where(sel3, n_w, normals[v0:v1, u0:u1])
         if dynamic and obj.moving:
-            moving[v0:v1, u0:u1][sel] = True
+            moving[v0:v1, u0:u1] |= sel
 
-    diffuse = (normals * torch.from_numpy(layout.light).to(f32)).sum(-1).clamp_min(0.0)
+    diffuse = (normals * light).sum(-1).clamp_min(0.0)
     shading = torch.where(lit, 0.45 + 0.6 * diffuse, 1.0)
     rgb = (albedo * shading[..., None]).clamp(0, 1)
     return rgb, t_best, points, labels, moving
