@@ -1,6 +1,69 @@
-"""build_wan_dataset: not implemented yet."""
+"""Build the training cache from 4DNeX-10M-style clips: cropped videos, normalized pointmaps (with what undoes the
+normalization), Wan VAE latents of RGB, XYZ and the condition, CLIP and UMT5 embeddings, lists, manifest, and the
+XYZ latent statistics. The cache layout is documented in fourdnex/data.py and docs/dataset.md.
 
+    python build_wan_dataset.py --data_dir ./data --out ./cache \\
+        --model_path ./pretrained/Wan2.1-I2V-14B-480P-Diffusers --num_frames 49
+
+Shards: run with --num_tasks N --task_idx i (i = 0 .. N-1), e.g. one per GPU; the last shard to finish writes the
+lists and statistics (or run once more with --merge). A re-run skips finished clips.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
+import torch
+
+from fourdnex import data
+from fourdnex.config import DEFAULT_MODEL_PATH
+from fourdnex.dataset_build import BuildConfig, build
+
+
+def main(args: argparse.Namespace) -> None:
+    """Build (one shard of) the cache, or only merge the shards' outputs with ``--merge``."""
+    options = {k: v for k, v in vars(args).items() if k != "merge"}
+    cfg = BuildConfig(**options)
+    try:
+        cfg.validate()
+        if args.merge:
+            clips, _ = data.find_clips(cfg.data_dir)
+            clips = clips[: cfg.limit] if cfg.limit else clips
+            result = data.merge(cfg.out, clips, cfg.cache_config())
+            if not result.written:
+                sys.exit(f"build_wan_dataset.py: {result.pending} clips have neither a record nor a failure yet")
+            print(f"merged {result.done} clips, {result.failed} failed")
+            return
+        summary = build(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"build_wan_dataset.py: {err}")
+    print(summary.line())
+    if not summary.merged:
+        print("lists and stats.json are written when every clip is done (by the last shard, or with --merge)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (snake_case flags; the reference's flags keep working)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="4DNeX-10M root: dynamic/ static/ raw/ caption/")
+    parser.add_argument("--out", required=True, help="the cache folder")
+    parser.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="Wan2.1-I2V in diffusers layout")
+    parser.add_argument("--num_tasks", type=int, default=1, help="number of shards")
+    parser.add_argument("--task_idx", type=int, default=0, help="this shard, 0 .. num_tasks - 1")
+    parser.add_argument("--resolution_h", type=int, default=480)
+    parser.add_argument("--resolution_w", type=int, default=720)
+    parser.add_argument("--num_frames", type=int, default=81, help="frames per clip (training uses 49)")
+    parser.add_argument("--cond_num_frames", type=int, default=None, help="condition frames (min(49, num_frames))")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N clips (in id order)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
+    parser.add_argument("--batch_size", type=int, default=1, help="clips per VAE call")
+    parser.add_argument("--num_workers", type=int, default=2, help="threads reading clips ahead")
+    parser.add_argument("--retry_failed", action="store_true", help="try clips that failed before again")
+    parser.add_argument("--merge", action="store_true", help="only combine the shards' records into lists and stats")
+    return parser
+
+
 if __name__ == "__main__":
-    sys.exit("build_wan_dataset.py: not implemented yet")
+    main(build_parser().parse_args())

@@ -1,0 +1,365 @@
+"""Building the training cache: load the encoders once, read clips ahead in threads, batch the VAE work.
+
+The cache layout is documented in :mod:`fourdnex.data`; ``build_wan_dataset.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data
+from .data import ClipError, ClipSource, PreparedClip
+from .fusion import condition_video, vae_normalize
+from .io import write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BuildConfig:
+    """Settings of one build run (the command-line flags)."""
+
+    data_dir: str
+    out: str
+    model_path: str
+    num_frames: int = 81
+    cond_num_frames: int | None = None  # None: min(49, num_frames), the training length
+    resolution_h: int = 480
+    resolution_w: int = 720
+    num_tasks: int = 1
+    task_idx: int = 0
+    limit: int | None = None
+    device: str = "cpu"
+    dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+    batch_size: int = 1
+    num_workers: int = 2
+    retry_failed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cond_num_frames is None:
+            self.cond_num_frames = min(49, self.num_frames)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        for name in ("num_frames", "cond_num_frames"):
+            n = getattr(self, name)
+            if n < 1 or (n - 1) % 4:
+                raise ValueError(f"{name} must be 4k+1 (e.g. 49 or 81), got {n}")
+        for name in ("resolution_h", "resolution_w"):
+            value = getattr(self, name)
+            if value <= 0 or value % 16:
+                raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+        if self.num_tasks < 1 or not 0 <= self.task_idx < self.num_tasks:
+            raise ValueError(f"task_idx must be in [0, num_tasks), got {self.task_idx} with num_tasks {self.num_tasks}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be positive, got {self.limit}")
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError(f"batch_size and num_workers must be positive, got {self.batch_size}, {self.num_workers}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The encoders' dtype."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def cache_config(self) -> dict:
+        """What a cache depends on; a cache built with other values is refused."""
+        return {
+            "model_path": self.model_path,
+            "resolution_h": self.resolution_h,
+            "resolution_w": self.resolution_w,
+            "num_frames": self.num_frames,
+            "cond_num_frames": self.cond_num_frames,
+            "dtype": str(self.torch_dtype).removeprefix("torch."),
+        }
+
+
+class Encoders:
+    """The frozen parts of a Wan2.1-I2V pipeline the cache needs: VAE, UMT5 text encoder, CLIP image encoder."""
+
+    def __init__(self, pipe, device: str | torch.device):
+        self.pipe = pipe.to(device)
+        self.device = torch.device(device)
+        self.vae = pipe.vae
+
+    @classmethod
+    def load(cls, model_path: str | Path, device: str, dtype: torch.dtype) -> Encoders:
+        """Load every component but the transformer from a diffusers Wan2.1-I2V folder."""
+        from diffusers import WanImageToVideoPipeline
+
+        pipe = WanImageToVideoPipeline.from_pretrained(str(model_path), transformer=None, dtype=dtype)
+        return cls(pipe, device)
+
+    @torch.no_grad()
+    def encode_videos(self, videos: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W)`` in [-1, 1] -> VAE-normalized posterior modes ``(B, 16, T, H/8, W/8)``."""
+        z = self.vae.encode(videos.to(self.device, self.vae.dtype)).latent_dist.mode()
+        return vae_normalize(self.vae, z)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """UMT5 embedding of ``prompt``, ``(512, D)``, zero after its tokens."""
+        embeds, _ = self.pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=False, max_sequence_length=512, device=self.device
+        )
+        return embeds[0]
+
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """CLIP embedding (penultimate hidden layer) of an ``(H, W, 3)`` uint8 image, ``(257, 1280)``."""
+        from PIL import Image
+
+        return self.pipe.encode_image(Image.fromarray(image), self.device)[0]
+
+
+@dataclass
+class BuildSummary:
+    """What a run did; ``pending`` clips belong to shards that have not finished."""
+
+    total: int
+    assigned: int
+    processed: int
+    skipped: int
+    failed_now: int
+    done: int
+    failed: int
+    pending: int
+    merged: bool
+    ignored: list[str]
+    seconds: float
+
+    def line(self) -> str:
+        """A one-line report for people."""
+        rate = self.processed / self.seconds * 60.0 if self.seconds > 0 else 0.0
+        text = (
+            f"{self.done}/{self.total} clips done, {self.failed} failed, {self.pending} pending "
+            f"(this run: {self.processed} encoded, {self.failed_now} failed, {self.skipped} skipped as already done; "
+            f"{rate:.1f} clips/min)"
+        )
+        if self.ignored:
+            text += f"; ignored {len(self.ignored)} entries that are not clips (e.g. {self.ignored[0]})"
+        if self.failed:
+            text += "; reasons in failures.jsonl" if self.merged else "; reasons in failures/"
+        return text
+
+
+def _to_video(frames: np.ndarray) -> torch.Tensor:
+    """``(F, H, W, 3)`` uint8 -> ``(3, F, H, W)`` float in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def encode_batch(encoders: Encoders, clips: list[PreparedClip], cond_num_frames: int) -> list[dict[str, torch.Tensor]]:
+    """Latents of a batch of clips: RGB and XYZ in one VAE call, the conditions in another.
+
+    Returns per clip ``rgb``/``xyz`` ``(16, T, h, w)`` and ``cond`` ``(16, Tc, h, 2w)``, VAE-normalized.
+    """
+    videos = []
+    for clip in clips:
+        videos += [_to_video(clip.rgb), torch.from_numpy(clip.pointmap).permute(3, 0, 1, 2)]
+    latents = encoders.encode_videos(torch.stack(videos))  # (2B, 16, T, h, w): rgb, xyz, rgb, xyz, ...
+    first = torch.stack([_to_video(clip.rgb[:1])[:, 0] for clip in clips])  # (B, 3, H, W)
+    conds = encoders.encode_videos(condition_video(first, cond_num_frames, "rgbxyz"))  # (B, 16, Tc, h, 2w)
+    return [{"rgb": latents[2 * i], "xyz": latents[2 * i + 1], "cond": conds[i]} for i in range(len(clips))]
+
+
+def _record(clip: PreparedClip, files: dict[str, str], latents: dict[str, torch.Tensor], cfg: BuildConfig) -> dict:
+    """The manifest line of a finished clip."""
+    source = clip.source
+    return {
+        "id": source.id,
+        "kind": source.kind,
+        "subset": source.subset,
+        "format": source.format,
+        "number": clip.number,
+        "caption": clip.caption,
+        "prompt": clip.prompt,
+        "prompt_sha256": data.prompt_hash(clip.prompt),
+        "source_frames": clip.source_frames,
+        "num_frames": cfg.num_frames,
+        "cond_num_frames": cfg.cond_num_frames,
+        "height": cfg.resolution_h,
+        "width": cfg.resolution_w,
+        "reader": clip.reader,
+        "intrinsics_source": clip.intrinsics_source,
+        "files": files,
+        "latent_shape": list(latents["rgb"].shape),
+        "normalization": {
+            "center": clip.center.tolist(),
+            "scale": clip.scale,
+            "cam2world0": clip.cam2world[0].tolist(),
+            "K0": clip.intrinsics[0].tolist(),
+        },
+        "xyz_latent_sums": data.xyz_sums(latents["xyz"]),
+    }
+
+
+def _write_failure(out: Path, source: ClipSource, reason: str) -> None:
+    """Record why a clip failed."""
+    path = out / "failures" / f"{source.id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"id": source.id, "format": source.format, "reason": reason})
+
+
+def _check_config(out: Path, config: dict) -> None:
+    """Write build_config.json, or refuse a cache that was built with other settings."""
+    path = out / data.CONFIG_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != config:
+            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+            raise ValueError(f"{out} was built with other settings (cached, requested): {diff}; use another --out")
+    else:
+        write_json(path, config)
+
+
+def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: bool = True) -> BuildSummary:
+    """Run one shard of the cache build, then merge if every clip of the run is accounted for.
+
+    ``encoders`` is loaded from ``cfg.model_path`` when not given (and only if there is work to do).
+    """
+    from tqdm import tqdm
+
+    cfg.validate()
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    data_dir = Path(cfg.data_dir)
+    clips, ignored = data.find_clips(data_dir)
+    if cfg.limit is not None:
+        clips = clips[: cfg.limit]
+    out.mkdir(parents=True, exist_ok=True)
+    config = cfg.cache_config()
+    _check_config(out, config)
+
+    mine = clips[cfg.task_idx :: cfg.num_tasks]
+    todo = [
+        c
+        for c in mine
+        if not data.is_done(out, c.id) and (cfg.retry_failed or not (out / "failures" / f"{c.id}.json").is_file())
+    ]
+    captions: dict[str, dict[int, str] | ClipError] = {}
+
+    def load(source: ClipSource) -> PreparedClip:
+        if source.subset not in captions:
+            try:
+                captions[source.subset] = data.read_captions(data_dir, source.subset)
+            except ClipError as err:
+                captions[source.subset] = err
+        subset_captions = captions[source.subset]
+        if isinstance(subset_captions, ClipError):
+            raise subset_captions
+        raw = data.read_clip(data_dir, source, subset_captions)
+        clip = data.prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w)
+        data.write_clip_media(out, clip, data.clip_files(source.id, clip.prompt))  # video encoding, off the GPU loop
+        return clip
+
+    processed = failed_now = 0
+    bar = tqdm(total=len(todo), unit="clip", desc=f"shard {cfg.task_idx}/{cfg.num_tasks}", disable=not show_progress)
+    if todo:
+        if encoders is None:
+            encoders = Encoders.load(cfg.model_path, cfg.device, cfg.torch_dtype)
+        seen_prompts: set[str] = set()
+        with ThreadPoolExecutor(cfg.num_workers) as pool:
+            queue: deque[tuple[ClipSource, Future]] = deque()
+            pending_sources = iter(todo)
+            batch: list[PreparedClip] = []
+
+            def fill() -> None:
+                for source in pending_sources:
+                    queue.append((source, pool.submit(load, source)))
+                    if len(queue) >= cfg.num_workers + cfg.batch_size:
+                        break
+
+            def flush() -> None:
+                nonlocal processed, failed_now
+                if not batch:
+                    return
+                for clip, latents in zip(batch, encode_batch(encoders, batch, cfg.cond_num_frames), strict=True):
+                    try:
+                        _write_clip(out, clip, latents, encoders, cfg, seen_prompts)
+                        processed += 1
+                    except ClipError as err:
+                        _write_failure(out, clip.source, str(err))
+                        failed_now += 1
+                    bar.update()
+                batch.clear()
+
+            fill()
+            while queue:
+                source, future = queue.popleft()
+                fill()
+                try:
+                    batch.append(future.result())
+                except ClipError as err:
+                    _write_failure(out, source, str(err))
+                    failed_now += 1
+                    bar.update()
+                    continue
+                if len(batch) == cfg.batch_size:
+                    flush()
+            flush()
+    bar.close()
+
+    result = data.merge(out, clips, config)
+    return BuildSummary(
+        total=len(clips),
+        assigned=len(mine),
+        processed=processed,
+        skipped=len(mine) - len(todo),
+        failed_now=failed_now,
+        done=result.done,
+        failed=result.failed,
+        pending=result.pending,
+        merged=result.written,
+        ignored=ignored,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _write_clip(
+    out: Path,
+    clip: PreparedClip,
+    latents: dict[str, torch.Tensor],
+    encoders: Encoders,
+    cfg: BuildConfig,
+    seen_prompts: set[str],
+) -> None:
+    """Write the latents and embeddings of a clip (its media are written by the reader), its record last.
+
+    Raises ClipError (the clip becomes a failure) when a latent is not finite.
+    """
+    source = clip.source
+    for key, value in latents.items():
+        if not torch.isfinite(value).all():
+            raise ClipError(f"{source.id}: the {key} latent is not finite")
+    files = data.clip_files(source.id, clip.prompt)
+    data.save_safetensors(
+        out / files["latents"],
+        latents,
+        {
+            "num_frames": str(cfg.num_frames),
+            "cond_num_frames": str(cfg.cond_num_frames),
+            "cond_layout": "rgbxyz",
+            "normalization": "VAE latents_mean/latents_std; xyz not XYZ-normalized",
+        },
+    )
+    data.save_safetensors(out / files["clip"], {"clip_embeds": encoders.encode_image(clip.rgb[0])})
+    prompt_file = out / files["prompt"]
+    if clip.prompt not in seen_prompts and not prompt_file.is_file():
+        embeds = encoders.encode_prompt(clip.prompt)
+        data.save_safetensors(prompt_file, {"prompt_embeds": embeds}, {"prompt": clip.prompt})
+    seen_prompts.add(clip.prompt)
+    record_path = out / "records" / f"{source.id}.json"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(record_path, _record(clip, files, latents, cfg))
+    (out / "failures" / f"{source.id}.json").unlink(missing_ok=True)

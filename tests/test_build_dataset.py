@@ -1,0 +1,294 @@
+"""build_wan_dataset.py with the tiny model on synthetic 4DNeX-10M trees: formats, shapes, geometry, stats, shards,
+failures and re-runs."""
+
+import csv
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fourdnex import data
+from fourdnex.dataset_build import BuildConfig, Encoders, build
+from fourdnex.synthetic import render_scene, write_dynamic_npz, write_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "example" / "tiny-wan-i2v")
+SOURCE = (7, 40, 64)  # frames (padded to 9 by playing backwards), height, width of the synthetic clips
+RES = (32, 48)  # the cache's per-modality size
+NATIVE = 20000  # a dynamic_3 clip at exactly the cache's size: no resampling, exact geometry
+NATIVE_SEED = 77
+
+
+def _add_caption(data_dir: Path, subset: str, number: int, caption: str) -> None:
+    path = data_dir / "caption" / f"{subset}_with_caption_upload.csv"
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows.append({"number": str(number), "caption": caption})
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["number", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """One clip of every subset (40 x 64, 7 frames) plus a 9-frame 32 x 48 dynamic_3 clip."""
+    root = tmp_path_factory.mktemp("synthetic")
+    data_dir = write_tree(root, num_clips=5, num_frames=SOURCE[0], height=SOURCE[1], width=SOURCE[2], seed=1)
+    scene = render_scene(NATIVE_SEED, 9, *RES)
+    write_dynamic_npz(scene, data_dir / "dynamic" / "dynamic_3" / f"{NATIVE}.npz", "focal")
+    _add_caption(data_dir, "dynamic_3", NATIVE, scene.caption)
+    (data_dir / "dynamic" / "dynamic_3" / "preview.gif").write_bytes(b"GIF89a")  # not a clip: reported, not read
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def encoders() -> Encoders:
+    return Encoders.load(TINY, "cpu", torch.float32)
+
+
+def _config(data_dir: Path, out: Path, **kw) -> BuildConfig:
+    return BuildConfig(
+        data_dir=str(data_dir),
+        out=str(out),
+        model_path=TINY,
+        num_frames=9,
+        resolution_h=RES[0],
+        resolution_w=RES[1],
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tree, tmp_path_factory) -> Path:
+    """The whole tree built in one run through the command line's main()."""
+    out = tmp_path_factory.mktemp("single")
+    spec = importlib.util.spec_from_file_location("build_wan_dataset", ROOT / "build_wan_dataset.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = ["--data_dir", str(tree), "--out", str(out), "--model_path", TINY, "--num_frames", "9"]
+    args += ["--resolution_h", str(RES[0]), "--resolution_w", str(RES[1]), "--device", "cpu"]
+    cli.main(_parse(cli, args))
+    return out
+
+
+def _parse(cli, argv: list[str]):
+    """The script's own command line applied to ``argv``."""
+    return cli.build_parser().parse_args(argv)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_every_format_round_trips(single, tree):
+    records = _records(single)
+    assert {r["format"] for r in records} == {"monst3r", "dynamic_npz", "static_npz"}
+    assert len(records) == 6 and (single / "failures.jsonl").read_text() == ""
+    assert {r["reader"] for r in records} >= {"decord", "images", "npz"}
+    prompts = (single / "prompts.txt").read_text().splitlines()
+    videos = (single / "videos.txt").read_text().splitlines()
+    assert prompts == [r["caption"] + " POINTMAP_STYLE." for r in records]
+    assert videos == [r["files"]["video"] for r in records]
+    for r in records:
+        files = {k: single / v for k, v in r["files"].items()}
+        lat = load_file(files["latents"])
+        assert lat["rgb"].shape == lat["xyz"].shape == (16, 3, RES[0] // 8, RES[1] // 8)
+        assert lat["cond"].shape == (16, 3, RES[0] // 8, 2 * RES[1] // 8)
+        assert load_file(files["clip"])["clip_embeds"].shape == (17, 32)  # tiny CLIP: 4 x 4 patches + class token
+        assert load_file(files["prompt"])["prompt_embeds"].shape == (512, 32)
+        geo = load_file(files["pointmap"])
+        assert geo["pointmap"].shape == (9, *RES, 3) and geo["pointmap"].abs().max() <= 1.0
+        assert (
+            geo["center"].shape == (9, 3)
+            and geo["intrinsics"].shape == (9, 3, 3)
+            and geo["cam2world"].shape == (9, 4, 4)
+        )
+        from PIL import Image
+
+        assert np.asarray(Image.open(files["first_frame"])).shape == (*RES, 3)
+        for key in ("video", "pointmap_preview"):
+            frames, _ = data._read_video(files[key], list(range(9)))
+            assert frames.shape == (9, *RES, 3)
+        if r["source_frames"] == 7:  # padded by playing backwards
+            assert geo["frame_indices"].tolist() == [0, 1, 2, 3, 4, 5, 6, 5, 4]
+    stats = json.loads((single / "stats.json").read_text())
+    assert stats["num_clips"] == 6 and stats["resolution_h"] == RES[0] and stats["num_frames"] == 9
+
+
+def test_video_start_offset_and_rgb_order(single, tree):
+    """A MonST3R clip's RGB starts at frame <start> of its video; image folders are read as RGB."""
+    from PIL import Image
+
+    for r in _records(single):
+        first = np.asarray(Image.open(single / r["files"]["first_frame"])).astype(np.float64)
+        i = r["number"] - 10000
+        if r["format"] == "monst3r":
+            start = int(r["id"].rsplit("_", 1)[1].split("-")[0])
+            scene = render_scene(1 * 100003 + i, start + 2, *SOURCE[1:])
+            crops = [
+                data.cover_crop(torch.from_numpy(f).permute(2, 0, 1)[None].float(), *RES, "bilinear")[0]
+                for f in scene.rgb
+            ]
+            errors = [np.abs(c[0].permute(1, 2, 0).numpy() - first).mean() for c in crops]
+            assert int(np.argmin(errors)) == start
+        if r["reader"] == "images":
+            scene = render_scene(1 * 100003 + i, 1, *SOURCE[1:], dynamic=False)
+            np.testing.assert_allclose(first.mean((0, 1)), scene.rgb[0].mean((0, 1)), atol=3.0)
+
+
+def test_saved_normalization_recovers_metric_points(single):
+    scene = render_scene(NATIVE_SEED, 9, *RES)
+    record = next(r for r in _records(single) if r["number"] == NATIVE)
+    geo = load_file(single / record["files"]["pointmap"])
+    metric = data.metric_pointmap(geo["pointmap"].double().numpy(), geo["center"].numpy(), float(geo["scale"]))
+    w2c0 = np.linalg.inv(scene.cam2world[0].astype(np.float64))
+    truth = scene.points.astype(np.float64) @ w2c0[:3, :3].T + w2c0[:3, 3]
+    lo, hi = np.percentile(truth.reshape(9, -1, 3), data.PERCENTILES, axis=1)
+    inside = ((truth > lo[:, None, None]) & (truth < hi[:, None, None])).all(-1)
+    assert inside.mean() > 0.8
+    scale = float(geo["scale"])
+    err = np.abs(metric - truth)[inside].max()
+    assert err < 1e-3 * scale  # float16 storage of values in [-1, 1]
+    np.testing.assert_allclose(geo["cam2world0"].numpy(), scene.cam2world[0], atol=1e-6)
+    np.testing.assert_allclose(geo["intrinsics"].numpy(), scene.K, rtol=1e-6)
+    world = metric @ geo["cam2world0"].numpy()[:3, :3].T + geo["cam2world0"].numpy()[:3, 3]
+    assert np.abs(world - scene.points)[inside].max() < 2e-3 * scale
+    # In float64 (before storage) the round trip is exact.
+    normalized, center, scale, half_range = data.normalize_pointmap(truth)
+    np.testing.assert_allclose(center - half_range, lo, atol=1e-12)
+    np.testing.assert_allclose(data.metric_pointmap(normalized, center, scale)[inside], truth[inside], atol=1e-9)
+    assert np.abs(normalized).max() <= 1.0 + 1e-12
+
+
+def test_cropped_intrinsics_match_the_cropped_pointmaps(single):
+    """Every clip's metric points, seen from each frame's camera, project onto their pixels with the saved K."""
+    v, u = np.meshgrid(np.arange(RES[0]), np.arange(RES[1]), indexing="ij")
+    for r in _records(single):
+        geo = {k: t.double().numpy() for k, t in load_file(single / r["files"]["pointmap"]).items()}
+        metric = data.metric_pointmap(geo["pointmap"], geo["center"], float(geo["scale"]))
+        margin = 2.0**-10 * float(geo["scale"])  # float16 rounding of a clipped point can move it inside the box
+        inside = np.abs(metric - geo["center"][:, None, None]) < geo["half_range"][:, None, None] - margin
+        unclipped = inside.all(-1)
+        assert unclipped.mean() > 0.8
+        for f in (0, 8):
+            cam_f = np.linalg.inv(geo["cam2world"][f]) @ geo["cam2world0"]
+            p = metric[f] @ cam_f[:3, :3].T + cam_f[:3, 3]
+            pix = p @ geo["intrinsics"][f].T
+            du = pix[..., 0] / pix[..., 2] - u
+            dv = pix[..., 1] / pix[..., 2] - v
+            ok = unclipped[f]
+            # Nearest sampling moves a point by up to half a source pixel (0.4 output pixels here); float16 storage
+            # moves it by up to 2^-11 * scale in each axis, i.e. fx * 2^-11 * scale / z pixels.
+            sampling = 0.4 if r["source_frames"] == 7 else 0.0
+            storage = 2 * geo["intrinsics"][f][0, 0] * 2.0**-11 * float(geo["scale"]) / p[..., 2]
+            tol = sampling + storage + 1e-6
+            assert (np.abs(du) < tol)[ok].all() and (np.abs(dv) < tol)[ok].all(), (r["id"], f)
+            if r["intrinsics_source"] == "fitted":
+                assert r["format"] == "static_npz"
+
+
+def test_stats_match_a_direct_computation(single):
+    xyz = torch.stack([load_file(single / r["files"]["latents"])["xyz"].double() for r in _records(single)])
+    stats = json.loads((single / "stats.json").read_text())
+    assert stats["count"] == xyz.numel()
+    assert stats["xyz_latent_mean"] == pytest.approx(xyz.mean().item(), rel=1e-10, abs=1e-12)
+    assert stats["xyz_latent_std"] == pytest.approx(xyz.std(unbiased=False).item(), rel=1e-9)
+    channel = xyz.transpose(0, 1).reshape(16, -1)
+    np.testing.assert_allclose(stats["xyz_latent_channel_mean"], channel.mean(1).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["xyz_latent_channel_std"], channel.std(1, unbiased=False).numpy(), rtol=1e-8)
+
+
+def test_shards_then_merge_equal_a_single_run(single, tree, encoders, tmp_path):
+    first = build(_config(tree, tmp_path, num_tasks=2, task_idx=0), encoders, show_progress=False)
+    assert not first.merged and first.pending == 3 and not (tmp_path / "manifest.jsonl").exists()
+    second = build(_config(tree, tmp_path, num_tasks=2, task_idx=1), encoders, show_progress=False)
+    assert second.merged and second.done == 6 and first.processed + second.processed == 6
+    for name in ("manifest.jsonl", "prompts.txt", "videos.txt", "failures.jsonl", "stats.json", "build_config.json"):
+        assert (tmp_path / name).read_text() == (single / name).read_text(), name
+    for r in _records(single):
+        for key in ("latents", "clip", "prompt"):
+            a, b = load_file(single / r["files"][key]), load_file(tmp_path / r["files"][key])
+            assert all(torch.equal(a[k], b[k]) for k in a), (r["id"], key)
+
+
+class _Counting:
+    """Encoders that count their calls."""
+
+    def __init__(self, encoders: Encoders):
+        self.inner, self.calls = encoders, 0
+        self.vae = encoders.vae
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        def counted(*args, **kw):
+            self.calls += 1
+            return method(*args, **kw)
+
+        return counted
+
+
+def test_rerun_does_no_repeated_work(single, tree, encoders, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(single, out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    counting = _Counting(encoders)
+    summary = build(_config(tree, out), counting, show_progress=False)
+    assert summary.processed == 0 and summary.skipped == 6 and counting.calls == 0 and summary.merged
+    assert summary.ignored == ["dynamic/dynamic_3/preview.gif"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes  # nothing rewritten
+    # A run killed mid-clip leaves no record (written last) and maybe a temporary file: only that clip is redone.
+    victim = _records(single)[2]
+    (out / "records" / f"{victim['id']}.json").unlink()
+    (out / "latents" / f"{victim['id']}.safetensors").unlink()
+    (out / "latents" / "dynamic" / ".x.partial.safetensors").write_bytes(b"half")
+    summary = build(_config(tree, out), counting, show_progress=False)
+    assert summary.processed == 1 and summary.skipped == 5 and summary.merged
+    assert counting.calls == 3  # VAE for RGB + XYZ, VAE for the condition, CLIP; the prompt embedding exists
+    assert (out / "manifest.jsonl").read_text() == (single / "manifest.jsonl").read_text()
+
+
+def test_broken_clips_are_recorded_and_the_rest_built(tree, encoders, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tree, data_dir)
+    (data_dir / "raw" / "dynamic" / "dynamic_1" / "10000.mp4").write_bytes(b"not a video" * 100)
+    depth_dir = data_dir / "dynamic" / "dynamic_2" / "10001_1-8"
+    (depth_dir / "frame_0003.npy").unlink()
+    npz = data_dir / "dynamic" / "dynamic_3" / f"{NATIVE}.npz"
+    arrays = dict(np.load(npz))
+    arrays["depths"][4, 3, 5] = np.nan
+    np.savez(npz, **arrays)
+    caption_file = data_dir / "caption" / "static_1_with_caption_upload.csv"
+    caption_file.write_text("number,caption\n")
+    out = tmp_path / "cache"
+    summary = build(_config(data_dir, out), encoders, show_progress=False)
+    assert summary.done == 2 and summary.failed == 4 and summary.merged
+    assert "4 failed" in summary.line()
+    failures = {json.loads(line)["id"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").open()}
+    assert re.search("cannot open video .*10000.mp4", failures["dynamic/dynamic_1/10000_0-7"])
+    assert "missing ['frame_0003.npy']" in failures["dynamic/dynamic_2/10001_1-8"]
+    assert "NaN" in failures[f"dynamic/dynamic_3/{NATIVE}"] and "frame 4" in failures[f"dynamic/dynamic_3/{NATIVE}"]
+    assert "no caption for number 10003" in failures["static/static_1/10003"]
+    assert len(_records(out)) == 2
+    again = build(_config(data_dir, out), encoders, show_progress=False)
+    assert again.processed == 0 and again.failed_now == 0 and again.failed == 4
+
+
+def test_cli_user_errors_are_one_line(single, tree):
+    spec = importlib.util.spec_from_file_location("build_wan_dataset", ROOT / "build_wan_dataset.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    base = ["--data_dir", str(tree), "--out", str(single), "--model_path", TINY]
+    with pytest.raises(SystemExit, match=r"^build_wan_dataset.py: task_idx must be in \[0, num_tasks\), got 2"):
+        cli.main(_parse(cli, [*base, "--num_tasks", "2", "--task_idx", "2"]))
+    with pytest.raises(SystemExit, match="built with other settings"):
+        cli.main(_parse(cli, [*base, "--resolution_h", "48", "--resolution_w", "48", "--num_frames", "9"]))
+    with pytest.raises(SystemExit, match="num_frames must be 4k\\+1"):
+        cli.main(_parse(cli, [*base, "--num_frames", "10"]))
