@@ -1,20 +1,25 @@
 """The training view of a latent cache (what ``build_wan_dataset.py`` writes): fused samples for the loss.
 
-Cache layout (one folder):
-    stats.json                  xyz_latent_mean / xyz_latent_std, height / width (per modality), num_frames, model_path
-    manifest.jsonl              one clip per line: {"id", "latents", "clip", "prompt", ...} paths relative to the cache
+The cache layout is documented in :mod:`fourdnex.data`; what training reads of it:
+    stats.json                  xyz_latent_mean / xyz_latent_std, resolution_h / resolution_w (per modality),
+                                num_frames, cond_num_frames, model_path
+    manifest.jsonl              one clip per line: {"id", "files": {"latents", "clip", "prompt", "first_frame"}, ...}
+                                paths relative to the cache
     latents/<id>.safetensors    rgb, xyz (16, T, h, w) VAE-normalized (XYZ not yet XYZ-normalized);
-                                cond (16, T, h, 2w): the VAE-normalized encoding of [first frame | sloped plane] + zeros
-    clip/<id>.safetensors       clip (257, image_dim): CLIP's penultimate hidden state of the first frame
-    prompt/<sha256>.safetensors prompt (512, text_dim): UMT5 embedding of caption + PROMPT_SUFFIX
+                                cond (16, Tc, h, 2w): VAE-normalized encoding of [first frame | sloped plane] + zeros
+    clip/<id>.safetensors       clip_embeds (257, image_dim): CLIP's penultimate hidden state of the first frame
+    prompt/<sha256>.safetensors prompt_embeds (512, text_dim): UMT5 embedding of caption + PROMPT_SUFFIX
 
 A training sample keeps the first ``num_latent_frames`` latent frames. The Wan VAE is causal in time, so the first
-frames of a longer encoding equal the encoding of the shorter clip, and the cached condition can be cut the same way.
+frames of a longer encoding equal the encoding of the shorter clip, and the cached condition is cut the same way.
+A cache whose condition is shorter than the training length has its condition encoded from the cached first frame
+by a ``condition_encoder`` (the VAE), once per sample read.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +45,8 @@ class CacheStats:
     xyz_latent_std: float
     height: int  # per modality, pixels
     width: int
-    num_frames: int  # video frames each clip was encoded with
+    num_frames: int  # video frames of the cached RGB / XYZ latents
+    cond_num_frames: int  # video frames the cached condition covers
     model_path: str | None = None
 
 
@@ -78,16 +84,29 @@ def read_stats(cache_dir: str | Path) -> CacheStats:
         raise CacheError(f"{path}: missing (the XYZ latent statistics and sizes of the cache)")
     try:
         raw = json.loads(path.read_text())
+        if raw.get("xyz_latent_mean") is None:
+            raise CacheError(f"{path}: holds no XYZ latent statistics (a cache without clips?)")
         return CacheStats(
             xyz_latent_mean=float(raw["xyz_latent_mean"]),
             xyz_latent_std=float(raw["xyz_latent_std"]),
-            height=int(raw["height"]),
-            width=int(raw["width"]),
+            height=int(raw["resolution_h"]),
+            width=int(raw["resolution_w"]),
             num_frames=int(raw["num_frames"]),
+            cond_num_frames=int(raw.get("cond_num_frames") or raw["num_frames"]),
             model_path=raw.get("model_path"),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CacheError):
+            raise
         raise CacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames of a ``num_frames`` video: ``(F - 1) / 4 + 1``."""
+    return (num_frames - 1) // 4 + 1
+
+
+ConditionEncoder = Callable[[Path, int], torch.Tensor]  # (first frame png, num_frames) -> (16, T, h, 2w)
 
 
 class LatentCache:
@@ -97,7 +116,14 @@ class LatentCache:
     :meth:`sample` reads one clip and raises CacheError with the file's path if anything about it is wrong.
     """
 
-    def __init__(self, cache_dir: str | Path, num_latent_frames: int, height: int, width: int) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        num_latent_frames: int,
+        height: int,
+        width: int,
+        condition_encoder: ConditionEncoder | None = None,
+    ) -> None:
         self.root = Path(cache_dir)
         self.stats = read_stats(self.root)
         if (self.stats.height, self.stats.width) != (height, width):
@@ -105,7 +131,7 @@ class LatentCache:
                 f"{self.root / STATS_FILE}: the cache was built at {self.stats.height}x{self.stats.width} per modality,"
                 f" training asks for {height}x{width}"
             )
-        cached_latent_frames = (self.stats.num_frames - 1) // 4 + 1
+        cached_latent_frames = latent_frames(self.stats.num_frames)
         if num_latent_frames > cached_latent_frames:
             raise CacheError(
                 f"{self.root / STATS_FILE}: the cache holds {self.stats.num_frames} frames ({cached_latent_frames}"
@@ -116,6 +142,9 @@ class LatentCache:
                 f"{self.root / STATS_FILE}: xyz_latent_std must be positive, got {self.stats.xyz_latent_std}"
             )
         self.num_latent_frames = num_latent_frames
+        self.condition_encoder = condition_encoder
+        #: the cached condition is shorter than the training length: it is encoded from the first frame instead
+        self.encodes_condition = latent_frames(self.stats.cond_num_frames) < num_latent_frames
         self.latent_shape = (num_latent_frames, height // 8, width // 8)  # per modality
         self.items = self._read_manifest()
 
@@ -129,11 +158,13 @@ class LatentCache:
                 continue
             try:
                 item = json.loads(line)
-                missing = [key for key in ("id", "latents", "clip", "prompt") if key not in item]
+                missing = [key for key in ("latents", "clip", "prompt", "first_frame") if key not in item["files"]]
             except json.JSONDecodeError as err:
                 raise CacheError(f"{path}:{line_no}: not JSON ({err})") from err
+            except (KeyError, TypeError):
+                raise CacheError(f"{path}:{line_no}: no 'files' object") from None
             if missing:
-                raise CacheError(f"{path}:{line_no}: no {missing[0]!r} field")
+                raise CacheError(f"{path}:{line_no}: no {missing[0]!r} in 'files'")
             items.append(item)
         if not items:
             raise CacheError(f"{path}: lists no clips")
@@ -145,9 +176,15 @@ class LatentCache:
     def sample(self, index: int) -> Sample:
         """Read clip ``index`` as a fused :class:`Sample` (float32)."""
         item = self.items[index]
-        latents_path = self.root / item["latents"]
-        latents = _load(latents_path, ("rgb", "xyz", "cond"))
+        files = item["files"]
+        latents_path = self.root / files["latents"]
+        keys = ("rgb", "xyz") if self.encodes_condition else ("rgb", "xyz", "cond")
+        latents = _load(latents_path, keys)
         frames, h, w = self.latent_shape
+        if self.encodes_condition:
+            if self.condition_encoder is None:
+                raise CacheError(f"{latents_path}: the cached condition is shorter than training needs, no encoder")
+            latents["cond"] = self.condition_encoder(self.root / files["first_frame"], latent_frames_to_video(frames))
         expected = {"rgb": (16, h, w), "xyz": (16, h, w), "cond": (16, h, 2 * w)}
         for key, (channels, hh, ww) in expected.items():
             shape = tuple(latents[key].shape)
@@ -160,11 +197,40 @@ class LatentCache:
         x0 = fuse_width(rgb, xyz)  # (16, T, h, 2w)
         mask = soft_mask(1, frames, h, 2 * w, "rgbxyz")[0]  # (4, T, h, 2w)
         condition = torch.cat([mask, latents["cond"][:, :frames].float()])  # (20, T, h, 2w)
-        prompt = _load(self.root / item["prompt"], ("prompt",))["prompt"].float()
-        image = _load(self.root / item["clip"], ("clip",))["clip"].float()
-        for name, tensor, path in (("prompt", prompt, item["prompt"]), ("clip", image, item["clip"])):
+        prompt = _load(self.root / files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
+        image = _load(self.root / files["clip"], ("clip_embeds",))["clip_embeds"].float()
+        for name, tensor, path in (("prompt_embeds", prompt, files["prompt"]), ("clip_embeds", image, files["clip"])):
             if tensor.ndim != 2:
                 raise CacheError(f"{self.root / path}: {name} has shape {tuple(tensor.shape)}, expected (tokens, dim)")
         if not (torch.isfinite(x0).all() and torch.isfinite(condition).all()):
             raise CacheError(f"{latents_path}: holds NaN or infinite values")
         return Sample(x0=x0, condition=condition, prompt_embeds=prompt, image_embeds=image, clip_id=str(item["id"]))
+
+
+def latent_frames_to_video(frames: int) -> int:
+    """Video frames of ``frames`` latent frames: ``4 (T - 1) + 1``."""
+    return 4 * (frames - 1) + 1
+
+
+class VaeConditionEncoder:
+    """Encodes a clip's condition from its cached first frame, as the cache builder does (for short caches)."""
+
+    def __init__(self, vae, device: torch.device) -> None:
+        self.vae = vae.to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, first_frame: Path, num_frames: int) -> torch.Tensor:
+        """``first_frame`` (an H x W RGB image) -> the VAE-normalized condition latent ``(16, T, h, 2w)`` on CPU."""
+        import numpy as np
+        from PIL import Image
+
+        from .fusion import condition_video, vae_normalize
+
+        if not first_frame.is_file():
+            raise CacheError(f"{first_frame}: missing (needed to encode the condition)")
+        with Image.open(first_frame) as image:
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0
+        video = condition_video(pixels[None].to(self.device), num_frames, "rgbxyz")  # (1, 3, F, H, 2W)
+        z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode()
+        return vae_normalize(self.vae, z.float())[0].cpu()

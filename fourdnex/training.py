@@ -49,7 +49,7 @@ from .checkpoint import (
 from .config import DEFAULT_LORA_TARGETS, DEFAULT_MODEL_PATH, DEFAULT_MODEL_TYPE, MODEL_TYPES
 from .fusion import split_width
 from .io import write_json
-from .train_data import LatentCache, Sample
+from .train_data import LatentCache, Sample, VaeConditionEncoder
 
 if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: loaded when used
     from .adapters import AdapterMeta
@@ -674,6 +674,16 @@ def train(cfg: TrainConfig) -> Path | None:
     torch.manual_seed(cfg.seed)
     transformer = build_transformer(cfg, model_path)
     accelerator = make_accelerator(cfg, output_dir / "logs")
+    if cache.encodes_condition:
+        from diffusers import AutoencoderKLWan
+
+        logger.warning(
+            "the cache's condition covers %d frames, training uses %d: encoding it from the first frame every step",
+            cache.stats.cond_num_frames,
+            cfg.num_frames,
+        )
+        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32)
+        cache.condition_encoder = VaeConditionEncoder(vae, accelerator.device)
     trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
     if resume is not None:
         trainer.load_checkpoint(resume)
