@@ -165,7 +165,8 @@ class LatentCache:
                 raise CacheError(f"{path}:{line_no}: no 'files' object") from None
             if missing:
                 raise CacheError(f"{path}:{line_no}: no {missing[0]!r} in 'files'")
-            items.append(item)
+            keep = ("latents", "clip", "prompt", "first_frame")  # a large manifest: hold only what is read
+            items.append({"id": item.get("id", line_no), "files": {k: item["files"][k] for k in keep}})
         if not items:
             raise CacheError(f"{path}: lists no clips")
         return items

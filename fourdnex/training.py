@@ -29,11 +29,13 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,7 +50,7 @@ from .checkpoint import (
 )
 from .config import DEFAULT_LORA_TARGETS, DEFAULT_MODEL_PATH, DEFAULT_MODEL_TYPE, MODEL_TYPES
 from .fusion import split_width
-from .io import write_json
+from .io import write_json, write_video
 from .train_data import LatentCache, Sample, VaeConditionEncoder
 
 if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: loaded when used
@@ -503,6 +505,7 @@ class Trainer:
         self.engine, _ = accelerator.prepare(transformer, optimizer)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.step = 0
+        self.validation_components: dict | None = None  # loaded at the first validation
 
     @property
     def module(self) -> nn.Module:
@@ -561,7 +564,8 @@ class Trainer:
             return None
         domain = state.pop(DOMAIN_PARAMETER, None)
         if domain is None:  # model types without a domain embedding keep it at zero
-            domain = torch.zeros(tuple(self.module.domain_embedding.shape))
+            param = self.module.domain_embedding
+            domain = torch.zeros(tuple(getattr(param, "ds_shape", param.shape)))  # ZeRO-3 keeps the full shape there
         lora = get_peft_model_state_dict(self.module, state_dict=state, adapter_name=LORA_ADAPTER_NAME)
         return lora, domain
 
@@ -700,12 +704,19 @@ def train(cfg: TrainConfig) -> Path | None:
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="finetune", disable=not accelerator.is_main_process)
-    while trainer.step < cfg.max_steps:
-        step = trainer.step
-        micro_batches = [
+
+    def read(step: int) -> list[Batch]:
+        return [
             make_batch(cache, cfg, stream_positions(cfg, step, micro, rank, world))
             for micro in range(cfg.gradient_accumulation_steps)
         ]
+
+    reader = ThreadPoolExecutor(max_workers=1)  # reads step n + 1 while step n trains
+    upcoming = reader.submit(read, trainer.step)
+    while trainer.step < cfg.max_steps:
+        micro_batches = upcoming.result()
+        if trainer.step + 1 < cfg.max_steps:
+            upcoming = reader.submit(read, trainer.step + 1)
         metrics = trainer.train_step(micro_batches)
         bar.update()
         bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.lr:.2e}")
@@ -726,6 +737,7 @@ def train(cfg: TrainConfig) -> Path | None:
         if cfg.validation_steps and trainer.step % cfg.validation_steps == 0:
             run_validation(trainer, model_path, cache, output_dir / "validation" / f"step-{trainer.step:06d}")
     bar.close()
+    reader.shutdown()
     final = trainer.save_adapter(output_dir / ADAPTER_DIR, trainer.step)
     accelerator.end_training()
     return final
@@ -737,7 +749,8 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 
 def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_dir: Path) -> None:
-    """Sample one result with the current weights, as ``inference.py`` would, into ``out_dir``.
+    """Sample one result with the current weights into ``out_dir``: ``00000.npz``/``.json`` as inference.py writes
+    them (:mod:`fourdnex.pointmap`) and ``00000.mp4``, RGB | XYZ side by side.
 
     Every process runs the sampler (under ZeRO-3 each holds a part of the weights); the main process writes.
     """
@@ -747,7 +760,9 @@ def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_di
     from .pointmap import save_result
 
     cfg = trainer.cfg
-    components = _validation_components(trainer, model_path)
+    if trainer.validation_components is None:
+        trainer.validation_components = _validation_components(model_path, trainer.dtype)
+    components = trainer.validation_components
     pipe = FourDNeXPipeline(transformer=trainer.module, **components)
     device = trainer.accelerator.device
     for name in ("text_encoder", "image_encoder", "vae"):
@@ -775,26 +790,24 @@ def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_di
         rgb = (output.rgb[0].numpy() * 255).round().astype("uint8")
         meta = {"prompt": cfg.validation_prompt, "image": cfg.validation_image, "seed": cfg.seed, "step": trainer.step}
         meta["timings"] = output.timings
-        save_result(out_dir, 0, rgb, output.xyz[0].numpy(), meta)
+        xyz = output.xyz[0].numpy()
+        save_result(out_dir, 0, rgb, xyz, meta)
+        colours = ((xyz + 1) * 127.5).round().clip(0, 255).astype("uint8")
+        write_video(out_dir / "00000.mp4", np.concatenate([rgb, colours], axis=2))  # RGB | XYZ side by side
     trainer.accelerator.wait_for_everyone()
 
 
-_VALIDATION_CACHE: dict[str, dict] = {}
+def _validation_components(model_path: str, dtype: torch.dtype) -> dict:
+    """The pipeline's other components, loaded on the CPU (moved to the GPU only while sampling)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-
-def _validation_components(trainer: Trainer, model_path: str) -> dict:
-    """The pipeline's other components (loaded once, kept on the CPU between validations)."""
-    if model_path not in _VALIDATION_CACHE:
-        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
-
-        root = Path(model_path)
-        _VALIDATION_CACHE[model_path] = {
-            "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer"),
-            "text_encoder": UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=trainer.dtype),
-            "image_encoder": CLIPVisionModel.from_pretrained(root / "image_encoder", dtype=torch.float32),
-            "image_processor": CLIPImageProcessor.from_pretrained(root / "image_processor"),
-            "vae": AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32),
-            "scheduler": UniPCMultistepScheduler.from_pretrained(root, subfolder="scheduler"),
-        }
-    return _VALIDATION_CACHE[model_path]
+    root = Path(model_path)
+    return {
+        "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer"),
+        "text_encoder": UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype),
+        "image_encoder": CLIPVisionModel.from_pretrained(root / "image_encoder", dtype=torch.float32),
+        "image_processor": CLIPImageProcessor.from_pretrained(root / "image_processor"),
+        "vae": AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32),
+        "scheduler": UniPCMultistepScheduler.from_pretrained(root, subfolder="scheduler"),
+    }
