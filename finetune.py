@@ -22,11 +22,17 @@ from fourdnex.train_data import CacheError
 from fourdnex.training import TrainConfig, TrainingError, train
 
 
-def main(args: argparse.Namespace) -> None:
-    """Build the TrainConfig from the parsed flags and train."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the parsed flags describe (every flag is a TrainConfig field of the same name)."""
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
     cfg.lora_targets = tuple(cfg.lora_targets)
+    return cfg
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train with the parsed flags; a user error ends the run with one line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
     try:
         adapter = train(cfg)
     except (TrainingError, CacheError) as err:

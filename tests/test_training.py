@@ -236,6 +236,18 @@ def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
     assert text.startswith("finetune.py: ") and message in text and "\n" not in text, text
 
 
+def test_flags_reach_the_config():
+    cli = load_script("finetune.py")
+    parse = cli.build_parser().parse_args
+    default = cli.config_from_args(parse(["--cache_dir", "c"]))
+    assert default == TrainConfig(cache_dir="c")  # the CLI's defaults are TrainConfig's, i.e. the paper's
+    flags = ["--cache_dir", "c", "--no_rgb_first_frame_loss", "--xyz_loss_weight", "2", "--timestep_sampling"]
+    flags += ["shifted", "--lora_targets", "to_q", "ffn.net.2", "--type", "i2vwbw", "--no_gradient_checkpointing"]
+    cfg = cli.config_from_args(parse(flags))
+    assert (cfg.rgb_first_frame_loss, cfg.xyz_loss_weight, cfg.timestep_sampling) == (False, 2.0, "shifted")
+    assert (cfg.lora_targets, cfg.model_type, cfg.gradient_checkpointing) == (("to_q", "ffn.net.2"), "i2vwbw", False)
+
+
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
     result = finetune("--cache_dir", str(tmp_path / "nowhere"), check=False)
     assert result.returncode == 1
