@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,6 +196,40 @@ def test_resume_is_bit_identical(overfit_run, cache_dir, tmp_path):
     assert all(torch.equal(whole.lora[k], resumed.lora[k]) for k in whole.lora)
     assert torch.equal(whole.domain_embedding, resumed.domain_embedding)
     assert scalars(interrupted, "loss/total")[-1] == scalars(overfit_run, "loss/total")[-1]
+
+
+def test_zero3_two_processes_schedule_and_gathered_adapter(cache_dir, tmp_path):
+    """Two gloo processes under ZeRO-3 with every parameter partitioned: the adapter is gathered whole (equal to
+    DeepSpeed's zero_to_fp32 merge), and the learning rate logged is the trainer's schedule."""
+    config = json.loads((ROOT / "configs" / "deepspeed_zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "finetune.py"), "--cache_dir", str(cache_dir), "--output_dir", str(out), *TINY]
+    args += ["--max_steps", "3", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", "--lr_schedule", "cosine"]
+    args += ["--deepspeed_config", str(tmp_path / "zero3.json")]
+    env = {**finetune_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    processes = [
+        subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+    saved = read_adapter(out / "adapter")
+    merged = read_adapter(export_adapter(out / "checkpoints" / "checkpoint-000003", tmp_path / "merged"))
+    assert len(saved.lora) == 32 and saved.lora["blocks.1.attn2.to_out.0.lora_B.weight"].shape == (24, 8)
+    assert all(torch.equal(saved.lora[k], merged.lora[k]) for k in merged.lora)
+    assert saved.domain_embedding.shape == (2, 24) and torch.equal(saved.domain_embedding, merged.domain_embedding)
+    logged = [v for _, v in scalars(out, "lr")]
+    expected = [1e-3 * lr_factor(s, warmup_steps=2, max_steps=3, schedule="cosine") for s in range(3)]
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_script(name: str):
