@@ -5,8 +5,8 @@ The transformer is built with random bf16 weights directly on the GPU (``--real-
 35,100 tokens; text 512x4096; CLIP 257x1280). The inputs of global sample position p come from a generator seeded
 with p, so one process with ``--gradient_accumulation_steps 2`` and two processes with 1 see the same samples.
 
-    # the trainer (DeepSpeed ZeRO-2, bf16 LoRA, gradient checkpointing), one GPU
-    python bench/bench_train_step.py --real-size --steps 3
+    # the trainer (DeepSpeed ZeRO-2, bf16 LoRA, gradient checkpointing), one GPU; --profile: where the GPU time goes
+    python bench/bench_train_step.py --real-size --steps 3 --profile
     # the same with another attention kernel / keeping 8 blocks' attention outputs / compiled blocks
     python bench/bench_train_step.py --real-size --attention_backend _native_cudnn --save_attention_blocks 8
     # plain diffusers + peft + gradient checkpointing + torch AdamW (fp32 LoRA under bf16 autocast), no DeepSpeed
@@ -131,6 +131,8 @@ def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
         rows.append(metrics)
     timed = rows[args.warmup :]
     allocated, reserved = peak_gib(device)
+    if args.profile and accelerator.is_main_process:
+        profile_step(trainer, cfg, config, shape, args.warmup + args.steps, rank, world)
     seconds = statistics.mean(m.seconds for m in timed)
     result = {
         "mode": f"trainer ZeRO-{trainer.zero_stage}",
@@ -155,6 +157,40 @@ def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
     if accelerator.is_main_process:
         print(table(gathered))
         print(json.dumps({"trainable": sum(p.numel() for p in trainable_parameters(trainer.module).values())}))
+
+
+#: Kernel-name fragments of each kind of GPU work, for the profile's summary.
+KERNEL_KINDS = {
+    "attention": ("flash", "fmha", "attention", "cudnn", "sdpa"),
+    "matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90", "matmul", "aten::mm", "aten::addmm", "aten::bmm"),
+}
+
+
+def profile_step(trainer: Trainer, cfg: TrainConfig, config: dict, shape, step: int, rank: int, world: int) -> None:
+    """One more step under torch.profiler: GPU time by kind of kernel, then the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [
+        random_batch(stream_positions(cfg, step, m, rank, world)[0], shape, config["text_dim"], config["image_dim"])
+        for m in range(cfg.gradient_accumulation_steps)
+    ]
+    on_gpu = trainer.accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        trainer.train_step(batches, sync_timings=True)
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"  # CPU: aten ops stand in for kernels
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        seconds = getattr(event, key, 0) / 1e6
+        if seconds <= 0 or (not on_gpu and not event.key.startswith("aten::")):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in name for f in frags)), "other")
+        totals[kind] = totals.get(kind, 0.0) + seconds
+    total = sum(totals.values()) or float("nan")
+    unit = "GPU s" if on_gpu else "CPU s"
+    print(table([{"kind": k, unit: f"{v:.2f}", "share": f"{v / total:.0%}"} for k, v in sorted(totals.items())]))
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 def run_baseline(args, cfg: TrainConfig, config: dict, shape) -> None:
@@ -289,6 +325,7 @@ if __name__ == "__main__":
     parser.add_argument("--save_attention_blocks", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--deepspeed_config", default=None, help="default: configs/deepspeed_zero2.json")
+    parser.add_argument("--profile", action="store_true", help="profile one more step: GPU time by kernel kind")
     parser.add_argument(
         "--attention_backends",
         nargs="+",
