@@ -498,17 +498,16 @@ class Trainer:
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
         )
-        # The schedule is stepped here once per optimizer step; it is not handed to accelerate or DeepSpeed.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            partial(
-                lr_factor,
-                warmup_steps=cfg.lr_warmup_steps,
-                max_steps=cfg.max_steps,
-                schedule=cfg.lr_schedule,
-                min_ratio=cfg.min_lr_ratio,
-            ),
+        # The schedule is a function of the step, stepped here once per optimizer step; it is not handed to
+        # accelerate (whose wrapper would step it once per process) nor to DeepSpeed.
+        self.lr_factor = partial(
+            lr_factor,
+            warmup_steps=cfg.lr_warmup_steps,
+            max_steps=cfg.max_steps,
+            schedule=cfg.lr_schedule,
+            min_ratio=cfg.min_lr_ratio,
         )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         self.optimizer = optimizer
         self.engine, _ = accelerator.prepare(transformer, optimizer)
         self.zero_stage = self.engine.zero_optimization_stage()
@@ -601,7 +600,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {
                 "step": step,
-                "scheduler": self.scheduler.state_dict(),
+                "lr": self.optimizer.param_groups[0]["lr"],
                 "config": _jsonable(asdict(self.cfg)),
                 "adapter_meta": asdict(self.meta),
                 "world_size": self.accelerator.num_processes,
@@ -618,17 +617,21 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> int:
-        """Restore weights, optimizer, schedule and step from a checkpoint; returns the step to continue from."""
+        """Restore weights, optimizer state and step from a checkpoint; returns the step to continue from.
+
+        The learning rate is the schedule of this run's settings at that step (so a resumed run may extend
+        ``max_steps``); with unchanged settings the run continues exactly as if never stopped.
+        """
         state = json.loads((path / TRAINER_STATE_FILE).read_text())
         loaded, _ = self.engine.load_checkpoint(
             str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
         )
         if loaded is None:
             raise TrainingError(f"{path}: no DeepSpeed state under tag {DEEPSPEED_TAG!r}")
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr
         self.step = int(state["step"])
+        self.scheduler.last_epoch = self.step
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.lr_factor(self.step)
         return self.step
 
 
