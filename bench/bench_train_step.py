@@ -98,12 +98,14 @@ def random_batch(position: int, shape: tuple[int, int, int, int], text_dim: int,
 
 
 def peak_gib(device: torch.device) -> tuple[float, float]:
+    """Peak allocated and reserved GPU memory (GiB) since the process started; NaN on CPU."""
     if device.type != "cuda":
         return float("nan"), float("nan")
     return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
 
 
 def table(rows: list[dict]) -> str:
+    """Rows of equal keys as an aligned text table."""
     keys = list(rows[0])
     widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
     lines = [" | ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))]
@@ -295,6 +297,7 @@ def run_attention(args, config: dict, shape) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Run the chosen mode at the chosen size."""
     config, shape = (REAL, REAL_SHAPE) if args.real_size else (TINY, TINY_SHAPE)
     cfg = TrainConfig(
         lora_rank=64,

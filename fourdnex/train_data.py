@@ -149,6 +149,7 @@ class LatentCache:
         self.items = self._read_manifest()
 
     def _read_manifest(self) -> list[dict]:
+        """The manifest's clips (id and the files training reads); a bad line is named."""
         path = self.root / MANIFEST_FILE
         if not path.is_file():
             raise CacheError(f"{path}: missing (the list of cached clips)")

@@ -129,6 +129,7 @@ class TrainConfig:
 
     @property
     def num_latent_frames(self) -> int:
+        """Latent frames of ``num_frames`` video frames."""
         return (self.num_frames - 1) // 4 + 1
 
     def validate(self) -> None:
@@ -253,6 +254,7 @@ class Batch:
     sigmas: torch.Tensor  # (B,) in (0, 1)
 
     def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device``."""
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
 
@@ -516,6 +518,7 @@ class Trainer:
 
     @property
     def module(self) -> nn.Module:
+        """The transformer inside the DeepSpeed engine."""
         return self.engine.module
 
     def train_step(self, micro_batches: list[Batch], sync_timings: bool = False) -> StepMetrics:
