@@ -70,7 +70,7 @@ import math
 import re
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +135,6 @@ class PreparedClip:
     number: int
     source_frames: int
     reader: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def prompt(self) -> str:
