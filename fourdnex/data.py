@@ -68,8 +68,9 @@ import hashlib
 import json
 import math
 import re
+import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,6 @@ class PreparedClip:
     number: int
     source_frames: int
     reader: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def prompt(self) -> str:
@@ -243,8 +243,11 @@ def _read_images(folder: Path) -> np.ndarray:
         raise ClipError(f"image folder {folder} holds no images")
     frames = []
     for f in files:
-        with Image.open(f) as im:
-            frames.append(np.asarray(im.convert("RGB")))
+        try:
+            with Image.open(f) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise ClipError(f"cannot read image {f}: {err}") from err
     if len({f.shape for f in frames}) != 1:
         raise ClipError(f"images in {folder} differ in size")
     return np.stack(frames)
@@ -269,10 +272,10 @@ def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             if missing:
                 raise ClipError(f"{path} lacks {missing} (has {npz.files})")
             return {k: npz[k] for k in keys}
-    except (OSError, ValueError, EOFError) as err:
-        if isinstance(err, ClipError):
-            raise
-        raise ClipError(f"cannot read {path}: {err}") from err
+    except ClipError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ClipError(f"cannot read {path}: {type(err).__name__}: {err}") from err
 
 
 def _intrinsics(value: np.ndarray, frames: int, height: int, width: int, path: Path) -> np.ndarray:

@@ -267,18 +267,21 @@ def test_broken_clips_are_recorded_and_the_rest_built(tree, encoders, tmp_path):
     np.savez(npz, **arrays)
     caption_file = data_dir / "caption" / "static_1_with_caption_upload.csv"
     caption_file.write_text("number,caption\n")
+    truncated = data_dir / "static" / "static_2" / "10004.npz"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
     out = tmp_path / "cache"
     summary = build(_config(data_dir, out), encoders, show_progress=False)
-    assert summary.done == 2 and summary.failed == 4 and summary.merged
-    assert "4 failed" in summary.line()
+    assert summary.done == 1 and summary.failed == 5 and summary.merged
+    assert "5 failed" in summary.line()
     failures = {json.loads(line)["id"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").open()}
     assert re.search("cannot open video .*10000.mp4", failures["dynamic/dynamic_1/10000_0-7"])
     assert "missing ['frame_0003.npy']" in failures["dynamic/dynamic_2/10001_1-8"]
     assert "NaN" in failures[f"dynamic/dynamic_3/{NATIVE}"] and "frame 4" in failures[f"dynamic/dynamic_3/{NATIVE}"]
     assert "no caption for number 10003" in failures["static/static_1/10003"]
-    assert len(_records(out)) == 2
+    assert "cannot read" in failures["static/static_2/10004"] and "10004.npz" in failures["static/static_2/10004"]
+    assert [r["id"] for r in _records(out)] == ["dynamic/dynamic_3/10002"]
     again = build(_config(data_dir, out), encoders, show_progress=False)
-    assert again.processed == 0 and again.failed_now == 0 and again.failed == 4
+    assert again.processed == 0 and again.failed_now == 0 and again.failed == 5
 
 
 def test_cli_user_errors_are_one_line(single, tree):
