@@ -680,7 +680,9 @@ def train(cfg: TrainConfig) -> Path | None:
     cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width)
     model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
     if not (Path(model_path) / "transformer" / "config.json").is_file():
-        raise TrainingError(f"model folder {model_path} has no transformer/config.json")
+        raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
+    if cfg.validation_steps and not Path(cfg.validation_image).is_file():
+        raise TrainingError(f"validation image {cfg.validation_image} does not exist")
     deepspeed_config(cfg)  # refuse a bad DeepSpeed json before loading anything
     output_dir = Path(cfg.output_dir)
     resume = None
