@@ -1,0 +1,211 @@
+"""Cameras and depth from a pointmap video: per-frame pinhole K, camera-to-world pose and per-pixel depth.
+
+Every pixel ``(u, v)`` of frame ``f`` holds a 3D point ``X``; a pinhole camera ``K, R, t`` (world-to-camera) sees it
+on its ray when ``Y = R X + t`` satisfies ``Y_xy = Y_z * ((u - cx) / fx, (v - cy) / fy)``. The fit:
+
+1. closed form, per frame: a normalized DLT of the projection matrix from a subsample of pixels, RQ-decomposed into
+   K, R, t; frames whose points are (nearly) coplanar, where the DLT is ill-posed, get their pose from the
+   plane-to-image homography under the K of the other frames (or, if every frame is planar, a K from the plane);
+2. a short robust Levenberg-Marquardt refinement of all frames jointly (shared or per-frame K, all poses) on the
+   residual ``r = Y_xy - Y_z * ray_xy``, with Huber weights;
+3. per pixel: depth ``Y_z``, the registered point (the pixel's ray at that depth, in world) and the residual
+   ``|r|``, the distance between that point and the input point (a per-pixel confidence, in pointmap units).
+
+The world frame is the pointmap's own: cameras come out in the units of the input (scale is not observable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RegistrationConfig
+from .geometry import (
+    camera_rays,
+    decompose_projection,
+    dlt_projection,
+    focal_from_plane,
+    intrinsics,
+    invert_rigid,
+    pixel_grid,
+    plane_pose,
+    planarity,
+    rigid,
+    so3_exp,
+)
+
+
+@dataclass
+class Registration:
+    """The fitted scene; poses in the pointmap's frame, OpenCV axes."""
+
+    K: torch.Tensor  # (F, 3, 3)
+    cam2world: torch.Tensor  # (F, 4, 4)
+    depth: torch.Tensor  # (F, H, W) camera-frame z
+    points: torch.Tensor  # (F, H, W, 3) each pixel's ray at its depth, in world
+    residual: torch.Tensor  # (F, H, W) distance from the registered to the input point
+    planar: torch.Tensor  # (F,) bool, frames posed through the plane fallback
+    info: dict = field(default_factory=dict)
+
+
+def sample_pixels(height: int, width: int, count: int, seed: int = 0, device=None) -> torch.Tensor:
+    """About ``count`` flat pixel indices ``(N,)``: one random pixel in each cell of a regular grid."""
+    step = max(1.0, math.sqrt(height * width / count))
+    rows, cols = max(1, int(height / step)), max(1, int(width / step))
+    g = torch.Generator().manual_seed(seed)
+    i = ((torch.arange(rows)[:, None] + torch.rand(rows, cols, generator=g)) * height / rows).long().clamp_max(height - 1)
+    j = ((torch.arange(cols)[None, :] + torch.rand(rows, cols, generator=g)) * width / cols).long().clamp_max(width - 1)
+    return (i * width + j).flatten().to(device)
+
+
+def _residuals(R: torch.Tensor, t: torch.Tensor, k: torch.Tensor, uv: torch.Tensor, X: torch.Tensor):
+    """Camera points ``Y (F, N, 3)``, ray slopes ``a, b (F, N)`` and residuals ``(F, N, 2)``; ``k (F or 1, 4)`` is fx, fy, cx, cy."""
+    Y = X @ R.transpose(-1, -2) + t[:, None]
+    a = ((uv[..., 0] - k[:, 2:3]) / k[:, 0:1]).expand_as(Y[..., 0])
+    b = ((uv[..., 1] - k[:, 3:4]) / k[:, 1:2]).expand_as(Y[..., 0])
+    r = torch.stack([Y[..., 0] - Y[..., 2] * a, Y[..., 1] - Y[..., 2] * b], dim=-1)
+    return Y, a, b, r
+
+
+def _jacobians(Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d residual / d (rotation, translation) ``(F, N, 2, 6)`` for ``Y -> Y + w x Y + dt``, and d residual / d
+    (fx, fy, cx, cy) ``(F, N, 2, 4)``."""
+    x, y, z = Y.unbind(-1)
+    zero, one = torch.zeros_like(z), torch.ones_like(z)
+    row_x = [-a * y, z + a * x, -y, one, zero, -a]  # r_x = Y_x - a Y_z
+    row_y = [-z - b * y, b * x, x, zero, one, -b]  # r_y = Y_y - b Y_z
+    J_pose = torch.stack([torch.stack(row_x, -1), torch.stack(row_y, -1)], dim=-2)
+    fx, fy = k[:, 0:1], k[:, 1:2]
+    J_k = torch.stack(
+        [torch.stack([z * a / fx, zero, z / fx, zero], -1), torch.stack([zero, z * b / fy, zero, z / fy], -1)], dim=-2
+    )
+    return J_pose, J_k
+
+
+def _huber_weights(r: torch.Tensor, k: float) -> torch.Tensor:
+    """IRLS weights ``(F, N)`` of the Huber loss on residual norms, with a robust (median) scale."""
+    norm = r.norm(dim=-1)
+    scale = (1.4826 * norm.median()).clamp_min(1e-7)
+    return (k * scale / norm.clamp_min(1e-30)).clamp_max(1.0)
+
+
+def _lm_step(J_pose, J_k, r, w, lam, refine_k, shared):
+    """Solve the damped normal equations; returns pose updates ``(F, 6)`` and intrinsics updates ``(F or 1, 4)``."""
+    Jw = J_pose * w[..., None, None]
+    Hpp = torch.einsum("fnri,fnrj->fij", Jw, J_pose)
+    gp = -torch.einsum("fnri,fnr->fi", Jw, r)
+
+    def damp(H: torch.Tensor) -> torch.Tensor:
+        return H + lam * torch.diag_embed(H.diagonal(dim1=-2, dim2=-1))
+
+    if not refine_k:
+        return torch.linalg.solve(damp(Hpp), gp), None
+    Hpk = torch.einsum("fnri,fnrj->fij", Jw, J_k)
+    Hkk = torch.einsum("fnri,fnrj->fij", J_k * w[..., None, None], J_k)
+    gk = -torch.einsum("fnri,fnr->fi", J_k * w[..., None, None], r)
+    if shared:  # eliminate the poses (Schur complement), solve the 4 shared unknowns, back-substitute
+        A = torch.linalg.solve(damp(Hpp), torch.cat([Hpk, gp[..., None]], dim=-1))  # (F, 6, 5)
+        S = damp(Hkk.sum(0)) - (Hpk.transpose(-1, -2) @ A[..., :4]).sum(0)
+        dk = torch.linalg.solve(S, gk.sum(0) - (Hpk.transpose(-1, -2) @ A[..., 4:]).sum(0)[:, 0])
+        return A[..., 4] - A[..., :4] @ dk, dk[None]
+    H = torch.cat([torch.cat([Hpp, Hpk], -1), torch.cat([Hpk.transpose(-1, -2), Hkk], -1)], -2)
+    d = torch.linalg.solve(damp(H), torch.cat([gp, gk], -1))
+    return d[:, :6], d[:, 6:]
+
+
+def _initialize(uv: torch.Tensor, X: torch.Tensor, size: tuple[int, int], config: RegistrationConfig):
+    """Closed-form cameras: intrinsics ``(F or 1, 4)``, ``R (F, 3, 3)``, ``t (F, 3)``, planar mask ``(F,)``, refine-K flag."""
+    height, width = size
+    frames = X.shape[0]
+    planar = planarity(X) < config.planar_threshold
+    general = ~planar
+    if general.any():
+        K_dlt, R_dlt, t_dlt = decompose_projection(dlt_projection(uv, X[general]))
+        k_dlt = torch.stack([K_dlt[:, 0, 0], K_dlt[:, 1, 1], K_dlt[:, 0, 2], K_dlt[:, 1, 2]], -1)
+        k_all = k_dlt.median(dim=0).values.expand(frames, 4).clone()
+        if not config.shared_intrinsics:
+            k_all[general] = k_dlt
+    else:
+        center = torch.tensor([width / 2, height / 2], dtype=X.dtype, device=X.device)
+        focal = focal_from_plane(uv, X, center)
+        focal = focal[focal.isfinite() & (focal > 0.05 * width) & (focal < 20 * width)]
+        f = focal.median() if len(focal) else torch.tensor(config.default_focal * width, dtype=X.dtype, device=X.device)
+        k_all = torch.stack([f, f, center[0], center[1]]).expand(frames, 4).clone()
+    K = intrinsics(*k_all.unbind(-1))
+    R, t = plane_pose(uv, X, K)
+    if general.any():
+        R[general], t[general] = R_dlt, t_dlt
+    k = k_all[:1] if config.shared_intrinsics else k_all
+    return k, R, t, planar, bool(general.any())
+
+
+def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Fit cameras to a pointmap video ``(F, H, W, 3)`` from a pixel subsample.
+
+    Returns ``K (F, 3, 3)``, world-to-camera ``(F, 4, 4)`` and a dict of diagnostics (float64, on ``xyz``'s device).
+    """
+    config = config or RegistrationConfig()
+    config.validate()
+    frames, height, width, _ = xyz.shape
+    index = sample_pixels(height, width, config.samples, config.seed, xyz.device)
+    uv = pixel_grid(height, width, torch.float64, xyz.device).reshape(-1, 2)[index]  # (N, 2)
+    X = xyz.reshape(frames, -1, 3)[:, index].double()  # (F, N, 3)
+    stride = max(1, len(index) // config.init_samples)
+    k, R, t, planar, refine_k = _initialize(uv[::stride], X[:, ::stride], (height, width), config)
+
+    _, _, _, r = _residuals(R, t, k, uv, X)
+    w = _huber_weights(r, config.huber)
+    cost = (w * r.square().sum(-1)).sum()
+    lam, history, steps = 1e-3, [float(cost)], 0
+    for _ in range(config.iterations):
+        Y, a, b, r = _residuals(R, t, k, uv, X)
+        J_pose, J_k = _jacobians(Y, a, b, k)
+        while lam < 1e10:
+            d_pose, d_k = _lm_step(J_pose, J_k, r, w, lam, refine_k, config.shared_intrinsics)
+            rot = so3_exp(d_pose[:, :3])
+            R_new, t_new = rot @ R, (rot @ t[..., None])[..., 0] + d_pose[:, 3:]
+            k_new = k + d_k if d_k is not None else k
+            _, _, _, r_new = _residuals(R_new, t_new, k_new, uv, X)
+            cost_new = (w * r_new.square().sum(-1)).sum()
+            if cost_new <= cost:
+                break
+            lam *= 10
+        else:
+            break
+        steps += 1
+        converged = cost - cost_new <= 1e-6 * cost
+        R, t, k, lam = R_new, t_new, k_new, max(lam / 10, 1e-9)
+        w = _huber_weights(r_new, config.huber)
+        cost = (w * r_new.square().sum(-1)).sum()
+        history.append(float(cost))
+        if converged:
+            break
+    K = intrinsics(*k.expand(frames, 4).unbind(-1))
+    info = {"lm_steps": steps, "cost": history, "planar_frames": planar.nonzero().flatten().tolist(), "samples": len(index)}
+    return K, rigid(R, t), info
+
+
+def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk: int = 8) -> Registration:
+    """Cameras, depth, registered points and residuals of a pointmap video ``xyz (F, H, W, 3)`` (any float dtype,
+    any device; outputs are float32 on the same device)."""
+    if xyz.dim() != 4 or xyz.shape[-1] != 3:
+        raise ValueError(f"xyz must be (F, H, W, 3), got {tuple(xyz.shape)}")
+    K64, world2cam64, info = fit_cameras(xyz, config)
+    K, world2cam, cam2world = K64.float(), world2cam64.float(), invert_rigid(world2cam64).float()
+    frames, height, width, _ = xyz.shape
+    uv = pixel_grid(height, width, torch.float32, xyz.device)
+    depth = xyz.new_empty((frames, height, width), dtype=torch.float32)
+    points = xyz.new_empty((frames, height, width, 3), dtype=torch.float32)
+    residual = torch.empty_like(depth)
+    for s in range(0, frames, chunk):
+        R, t = world2cam[s : s + chunk, :3, :3], world2cam[s : s + chunk, :3, 3]
+        Y = xyz[s : s + chunk].float() @ R[:, None].transpose(-1, -2) + t[:, None, None]  # (f, H, W, 3) camera frame
+        on_ray = camera_rays(uv, K[s : s + chunk]) * Y[..., 2:]
+        depth[s : s + chunk] = Y[..., 2]
+        residual[s : s + chunk] = (Y - on_ray).norm(dim=-1)
+        points[s : s + chunk] = (on_ray - t[:, None, None]) @ R[:, None]  # back to world: R^T (y - t)
+    planar = torch.zeros(frames, dtype=torch.bool, device=xyz.device)
+    planar[info["planar_frames"]] = True
+    return Registration(K, cam2world, depth, points, residual, planar, info)
