@@ -52,7 +52,7 @@ def transform_points(transform: torch.Tensor, points: torch.Tensor) -> torch.Ten
 
 
 def unproject(depth: torch.Tensor, K: torch.Tensor, cam2world: torch.Tensor) -> torch.Tensor:
-    """World points ``(F, H, W, 3)`` of depths ``(F, H, W)`` seen by cameras ``K (F, 3, 3)``, ``cam2world (F, 4, 4)``."""
+    """World points ``(F, H, W, 3)`` of depths ``(F, H, W)`` seen by ``K (F, 3, 3)`` at ``cam2world (F, 4, 4)``."""
     _, height, width = depth.shape
     uv = pixel_grid(height, width, depth.dtype, depth.device)
     rays = camera_rays(uv, K)  # (F, H, W, 3), z = 1
@@ -60,7 +60,7 @@ def unproject(depth: torch.Tensor, K: torch.Tensor, cam2world: torch.Tensor) -> 
 
 
 def camera_rays(uv: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """Camera-frame rays with ``z = 1``: pixels ``(..., 2)`` (broadcast against frames) and ``K (F, 3, 3)`` -> ``(F, ..., 3)``."""
+    """Camera-frame rays with ``z = 1``: pixels ``(..., 2)`` (no frame axis) and ``K (F, 3, 3)`` -> ``(F, ..., 3)``."""
     extra = (1,) * (uv.dim() - 1)
     fx, fy = K[:, 0, 0].view(-1, *extra), K[:, 1, 1].view(-1, *extra)
     cx, cy = K[:, 0, 2].view(-1, *extra), K[:, 1, 2].view(-1, *extra)
@@ -102,7 +102,12 @@ def rotation_angle_deg(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     """Angle in degrees ``(...)`` of the relative rotation between ``r1`` and ``r2`` ``(..., 3, 3)``."""
     m = r1.transpose(-1, -2) @ r2
     cos = (m.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    sin = torch.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1).norm(dim=-1) / 2
+    sin = (
+        torch.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1).norm(
+            dim=-1
+        )
+        / 2
+    )
     return torch.rad2deg(torch.atan2(sin, cos))
 
 
@@ -113,14 +118,42 @@ def rotation_to_quaternion(r: torch.Tensor) -> torch.Tensor:
     # Four candidate formulas; each is exact, the one with the largest denominator is the stable one.
     cands = torch.stack(
         [
-            torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1),
-            torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + 2 * m[..., 0, 0] - trace, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1),
-            torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 + 2 * m[..., 1, 1] - trace, m[..., 1, 2] + m[..., 2, 1]], -1),
-            torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 + 2 * m[..., 2, 2] - trace], -1),
+            torch.stack(
+                [1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1
+            ),
+            torch.stack(
+                [
+                    m[..., 2, 1] - m[..., 1, 2],
+                    1 + 2 * m[..., 0, 0] - trace,
+                    m[..., 0, 1] + m[..., 1, 0],
+                    m[..., 0, 2] + m[..., 2, 0],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    m[..., 0, 2] - m[..., 2, 0],
+                    m[..., 0, 1] + m[..., 1, 0],
+                    1 + 2 * m[..., 1, 1] - trace,
+                    m[..., 1, 2] + m[..., 2, 1],
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    m[..., 1, 0] - m[..., 0, 1],
+                    m[..., 0, 2] + m[..., 2, 0],
+                    m[..., 1, 2] + m[..., 2, 1],
+                    1 + 2 * m[..., 2, 2] - trace,
+                ],
+                -1,
+            ),
         ],
         dim=-2,
     )  # (..., 4 candidates, 4)
-    best = torch.stack([1 + trace, 1 + 2 * m[..., 0, 0] - trace, 1 + 2 * m[..., 1, 1] - trace, 1 + 2 * m[..., 2, 2] - trace], -1).argmax(-1)
+    best = torch.stack(
+        [1 + trace, 1 + 2 * m[..., 0, 0] - trace, 1 + 2 * m[..., 1, 1] - trace, 1 + 2 * m[..., 2, 2] - trace], -1
+    ).argmax(-1)
     q = torch.gather(cands, -2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
     q = q / q.norm(dim=-1, keepdim=True)
     return torch.where(q[..., :1] < 0, -q, q)
@@ -189,9 +222,10 @@ def rq3(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decompose_projection(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``P (F, 3, 4)`` -> ``K (F, 3, 3)`` (positive diagonal, ``K[2, 2] = 1``), world-to-camera ``R (F, 3, 3)``, ``t (F, 3)``.
+    """``P (F, 3, 4)`` -> ``K (F, 3, 3)`` (positive diagonal, ``K[2, 2] = 1``), world-to-camera ``R (F, 3, 3)``,
+    ``t (F, 3)``.
 
-    The overall sign of ``P`` is chosen so that ``R`` is a rotation; the caller checks that points lie in front.
+    The overall sign of ``P`` is chosen so that ``R`` is a rotation (a mirrored pointmap has points behind).
     """
     P = P * torch.sign(torch.det(P[:, :, :3]))[:, None, None]
     k, r = rq3(P[:, :, :3])
@@ -258,7 +292,9 @@ def focal_from_plane(uv: torch.Tensor, points: torch.Tensor, principal_point: to
     plane = (points - center[:, None]) @ axes[:, :2].transpose(-1, -2)
     H = homography(plane, uv.expand(points.shape[0], -1, -1) - principal_point)
     h1, h2 = H[:, :, 0], H[:, :, 1]
-    a = torch.stack([h1[:, 0] * h2[:, 0] + h1[:, 1] * h2[:, 1], h1[:, :2].square().sum(-1) - h2[:, :2].square().sum(-1)], -1)
+    a = torch.stack(
+        [h1[:, 0] * h2[:, 0] + h1[:, 1] * h2[:, 1], h1[:, :2].square().sum(-1) - h2[:, :2].square().sum(-1)], -1
+    )
     b = torch.stack([h1[:, 2] * h2[:, 2], h1[:, 2].square() - h2[:, 2].square()], -1)
     w = -(a * b).sum(-1) / a.square().sum(-1).clamp_min(1e-30)  # 1 / f^2, least squares over both constraints
     return torch.where(w > 0, w.clamp_min(1e-30).rsqrt(), torch.full_like(w, float("inf")))

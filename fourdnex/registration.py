@@ -30,8 +30,8 @@ from .geometry import (
     intrinsics,
     invert_rigid,
     pixel_grid,
-    plane_pose,
     planarity,
+    plane_pose,
     rigid,
     so3_exp,
 )
@@ -55,13 +55,17 @@ def sample_pixels(height: int, width: int, count: int, seed: int = 0, device=Non
     step = max(1.0, math.sqrt(height * width / count))
     rows, cols = max(1, int(height / step)), max(1, int(width / step))
     g = torch.Generator().manual_seed(seed)
-    i = ((torch.arange(rows)[:, None] + torch.rand(rows, cols, generator=g)) * height / rows).long().clamp_max(height - 1)
+    i = (
+        ((torch.arange(rows)[:, None] + torch.rand(rows, cols, generator=g)) * height / rows)
+        .long()
+        .clamp_max(height - 1)
+    )
     j = ((torch.arange(cols)[None, :] + torch.rand(rows, cols, generator=g)) * width / cols).long().clamp_max(width - 1)
     return (i * width + j).flatten().to(device)
 
 
 def _residuals(R: torch.Tensor, t: torch.Tensor, k: torch.Tensor, uv: torch.Tensor, X: torch.Tensor):
-    """Camera points ``Y (F, N, 3)``, ray slopes ``a, b (F, N)`` and residuals ``(F, N, 2)``; ``k (F or 1, 4)`` is fx, fy, cx, cy."""
+    """Camera points ``Y (F, N, 3)``, ray slopes ``a, b (F, N)``, residuals ``(F, N, 2)``; ``k``: fx fy cx cy."""
     Y = X @ R.transpose(-1, -2) + t[:, None]
     a = ((uv[..., 0] - k[:, 2:3]) / k[:, 0:1]).expand_as(Y[..., 0])
     b = ((uv[..., 1] - k[:, 3:4]) / k[:, 1:2]).expand_as(Y[..., 0])
@@ -116,7 +120,7 @@ def _lm_step(J_pose, J_k, r, w, lam, refine_k, shared):
 
 
 def _initialize(uv: torch.Tensor, X: torch.Tensor, size: tuple[int, int], config: RegistrationConfig):
-    """Closed-form cameras: intrinsics ``(F or 1, 4)``, ``R (F, 3, 3)``, ``t (F, 3)``, planar mask ``(F,)``, refine-K flag."""
+    """Closed form: intrinsics ``(F|1, 4)``, ``R (F, 3, 3)``, ``t (F, 3)``, planar mask ``(F,)``, refine-K flag."""
     height, width = size
     frames = X.shape[0]
     planar = planarity(X) < config.planar_threshold
@@ -183,7 +187,12 @@ def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> 
         if converged:
             break
     K = intrinsics(*k.expand(frames, 4).unbind(-1))
-    info = {"lm_steps": steps, "cost": history, "planar_frames": planar.nonzero().flatten().tolist(), "samples": len(index)}
+    info = {
+        "lm_steps": steps,
+        "cost": history,
+        "planar_frames": planar.nonzero().flatten().tolist(),
+        "samples": len(index),
+    }
     return K, rigid(R, t), info
 
 

@@ -50,14 +50,21 @@ def trajectory(num_frames: int, arc_deg: float = 40.0, radius: float = 4.5, seed
     s = torch.linspace(0.0, 1.0, num_frames, dtype=torch.float64)
     angle = math.radians(arc_deg) * (s - 0.5) + phase[0] * 0.2
     r = radius - 0.6 * torch.sin(math.pi * s)
-    eye = torch.stack([r * torch.sin(angle), 1.7 + 0.3 * torch.sin(2 * math.pi * s + phase[1]), -r * torch.cos(angle)], -1)
+    eye = torch.stack(
+        [r * torch.sin(angle), 1.7 + 0.3 * torch.sin(2 * math.pi * s + phase[1]), -r * torch.cos(angle)], -1
+    )
     target = torch.stack([0.3 * torch.sin(math.pi * s), 0.6 + 0.1 * s, 0.2 * s], -1)
     roll = torch.deg2rad(4.0 * torch.sin(2 * math.pi * s + phase[2]))
     return look_at(eye, target, roll)
 
 
 def camera_intrinsics(
-    num_frames: int, height: int, width: int, focal: float = 1.0, zoom: float = 0.0, offset: tuple[float, float] = (0.03, -0.04)
+    num_frames: int,
+    height: int,
+    width: int,
+    focal: float = 1.0,
+    zoom: float = 0.0,
+    offset: tuple[float, float] = (0.03, -0.04),
 ) -> torch.Tensor:
     """``K (F, 3, 3)``: ``fx = focal * W`` (``fy`` 2 % larger), the principal point ``offset`` (fractions of W, H) off
     the center; ``zoom`` > 0 scales the focal length linearly by up to ``1 + zoom`` over the clip."""
@@ -137,8 +144,8 @@ def normalize_like_inference(points: torch.Tensor, cam2world: torch.Tensor) -> t
 
 
 def perturb(xyz: torch.Tensor, noise: float, warp: float, seed: int = 0) -> torch.Tensor:
-    """A generator-like corruption of a normalized pointmap ``(F, H, W, 3)``: i.i.d. Gaussian noise of std ``noise`` plus
-    a smooth warp (low-frequency sinusoids over image and time) of amplitude ``warp``; both in pointmap units."""
+    """A generator-like corruption of a normalized pointmap ``(F, H, W, 3)``: i.i.d. Gaussian noise of std ``noise``
+    plus a smooth warp (low-frequency sinusoids over image and time) of amplitude ``warp``; both in pointmap units."""
     g = torch.Generator().manual_seed(seed)
     frames, height, width, _ = xyz.shape
     out = xyz + noise * torch.randn(xyz.shape, generator=g, dtype=xyz.dtype)
