@@ -24,8 +24,7 @@ from tqdm import tqdm
 from fourdnex import __version__
 from fourdnex.config import RegistrationConfig
 from fourdnex.export import DEPTH_FORMATS, EXPORTS, export_all
-from fourdnex.io import write_json, write_npz
-from fourdnex.pointmap import ResultError, find_results, load_result
+from fourdnex.pointmap import ResultError, find_results, load_result, registration_path, save_registration
 from fourdnex.registration import register
 
 
@@ -74,7 +73,7 @@ def main(args: argparse.Namespace) -> None:
     for path in tqdm(files, desc="registering"):
         result = load_result(path)
         index = _frames(len(result.xyz), args.start_frame, args.end_frame, args.frame_gap, path)
-        out_dir = Path(args.out_dir) if args.out_dir else path.parent
+        out_dir = Path(args.out_dir or path.parent)
         out_dir.mkdir(parents=True, exist_ok=True)
         xyz = torch.from_numpy(result.xyz[index]).to(device)
         if device.type == "cuda":
@@ -92,7 +91,6 @@ def main(args: argparse.Namespace) -> None:
             "residual": reg.residual,
         }
         arrays = {k: v.cpu().numpy() for k, v in arrays.items()} | {"frame_index": index}
-        write_npz(out_dir / f"{path.stem}_reg.npz", **arrays)
         meta = {
             "source": str(path),
             "frames": {"start": args.start_frame, "end": args.end_frame, "gap": args.frame_gap, "count": len(index)},
@@ -106,7 +104,7 @@ def main(args: argparse.Namespace) -> None:
             "axes": "opencv, camera-to-world, in the pointmap's frame and units",
             "version": __version__,
         }
-        write_json(out_dir / f"{path.stem}_reg.json", meta)
+        save_registration(registration_path(path, out_dir), arrays, meta)
         if args.export:
             export_all(
                 out_dir / f"{path.stem}_export",

@@ -212,3 +212,53 @@ def _load_legacy(path: Path) -> Result:
     xyz = pcd.reshape(frames, height, width, 3) * 2 - 1
     rgb8 = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
     return Result(rgb8, xyz, path=path)
+
+
+#: The arrays of a registration output ``NNNNN_reg.npz`` (pm_registration.py), with their shapes.
+REGISTRATION_ARRAYS = {
+    "K": "(F, 3, 3)",
+    "cam2world": "(F, 4, 4) OpenCV axes",
+    "depth": "(F, H, W)",
+    "points": "(F, H, W, 3)",
+    "residual": "(F, H, W)",
+    "frame_index": "(F,) frame numbers in the result",
+}
+
+
+def registration_path(result_path: str | Path, folder: str | Path | None = None) -> Path:
+    """Where the registration of a result is written: ``NNNNN_reg.npz`` in ``folder`` (default: beside it)."""
+    result_path = Path(result_path)
+    return Path(folder or result_path.parent) / f"{result_path.stem}_reg.npz"
+
+
+def save_registration(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write a registration's arrays (see :data:`REGISTRATION_ARRAYS`) and its ``.json`` settings atomically."""
+    path = Path(path)
+    write_npz(path, **{name: arrays[name] for name in REGISTRATION_ARRAYS})
+    write_json(path.with_suffix(".json"), meta)
+
+
+def load_registration(path: str | Path) -> dict[str, np.ndarray]:
+    """Read and check a registration output; raises ResultError naming what is wrong."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in REGISTRATION_ARRAYS if name in data.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise ResultError(f"{path}: not a readable registration file ({err})") from err
+    missing = set(REGISTRATION_ARRAYS) - set(arrays)
+    if missing:
+        raise ResultError(f"{path}: missing arrays {sorted(missing)}")
+    frames, height, width = arrays["depth"].shape if arrays["depth"].ndim == 3 else (-1, -1, -1)
+    expected = {
+        "K": (frames, 3, 3),
+        "cam2world": (frames, 4, 4),
+        "depth": (frames, height, width),
+        "points": (frames, height, width, 3),
+        "residual": (frames, height, width),
+        "frame_index": (frames,),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ResultError(f"{path}: {name} must be {REGISTRATION_ARRAYS[name]}, got {arrays[name].shape}")
+    return arrays
