@@ -96,7 +96,9 @@ def _huber_weights(r: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def _lm_step(J_pose, J_k, r, w, lam, refine_k, shared):
-    """Solve the damped normal equations; returns pose updates ``(F, 6)`` and intrinsics updates ``(F or 1, 4)``."""
+    """Solve the damped normal equations; returns pose updates ``(F, 6)`` and intrinsics updates ``(F or 1, 4)``.
+
+    Frames whose ``J_k`` is zero (planar frames) leave their own intrinsics as they are in the per-frame mode."""
     Jw = J_pose * w[..., None, None]
     Hpp = torch.einsum("fnri,fnrj->fij", Jw, J_pose)
     gp = -torch.einsum("fnri,fnr->fi", Jw, r)
@@ -114,6 +116,8 @@ def _lm_step(J_pose, J_k, r, w, lam, refine_k, shared):
         S = damp(Hkk.sum(0)) - (Hpk.transpose(-1, -2) @ A[..., :4]).sum(0)
         dk = torch.linalg.solve(S, gk.sum(0) - (Hpk.transpose(-1, -2) @ A[..., 4:]).sum(0)[:, 0])
         return A[..., 4] - A[..., :4] @ dk, dk[None]
+    frozen = (Hkk.diagonal(dim1=-2, dim2=-1).sum(-1) == 0).to(Hkk.dtype)  # (F,)
+    Hkk = Hkk + frozen[:, None, None] * torch.eye(4, dtype=Hkk.dtype, device=Hkk.device)
     H = torch.cat([torch.cat([Hpp, Hpk], -1), torch.cat([Hpk.transpose(-1, -2), Hkk], -1)], -2)
     d = torch.linalg.solve(damp(H), torch.cat([gp, gk], -1))
     return d[:, :6], d[:, 6:]
@@ -139,8 +143,13 @@ def _initialize(uv: torch.Tensor, X: torch.Tensor, size: tuple[int, int], config
         k_all = torch.stack([f, f, center[0], center[1]]).expand(frames, 4).clone()
     K = intrinsics(*k_all.unbind(-1))
     R, t = plane_pose(uv, X, K)
-    if general.any():
-        R[general], t[general] = R_dlt, t_dlt
+    if general.any():  # keep the plane pose where it fits better (a noisy plane can pass the planarity test)
+        k = k_all[general]
+        _, _, _, r_dlt = _residuals(R_dlt, t_dlt, k, uv, X[general])
+        _, _, _, r_plane = _residuals(R[general], t[general], k, uv, X[general])
+        better = r_dlt.norm(dim=-1).median(dim=1).values < r_plane.norm(dim=-1).median(dim=1).values
+        which = general.nonzero()[:, 0][better]
+        R[which], t[which] = R_dlt[better], t_dlt[better]
     k = k_all[:1] if config.shared_intrinsics else k_all
     return k, R, t, planar, bool(general.any())
 
@@ -166,6 +175,7 @@ def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> 
     for _ in range(config.iterations):
         Y, a, b, r = _residuals(R, t, k, uv, X)
         J_pose, J_k = _jacobians(Y, a, b, k)
+        J_k = J_k * ~planar[:, None, None, None]  # planar frames say little about K: the others fix it
         while lam < 1e10:
             d_pose, d_k = _lm_step(J_pose, J_k, r, w, lam, refine_k, config.shared_intrinsics)
             rot = so3_exp(d_pose[:, :3])

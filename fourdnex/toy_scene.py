@@ -65,14 +65,15 @@ def camera_intrinsics(
     focal: float = 1.0,
     zoom: float = 0.0,
     offset: tuple[float, float] = (0.03, -0.04),
+    aspect: float = 1.02,
 ) -> torch.Tensor:
-    """``K (F, 3, 3)``: ``fx = focal * W`` (``fy`` 2 % larger), the principal point ``offset`` (fractions of W, H) off
+    """``K (F, 3, 3)``: ``fx = focal * W``, ``fy = aspect * fx``, the principal point ``offset`` (fractions of W, H) off
     the center; ``zoom`` > 0 scales the focal length linearly by up to ``1 + zoom`` over the clip."""
     s = torch.linspace(0.0, 1.0, num_frames, dtype=torch.float64)
     fx = focal * width * (1 + zoom * s)
     cx = torch.full_like(fx, width * (0.5 + offset[0]))
     cy = torch.full_like(fx, height * (0.5 + offset[1]))
-    return intrinsics(fx, 1.02 * fx, cx, cy)
+    return intrinsics(fx, aspect * fx, cx, cy)
 
 
 def _ray_sphere(o: torch.Tensor, d: torch.Tensor, center: tuple, radius: float) -> torch.Tensor:
