@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import camera_rays, intrinsics, invert_rigid, pixel_grid, rigid, transform_points
+from .geometry import camera_rays, intrinsics, invert_rigid, pixel_grid, rigid, rotation_angle_deg, transform_points
 
 ROOM = ((-6.0, 0.0, -6.0), (6.0, 5.0, 6.0))
 SPHERES = (((0.0, 0.8, 0.0), 0.8), ((1.8, 0.5, 1.0), 0.5), ((-1.5, 0.6, -1.2), 0.6))
@@ -160,3 +160,51 @@ def perturb(xyz: torch.Tensor, noise: float, warp: float, seed: int = 0) -> torc
             field = torch.sin(2 * math.pi * freq[0] * x + phase[0]) * torch.cos(2 * math.pi * freq[1] * y + phase[1])
             out[..., axis] += warp * field * torch.cos(math.pi * freq[2] * s + phase[2])
     return out
+
+
+@dataclass
+class Truth:
+    """A pointmap as inference writes it and its ground-truth cameras, moved into the pointmap's frame."""
+
+    xyz: torch.Tensor  # (F, H, W, 3) float32 in [-1, 1]
+    K: torch.Tensor  # (F, 3, 3)
+    cam2world: torch.Tensor  # (F, 4, 4) rigid, OpenCV axes, in the pointmap's frame
+    depth: torch.Tensor  # (F, H, W) in pointmap units
+    rgb: torch.Tensor  # (F, H, W, 3) uint8
+
+    def frames(self, index) -> Truth:
+        """The truth of some frames only."""
+        return Truth(self.xyz[index], self.K[index], self.cam2world[index], self.depth[index], self.rgb[index])
+
+
+def truth_of(scene: ToyScene) -> Truth:
+    """Normalize a rendered scene like inference does and move its cameras into the same frame."""
+    xyz, similarity = normalize_like_inference(scene.points, scene.cam2world)
+    scale = similarity[:3, :3].norm(dim=0)[0]
+    cam2world = similarity[None] @ scene.cam2world
+    cam2world[:, :3, :3] /= scale
+    return Truth(xyz.float(), scene.K, cam2world, scene.depth * scale, scene.rgb)
+
+
+def make_truth(
+    frames: int = 5, height: int = 48, width: int = 64, focal: float = 1.0, zoom: float = 0.0, seed: int = 0, **kwargs
+) -> Truth:
+    """The toy scene along its default trajectory (``kwargs`` go to :func:`camera_intrinsics`), normalized."""
+    K = camera_intrinsics(frames, height, width, focal, zoom, **kwargs)
+    return truth_of(render(K, trajectory(frames, seed=seed), height, width))
+
+
+def camera_errors(truth: Truth, K: torch.Tensor, cam2world: torch.Tensor, depth: torch.Tensor) -> dict[str, float]:
+    """Errors of fitted cameras against the truth, worst over frames: ``focal`` (relative, fx and fy), ``principal``
+    (pixels), ``rotation`` (degrees), ``center`` (fraction of the pointmap's extent, 2); and ``depth``, the mean
+    relative depth error over all pixels."""
+    K, cam2world, depth = K.double().cpu(), cam2world.double().cpu(), depth.double().cpu()
+    diag = truth.K[:, [0, 1], [0, 1]]
+    errs = {
+        "focal": ((K[:, [0, 1], [0, 1]] - diag) / diag).abs().max(),
+        "principal": (K[:, :2, 2] - truth.K[:, :2, 2]).abs().max(),
+        "rotation": rotation_angle_deg(cam2world[:, :3, :3], truth.cam2world[:, :3, :3]).max(),
+        "center": (cam2world[:, :3, 3] - truth.cam2world[:, :3, 3]).norm(dim=-1).max() / 2,
+        "depth": ((depth - truth.depth) / truth.depth).abs().mean(),
+    }
+    return {k: float(v) for k, v in errs.items()}

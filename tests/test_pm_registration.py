@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 from plyfile import PlyData
-from reg_scenes import toy_truth
 
 from fourdnex.geometry import quaternion_to_rotation
 from fourdnex.pointmap import load_registration, save_result
+from fourdnex.toy_scene import make_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def listing(folder: Path) -> list[str]:
 def registered(tmp_path_factory):
     """A toy result registered once with every export (frames 0, 2, 4 of 5)."""
     folder = tmp_path_factory.mktemp("results")
-    truth = toy_truth(frames=5)
+    truth = make_truth(frames=5)
     save_result(folder, 0, truth.rgb.numpy(), truth.xyz.numpy(), {"prompt": "toy"})
     proc = run("pm_registration.py", "--pkl_dir", folder, "--device", "cpu", "--frame_gap", "2",
                "--export", "ply", "colmap", "nerfstudio", "depth")  # fmt: skip

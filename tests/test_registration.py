@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from reg_scenes import Truth, errors, make_truth, toy_truth
 
 from fourdnex import geometry, toy_scene
 from fourdnex.config import RegistrationConfig
 from fourdnex.fusion import sloped_plane
 from fourdnex.registration import register
+from fourdnex.toy_scene import camera_errors, make_truth, truth_of
 
 EXACT = {"focal": 1e-5, "principal": 1e-3, "rotation": 1e-3, "center": 1e-5, "depth": 1e-5}
 
@@ -37,9 +37,9 @@ def looking_down(eye: tuple, target: tuple) -> torch.Tensor:
 
 @pytest.mark.parametrize("focal", [0.6, 1.4])
 def test_noiseless_recovers_cameras_and_depth(focal):
-    truth = toy_truth(focal=focal)
+    truth = make_truth(focal=focal)
     reg = register(truth.xyz)
-    assert_within(errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
+    assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
     assert reg.residual.max() < 1e-5
     torch.testing.assert_close(reg.points, truth.xyz, atol=1e-5, rtol=0)
     frames, height, width, _ = truth.xyz.shape
@@ -48,15 +48,15 @@ def test_noiseless_recovers_cameras_and_depth(focal):
 
 
 def test_noisy_degrades_gracefully():
-    truth = toy_truth()
+    truth = make_truth()
     noisy = toy_scene.perturb(truth.xyz.double(), noise=0.01, warp=0.01).float()  # 0.5 % of the extent each
     reg = register(noisy)
-    errs = errors(truth, reg.K, reg.cam2world, reg.depth)
+    errs = camera_errors(truth, reg.K, reg.cam2world, reg.depth)
     assert_within(errs, {"focal": 0.01, "principal": 1.0, "rotation": 1.0, "center": 0.005, "depth": 0.03})
 
 
 def test_invariant_to_a_similarity_of_the_pointmap():
-    truth = toy_truth()
+    truth = make_truth()
     g = torch.Generator().manual_seed(1)
     Q = geometry.so3_exp(torch.randn(3, generator=g, dtype=torch.float64))
     scale, shift = 0.37, torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
@@ -72,11 +72,11 @@ def test_invariant_to_a_similarity_of_the_pointmap():
 
 
 def test_per_frame_intrinsics_follow_a_zoom():
-    truth = toy_truth(zoom=0.3)
+    truth = make_truth(zoom=0.3)
     per_frame = register(truth.xyz, RegistrationConfig(shared_intrinsics=False))
-    assert_within(errors(truth, per_frame.K, per_frame.cam2world, per_frame.depth), EXACT)
+    assert_within(camera_errors(truth, per_frame.K, per_frame.cam2world, per_frame.depth), EXACT)
     shared = register(truth.xyz)
-    assert errors(truth, shared.K, shared.cam2world, shared.depth)["focal"] > 0.05  # one K cannot fit a zoom
+    assert camera_errors(truth, shared.K, shared.cam2world, shared.depth)["focal"] > 0.05  # one K cannot fit a zoom
 
 
 def test_planar_first_frame_is_posed_from_the_others():
@@ -86,21 +86,21 @@ def test_planar_first_frame_is_posed_from_the_others():
     cam2world[0] = looking_down((0.3, 2.5, -3.5), (0.0, 0.0, -1.0))
     scene = toy_scene.render(K, cam2world, height, width)
     scene.depth[0], scene.points[0] = (x[0] for x in ground_view(K[:1], cam2world[:1], height, width))
-    truth = make_truth(scene)
+    truth = truth_of(scene)
     assert geometry.planarity(truth.xyz[:1].reshape(1, -1, 3).double())[0] < 1e-6
     reg = register(truth.xyz)
     assert reg.planar.tolist() == [True] + [False] * (frames - 1)
-    assert_within(errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
+    assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
 
 
 def test_sloped_plane_first_frame_does_not_disturb_the_others():
-    truth = toy_truth()
+    truth = make_truth()
     xyz = truth.xyz.clone()
     xyz[0] = sloped_plane(*xyz.shape[1:3]).permute(1, 2, 0)  # what the conditioning frame holds
     reg = register(xyz)
     assert reg.planar[0] and not reg.planar[1:].any()
-    rest = Truth(truth.xyz[1:], truth.K[1:], truth.cam2world[1:], truth.depth[1:], truth.rgb[1:])
-    assert_within(errors(rest, reg.K[1:], reg.cam2world[1:], reg.depth[1:]), EXACT)
+    rest = truth.frames(slice(1, None))
+    assert_within(camera_errors(rest, reg.K[1:], reg.cam2world[1:], reg.depth[1:]), EXACT)
     assert torch.isfinite(reg.cam2world[0]).all()
 
 
@@ -111,10 +111,10 @@ def test_all_planar_frames_get_a_focal_from_the_plane():
         [looking_down((0.3 + 0.3 * f, 2.5, -3.5), (0.0, 0.0, -1.0 + 0.2 * f)) for f in range(frames)]
     )
     depth, points = ground_view(K, cam2world, height, width)
-    truth = make_truth(toy_scene.ToyScene(K, cam2world, depth, points, torch.zeros(*depth.shape, 3, dtype=torch.uint8)))
+    truth = truth_of(toy_scene.ToyScene(K, cam2world, depth, points, torch.zeros(*depth.shape, 3, dtype=torch.uint8)))
     reg = register(truth.xyz)
     assert reg.planar.all()
-    assert_within(errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
+    assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
 
 
 def test_geometry_round_trips():

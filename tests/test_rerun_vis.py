@@ -5,15 +5,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from reg_scenes import toy_truth
 
 from fourdnex.pointmap import save_result
+from fourdnex.toy_scene import make_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recording_holds_every_layer_of_every_result(tmp_path):
-    truth = toy_truth(frames=3, height=24, width=32)
+    truth = make_truth(frames=3, height=24, width=32)
     for i in range(2):
         save_result(tmp_path, i, truth.rgb.numpy(), truth.xyz.numpy(), {})
     cmd = [
