@@ -23,7 +23,6 @@ import torch
 
 from .config import RegistrationConfig
 from .geometry import (
-    camera_rays,
     decompose_projection,
     dlt_projection,
     focal_from_plane,
@@ -214,17 +213,26 @@ def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk:
     K64, world2cam64, info = fit_cameras(xyz, config)
     K, world2cam, cam2world = K64.float(), world2cam64.float(), invert_rigid(world2cam64).float()
     frames, height, width, _ = xyz.shape
-    uv = pixel_grid(height, width, torch.float32, xyz.device)
+    u = torch.arange(width, dtype=torch.float32, device=xyz.device) + 0.5
+    v = torch.arange(height, dtype=torch.float32, device=xyz.device) + 0.5
     depth = xyz.new_empty((frames, height, width), dtype=torch.float32)
     points = xyz.new_empty((frames, height, width, 3), dtype=torch.float32)
     residual = torch.empty_like(depth)
     for s in range(0, frames, chunk):
-        R, t = world2cam[s : s + chunk, :3, :3], world2cam[s : s + chunk, :3, 3]
-        Y = xyz[s : s + chunk].float() @ R[:, None].transpose(-1, -2) + t[:, None, None]  # (f, H, W, 3) camera frame
-        on_ray = camera_rays(uv, K[s : s + chunk]) * Y[..., 2:]
-        depth[s : s + chunk] = Y[..., 2]
-        residual[s : s + chunk] = (Y - on_ray).norm(dim=-1)
-        points[s : s + chunk] = (on_ray - t[:, None, None]) @ R[:, None]  # back to world: R^T (y - t)
+        e = min(s + chunk, frames)
+        R, t, k = world2cam[s:e, :3, :3], world2cam[s:e, :3, 3], K[s:e]
+        X = xyz[s:e].float()
+        Y = X @ R[:, None].transpose(-1, -2) + t[:, None, None]  # (f, H, W, 3) camera frame
+        a = ((u - k[:, 0, 2, None]) / k[:, 0, 0, None])[:, None, :]  # (f, 1, W) ray x-slope
+        b = ((v - k[:, 1, 2, None]) / k[:, 1, 1, None])[:, :, None]  # (f, H, 1) ray y-slope
+        z = Y[..., 2]
+        rx, ry = Y[..., 0] - z * a, Y[..., 1] - z * b  # offset from the pixel's ray at the same depth
+        depth[s:e] = z
+        torch.hypot(rx, ry, out=residual[s:e])
+        p = points[s:e]  # the ray point in world: X - R^T (rx, ry, 0)
+        p.copy_(X).addcmul_(rx[..., None], R[:, None, None, 0], value=-1).addcmul_(
+            ry[..., None], R[:, None, None, 1], value=-1
+        )
     planar = torch.zeros(frames, dtype=torch.bool, device=xyz.device)
     planar[info["planar_frames"]] = True
     return Registration(K, cam2world, depth, points, residual, planar, info)
