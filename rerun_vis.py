@@ -57,11 +57,11 @@ def main(args: argparse.Namespace) -> None:
             rr.spawn(connect=False)
             sinks.append(rr.GrpcSink())
         if args.serve:
-            url = rec.serve_grpc()
-            rr.serve_web_viewer(connect_to=url, open_browser=False)
-            print(f"serving {url}; open the web viewer printed above (Ctrl-C to stop)")
-        if sinks:
-            rec.set_sinks(*sinks)
+            server = rr.GrpcServerSink(port=args.grpc_port)
+            sinks.append(server)
+            rr.serve_web_viewer(web_port=args.web_port, open_browser=False, connect_to=server.uri)
+            print(f"open http://localhost:{args.web_port}/?url={server.uri} (or: rerun {server.uri}); Ctrl-C stops")
+        rec.set_sinks(*sinks)
         for path, result, reg in tqdm(items, desc="logging"):
             log_result(rec, path.stem, result.rgb, result.xyz, reg, args.stride, args.show_xyz, args.max_residual)
         rec.flush()
@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rr_recording", default=None, help="write the recording to this .rrd file")
     p.add_argument("--spawn", action="store_true", help="stream to a native viewer started here")
     p.add_argument("--serve", action="store_true", help="serve a web viewer and keep streaming until Ctrl-C")
+    p.add_argument("--grpc_port", type=int, default=9876, help="--serve: the port viewers connect to")
+    p.add_argument("--web_port", type=int, default=9090, help="--serve: the port of the web viewer")
     p.add_argument("--reg_dir", default=None, help="where NNNNN_reg.npz files are (default: beside the results)")
     p.add_argument("--stride", type=int, default=2, help="log every N-th pixel along rows and columns as a point")
     p.add_argument("--show_xyz", action="store_true", help="also log the unregistered pointmap")

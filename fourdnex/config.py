@@ -83,7 +83,7 @@ class RegistrationConfig:
 
     shared_intrinsics: bool = True  # one K for the clip; False: one K per frame
     iterations: int = 10  # Levenberg-Marquardt steps of the joint refinement (it stops earlier once converged)
-    samples: int = 8192  # pixels per frame the fit uses (a jittered grid); every pixel gets a depth and a residual
+    samples: int = 4096  # pixels per frame the fit uses (a jittered grid); every pixel gets a depth and a residual
     init_samples: int = 2048  # of those, pixels per frame for the closed-form initialization
     huber: float = 2.0  # robust loss threshold, in robust standard deviations of the residual
     planar_threshold: float = 0.02  # frames whose points are this flat (spread across / along) skip the DLT
