@@ -72,19 +72,44 @@ def _residuals(R: torch.Tensor, t: torch.Tensor, k: torch.Tensor, uv: torch.Tens
     return Y, a, b, r
 
 
-def _jacobians(Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d residual / d (rotation, translation) ``(F, N, 2, 6)`` for ``Y -> Y + w x Y + dt``, and d residual / d
-    (fx, fy, cx, cy) ``(F, N, 2, 4)``."""
-    x, y, z = Y.unbind(-1)
-    zero, one = torch.zeros_like(z), torch.ones_like(z)
-    row_x = [-a * y, z + a * x, -y, one, zero, -a]  # r_x = Y_x - a Y_z
-    row_y = [-z - b * y, b * x, x, zero, one, -b]  # r_y = Y_y - b Y_z
-    J_pose = torch.stack([torch.stack(row_x, -1), torch.stack(row_y, -1)], dim=-2)
-    fx, fy = k[:, 0:1], k[:, 1:2]
-    J_k = torch.stack(
-        [torch.stack([z * a / fx, zero, z / fx, zero], -1), torch.stack([zero, z * b / fy, zero, z / fy], -1)], dim=-2
-    )
-    return J_pose, J_k
+def _normal_equations(
+    Y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    fit_k: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Newton system ``H (F, 10, 10)``, ``g (F, 10)`` of the weighted residuals over (rotation, translation,
+    fx, fy, cx, cy) per frame, for the update ``Y -> Y + w x Y + dt``; ``fit_k (F,)`` is False where K stays out.
+
+    Each residual's Jacobian row is linear in ``psi = (Y, 1)`` with coefficients affine in its ray slope:
+    ``d r_x = (P0 + a P1) psi`` and ``d r_y = (Q0 + b Q1) psi``, so ``H`` and ``g`` need only per-frame moments
+    of ``psi`` weighted by ``w``, ``w a``, ``w a^2`` (and ``b``): no per-pixel Jacobian is formed.
+    """
+    frames = Y.shape[0]
+    psi = torch.cat([Y, torch.ones_like(Y[..., :1])], dim=-1)  # (F, N, 4)
+    outer = (psi[..., :, None] * psi[..., None, :]).flatten(-2)  # (F, N, 16)
+    weights = torch.stack([w, w * a, w * a * a, w, w * b, w * b * b], dim=-1)  # (F, N, 6)
+    M = (weights.transpose(1, 2) @ outer).view(frames, 6, 4, 4)
+    rw = torch.stack([w * r[..., 0], w * a * r[..., 0], w * r[..., 1], w * b * r[..., 1]], dim=-1)
+    v = (rw.transpose(1, 2) @ psi).view(frames, 2, 8)  # per residual axis: (sum w r psi, sum w slope r psi)
+    k = k.expand(frames, 4)
+    A = Y.new_zeros(frames, 2, 10, 8)  # per residual axis: [P0 | P1] and [Q0 | Q1] (rows: unknowns)
+    A[:, 0, 1, 2], A[:, 0, 2, 1], A[:, 0, 3, 3] = 1, -1, 1  # P0 psi = (0, z, -y, 1, 0, 0, 0, 0, z/fx, 0)
+    A[:, 0, 8, 2] = 1 / k[:, 0]
+    A[:, 0, 0, 5], A[:, 0, 1, 4], A[:, 0, 5, 7] = -1, 1, -1  # P1 psi = (-y, x, 0, 0, 0, -1, z/fx, 0, 0, 0)
+    A[:, 0, 6, 6] = 1 / k[:, 0]
+    A[:, 1, 0, 2], A[:, 1, 2, 0], A[:, 1, 4, 3] = -1, 1, 1  # Q0 psi = (-z, 0, x, 0, 1, 0, 0, 0, 0, z/fy)
+    A[:, 1, 9, 2] = 1 / k[:, 1]
+    A[:, 1, 0, 5], A[:, 1, 1, 4], A[:, 1, 5, 7] = -1, 1, -1  # Q1 psi = (-y, x, 0, 0, 0, -1, 0, z/fy, 0, 0)
+    A[:, 1, 7, 6] = 1 / k[:, 1]
+    A[:, :, 6:] *= fit_k[:, None, None, None]
+    B = torch.cat([torch.cat([M[:, 0::3], M[:, 1::3]], -1), torch.cat([M[:, 1::3], M[:, 2::3]], -1)], -2)  # (F,2,8,8)
+    H = (A @ B @ A.transpose(-1, -2)).sum(1)
+    g = -(A @ v[..., None]).sum(1)[..., 0]
+    return H, g
 
 
 def _huber_weights(r: torch.Tensor, k: float) -> torch.Tensor:
@@ -94,22 +119,17 @@ def _huber_weights(r: torch.Tensor, k: float) -> torch.Tensor:
     return (k * scale / norm.clamp_min(1e-30)).clamp_max(1.0)
 
 
-def _lm_step(J_pose, J_k, r, w, lam, refine_k, shared):
-    """Solve the damped normal equations; returns pose updates ``(F, 6)`` and intrinsics updates ``(F or 1, 4)``.
-
-    Frames whose ``J_k`` is zero (planar frames) leave their own intrinsics as they are in the per-frame mode."""
-    Jw = J_pose * w[..., None, None]
-    Hpp = torch.einsum("fnri,fnrj->fij", Jw, J_pose)
-    gp = -torch.einsum("fnri,fnr->fi", Jw, r)
+def _lm_step(H: torch.Tensor, g: torch.Tensor, lam: float, refine_k: bool, shared: bool):
+    """Solve the damped system of :func:`_normal_equations`; returns pose updates ``(F, 6)`` and intrinsics updates
+    ``(F or 1, 4)`` (None without ``refine_k``). Frames without K rows keep their own K in the per-frame mode."""
+    Hpp, gp = H[:, :6, :6], g[:, :6]
 
     def damp(H: torch.Tensor) -> torch.Tensor:
         return H + lam * torch.diag_embed(H.diagonal(dim1=-2, dim2=-1))
 
     if not refine_k:
         return torch.linalg.solve(damp(Hpp), gp), None
-    Hpk = torch.einsum("fnri,fnrj->fij", Jw, J_k)
-    Hkk = torch.einsum("fnri,fnrj->fij", J_k * w[..., None, None], J_k)
-    gk = -torch.einsum("fnri,fnr->fi", J_k * w[..., None, None], r)
+    Hpk, Hkk, gk = H[:, :6, 6:], H[:, 6:, 6:], g[:, 6:]
     if shared:  # eliminate the poses (Schur complement), solve the 4 shared unknowns, back-substitute
         A = torch.linalg.solve(damp(Hpp), torch.cat([Hpk, gp[..., None]], dim=-1))  # (F, 6, 5)
         S = damp(Hkk.sum(0)) - (Hpk.transpose(-1, -2) @ A[..., :4]).sum(0)
@@ -173,10 +193,9 @@ def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> 
     lam, history, steps = 1e-3, [float(cost)], 0
     for _ in range(config.iterations):
         Y, a, b, r = _residuals(R, t, k, uv, X)
-        J_pose, J_k = _jacobians(Y, a, b, k)
-        J_k = J_k * ~planar[:, None, None, None]  # planar frames say little about K: the others fix it
+        H, g = _normal_equations(Y, a, b, r, w, k, ~planar)  # planar frames say little about K: the others fix it
         while lam < 1e10:
-            d_pose, d_k = _lm_step(J_pose, J_k, r, w, lam, refine_k, config.shared_intrinsics)
+            d_pose, d_k = _lm_step(H, g, lam, refine_k, config.shared_intrinsics)
             rot = so3_exp(d_pose[:, :3])
             R_new, t_new = rot @ R, (rot @ t[..., None])[..., 0] + d_pose[:, 3:]
             k_new = k + d_k if d_k is not None else k

@@ -132,3 +132,31 @@ def test_geometry_round_trips():
     P = K @ torch.cat([R[:1], t[..., None]], -1)
     K2, R2, t2 = geometry.decompose_projection(-3.0 * P)  # any scale and sign
     torch.testing.assert_close((K2, R2, t2), (K, R[:1], t))
+
+
+def test_normal_equations_match_autograd():
+    from fourdnex.registration import _normal_equations, _residuals
+
+    g = torch.Generator().manual_seed(2)
+    frames, n = 3, 50
+    X = torch.randn(frames, n, 3, generator=g, dtype=torch.float64) + torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64)
+    uv = torch.rand(n, 2, generator=g, dtype=torch.float64) * 100
+    R = geometry.so3_exp(0.2 * torch.randn(frames, 3, generator=g, dtype=torch.float64))
+    t = 0.1 * torch.randn(frames, 3, generator=g, dtype=torch.float64)
+    k = torch.tensor([[80.0, 85.0, 48.0, 52.0]], dtype=torch.float64).repeat(frames, 1)
+    w = torch.rand(frames, n, generator=g, dtype=torch.float64)
+    fit_k = torch.tensor([True, False, True])
+
+    def residuals(delta):  # delta (F, 10): rotation, translation, fx fy cx cy
+        rot = geometry.so3_exp(delta[:, :3])
+        return _residuals(rot @ R, (rot @ t[..., None])[..., 0] + delta[:, 3:6], k + delta[:, 6:], uv, X)[3]
+
+    J = torch.autograd.functional.jacobian(residuals, torch.zeros(frames, 10, dtype=torch.float64))  # (F,N,2,F,10)
+    J = (
+        torch.stack([J[f, :, :, f] for f in range(frames)])
+        * torch.cat([torch.ones(frames, 6), fit_k[:, None].double().expand(-1, 4)], 1)[:, None, None]
+    )
+    Y, a, b, r = _residuals(R, t, k, uv, X)
+    H, grad = _normal_equations(Y, a, b, r, w, k, fit_k)
+    torch.testing.assert_close(H, torch.einsum("fnri,fnrj,fn->fij", J, J, w))
+    torch.testing.assert_close(grad, -torch.einsum("fnri,fnr,fn->fi", J, r, w))
