@@ -10,7 +10,8 @@ smooth warp, each of the given percentage of the pointmap's extent), then
    to [0, 1], Adam lr 5e-3 for 1500 iterations from identity poses and fx = fy = 1.2 W). Run for fewer
    iterations (``--baseline_iters``), its time is extrapolated to 1500 and its errors are those it had reached.
 
-Prints markdown tables, with the memory-traffic floor of each method at the bandwidth measured on the device.
+Prints markdown tables: errors, wall-clock and CPU seconds, and the memory-traffic floor of each method (its least
+bytes over the copy bandwidth measured on the device).
 
 Example (the GPU run):
     python bench/bench_registration.py --device cuda --frames 49 --height 480 --width 720
@@ -29,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fourdnex import toy_scene  # noqa: E402
-from fourdnex.geometry import pixel_grid  # noqa: E402
-from fourdnex.registration import register  # noqa: E402
+from fourdnex import toy_scene
+from fourdnex.geometry import pixel_grid
+from fourdnex.registration import register
 
 REFERENCE_ITERS = 1500
 #: Least bytes each method must move per pixel: ours reads the pointmap (12) and writes depth, points and residual
@@ -71,7 +72,7 @@ def rotation_6d(r6: torch.Tensor) -> torch.Tensor:
 
 def reference_procedure(pcd: torch.Tensor, iters: int = REFERENCE_ITERS, lr: float = 5e-3):
     """The reference's fit on ``pcd (F, H, W, 3)`` in [0, 1]; returns K, cam2world, depth (in ``pcd``'s units),
-    seconds per iteration (after one warm-up iteration) and the final loss.
+    wall-clock and CPU seconds per iteration (after one warm-up iteration) and the final loss.
 
     Unknowns: depth per pixel (initialized to the points' z), a shared K (log focal lengths from 1.2 W, principal
     point offset in image sizes from the center, so that Adam's step can move them), per-frame 6D rotations (identity)
@@ -104,27 +105,36 @@ def reference_procedure(pcd: torch.Tensor, iters: int = REFERENCE_ITERS, lr: flo
 
     step()
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters - 1):
         loss = step()
     sync(device)
     per_iter = (time.perf_counter() - start) / max(iters - 1, 1)
+    cpu_per_iter = (time.process_time() - cpu) / max(iters - 1, 1)
     with torch.no_grad():
         focal, center = intrinsics()
         K = torch.zeros(frames, 3, 3, device=device)
         K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = focal[0], focal[1], center[0], center[1], 1
         cam2world = torch.eye(4, device=device).repeat(frames, 1, 1)
         cam2world[:, :3, :3], cam2world[:, :3, 3] = rotation_6d(r6), trans
-    return K, cam2world, depth.detach(), per_iter, float(loss)
+    return K, cam2world, depth.detach(), per_iter, cpu_per_iter, float(loss)
 
 
 def ours(xyz: torch.Tensor):
-    """Our fit; returns the registration and its seconds."""
+    """Our fit; returns the registration, its wall-clock seconds and the process's CPU seconds."""
     sync(xyz.device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     reg = register(xyz)
     sync(xyz.device)
-    return reg, time.perf_counter() - start
+    return reg, time.perf_counter() - start, time.process_time() - cpu
+
+
+ERROR_HEADER = ["focal err %", "pp err px", "rot err deg", "center err % extent", "depth err %"]
+
+
+def corrupt(truth: toy_scene.Truth, percent: float) -> torch.Tensor:
+    """The truth's pointmap with Gaussian noise and a smooth warp, each ``percent`` % of the extent (2)."""
+    return toy_scene.perturb(truth.xyz.double(), percent / 50, percent / 50, seed=1).float()
 
 
 def row(cells) -> str:
@@ -140,61 +150,61 @@ def error_cells(errs: dict) -> list[str]:
 
 def main(args: argparse.Namespace) -> None:
     """Run everything and print the tables."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
     F, H, W = args.frames, args.height, args.width
     pixels = F * H * W
     gbps = bandwidth(device)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
-    )
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"`python {' '.join(sys.argv)}`\n")
-    print(f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; copy bandwidth {gbps:.1f} GB/s;"
-          f" load average {os.getloadavg()[0]:.1f}; {F} frames x {H} x {W}\n")  # fmt: skip
+    print(
+        f"device: {name}; torch {torch.__version__}; {torch.get_num_threads()} threads; copy bandwidth {gbps:.1f} GB/s;"
+        f" load average {os.getloadavg()[0]:.1f} at start; {F} frames x {H} x {W}\n"
+    )
     ours_floor = pixels * OURS_BYTES_PER_PIXEL / (gbps * 1e9)
-    ref_floor = pixels * REFERENCE_BYTES_PER_PIXEL_ITER / (gbps * 1e9)
+    ref_floor = pixels * REFERENCE_BYTES_PER_PIXEL_ITER / (gbps * 1e9) * REFERENCE_ITERS
 
     register(toy_scene.make_truth(3, 32, 48).xyz.to(device))  # warm-up: kernels, threads, allocator
-    header = ["focal (W)", "noise+warp (% extent)", "focal err %", "pp err px", "rot err deg", "center err % extent",
-              "depth err %", "mean residual", "seconds", f"floor s ({OURS_BYTES_PER_PIXEL} B/px)"]  # fmt: skip
+    header = ["focal (W)", "noise+warp (% extent)", *ERROR_HEADER, "mean residual", "wall s", "CPU s", "floor s"]
     table = [row(header), row(["---"] * len(header))]
     truths = {}
     for focal in args.focals:
         truths[focal] = toy_scene.make_truth(F, H, W, focal)
         for noise in args.noises:
-            xyz = toy_scene.perturb(truths[focal].xyz.double(), noise / 50, noise / 50).float().to(device)
-            reg, seconds = ours(xyz)
+            xyz = corrupt(truths[focal], noise).to(device)
+            reg, seconds, cpu = ours(xyz)
             errs = toy_scene.camera_errors(truths[focal], reg.K, reg.cam2world, reg.depth)
-            table.append(row([focal, noise, *error_cells(errs), f"{float(reg.residual.mean()):.3g}", f"{seconds:.3f}",
-                              f"{ours_floor:.4f}"]))  # fmt: skip
+            residual = float(reg.residual.mean())
+            table.append(row([focal, noise, *error_cells(errs), f"{residual:.3g}", f"{seconds:.2f}", f"{cpu:.2f}",
+                              f"{ours_floor:.3g}"]))  # fmt: skip
             print(table[-1], file=sys.stderr)
     print("Ours, accuracy against the ground truth (worst frame; depth: mean over pixels):\n")
     print("\n".join(table) + "\n")
 
-    header = ["input", "method", "iterations", "focal err %", "pp err px", "rot err deg", "center err % extent",
-              "depth err %", "seconds", "floor s", "ours faster by"]  # fmt: skip
+    header = ["input", "method", "iterations", *ERROR_HEADER, "wall s", "CPU s", "floor s", "ours faster by"]
     table = [row(header), row(["---"] * len(header))]
     truth = truths[args.focals[0]]
     for noise in args.baseline_noises:
-        xyz = toy_scene.perturb(truth.xyz.double(), noise / 50, noise / 50).float().to(device)
-        reg, seconds = ours(xyz)
+        xyz = corrupt(truth, noise).to(device)
+        reg, seconds, cpu = ours(xyz)
         errs = toy_scene.camera_errors(truth, reg.K, reg.cam2world, reg.depth)
-        label = f"focal {args.focals[0]} W, noise+warp {noise} %"
-        K, cam2world, depth, per_iter, _ = reference_procedure((xyz + 1) / 2, args.baseline_iters)
+        K, cam2world, depth, per_iter, cpu_per_iter, _ = reference_procedure((xyz + 1) / 2, args.baseline_iters)
         cam2world[:, :3, 3] = 2 * cam2world[:, :3, 3] - 1  # [0, 1] -> the pointmap's [-1, 1]
         ref_errs = toy_scene.camera_errors(truth, K, cam2world, 2 * depth)
-        ref_seconds = per_iter * REFERENCE_ITERS
-        extrapolated = " (extrapolated)" if args.baseline_iters < REFERENCE_ITERS else ""
-        table.append(row([label, "ours", "closed form + LM", *error_cells(errs), f"{seconds:.3f}",
-                          f"{ours_floor:.4f}", ""]))  # fmt: skip
+        ref_seconds, ref_cpu = per_iter * REFERENCE_ITERS, cpu_per_iter * REFERENCE_ITERS
+        mark = " (extrapolated)" if args.baseline_iters < REFERENCE_ITERS else ""
+        label = f"focal {args.focals[0]} W, noise+warp {noise} %"
+        table.append(row([label, "ours", "closed form + LM", *error_cells(errs), f"{seconds:.2f}", f"{cpu:.2f}",
+                          f"{ours_floor:.3g}", ""]))  # fmt: skip
         table.append(row([label, "reference procedure", f"{args.baseline_iters} of {REFERENCE_ITERS}",
-                          *error_cells(ref_errs), f"{ref_seconds:.1f}{extrapolated}",
-                          f"{ref_floor * REFERENCE_ITERS:.2f}", f"{ref_seconds / seconds:.0f}x"]))  # fmt: skip
-        print(table[-2], file=sys.stderr)
-        print(table[-1], file=sys.stderr)
-    print(f"Side by side on the same inputs (reference: {1e3 * per_iter:.1f} ms per iteration measured):\n")
+                          *error_cells(ref_errs), f"{ref_seconds:.1f}{mark}", f"{ref_cpu:.1f}{mark}",
+                          f"{ref_floor:.3g}", f"{ref_seconds / seconds:.0f}x"]))  # fmt: skip
+        print(*table[-2:], sep="\n", file=sys.stderr)
+    print(f"Side by side on the same inputs (reference: {1e3 * per_iter:.1f} ms per iteration, wall):\n")
     print("\n".join(table))
 
 
@@ -208,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--focals", type=float, nargs="+", default=[1.0, 0.7, 1.4], help="fx in image widths")
     p.add_argument("--noises", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="% of the extent")
     p.add_argument("--baseline_noises", type=float, nargs="+", default=[0.0, 1.0], help="inputs of the side by side")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--baseline_iters", type=int, default=REFERENCE_ITERS, help="fewer: time extrapolated to 1500")
     return p.parse_args(argv)
 
