@@ -25,7 +25,7 @@ from fourdnex import __version__
 from fourdnex.config import RegistrationConfig
 from fourdnex.export import DEPTH_FORMATS, EXPORTS, export_all
 from fourdnex.pointmap import ResultError, find_results, load_result, registration_path, save_registration
-from fourdnex.registration import register
+from fourdnex.registration import RegistrationError, check_pointmap, register
 
 
 class UsageError(ValueError):
@@ -68,7 +68,11 @@ def main(args: argparse.Namespace) -> None:
     device = _device(args.device)
     files = find_results(args.pkl_dir)
     for path in tqdm(files, desc="checking", disable=len(files) < 2):  # fail before writing anything
-        _frames(len(load_result(path).xyz), args.start_frame, args.end_frame, args.frame_gap, path)
+        xyz = load_result(path).xyz
+        try:
+            check_pointmap(xyz[_frames(len(xyz), args.start_frame, args.end_frame, args.frame_gap, path)])
+        except RegistrationError as err:
+            raise RegistrationError(f"{path}: {err}") from err
 
     for path in tqdm(files, desc="registering"):
         result = load_result(path)
@@ -141,5 +145,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (ResultError, UsageError) as err:
+    except (ResultError, RegistrationError, UsageError) as err:
         sys.exit(f"pm_registration.py: {err}")

@@ -16,9 +16,12 @@ The world frame is the pointmap's own: cameras come out in the units of the inpu
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .config import RegistrationConfig
@@ -34,6 +37,37 @@ from .geometry import (
     rigid,
     so3_exp,
 )
+
+
+class RegistrationError(ValueError):
+    """A pointmap no camera can be fitted to; the message says why."""
+
+
+def check_pointmap(xyz: torch.Tensor | np.ndarray) -> None:
+    """Raise RegistrationError unless ``xyz`` is ``(F, H, W, 3)``, finite, and every frame's points spread out."""
+    shape = tuple(xyz.shape)
+    if len(shape) != 4 or shape[-1] != 3 or shape[1] * shape[2] < 6:
+        raise RegistrationError(f"xyz must be (F, H, W, 3) with at least 6 pixels, got {shape}")
+    flat = torch.as_tensor(xyz).reshape(shape[0], -1, 3)
+    if not torch.isfinite(flat).all():
+        raise RegistrationError("xyz holds NaN or infinite values")
+    spread = (flat.amax(dim=1) - flat.amin(dim=1)).amax(dim=-1)  # (F,)
+    flat_frames = (spread <= 1e-6 * spread.max().clamp_min(1e-30)).nonzero().flatten().tolist()
+    if flat_frames or spread.max() == 0:
+        raise RegistrationError(f"frames {flat_frames} have all their points in one place: no camera fits them")
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    """One CPU thread inside: the fit's tensors are small (frames x samples), and torch's intra-op threads cost
+    more than they save there (5x the CPU time on a busy 2-core machine, measured); restored on exit."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -227,9 +261,9 @@ def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> 
 def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk: int = 8) -> Registration:
     """Cameras, depth, registered points and residuals of a pointmap video ``xyz (F, H, W, 3)`` (any float dtype,
     any device; outputs are float32 on the same device)."""
-    if xyz.dim() != 4 or xyz.shape[-1] != 3:
-        raise ValueError(f"xyz must be (F, H, W, 3), got {tuple(xyz.shape)}")
-    K64, world2cam64, info = fit_cameras(xyz, config)
+    check_pointmap(xyz)
+    with _single_thread(xyz.device):
+        K64, world2cam64, info = fit_cameras(xyz, config)
     K, world2cam, cam2world = K64.float(), world2cam64.float(), invert_rigid(world2cam64).float()
     frames, height, width, _ = xyz.shape
     u = torch.arange(width, dtype=torch.float32, device=xyz.device) + 0.5

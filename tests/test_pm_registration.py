@@ -146,3 +146,16 @@ def test_bad_input_one_line_nonzero_exit_nothing_written(tmp_path, kind, script)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: "), proc.stderr
     assert listing(tmp_path) == before
+
+
+def test_pointmap_without_spread_is_refused(tmp_path):
+    xyz = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
+    xyz[1] = 0.25  # every point of frame 1 in one place
+    np.savez(tmp_path / "00000.npz", rgb=np.zeros((3, 8, 8, 3), np.uint8), xyz=xyz)
+    before = listing(tmp_path)
+    proc = run("pm_registration.py", "--pkl_dir", tmp_path)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        f"pm_registration.py: {tmp_path / '00000.npz'}: frames [1] have all their points in one place: "
+        "no camera fits them"
+    ]
+    assert listing(tmp_path) == before
