@@ -60,5 +60,5 @@ def log_result(
         rec.log(f"{root}/camera", rr.Transform3D(translation=pose[:3, 3], mat3x3=pose[:3, :3]))
         pinhole = rr.Pinhole(image_from_camera=reg["K"][f], resolution=[width, height], image_plane_distance=0.1)
         rec.log(f"{root}/camera/image", pinhole)
-        rec.log(f"{root}/camera/image", rr.Image(image))
+        rec.log(f"{root}/camera/image", rr.Image(image, opacity=1.0))  # drawn over the depth, not blended
         rec.log(f"{root}/camera/image/depth", rr.DepthImage(reg["depth"][f], meter=1.0))
