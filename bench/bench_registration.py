@@ -4,7 +4,7 @@ Renders the toy scene (fourdnex/toy_scene.py: a moving camera, focal lengths giv
 principal point off center), normalizes its pointmap as inference does, optionally corrupts it (Gaussian noise plus a
 smooth warp, each of the given percentage of the pointmap's extent), then
 
-1. fits it with ours (fourdnex.registration.register) for every focal length and noise level;
+1. fits it with ours (fourdnex.registration.register) for every focal length and corruption;
 2. fits the same inputs with a re-implementation of the reference's procedure (REFERENCE.md section 5: per-pixel
    depth, one shared K, per-frame 6D rotation + translation, MSE between unprojected pixels and the pointmap mapped
    to [0, 1], Adam lr 5e-3 for 1500 iterations from identity poses and fx = fy = 1.2 W). Run for fewer
@@ -117,7 +117,7 @@ def reference_procedure(pcd: torch.Tensor, iters: int = REFERENCE_ITERS, lr: flo
         K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = focal[0], focal[1], center[0], center[1], 1
         cam2world = torch.eye(4, device=device).repeat(frames, 1, 1)
         cam2world[:, :3, :3], cam2world[:, :3, 3] = rotation_6d(r6), trans
-    return K, cam2world, depth.detach(), per_iter, cpu_per_iter, float(loss)
+    return K, cam2world, depth.detach(), per_iter, cpu_per_iter, float(loss.detach())
 
 
 def ours(xyz: torch.Tensor):
@@ -132,9 +132,10 @@ def ours(xyz: torch.Tensor):
 ERROR_HEADER = ["focal err %", "pp err px", "rot err deg", "center err % extent", "depth err %"]
 
 
-def corrupt(truth: toy_scene.Truth, percent: float) -> torch.Tensor:
-    """The truth's pointmap with Gaussian noise and a smooth warp, each ``percent`` % of the extent (2)."""
-    return toy_scene.perturb(truth.xyz.double(), percent / 50, percent / 50, seed=1).float()
+def corrupt(truth: toy_scene.Truth, corruption: str) -> torch.Tensor:
+    """The truth's pointmap with Gaussian noise and a smooth warp of ``"NOISE/WARP"`` % of the extent (2) each."""
+    noise, warp = (float(x) for x in corruption.split("/"))
+    return toy_scene.perturb(truth.xyz.double(), noise / 50, warp / 50, seed=1).float()
 
 
 def row(cells) -> str:
@@ -169,12 +170,12 @@ def main(args: argparse.Namespace) -> None:
     ref_floor = pixels * REFERENCE_BYTES_PER_PIXEL_ITER / (gbps * 1e9) * REFERENCE_ITERS
 
     register(toy_scene.make_truth(3, 32, 48).xyz.to(device))  # warm-up: kernels, threads, allocator
-    header = ["focal (W)", "noise+warp (% extent)", *ERROR_HEADER, "mean residual", "wall s", "CPU s", "floor s"]
+    header = ["focal (W)", "noise / warp (% extent)", *ERROR_HEADER, "mean residual", "wall s", "CPU s", "floor s"]
     table = [row(header), row(["---"] * len(header))]
     truths = {}
     for focal in args.focals:
         truths[focal] = toy_scene.make_truth(F, H, W, focal)
-        for noise in args.noises:
+        for noise in args.corruptions:
             xyz = corrupt(truths[focal], noise).to(device)
             reg, seconds, cpu = ours(xyz)
             errs = toy_scene.camera_errors(truths[focal], reg.K, reg.cam2world, reg.depth)
@@ -188,7 +189,7 @@ def main(args: argparse.Namespace) -> None:
     header = ["input", "method", "iterations", *ERROR_HEADER, "wall s", "CPU s", "floor s", "ours faster by"]
     table = [row(header), row(["---"] * len(header))]
     truth = truths[args.focals[0]]
-    for noise in args.baseline_noises:
+    for noise in args.baseline_corruptions:
         xyz = corrupt(truth, noise).to(device)
         reg, seconds, cpu = ours(xyz)
         errs = toy_scene.camera_errors(truth, reg.K, reg.cam2world, reg.depth)
@@ -197,7 +198,7 @@ def main(args: argparse.Namespace) -> None:
         ref_errs = toy_scene.camera_errors(truth, K, cam2world, 2 * depth)
         ref_seconds, ref_cpu = per_iter * REFERENCE_ITERS, cpu_per_iter * REFERENCE_ITERS
         mark = " (extrapolated)" if args.baseline_iters < REFERENCE_ITERS else ""
-        label = f"focal {args.focals[0]} W, noise+warp {noise} %"
+        label = f"focal {args.focals[0]} W, noise / warp {noise} %"
         table.append(row([label, "ours", "closed form + LM", *error_cells(errs), f"{seconds:.2f}", f"{cpu:.2f}",
                           f"{ours_floor:.3g}", ""]))  # fmt: skip
         table.append(row([label, "reference procedure", f"{args.baseline_iters} of {REFERENCE_ITERS}",
@@ -216,8 +217,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=720)
     p.add_argument("--focals", type=float, nargs="+", default=[1.0, 0.7, 1.4], help="fx in image widths")
-    p.add_argument("--noises", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="% of the extent")
-    p.add_argument("--baseline_noises", type=float, nargs="+", default=[0.0, 1.0], help="inputs of the side by side")
+    p.add_argument(
+        "--corruptions",
+        nargs="+",
+        default=["0/0", "0.5/0.5", "1/1", "2/2", "1/0", "0/1"],
+        help="NOISE/WARP in % of the extent",
+    )
+    p.add_argument("--baseline_corruptions", nargs="+", default=["0/0", "1/1"], help="inputs of the side by side")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--baseline_iters", type=int, default=REFERENCE_ITERS, help="fewer: time extrapolated to 1500")
     return p.parse_args(argv)

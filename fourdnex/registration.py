@@ -53,7 +53,7 @@ def check_pointmap(xyz: torch.Tensor | np.ndarray) -> None:
         raise RegistrationError("xyz holds NaN or infinite values")
     spread = (flat.amax(dim=1) - flat.amin(dim=1)).amax(dim=-1)  # (F,)
     flat_frames = (spread <= 1e-6 * spread.max().clamp_min(1e-30)).nonzero().flatten().tolist()
-    if flat_frames or spread.max() == 0:
+    if flat_frames:
         raise RegistrationError(f"frames {flat_frames} have all their points in one place: no camera fits them")
 
 
@@ -185,9 +185,9 @@ def _initialize(uv: torch.Tensor, X: torch.Tensor, size: tuple[int, int], config
     if general.any():
         K_dlt, R_dlt, t_dlt = decompose_projection(dlt_projection(uv, X[general]))
         k_dlt = torch.stack([K_dlt[:, 0, 0], K_dlt[:, 1, 1], K_dlt[:, 0, 2], K_dlt[:, 1, 2]], -1)
-        k_all = k_dlt.median(dim=0).values.expand(frames, 4).clone()
+        k_all = k_dlt.nanmedian(dim=0).values.expand(frames, 4).clone()  # a degenerate frame may give NaN
         if not config.shared_intrinsics:
-            k_all[general] = k_dlt
+            k_all[general] = torch.where(k_dlt.isfinite(), k_dlt, k_all[general])
     else:
         center = torch.tensor([width / 2, height / 2], dtype=X.dtype, device=X.device)
         focal = focal_from_plane(uv, X, center)
