@@ -36,9 +36,13 @@ def _device(name: str) -> torch.device:
     """The torch device of ``--device`` (``auto``: CUDA when available)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: not a device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here")
-    return torch.device(name)
+    return device
 
 
 def _frames(count: int, start: int, end: int | None, gap: int, where: Path) -> np.ndarray:
