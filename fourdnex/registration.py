@@ -7,7 +7,8 @@ on its ray when ``Y = R X + t`` satisfies ``Y_xy = Y_z * ((u - cx) / fx, (v - cy
    K, R, t; frames whose points are (nearly) coplanar, where the DLT is ill-posed, get their pose from the
    plane-to-image homography under the K of the other frames (or, if every frame is planar, a K from the plane);
 2. a short robust Levenberg-Marquardt refinement of all frames jointly (shared or per-frame K, all poses) on the
-   residual ``r = Y_xy - Y_z * ray_xy``, with Huber weights;
+   residual ``r = Y_xy - Y_z * ray_xy``, with Huber weights; the K equations are corrected for the bias that noise
+   in the points puts into them (errors in variables: the Jacobian holds the noisy ``Y_z``);
 3. per pixel: depth ``Y_z``, the registered point (the pixel's ray at that depth, in world) and the residual
    ``|r|``, the distance between that point and the input point (a per-pixel confidence, in pointmap units).
 
@@ -114,6 +115,7 @@ def _normal_equations(
     w: torch.Tensor,
     k: torch.Tensor,
     fit_k: torch.Tensor,
+    noise_var: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss-Newton system ``H (F, 10, 10)``, ``g (F, 10)`` of the weighted residuals over (rotation, translation,
     fx, fy, cx, cy) per frame, for the update ``Y -> Y + w x Y + dt``; ``fit_k (F,)`` is False where K stays out.
@@ -143,6 +145,10 @@ def _normal_equations(
     B = torch.cat([torch.cat([M[:, 0::3], M[:, 1::3]], -1), torch.cat([M[:, 1::3], M[:, 2::3]], -1)], -2)  # (F,2,8,8)
     H = (A @ B @ A.transpose(-1, -2)).sum(1)
     g = -(A @ v[..., None]).sum(1)[..., 0]
+    if noise_var is not None:  # E[J_k^T r] = -noise_var * c for isotropic point noise (J_k holds the noisy Y_z)
+        ma, mb = M[:, :3, 3, 3], M[:, 3:, 3, 3]  # sum w slope^j, j = 0, 1, 2
+        c = torch.stack([ma[:, 2] / k[:, 0], mb[:, 2] / k[:, 1], ma[:, 1] / k[:, 0], mb[:, 1] / k[:, 1]], -1)
+        g[:, 6:] -= noise_var * c * fit_k[:, None]
     return H, g
 
 
@@ -227,7 +233,8 @@ def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> 
     lam, history, steps = 1e-3, [float(cost)], 0
     for _ in range(config.iterations):
         Y, a, b, r = _residuals(R, t, k, uv, X)
-        H, g = _normal_equations(Y, a, b, r, w, k, ~planar)  # planar frames say little about K: the others fix it
+        noise_var = (w * r.square().sum(-1)).sum() / (w * (2 + a * a + b * b)).sum()
+        H, g = _normal_equations(Y, a, b, r, w, k, ~planar, noise_var)  # planar frames say little about K
         while lam < 1e10:
             d_pose, d_k = _lm_step(H, g, lam, refine_k, config.shared_intrinsics)
             rot = so3_exp(d_pose[:, :3])
