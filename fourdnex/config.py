@@ -75,3 +75,26 @@ def size_for_aspect(image_height: int, image_width: int, area: int = DEFAULT_ARE
     height = round(math.sqrt(area * image_height / image_width)) // 16 * 16
     width = round(math.sqrt(area * image_width / image_height)) // 16 * 16
     return height, width
+
+
+@dataclass
+class RegistrationConfig:
+    """Settings of the camera/depth fit to a pointmap video (fourdnex.registration); pm_registration.py's flags."""
+
+    shared_intrinsics: bool = True  # one K for the clip; False: one K per frame
+    iterations: int = 10  # Levenberg-Marquardt steps of the joint refinement (it stops earlier once converged)
+    samples: int = 4096  # pixels per frame the fit uses (a jittered grid); every pixel gets a depth and a residual
+    init_samples: int = 2048  # of those, pixels per frame for the closed-form initialization
+    huber: float = 2.0  # robust loss threshold, in robust standard deviations of the residual
+    planar_threshold: float = 0.02  # frames whose points are this flat (spread across / along) skip the DLT
+    default_focal: float = 1.2  # focal length in widths where nothing fixes it (every frame planar): the reference's
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting the fit cannot use."""
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.init_samples < 12 or self.samples < self.init_samples:
+            raise ValueError(f"need 12 <= init_samples <= samples, got {self.init_samples} and {self.samples}")
+        if self.huber <= 0:
+            raise ValueError(f"huber must be positive, got {self.huber}")
