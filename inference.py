@@ -228,7 +228,7 @@ def main(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from fourdnex import parallel
-    from fourdnex.acceleration import AccelerationError, apply_acceleration, resolve
+    from fourdnex.acceleration import AccelerationError, apply_acceleration, check_machine, resolve
     from fourdnex.adapters import apply_adapter, read_adapter
     from fourdnex.pipeline import load_pipeline
     from fourdnex.tiny_model import TINY_MARKER
@@ -239,6 +239,7 @@ def main(args: argparse.Namespace) -> None:
     tokens = [parallel.tokens_of(config.num_frames, h, w, fused=layout == "rgbxyz") for h, w in sizes.values()]
     world_size, is_main = 1, True
     try:
+        check_machine(speed, device)
         if speed.cp == "none" and parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise UsageError("launched by torchrun with several processes: add --cp ulysses or --cp ring")
         if speed.cp != "none":

@@ -64,12 +64,13 @@ def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = Fal
     work = transformer_working_bytes(tokens, inner_dim, config.ffn_dim, batch)
     text, image, vae = (module_bytes(m) for m in (pipe.text_encoder, pipe.image_encoder, pipe.vae))
     decode = int(pixels * _DECODE_BYTES_PER_PIXEL)
+    tiled = min(decode, _TILED_DECODE_BYTES)
     largest_text_leaf = max(module_bytes(m) for m in pipe.text_encoder.modules() if not list(m.children()))
     return {
         "none": transformer + text + image + vae + max(work, decode),
         "model": max(transformer + work, text, image + vae + decode),
-        "group": max(text, 3 * block + work, image + vae + _TILED_DECODE_BYTES),
-        "sequential": max(largest_text_leaf, block + work, _TILED_DECODE_BYTES),
+        "group": max(text, min(3, blocks) * block + work, image + vae + tiled),
+        "sequential": max(largest_text_leaf, block + work, tiled),
     }
 
 
@@ -91,9 +92,29 @@ def choose_memory_mode(needs: dict[str, int], available: int) -> str:
     )
 
 
+def check_machine(config: AccelerationConfig, device: torch.device) -> None:
+    """Refuse, before any weight loads, the settings ``device`` cannot run; one line each."""
+    config.validate()
+    cuda = device.type == "cuda"
+    if config.memory == "sequential" and not cuda:
+        raise AccelerationError("--memory sequential needs a CUDA GPU (its offload hooks onload to an accelerator)")
+    if config.cp == "ring" and not cuda:
+        raise AccelerationError(
+            "--cp ring needs CUDA GPUs (its attention backends return the log-sum-exp that ring attention merges); "
+            "on CPUs use --cp ulysses"
+        )
+    if config.memory not in ("none", "auto") and config.cp != "none":
+        raise AccelerationError(f"--memory {config.memory} cannot be combined with --cp {config.cp}: use --memory none")
+    known = {name.value for name in AttentionBackendName}
+    if config.attention_backend not in (*known, "auto"):
+        raise AccelerationError(
+            f"--attention_backend {config.attention_backend!r} is not a diffusers backend; one of {sorted(known)}"
+        )
+
+
 def resolve(config: AccelerationConfig, device: torch.device, pipe, tokens: int, pixels: int) -> AccelerationConfig:
     """Replace every ``auto``/``None`` choice with a concrete one for ``device``; refuse what it cannot do."""
-    config.validate()
+    check_machine(config, device)
     cuda = device.type == "cuda"
     memory = config.memory
     if memory == "auto":
@@ -103,18 +124,11 @@ def resolve(config: AccelerationConfig, device: torch.device, pipe, tokens: int,
             memory = choose_memory_mode(needs, available_memory(device))
         else:
             memory = "none"
-    if memory == "sequential" and not cuda:
-        raise AccelerationError("--memory sequential needs a CUDA GPU (its offload hooks onload to an accelerator)")
-    if memory != "none" and config.cp != "none":
-        raise AccelerationError(f"--memory {memory} cannot be combined with --cp {config.cp}: use --memory none")
     backend = config.attention_backend
     if backend == "auto":
         # Measured on an H100 at the 4DNeX shape: native SDPA 3.73 s, cuDNN 3.86 s, flash 4.85 s. Ring attention
         # needs a backend that returns the log-sum-exp, which native SDPA does not.
         backend = "_native_cudnn" if config.cp == "ring" else "native"
-    known = {name.value for name in AttentionBackendName}
-    if backend not in known:
-        raise AccelerationError(f"--attention_backend {backend!r} is not a diffusers backend; one of {sorted(known)}")
     compile_blocks = config.compile
     if compile_blocks is None:
         compile_blocks = cuda and memory in ("none", "model")
