@@ -77,7 +77,12 @@ def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = Fal
 def available_memory(device: torch.device) -> int:
     """Bytes this process may still allocate on a CUDA device: free memory, within any per-process cap."""
     free, total = torch.cuda.mem_get_info(device)
-    cap = total * torch.cuda.get_per_process_memory_fraction(device) - torch.cuda.memory_reserved(device)
+    fraction = (
+        torch.cuda.get_per_process_memory_fraction(device)
+        if hasattr(torch.cuda, "get_per_process_memory_fraction")
+        else 1.0
+    )
+    cap = total * fraction - torch.cuda.memory_reserved(device)
     return int(min(free, cap))
 
 

@@ -170,7 +170,3 @@ def test_cli_refuses_what_it_cannot_do(tmp_path):
     common = ["--prompt", "x", "--image", ROOT / "example" / "scene.png", "--out", tmp_path, "--model_path", TINY]
     assert_one_line_error(run_cli(*common, *SMALL_FLAGS, "--cp", "ulysses"), "--cp ulysses needs several processes")
     assert_one_line_error(run_cli(*common, *SMALL_FLAGS, "--memory", "sequential"), "needs a CUDA GPU")
-    assert_one_line_error(run_cli(*common, *SMALL_FLAGS, "--cache_threshold", "0"), "--cache_threshold")
-    assert_one_line_error(
-        run_cli(*common, *SMALL_FLAGS, "--attention_backend", "warp"), "--attention_backend 'warp' is not"
-    )
