@@ -98,3 +98,36 @@ class RegistrationConfig:
             raise ValueError(f"need 12 <= init_samples <= samples, got {self.init_samples} and {self.samples}")
         if self.huber <= 0:
             raise ValueError(f"huber must be positive, got {self.huber}")
+
+#: ``--memory`` choices, from the fastest (everything resident on the GPU) to the most frugal.
+MEMORY_MODES = ("none", "model", "group", "sequential")
+#: ``--cache`` choices: approximate speedups that skip transformer work ("fbc": diffusers' First Block Cache).
+CACHE_MODES = ("none", "fbc")
+#: ``--cp`` choices: diffusers' context parallelism over the processes of a torchrun launch.
+CP_MODES = ("none", "ulysses", "ring")
+
+
+@dataclass
+class AccelerationConfig:
+    """How to run the pipeline fast or in little memory; ``"auto"`` fields are resolved for the device at hand.
+
+    Every field but ``fp8``, ``cache`` and VAE tiling leaves the output unchanged (up to floating-point order).
+    """
+
+    attention_backend: str = "auto"  # a diffusers AttentionBackendName value; auto: the fastest measured one
+    compile: bool | None = None  # regional torch.compile of the transformer blocks; None: on for a resident GPU model
+    memory: str = "auto"  # one of MEMORY_MODES or "auto" (from the GPU's free memory)
+    fp8: bool = False  # store the transformer's weights in float8_e4m3fn, compute in the pipeline dtype
+    vae_tiling: bool | None = None  # None: tile only when memory is offloaded group-wise or sequentially
+    batch_guidance: bool = False  # conditional and unconditional passes as one batch of 2
+    cache: str = "none"  # one of CACHE_MODES
+    cache_threshold: float = 0.05  # First Block Cache: relative change of the first block's residual to skip below
+    cp: str = "none"  # one of CP_MODES
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first unknown choice."""
+        for name, choices in (("memory", (*MEMORY_MODES, "auto")), ("cache", CACHE_MODES), ("cp", CP_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.cache_threshold <= 0:
+            raise ValueError(f"cache_threshold must be positive, got {self.cache_threshold}")
