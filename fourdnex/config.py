@@ -84,7 +84,7 @@ class RegistrationConfig:
     shared_intrinsics: bool = True  # one K for the clip; False: one K per frame
     iterations: int = 10  # Levenberg-Marquardt steps of the joint refinement (it stops earlier once converged)
     samples: int = 4096  # pixels per frame the fit uses (a jittered grid); every pixel gets a depth and a residual
-    init_samples: int = 2048  # of those, pixels per frame for the closed-form initialization
+    init_samples: int = 2048  # of those, pixels per frame for the closed-form initialization (at most all)
     huber: float = 2.0  # robust loss threshold, in robust standard deviations of the residual
     planar_threshold: float = 0.02  # frames whose points are this flat (spread across / along) skip the DLT
     default_focal: float = 1.2  # focal length in widths where nothing fixes it (every frame planar): the reference's
@@ -94,8 +94,8 @@ class RegistrationConfig:
         """Raise ValueError naming the first setting the fit cannot use."""
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
-        if self.init_samples < 12 or self.samples < self.init_samples:
-            raise ValueError(f"need 12 <= init_samples <= samples, got {self.init_samples} and {self.samples}")
+        if min(self.samples, self.init_samples) < 12:
+            raise ValueError(f"samples and init_samples must be >= 12, got {self.samples} and {self.init_samples}")
         if self.huber <= 0:
             raise ValueError(f"huber must be positive, got {self.huber}")
 

@@ -51,14 +51,6 @@ def transform_points(transform: torch.Tensor, points: torch.Tensor) -> torch.Ten
     return out.reshape(shape)
 
 
-def unproject(depth: torch.Tensor, K: torch.Tensor, cam2world: torch.Tensor) -> torch.Tensor:
-    """World points ``(F, H, W, 3)`` of depths ``(F, H, W)`` seen by ``K (F, 3, 3)`` at ``cam2world (F, 4, 4)``."""
-    _, height, width = depth.shape
-    uv = pixel_grid(height, width, depth.dtype, depth.device)
-    rays = camera_rays(uv, K)  # (F, H, W, 3), z = 1
-    return transform_points(cam2world, rays * depth[..., None])
-
-
 def camera_rays(uv: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Camera-frame rays with ``z = 1``: pixels ``(..., 2)`` (no frame axis) and ``K (F, 3, 3)`` -> ``(F, ..., 3)``."""
     extra = (1,) * (uv.dim() - 1)
