@@ -20,11 +20,13 @@ The budget skips what would not finish in time and says so in the table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -187,7 +189,11 @@ def main(args: argparse.Namespace) -> None:
                 f"(measured + {calls - len(call_seconds)} x median call {np.median(call_seconds):.3f} s)",
             )
             del pipe
+        stock_alive = weakref.ref(stock)
         del stock
+        gc.collect()  # the pipeline and its hooks form reference cycles: free the stock weights before ours
+        if stock_alive() is not None:
+            raise RuntimeError("the stock transformer is still referenced; ours would not fit beside it")
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -420,7 +426,7 @@ def run_child(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * common.GiB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * common.GiB / total), torch.cuda.current_device())
     config = AccelerationConfig(memory=args.child, fp8=args.fp8, compile=False, attention_backend="native")
     apply_acceleration(
         pipe, resolve(config, device, pipe, shape.tokens, shape.frames * shape.height * shape.width), device
