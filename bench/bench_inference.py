@@ -20,6 +20,7 @@ The budget skips what would not finish in time and says so in the table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -354,8 +355,11 @@ def main(args: argparse.Namespace) -> None:
         del ours
         if needs_pipeline:
             del pipe, components
+        gc.collect()
+        torch._dynamo.reset()  # compiled graphs must not keep the transformer alive while the children run
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            print(f"  parent process keeps {torch.cuda.memory_reserved(device) / common.GiB:.1f} GiB", flush=True)
         runs = MEMORY_RUNS if "eager_sample" in results else (("none", False, 80), *MEMORY_RUNS)
         for mode, fp8, cap in runs:
             label = f"--memory {mode}{' --fp8' if fp8 else ''}, capped at {cap} GiB"
