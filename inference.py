@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument(
         "--batch_guidance",
         action="store_true",
-        help="conditional and unconditional passes as one batch of 2 (same output; can help when --cp leaves each GPU underused)",
+        help="conditional and unconditional passes as one batch of 2 (same output; may help with --cp)",
     )
     hardware.add_argument(
         "--cache",

@@ -290,6 +290,8 @@ def main(args: argparse.Namespace) -> None:
         seconds, exact_calls, exact, _ = run_sample(pipe, image, shape, steps, device)
         other = seconds - sum(exact_calls)
         per_call = float(np.median(exact_calls))
+        within = int((args.target_seconds - other) / (2 * per_call))
+        table.add("approx", f"exact model: most steps within {args.target_seconds:.0f} s", note=f"{within} steps")
         for count in (args.full_steps, args.fast_steps):
             table.add(
                 "approx",
@@ -311,6 +313,9 @@ def main(args: argparse.Namespace) -> None:
                 if pipe.transformer.is_cache_enabled:
                     pipe.transformer.disable_cache()
             ratio = sum(call_seconds) / sum(exact_calls)  # transformer time left by the cache
+            within = int((args.target_seconds - other) / (2 * per_call * ratio))
+            table.add("approx", f"First Block Cache {threshold}: most steps within {args.target_seconds:.0f} s",
+                      note=f"{within} steps")  # fmt: skip
             for count in (args.full_steps, args.fast_steps):
                 table.add(
                     "approx",
@@ -444,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=2, help="pipeline steps actually run per sample measurement")
     parser.add_argument("--full-steps", type=int, default=50, help="steps of the sample the estimates are for")
     parser.add_argument("--fast-steps", type=int, default=20, help="step count of the approximate estimate")
+    parser.add_argument("--target-seconds", type=float, default=120.0, help="time goal of the approximate mode")
     parser.add_argument("--approx-steps", type=int, default=4, help="steps run for the approximate comparisons")
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=[0.1], help="First Block Cache")
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per setting, after one warm-up")
