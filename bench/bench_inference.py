@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,9 +151,32 @@ def main(args: argparse.Namespace) -> None:
     tiny = args.tiny
     shape = common.TINY_SHAPE if tiny else common.REAL_SHAPE
     table = Table(budget=args.budget_seconds, tiny=tiny)
-    calls = 2 * args.full_steps
     flops = common.forward_flops(tiny, shape.tokens)
     floor = flops / (args.peak_tflops * 1e12)
+    try:
+        run_sections(args, sections, table, device, dtype, floor)
+    except Exception as err:  # keep what was measured before the failure
+        traceback.print_exc()
+        table.add("error", type(err).__name__, note=(str(err).splitlines() or [""])[0][:150])
+    finally:
+        print()
+        print(
+            f"Machine: {describe_machine(device)}. Shape: {shape.frames} frames, {shape.height}x{shape.width} per "
+            f"modality ({shape.tokens} tokens), guidance 5.0. Forward = {flops / 1e15:.3f} PFLOP; floor "
+            f"{floor:.3f} s at {args.peak_tflops:.0f} TFLOP/s. Total bench time {table.elapsed():.0f} s."
+        )
+        print()
+        print(table.markdown())
+
+
+def run_sections(
+    args: argparse.Namespace, sections: list[str], table: Table, device: torch.device, dtype: torch.dtype, floor: float
+) -> None:
+    """Every selected section in order, adding rows to ``table``."""
+    tiny = args.tiny
+    shape = common.TINY_SHAPE if tiny else common.REAL_SHAPE
+    calls = 2 * args.full_steps
+    flops = common.forward_flops(tiny, shape.tokens)
     print(f"{describe_machine(device)}; {shape.tokens} tokens; {flops / 1e15:.3f} PFLOP per forward", flush=True)
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (shape.height, shape.width, 3), np.uint8))
     needs_pipeline = {"sample", "approx", "vae"} & set(sections)
@@ -406,15 +430,6 @@ def main(args: argparse.Namespace) -> None:
                 note=f"{args.full_steps}-step estimate (eager); x{child['estimate'] / results['eager_sample']:.2f} "
                 "of the unconstrained eager run",
             )
-
-    print()
-    print(
-        f"Machine: {describe_machine(device)}. Shape: {shape.frames} frames, {shape.height}x{shape.width} per "
-        f"modality ({shape.tokens} tokens), guidance 5.0. Forward = {flops / 1e15:.3f} PFLOP; floor {floor:.3f} s at "
-        f"{args.peak_tflops:.0f} TFLOP/s. Total bench time {table.elapsed():.0f} s."
-    )
-    print()
-    print(table.markdown())
 
 
 def run_child(args: argparse.Namespace) -> None:
