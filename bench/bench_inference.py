@@ -217,6 +217,9 @@ def run_sections(
             torch.cuda.empty_cache()
 
     # 2. Ours: eager, each attention backend, regional compile, guidance batching.
+    if set(sections) == {"memory"}:  # no model in this process: the children get the whole GPU
+        run_memory_modes(args, table, results)
+        return
     ours = common.build_transformer(tiny, device, dtype)
     reference = None
     if "forward" in sections and table.fits("forward: ours eager", 15):
@@ -389,47 +392,52 @@ def run_sections(
         if device.type == "cuda":
             torch.cuda.empty_cache()
             print(f"  parent process keeps {torch.cuda.memory_reserved(device) / common.GiB:.1f} GiB", flush=True)
-        runs = MEMORY_RUNS if "eager_sample" in results else (("none", False, 80), *MEMORY_RUNS)
-        for mode, fp8, cap in runs:
-            label = f"--memory {mode}{' --fp8' if fp8 else ''}, capped at {cap} GiB"
-            if not table.fits(f"memory: {label}", 150):
-                continue
-            command = [
-                sys.executable,
-                "-m",
-                "bench.bench_inference",
-                "--child",
-                mode,
-                "--cap-gib",
-                str(cap),
-                "--steps",
-                str(args.steps),
-                "--full-steps",
-                str(args.full_steps),
-            ]
-            command += ["--tiny"] * tiny + ["--fp8"] * fp8 + ["--cpu"] * args.cpu
-            try:
-                proc = subprocess.run(
-                    command, capture_output=True, text=True, timeout=max(10.0, table.budget - table.elapsed())
-                )
-            except subprocess.TimeoutExpired:
-                table.add("memory", label, note="stopped at the budget")
-                continue
-            lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_TAG)]
-            if proc.returncode or not lines:
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                table.add("memory", label, note=f"failed: {last[:120]}")
-                continue
-            child = json.loads(lines[-1][len(CHILD_TAG) :])
-            results.setdefault("eager_sample", child["estimate"])  # the uncapped "none" run, when it came first
-            table.add(
-                "memory",
-                label,
-                child["estimate"],
-                peak=child["peak_gib"],
-                note=f"{args.full_steps}-step estimate (eager); x{child['estimate'] / results['eager_sample']:.2f} "
-                "of the unconstrained eager run",
+        run_memory_modes(args, table, results)
+
+
+def run_memory_modes(args: argparse.Namespace, table: Table, results: dict[str, float]) -> None:
+    """Each memory mode in a fresh process capped at the card size it stands for (this process holds no model)."""
+    runs = MEMORY_RUNS if "eager_sample" in results else (("none", False, 80), *MEMORY_RUNS)
+    for mode, fp8, cap in runs:
+        label = f"--memory {mode}{' --fp8' if fp8 else ''}, capped at {cap} GiB"
+        if not table.fits(f"memory: {label}", 150):
+            continue
+        command = [
+            sys.executable,
+            "-m",
+            "bench.bench_inference",
+            "--child",
+            mode,
+            "--cap-gib",
+            str(cap),
+            "--steps",
+            str(args.steps),
+            "--full-steps",
+            str(args.full_steps),
+        ]
+        command += ["--tiny"] * args.tiny + ["--fp8"] * fp8 + ["--cpu"] * args.cpu
+        try:
+            proc = subprocess.run(
+                command, capture_output=True, text=True, timeout=max(10.0, table.budget - table.elapsed())
             )
+        except subprocess.TimeoutExpired:
+            table.add("memory", label, note="stopped at the budget")
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_TAG)]
+        if proc.returncode or not lines:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            table.add("memory", label, note=f"failed: {last[:120]}")
+            continue
+        child = json.loads(lines[-1][len(CHILD_TAG) :])
+        results.setdefault("eager_sample", child["estimate"])  # the uncapped "none" run, when it came first
+        table.add(
+            "memory",
+            label,
+            child["estimate"],
+            peak=child["peak_gib"],
+            note=f"{args.full_steps}-step estimate (eager); x{child['estimate'] / results['eager_sample']:.2f} "
+            "of the unconstrained eager run",
+        )
 
 
 def run_child(args: argparse.Namespace) -> None:
