@@ -243,11 +243,11 @@ def main(args: argparse.Namespace) -> None:
         if speed.cp == "none" and parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise UsageError("launched by torchrun with several processes: add --cp ulysses or --cp ring")
         if speed.cp != "none":
-            heads = transformer_heads(args)
-            for count in tokens:
-                parallel.check_split(speed.cp, int(os.environ.get("WORLD_SIZE", "2")), count, heads)
             process = parallel.init_processes(speed.cp, device.type)
             device, world_size, is_main = process.device, process.world_size, process.is_main
+            heads = transformer_heads(args)
+            for count in tokens:
+                parallel.check_split(speed.cp, world_size, count, heads)
     except AccelerationError as err:
         raise UsageError(str(err)) from err
     if is_main:
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument(
         "--batch_guidance",
         action="store_true",
-        help="conditional and unconditional passes as one batch of 2 (same output; helps with --cp)",
+        help="conditional and unconditional passes as one batch of 2 (same output; may help with --cp)",
     )
     hardware.add_argument(
         "--cache",

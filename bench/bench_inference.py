@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import weakref
 from dataclasses import dataclass, field
 
@@ -151,9 +152,32 @@ def main(args: argparse.Namespace) -> None:
     tiny = args.tiny
     shape = common.TINY_SHAPE if tiny else common.REAL_SHAPE
     table = Table(budget=args.budget_seconds, tiny=tiny)
-    calls = 2 * args.full_steps
     flops = common.forward_flops(tiny, shape.tokens)
     floor = flops / (args.peak_tflops * 1e12)
+    try:
+        run_sections(args, sections, table, device, dtype, floor)
+    except Exception as err:  # keep what was measured before the failure
+        traceback.print_exc()
+        table.add("error", type(err).__name__, note=(str(err).splitlines() or [""])[0][:150])
+    finally:
+        print()
+        print(
+            f"Machine: {describe_machine(device)}. Shape: {shape.frames} frames, {shape.height}x{shape.width} per "
+            f"modality ({shape.tokens} tokens), guidance 5.0. Forward = {flops / 1e15:.3f} PFLOP; floor "
+            f"{floor:.3f} s at {args.peak_tflops:.0f} TFLOP/s. Total bench time {table.elapsed():.0f} s."
+        )
+        print()
+        print(table.markdown())
+
+
+def run_sections(
+    args: argparse.Namespace, sections: list[str], table: Table, device: torch.device, dtype: torch.dtype, floor: float
+) -> None:
+    """Every selected section in order, adding rows to ``table``."""
+    tiny = args.tiny
+    shape = common.TINY_SHAPE if tiny else common.REAL_SHAPE
+    calls = 2 * args.full_steps
+    flops = common.forward_flops(tiny, shape.tokens)
     print(f"{describe_machine(device)}; {shape.tokens} tokens; {flops / 1e15:.3f} PFLOP per forward", flush=True)
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (shape.height, shape.width, 3), np.uint8))
     needs_pipeline = {"sample", "approx", "vae"} & set(sections)
@@ -198,6 +222,9 @@ def main(args: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
 
     # 2. Ours: eager, each attention backend, regional compile, guidance batching.
+    if set(sections) == {"memory"}:  # no model in this process: the children get the whole GPU
+        run_memory_modes(args, table, results)
+        return
     ours = common.build_transformer(tiny, device, dtype)
     reference = None
     if "forward" in sections and table.fits("forward: ours eager", 15):
@@ -295,6 +322,8 @@ def main(args: argparse.Namespace) -> None:
         seconds, exact_calls, exact, _ = run_sample(pipe, image, shape, steps, device)
         other = seconds - sum(exact_calls)
         per_call = float(np.median(exact_calls))
+        within = int((args.target_seconds - other) / (2 * per_call))
+        table.add("approx", f"exact model: most steps within {args.target_seconds:.0f} s", note=f"{within} steps")
         for count in (args.full_steps, args.fast_steps):
             table.add(
                 "approx",
@@ -316,6 +345,9 @@ def main(args: argparse.Namespace) -> None:
                 if pipe.transformer.is_cache_enabled:
                     pipe.transformer.disable_cache()
             ratio = sum(call_seconds) / sum(exact_calls)  # transformer time left by the cache
+            within = int((args.target_seconds - other) / (2 * per_call * ratio))
+            table.add("approx", f"First Block Cache {threshold}: most steps within {args.target_seconds:.0f} s",
+                      note=f"{within} steps")  # fmt: skip
             for count in (args.full_steps, args.fast_steps):
                 table.add(
                     "approx",
@@ -360,58 +392,57 @@ def main(args: argparse.Namespace) -> None:
         del ours
         if needs_pipeline:
             del pipe, components
+        gc.collect()
+        torch._dynamo.reset()  # compiled graphs must not keep the transformer alive while the children run
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        runs = MEMORY_RUNS if "eager_sample" in results else (("none", False, 80), *MEMORY_RUNS)
-        for mode, fp8, cap in runs:
-            label = f"--memory {mode}{' --fp8' if fp8 else ''}, capped at {cap} GiB"
-            if not table.fits(f"memory: {label}", 150):
-                continue
-            command = [
-                sys.executable,
-                "-m",
-                "bench.bench_inference",
-                "--child",
-                mode,
-                "--cap-gib",
-                str(cap),
-                "--steps",
-                str(args.steps),
-                "--full-steps",
-                str(args.full_steps),
-            ]
-            command += ["--tiny"] * tiny + ["--fp8"] * fp8 + ["--cpu"] * args.cpu
-            try:
-                proc = subprocess.run(
-                    command, capture_output=True, text=True, timeout=max(10.0, table.budget - table.elapsed())
-                )
-            except subprocess.TimeoutExpired:
-                table.add("memory", label, note="stopped at the budget")
-                continue
-            lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_TAG)]
-            if proc.returncode or not lines:
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                table.add("memory", label, note=f"failed: {last[:120]}")
-                continue
-            child = json.loads(lines[-1][len(CHILD_TAG) :])
-            results.setdefault("eager_sample", child["estimate"])  # the uncapped "none" run, when it came first
-            table.add(
-                "memory",
-                label,
-                child["estimate"],
-                peak=child["peak_gib"],
-                note=f"{args.full_steps}-step estimate (eager); x{child['estimate'] / results['eager_sample']:.2f} "
-                "of the unconstrained eager run",
-            )
+            print(f"  parent process keeps {torch.cuda.memory_reserved(device) / common.GiB:.1f} GiB", flush=True)
+        run_memory_modes(args, table, results)
 
-    print()
-    print(
-        f"Machine: {describe_machine(device)}. Shape: {shape.frames} frames, {shape.height}x{shape.width} per "
-        f"modality ({shape.tokens} tokens), guidance 5.0. Forward = {flops / 1e15:.3f} PFLOP; floor {floor:.3f} s at "
-        f"{args.peak_tflops:.0f} TFLOP/s. Total bench time {table.elapsed():.0f} s."
-    )
-    print()
-    print(table.markdown())
+
+def run_memory_modes(args: argparse.Namespace, table: Table, results: dict[str, float]) -> None:
+    """Each memory mode in a fresh process capped at the card size it stands for (this process holds no model)."""
+    runs = MEMORY_RUNS if "eager_sample" in results else (("none", False, 80), *MEMORY_RUNS)
+    for mode, fp8, cap in runs:
+        label = f"--memory {mode}{' --fp8' if fp8 else ''}, capped at {cap} GiB"
+        if not table.fits(f"memory: {label}", 150):
+            continue
+        command = [
+            sys.executable,
+            "-m",
+            "bench.bench_inference",
+            "--child",
+            mode,
+            "--cap-gib",
+            str(cap),
+            "--steps",
+            str(args.steps),
+            "--full-steps",
+            str(args.full_steps),
+        ]
+        command += ["--tiny"] * args.tiny + ["--fp8"] * fp8 + ["--cpu"] * args.cpu
+        try:
+            proc = subprocess.run(
+                command, capture_output=True, text=True, timeout=max(10.0, table.budget - table.elapsed())
+            )
+        except subprocess.TimeoutExpired:
+            table.add("memory", label, note="stopped at the budget")
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_TAG)]
+        if proc.returncode or not lines:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            table.add("memory", label, note=f"failed: {last[:120]}")
+            continue
+        child = json.loads(lines[-1][len(CHILD_TAG) :])
+        results.setdefault("eager_sample", child["estimate"])  # the uncapped "none" run, when it came first
+        table.add(
+            "memory",
+            label,
+            child["estimate"],
+            peak=child["peak_gib"],
+            note=f"{args.full_steps}-step estimate (eager); x{child['estimate'] / results['eager_sample']:.2f} "
+            "of the unconstrained eager run",
+        )
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -426,7 +457,8 @@ def run_child(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * common.GiB / total), torch.cuda.current_device())
+        fraction = min(1.0, args.cap_gib * common.GiB / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
     config = AccelerationConfig(memory=args.child, fp8=args.fp8, compile=False, attention_backend="native")
     apply_acceleration(
         pipe, resolve(config, device, pipe, shape.tokens, shape.frames * shape.height * shape.width), device
@@ -446,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=2, help="pipeline steps actually run per sample measurement")
     parser.add_argument("--full-steps", type=int, default=50, help="steps of the sample the estimates are for")
     parser.add_argument("--fast-steps", type=int, default=20, help="step count of the approximate estimate")
+    parser.add_argument("--target-seconds", type=float, default=120.0, help="time goal of the approximate mode")
     parser.add_argument("--approx-steps", type=int, default=4, help="steps run for the approximate comparisons")
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=[0.1], help="First Block Cache")
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per setting, after one warm-up")

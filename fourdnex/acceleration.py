@@ -152,11 +152,12 @@ def apply_acceleration(pipe, config: AccelerationConfig, device: torch.device) -
     (:func:`fourdnex.parallel.enable_context_parallel`); it needs the model resident (``memory="none"``).
     """
     transformer = pipe.transformer
-    # 1. Attention backend (checked for its package before any weight moves).
-    try:
-        transformer.set_attention_backend(config.attention_backend)
-    except (RuntimeError, ValueError) as err:
-        raise AccelerationError(f"--attention_backend {config.attention_backend}: {err}") from err
+    # 1. Attention backend (checked for its package before any weight moves); native SDPA is diffusers' default.
+    if config.attention_backend != "native":
+        try:
+            transformer.set_attention_backend(config.attention_backend)
+        except (RuntimeError, ValueError) as err:
+            raise AccelerationError(f"--attention_backend {config.attention_backend}: {err}") from err
 
     # 2. Weight storage: float8 for the transformer, upcast layer by layer to the compute dtype.
     if config.fp8:

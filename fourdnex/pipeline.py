@@ -118,7 +118,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         batched = do_cfg and batch_guidance
         if batched:  # one call of batch 2: conditional first, unconditional second
             text = torch.cat([prompt_embeds, negative_prompt_embeds])  # (2, 512, 4096)
-            image_tokens = image_embeds.expand(2, -1, -1)  # (2, 257, 1280)
+            image_tokens = image_embeds.repeat(2, 1, 1)  # (2, 257, 1280)
         with self.progress_bar(total=len(timesteps)) as progress:
             for t in timesteps:
                 # 5a. The model input: the noisy latents beside the mask and the condition.
@@ -127,7 +127,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
                 if batched:
                     with self.transformer.cache_context("cond_uncond"):
                         both = self.transformer(
-                            model_input.expand(2, -1, -1, -1, -1), t.expand(2), text, image_tokens, return_dict=False
+                            model_input.repeat(2, 1, 1, 1, 1), t.expand(2), text, image_tokens, return_dict=False
                         )[0]
                     velocity, velocity_uncond = both.chunk(2)
                 else:
