@@ -426,7 +426,8 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
     }
     grads, calls = [], []
     for keep in (0, 2):
-        cfg = TrainConfig(lora_rank=4, mixed_precision="no", save_attention_blocks=keep)
+        # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
+        cfg = TrainConfig(lora_rank=4, mixed_precision="no", save_attention_blocks=keep, attention_backend="native")
         model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
         model = build_transformer(cfg, transformer=model)
         torch.manual_seed(0)
