@@ -39,6 +39,7 @@ from fourdnex.training import (
     make_batch,
     sample_sigmas,
     stream_positions,
+    trainable_parameters,
     transformer_inputs,
 )
 
@@ -442,3 +443,18 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
     # 2 blocks x 2 attentions run forward once; full checkpointing runs them again before backward
     assert calls[1] < calls[0]
+
+
+def test_real_size_bench_model_on_meta():
+    """The bench's Wan2.1-I2V-14B config: 16.39B parameters, the paper's 209.7M trainable, and a fused forward at the
+    4DNeX shape (35,100 tokens) with the right output shape, all on the meta device (no memory, no compute)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_train_step import REAL, REAL_SHAPE, build_model, random_batch
+
+    model = build_model(REAL, torch.device("meta"))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 16.39
+    model = build_transformer(TrainConfig(gradient_checkpointing=False), transformer=model)
+    trainable = trainable_parameters(model)
+    assert sum(p.numel() for p in trainable.values()) == 64 * 2 * 5120 * 8 * 40 + 2 * 5120  # LoRA + domain
+    inputs = transformer_inputs(random_batch(0, REAL_SHAPE, 4096, 1280).to(torch.device("meta")), torch.bfloat16)
+    assert model(**inputs, return_dict=False)[0].shape == (1, 16, 13, 60, 180)
