@@ -11,6 +11,13 @@ single image path). For each selected line i it writes, into ``--out``:
     {i:05d}_xyz.mp4  the XYZ video, [-1, 1] shown as colours
     {i:05d}.npz      rgb (F, H, W, 3) uint8, xyz (F, H, W, 3) float32 in [-1, 1]
     {i:05d}.json     prompt, image, settings, model and adapter, versions, timings
+
+Speed and memory (defaults suit one 80 GB GPU: native attention, regional torch.compile, everything resident when
+it fits, else the fastest offload that does; see BENCHMARKS.md):
+
+    python inference.py ... --memory group          # a 24 GB card: transformer blocks streamed from CPU memory
+    python inference.py ... --cache fbc --steps 20  # approximate: fewer steps, First Block Cache
+    torchrun --nproc_per_node 4 inference.py ... --cp ulysses   # one sample split over 4 GPUs
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,12 +34,16 @@ import numpy as np
 
 from fourdnex import __version__
 from fourdnex.config import (
+    CACHE_MODES,
+    CP_MODES,
     DEFAULT_MODEL_PATH,
     DEFAULT_MODEL_TYPE,
+    MEMORY_MODES,
     MODEL_TYPES,
     MODES,
     XYZ_LATENT_MEAN,
     XYZ_LATENT_STD,
+    AccelerationConfig,
     SampleConfig,
     size_for_aspect,
 )
@@ -124,6 +136,41 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
     return config
 
 
+def acceleration_config(args: argparse.Namespace) -> AccelerationConfig:
+    """The speed and memory flags as an AccelerationConfig (``auto`` choices resolved once the model is loaded)."""
+    if args.cache_threshold <= 0:
+        raise UsageError(f"--cache_threshold must be positive, got {args.cache_threshold}")
+    switch = {"auto": None, "on": True, "off": False}
+    return AccelerationConfig(
+        attention_backend=args.attention_backend,
+        compile=switch[args.compile],
+        memory=args.memory,
+        fp8=args.fp8,
+        vae_tiling=switch[args.vae_tiling],
+        batch_guidance=args.batch_guidance,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
+        cp=args.cp,
+    )
+
+
+def sample_size(config: SampleConfig, image_path: Path) -> tuple[int, int]:
+    """Per-modality (height, width): as given, or the reference's 480x720-area rule on the image's aspect."""
+    if config.height:
+        return config.height, config.width
+    image = load_image(image_path)
+    return size_for_aspect(image.height, image.width)
+
+
+def transformer_heads(args: argparse.Namespace) -> int:
+    """Attention heads of the transformer that will be loaded, read from its config."""
+    folder = Path(args.sft_path) if args.sft_path else Path(args.model_path) / "transformer"
+    try:
+        return json.loads((folder / "config.json").read_text())["num_attention_heads"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"cannot read the attention head count from {folder / 'config.json'} ({err})") from err
+
+
 def resolve_device_dtype(device: str, dtype: str):
     import torch
 
@@ -170,19 +217,41 @@ def write_outputs(out: Path, index: int, rgb: np.ndarray, xyz: np.ndarray, meta:
 
 def main(args: argparse.Namespace) -> None:
     config = sample_config(args)
+    speed = acceleration_config(args)
     if args.lora_rank is not None and args.lora_rank < 1:
         raise UsageError(f"--lora_rank must be positive, got {args.lora_rank}")
     jobs = select_jobs(args)
     out = Path(args.out)
-    prepare_out(out)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
 
     import torch
     from tqdm.auto import tqdm
 
+    from fourdnex import parallel
+    from fourdnex.acceleration import AccelerationError, apply_acceleration, check_machine, resolve
     from fourdnex.adapters import apply_adapter, read_adapter
     from fourdnex.pipeline import load_pipeline
     from fourdnex.tiny_model import TINY_MARKER
+
+    # Several processes: each runs the pipeline on its own GPU; the transformer's sequence is split among them.
+    layout = MODES[args.mode]
+    sizes = {index: sample_size(config, path) for index, _, path in jobs}
+    tokens = [parallel.tokens_of(config.num_frames, h, w, fused=layout == "rgbxyz") for h, w in sizes.values()]
+    world_size, is_main = 1, True
+    try:
+        check_machine(speed, device)
+        if speed.cp == "none" and parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise UsageError("launched by torchrun with several processes: add --cp ulysses or --cp ring")
+        if speed.cp != "none":
+            heads = transformer_heads(args)
+            for count in tokens:
+                parallel.check_split(speed.cp, int(os.environ.get("WORLD_SIZE", "2")), count, heads)
+            process = parallel.init_processes(speed.cp, device.type)
+            device, world_size, is_main = process.device, process.world_size, process.is_main
+    except AccelerationError as err:
+        raise UsageError(str(err)) from err
+    if is_main:
+        prepare_out(out)
 
     adapter = read_adapter(args.lora_path) if args.lora_path else None
     tic = time.perf_counter()
@@ -193,18 +262,32 @@ def main(args: argparse.Namespace) -> None:
         lora_scale = apply_adapter(pipe.transformer, adapter, scale=args.lora_scale, lora_rank=args.lora_rank)
         if adapter.meta.xyz_latent_mean is not None:
             xyz_mean, xyz_std = adapter.meta.xyz_latent_mean, adapter.meta.xyz_latent_std
-    pipe.to(device)
+    largest_height, largest_width = max(sizes.values(), key=lambda size: size[0] * size[1])
+    try:
+        if speed.cp != "none":
+            parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
+        speed = resolve(
+            speed,
+            device,
+            pipe,
+            tokens=max(tokens),
+            pixels=config.num_frames * largest_height * largest_width,
+        )
+        apply_acceleration(pipe, speed, device)
+    except AccelerationError as err:
+        raise UsageError(str(err)) from err
+    if not is_main:
+        pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - tic
     random_weights = json.loads((Path(args.model_path) / "model_index.json").read_text()).get(TINY_MARKER, False)
-    if random_weights:
+    if random_weights and is_main:
         print(f"note: {args.model_path} is the tiny test model with random weights: its outputs are noise")
-    if adapter is None:
+    if adapter is None and is_main:
         print("note: no --lora_path given: sampling the base Wan2.1 model, which was not trained for pointmaps")
 
-    layout = MODES[args.mode]
-    for index, prompt, image_path in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1):
+    for index, prompt, image_path in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1 or not is_main):
         image = load_image(image_path)
-        height, width = (config.height, config.width) if config.height else size_for_aspect(image.height, image.width)
+        height, width = sizes[index]
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
         try:
             result = pipe(
@@ -220,12 +303,15 @@ def main(args: argparse.Namespace) -> None:
                 layout=layout,
                 xyz_mean=xyz_mean,
                 xyz_std=xyz_std,
+                batch_guidance=speed.batch_guidance,
             )
         except torch.OutOfMemoryError as err:
             raise UsageError(
-                "out of GPU memory: try --dtype bfloat16, fewer --num_frames, a smaller --height/--width, "
-                "or run on a GPU with more memory"
+                "out of GPU memory: try --dtype bfloat16, --memory model or group (or sequential), --fp8, "
+                "fewer --num_frames, a smaller --height/--width, or run on a GPU with more memory"
             ) from err
+        if not is_main:
+            continue
         tic = time.perf_counter()
         meta = {
             "prompt": prompt,
@@ -246,6 +332,8 @@ def main(args: argparse.Namespace) -> None:
             "xyz_latent_std": xyz_std,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
+            "acceleration": dataclasses.asdict(speed),
+            "processes": world_size,
             "versions": versions(),
             "timings": {"load": load_seconds, **result.timings},
         }
@@ -286,13 +374,64 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale, help="(default 5.0)")
     sampling.add_argument("--negative_prompt", default=defaults.negative_prompt, help="(default: empty)")
     sampling.add_argument("--seed", type=int, default=defaults.seed, help="(default 42)")
-    hardware = parser.add_argument_group("hardware")
+    hardware = parser.add_argument_group("hardware, speed and memory")
     hardware.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     hardware.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
         help="transformer and text encoder dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    hardware.add_argument(
+        "--attention_backend",
+        default="auto",
+        help="a diffusers attention backend: native, _native_cudnn, _native_flash, flash, sage, ... "
+        "(default auto: native; _native_cudnn with --cp ring)",
+    )
+    hardware.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="regional torch.compile of the transformer blocks (default auto: on for a GPU without group or "
+        "sequential offload)",
+    )
+    hardware.add_argument(
+        "--memory",
+        default="auto",
+        choices=["auto", *MEMORY_MODES],
+        help="none: all on the GPU; model: one component at a time (about 41 GB); group: transformer blocks "
+        "streamed from CPU memory (fits 24 GB); sequential: layer by layer, slowest (default auto: the fastest "
+        "that fits the GPU's free memory)",
+    )
+    hardware.add_argument(
+        "--fp8", action="store_true", help="store the transformer's weights in float8 (half the memory; approximate)"
+    )
+    hardware.add_argument(
+        "--vae_tiling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode the video in tiles (less memory, tiny seams; default auto: on with --memory group/sequential)",
+    )
+    hardware.add_argument(
+        "--batch_guidance",
+        action="store_true",
+        help="conditional and unconditional passes as one batch of 2 (same output; helps with --cp)",
+    )
+    hardware.add_argument(
+        "--cache",
+        default="none",
+        choices=CACHE_MODES,
+        help="approximate: fbc skips the transformer's later blocks when its first block barely changed",
+    )
+    hardware.add_argument(
+        "--cache_threshold", type=float, default=0.05, help="--cache fbc threshold; higher skips more (default 0.05)"
+    )
+    hardware.add_argument(
+        "--cp",
+        default="none",
+        choices=CP_MODES,
+        help="split each sample over the GPUs of a torchrun launch: ulysses (GPU count divides the 40 heads) or "
+        "ring (any count dividing the token count)",
     )
     return parser
 
@@ -310,3 +449,8 @@ if __name__ == "__main__":
         if isinstance(err, AdapterError | ModelFolderError):
             sys.exit(f"{PROG}: {err}")
         raise
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

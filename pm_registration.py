@@ -1,6 +1,153 @@
-"""pm_registration: not implemented yet."""
+"""Cameras, depth and registered point clouds from generated pointmap videos.
 
+For every result ``NNNNN.npz`` (or a reference ``NNNNN.pkl``) writes ``NNNNN_reg.npz`` (K, cam2world, depth, points,
+residual, frame_index) and ``NNNNN_reg.json`` (settings, diagnostics), and with ``--export`` a folder
+``NNNNN_export/`` for other tools (PLY, COLMAP, nerfstudio, depth + cameras; see fourdnex/export.py).
+
+Example:
+    python pm_registration.py --pkl_dir results/ --export ply colmap nerfstudio depth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fourdnex import __version__
+from fourdnex.config import RegistrationConfig
+from fourdnex.export import DEPTH_FORMATS, EXPORTS, export_all
+from fourdnex.pointmap import ResultError, find_results, load_result, registration_path, save_registration
+from fourdnex.registration import RegistrationError, check_pointmap, register
+
+
+class UsageError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+def _device(name: str) -> torch.device:
+    """The torch device of ``--device`` (``auto``: CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: not a device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def _frames(count: int, start: int, end: int | None, gap: int, where: Path) -> np.ndarray:
+    """The frame numbers ``start:end:gap`` selects from ``count`` frames."""
+    if gap < 1:
+        raise UsageError(f"--frame_gap must be >= 1, got {gap}")
+    index = np.arange(count)[start:end:gap]
+    if len(index) == 0:
+        raise UsageError(f"{where}: frames {start}:{end}:{gap} select none of its {count} frames")
+    return index
+
+
+def main(args: argparse.Namespace) -> None:
+    """Register every result the input names; validates all inputs before writing anything."""
+    config = RegistrationConfig(
+        shared_intrinsics=not args.per_frame_intrinsics,
+        iterations=args.iterations,
+        samples=args.samples,
+        seed=args.seed,
+    )
+    try:
+        config.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.ply_stride < 1:
+        raise UsageError(f"--ply_stride must be >= 1, got {args.ply_stride}")
+    device = _device(args.device)
+    files = find_results(args.pkl_dir)
+    for path in tqdm(files, desc="checking", disable=len(files) < 2):  # fail before writing anything
+        xyz = load_result(path).xyz
+        try:
+            check_pointmap(xyz[_frames(len(xyz), args.start_frame, args.end_frame, args.frame_gap, path)])
+        except RegistrationError as err:
+            raise RegistrationError(f"{path}: {err}") from err
+
+    for path in tqdm(files, desc="registering"):
+        result = load_result(path)
+        index = _frames(len(result.xyz), args.start_frame, args.end_frame, args.frame_gap, path)
+        out_dir = Path(args.out_dir or path.parent)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        xyz = torch.from_numpy(result.xyz[index]).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        reg = register(xyz, config)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        arrays = {
+            "K": reg.K,
+            "cam2world": reg.cam2world,
+            "depth": reg.depth,
+            "points": reg.points,
+            "residual": reg.residual,
+        }
+        arrays = {k: v.cpu().numpy() for k, v in arrays.items()} | {"frame_index": index}
+        meta = {
+            "source": str(path),
+            "frames": {"start": args.start_frame, "end": args.end_frame, "gap": args.frame_gap, "count": len(index)},
+            "size": list(result.xyz.shape[1:3]),
+            "config": asdict(config),
+            "device": str(device),
+            "seconds": round(seconds, 4),
+            "mean_residual": float(reg.residual.mean()),
+            "lm_steps": reg.info["lm_steps"],
+            "planar_frames": [int(index[f]) for f in reg.info["planar_frames"]],
+            "axes": "opencv, camera-to-world, in the pointmap's frame and units",
+            "version": __version__,
+        }
+        save_registration(registration_path(path, out_dir), arrays, meta)
+        if args.export:
+            export_all(
+                out_dir / f"{path.stem}_export",
+                args.export,
+                arrays,
+                result.rgb[index],
+                args.depth_format,
+                args.ply_stride,
+            )
+        tqdm.write(
+            json.dumps({"result": path.name, "seconds": meta["seconds"], "mean_residual": meta["mean_residual"]})
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (the reference's ``--pkl_dir`` names the input)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pkl_dir", "--input", dest="pkl_dir", required=True, help="results folder, or one result file")
+    p.add_argument("--out_dir", default=None, help="where outputs go (default: beside each result)")
+    p.add_argument("--start_frame", type=int, default=0)
+    p.add_argument("--end_frame", type=int, default=None, help="exclusive; default: the last frame")
+    p.add_argument("--frame_gap", type=int, default=1, help="use every N-th frame")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--iterations", type=int, default=RegistrationConfig.iterations, help="refinement (LM) steps")
+    p.add_argument("--samples", type=int, default=RegistrationConfig.samples, help="pixels per frame for the fit")
+    p.add_argument("--per_frame_intrinsics", action="store_true", help="fit one K per frame (default: one shared K)")
+    p.add_argument("--seed", type=int, default=RegistrationConfig.seed)
+    p.add_argument("--export", nargs="*", choices=EXPORTS, default=[], help="exports to write into NNNNN_export/")
+    p.add_argument("--depth_format", choices=DEPTH_FORMATS, default="png16")
+    p.add_argument("--ply_stride", type=int, default=1, help="keep every N-th pixel along rows and columns in PLYs")
+    return p.parse_args(argv)
+
 
 if __name__ == "__main__":
-    sys.exit("pm_registration.py: not implemented yet")
+    try:
+        main(parse_args())
+    except (ResultError, RegistrationError, UsageError) as err:
+        sys.exit(f"pm_registration.py: {err}")

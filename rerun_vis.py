@@ -1,6 +1,98 @@
-"""rerun_vis: not implemented yet."""
+"""View results and their registrations in Rerun: write a recording, or stream to a live viewer.
 
+Reads every result ``NNNNN.npz`` / ``NNNNN.pkl`` of ``--pkl_dir`` and, when present beside it (or in ``--reg_dir``),
+its registration ``NNNNN_reg.npz`` from pm_registration.py; each result goes under its own entity path
+``world/NNNNN`` on the ``frame`` timeline (see fourdnex/vis.py).
+
+Example:
+    python rerun_vis.py --pkl_dir results/ --rr_recording results/scene.rrd
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
 import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fourdnex.pointmap import ResultError, find_results, load_registration, load_result, registration_path
+
+
+class UsageError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+def main(args: argparse.Namespace) -> None:
+    """Load everything first (so bad input writes nothing), then log it to the chosen sinks."""
+    if not (args.rr_recording or args.spawn or args.serve):
+        raise UsageError("nothing to do: give --rr_recording FILE.rrd, --spawn or --serve")
+    if args.stride < 1:
+        raise UsageError(f"--stride must be >= 1, got {args.stride}")
+    files = find_results(args.pkl_dir)
+    if args.rr_recording and not Path(args.rr_recording).parent.is_dir():
+        raise UsageError(f"--rr_recording {args.rr_recording}: its folder does not exist")
+    items = []
+    for path in tqdm(files, desc="loading", disable=len(files) < 2):
+        reg_path = registration_path(path, args.reg_dir)
+        reg = load_registration(reg_path) if reg_path.exists() else None
+        result = load_result(path)
+        if reg is not None and (
+            reg["depth"].shape[1:] != result.xyz.shape[1:3] or reg["frame_index"].max() >= len(result.xyz)
+        ):
+            raise ResultError(f"{reg_path}: does not match {path} {result.xyz.shape}")
+        items.append((path, result, reg))
+
+    import rerun as rr
+
+    from fourdnex.io import atomic_path
+    from fourdnex.vis import log_result
+
+    rec = rr.RecordingStream("fourdnex")
+    with atomic_path(args.rr_recording) if args.rr_recording else contextlib.nullcontext() as tmp:
+        sinks = [rr.FileSink(str(tmp))] if tmp else []
+        if args.spawn:
+            rr.spawn(connect=False)
+            sinks.append(rr.GrpcSink())
+        if args.serve:
+            server = rr.GrpcServerSink(port=args.grpc_port)
+            sinks.append(server)
+            rr.serve_web_viewer(web_port=args.web_port, open_browser=False, connect_to=server.uri)
+            print(f"open http://localhost:{args.web_port}/?url={server.uri} (or: rerun {server.uri}); Ctrl-C stops")
+        rec.set_sinks(*sinks)
+        for path, result, reg in tqdm(items, desc="logging"):
+            log_result(rec, path.stem, result.rgb, result.xyz, reg, args.stride, args.show_xyz, args.max_residual)
+        rec.flush()
+        if not args.serve:
+            rec.disconnect()  # closes the file before it is renamed into place
+    if args.serve:
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (the reference's ``--pkl_dir`` and ``--rr_recording`` keep their meaning)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pkl_dir", "--input", dest="pkl_dir", required=True, help="results folder, or one result file")
+    p.add_argument("--rr_recording", default=None, help="write the recording to this .rrd file")
+    p.add_argument("--spawn", action="store_true", help="stream to a native viewer started here")
+    p.add_argument("--serve", action="store_true", help="serve a web viewer and keep streaming until Ctrl-C")
+    p.add_argument("--grpc_port", type=int, default=9876, help="--serve: the port viewers connect to")
+    p.add_argument("--web_port", type=int, default=9090, help="--serve: the port of the web viewer")
+    p.add_argument("--reg_dir", default=None, help="where NNNNN_reg.npz files are (default: beside the results)")
+    p.add_argument("--stride", type=int, default=2, help="log every N-th pixel along rows and columns as a point")
+    p.add_argument("--show_xyz", action="store_true", help="also log the unregistered pointmap")
+    p.add_argument("--max_residual", type=float, default=None, help="hide registered points farther from the input")
+    return p.parse_args(argv)
+
 
 if __name__ == "__main__":
-    sys.exit("rerun_vis.py: not implemented yet")
+    try:
+        main(parse_args())
+    except (ResultError, UsageError) as err:
+        sys.exit(f"rerun_vis.py: {err}")

@@ -75,3 +75,59 @@ def size_for_aspect(image_height: int, image_width: int, area: int = DEFAULT_ARE
     height = round(math.sqrt(area * image_height / image_width)) // 16 * 16
     width = round(math.sqrt(area * image_width / image_height)) // 16 * 16
     return height, width
+
+
+@dataclass
+class RegistrationConfig:
+    """Settings of the camera/depth fit to a pointmap video (fourdnex.registration); pm_registration.py's flags."""
+
+    shared_intrinsics: bool = True  # one K for the clip; False: one K per frame
+    iterations: int = 10  # Levenberg-Marquardt steps of the joint refinement (it stops earlier once converged)
+    samples: int = 4096  # pixels per frame the fit uses (a jittered grid); every pixel gets a depth and a residual
+    init_samples: int = 2048  # of those, pixels per frame for the closed-form initialization
+    huber: float = 2.0  # robust loss threshold, in robust standard deviations of the residual
+    planar_threshold: float = 0.02  # frames whose points are this flat (spread across / along) skip the DLT
+    default_focal: float = 1.2  # focal length in widths where nothing fixes it (every frame planar): the reference's
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting the fit cannot use."""
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.init_samples < 12 or self.samples < self.init_samples:
+            raise ValueError(f"need 12 <= init_samples <= samples, got {self.init_samples} and {self.samples}")
+        if self.huber <= 0:
+            raise ValueError(f"huber must be positive, got {self.huber}")
+
+#: ``--memory`` choices, from the fastest (everything resident on the GPU) to the most frugal.
+MEMORY_MODES = ("none", "model", "group", "sequential")
+#: ``--cache`` choices: approximate speedups that skip transformer work ("fbc": diffusers' First Block Cache).
+CACHE_MODES = ("none", "fbc")
+#: ``--cp`` choices: diffusers' context parallelism over the processes of a torchrun launch.
+CP_MODES = ("none", "ulysses", "ring")
+
+
+@dataclass
+class AccelerationConfig:
+    """How to run the pipeline fast or in little memory; ``"auto"`` fields are resolved for the device at hand.
+
+    Every field but ``fp8``, ``cache`` and VAE tiling leaves the output unchanged (up to floating-point order).
+    """
+
+    attention_backend: str = "auto"  # a diffusers AttentionBackendName value; auto: the fastest measured one
+    compile: bool | None = None  # regional torch.compile of the transformer blocks; None: on for a resident GPU model
+    memory: str = "auto"  # one of MEMORY_MODES or "auto" (from the GPU's free memory)
+    fp8: bool = False  # store the transformer's weights in float8_e4m3fn, compute in the pipeline dtype
+    vae_tiling: bool | None = None  # None: tile only when memory is offloaded group-wise or sequentially
+    batch_guidance: bool = False  # conditional and unconditional passes as one batch of 2
+    cache: str = "none"  # one of CACHE_MODES
+    cache_threshold: float = 0.05  # First Block Cache: relative change of the first block's residual to skip below
+    cp: str = "none"  # one of CP_MODES
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first unknown choice."""
+        for name, choices in (("memory", (*MEMORY_MODES, "auto")), ("cache", CACHE_MODES), ("cp", CP_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.cache_threshold <= 0:
+            raise ValueError(f"cache_threshold must be positive, got {self.cache_threshold}")

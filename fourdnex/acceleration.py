@@ -1,0 +1,200 @@
+"""Speed and memory settings for :class:`~fourdnex.pipeline.FourDNeXPipeline`, all from diffusers' own machinery.
+
+* exact: the attention backend (``set_attention_backend``), regional ``torch.compile`` of the transformer blocks
+  (``compile_repeated_blocks``), VAE slicing (the RGB and XYZ halves decode one after the other), and guidance
+  batching (a pipeline argument);
+* memory modes: ``none`` (everything resident), ``model`` (``enable_model_cpu_offload``: one component at a time
+  on the GPU), ``group`` (``enable_group_offload``: transformer blocks streamed in on a side CUDA stream while the
+  previous one computes), ``sequential`` (``enable_sequential_cpu_offload``: leaf by leaf); ``auto`` picks the
+  fastest that fits the GPU's free memory (or the per-process cap set with
+  ``torch.cuda.set_per_process_memory_fraction``);
+* approximate: float8 weight storage (``enable_layerwise_casting``), VAE tiling, and First Block Cache
+  (``enable_cache``), each opt-in or implied by a low-memory mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
+
+from .config import MEMORY_MODES, AccelerationConfig
+
+GiB = 1024**3
+#: Peak VAE decode memory per decoded pixel (frames x height x width), measured on the real Wan VAE (bf16/fp32
+#: mix as loaded here): 7.9 GiB for a fused 49 x 480 x 1440 decode.
+_DECODE_BYTES_PER_PIXEL = 7.9 * GiB / (49 * 480 * 1440)
+#: Tiled decoding keeps the peak near this, whatever the size (measured: 1.3 GiB).
+_TILED_DECODE_BYTES = int(1.5 * GiB)
+#: Keep this share of the available memory free for the allocator's fragmentation and the CUDA libraries.
+_MARGIN = 0.9
+
+log = logging.getLogger(__name__)
+
+
+class AccelerationError(ValueError):
+    """A setting this machine cannot run; the message is one line naming the setting."""
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def transformer_working_bytes(tokens: int, inner_dim: int, ffn_dim: int, batch: int, itemsize: int = 2) -> int:
+    """Activation memory of one transformer forward at inference: about 8 hidden-sized tensors and 2 FFN ones."""
+    return batch * tokens * (8 * inner_dim + 2 * ffn_dim) * itemsize
+
+
+def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = False) -> dict[str, int]:
+    """Estimated peak GPU bytes of one sample in each memory mode.
+
+    ``tokens`` is the transformer's sequence length, ``pixels`` the decoded frames x height x width of one
+    modality (the halves decode one after the other), ``batch`` 2 with guidance batching.
+    """
+    config = pipe.transformer.config
+    inner_dim = config.num_attention_heads * config.attention_head_dim
+    transformer = module_bytes(pipe.transformer)
+    if fp8:
+        transformer = transformer // pipe.transformer.dtype.itemsize
+    blocks = len(pipe.transformer.blocks)
+    block = transformer // max(blocks, 1)
+    work = transformer_working_bytes(tokens, inner_dim, config.ffn_dim, batch)
+    text, image, vae = (module_bytes(m) for m in (pipe.text_encoder, pipe.image_encoder, pipe.vae))
+    decode = int(pixels * _DECODE_BYTES_PER_PIXEL)
+    tiled = min(decode, _TILED_DECODE_BYTES)
+    largest_text_leaf = max(module_bytes(m) for m in pipe.text_encoder.modules() if not list(m.children()))
+    return {
+        "none": transformer + text + image + vae + max(work, decode),
+        "model": max(transformer + work, text, image + vae + decode),
+        "group": max(text, min(3, blocks) * block + work, image + vae + tiled),
+        "sequential": max(largest_text_leaf, block + work, tiled),
+    }
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process may still allocate on a CUDA device: free memory, within any per-process cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = (
+        torch.cuda.get_per_process_memory_fraction(device)
+        if hasattr(torch.cuda, "get_per_process_memory_fraction")
+        else 1.0
+    )
+    cap = total * fraction - torch.cuda.memory_reserved(device)
+    return int(min(free, cap))
+
+
+def choose_memory_mode(needs: dict[str, int], available: int) -> str:
+    """The fastest memory mode whose estimated peak fits ``available`` bytes (with a margin)."""
+    for mode in MEMORY_MODES:
+        if needs[mode] <= _MARGIN * available:
+            return mode
+    raise AccelerationError(
+        f"not enough GPU memory: {available / GiB:.1f} GiB free, --memory sequential needs about "
+        f"{needs['sequential'] / GiB:.1f} GiB; use fewer --num_frames or a smaller --height/--width"
+    )
+
+
+def check_machine(config: AccelerationConfig, device: torch.device) -> None:
+    """Refuse, before any weight loads, the settings ``device`` cannot run; one line each."""
+    config.validate()
+    cuda = device.type == "cuda"
+    if config.memory == "sequential" and not cuda:
+        raise AccelerationError("--memory sequential needs a CUDA GPU (its offload hooks onload to an accelerator)")
+    if config.cp == "ring" and not cuda:
+        raise AccelerationError(
+            "--cp ring needs CUDA GPUs (its attention backends return the log-sum-exp that ring attention merges); "
+            "on CPUs use --cp ulysses"
+        )
+    if config.memory not in ("none", "auto") and config.cp != "none":
+        raise AccelerationError(f"--memory {config.memory} cannot be combined with --cp {config.cp}: use --memory none")
+    known = {name.value for name in AttentionBackendName}
+    if config.attention_backend not in (*known, "auto"):
+        raise AccelerationError(
+            f"--attention_backend {config.attention_backend!r} is not a diffusers backend; one of {sorted(known)}"
+        )
+
+
+def resolve(config: AccelerationConfig, device: torch.device, pipe, tokens: int, pixels: int) -> AccelerationConfig:
+    """Replace every ``auto``/``None`` choice with a concrete one for ``device``; refuse what it cannot do."""
+    check_machine(config, device)
+    cuda = device.type == "cuda"
+    memory = config.memory
+    if memory == "auto":
+        if cuda and config.cp == "none":
+            batch = 2 if config.batch_guidance else 1
+            needs = memory_needs(pipe, tokens, pixels, batch=batch, fp8=config.fp8)
+            memory = choose_memory_mode(needs, available_memory(device))
+        else:
+            memory = "none"
+    backend = config.attention_backend
+    if backend == "auto":
+        # Measured on an H100 at the 4DNeX shape: native SDPA 3.73 s, cuDNN 3.86 s, flash 4.85 s. Ring attention
+        # needs a backend that returns the log-sum-exp, which native SDPA does not.
+        backend = "_native_cudnn" if config.cp == "ring" else "native"
+    compile_blocks = config.compile
+    if compile_blocks is None:
+        compile_blocks = cuda and memory in ("none", "model")
+    vae_tiling = config.vae_tiling
+    if vae_tiling is None:
+        vae_tiling = memory in ("group", "sequential")
+    return dataclasses.replace(
+        config, memory=memory, attention_backend=backend, compile=compile_blocks, vae_tiling=vae_tiling
+    )
+
+
+def apply_acceleration(pipe, config: AccelerationConfig, device: torch.device) -> None:
+    """Set up ``pipe`` (loaded on the CPU) on ``device`` following a resolved ``config``.
+
+    Context parallelism, when asked for, must already be enabled on the transformer
+    (:func:`fourdnex.parallel.enable_context_parallel`); it needs the model resident (``memory="none"``).
+    """
+    transformer = pipe.transformer
+    # 1. Attention backend (checked for its package before any weight moves).
+    try:
+        transformer.set_attention_backend(config.attention_backend)
+    except (RuntimeError, ValueError) as err:
+        raise AccelerationError(f"--attention_backend {config.attention_backend}: {err}") from err
+
+    # 2. Weight storage: float8 for the transformer, upcast layer by layer to the compute dtype.
+    if config.fp8:
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
+
+    # 3. Placement: the memory mode.
+    if config.memory == "none":
+        pipe.to(device)
+    elif config.memory == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif config.memory == "group":
+        stream = device.type == "cuda"
+        pipe.enable_group_offload(
+            onload_device=device,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=stream,
+            record_stream=stream,
+            non_blocking=stream,
+        )
+    elif config.memory == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise AccelerationError(f"unknown memory mode {config.memory!r}")
+
+    # 4. VAE: decode the two halves one at a time; tile the frames when memory is tight.
+    pipe.vae.enable_slicing()
+    if config.vae_tiling:
+        pipe.vae.enable_tiling()
+
+    # 5. Approximate caching of transformer calls.
+    if config.cache == "fbc":
+        from diffusers import FirstBlockCacheConfig
+
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=config.cache_threshold))
+
+    # 6. Regional compile: each of the 40 identical blocks shares one compiled graph (whole graphs unless hooks of
+    # offloading, casting or caching wrap the blocks).
+    if config.compile:
+        hooked = config.memory not in ("none", "model") or config.fp8 or config.cache != "none"
+        transformer.compile_repeated_blocks(fullgraph=not hooked)

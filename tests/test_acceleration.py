@@ -1,0 +1,172 @@
+"""Speed and memory settings give the outputs of the plain pipeline: guidance batching, memory modes, caching,
+context parallelism over 2 CPU processes, and one-line refusals of what the machine cannot do."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SMALL, TINY
+from test_inference_cli import SMALL_FLAGS, assert_one_line_error, run_cli
+
+from fourdnex.acceleration import (
+    AccelerationError,
+    GiB,
+    apply_acceleration,
+    choose_memory_mode,
+    memory_needs,
+    resolve,
+)
+from fourdnex.config import AccelerationConfig
+from fourdnex.parallel import check_split, tokens_of
+
+CPU = torch.device("cpu")
+
+
+def sample(pipe, image, **kwargs):
+    return pipe(image, "a cat", generator=torch.Generator().manual_seed(7), **{**SMALL, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def exact(example_image):
+    """The plain two-call sample every setting is compared against."""
+    from fourdnex.pipeline import load_pipeline
+
+    pipe = load_pipeline(TINY, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return sample(pipe, example_image)
+
+
+def accelerated(config: AccelerationConfig):
+    from fourdnex.pipeline import load_pipeline
+
+    pipe = load_pipeline(TINY, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    resolved = resolve(config, CPU, pipe, tokens=24, pixels=5 * 32 * 48)
+    apply_acceleration(pipe, resolved, CPU)
+    return pipe, resolved
+
+
+def test_guidance_batching_equals_two_calls(tiny_pipe, example_image, exact):
+    calls = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        batched = sample(tiny_pipe, example_image, batch_guidance=True)
+    finally:
+        hook.remove()
+    assert calls == [2] * SMALL["num_inference_steps"]  # one call of batch 2 per step
+    assert torch.allclose(batched.latents, exact.latents, atol=1e-5)
+    assert torch.allclose(batched.xyz, exact.xyz, atol=1e-5) and torch.allclose(batched.rgb, exact.rgb, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["model", "group"])
+def test_memory_modes_equal_the_resident_model(memory, example_image, exact):
+    pipe, resolved = accelerated(AccelerationConfig(memory=memory))
+    assert resolved.memory == memory and not resolved.compile  # no compile on a CPU
+    out = sample(pipe, example_image)
+    assert torch.allclose(out.latents, exact.latents, atol=1e-5)
+    assert torch.allclose(out.xyz, exact.xyz, atol=1e-5)
+
+
+def test_fp8_weights_stay_close(example_image, exact):
+    pipe, _ = accelerated(AccelerationConfig(fp8=True))
+    assert pipe.transformer.blocks[0].ffn.net[2].weight.dtype == torch.float8_e4m3fn
+    out = sample(pipe, example_image)
+    deviation = (out.xyz - exact.xyz).abs().max().item()
+    assert 0 < deviation < 0.1  # approximate: 3 mantissa bits per weight
+
+
+def test_first_block_cache_exact_at_zero_threshold_and_skips_above(example_image, exact):
+    pipe, _ = accelerated(AccelerationConfig(cache="fbc", cache_threshold=1e-9))
+    assert torch.allclose(sample(pipe, example_image).latents, exact.latents, atol=1e-5)
+    pipe, _ = accelerated(AccelerationConfig(cache="fbc", cache_threshold=10.0))
+    last_block_calls = []
+    pipe.transformer.blocks[-1].ffn.register_forward_pre_hook(lambda module, args: last_block_calls.append(1))
+    out = sample(pipe, example_image, num_inference_steps=4)
+    assert len(last_block_calls) < 2 * 4  # later steps reuse the cached residual
+    assert not torch.allclose(out.latents, exact.latents, atol=1e-3)
+
+
+def test_memory_needs_order_and_auto_choice(tiny_pipe):
+    needs = memory_needs(tiny_pipe, tokens=35_100, pixels=5 * 32 * 48)
+    assert needs["none"] > needs["model"] >= needs["group"] >= needs["sequential"] > 0
+    assert choose_memory_mode(needs, available=needs["none"] * 2) == "none"
+    assert choose_memory_mode(needs, available=int(needs["model"] / 0.9) + 1) == "model"
+    with pytest.raises(AccelerationError, match="not enough GPU memory"):
+        choose_memory_mode(needs, available=needs["sequential"] // 2)
+    batched = memory_needs(tiny_pipe, tokens=35_100, pixels=5 * 32 * 48, batch=2)
+    assert batched["model"] > needs["model"]
+
+
+def test_memory_needs_at_the_real_size_pick_the_documented_modes():
+    """Real Wan2.1-I2V-14B byte counts (bf16 transformer and UMT5, float32 CLIP and VAE) at 35,100 tokens."""
+
+    class Sized(torch.nn.Module):
+        def __init__(self, nbytes: float) -> None:
+            super().__init__()
+            self.nbytes = int(nbytes)
+
+    sizes = {"transformer": 32.8e9, "text_encoder": 11.4e9, "image_encoder": 2.5e9, "vae": 0.5e9}
+    pipe = type("Pipe", (), {})()
+    transformer = Sized(sizes["transformer"])
+    transformer.config = type("C", (), {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824})
+    transformer.blocks = [None] * 40
+    transformer.dtype = torch.bfloat16
+    pipe.transformer, pipe.text_encoder = transformer, Sized(sizes["text_encoder"])
+    pipe.image_encoder, pipe.vae = Sized(sizes["image_encoder"]), Sized(sizes["vae"])
+    import fourdnex.acceleration as acceleration
+
+    original = acceleration.module_bytes
+    acceleration.module_bytes = lambda module: module.nbytes
+    try:
+        needs = memory_needs(pipe, tokens=35_100, pixels=49 * 480 * 720)
+    finally:
+        acceleration.module_bytes = original
+    assert choose_memory_mode(needs, 79 * GiB) == "none"
+    assert choose_memory_mode(needs, 47 * GiB) == "model"
+    assert choose_memory_mode(needs, 23 * GiB) == "group"
+
+
+def test_settings_the_machine_cannot_do_are_refused(tiny_pipe):
+    with pytest.raises(AccelerationError, match="--memory sequential needs a CUDA GPU"):
+        resolve(AccelerationConfig(memory="sequential"), CPU, tiny_pipe, tokens=24, pixels=1)
+    with pytest.raises(AccelerationError, match="--cp ring needs CUDA GPUs"):
+        resolve(AccelerationConfig(cp="ring"), CPU, tiny_pipe, tokens=24, pixels=1)
+    with pytest.raises(AccelerationError, match="cannot be combined with --cp"):
+        resolve(AccelerationConfig(cp="ulysses", memory="model"), CPU, tiny_pipe, tokens=24, pixels=1)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        resolve(AccelerationConfig(memory="huge"), CPU, tiny_pipe, tokens=24, pixels=1)
+    auto = resolve(AccelerationConfig(), CPU, tiny_pipe, tokens=24, pixels=1)
+    assert dataclasses.astuple(auto)[:5] == ("native", False, "none", False, False)
+
+
+def test_context_parallel_split_checks():
+    assert tokens_of(49, 480, 720, fused=True) == 35_100
+    check_split("ulysses", 4, 35_100, 40)
+    check_split("ring", 3, 35_100, 40)
+    with pytest.raises(AccelerationError, match="heads do not split over 3 processes; use --cp ring"):
+        check_split("ulysses", 3, 35_100, 40)
+    with pytest.raises(AccelerationError, match="35100 tokens of this video size do not split evenly over 8"):
+        check_split("ulysses", 8, 35_100, 40)
+
+
+def test_context_parallel_on_two_cpu_processes_matches_one(tmp_path):
+    result = tmp_path / "cp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "cp_worker.py"),
+         str(result), "ulysses"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    numbers = json.loads(result.read_text())
+    assert numbers["world_size"] == 2
+    assert numbers["tokens_per_process"] * 2 == numbers["tokens"]  # the sequence really was split
+    assert numbers["max_abs_latents"] < 1e-5 and numbers["max_abs_xyz"] < 1e-5
+
+
+def test_cli_refuses_what_it_cannot_do(tmp_path):
+    common = ["--prompt", "x", "--image", ROOT / "example" / "scene.png", "--out", tmp_path, "--model_path", TINY]
+    assert_one_line_error(run_cli(*common, *SMALL_FLAGS, "--cp", "ulysses"), "--cp ulysses needs several processes")
+    assert_one_line_error(run_cli(*common, *SMALL_FLAGS, "--memory", "sequential"), "needs a CUDA GPU")
