@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fourdnex import data
-from fourdnex.dataset_build import BuildConfig, Encoders, build
+from fourdnex.dataset_build import BuildConfig, Encoders, build, merge_shards
 from fourdnex.synthetic import render_scene, write_dynamic_npz, write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +212,9 @@ def test_shards_then_merge_equal_a_single_run(single, tree, encoders, tmp_path):
     assert second.merged and second.done == 6 and first.processed + second.processed == 6
     for name in ("manifest.jsonl", "prompts.txt", "videos.txt", "failures.jsonl", "stats.json", "build_config.json"):
         assert (tmp_path / name).read_text() == (single / name).read_text(), name
+    (tmp_path / "manifest.jsonl").unlink()  # the explicit merge step writes the same lists again
+    assert merge_shards(tree, tmp_path).done == 6
+    assert (tmp_path / "manifest.jsonl").read_text() == (single / "manifest.jsonl").read_text()
     for r in _records(single):
         for key in ("latents", "clip", "prompt"):
             a, b = load_file(single / r["files"][key]), load_file(tmp_path / r["files"][key])
@@ -295,3 +298,9 @@ def test_cli_user_errors_are_one_line(single, tree):
         cli.main(_parse(cli, [*base, "--resolution_h", "48", "--resolution_w", "48", "--num_frames", "9"]))
     with pytest.raises(SystemExit, match="num_frames must be 4k\\+1"):
         cli.main(_parse(cli, [*base, "--num_frames", "10"]))
+    with pytest.raises(SystemExit, match="model_path /nonexistent is not a diffusers folder"):
+        cli.main(
+            _parse(
+                cli, ["--data_dir", str(tree), "--out", str(single.parent / "other"), "--model_path", "/nonexistent"]
+            )
+        )
