@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from fourdnex import data
@@ -110,8 +111,6 @@ def test_every_format_round_trips(single, tree):
             and geo["intrinsics"].shape == (9, 3, 3)
             and geo["cam2world"].shape == (9, 4, 4)
         )
-        from PIL import Image
-
         assert np.asarray(Image.open(files["first_frame"])).shape == (*RES, 3)
         for key in ("video", "pointmap_preview"):
             frames, _ = data._read_video(files[key], list(range(9)))
@@ -124,11 +123,9 @@ def test_every_format_round_trips(single, tree):
 
 def test_video_start_offset_and_rgb_order(single, tree):
     """A MonST3R clip's RGB starts at frame <start> of its video; image folders are read as RGB."""
-    from PIL import Image
-
     for r in _records(single):
         first = np.asarray(Image.open(single / r["files"]["first_frame"])).astype(np.float64)
-        i = r["number"] - 10000
+        i = r["number"] - 10000  # write_tree numbers clip i 10000 + i and renders it from seed 1 * 100003 + i
         if r["format"] == "monst3r":
             start = int(r["id"].rsplit("_", 1)[1].split("-")[0])
             scene = render_scene(1 * 100003 + i, start + 2, *SOURCE[1:])
