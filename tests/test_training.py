@@ -448,8 +448,7 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
 def test_real_size_bench_model_on_meta():
     """The bench's Wan2.1-I2V-14B config: 16.39B parameters, the paper's 209.7M trainable, and a fused forward at the
     4DNeX shape (35,100 tokens) with the right output shape, all on the meta device (no memory, no compute)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_train_step import REAL, REAL_SHAPE, build_model, random_batch
+    from bench.bench_train_step import REAL, REAL_SHAPE, build_model, random_batch
 
     model = build_model(REAL, torch.device("meta"))
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 16.39
