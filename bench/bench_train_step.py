@@ -6,16 +6,15 @@ The transformer is built with random bf16 weights directly on the GPU (``--real-
 with p, so one process with ``--gradient_accumulation_steps 2`` and two processes with 1 see the same samples.
 
     # the trainer (DeepSpeed ZeRO-2, bf16 LoRA, gradient checkpointing), one GPU; --profile: where the GPU time goes
-    python bench/bench_train_step.py --real-size --steps 3 --profile
+    python -m bench.bench_train_step --real-size --steps 3 --profile
     # the same with another attention kernel / keeping 8 blocks' attention outputs / compiled blocks
-    python bench/bench_train_step.py --real-size --attention_backend _native_cudnn --save_attention_blocks 8
+    python -m bench.bench_train_step --real-size --attention_backend _native_cudnn --save_attention_blocks 8
     # plain diffusers + peft + gradient checkpointing + torch AdamW (fp32 LoRA under bf16 autocast), no DeepSpeed
-    python bench/bench_train_step.py --real-size --mode baseline
-    # two processes, ZeRO-2 or ZeRO-3, one sample each (compare with --gradient_accumulation_steps 2 on one)
-    accelerate launch --config_file configs/accelerate_zero2.yaml --num_processes 2 \
-        bench/bench_train_step.py --real-size
+    python -m bench.bench_train_step --real-size --mode baseline
+    # two processes, ZeRO-2 (or ZeRO-3), one sample each; compare with --gradient_accumulation_steps 2 on one
+    torchrun --nproc_per_node 2 -m bench.bench_train_step --real-size [--deepspeed_config configs/deepspeed_zero3.json]
     # attention kernels alone at the 4DNeX shape (forward + backward), per backend
-    python bench/bench_train_step.py --real-size --mode attention
+    python -m bench.bench_train_step --real-size --mode attention
 """
 
 from __future__ import annotations
