@@ -16,9 +16,8 @@ import sys
 
 import torch
 
-from fourdnex import data
 from fourdnex.config import DEFAULT_MODEL_PATH
-from fourdnex.dataset_build import BuildConfig, build
+from fourdnex.dataset_build import BuildConfig, build, merge_shards
 
 
 def main(args: argparse.Namespace) -> None:
@@ -28,11 +27,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         cfg.validate()
         if args.merge:
-            clips, _ = data.find_clips(cfg.data_dir)
-            clips = clips[: cfg.limit] if cfg.limit else clips
-            result = data.merge(cfg.out, clips, cfg.cache_config())
-            if not result.written:
-                sys.exit(f"build_wan_dataset.py: {result.pending} clips have neither a record nor a failure yet")
+            result = merge_shards(cfg.data_dir, cfg.out, cfg.limit)
             print(f"merged {result.done} clips, {result.failed} failed")
             return
         summary = build(cfg)

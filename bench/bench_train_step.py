@@ -6,16 +6,15 @@ The transformer is built with random bf16 weights directly on the GPU (``--real-
 with p, so one process with ``--gradient_accumulation_steps 2`` and two processes with 1 see the same samples.
 
     # the trainer (DeepSpeed ZeRO-2, bf16 LoRA, gradient checkpointing), one GPU; --profile: where the GPU time goes
-    python bench/bench_train_step.py --real-size --steps 3 --profile
+    python -m bench.bench_train_step --real-size --steps 3 --profile
     # the same with another attention kernel / keeping 8 blocks' attention outputs / compiled blocks
-    python bench/bench_train_step.py --real-size --attention_backend _native_cudnn --save_attention_blocks 8
+    python -m bench.bench_train_step --real-size --attention_backend _native_cudnn --save_attention_blocks 8
     # plain diffusers + peft + gradient checkpointing + torch AdamW (fp32 LoRA under bf16 autocast), no DeepSpeed
-    python bench/bench_train_step.py --real-size --mode baseline
-    # two processes, ZeRO-2 or ZeRO-3, one sample each (compare with --gradient_accumulation_steps 2 on one)
-    accelerate launch --config_file configs/accelerate_zero2.yaml --num_processes 2 \
-        bench/bench_train_step.py --real-size
+    python -m bench.bench_train_step --real-size --mode baseline
+    # two processes, ZeRO-2 (or ZeRO-3), one sample each; compare with --gradient_accumulation_steps 2 on one
+    torchrun --nproc_per_node 2 -m bench.bench_train_step --real-size [--deepspeed_config configs/deepspeed_zero3.json]
     # attention kernels alone at the 4DNeX shape (forward + backward), per backend
-    python bench/bench_train_step.py --real-size --mode attention
+    python -m bench.bench_train_step --real-size --mode attention
 """
 
 from __future__ import annotations
@@ -31,6 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import REAL_TRANSFORMER as REAL
+from bench.common import TINY_TRANSFORMER as TINY
+from bench.common import building_on
 from fourdnex.model import FourDNeXTransformer
 from fourdnex.training import (
     Batch,
@@ -44,27 +46,6 @@ from fourdnex.training import (
     trainable_parameters,
 )
 
-#: Wan2.1-I2V-14B-480P's transformer.
-REAL = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=36,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    image_dim=1280,
-    added_kv_proj_dim=5120,
-    rope_max_seq_len=1024,
-)
-#: The tiny test model's transformer (CPU smoke runs).
-TINY = dict(REAL, num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2)
-TINY.update(image_dim=32, added_kv_proj_dim=24, rope_max_seq_len=64)
 #: (latent frames, latent height, latent width per modality, text tokens) of a 49 x 480 x 720 sample, and a tiny one.
 REAL_SHAPE = (13, 60, 90, 512)
 TINY_SHAPE = (3, 4, 4, 16)
@@ -72,14 +53,9 @@ TINY_SHAPE = (3, 4, 4, 16)
 
 def build_model(config: dict, device: torch.device) -> FourDNeXTransformer:
     """Random weights in bf16, created on ``device`` (no fp32 host copy of 16B parameters)."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with device:
-            torch.manual_seed(0)
-            return FourDNeXTransformer(**config)
-    finally:
-        torch.set_default_dtype(default)
+    torch.manual_seed(0)
+    with building_on(device, torch.bfloat16):
+        return FourDNeXTransformer(**config)
 
 
 def random_batch(position: int, shape: tuple[int, int, int, int], text_dim: int, image_dim: int) -> Batch:

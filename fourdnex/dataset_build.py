@@ -98,6 +98,8 @@ class Encoders:
         """Load every component but the transformer from a diffusers Wan2.1-I2V folder."""
         from diffusers import WanImageToVideoPipeline
 
+        if not (Path(model_path) / "model_index.json").is_file():
+            raise FileNotFoundError(f"model_path {model_path} is not a diffusers folder (no model_index.json)")
         pipe = WanImageToVideoPipeline.from_pretrained(str(model_path), transformer=None, dtype=dtype)
         return cls(pipe, device)
 
@@ -324,6 +326,22 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
         ignored=ignored,
         seconds=time.perf_counter() - start,
     )
+
+
+def merge_shards(data_dir: str | Path, out: str | Path, limit: int | None = None) -> data.MergeResult:
+    """Combine the shards' records into the lists, manifest and statistics, with the cache's recorded config.
+
+    Raises ValueError if the cache has no build_config.json or some clip has neither a record nor a failure.
+    """
+    config_path = Path(out) / data.CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{out} holds no {data.CONFIG_FILE}: nothing was built there")
+    clips, _ = data.find_clips(data_dir)
+    clips = clips[:limit] if limit is not None else clips
+    result = data.merge(out, clips, json.loads(config_path.read_text()))
+    if not result.written:
+        raise ValueError(f"{result.pending} clips have neither a record nor a failure yet (other shards running?)")
+    return result
 
 
 def _write_clip(

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from fourdnex import data
-from fourdnex.dataset_build import BuildConfig, Encoders, build
+from fourdnex.dataset_build import BuildConfig, Encoders, build, merge_shards
 from fourdnex.synthetic import render_scene, write_dynamic_npz, write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +111,6 @@ def test_every_format_round_trips(single, tree):
             and geo["intrinsics"].shape == (9, 3, 3)
             and geo["cam2world"].shape == (9, 4, 4)
         )
-        from PIL import Image
-
         assert np.asarray(Image.open(files["first_frame"])).shape == (*RES, 3)
         for key in ("video", "pointmap_preview"):
             frames, _ = data._read_video(files[key], list(range(9)))
@@ -124,11 +123,9 @@ def test_every_format_round_trips(single, tree):
 
 def test_video_start_offset_and_rgb_order(single, tree):
     """A MonST3R clip's RGB starts at frame <start> of its video; image folders are read as RGB."""
-    from PIL import Image
-
     for r in _records(single):
         first = np.asarray(Image.open(single / r["files"]["first_frame"])).astype(np.float64)
-        i = r["number"] - 10000
+        i = r["number"] - 10000  # write_tree numbers clip i 10000 + i and renders it from seed 1 * 100003 + i
         if r["format"] == "monst3r":
             start = int(r["id"].rsplit("_", 1)[1].split("-")[0])
             scene = render_scene(1 * 100003 + i, start + 2, *SOURCE[1:])
@@ -212,6 +209,9 @@ def test_shards_then_merge_equal_a_single_run(single, tree, encoders, tmp_path):
     assert second.merged and second.done == 6 and first.processed + second.processed == 6
     for name in ("manifest.jsonl", "prompts.txt", "videos.txt", "failures.jsonl", "stats.json", "build_config.json"):
         assert (tmp_path / name).read_text() == (single / name).read_text(), name
+    (tmp_path / "manifest.jsonl").unlink()  # the explicit merge step writes the same lists again
+    assert merge_shards(tree, tmp_path).done == 6
+    assert (tmp_path / "manifest.jsonl").read_text() == (single / "manifest.jsonl").read_text()
     for r in _records(single):
         for key in ("latents", "clip", "prompt"):
             a, b = load_file(single / r["files"][key]), load_file(tmp_path / r["files"][key])
@@ -295,3 +295,9 @@ def test_cli_user_errors_are_one_line(single, tree):
         cli.main(_parse(cli, [*base, "--resolution_h", "48", "--resolution_w", "48", "--num_frames", "9"]))
     with pytest.raises(SystemExit, match="num_frames must be 4k\\+1"):
         cli.main(_parse(cli, [*base, "--num_frames", "10"]))
+    with pytest.raises(SystemExit, match="model_path /nonexistent is not a diffusers folder"):
+        cli.main(
+            _parse(
+                cli, ["--data_dir", str(tree), "--out", str(single.parent / "other"), "--model_path", "/nonexistent"]
+            )
+        )

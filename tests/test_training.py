@@ -39,6 +39,7 @@ from fourdnex.training import (
     make_batch,
     sample_sigmas,
     stream_positions,
+    trainable_parameters,
     transformer_inputs,
 )
 
@@ -426,7 +427,8 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
     }
     grads, calls = [], []
     for keep in (0, 2):
-        cfg = TrainConfig(lora_rank=4, mixed_precision="no", save_attention_blocks=keep)
+        # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
+        cfg = TrainConfig(lora_rank=4, mixed_precision="no", save_attention_blocks=keep, attention_backend="native")
         model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
         model = build_transformer(cfg, transformer=model)
         torch.manual_seed(0)
@@ -441,3 +443,17 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
     # 2 blocks x 2 attentions run forward once; full checkpointing runs them again before backward
     assert calls[1] < calls[0]
+
+
+def test_real_size_bench_model_on_meta():
+    """The bench's Wan2.1-I2V-14B config: 16.39B parameters, the paper's 209.7M trainable, and a fused forward at the
+    4DNeX shape (35,100 tokens) with the right output shape, all on the meta device (no memory, no compute)."""
+    from bench.bench_train_step import REAL, REAL_SHAPE, build_model, random_batch
+
+    model = build_model(REAL, torch.device("meta"))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 16.39
+    model = build_transformer(TrainConfig(gradient_checkpointing=False), transformer=model)
+    trainable = trainable_parameters(model)
+    assert sum(p.numel() for p in trainable.values()) == 64 * 2 * 5120 * 8 * 40 + 2 * 5120  # LoRA + domain
+    inputs = transformer_inputs(random_batch(0, REAL_SHAPE, 4096, 1280).to(torch.device("meta")), torch.bfloat16)
+    assert model(**inputs, return_dict=False)[0].shape == (1, 16, 13, 60, 180)
