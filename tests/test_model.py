@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
 
 from fourdnex.config import MODEL_TYPES
 from fourdnex.model import FourDNeXTransformer
@@ -116,11 +117,15 @@ def test_attention_backends_agree(models):
     ours.set_layout("rgbxyz")
     args = inputs(width=16, seed=5)
     default = run(ours, args)
-    ours.set_attention_backend("_native_math")
-    try:
+    with attention_backend("_native_math"):  # the process-wide choice, restored on exit
         assert torch.allclose(run(ours, args), default, atol=1e-5)
-    finally:
-        ours.reset_attention_backend()
+    with attention_backend("native"):  # set_attention_backend also moves the process-wide choice: restore it
+        ours.set_attention_backend("_native_math")
+        try:
+            assert torch.allclose(run(ours, args), default, atol=1e-5)
+        finally:
+            ours.reset_attention_backend()
+    assert _AttentionBackendRegistry.get_active_backend()[0] == "native"
 
 
 def test_keeps_the_names_diffusers_machinery_relies_on(models):
