@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import common
 from fourdnex.dataset_build import BuildConfig, Encoders, build
 from fourdnex.synthetic import write_tree
 
@@ -61,51 +62,8 @@ class TimedEncoders(Encoders):
 
 
 def real_size_components(device: str, dtype: torch.dtype) -> dict:
-    """The Wan2.1-I2V-14B encoders at their real sizes with random weights, built directly on ``device``."""
-    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
-
-    tiny = WanImageToVideoPipeline.from_pretrained(str(TINY), transformer=None)  # tokenizer and scheduler only
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            vae = AutoencoderKLWan(
-                base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
-            )
-            text_encoder = UMT5EncoderModel(
-                UMT5Config(
-                    vocab_size=256384,
-                    d_model=4096,
-                    d_ff=10240,
-                    d_kv=64,
-                    num_layers=24,
-                    num_heads=64,
-                    feed_forward_proj="gated-gelu",
-                )
-            )
-            image_encoder = CLIPVisionModel(
-                CLIPVisionConfig(
-                    hidden_size=1280,
-                    intermediate_size=5120,
-                    num_hidden_layers=32,
-                    num_attention_heads=16,
-                    image_size=224,
-                    patch_size=14,
-                    hidden_act="gelu",
-                )
-            )
-    finally:
-        torch.set_default_dtype(previous)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    return {
-        "tokenizer": tiny.tokenizer,
-        "text_encoder": text_encoder.eval(),
-        "vae": vae.eval(),
-        "scheduler": tiny.scheduler,
-        "image_processor": processor,
-        "image_encoder": image_encoder.eval(),
-    }
+    """The Wan2.1-I2V-14B encoders at their real sizes with random weights, all in ``dtype``, built on ``device``."""
+    return common.build_components(False, torch.device(device), dtype, vision_dtype=dtype)
 
 
 def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_num_frames: int) -> dict[str, float]:

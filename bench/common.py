@@ -149,13 +149,16 @@ def build_transformer(tiny: bool, device: torch.device, dtype: torch.dtype, stoc
     return model.eval().requires_grad_(False)
 
 
-def build_components(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Every pipeline component but the transformer: UMT5 (``dtype``), CLIP ViT-H/14 and the VAE (float32)."""
+def build_components(
+    tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0, vision_dtype: torch.dtype = torch.float32
+) -> dict:
+    """Every pipeline component but the transformer: UMT5 in ``dtype``, CLIP ViT-H/14 and the VAE in
+    ``vision_dtype`` (float32 as inference loads them; the dataset builder runs all encoders in one dtype)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer((TINY_UMT5 if tiny else REAL_UMT5)["vocab_size"])
     with building_on(device, dtype):
         text_encoder = UMT5EncoderModel(UMT5Config(**(TINY_UMT5 if tiny else REAL_UMT5)))
-    with building_on(device, torch.float32):
+    with building_on(device, vision_dtype):
         image_encoder = CLIPVisionModel(CLIPVisionConfig(**(TINY_CLIP if tiny else REAL_CLIP)))
         vae = AutoencoderKLWan(**(TINY_VAE if tiny else REAL_VAE), temperal_downsample=[False, True, True])
     size = TINY_CLIP["image_size"] if tiny else REAL_CLIP["image_size"]
