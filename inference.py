@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from fourdnex import __version__
 from fourdnex.config import (
     CACHE_MODES,
@@ -183,11 +181,6 @@ def resolve_device_dtype(device: str, dtype: str):
     return torch.device(device), getattr(torch, dtype)
 
 
-def to_uint8(video: np.ndarray, low: float) -> np.ndarray:
-    """Float frames in [low, 1] -> uint8."""
-    return np.round((video - low) / (1.0 - low) * 255.0).clip(0, 255).astype(np.uint8)
-
-
 def versions() -> dict[str, str]:
     import diffusers
     import peft
@@ -201,18 +194,6 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
-
-
-def write_outputs(out: Path, index: int, rgb: np.ndarray, xyz: np.ndarray, meta: dict) -> None:
-    """All files of one sample; each is written atomically, the json last."""
-    from fourdnex.io import write_video
-    from fourdnex.pointmap import save_result
-
-    rgb8, xyz8 = to_uint8(rgb, 0.0), to_uint8(xyz, -1.0)
-    write_video(out / f"{index:05d}_rgb.mp4", rgb8)
-    write_video(out / f"{index:05d}_xyz.mp4", xyz8)
-    write_video(out / f"{index:05d}.mp4", np.concatenate([rgb8, xyz8], axis=2))
-    save_result(out, index, rgb8, xyz, meta)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -231,6 +212,7 @@ def main(args: argparse.Namespace) -> None:
     from fourdnex.acceleration import AccelerationError, apply_acceleration, check_machine, resolve
     from fourdnex.adapters import apply_adapter, read_adapter
     from fourdnex.pipeline import load_pipeline
+    from fourdnex.pointmap import write_sample
     from fourdnex.tiny_model import TINY_MARKER
 
     # Several processes: each runs the pipeline on its own GPU; the transformer's sequence is split among them.
@@ -337,7 +319,7 @@ def main(args: argparse.Namespace) -> None:
             "versions": versions(),
             "timings": {"load": load_seconds, **result.timings},
         }
-        write_outputs(out, index, result.rgb[0].numpy(), result.xyz[0].numpy(), meta)
+        write_sample(out, index, result.rgb[0].numpy(), result.xyz[0].numpy(), meta)
         print(f"wrote {out / f'{index:05d}'}.{{mp4,npz,json}} ({sum(result.timings.values()):.1f} s)")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import write_json, write_npz
+from .io import write_json, write_npz, write_video
 
 RESULT_NAME = re.compile(r"^\d{5}\.(npz|pkl)$")
 
@@ -61,6 +61,25 @@ def save_result(out_dir: str | Path, index: int, rgb: np.ndarray, xyz: np.ndarra
     write_npz(path, rgb=result.rgb, xyz=result.xyz)
     write_json(out_dir / f"{index:05d}.json", meta)
     return path
+
+
+def to_uint8(video: np.ndarray, low: float) -> np.ndarray:
+    """Float frames in [low, 1] -> uint8."""
+    return np.round((video - low) / (1.0 - low) * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def write_sample(out_dir: str | Path, index: int, rgb: np.ndarray, xyz: np.ndarray, meta: dict) -> Path:
+    """Every file of one generated sample, as inference.py writes them; each atomically, the json last.
+
+    ``rgb`` is ``(F, H, W, 3)`` float in [0, 1], ``xyz`` the same shape in [-1, 1]. Writes ``{index:05d}_rgb.mp4``,
+    ``{index:05d}_xyz.mp4``, ``{index:05d}.mp4`` (RGB | XYZ side by side), then the result files; returns the npz.
+    """
+    out_dir = Path(out_dir)
+    rgb8, xyz8 = to_uint8(rgb, 0.0), to_uint8(xyz, -1.0)
+    write_video(out_dir / f"{index:05d}_rgb.mp4", rgb8)
+    write_video(out_dir / f"{index:05d}_xyz.mp4", xyz8)
+    write_video(out_dir / f"{index:05d}.mp4", np.concatenate([rgb8, xyz8], axis=2))
+    return save_result(out_dir, index, rgb8, xyz, meta)
 
 
 def load_result(path: str | Path) -> Result:

@@ -35,7 +35,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +49,7 @@ from .checkpoint import (
 )
 from .config import DEFAULT_LORA_TARGETS, DEFAULT_MODEL_PATH, DEFAULT_MODEL_TYPE, MODEL_TYPES
 from .fusion import split_width
-from .io import write_json, write_video
+from .io import write_json
 from .train_data import LatentCache, Sample, VaeConditionEncoder
 
 if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: loaded when used
@@ -765,15 +764,15 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 
 def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_dir: Path) -> None:
-    """Sample one result with the current weights into ``out_dir``: ``00000.npz``/``.json`` as inference.py writes
-    them (:mod:`fourdnex.pointmap`) and ``00000.mp4``, RGB | XYZ side by side.
+    """Sample one result with the current weights into ``out_dir``, written as inference.py writes its results
+    (:func:`fourdnex.pointmap.write_sample`: ``00000.npz``/``.json`` and the RGB, XYZ and side-by-side videos).
 
     Every process runs the sampler (under ZeRO-3 each holds a part of the weights); the main process writes.
     """
     import PIL.Image
 
     from .pipeline import FourDNeXPipeline
-    from .pointmap import save_result
+    from .pointmap import write_sample
 
     cfg = trainer.cfg
     if trainer.validation_components is None:
@@ -803,13 +802,9 @@ def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_di
         getattr(pipe, name).to("cpu")
     if trainer.accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        rgb = (output.rgb[0].numpy() * 255).round().astype("uint8")
         meta = {"prompt": cfg.validation_prompt, "image": cfg.validation_image, "seed": cfg.seed, "step": trainer.step}
         meta["timings"] = output.timings
-        xyz = output.xyz[0].numpy()
-        save_result(out_dir, 0, rgb, xyz, meta)
-        colours = ((xyz + 1) * 127.5).round().clip(0, 255).astype("uint8")
-        write_video(out_dir / "00000.mp4", np.concatenate([rgb, colours], axis=2))  # RGB | XYZ side by side
+        write_sample(out_dir, 0, output.rgb[0].numpy(), output.xyz[0].numpy(), meta)
     trainer.accelerator.wait_for_everyone()
 
 
