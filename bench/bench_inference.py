@@ -7,6 +7,10 @@ Sections (``--sections``, in this order):
   forward  one transformer forward at the 4DNeX shape (49 frames, 480x720 per modality, 35,100 tokens): diffusers'
            stock WanTransformer3DModel eager vs ours eager, each attention backend, regional compile; the FLOP
            floor beside them
+  profile  (not in the default list) one forward of ours with the settings above under torch.profiler: GPU time
+           in attention kernels, matmuls and everything else, each beside its FLOP floor, then the top kernels
+  cross    (not in the default list) the compiled forward with another kernel for the two cross-attentions only
+           (35,100 queries against 512 text / 257 image keys), per ``--cross-backends``
   sample   a few real steps of the whole pipeline (encoders, 2 guided calls per step, VAE decode) for diffusers'
            WanImageToVideoPipeline (stock, eager) and ours (defaults), extrapolated to 50 steps
   approx   First Block Cache on ours, and fewer steps: estimated sample time and deviation from the exact sample
@@ -38,7 +42,7 @@ from bench import common
 from fourdnex.acceleration import apply_acceleration, resolve
 from fourdnex.config import AccelerationConfig
 
-SECTIONS = ("forward", "sample", "approx", "vae", "memory", "batch")
+SECTIONS = ("forward", "profile", "cross", "sample", "approx", "vae", "memory", "batch")
 DEFAULT_SECTIONS = "forward,sample,approx,vae,memory"
 BACKENDS = ("_native_cudnn", "_native_flash", "flash", "_flash_3", "sage")
 #: (memory mode, fp8, cap in GiB) measured in child processes, most wanted first.
@@ -116,6 +120,33 @@ def bench_forward(model, inputs, device, repeats: int) -> tuple[float, torch.Ten
         model(*inputs, return_dict=False)  # warm-up
         seconds, out = common.timed(lambda: model(*inputs, return_dict=False)[0], device, repeats)
     return seconds, out
+
+
+def profile_forward(model, inputs, device, table: Table, peak_tflops: float, tokens: int, tiny: bool) -> None:
+    """One forward under torch.profiler: kernel time by kind, each with its FLOPs' floor at ``peak_tflops``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with torch.no_grad():
+        model(*inputs, return_dict=False)
+        common.synchronize(device)
+        with profile(activities=activities) as prof:
+            model(*inputs, return_dict=False)
+            common.synchronize(device)
+    totals = common.kernel_split(prof, on_gpu)
+    config = common.TINY_TRANSFORMER if tiny else common.REAL_TRANSFORMER
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    cores = config["num_layers"] * (4 * tokens * tokens * width + 4 * tokens * 769 * width)  # QK^T and PV
+    flops = {"attention": cores, "matmul": common.forward_flops(tiny, tokens) - cores}
+    for kind, seconds in totals.items():
+        note = ""
+        if kind in flops and seconds > 0:
+            floor = flops[kind] / (peak_tflops * 1e12)
+            note = f"{flops[kind] / 1e12:.0f} TFLOP: {flops[kind] / seconds / 1e12:.0f} TFLOP/s, floor {floor:.3f} s"
+        table.add("profile", f"{kind} kernels, one forward", seconds, note=note)
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
 
 def run_sample(pipe, image, shape: common.Shape, steps: int, device, stock: bool = False, **kwargs):
@@ -269,6 +300,29 @@ def run_sections(
             deviation=None if reference is None else common.max_abs(out, reference),
             note=f"compile + warm-up {time.perf_counter() - tic - seconds * args.repeats:.0f} s",
         )
+    if "profile" in sections and table.fits("profile", 30):
+        profile_forward(ours, inputs, device, table, args.peak_tflops, shape.tokens, tiny)
+    if "cross" in sections and compiled:
+        for backend in args.cross_backends:
+            if not table.fits(f"cross: {backend}", 40):
+                break
+            for block in ours.blocks:
+                block.attn2.processor._attention_backend = backend
+            try:
+                seconds, out = bench_forward(ours, inputs, device, args.repeats)
+            except Exception as err:  # a kernel that fails here is a row, not a stop
+                table.add("cross", backend, note=f"failed: {str(err).splitlines()[0][:90]}")
+            else:
+                table.add(
+                    "cross",
+                    f"ours, compiled, cross-attention on {backend}",
+                    seconds,
+                    base=results.get("ours_compiled"),
+                    deviation=None if reference is None else common.max_abs(out, reference),
+                    note="speedup vs the compiled row",
+                )
+        for block in ours.blocks:
+            block.attn2.processor._attention_backend = block.attn1.processor._attention_backend
     if "batch" in sections and table.fits("forward: batch 2", 90):
         batched = common.transformer_inputs(tiny, shape, device, dtype, batch=2)
         seconds, _ = bench_forward(ours, batched, device, args.repeats)
@@ -481,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-seconds", type=float, default=120.0, help="time goal of the approximate mode")
     parser.add_argument("--approx-steps", type=int, default=4, help="steps run for the approximate comparisons")
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=[0.1], help="First Block Cache")
+    parser.add_argument(
+        "--cross-backends", nargs="+", default=["flex", "_native_efficient", "_native_flash"], help="cross section"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per setting, after one warm-up")
     parser.add_argument("--peak-tflops", type=float, default=798.0, help="measured bf16 matmul peak (H100: 798)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common
 from bench.common import REAL_TRANSFORMER as REAL
 from bench.common import TINY_TRANSFORMER as TINY
 from bench.common import building_on
@@ -137,13 +138,6 @@ def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
         print(json.dumps({"trainable": sum(p.numel() for p in trainable_parameters(trainer.module).values())}))
 
 
-#: Kernel-name fragments of each kind of GPU work, for the profile's summary.
-KERNEL_KINDS = {
-    "attention": ("flash", "fmha", "attention", "cudnn", "sdpa"),
-    "matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90", "matmul", "aten::mm", "aten::addmm", "aten::bmm"),
-}
-
-
 def profile_step(trainer: Trainer, cfg: TrainConfig, config: dict, shape, step: int, rank: int, world: int) -> None:
     """One more step under torch.profiler: GPU time by kind of kernel, then the top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -156,15 +150,8 @@ def profile_step(trainer: Trainer, cfg: TrainConfig, config: dict, shape, step: 
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         trainer.train_step(batches, sync_timings=True)
-    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"  # CPU: aten ops stand in for kernels
-    totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        seconds = getattr(event, key, 0) / 1e6
-        if seconds <= 0 or (not on_gpu and not event.key.startswith("aten::")):
-            continue
-        name = event.key.lower()
-        kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in name for f in frags)), "other")
-        totals[kind] = totals.get(kind, 0.0) + seconds
+    totals = common.kernel_split(prof, on_gpu)
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     total = sum(totals.values()) or float("nan")
     unit = "GPU s" if on_gpu else "CPU s"
     print(table([{"kind": k, unit: f"{v:.2f}", "share": f"{v / total:.0%}"} for k, v in sorted(totals.items())]))

@@ -269,3 +269,38 @@ def reset_peak(device: torch.device) -> None:
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+#: Kernel-name fragments of each kind of GPU work, checked in this order (cuDNN's attention kernels also say "sm90").
+KERNEL_KINDS = {
+    "attention": ("flash", "fmha", "attention", "cudnn", "sdpa"),
+    "matmul": (
+        "gemm",
+        "cutlass",
+        "xmma",
+        "nvjet",
+        "sm90",
+        "matmul",
+        "triton_tem",
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+    ),
+}
+
+
+def kernel_split(prof, on_gpu: bool) -> dict[str, float]:
+    """Seconds of a finished ``torch.profiler`` run by kind of kernel (attention, matmul, other).
+
+    On a GPU these are kernel times; on a CPU the ``aten::`` ops stand in for kernels.
+    """
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    totals = dict.fromkeys((*KERNEL_KINDS, "other"), 0.0)
+    for event in prof.key_averages():
+        seconds = getattr(event, key, 0) / 1e6
+        if seconds <= 0 or (not on_gpu and not event.key.startswith("aten::")):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in name for f in frags)), "other")
+        totals[kind] += seconds
+    return totals
