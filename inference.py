@@ -215,7 +215,8 @@ def main(args: argparse.Namespace) -> None:
     from fourdnex.pointmap import write_sample
     from fourdnex.tiny_model import TINY_MARKER
 
-    # Several processes: each runs the pipeline on its own GPU; the transformer's sequence is split among them.
+    # Several processes: each runs the pipeline on its own GPU; the transformer's sequence is split among them, the
+    # first two decode the RGB and the XYZ half at the same time, and the first gets both videos and writes them.
     layout = MODES[args.mode]
     sizes = {index: sample_size(config, path) for index, _, path in jobs}
     tokens = [parallel.tokens_of(config.num_frames, h, w, fused=layout == "rgbxyz") for h, w in sizes.values()]
@@ -248,6 +249,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         if speed.cp != "none":
             parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
+            pipe.enable_split_decoding()
         speed = resolve(
             speed,
             device,

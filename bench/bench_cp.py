@@ -7,7 +7,9 @@ Every process builds the same random transformer (rank 0's weights are broadcast
 alone (the 1-GPU baseline); then the sequence is split over all processes with diffusers' context parallelism and
 the same forward is timed again, also with guidance as batch 2 and, with ``--compile``, regionally compiled. The
 largest difference from the 1-GPU output is reported. ``--sample-steps k`` also runs k steps of the whole pipeline
-on every process and extrapolates to 50. Rank 0 prints a markdown table.
+on every process, as inference.py does (rank 0 decodes the RGB half while rank 1 decodes the XYZ half and sends it
+to rank 0), and extrapolates to 50; rank 0 times it, from a barrier until it holds both videos. Rank 0 prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -106,10 +108,12 @@ def main(args: argparse.Namespace) -> None:
             seconds, _ = forward_seconds(model, both, device, args.repeats)
             add(f"{args.cp} x{world}, compiled, guidance as batch 2", seconds, seconds, None)
 
-    # 4. The whole pipeline on every process (encoders and VAE are not split), k steps extrapolated.
+    # 4. The whole pipeline on every process (encoders not split; RGB decoded on rank 0, XYZ on rank 1), k steps
+    #    extrapolated.
     if args.sample_steps:
         pipe = common.ours_pipeline(common.build_components(args.tiny, device, dtype), model)
         pipe.vae.enable_slicing()
+        pipe.enable_split_decoding()
         image = PIL.Image.fromarray(np.zeros((shape.height, shape.width, 3), np.uint8))
         for batch_guidance in (False, True):
 

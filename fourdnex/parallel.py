@@ -5,7 +5,9 @@ Every process runs the whole pipeline with the same seed; inside the transformer
 RoPE, computed for the full fused sequence first) and the input of ``blocks.0`` are split along the sequence, and
 ``proj_out``'s output is gathered back. The 769 text + image tokens are not split. Ulysses exchanges heads for
 sequence (the process count must divide the 40 heads); ring passes key/value chunks around (any count that divides
-the sequence). Every process ends with the same latents; the first one writes the results.
+the sequence). Every process ends with the same latents. The VAE is not split, but the two halves of the width are
+decoded on two processes at once (``FourDNeXPipeline.enable_split_decoding``): the first decodes the RGB video, the
+second the XYZ video and sends it to the first, which alone returns both videos and writes the results.
 
     torchrun --nproc_per_node 4 inference.py --cp ulysses --prompt ... --image ... --out ...
 """

@@ -1,7 +1,9 @@
 """The 4DNeX sampling pipeline: one image + a caption -> an RGB video and an XYZ pointmap video.
 
 It is diffusers' ``WanImageToVideoPipeline`` (same components, same encoders, same offloading and loading) with the
-denoising loop written for a fused latent: RGB on the left half of the width, XYZ on the right.
+denoising loop written for a fused latent: RGB on the left half of the width, XYZ on the right. Under context
+parallelism (every process of a torchrun launch runs the whole pipeline, see :mod:`fourdnex.parallel`),
+:meth:`FourDNeXPipeline.enable_split_decoding` decodes the two halves on two processes at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+import torch.distributed as dist
 from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import CLIPVisionModel
@@ -27,10 +30,14 @@ class ModelFolderError(FileNotFoundError):
 
 @dataclass
 class FourDNeXOutput:
-    """What one call of :class:`FourDNeXPipeline` returns (``B`` samples, ``F`` frames of ``H x W``)."""
+    """What one call of :class:`FourDNeXPipeline` returns (``B`` samples, ``F`` frames of ``H x W``).
 
-    rgb: torch.Tensor  # (B, F, H, W, 3) float in [0, 1]
-    xyz: torch.Tensor | None  # (B, F, H, W, 3) float in [-1, 1]; None for the "rgb" layout
+    With split decoding (:meth:`FourDNeXPipeline.enable_split_decoding`) only the first process gets the videos; the
+    others get ``rgb`` and ``xyz`` as None, and the same ``latents`` and their own ``timings``.
+    """
+
+    rgb: torch.Tensor | None  # (B, F, H, W, 3) float in [0, 1]; None on the other processes of split decoding
+    xyz: torch.Tensor | None  # (B, F, H, W, 3) float in [-1, 1]; None for the "rgb" layout and wherever rgb is None
     latents: torch.Tensor  # (B, 16, T, h, w') the final latents, as the transformer sees them
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
@@ -41,6 +48,27 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
     Load it with :func:`load_pipeline`. The transformer is a :class:`~fourdnex.model.FourDNeXTransformer`; the
     ``layout`` argument of ``__call__`` sets what its width holds.
     """
+
+    _split_decoding = False  # set by enable_split_decoding
+
+    def enable_split_decoding(self) -> None:
+        """In a context-parallel run, decode the RGB half on the first process and the XYZ half on the second.
+
+        Every process of the group must run the pipeline with the same inputs and seed (as under context
+        parallelism, where all of them end with the same latents). The two halves then decode at the same time; the
+        second process sends its XYZ video (a tensor of known shape, on the VAE's device) to the first, which returns
+        both. Every other process returns ``rgb=None, xyz=None``. The videos equal one process's with VAE slicing
+        (each half decoded on its own, as inference always does).
+        """
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if world_size < 2:
+            raise ValueError(f"split decoding needs a process group of at least 2 processes, got {world_size}")
+        if self.transformer._parallel_config is None:  # diffusers records enable_parallelism's config here
+            raise ValueError(
+                "split decoding is for context-parallel runs, where every process holds the same latents: "
+                "enable context parallelism on the transformer first"
+            )
+        self._split_decoding = True
 
     @torch.no_grad()
     def __call__(
@@ -65,7 +93,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
 
         ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1 image-to-video, step for step.
         ``batch_guidance`` runs the conditional and unconditional passes as one transformer call of batch 2 (same
-        result; faster only where one pass leaves the GPU underused, e.g. split over several GPUs).
+        result; faster only where one pass leaves the GPU underused, e.g. split over several GPUs). After
+        :meth:`enable_split_decoding`, only the first process returns the videos (see :class:`FourDNeXOutput`).
         """
         if (num_frames - 1) % self.vae_scale_factor_temporal:
             raise ValueError(f"num_frames must be 4k+1, got {num_frames}")
@@ -147,42 +176,62 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
                 progress.update()
         timings["denoise"] = time.perf_counter() - tic
 
-        # 6. Decode each modality on its own (as each was encoded for training), after undoing the normalizations.
+        # 6. Decode each modality on its own (as each was encoded for training), after undoing the normalizations;
+        #    the stage ends with the videos in host memory (with split decoding: on the first process only).
         tic = time.perf_counter()
         rgb, xyz = self.decode_latents(latents, layout, xyz_mean, xyz_std)
-        if layout == "xyz":
+        if layout == "xyz" and xyz is not None:  # the input image on every frame, beside the decoded XYZ
             rgb = ((pixels[:, :, None] + 1) / 2).clamp(0, 1).expand(-1, -1, num_frames, -1, -1)
+
+        def channels_last(video: torch.Tensor | None) -> torch.Tensor | None:
+            return None if video is None else video.permute(0, 2, 3, 4, 1).float().cpu()  # (B, F, H, W, 3)
+
+        rgb, xyz = channels_last(rgb), channels_last(xyz)
         timings["decode"] = time.perf_counter() - tic
         self.maybe_free_model_hooks()
-
-        def channels_last(video: torch.Tensor) -> torch.Tensor:
-            return video.permute(0, 2, 3, 4, 1).float().cpu()  # (B, F, H, W, 3)
-
-        return FourDNeXOutput(
-            rgb=channels_last(rgb),
-            xyz=None if xyz is None else channels_last(xyz),
-            latents=latents,
-            timings=timings,
-        )
+        return FourDNeXOutput(rgb=rgb, xyz=xyz, latents=latents, timings=timings)
 
     def decode_latents(
         self, latents: torch.Tensor, layout: Layout, xyz_mean: float, xyz_std: float
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1]."""
+        """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1].
+
+        A modality the layout lacks is None; with split decoding, so is every video on processes other than the first.
+        """
         if layout == "rgbxyz":
             rgb_latents, xyz_latents = split_width(latents)
-            halves = [rgb_latents, denormalize_xyz(xyz_latents, xyz_mean, xyz_std)]
+            halves = {"rgb": rgb_latents, "xyz": denormalize_xyz(xyz_latents, xyz_mean, xyz_std)}
         elif layout == "xyz":
-            halves = [denormalize_xyz(latents, xyz_mean, xyz_std)]
+            halves = {"xyz": denormalize_xyz(latents, xyz_mean, xyz_std)}
         else:
-            halves = [latents]
-        vae_device = get_module_execution_device(self.vae)
-        batched = torch.cat(halves).to(vae_device, self.vae.dtype)
-        videos = self.vae.decode(vae_denormalize(self.vae, batched), return_dict=False)[0].chunk(len(halves))
-        if layout == "xyz":
-            return None, videos[0].clamp(-1, 1)
-        rgb = (videos[0] / 2 + 0.5).clamp(0, 1)
-        return rgb, (videos[1].clamp(-1, 1) if layout == "rgbxyz" else None)
+            halves = {"rgb": latents}
+        if self._split_decoding:
+            videos = self._decode_on_two_processes(halves)
+        else:
+            decoded = self._vae_decode(torch.cat(list(halves.values()))).chunk(len(halves))
+            videos = dict(zip(halves, decoded, strict=True))
+        rgb, xyz = videos.get("rgb"), videos.get("xyz")
+        return (None if rgb is None else (rgb / 2 + 0.5).clamp(0, 1)), (None if xyz is None else xyz.clamp(-1, 1))
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents ``(B, 16, T, h, w)`` -> VAE output ``(B, 3, F, H, W)`` on the VAE's device."""
+        vae_latents = latents.to(get_module_execution_device(self.vae), self.vae.dtype)
+        return self.vae.decode(vae_denormalize(self.vae, vae_latents), return_dict=False)[0]
+
+    def _decode_on_two_processes(self, halves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Process i decodes modality i; the second sends its video to the first, which returns all of them."""
+        rank, names = dist.get_rank(), list(halves)
+        if rank >= len(names):
+            return {}
+        video = self._vae_decode(halves[names[rank]])  # (B, 3, F, H, W)
+        if rank == 1:
+            dist.send(video.contiguous(), dst=0)
+            return {}
+        videos = {names[0]: video}
+        if len(names) == 2:  # the halves have one latent shape, so the XYZ video has the RGB video's shape
+            videos[names[1]] = torch.empty(video.shape, dtype=video.dtype, device=video.device)
+            dist.recv(videos[names[1]], src=1)
+        return videos
 
 
 #: Files every Wan2.1-I2V diffusers folder must hold (weights may be sharded: any of the listed names will do).

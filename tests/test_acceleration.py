@@ -166,7 +166,16 @@ def test_context_parallel_on_two_cpu_processes_matches_one(tmp_path):
     numbers = json.loads(result.read_text())
     assert numbers["world_size"] == 2
     assert numbers["tokens_per_process"] * 2 == numbers["tokens"]  # the sequence really was split
-    assert numbers["max_abs_latents"] < 1e-5 and numbers["max_abs_xyz"] < 1e-5
+    assert "enable context parallelism on the transformer first" in numbers["refused_before_cp"]
+    for layout in ("rgbxyz", "xyz"):
+        deviation = numbers[layout]
+        assert deviation["max_abs_latents"] < 1e-5, layout
+        assert deviation["max_abs_rgb"] < 1e-5 and deviation["max_abs_xyz"] < 1e-5, layout
+        # Split decoding (RGB on rank 0, XYZ on rank 1, sent to rank 0) equals one process decoding the same latents.
+        assert deviation["decode_max_abs_xyz"] == deviation.get("decode_max_abs_rgb", 0.0) == 0.0, layout
+    both = ["rgb", "xyz"]
+    assert numbers["videos_held"] == [{"rgbxyz": both, "xyz": both}, {"rgbxyz": [], "xyz": []}]  # rank 0 only
+    assert numbers["decode_timed"]
 
 
 def test_cli_refuses_context_parallel_outside_torchrun(tmp_path):

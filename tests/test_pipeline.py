@@ -1,5 +1,6 @@
 """The sampling loop against diffusers' WanImageToVideoPipeline, and the fused conditioning."""
 
+import pytest
 import torch
 from conftest import SMALL
 from diffusers import WanImageToVideoPipeline
@@ -74,6 +75,11 @@ def test_decode_inverts_each_modality(tiny_pipe):
     direct = vae.decode(vae_denormalize(vae, torch.cat([rgb_latents, xyz_latents])), return_dict=False)[0]
     assert torch.allclose(rgb, (direct[:1] / 2 + 0.5).clamp(0, 1), atol=1e-5)
     assert torch.allclose(xyz, direct[1:].clamp(-1, 1), atol=1e-5)
+
+
+def test_split_decoding_needs_several_processes(tiny_pipe):
+    with pytest.raises(ValueError, match="at least 2 processes, got 1"):
+        tiny_pipe.enable_split_decoding()
 
 
 def test_same_seed_same_sample(tiny_pipe, example_image):
