@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PROMPT_SUFFIX
-from .io import atomic_path, write_video
+from .io import atomic_path, read_video, write_video
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -205,28 +205,20 @@ def _read_video(path: Path, indices: list[int]) -> tuple[np.ndarray, str]:
     try:
         return reader.get_batch(indices).asnumpy(), "decord"
     except DECORDError:
-        # decord 0.6 fails to copy out frames of some sizes (e.g. 48 x 32); ffmpeg through imageio reads them.
-        return _read_video_imageio(path, indices), "imageio"
+        # decord 0.6 fails to copy out frames of some sizes (e.g. 48 x 32); PyAV reads them.
+        return _read_video_pyav(path, indices), "pyav"
 
 
-def _read_video_imageio(path: Path, indices: list[int]) -> np.ndarray:
-    """Frames ``indices`` of a video through imageio's ffmpeg reader, ``(N, H, W, 3)`` uint8."""
-    import imageio.v2 as imageio
+def _read_video_pyav(path: Path, indices: list[int]) -> np.ndarray:
+    """Frames ``indices`` of a video through PyAV, ``(N, H, W, 3)`` uint8; failures become ClipErrors."""
+    import av
 
-    wanted = set(indices)
-    frames = {}
     try:
-        with imageio.get_reader(path, format="FFMPEG") as reader:
-            for i, frame in enumerate(reader):
-                if i in wanted:
-                    frames[i] = np.asarray(frame)[..., :3]
-                if i >= max(indices):
-                    break
-    except (OSError, RuntimeError) as err:
+        return read_video(path, indices)
+    except av.FFmpegError as err:
         raise ClipError(f"cannot decode video {path}: {err}") from err
-    if len(frames) < len(wanted):
-        raise ClipError(f"video {path} ends before frame {max(indices)}")
-    return np.stack([frames[i] for i in indices])
+    except ValueError as err:  # read_video's own checks, which name the file
+        raise ClipError(str(err)) from err
 
 
 def _numbered(paths: Iterable[Path]) -> list[Path]:

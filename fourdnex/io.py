@@ -1,4 +1,4 @@
-"""Atomic file writes and video encoding: a killed run never leaves a file that looks complete."""
+"""Atomic file writes and video encoding (PyAV): a killed run never leaves a file that looks complete."""
 
 from __future__ import annotations
 
@@ -46,23 +46,53 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 24) -> None:
-    """Encode ``(F, H, W, 3)`` uint8 frames as an H.264 mp4, atomically."""
-    import imageio.v2 as imageio
+    """Encode ``(F, H, W, 3)`` uint8 RGB frames as an H.264 mp4 (libx264 through PyAV, crf 18), atomically.
 
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    with atomic_path(path) as tmp:
-        # macro_block_size=1 keeps odd sizes as they are instead of resizing them.
-        writer = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
-        with contextlib.closing(writer):
-            for frame in frames:
-                writer.append_data(frame)
+    Even sizes are stored as yuv420p, which every player shows; an odd height or width is stored as yuv444p, which
+    needs no even size, so the video keeps exactly the frames' size.
+    """
+    import av
+
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be (F, H, W, 3) uint8 with F >= 1, got {frames.shape} {frames.dtype}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    height, width = frames.shape[1:3]
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "18"})
+        stream.height, stream.width = height, width
+        stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
 
 
-def read_video(path: str | Path) -> np.ndarray:
-    """Decode a whole video into ``(F, H, W, 3)`` uint8 frames."""
-    import imageio.v2 as imageio
+def read_video(path: str | Path, indices: list[int] | None = None) -> np.ndarray:
+    """Decode a video through PyAV into ``(N, H, W, 3)`` uint8 RGB frames: all of them, or frames ``indices``.
 
-    reader = imageio.get_reader(path, format="FFMPEG")
-    with contextlib.closing(reader):
-        return np.stack([np.asarray(frame) for frame in reader])
+    Frames are numbered from 0 in display order and returned in the order of ``indices`` (decoding stops after the
+    last one asked for). Raises ValueError when the video has no video stream or ends before a wanted frame, and
+    PyAV's ``av.FFmpegError`` when the file cannot be opened or decoded.
+    """
+    import av
+
+    if indices is not None and (not indices or min(indices) < 0):
+        raise ValueError(f"indices must be a non-empty list of frame numbers >= 0, got {indices}")
+    wanted = None if indices is None else set(indices)
+    last = None if indices is None else max(indices)
+    frames = {}
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} holds no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # threaded decoding; frames still come out in display order
+        for i, frame in enumerate(container.decode(stream)):
+            if wanted is None or i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i == last:
+                break
+    if not frames:
+        raise ValueError(f"video {path} holds no frames")
+    if last is not None and last not in frames:
+        raise ValueError(f"video {path} ends before frame {last}")
+    return np.stack([frames[i] for i in (frames if indices is None else indices)])
