@@ -15,6 +15,26 @@ with p, so one process with ``--gradient_accumulation_steps 2`` and two processe
     torchrun --nproc_per_node 2 -m bench.bench_train_step --real-size [--deepspeed_config configs/deepspeed_zero3.json]
     # attention kernels alone at the 4DNeX shape (forward + backward), per backend
     python -m bench.bench_train_step --real-size --mode attention
+
+What gradient checkpointing keeps (``fourdnex.recompute``), at the 4DNeX shape: each block's input, 35,100 x 5120 bf16
+= 0.36 GB, 14.4 GB for 40 blocks; ``--save_attention_blocks N`` also keeps the self-attention output + log-sum-exp of
+the first N blocks (0.37 GB each, 14.6 GB for 40), so their backward skips the attention kernel's forward recompute
+(~25 TFLOP per block, ~2 s per step for 40). ``--offload_checkpoints`` parks the block inputs in pinned host memory,
+``--offload_attention`` the kept attention outputs too; they are copied to the host on a side stream as they are
+written and back one block ahead of the backward. Pinned host memory: one slab per kind, 40 x 0.36 GB = 14.4 GB for
+the inputs and as much again for 40 attention outputs, each rounded up to 16 GiB by PyTorch's pinned allocator (the
+H100 machine has 128 GiB). The row's ``copy s`` is the side stream's copy time per step and ``wait s`` the time the
+backward stalled for a block's tensors to come back; ``host GB`` the pinned memory the slabs hold.
+
+    # one H100, compiled blocks, ~3-4 min each (1 min build, 2 warm-up steps that compile, 3 timed steps):
+    # all 40 attention outputs kept on the GPU, the block inputs parked (expected ~55-56 GiB, the step without the
+    # attention recompute); then both parked (~43 GiB); inputs parked only (the copy cost alone, against 13.42 s);
+    # everything on the GPU, no copies (~68 GiB: over the 58 GiB budget, the reference the copies are measured against)
+    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40 --offload_checkpoints
+    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40 --offload_checkpoints \
+        --offload_attention
+    python -m bench.bench_train_step --real-size --compile --warmup 2 --offload_checkpoints
+    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40
 """
 
 from __future__ import annotations
@@ -35,11 +55,13 @@ from bench.common import REAL_TRANSFORMER as REAL
 from bench.common import TINY_TRANSFORMER as TINY
 from bench.common import building_on
 from fourdnex.model import FourDNeXTransformer
+from fourdnex.recompute import block_checkpoint
 from fourdnex.training import (
     Batch,
     LossWeights,
     TrainConfig,
     Trainer,
+    TrainingError,
     batch_loss,
     build_transformer,
     make_accelerator,
@@ -100,7 +122,10 @@ def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
     trainer = Trainer(cfg, model, accelerator, meta=None)
     setup = time.perf_counter() - tic
     world, rank = accelerator.num_processes, accelerator.process_index
-    rows = []
+    checkpointing = block_checkpoint(trainer.module)
+    if checkpointing is not None:
+        checkpointing.measure()
+    rows, copies = [], []
     for step in range(args.warmup + args.steps):
         batches = [
             random_batch(stream_positions(cfg, step, m, rank, world)[0], shape, config["text_dim"], config["image_dim"])
@@ -108,7 +133,10 @@ def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
         ]
         metrics = trainer.train_step(batches, sync_timings=True)
         rows.append(metrics)
+        if checkpointing is not None:
+            copies.append(checkpointing.pop_stats())
     timed = rows[args.warmup :]
+    timed_copies = copies[args.warmup :] or [dict.fromkeys(("parked_gb", "copy_s", "wait_s", "host_gb"), 0.0)]
     allocated, reserved = peak_gib(device)
     if args.profile and accelerator.is_main_process:
         profile_step(trainer, cfg, config, shape, args.warmup + args.steps, rank, world)
@@ -118,12 +146,18 @@ def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
         "rank": f"{rank}/{world}",
         "attention": cfg.attention_backend or "default",
         "saved_attn": cfg.save_attention_blocks,
+        "offload": "+".join(k for k, on in (("inputs", cfg.offload_checkpoints), ("attn", cfg.offload_attention)) if on)
+        or "no",
         "compile": cfg.compile_blocks,
         "gas": cfg.gradient_accumulation_steps,
         "s/step": f"{seconds:.2f}",
         "fwd": f"{statistics.mean(m.timings['forward'] for m in timed):.2f}",
         "bwd": f"{statistics.mean(m.timings['backward'] for m in timed):.2f}",
         "opt": f"{statistics.mean(m.timings['optimizer'] for m in timed):.3f}",
+        "parked GB": f"{statistics.mean(c['parked_gb'] for c in timed_copies):.1f}",
+        "copy s": f"{statistics.mean(c['copy_s'] for c in timed_copies):.2f}",
+        "wait s": f"{statistics.mean(c['wait_s'] for c in timed_copies):.3f}",
+        "host GB": f"{timed_copies[-1]['host_gb']:.1f}",
         "samples/s": f"{cfg.gradient_accumulation_steps * world / seconds:.3f}",
         "peak GiB": f"{allocated:.1f}",
         "reserved GiB": f"{reserved:.1f}",
@@ -268,10 +302,16 @@ def main(args: argparse.Namespace) -> None:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         attention_backend=args.attention_backend,
         save_attention_blocks=args.save_attention_blocks,
+        offload_checkpoints=args.offload_checkpoints,
+        offload_attention=args.offload_attention,
         compile_blocks=args.compile,
         deepspeed_config=args.deepspeed_config,
         lr_warmup_steps=0,
     )
+    try:
+        cfg.validate_checkpointing()
+    except TrainingError as err:
+        sys.exit(f"bench_train_step: {err}")
     if args.mode == "trainer":
         run_trainer(args, cfg, config, shape)
     elif args.mode == "baseline":
@@ -288,7 +328,9 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--attention_backend", default=None, help="diffusers backend, e.g. _native_cudnn")
-    parser.add_argument("--save_attention_blocks", type=int, default=0)
+    parser.add_argument("--save_attention_blocks", type=int, default=0, help="keep the first N attention outputs")
+    parser.add_argument("--offload_checkpoints", action="store_true", help="park the block inputs in host memory")
+    parser.add_argument("--offload_attention", action="store_true", help="park the kept attention outputs too")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--deepspeed_config", default=None, help="default: configs/deepspeed_zero2.json")
     parser.add_argument("--profile", action="store_true", help="profile one more step: GPU time by kernel kind")

@@ -22,6 +22,8 @@ DEFAULT_MODEL_PATH = "./pretrained/Wan2.1-I2V-14B-480P-Diffusers"
 BASE_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 #: Where the released LoRA targets live inside every transformer block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: The diffusers attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels).
+REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn")
 
 Layout = Literal["rgb", "xyz", "rgbxyz"]
 
@@ -98,6 +100,7 @@ class RegistrationConfig:
             raise ValueError(f"samples and init_samples must be >= 12, got {self.samples} and {self.init_samples}")
         if self.huber <= 0:
             raise ValueError(f"huber must be positive, got {self.huber}")
+
 
 #: ``--memory`` choices, from the fastest (everything resident on the GPU) to the most frugal.
 MEMORY_MODES = ("none", "model", "group", "sequential")

@@ -47,7 +47,13 @@ from .checkpoint import (
     list_checkpoints,
     resolve_checkpoint,
 )
-from .config import DEFAULT_LORA_TARGETS, DEFAULT_MODEL_PATH, DEFAULT_MODEL_TYPE, MODEL_TYPES
+from .config import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_MODEL_PATH,
+    DEFAULT_MODEL_TYPE,
+    MODEL_TYPES,
+    REPLAYABLE_ATTENTION_BACKENDS,
+)
 from .fusion import split_width
 from .io import write_json
 from .train_data import LatentCache, Sample, VaeConditionEncoder
@@ -103,7 +109,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["bf16", "no"] = "bf16"
     gradient_checkpointing: bool = True
-    save_attention_blocks: int = 0  # blocks whose attention output is kept instead of recomputed (memory for time)
+    # What gradient checkpointing keeps (fourdnex.recompute): the self-attention output of the first N blocks
+    # (not recomputed in the backward), and the block inputs / those attention outputs parked in host memory.
+    save_attention_blocks: int = 0
+    offload_checkpoints: bool = False
+    offload_attention: bool = False
     attention_backend: str | None = None  # a diffusers attention backend, e.g. "_native_cudnn"; None: its default
     compile_blocks: bool = False  # torch.compile each transformer block (regional compilation)
     # Flow-matching noise levels and loss.
@@ -169,6 +179,26 @@ class TrainConfig:
             raise TrainingError("validation_steps needs validation_image and validation_prompt")
         if self.mixed_precision not in ("bf16", "no"):
             raise TrainingError(f"mixed_precision must be bf16 or no, got {self.mixed_precision!r}")
+        self.validate_checkpointing()
+
+    def validate_checkpointing(self) -> None:
+        """Raise ValueError naming a gradient-checkpointing setting that cannot be used (checked before building)."""
+        if self.save_attention_blocks < 0:
+            raise TrainingError(f"save_attention_blocks must be >= 0, got {self.save_attention_blocks}")
+        uses = [
+            name
+            for name in ("save_attention_blocks", "offload_checkpoints", "offload_attention")
+            if getattr(self, name)
+        ]
+        if uses and not self.gradient_checkpointing:
+            raise TrainingError(f"{', '.join(uses)} need gradient checkpointing (drop --no_gradient_checkpointing)")
+        if self.offload_attention and not self.save_attention_blocks:
+            raise TrainingError("offload_attention parks kept attention outputs: it needs save_attention_blocks > 0")
+        if self.save_attention_blocks and (self.attention_backend or "native") not in REPLAYABLE_ATTENTION_BACKENDS:
+            backends = ", ".join(REPLAYABLE_ATTENTION_BACKENDS)
+            raise TrainingError(
+                f"save_attention_blocks needs attention_backend {backends}; got {self.attention_backend!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -326,31 +356,6 @@ def stream_positions(cfg: TrainConfig, step: int, micro: int, rank: int, world: 
 # The model.
 
 
-def _attention_saving_checkpoint(keep: set[int]):
-    """A gradient-checkpointing function that keeps the attention outputs of the blocks in ``keep``."""
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    aten = torch.ops.aten
-    names = (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-    )
-    attention_ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in attention_ops else CheckpointPolicy.PREFER_RECOMPUTE
-
-    def run(block: nn.Module, *args):
-        if getattr(block, "_fourdnex_index", None) in keep:
-            context = partial(create_selective_checkpoint_contexts, policy)
-            return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context)
-        return checkpoint(block.__call__, *args, use_reentrant=False)
-
-    return run
-
-
 def check_lora_targets(transformer: nn.Module, targets: tuple[str, ...]) -> None:
     """Raise ValueError naming a target that matches no linear layer of the transformer blocks."""
     names = [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
@@ -387,11 +392,15 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
             transformer.set_attention_backend(cfg.attention_backend)
         except (ValueError, RuntimeError) as err:
             raise TrainingError(f"attention backend {cfg.attention_backend!r}: {err}") from err
-    if cfg.gradient_checkpointing:
-        for index, block in enumerate(transformer.blocks):
-            block._fourdnex_index = index
-        keep = set(range(min(cfg.save_attention_blocks, len(transformer.blocks))))
-        transformer.enable_gradient_checkpointing(_attention_saving_checkpoint(keep))
+    cfg.validate_checkpointing()
+    if cfg.save_attention_blocks or cfg.offload_checkpoints or cfg.offload_attention:
+        from .recompute import enable_block_checkpointing
+
+        enable_block_checkpointing(
+            transformer, cfg.save_attention_blocks, cfg.offload_checkpoints, cfg.offload_attention
+        )
+    elif cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()  # torch.utils.checkpoint, non-reentrant
     if cfg.compile_blocks:
         transformer.compile_repeated_blocks()
     transformer.train()

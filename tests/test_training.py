@@ -249,6 +249,12 @@ def load_script(name: str):
         ("missing_stats", "stats.json: missing"),
         ("unknown_target", "LoRA target 'to_qq' matches no linear layer"),
         ("bad_frames", "num_frames must be 4k+1"),
+        ("offload_without_checkpointing", "offload_checkpoints need gradient checkpointing"),
+        ("offload_attention_alone", "offload_attention parks kept attention outputs: it needs save_attention_blocks"),
+        (
+            "kept_attention_backend",
+            "save_attention_blocks needs attention_backend native, _native_flash, _native_cudnn",
+        ),
     ],
 )
 def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
@@ -265,6 +271,9 @@ def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
         "other_resolution": ["--height", "48", "--width", "48"],
         "unknown_target": ["--lora_targets", "to_q", "to_qq"],
         "bad_frames": ["--num_frames", "10"],
+        "offload_without_checkpointing": ["--offload_checkpoints", "--no_gradient_checkpointing"],
+        "offload_attention_alone": ["--offload_attention"],
+        "kept_attention_backend": ["--save_attention_blocks", "4", "--attention_backend", "flex"],
     }
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cli.build_parser().parse_args(args + extra.get(setup, [])))
@@ -282,6 +291,10 @@ def test_flags_reach_the_config():
     cfg = cli.config_from_args(parse(flags))
     assert (cfg.rgb_first_frame_loss, cfg.xyz_loss_weight, cfg.timestep_sampling) == (False, 2.0, "shifted")
     assert (cfg.lora_targets, cfg.model_type, cfg.gradient_checkpointing) == (("to_q", "ffn.net.2"), "i2vwbw", False)
+    memory = cli.config_from_args(
+        parse(["--cache_dir", "c", "--save_attention_blocks", "40", "--offload_checkpoints", "--offload_attention"])
+    )
+    assert (memory.save_attention_blocks, memory.offload_checkpoints, memory.offload_attention) == (40, True, True)
 
 
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
@@ -443,6 +456,147 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
     # 2 blocks x 2 attentions run forward once; full checkpointing runs them again before backward
     assert calls[1] < calls[0]
+
+
+def tiny_inputs() -> dict[str, torch.Tensor]:
+    """One fused tiny-model input (35 channels + mask, 3 x 4 x 8 latent, 16 text tokens, CLIP tokens)."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(1, 36, 3, 4, 8, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 16, 32, generator=g),
+        "encoder_hidden_states_image": torch.randn(1, 257, 32, generator=g),
+    }
+
+
+def tiny_training_model(**settings) -> torch.nn.Module:
+    """The tiny transformer in fp32 prepared as for training, with random (not zero) LoRA B and domain embedding."""
+    # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
+    cfg = TrainConfig(lora_rank=4, mixed_precision="no", attention_backend="native", **settings)
+    model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
+    model = build_transformer(cfg, transformer=model)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+def two_backwards(model: torch.nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of two forward + backward passes (gradients accumulate; host buffers are reused) and the gradients."""
+    losses = []
+    for _ in range(2):
+        loss = model(**tiny_inputs(), return_dict=False)[0].square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CountingKernel:
+    """Stands in for the CPU attention kernel of fourdnex.recompute and counts its forward and backward calls."""
+
+    def __init__(self, monkeypatch) -> None:
+        from fourdnex import recompute
+
+        self.forward_calls = self.backward_calls = 0
+        kernel = recompute.CPU_FLASH
+
+        def forward(*args):
+            self.forward_calls += 1
+            return kernel.forward(*args)
+
+        def backward(*args):
+            self.backward_calls += 1
+            return kernel.backward(*args)
+
+        monkeypatch.setattr(recompute, "CPU_FLASH", recompute.AttentionKernel("counting", forward, backward))
+
+
+@pytest.mark.parametrize(
+    ("settings", "compiled", "model_type"),
+    [
+        ({"save_attention_blocks": 2}, False, "i2vwbw-demb-samerope"),
+        ({"offload_checkpoints": True}, False, "i2vwbw-demb-samerope"),
+        ({"save_attention_blocks": 1, "offload_checkpoints": True}, False, "i2vwbw-demb-samerope"),
+        ({"save_attention_blocks": 2, "offload_checkpoints": True, "offload_attention": True}, False, "i2vwbw"),
+        ({"save_attention_blocks": 2, "offload_checkpoints": True, "offload_attention": True}, True, "i2vwbw-demb"),
+    ],
+    ids=["keep", "offload", "keep1-offload", "keep-offload-all-no-domain-emb", "keep-offload-all-compiled"],
+)
+def test_kept_attention_and_offload_equal_plain_checkpointing(settings, compiled, model_type, monkeypatch):
+    """Keeping attention outputs and parking checkpoints in host memory change what the backward recomputes, not the
+    numbers: loss and every trainable gradient (LoRA A/B, the domain embedding) equal plain checkpointing's in fp32
+    (measured: bit for bit, eager and compiled), the attention kernel of a kept block runs once forward and once
+    backward per pass, and the host buffers are allocated once. "i2vwbw" has no trainable input to block 0 (frozen
+    domain embedding): its LoRA still gets gradients."""
+    from fourdnex.recompute import block_checkpoint
+
+    common = {"compile_blocks": compiled, "model_type": model_type}
+    ref_losses, ref = two_backwards(tiny_training_model(**common))
+    counter = CountingKernel(monkeypatch)
+    model = tiny_training_model(**common, **settings)
+    checkpointing = block_checkpoint(model)
+    losses, grads = two_backwards(model)
+    assert losses == pytest.approx(ref_losses, rel=1e-7, abs=0)
+    assert grads.keys() == ref.keys() and len(ref) == 2 * 2 * 4 * 2 + (model_type != "i2vwbw")  # blocks*attn*AB*4
+    worst = max(((grads[n] - ref[n]).abs().max() / ref[n].abs().max()).item() for n in ref)
+    print(f"{settings} compiled={compiled}: max |grad - plain| / max |plain| = {worst:.1e}")
+    assert worst <= 1e-6 and all(ref[n].abs().max() > 0 for n in ref)
+    kept = settings.get("save_attention_blocks", 0)
+    assert (counter.forward_calls, counter.backward_calls) == (2 * kept, 2 * kept)
+    stats = checkpointing.pop_stats()
+    block_input, lse = 24 * 24 * 4, 2 * 24 * 4  # bytes: 24 tokens x 24 channels, 2 heads x 24 tokens, fp32
+    per_pass = 2 * block_input * settings.get("offload_checkpoints", False)
+    per_pass += kept * (block_input + lse) * settings.get("offload_attention", False)
+    assert stats["parked_gb"] * 1e9 == pytest.approx(2 * per_pass)
+    assert stats["host_gb"] * 1e9 == pytest.approx(per_pass)  # one pass's worth, reused by the second
+
+
+def test_kept_attention_processor_outside_checkpointing_is_stock():
+    """Without a checkpointed forward around it (inference, validation) a kept block computes what diffusers'
+    processor computes, bit for bit."""
+    stock = tiny_training_model()
+    kept = tiny_training_model(save_attention_blocks=2)
+    assert type(kept.blocks[0].attn1.processor).__name__ == "KeptSelfAttentionProcessor"
+    with torch.no_grad():
+        assert torch.equal(stock(**tiny_inputs())[0], kept(**tiny_inputs())[0])
+
+
+@pytest.mark.parametrize("kernel_name", ["CUDA_FLASH", "CUDNN"])
+def test_cuda_attention_ops_on_meta(kernel_name):
+    """The CUDA kernels' aten forward and backward calls, checked against the ops' schemas and shape functions on
+    the meta device (35,100 tokens x 40 heads x 128, bf16, as at the real size), through the replaying Function."""
+    from fourdnex import recompute
+
+    kernel = getattr(recompute, kernel_name)
+    shape = (1, 35_100, 40, 128)  # (B, N, H, D), as the processor builds them
+    q, k, v = (torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
+    if kernel.contiguous:
+        q_t, k_t, v_t = (x.contiguous() for x in (q_t, k_t, v_t))
+    with torch.no_grad():
+        out, lse, extra = kernel.forward(q_t.detach(), k_t.detach(), v_t.detach())
+    assert out.shape == (1, 40, 35_100, 128) and lse.shape[:3] == (1, 40, 35_100) and lse.dtype == torch.float32
+    replayed = recompute._KeptAttention.apply(q_t, k_t, v_t, (out, lse, extra), kernel)
+    replayed.transpose(1, 2).flatten(2, 3).sum().backward()
+    assert q.grad.shape == k.grad.shape == v.grad.shape == shape
+
+
+def test_offload_and_kept_attention_train_like_plain(cache_dir, tmp_path):
+    """finetune.py under DeepSpeed ZeRO-2 (bf16, gloo) with all 2 blocks' attention kept and everything parked logs
+    the same losses and writes the same adapter as with plain checkpointing."""
+    runs = {}
+    kept_flags = ["--save_attention_blocks", "2", "--offload_checkpoints", "--offload_attention"]
+    for name, extra in (("plain", []), ("kept", kept_flags)):
+        out = tmp_path / name
+        args = ["--cache_dir", str(cache_dir), "--output_dir", str(out), *TINY, "--max_steps", "3"]
+        finetune(*args, "--lr_warmup_steps", "0", "--learning_rate", "1e-3", *extra)
+        runs[name] = scalars(out, "loss/total"), read_adapter(out / "adapter")
+    (plain_losses, plain), (kept_losses, kept) = runs["plain"], runs["kept"]
+    print("losses", plain_losses, kept_losses)
+    assert len(plain_losses) == 3 and kept_losses == plain_losses
+    assert all(torch.equal(kept.lora[k], plain.lora[k]) for k in plain.lora)
+    assert torch.equal(kept.domain_embedding, plain.domain_embedding)
 
 
 def test_real_size_bench_model_on_meta():

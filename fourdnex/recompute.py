@@ -1,0 +1,517 @@
+"""Gradient checkpointing of the transformer blocks that keeps the self-attention output and can park in host memory
+what it keeps.
+
+Plain checkpointing keeps each block's input and, in the backward, runs the block again to rebuild its activations;
+at 35,100 tokens that recompute includes the self-attention kernel, ~25 TFLOP of a block's ~47. Two options here:
+
+* **keeping the self-attention output** (``keep_attention``: the first N blocks): the forward stores the kernel's
+  output and log-sum-exp; the recompute runs the projections (their LoRA weights need those activations) but not the
+  kernel, and the backward calls the kernel's own backward op on the kept output, as autograd does for the kernel;
+* **parking** (``park_inputs`` / ``park_attention``): the block inputs and / or the kept attention tensors are copied
+  to pinned host memory on a side CUDA stream as soon as they are written, and copied back one block ahead of the
+  backward that needs them, so the GPU holds them for two blocks at a time instead of all 40.
+
+Both run through :class:`BlockCheckpoint`, a reentrant-style checkpoint: an autograd Function around each block call
+whose forward runs the block without grad and whose backward runs it again with grad and differentiates it with
+``torch.autograd.grad``. That works with any block callable, regionally compiled or not. The block's trainable (LoRA)
+parameters are inputs of the Function, so their gradients are accumulated by the caller's one backward pass, where
+DeepSpeed's gradient hooks see them as with plain checkpointing. Wan's blocks have no dropout, so no random state is
+replayed.
+
+Sizes at the 4DNeX shape (35,100 tokens x 5120, bf16): a block input is 0.36 GB, a kept attention output 0.36 GB
+plus its log-sum-exp 5.6 MB; 40 blocks keep 14.4 GB of inputs and 14.6 GB of attention outputs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+from torch import nn
+
+from .config import REPLAYABLE_ATTENTION_BACKENDS
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The attention kernels, called as autograd calls them: inputs (B, H, N, D), no mask, no dropout, default scale.
+
+
+class AttentionKernel(NamedTuple):
+    """One SDPA kernel's forward and backward aten ops.
+
+    ``forward(q, k, v) -> (out, lse, extra)``: ``extra`` holds the small outputs its backward takes (sequence
+    offsets, sizes, RNG state); ``backward(grad, q, k, v, out, lse, extra) -> (dq, dk, dv)``. ``contiguous``: the
+    kernel wants q, k, v contiguous in (B, H, N, D), as diffusers' backend hands them to it.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    contiguous: bool = False
+
+
+def _cpu_flash_forward(q, k, v):
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+    return out, lse, ()
+
+
+def _cpu_flash_backward(grad, q, k, v, out, lse, extra):
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, False)
+
+
+def _cuda_flash_forward(q, k, v):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, False, False
+    )
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _cuda_flash_backward(grad, q, k, v, out, lse, extra):
+    cum_q, cum_k, max_q, max_k, seed, offset = extra
+    return aten._scaled_dot_product_flash_attention_backward(
+        grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset
+    )
+
+
+def _cudnn_forward(q, k, v):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False
+    )
+    # cuDNN's backward wants q, k, v, out and the gradient contiguous; the gradient is given out's layout
+    return out.contiguous(), lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _cudnn_backward(grad, q, k, v, out, lse, extra):
+    cum_q, cum_k, max_q, max_k, seed, offset = extra
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        grad, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, False
+    )
+
+
+CPU_FLASH = AttentionKernel("flash (cpu)", _cpu_flash_forward, _cpu_flash_backward)
+CUDA_FLASH = AttentionKernel("flash", _cuda_flash_forward, _cuda_flash_backward)
+CUDNN = AttentionKernel("cudnn", _cudnn_forward, _cudnn_backward, contiguous=True)
+
+
+def attention_kernel(device: torch.device, backend: str | None) -> AttentionKernel:
+    """The kernel a diffusers backend runs on ``device`` (None: diffusers' active backend); SDPA picks FlashAttention
+    for "native" on CUDA at bf16 and head size 128, as on the CPU."""
+    backend = backend or _AttentionBackendRegistry.get_active_backend()[0]
+    if backend not in REPLAYABLE_ATTENTION_BACKENDS:
+        name = getattr(backend, "value", backend)
+        raise ValueError(f"kept self-attention replays the backends {REPLAYABLE_ATTENTION_BACKENDS}, got {name!r}")
+    if device.type == "cpu":
+        return CPU_FLASH
+    if device.type != "cuda":
+        raise ValueError(f"kept self-attention runs on cpu or cuda, got {device.type}")
+    return CUDNN if backend == "_native_cudnn" else CUDA_FLASH
+
+
+class _KeptAttention(torch.autograd.Function):
+    """The attention kernel replayed from its kept output: forward returns it, backward runs the kernel's backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, kept, kernel):  # (B, H, N, D) each
+        ctx.save_for_backward(query, key, value)
+        ctx.kept, ctx.kernel = kept, kernel
+        return kept[0].detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value = ctx.saved_tensors
+        out, lse, extra = ctx.kept
+        if grad.stride() != out.stride():  # the kernels read the gradient in the memory layout they wrote out in
+            grad = torch.empty_like(out).copy_(grad)
+        return (*ctx.kernel.backward(grad, query, key, value, out, lse, extra), None, None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Host buffers and copies.
+
+
+class _HostBuffers:
+    """Host buffers for parked tensors, allocated one slab per kind (pinned when CUDA is there) and reused.
+
+    A slab holds ``capacity[kind]`` buffers (one per block that parks that kind), so a training step allocates
+    nothing after the first; a second forward in flight before a backward gets a second slab. One slab rather than a
+    buffer each: PyTorch's pinned-memory allocator rounds every request up to a power of two.
+    """
+
+    def __init__(self, capacity: dict[str, int]) -> None:
+        self.capacity = capacity
+        self.free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        self.allocated_bytes = 0
+
+    @staticmethod
+    def _key(kind: str, like: torch.Tensor) -> tuple:
+        return kind, tuple(like.shape), like.stride(), like.dtype
+
+    def take(self, kind: str, like: torch.Tensor) -> torch.Tensor:
+        """A free host buffer with ``like``'s shape, strides and dtype."""
+        free = self.free[self._key(kind, like)]
+        if not free:
+            span = 1 + sum((n - 1) * s for n, s in zip(like.shape, like.stride(), strict=True))  # storage elements
+            count = self.capacity[kind]
+            slab = torch.empty(count * span, dtype=like.dtype, pin_memory=torch.cuda.is_available())
+            self.allocated_bytes += slab.nbytes
+            free += [slab[i * span : (i + 1) * span].as_strided(like.shape, like.stride()) for i in range(count)]
+        return free.pop()
+
+    def give(self, kind: str, buffer: torch.Tensor) -> None:
+        """Return a buffer taken with :meth:`take`."""
+        self.free[self._key(kind, buffer)].append(buffer)
+
+
+class _Copier:
+    """Device <-> host copies. On CUDA they run on a side stream that waits for the compute stream's writes, and the
+    compute stream waits for a fetch only where it reads the data; on a CPU they are plain copies.
+
+    With ``measure`` set, CUDA events time each copy on the side stream and each wait of the compute stream.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.measure = False
+        self.copies: list[tuple] = []  # (start, end) events around copies on the side stream
+        self.waits: list[tuple] = []  # (start, end) events around the compute stream's waits
+
+    def _timed(self, stream, spans: list) -> Callable[[], None]:
+        if not self.measure:
+            return lambda: None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        spans.append((start, end))
+        return lambda: end.record(stream)
+
+    def to_host(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy ``src`` into the host buffer ``dst``; ``src`` may be freed at once (its memory is not reused before
+        the copy has read it)."""
+        if self.stream is None:
+            dst.copy_(src)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(self.stream):
+            done = self._timed(self.stream, self.copies)
+            dst.copy_(src, non_blocking=True)
+            done()
+        src.record_stream(self.stream)
+
+    def to_device(self, src: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the host buffer ``src`` to a new tensor on ``device``; returns it and the event that marks
+        the copy done (None on a CPU, where it is done already)."""
+        dst = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=device)
+        if self.stream is None:
+            return dst.copy_(src), None
+        self.stream.wait_stream(torch.cuda.current_stream(device))  # dst's memory may have been read there just now
+        with torch.cuda.stream(self.stream):
+            done = self._timed(self.stream, self.copies)
+            dst.copy_(src, non_blocking=True)
+            done()
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        dst.record_stream(self.stream)
+        return dst, ready
+
+    def wait(self, ready: torch.cuda.Event | None, device: torch.device) -> None:
+        """Make the compute stream wait until a :meth:`to_device` copy is done."""
+        if ready is None:
+            return
+        stream = torch.cuda.current_stream(device)
+        done = self._timed(stream, self.waits)
+        stream.wait_event(ready)
+        done()
+
+    def pop_seconds(self) -> tuple[float, float]:
+        """Seconds spent copying on the side stream and waiting for copies on the compute stream since the last call
+        (NaN without CUDA or ``measure``)."""
+        if self.stream is None or not self.measure:
+            return float("nan"), float("nan")
+        torch.cuda.synchronize(self.stream.device)
+        copy = sum(start.elapsed_time(end) for start, end in self.copies) / 1e3
+        wait = sum(start.elapsed_time(end) for start, end in self.waits) / 1e3
+        self.copies, self.waits = [], []
+        return copy, wait
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The checkpoint.
+
+
+@dataclass(eq=False)
+class _Stash:
+    """What one block call keeps for its backward, by name: on the device, or parked in host buffers."""
+
+    previous: weakref.ref | None  # the stash of the block that ran before this one in the same forward pass
+    device: dict[str, torch.Tensor] = field(default_factory=dict)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: tuple = ()  # the attention kernel's small outputs (stay on the device)
+    kernel: AttentionKernel | None = None
+    ready: torch.cuda.Event | None = None  # the fetch-back copies are done
+    fetching: bool = False
+    released: bool = False
+
+
+def _flatten(args: tuple) -> tuple[list, tuple]:
+    """Block arguments to a flat list of tensors (diffusers passes RoPE as a (cos, sin) pair) and how to regroup."""
+    flat, spec = [], []
+    for arg in args:
+        group = isinstance(arg, (tuple, list))
+        flat.extend(arg if group else (arg,))
+        spec.append(len(arg) if group else None)
+    return flat, tuple(spec)
+
+
+def _flat_size(spec: tuple) -> int:
+    """How many tensors :func:`_flatten` made of the arguments ``spec`` describes."""
+    return sum(1 if n is None else n for n in spec)
+
+
+def _unflatten(flat: list, spec: tuple) -> list:
+    """Inverse of :func:`_flatten`."""
+    args, i = [], 0
+    for n in spec:
+        args.append(flat[i] if n is None else tuple(flat[i : i + n]))
+        i += 1 if n is None else n
+    return args
+
+
+class _CheckpointedBlock(torch.autograd.Function):
+    """One block call: forward without grad keeping only the inputs, backward re-running the block with grad.
+
+    The block's trainable parameters are inputs of the Function too: its backward returns their gradients (from
+    ``torch.autograd.grad`` on the recomputed block), so they are accumulated by the one backward pass the caller
+    runs, as with plain checkpointing, and hooks on their gradients (DeepSpeed's) see a single backward.
+    """
+
+    @staticmethod
+    def forward(ctx, block, owner, spec, *tensors):  # tensors: the flattened block arguments, then its parameters
+        flat = tensors[: _flat_size(spec)]
+        stash = owner.open_stash()
+        device_type = flat[0].device.type
+        ctx.autocast = device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+        ctx.block, ctx.owner, ctx.spec, ctx.stash = block, owner, spec, stash
+        ctx.params = tensors[len(flat) :]
+        if owner.park_inputs:  # flat[0]: the hidden states, the one input that is new for every block
+            owner.keep(stash, "input", flat[0])
+            ctx.save_for_backward(None, *flat[1:])
+        else:
+            ctx.save_for_backward(*flat)
+        with owner.running(stash, replay=False):
+            return block(*_unflatten(list(flat), spec))
+
+    @staticmethod
+    def backward(ctx, grad):
+        owner, stash = ctx.owner, ctx.stash
+        saved = list(ctx.saved_tensors)
+        owner.fetch(stash)
+        if stash.previous is not None:
+            owner.prefetch(stash.previous())  # the next backward's block, while this one recomputes
+        if owner.park_inputs:
+            saved[0] = stash.device["input"]
+        needs = ctx.needs_input_grad[3 : 3 + len(saved)]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(saved, needs, strict=True)]
+        device_type, autocast, dtype = ctx.autocast
+        with (
+            torch.enable_grad(),
+            torch.autocast(device_type, dtype=dtype, enabled=autocast),
+            owner.running(stash, replay=True),
+        ):
+            out = ctx.block(*_unflatten(inputs, ctx.spec))
+        wanted = [x for x, need in zip(inputs, needs, strict=True) if need] + list(ctx.params)
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        owner.release(stash)
+        input_grads = [next(grads) if need else None for need in needs]
+        return None, None, None, *input_grads, *grads
+
+
+class BlockCheckpoint:
+    """The gradient-checkpointing function diffusers calls as ``func(block, *block_args)`` for every block.
+
+    Keeps the inputs of each block (parked in host memory with ``park_inputs``) and the self-attention output of the
+    blocks given a :class:`KeptSelfAttentionProcessor` (parked with ``park_attention``). Blocks must run in order and
+    their backwards in reverse order, as a transformer's do; one forward pass may be in flight per backward, more
+    just take more host memory.
+    """
+
+    def __init__(self, num_blocks: int, kept_blocks: int, park_inputs: bool, park_attention: bool) -> None:
+        self.park_inputs = park_inputs
+        self.park_attention = park_attention
+        self.active: _Stash | None = None  # the stash of the block running now (its forward or its recompute)
+        self.replaying = False
+        self._last: weakref.ref | None = None
+        self._host = _HostBuffers({"input": num_blocks, "attention": kept_blocks, "lse": kept_blocks})
+        self._copier: _Copier | None = None
+        self._measure = False
+        self._parked_bytes = 0
+
+    def __call__(self, block: nn.Module, *args):
+        flat, spec = _flatten(args)
+        params = [p for p in block.parameters() if p.requires_grad]
+        return _CheckpointedBlock.apply(block, self, spec, *flat, *params)
+
+    # -- what the block call and the attention processor use
+
+    def open_stash(self) -> _Stash:
+        """A new stash, linked to the one opened before it."""
+        stash = _Stash(previous=self._last)
+        self._last = weakref.ref(stash)
+        return stash
+
+    @contextmanager
+    def running(self, stash: _Stash, replay: bool) -> Iterator[None]:
+        """Mark ``stash``'s block as running (its forward, or with ``replay`` its recompute)."""
+        self.active, self.replaying = stash, replay
+        try:
+            yield
+        finally:
+            self.active, self.replaying = None, False
+
+    def keep(self, stash: _Stash, name: str, tensor: torch.Tensor) -> None:
+        """Keep a tensor for the backward: parked in a host buffer if its kind is parked, else as is."""
+        if not (self.park_inputs if name == "input" else self.park_attention):
+            stash.device[name] = tensor
+            return
+        if self._copier is None:
+            self._copier = _Copier(tensor.device)
+            self._copier.measure = self._measure
+        buffer = self._host.take(name, tensor)
+        self._copier.to_host(tensor, buffer)
+        stash.host[name] = buffer
+        self._parked_bytes += tensor.nbytes
+
+    def prefetch(self, stash: _Stash | None) -> None:
+        """Start copying a stash's parked tensors back to the device (no-op if done, started or nothing parked)."""
+        if stash is None or stash.released or stash.fetching or not stash.host:
+            return
+        device = self._device
+        for name, buffer in stash.host.items():
+            stash.device[name], stash.ready = self._copier.to_device(buffer, device)
+        stash.fetching = True
+
+    def fetch(self, stash: _Stash) -> None:
+        """Have a stash's tensors on the device, ready for the compute stream."""
+        self.prefetch(stash)
+        if stash.host:
+            self._copier.wait(stash.ready, self._device)
+
+    def release(self, stash: _Stash) -> None:
+        """Drop what a stash keeps after its backward, returning its host buffers."""
+        for name, buffer in stash.host.items():
+            self._host.give(name, buffer)
+        stash.host, stash.device, stash.extra, stash.released = {}, {}, (), True
+
+    @property
+    def _device(self) -> torch.device:
+        stream = self._copier.stream
+        return stream.device if stream is not None else torch.device("cpu")
+
+    # -- timing, for the benchmark
+
+    def measure(self, enabled: bool = True) -> None:
+        """Time the copies and the waits for them (CUDA events; read with :meth:`pop_stats`)."""
+        self._measure = enabled
+        if self._copier is not None:
+            self._copier.measure = enabled
+
+    def pop_stats(self) -> dict[str, float]:
+        """Since the last call: GB parked, seconds of copies on the side stream, seconds the compute stream waited
+        for copies back (NaN where not measured), and the host memory held (GB)."""
+        copy, wait = self._copier.pop_seconds() if self._copier else (float("nan"), float("nan"))
+        stats = {"parked_gb": self._parked_bytes / 1e9, "copy_s": copy, "wait_s": wait}
+        stats["host_gb"] = self._host.allocated_bytes / 1e9
+        self._parked_bytes = 0
+        return stats
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The self-attention processor.
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding of ``x`` (B, N, H, D): channel pairs (2i, 2i+1) turned by the angle of column 2i."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
+
+
+@torch.compiler.disable
+def _self_attention(processor: KeptSelfAttentionProcessor, query, key, value) -> torch.Tensor:
+    """The attention kernel of a kept block, (B, N, H, D) in and out: stored while the block's checkpointed forward
+    runs, replayed while it recomputes, plain diffusers dispatch otherwise (inference, no checkpointing).
+
+    Kept out of torch.compile: storing and fetching are side effects (a graph break either side).
+    """
+    owner = processor.owner
+    stash = owner.active
+    if stash is None:
+        return dispatch_attention_fn(
+            query, key, value, backend=processor._attention_backend, parallel_config=processor._parallel_config
+        )
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, N, D)
+    if owner.replaying:
+        kernel = stash.kernel
+        if kernel.contiguous:
+            q, k, v = (x.contiguous() for x in (q, k, v))
+        out = _KeptAttention.apply(q, k, v, (stash.device["attention"], stash.device["lse"], stash.extra), kernel)
+    else:
+        kernel = attention_kernel(query.device, processor._attention_backend)
+        if kernel.contiguous:
+            q, k, v = (x.contiguous() for x in (q, k, v))
+        out, lse, stash.extra = kernel.forward(q, k, v)
+        stash.kernel = kernel
+        owner.keep(stash, "attention", out)
+        owner.keep(stash, "lse", lse)
+    return out.transpose(1, 2)
+
+
+class KeptSelfAttentionProcessor:
+    """Wan's self-attention (``block.attn1``) with its kernel output kept by a :class:`BlockCheckpoint`.
+
+    Computes what diffusers' ``WanAttnProcessor`` computes for a self-attention (no mask, no image context).
+    """
+
+    _attention_backend = None  # set by diffusers' set_attention_backend, like its own processors
+    _parallel_config = None
+
+    def __init__(self, owner: BlockCheckpoint) -> None:
+        self.owner = owner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)  # (B, N, C) each
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))  # (B, N, H, D)
+        query, key = _rope(query, *rotary_emb), _rope(key, *rotary_emb)
+        out = _self_attention(self, query, key, value).flatten(2, 3).type_as(query)  # (B, N, C)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def enable_block_checkpointing(
+    transformer: nn.Module, keep_attention: int = 0, park_inputs: bool = False, park_attention: bool = False
+) -> BlockCheckpoint:
+    """Checkpoint every block of a Wan transformer with a :class:`BlockCheckpoint`, keeping the self-attention
+    output of the first ``keep_attention`` blocks; returns it (also found with :func:`block_checkpoint`)."""
+    blocks = transformer.blocks
+    kept = min(keep_attention, len(blocks))
+    owner = BlockCheckpoint(len(blocks), kept, park_inputs, park_attention)
+    for block in blocks[:kept]:
+        stock = block.attn1.processor
+        processor = KeptSelfAttentionProcessor(owner)
+        processor._attention_backend, processor._parallel_config = stock._attention_backend, stock._parallel_config
+        block.attn1.set_processor(processor)
+    transformer.enable_gradient_checkpointing(owner)
+    transformer._fourdnex_block_checkpoint = owner
+    return owner
+
+
+def block_checkpoint(model: nn.Module) -> BlockCheckpoint | None:
+    """The :class:`BlockCheckpoint` a transformer's blocks run under, None if it uses plain checkpointing."""
+    return getattr(model, "_fourdnex_block_checkpoint", None)
