@@ -454,9 +454,17 @@ def run_sections(
         run_memory_modes(args, table, results)
 
 
+def memory_run_name(mode: str, fp8: bool, cap: int) -> str:
+    """How ``--memory-runs`` names a run: mode, ``+fp8`` if so, ``@`` the cap in GiB (e.g. ``model+fp8@24``)."""
+    return f"{mode}{'+fp8' if fp8 else ''}@{cap}"
+
+
 def run_memory_modes(args: argparse.Namespace, table: Table, results: dict[str, float]) -> None:
     """Each memory mode in a fresh process capped at the card size it stands for (this process holds no model)."""
-    runs = MEMORY_RUNS if "eager_sample" in results else (("none", False, 80), *MEMORY_RUNS)
+    wanted = MEMORY_RUNS
+    if args.memory_runs:
+        wanted = tuple(run for run in MEMORY_RUNS if memory_run_name(*run) in args.memory_runs.split(","))
+    runs = wanted if "eager_sample" in results else (("none", False, 80), *wanted)
     for mode, fp8, cap in runs:
         label = f"--memory {mode}{' --fp8' if fp8 else ''}, capped at {cap} GiB"
         if not table.fits(f"memory: {label}", 150):
@@ -540,6 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per setting, after one warm-up")
     parser.add_argument("--peak-tflops", type=float, default=798.0, help="measured bf16 matmul peak (H100: 798)")
+    parser.add_argument(
+        "--memory-runs",
+        default="",
+        help="comma-separated subset of the memory section: " + ",".join(memory_run_name(*run) for run in MEMORY_RUNS),
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--fp8", action="store_true", help=argparse.SUPPRESS)

@@ -35,6 +35,7 @@ import torch
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 from .config import REPLAYABLE_ATTENTION_BACKENDS
 
@@ -97,14 +98,27 @@ def _cudnn_backward(grad, q, k, v, out, lse, extra):
     )
 
 
+def _native_cuda_forward(q, k, v):
+    cudnn = torch._fused_sdp_choice(q, k, v) == SDPBackend.CUDNN_ATTENTION.value
+    out, lse, extra = (_cudnn_forward if cudnn else _cuda_flash_forward)(q, k, v)
+    return out, lse, (cudnn, *extra)
+
+
+def _native_cuda_backward(grad, q, k, v, out, lse, extra):
+    cudnn, *extra = extra
+    return (_cudnn_backward if cudnn else _cuda_flash_backward)(grad, q, k, v, out, lse, tuple(extra))
+
+
 CPU_FLASH = AttentionKernel("flash (cpu)", _cpu_flash_forward, _cpu_flash_backward)
 CUDA_FLASH = AttentionKernel("flash", _cuda_flash_forward, _cuda_flash_backward)
 CUDNN = AttentionKernel("cudnn", _cudnn_forward, _cudnn_backward, contiguous=True)
+#: What SDPA itself picks for these inputs (cuDNN on Hopper with this torch, FlashAttention elsewhere).
+CUDA_NATIVE = AttentionKernel("sdpa's choice", _native_cuda_forward, _native_cuda_backward, contiguous=True)
 
 
 def attention_kernel(device: torch.device, backend: str | None) -> AttentionKernel:
-    """The kernel a diffusers backend runs on ``device`` (None: diffusers' active backend); SDPA picks FlashAttention
-    for "native" on CUDA at bf16 and head size 128, as on the CPU."""
+    """The kernel a diffusers backend runs on ``device`` (None: diffusers' active backend); for "native" on CUDA, the
+    one SDPA itself would choose for the inputs (``torch._fused_sdp_choice``)."""
     backend = backend or _AttentionBackendRegistry.get_active_backend()[0]
     if backend not in REPLAYABLE_ATTENTION_BACKENDS:
         name = getattr(backend, "value", backend)
@@ -113,7 +127,9 @@ def attention_kernel(device: torch.device, backend: str | None) -> AttentionKern
         return CPU_FLASH
     if device.type != "cuda":
         raise ValueError(f"kept self-attention runs on cpu or cuda, got {device.type}")
-    return CUDNN if backend == "_native_cudnn" else CUDA_FLASH
+    if backend == "_native_cudnn":
+        return CUDNN
+    return CUDA_FLASH if backend == "_native_flash" else CUDA_NATIVE
 
 
 class _KeptAttention(torch.autograd.Function):
