@@ -50,14 +50,13 @@ class AttentionKernel(NamedTuple):
     """One SDPA kernel's forward and backward aten ops.
 
     ``forward(q, k, v) -> (out, lse, extra)``: ``extra`` holds the small outputs its backward takes (sequence
-    offsets, sizes, RNG state); ``backward(grad, q, k, v, out, lse, extra) -> (dq, dk, dv)``. ``contiguous``: the
-    kernel wants q, k, v contiguous in (B, H, N, D), as diffusers' backend hands them to it.
+    offsets, sizes, RNG state); ``backward(grad, q, k, v, out, lse, extra) -> (dq, dk, dv)``. q, k and v come as
+    diffusers lays them out, (B, N, H, D) memory viewed as (B, H, N, D), which every kernel here reads in place.
     """
 
     name: str
     forward: Callable
     backward: Callable
-    contiguous: bool = False
 
 
 def _cpu_flash_forward(q, k, v):
@@ -87,8 +86,7 @@ def _cudnn_forward(q, k, v):
     out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, False, False
     )
-    # cuDNN's backward wants q, k, v, out and the gradient contiguous; the gradient is given out's layout
-    return out.contiguous(), lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
 
 
 def _cudnn_backward(grad, q, k, v, out, lse, extra):
@@ -111,9 +109,9 @@ def _native_cuda_backward(grad, q, k, v, out, lse, extra):
 
 CPU_FLASH = AttentionKernel("flash (cpu)", _cpu_flash_forward, _cpu_flash_backward)
 CUDA_FLASH = AttentionKernel("flash", _cuda_flash_forward, _cuda_flash_backward)
-CUDNN = AttentionKernel("cudnn", _cudnn_forward, _cudnn_backward, contiguous=True)
+CUDNN = AttentionKernel("cudnn", _cudnn_forward, _cudnn_backward)
 #: What SDPA itself picks for these inputs (cuDNN on Hopper with this torch, FlashAttention elsewhere).
-CUDA_NATIVE = AttentionKernel("sdpa's choice", _native_cuda_forward, _native_cuda_backward, contiguous=True)
+CUDA_NATIVE = AttentionKernel("sdpa's choice", _native_cuda_forward, _native_cuda_backward)
 
 
 def attention_kernel(device: torch.device, backend: str | None) -> AttentionKernel:
@@ -474,14 +472,10 @@ def _self_attention(processor: KeptSelfAttentionProcessor, query, key, value) ->
         )
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, N, D)
     if owner.replaying:
-        kernel = stash.kernel
-        if kernel.contiguous:
-            q, k, v = (x.contiguous() for x in (q, k, v))
-        out = _KeptAttention.apply(q, k, v, (stash.device["attention"], stash.device["lse"], stash.extra), kernel)
+        kept = (stash.device["attention"], stash.device["lse"], stash.extra)
+        out = _KeptAttention.apply(q, k, v, kept, stash.kernel)
     else:
         kernel = attention_kernel(query.device, processor._attention_backend)
-        if kernel.contiguous:
-            q, k, v = (x.contiguous() for x in (q, k, v))
         out, lse, stash.extra = kernel.forward(q, k, v)
         stash.kernel = kernel
         owner.keep(stash, "attention", out)
