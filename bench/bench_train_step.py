@@ -293,6 +293,60 @@ def run_attention(args, config: dict, shape) -> None:
     print(table([{k: r.get(k, "") for k in keys} for r in rows]))
 
 
+def run_gradients(args, cfg: TrainConfig, config: dict, shape) -> None:
+    """The gradients of one batch with plain checkpointing (twice: the run-to-run floor) and with the settings given
+    (``--save_attention_blocks``, ``--offload_*``, ``--compile``; with ``--compile`` also plain compiled and the
+    settings without it): relative difference and cosine against the first.
+
+    LoRA B starts from small seeded values instead of zero, so that the A matrices get gradients too.
+    """
+    import dataclasses
+    import gc
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plain = dataclasses.replace(
+        cfg, save_attention_blocks=0, offload_checkpoints=False, offload_attention=False, compile_blocks=False
+    )
+    runs = [("plain checkpointing", plain), ("plain checkpointing, again", plain)]
+    if cfg.compile_blocks:
+        runs.append(("plain checkpointing, compiled", dataclasses.replace(plain, compile_blocks=True)))
+        runs.append(("the settings given, not compiled", dataclasses.replace(cfg, compile_blocks=False)))
+    runs.append(("the settings given", cfg))
+    batch = random_batch(0, shape, config["text_dim"], config["image_dim"]).to(device)
+    grads, rows = {}, []
+    for label, settings in runs:
+        model = build_transformer(settings, transformer=build_model(config, device))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(1e-3 * torch.randn(param.shape, generator=generator))
+        loss, _ = batch_loss(model, batch, LossWeights(), torch.bfloat16)
+        loss.backward()
+        grads[label] = {n: p.grad.float().cpu() for n, p in trainable_parameters(model).items()}
+        del model, loss
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        reference = grads[runs[0][0]]
+        flat = torch.cat([g.flatten() for g in grads[label].values()]).double()
+        ref = torch.cat([g.flatten() for g in reference.values()]).double()
+        worst = max(
+            ((grads[label][n] - reference[n]).norm() / reference[n].norm().clamp_min(1e-30)).item() for n in reference
+        )
+        rows.append(
+            {
+                "gradients of": label,
+                "tensors": len(reference),
+                "norm": f"{flat.norm().item():.4e}",
+                "rel. diff (all)": f"{((flat - ref).norm() / ref.norm()).item():.2e}",
+                "rel. diff (worst tensor)": f"{worst:.2e}",
+                "cosine": f"{torch.nn.functional.cosine_similarity(flat, ref, dim=0).item():.6f}",
+            }
+        )
+    print(table(rows))
+
+
 def main(args: argparse.Namespace) -> None:
     """Run the chosen mode at the chosen size."""
     config, shape = (REAL, REAL_SHAPE) if args.real_size else (TINY, TINY_SHAPE)
@@ -316,13 +370,15 @@ def main(args: argparse.Namespace) -> None:
         run_trainer(args, cfg, config, shape)
     elif args.mode == "baseline":
         run_baseline(args, cfg, config, shape)
+    elif args.mode == "gradients":
+        run_gradients(args, cfg, config, shape)
     else:
         run_attention(args, config, shape)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="trainer", choices=["trainer", "baseline", "attention"])
+    parser.add_argument("--mode", default="trainer", choices=["trainer", "baseline", "attention", "gradients"])
     parser.add_argument("--real-size", action="store_true", help="Wan2.1-I2V-14B at 49x480x1440 (else tiny, for CPU)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
