@@ -446,6 +446,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
             raise TrainingError(f"DeepSpeed config {path}: remove {key!r}; the trainer builds the {key} (see --help)")
     if "zero_optimization" not in config:
         raise TrainingError(f"DeepSpeed config {path}: no zero_optimization section")
+    stage = config["zero_optimization"].get("stage", 0)
+    if stage == 3 and (cfg.save_attention_blocks or cfg.offload_checkpoints):
+        raise TrainingError(
+            f"DeepSpeed config {path} is ZeRO-3, which partitions the LoRA weights that --save_attention_blocks and "
+            "--offload_checkpoints differentiate block by block: use a ZeRO-2 config or drop those flags"
+        )
     config.pop("train_batch_size", None)
     config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
     config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps

@@ -255,6 +255,7 @@ def load_script(name: str):
             "kept_attention_backend",
             "save_attention_blocks needs attention_backend native, _native_flash, _native_cudnn",
         ),
+        ("kept_under_zero3", "is ZeRO-3, which partitions the LoRA weights"),
     ],
 )
 def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
@@ -274,6 +275,12 @@ def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
         "offload_without_checkpointing": ["--offload_checkpoints", "--no_gradient_checkpointing"],
         "offload_attention_alone": ["--offload_attention"],
         "kept_attention_backend": ["--save_attention_blocks", "4", "--attention_backend", "flex"],
+        "kept_under_zero3": [
+            "--save_attention_blocks",
+            "2",
+            "--deepspeed_config",
+            str(ROOT / "configs" / "deepspeed_zero3.json"),
+        ],
     }
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cli.build_parser().parse_args(args + extra.get(setup, [])))
