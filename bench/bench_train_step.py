@@ -7,14 +7,18 @@ with p, so one process with ``--gradient_accumulation_steps 2`` and two processe
 
     # the trainer (DeepSpeed ZeRO-2, bf16 LoRA, gradient checkpointing), one GPU; --profile: where the GPU time goes
     python -m bench.bench_train_step --real-size --steps 3 --profile
-    # the same with another attention kernel / keeping 8 blocks' attention outputs / compiled blocks
-    python -m bench.bench_train_step --real-size --attention_backend _native_cudnn --save_attention_blocks 8
+    # compiled blocks, every block's attention output kept, both kinds of checkpoint parked in host memory
+    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40 \
+        --offload_checkpoints --offload_attention
     # plain diffusers + peft + gradient checkpointing + torch AdamW (fp32 LoRA under bf16 autocast), no DeepSpeed
     python -m bench.bench_train_step --real-size --mode baseline
     # two processes, ZeRO-2 (or ZeRO-3), one sample each; compare with --gradient_accumulation_steps 2 on one
     torchrun --nproc_per_node 2 -m bench.bench_train_step --real-size [--deepspeed_config configs/deepspeed_zero3.json]
-    # attention kernels alone at the 4DNeX shape (forward + backward), per backend
-    python -m bench.bench_train_step --real-size --mode attention
+    # one batch's gradients: plain checkpointing twice (the run-to-run floor), then the settings given
+    python -m bench.bench_train_step --real-size --mode gradients --compile --save_attention_blocks 40 \
+        --offload_checkpoints --offload_attention
+
+The attention kernels alone are timed by ``bench/bench_attention.py``.
 
 What gradient checkpointing keeps (``fourdnex.recompute``), at the 4DNeX shape: each block's input, 35,100 x 5120 bf16
 = 0.36 GB, 14.4 GB for 40 blocks; ``--save_attention_blocks N`` also keeps the self-attention output + log-sum-exp of
@@ -26,15 +30,7 @@ the inputs and as much again for 40 attention outputs, each rounded up to 16 GiB
 H100 machine has 128 GiB). The row's ``copy s`` is the side stream's copy time per step and ``wait s`` the time the
 backward stalled for a block's tensors to come back; ``host GB`` the pinned memory the slabs hold.
 
-    # one H100, compiled blocks, ~3-4 min each (1 min build, 2 warm-up steps that compile, 3 timed steps):
-    # all 40 attention outputs kept on the GPU, the block inputs parked (expected ~55-56 GiB, the step without the
-    # attention recompute); then both parked (~43 GiB); inputs parked only (the copy cost alone, against 13.42 s);
-    # everything on the GPU, no copies (~68 GiB: over the 58 GiB budget, the reference the copies are measured against)
-    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40 --offload_checkpoints
-    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40 --offload_checkpoints \
-        --offload_attention
-    python -m bench.bench_train_step --real-size --compile --warmup 2 --offload_checkpoints
-    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40
+Measured results and their commands: BENCHMARKS.md, section "Training".
 """
 
 from __future__ import annotations
@@ -242,57 +238,6 @@ def run_baseline(args, cfg: TrainConfig, config: dict, shape) -> None:
     print(table([row]))
 
 
-def run_attention(args, config: dict, shape) -> None:
-    """Forward + backward of one self-attention at the 4DNeX shape, per diffusers attention backend."""
-    from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    frames, h, w, _ = shape
-    tokens = frames * (h // 2) * (2 * w // 2)
-    heads, dim = config["num_attention_heads"], config["attention_head_dim"]
-    q, k, v = (
-        torch.randn(1, tokens, heads, dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
-    )
-    flops = 4 * tokens * tokens * heads * dim  # forward matmuls
-    rows = []
-    for backend in args.attention_backends:
-        try:
-            timings = []
-            for _ in range(args.warmup + args.steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                with attention_backend(backend):
-                    out = dispatch_attention_fn(q, k, v)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t1 = time.perf_counter()
-                out.backward(torch.ones_like(out))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                timings.append((t1 - t0, time.perf_counter() - t1))
-            fwd = statistics.mean(t[0] for t in timings[args.warmup :])
-            bwd = statistics.mean(t[1] for t in timings[args.warmup :])
-            rows.append(
-                {
-                    "backend": backend,
-                    "tokens": tokens,
-                    "fwd ms": f"{fwd * 1e3:.1f}",
-                    "bwd ms": f"{bwd * 1e3:.1f}",
-                    "fwd TFLOP/s": f"{flops / fwd / 1e12:.0f}",
-                    "bwd TFLOP/s": f"{2.5 * flops / bwd / 1e12:.0f}",
-                    "x40 layers x(2 fwd + bwd) s": f"{40 * (2 * fwd + bwd):.2f}",
-                }
-            )
-        except Exception as err:  # a backend this machine lacks is reported as a row, the others still run
-            rows.append(
-                {"backend": backend, "tokens": tokens, "fwd ms": f"unavailable ({type(err).__name__}: {str(err)[:60]})"}
-            )
-        q.grad = k.grad = v.grad = None
-    keys = ["backend", "tokens", "fwd ms", "bwd ms", "fwd TFLOP/s", "bwd TFLOP/s", "x40 layers x(2 fwd + bwd) s"]
-    print(table([{k: r.get(k, "") for k in keys} for r in rows]))
-
-
 def run_gradients(args, cfg: TrainConfig, config: dict, shape) -> None:
     """The gradients of one batch with plain checkpointing (twice: the run-to-run floor) and with the settings given
     (``--save_attention_blocks``, ``--offload_*``, ``--compile``; with ``--compile`` also plain compiled and the
@@ -370,15 +315,13 @@ def main(args: argparse.Namespace) -> None:
         run_trainer(args, cfg, config, shape)
     elif args.mode == "baseline":
         run_baseline(args, cfg, config, shape)
-    elif args.mode == "gradients":
-        run_gradients(args, cfg, config, shape)
     else:
-        run_attention(args, config, shape)
+        run_gradients(args, cfg, config, shape)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="trainer", choices=["trainer", "baseline", "attention", "gradients"])
+    parser.add_argument("--mode", default="trainer", choices=["trainer", "baseline", "gradients"])
     parser.add_argument("--real-size", action="store_true", help="Wan2.1-I2V-14B at 49x480x1440 (else tiny, for CPU)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
@@ -390,9 +333,4 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--deepspeed_config", default=None, help="default: configs/deepspeed_zero2.json")
     parser.add_argument("--profile", action="store_true", help="profile one more step: GPU time by kernel kind")
-    parser.add_argument(
-        "--attention_backends",
-        nargs="+",
-        default=["native", "_native_flash", "_native_cudnn", "_native_efficient", "flash", "_flash_3"],
-    )
     main(parser.parse_args())
