@@ -292,13 +292,15 @@ KERNEL_KINDS = {
 def kernel_split(prof, on_gpu: bool) -> dict[str, float]:
     """Seconds of a finished ``torch.profiler`` run by kind of kernel (attention, matmul, other).
 
-    On a GPU these are kernel times; on a CPU the ``aten::`` ops stand in for kernels.
+    On a GPU these are kernel times (copies included); on a CPU the ``aten::`` ops stand in for kernels.
     """
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     totals = dict.fromkeys((*KERNEL_KINDS, "other"), 0.0)
     for event in prof.key_averages():
         seconds = getattr(event, key, 0) / 1e6
-        if seconds <= 0 or (not on_gpu and not event.key.startswith("aten::")):
+        # on a GPU only the kernels themselves count: an aten op also reports its kernels' time as its own
+        kernel = event.device_type == torch.autograd.DeviceType.CUDA if on_gpu else event.key.startswith("aten::")
+        if seconds <= 0 or not kernel:
             continue
         name = event.key.lower()
         kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in name for f in frags)), "other")
