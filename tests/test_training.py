@@ -438,23 +438,10 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
                 CountAttention.calls += 1
             return func(*args, **(kwargs or {}))
 
-    g = torch.Generator().manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(1, 36, 3, 4, 8, generator=g),
-        "timestep": torch.tensor([500.0]),
-        "encoder_hidden_states": torch.randn(1, 16, 32, generator=g),
-        "encoder_hidden_states_image": torch.randn(1, 257, 32, generator=g),
-    }
+    inputs = tiny_inputs()
     grads, calls = [], []
     for keep in (0, 2):
-        # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
-        cfg = TrainConfig(lora_rank=4, mixed_precision="no", save_attention_blocks=keep, attention_backend="native")
-        model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
-        model = build_transformer(cfg, transformer=model)
-        torch.manual_seed(0)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data.normal_(0, 0.1)
+        model = tiny_training_model(save_attention_blocks=keep)
         CountAttention.calls = 0
         with CountAttention():
             model(**inputs, return_dict=False)[0].square().mean().backward()
