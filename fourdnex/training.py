@@ -181,8 +181,13 @@ class TrainConfig:
             raise TrainingError(f"mixed_precision must be bf16 or no, got {self.mixed_precision!r}")
         self.validate_checkpointing()
 
+    @property
+    def block_checkpointing(self) -> bool:
+        """True when gradient checkpointing keeps attention outputs or parks tensors (``fourdnex.recompute``)."""
+        return bool(self.save_attention_blocks or self.offload_checkpoints or self.offload_attention)
+
     def validate_checkpointing(self) -> None:
-        """Raise ValueError naming a gradient-checkpointing setting that cannot be used (checked before building)."""
+        """Raise TrainingError naming a gradient-checkpointing setting that cannot be used (checked before building)."""
         if self.save_attention_blocks < 0:
             raise TrainingError(f"save_attention_blocks must be >= 0, got {self.save_attention_blocks}")
         uses = [
@@ -393,7 +398,7 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
         except (ValueError, RuntimeError) as err:
             raise TrainingError(f"attention backend {cfg.attention_backend!r}: {err}") from err
     cfg.validate_checkpointing()
-    if cfg.save_attention_blocks or cfg.offload_checkpoints or cfg.offload_attention:
+    if cfg.block_checkpointing:
         from .recompute import enable_block_checkpointing
 
         enable_block_checkpointing(
@@ -447,7 +452,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     if "zero_optimization" not in config:
         raise TrainingError(f"DeepSpeed config {path}: no zero_optimization section")
     stage = config["zero_optimization"].get("stage", 0)
-    if stage == 3 and (cfg.save_attention_blocks or cfg.offload_checkpoints):
+    if stage == 3 and cfg.block_checkpointing:
         raise TrainingError(
             f"DeepSpeed config {path} is ZeRO-3, which partitions the LoRA weights that --save_attention_blocks and "
             "--offload_checkpoints differentiate block by block: use a ZeRO-2 config or drop those flags"
