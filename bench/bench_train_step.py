@@ -7,28 +7,30 @@ with p, so one process with ``--gradient_accumulation_steps 2`` and two processe
 
     # the trainer (DeepSpeed ZeRO-2, bf16 LoRA, gradient checkpointing), one GPU; --profile: where the GPU time goes
     python -m bench.bench_train_step --real-size --steps 3 --profile
-    # compiled blocks, every block's attention output kept, both kinds of checkpoint parked in host memory
-    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40 \
-        --offload_checkpoints --offload_attention
+    # compiled blocks, every block's attention output and feed-forward pre-activation kept, all parked in host memory
+    python -m bench.bench_train_step --real-size --compile --warmup 2 --save_attention_blocks 40 --save_ffn_blocks 40 \
+        --offload_checkpoints --offload_attention --offload_ffn
     # plain diffusers + peft + gradient checkpointing + torch AdamW (fp32 LoRA under bf16 autocast), no DeepSpeed
     python -m bench.bench_train_step --real-size --mode baseline
     # two processes, ZeRO-2 (or ZeRO-3), one sample each; compare with --gradient_accumulation_steps 2 on one
     torchrun --nproc_per_node 2 -m bench.bench_train_step --real-size [--deepspeed_config configs/deepspeed_zero3.json]
     # one batch's gradients: plain checkpointing twice (the run-to-run floor), then the settings given
     python -m bench.bench_train_step --real-size --mode gradients --compile --save_attention_blocks 40 \
-        --offload_checkpoints --offload_attention
+        --save_ffn_blocks 40 --offload_checkpoints --offload_attention --offload_ffn
 
 The attention kernels alone are timed by ``bench/bench_attention.py``.
 
 What gradient checkpointing keeps (``fourdnex.recompute``), at the 4DNeX shape: each block's input, 35,100 x 5120 bf16
 = 0.36 GB, 14.4 GB for 40 blocks; ``--save_attention_blocks N`` also keeps the self-attention output + log-sum-exp of
 the first N blocks (0.37 GB each, 14.6 GB for 40), so their backward skips the attention kernel's forward recompute
-(~25 TFLOP per block, ~2 s per step for 40). ``--offload_checkpoints`` parks the block inputs in pinned host memory,
-``--offload_attention`` the kept attention outputs too; they are copied to the host on a side stream as they are
-written and back one block ahead of the backward. Pinned host memory: one slab per kind, 40 x 0.36 GB = 14.4 GB for
-the inputs and as much again for 40 attention outputs, each rounded up to 16 GiB by PyTorch's pinned allocator (the
-H100 machine has 128 GiB). The row's ``copy s`` is the side stream's copy time per step and ``wait s`` the time the
-backward stalled for a block's tensors to come back; ``host GB`` the pinned memory the slabs hold.
+(~25 TFLOP per block, ~2 s per step for 40); ``--save_ffn_blocks N`` keeps the feed-forward's pre-activation
+(35,100 x 13,824, 0.97 GB each, 38.8 GB for 40), so their recompute skips the feed-forward (~10 TFLOP per block).
+``--offload_checkpoints`` parks the block inputs in page-locked host memory, ``--offload_attention`` and
+``--offload_ffn`` the kept tensors too; they are copied to the host on a side stream as they are written and back one
+block ahead of the backward. Host memory: one slab per kind, exactly its size (40 x 0.36 GB = 14.4 GB for the inputs,
+as much again for 40 attention outputs, 38.8 GB for 40 pre-activations; the H100 machine has 128 GiB). The row's
+``copy s`` is the side stream's copy time per step and ``wait s`` the time the backward stalled for a block's tensors
+to come back; ``host GB`` the page-locked memory the slabs hold.
 
 Measured results and their commands: BENCHMARKS.md, section "Training".
 """
@@ -137,13 +139,14 @@ def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
     if args.profile and accelerator.is_main_process:
         profile_step(trainer, cfg, config, shape, args.warmup + args.steps, rank, world)
     seconds = statistics.mean(m.seconds for m in timed)
+    parked = (("inputs", cfg.offload_checkpoints), ("attn", cfg.offload_attention), ("ffn", cfg.offload_ffn))
     result = {
         "mode": f"trainer ZeRO-{trainer.zero_stage}",
         "rank": f"{rank}/{world}",
         "attention": cfg.attention_backend or "default",
         "saved_attn": cfg.save_attention_blocks,
-        "offload": "+".join(k for k, on in (("inputs", cfg.offload_checkpoints), ("attn", cfg.offload_attention)) if on)
-        or "no",
+        "saved_ffn": cfg.save_ffn_blocks,
+        "offload": "+".join(k for k, on in parked if on) or "no",
         "compile": cfg.compile_blocks,
         "gas": cfg.gradient_accumulation_steps,
         "s/step": f"{seconds:.2f}",
@@ -240,7 +243,7 @@ def run_baseline(args, cfg: TrainConfig, config: dict, shape) -> None:
 
 def run_gradients(args, cfg: TrainConfig, config: dict, shape) -> None:
     """The gradients of one batch with plain checkpointing (twice: the run-to-run floor) and with the settings given
-    (``--save_attention_blocks``, ``--offload_*``, ``--compile``; with ``--compile`` also plain compiled and the
+    (``--save_*_blocks``, ``--offload_*``, ``--compile``; with ``--compile`` also plain compiled and the
     settings without it): relative difference and cosine against the first.
 
     LoRA B starts from small seeded values instead of zero, so that the A matrices get gradients too.
@@ -250,7 +253,13 @@ def run_gradients(args, cfg: TrainConfig, config: dict, shape) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plain = dataclasses.replace(
-        cfg, save_attention_blocks=0, offload_checkpoints=False, offload_attention=False, compile_blocks=False
+        cfg,
+        save_attention_blocks=0,
+        save_ffn_blocks=0,
+        offload_checkpoints=False,
+        offload_attention=False,
+        offload_ffn=False,
+        compile_blocks=False,
     )
     runs = [("plain checkpointing", plain), ("plain checkpointing, again", plain)]
     if cfg.compile_blocks:
@@ -303,6 +312,8 @@ def main(args: argparse.Namespace) -> None:
         save_attention_blocks=args.save_attention_blocks,
         offload_checkpoints=args.offload_checkpoints,
         offload_attention=args.offload_attention,
+        save_ffn_blocks=args.save_ffn_blocks,
+        offload_ffn=args.offload_ffn,
         compile_blocks=args.compile,
         deepspeed_config=args.deepspeed_config,
         lr_warmup_steps=0,
@@ -330,6 +341,8 @@ if __name__ == "__main__":
     parser.add_argument("--save_attention_blocks", type=int, default=0, help="keep the first N attention outputs")
     parser.add_argument("--offload_checkpoints", action="store_true", help="park the block inputs in host memory")
     parser.add_argument("--offload_attention", action="store_true", help="park the kept attention outputs too")
+    parser.add_argument("--save_ffn_blocks", type=int, default=0, help="keep the first N feed-forward pre-activations")
+    parser.add_argument("--offload_ffn", action="store_true", help="park the kept pre-activations too")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--deepspeed_config", default=None, help="default: configs/deepspeed_zero2.json")
     parser.add_argument("--profile", action="store_true", help="profile one more step: GPU time by kernel kind")

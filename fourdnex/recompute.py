@@ -1,15 +1,20 @@
-"""Gradient checkpointing of the transformer blocks that keeps the self-attention output and can park in host memory
-what it keeps.
+"""Gradient checkpointing of the transformer blocks that keeps the self-attention output and the feed-forward's
+pre-activation, and can park in host memory what it keeps.
 
 Plain checkpointing keeps each block's input and, in the backward, runs the block again to rebuild its activations;
-at 35,100 tokens that recompute includes the self-attention kernel, ~25 TFLOP of a block's ~47. Two options here:
+at 35,100 tokens that recompute includes the self-attention kernel (~25 TFLOP of a block's ~47) and the feed-forward
+(~10 TFLOP). Options here:
 
 * **keeping the self-attention output** (``keep_attention``: the first N blocks): the forward stores the kernel's
   output and log-sum-exp; the recompute runs the projections (their LoRA weights need those activations) but not the
   kernel, and the backward calls the kernel's own backward op on the kept output, as autograd does for the kernel;
-* **parking** (``park_inputs`` / ``park_attention``): the block inputs and / or the kept attention tensors are copied
-  to pinned host memory on a side CUDA stream as soon as they are written, and copied back one block ahead of the
-  backward that needs them, so the GPU holds them for two blocks at a time instead of all 40.
+* **keeping the feed-forward's pre-activation** (``keep_ffn``: the first N blocks): with its weights frozen, the
+  feed-forward's backward needs nothing but its weights and the input of its GELU, h = x W1^T + b1, which the forward
+  stores; the recompute skips both matmuls and the backward computes ((g W2) * GELU'(h)) W1 from the kept h;
+* **parking** (``park_inputs`` / ``park_attention`` / ``park_ffn``): the block inputs, the kept attention tensors and /
+  or the kept pre-activations are copied to host memory (pinned) on a side CUDA stream as soon as they are written,
+  and copied back one block ahead of the backward that needs them, so the GPU holds them for two blocks at a time
+  instead of all 40.
 
 Both run through :class:`BlockCheckpoint`, a reentrant-style checkpoint: an autograd Function around each block call
 whose forward runs the block without grad and whose backward runs it again with grad and differentiates it with
@@ -19,11 +24,13 @@ DeepSpeed's gradient hooks see them as with plain checkpointing. Wan's blocks ha
 replayed.
 
 Sizes at the 4DNeX shape (35,100 tokens x 5120, bf16): a block input is 0.36 GB, a kept attention output 0.36 GB
-plus its log-sum-exp 5.6 MB; 40 blocks keep 14.4 GB of inputs and 14.6 GB of attention outputs.
+plus its log-sum-exp 5.6 MB, a kept pre-activation (13,824 wide) 0.97 GB; 40 blocks keep 14.4 GB of inputs, 14.6 GB
+of attention outputs and 38.8 GB of pre-activations.
 """
 
 from __future__ import annotations
 
+import types
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -32,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GELU
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import nn
@@ -152,18 +161,35 @@ class _KeptAttention(torch.autograd.Function):
 # Host buffers and copies.
 
 
+def _register_host_memory(tensor: torch.Tensor) -> Callable[[], None]:
+    """Page-lock a CPU tensor's memory for CUDA copies (``cudaHostRegister``); returns the call that undoes it.
+
+    PyTorch's own pinned allocator rounds each request up to a power of two: 38.8 GB of pre-activations would take
+    64 GiB. Registering a plain allocation pins exactly what is asked for.
+    """
+    cudart = torch.cuda.cudart()
+    pointer = tensor.data_ptr()
+    error = cudart.cudaHostRegister(pointer, tensor.nbytes, 0)
+    if int(error):
+        reason = cudart.cudaGetErrorString(error)
+        raise RuntimeError(f"cannot page-lock {tensor.nbytes / 1e9:.1f} GB of host memory for parking: {reason}")
+    return lambda: cudart.cudaHostUnregister(pointer)
+
+
 class _HostBuffers:
-    """Host buffers for parked tensors, allocated one slab per kind (pinned when CUDA is there) and reused.
+    """Host buffers for parked tensors, allocated one slab per kind (page-locked when CUDA is there) and reused.
 
     A slab holds ``capacity[kind]`` buffers (one per block that parks that kind), so a training step allocates
-    nothing after the first; a second forward in flight before a backward gets a second slab. One slab rather than a
-    buffer each: PyTorch's pinned-memory allocator rounds every request up to a power of two.
+    nothing after the first; a second forward in flight before a backward gets a second slab.
     """
 
     def __init__(self, capacity: dict[str, int]) -> None:
         self.capacity = capacity
         self.free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self.allocated_bytes = 0
+        self._slabs: list[torch.Tensor] = []  # alive as long as their registration
+        self._unregister: list[Callable[[], None]] = []
+        weakref.finalize(self, _call_all, self._unregister)
 
     @staticmethod
     def _key(kind: str, like: torch.Tensor) -> tuple:
@@ -175,7 +201,10 @@ class _HostBuffers:
         if not free:
             span = 1 + sum((n - 1) * s for n, s in zip(like.shape, like.stride(), strict=True))  # storage elements
             count = self.capacity[kind]
-            slab = torch.empty(count * span, dtype=like.dtype, pin_memory=torch.cuda.is_available())
+            slab = torch.empty(count * span, dtype=like.dtype)
+            if like.device.type == "cuda":
+                self._unregister.append(_register_host_memory(slab))
+            self._slabs.append(slab)
             self.allocated_bytes += slab.nbytes
             free += [slab[i * span : (i + 1) * span].as_strided(like.shape, like.stride()) for i in range(count)]
         return free.pop()
@@ -183,6 +212,11 @@ class _HostBuffers:
     def give(self, kind: str, buffer: torch.Tensor) -> None:
         """Return a buffer taken with :meth:`take`."""
         self.free[self._key(kind, buffer)].append(buffer)
+
+
+def _call_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
 
 
 class _Copier:
@@ -332,6 +366,11 @@ class _CheckpointedBlock(torch.autograd.Function):
         if owner.park_inputs:
             saved[0] = stash.device["input"]
         needs = ctx.needs_input_grad[3 : 3 + len(saved)]
+        if "ffn" in stash.device and needs[2]:
+            raise RuntimeError(
+                "a kept feed-forward replays a zero output, so the gate of its residual (from the time embedding) "
+                "must not be trained: drop --save_ffn_blocks"
+            )
         inputs = [x.detach().requires_grad_(need) for x, need in zip(saved, needs, strict=True)]
         device_type, autocast, dtype = ctx.autocast
         with (
@@ -350,19 +389,32 @@ class _CheckpointedBlock(torch.autograd.Function):
 class BlockCheckpoint:
     """The gradient-checkpointing function diffusers calls as ``func(block, *block_args)`` for every block.
 
-    Keeps the inputs of each block (parked in host memory with ``park_inputs``) and the self-attention output of the
-    blocks given a :class:`KeptSelfAttentionProcessor` (parked with ``park_attention``). Blocks must run in order and
-    their backwards in reverse order, as a transformer's do; one forward pass may be in flight per backward, more
-    just take more host memory.
+    Keeps the inputs of each block (parked in host memory with ``park_inputs``), the self-attention output of the
+    blocks given a :class:`KeptSelfAttentionProcessor` (parked with ``park_attention``) and the feed-forward
+    pre-activation of the blocks whose feed-forward :func:`keep_feed_forward` set up (parked with ``park_ffn``).
+    Blocks must run in order and their backwards in reverse order, as a transformer's do; one forward pass may be in
+    flight per backward, more just take more host memory.
     """
 
-    def __init__(self, num_blocks: int, kept_blocks: int, park_inputs: bool, park_attention: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        kept_blocks: int,
+        park_inputs: bool,
+        park_attention: bool,
+        kept_ffn_blocks: int = 0,
+        park_ffn: bool = False,
+    ) -> None:
         self.park_inputs = park_inputs
         self.park_attention = park_attention
+        self.park_ffn = park_ffn
+        self._parks = {"input": park_inputs, "attention": park_attention, "lse": park_attention, "ffn": park_ffn}
         self.active: _Stash | None = None  # the stash of the block running now (its forward or its recompute)
         self.replaying = False
         self._last: weakref.ref | None = None
-        self._host = _HostBuffers({"input": num_blocks, "attention": kept_blocks, "lse": kept_blocks})
+        self._host = _HostBuffers(
+            {"input": num_blocks, "attention": kept_blocks, "lse": kept_blocks, "ffn": kept_ffn_blocks}
+        )
         self._copier: _Copier | None = None
         self._measure = False
         self._parked_bytes = 0
@@ -391,7 +443,7 @@ class BlockCheckpoint:
 
     def keep(self, stash: _Stash, name: str, tensor: torch.Tensor) -> None:
         """Keep a tensor for the backward: parked in a host buffer if its kind is parked, else as is."""
-        if not (self.park_inputs if name == "input" else self.park_attention):
+        if not self._parks[name]:
             stash.device[name] = tensor
             return
         if self._copier is None:
@@ -504,14 +556,88 @@ class KeptSelfAttentionProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The feed-forward.
+
+
+class _KeptFeedForward(torch.autograd.Function):
+    """Wan's feed-forward (Linear, GELU, Linear; weights frozen) replayed from its kept pre-activation.
+
+    Forward returns zeros: the recompute's output is only differentiated, never read, and with the residual's gate
+    not trained (checked by the block's backward) nothing needs the feed-forward's value. Backward is the input
+    gradient autograd computes for the stock module: ((g W2) * GELU'(h)) W1.
+    """
+
+    @staticmethod
+    def forward(ctx, x, up_weight, down_weight, hidden, approximate):
+        ctx.save_for_backward(up_weight, down_weight)
+        ctx.hidden, ctx.approximate = hidden, approximate
+        return x.new_zeros(*x.shape[:-1], down_weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        up_weight, down_weight = ctx.saved_tensors
+        grad_hidden = aten.gelu_backward(grad @ down_weight, ctx.hidden, approximate=ctx.approximate)
+        return grad_hidden @ up_weight, None, None, None, None
+
+
+@torch.compiler.disable
+def _kept_feed_forward(ffn: nn.Module, owner: BlockCheckpoint, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a feed-forward set up by :func:`keep_feed_forward`: the pre-activation stored while the
+    block's checkpointed forward runs, replayed while it recomputes, the stock module otherwise.
+
+    Kept out of torch.compile: storing and fetching are side effects (a graph break either side).
+    """
+    stash = owner.active
+    if stash is None:
+        return type(ffn).forward(ffn, x)
+    up, down, approximate = ffn.net[0].proj, ffn.net[2], ffn.net[0].approximate
+    if owner.replaying:
+        return _KeptFeedForward.apply(x, up.weight, down.weight, stash.device["ffn"], approximate)
+    hidden = F.linear(x, up.weight, up.bias)
+    owner.keep(stash, "ffn", hidden)
+    return F.linear(F.gelu(hidden, approximate=approximate), down.weight, down.bias)
+
+
+def keep_feed_forward(block: nn.Module, owner: BlockCheckpoint) -> None:
+    """Make ``block.ffn`` keep its pre-activation under ``owner`` (its parameters and their names unchanged).
+
+    Raises ValueError where the replay would be wrong: a trainable feed-forward (LoRA on it), a trainable modulation
+    table, or a feed-forward other than diffusers' Linear, GELU, Dropout(0), Linear.
+    """
+    ffn = block.ffn
+    net = getattr(ffn, "net", ())
+    stock = (
+        len(net) == 3
+        and isinstance(net[0], GELU)
+        and type(net[0].proj) is nn.Linear
+        and isinstance(net[1], nn.Dropout)
+        and net[1].p == 0
+        and type(net[2]) is nn.Linear
+    )
+    if not stock:
+        raise ValueError("keeping the feed-forward needs diffusers' Linear-GELU-Linear without LoRA on it")
+    if any(p.requires_grad for p in ffn.parameters()) or block.scale_shift_table.requires_grad:
+        raise ValueError("keeping the feed-forward needs its weights and the block's modulation frozen")
+    ffn.forward = types.MethodType(lambda module, x: _kept_feed_forward(module, owner, x), ffn)
+
+
 def enable_block_checkpointing(
-    transformer: nn.Module, keep_attention: int = 0, park_inputs: bool = False, park_attention: bool = False
+    transformer: nn.Module,
+    keep_attention: int = 0,
+    park_inputs: bool = False,
+    park_attention: bool = False,
+    keep_ffn: int = 0,
+    park_ffn: bool = False,
 ) -> BlockCheckpoint:
     """Checkpoint every block of a Wan transformer with a :class:`BlockCheckpoint`, keeping the self-attention
-    output of the first ``keep_attention`` blocks; returns it (also found with :func:`block_checkpoint`)."""
+    output of the first ``keep_attention`` blocks and the feed-forward pre-activation of the first ``keep_ffn``;
+    returns it (also found with :func:`block_checkpoint`). Raises ValueError as :func:`keep_feed_forward` does."""
     blocks = transformer.blocks
-    kept = min(keep_attention, len(blocks))
-    owner = BlockCheckpoint(len(blocks), kept, park_inputs, park_attention)
+    kept, kept_ffn = min(keep_attention, len(blocks)), min(keep_ffn, len(blocks))
+    owner = BlockCheckpoint(len(blocks), kept, park_inputs, park_attention, kept_ffn, park_ffn)
+    for block in blocks[:kept_ffn]:
+        keep_feed_forward(block, owner)
     for block in blocks[:kept]:
         stock = block.attn1.processor
         processor = KeptSelfAttentionProcessor(owner)

@@ -74,6 +74,16 @@ class TrainingError(ValueError):
     """A setting, file or checkpoint the run cannot use; the message names it."""
 
 
+#: The TrainConfig fields that make gradient checkpointing run through fourdnex.recompute.
+_BLOCK_CHECKPOINTING = (
+    "save_attention_blocks",
+    "save_ffn_blocks",
+    "offload_checkpoints",
+    "offload_attention",
+    "offload_ffn",
+)
+
+
 @dataclass
 class TrainConfig:
     """Every fine-tuning setting.
@@ -109,11 +119,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["bf16", "no"] = "bf16"
     gradient_checkpointing: bool = True
-    # What gradient checkpointing keeps (fourdnex.recompute): the self-attention output of the first N blocks
-    # (not recomputed in the backward), and the block inputs / those attention outputs parked in host memory.
+    # What gradient checkpointing keeps (fourdnex.recompute): the self-attention output and the feed-forward
+    # pre-activation of the first N blocks (not recomputed in the backward), and the block inputs / those kept
+    # tensors parked in host memory.
     save_attention_blocks: int = 0
+    save_ffn_blocks: int = 0
     offload_checkpoints: bool = False
     offload_attention: bool = False
+    offload_ffn: bool = False
     attention_backend: str | None = None  # a diffusers attention backend, e.g. "_native_cudnn"; None: its default
     compile_blocks: bool = False  # torch.compile each transformer block (regional compilation)
     # Flow-matching noise levels and loss.
@@ -183,22 +196,23 @@ class TrainConfig:
 
     @property
     def block_checkpointing(self) -> bool:
-        """True when gradient checkpointing keeps attention outputs or parks tensors (``fourdnex.recompute``)."""
-        return bool(self.save_attention_blocks or self.offload_checkpoints or self.offload_attention)
+        """True when gradient checkpointing keeps activations or parks tensors (``fourdnex.recompute``)."""
+        return any(getattr(self, name) for name in _BLOCK_CHECKPOINTING)
 
     def validate_checkpointing(self) -> None:
         """Raise TrainingError naming a gradient-checkpointing setting that cannot be used (checked before building)."""
-        if self.save_attention_blocks < 0:
-            raise TrainingError(f"save_attention_blocks must be >= 0, got {self.save_attention_blocks}")
-        uses = [
-            name
-            for name in ("save_attention_blocks", "offload_checkpoints", "offload_attention")
-            if getattr(self, name)
-        ]
+        for name in ("save_attention_blocks", "save_ffn_blocks"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}")
+        uses = [name for name in _BLOCK_CHECKPOINTING if getattr(self, name)]
         if uses and not self.gradient_checkpointing:
             raise TrainingError(f"{', '.join(uses)} need gradient checkpointing (drop --no_gradient_checkpointing)")
         if self.offload_attention and not self.save_attention_blocks:
             raise TrainingError("offload_attention parks kept attention outputs: it needs save_attention_blocks > 0")
+        if self.offload_ffn and not self.save_ffn_blocks:
+            raise TrainingError("offload_ffn parks kept feed-forward activations: it needs save_ffn_blocks > 0")
+        if self.save_ffn_blocks and any("ffn" in target for target in self.lora_targets):
+            raise TrainingError("save_ffn_blocks replays a frozen feed-forward: drop the ffn LoRA targets or the flag")
         if self.save_attention_blocks and (self.attention_backend or "native") not in REPLAYABLE_ATTENTION_BACKENDS:
             backends = ", ".join(REPLAYABLE_ATTENTION_BACKENDS)
             raise TrainingError(
@@ -402,7 +416,12 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
         from .recompute import enable_block_checkpointing
 
         enable_block_checkpointing(
-            transformer, cfg.save_attention_blocks, cfg.offload_checkpoints, cfg.offload_attention
+            transformer,
+            keep_attention=cfg.save_attention_blocks,
+            park_inputs=cfg.offload_checkpoints,
+            park_attention=cfg.offload_attention,
+            keep_ffn=cfg.save_ffn_blocks,
+            park_ffn=cfg.offload_ffn,
         )
     elif cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()  # torch.utils.checkpoint, non-reentrant
@@ -454,8 +473,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     stage = config["zero_optimization"].get("stage", 0)
     if stage == 3 and cfg.block_checkpointing:
         raise TrainingError(
-            f"DeepSpeed config {path} is ZeRO-3, which partitions the LoRA weights that --save_attention_blocks and "
-            "--offload_checkpoints differentiate block by block: use a ZeRO-2 config or drop those flags"
+            f"DeepSpeed config {path} is ZeRO-3, which partitions the LoRA weights that --save_*_blocks and "
+            "--offload_* differentiate block by block: use a ZeRO-2 config or drop those flags"
         )
     config.pop("train_batch_size", None)
     config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size

@@ -16,7 +16,7 @@ MODEL_ARGS=()
 if [[ -n "${MODEL_PATH:-}" ]]; then MODEL_ARGS=(--model_path "$MODEL_PATH"); fi
 
 # --- cluster: GPUs per node, nodes, this node's rank, the first node's address ----------------------------------------
-NUM_GPUS=${NUM_GPUS:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
+NUM_GPUS=${NUM_GPUS:-$({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l)}
 NUM_GPUS=$(( NUM_GPUS > 0 ? NUM_GPUS : 1 ))
 NUM_MACHINES=${NUM_MACHINES:-1}
 MACHINE_RANK=${MACHINE_RANK:-0}
@@ -58,12 +58,24 @@ train=(
     --checkpointing_steps 500 --checkpoints_total_limit 2 --resume_from_checkpoint latest
 )
 
-# --- speed, ZeRO-2 only: compiled blocks; every block's self-attention output kept instead of recomputed, parked with
-# the block inputs in pinned host memory (about 32 GiB of host RAM per GPU at 49x480x720). One H100: 11.8 s/step at
-# 43 GiB instead of 13.5 s at 55 GiB (BENCHMARKS.md). ZeRO-3, and a machine without GPUs, run plain checkpointing.
+# --- speed, ZeRO-2 only: compiled blocks; every block's self-attention output and feed-forward pre-activation kept
+# instead of recomputed, parked with the block inputs in page-locked host memory. At 49x480x720 that takes 68 GB of
+# host RAM per GPU (30 GB without the feed-forward). One H100: 11.3 s/step at 45 GiB (11.9 s at 43 GiB without the
+# feed-forward kept); one H200: 11.0 s, against 15.3 s at 58 GiB for plain diffusers + peft + checkpointing
+# (BENCHMARKS.md). With less free host RAM per GPU the feed-forward, then the attention, is recomputed instead.
+# ZeRO-3, and a machine without GPUs, run plain checkpointing.
+# HOST_RAM_GB overrides the free host RAM read from /proc/meminfo (in a container, set it to the container's limit).
+HOST_RAM_GB=${HOST_RAM_GB:-$(awk '/^MemAvailable:/ {print int($2 / 1000000)}' /proc/meminfo)}
 SPEED=()
-if [[ "$ZERO" == 2 ]] && nvidia-smi --list-gpus >/dev/null 2>&1; then
-    SPEED=(--compile_blocks --save_attention_blocks 40 --offload_checkpoints --offload_attention)
+if [[ "$ZERO" == 2 ]] && (( $({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l) > 0 )); then
+    host_gb_per_gpu=$(( HOST_RAM_GB / NUM_GPUS ))
+    SPEED=(--compile_blocks)
+    if (( host_gb_per_gpu >= 76 )); then
+        SPEED+=(--save_attention_blocks 40 --save_ffn_blocks 40 --offload_checkpoints --offload_attention --offload_ffn)
+    elif (( host_gb_per_gpu >= 34 )); then
+        SPEED+=(--save_attention_blocks 40 --offload_checkpoints --offload_attention)
+    fi
+    echo "finetune.sh: ${host_gb_per_gpu} GB of free host RAM per GPU: ${SPEED[*]}" >&2
 fi
 
 exec "${launch[@]}" "${train[@]}" "${SPEED[@]}" "$@"
