@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--offload_checkpoints",
         action="store_true",
-        help="park the block inputs gradient checkpointing keeps in pinned host memory (0.36 GB per block at "
+        help="park the block inputs gradient checkpointing keeps in page-locked host memory (0.36 GB per block at "
         "49x480x720), fetched back one block ahead of the backward",
     )
     g.add_argument(
