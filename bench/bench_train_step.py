@@ -55,6 +55,7 @@ from bench.common import building_on
 from fourdnex.model import FourDNeXTransformer
 from fourdnex.recompute import block_checkpoint
 from fourdnex.training import (
+    BLOCK_CHECKPOINTING_FIELDS,
     Batch,
     LossWeights,
     TrainConfig,
@@ -252,15 +253,7 @@ def run_gradients(args, cfg: TrainConfig, config: dict, shape) -> None:
     import gc
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    plain = dataclasses.replace(
-        cfg,
-        save_attention_blocks=0,
-        save_ffn_blocks=0,
-        offload_checkpoints=False,
-        offload_attention=False,
-        offload_ffn=False,
-        compile_blocks=False,
-    )
+    plain = dataclasses.replace(cfg.plain_checkpointing(), compile_blocks=False)
     runs = [("plain checkpointing", plain), ("plain checkpointing, again", plain)]
     if cfg.compile_blocks:
         runs.append(("plain checkpointing, compiled", dataclasses.replace(plain, compile_blocks=True)))
@@ -309,11 +302,7 @@ def main(args: argparse.Namespace) -> None:
         lora_alpha=32,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         attention_backend=args.attention_backend,
-        save_attention_blocks=args.save_attention_blocks,
-        offload_checkpoints=args.offload_checkpoints,
-        offload_attention=args.offload_attention,
-        save_ffn_blocks=args.save_ffn_blocks,
-        offload_ffn=args.offload_ffn,
+        **{name: getattr(args, name) for name in BLOCK_CHECKPOINTING_FIELDS},
         compile_blocks=args.compile,
         deepspeed_config=args.deepspeed_config,
         lr_warmup_steps=0,

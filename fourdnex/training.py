@@ -30,7 +30,7 @@ import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -75,7 +75,7 @@ class TrainingError(ValueError):
 
 
 #: The TrainConfig fields that make gradient checkpointing run through fourdnex.recompute.
-_BLOCK_CHECKPOINTING = (
+BLOCK_CHECKPOINTING_FIELDS = (
     "save_attention_blocks",
     "save_ffn_blocks",
     "offload_checkpoints",
@@ -197,14 +197,18 @@ class TrainConfig:
     @property
     def block_checkpointing(self) -> bool:
         """True when gradient checkpointing keeps activations or parks tensors (``fourdnex.recompute``)."""
-        return any(getattr(self, name) for name in _BLOCK_CHECKPOINTING)
+        return any(getattr(self, name) for name in BLOCK_CHECKPOINTING_FIELDS)
+
+    def plain_checkpointing(self) -> TrainConfig:
+        """This config with none of the :data:`BLOCK_CHECKPOINTING_FIELDS` set: plain gradient checkpointing."""
+        return replace(self, **{name: type(getattr(self, name))() for name in BLOCK_CHECKPOINTING_FIELDS})
 
     def validate_checkpointing(self) -> None:
         """Raise TrainingError naming a gradient-checkpointing setting that cannot be used (checked before building)."""
         for name in ("save_attention_blocks", "save_ffn_blocks"):
             if getattr(self, name) < 0:
                 raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}")
-        uses = [name for name in _BLOCK_CHECKPOINTING if getattr(self, name)]
+        uses = [name for name in BLOCK_CHECKPOINTING_FIELDS if getattr(self, name)]
         if uses and not self.gradient_checkpointing:
             raise TrainingError(f"{', '.join(uses)} need gradient checkpointing (drop --no_gradient_checkpointing)")
         if self.offload_attention and not self.save_attention_blocks:

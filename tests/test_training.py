@@ -308,6 +308,8 @@ def test_flags_reach_the_config():
     assert (memory.save_attention_blocks, memory.offload_checkpoints, memory.offload_attention) == (40, True, True)
     ffn = cli.config_from_args(parse(["--cache_dir", "c", "--save_ffn_blocks", "7", "--offload_ffn"]))
     assert (ffn.save_ffn_blocks, ffn.offload_ffn, ffn.block_checkpointing) == (7, True, True)
+    plain = memory.plain_checkpointing()
+    assert not plain.block_checkpointing and plain == TrainConfig(cache_dir="c")
 
 
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
