@@ -406,8 +406,6 @@ class BlockCheckpoint:
         park_ffn: bool = False,
     ) -> None:
         self.park_inputs = park_inputs
-        self.park_attention = park_attention
-        self.park_ffn = park_ffn
         self._parks = {"input": park_inputs, "attention": park_attention, "lse": park_attention, "ffn": park_ffn}
         self.active: _Stash | None = None  # the stash of the block running now (its forward or its recompute)
         self.replaying = False

@@ -16,7 +16,8 @@ MODEL_ARGS=()
 if [[ -n "${MODEL_PATH:-}" ]]; then MODEL_ARGS=(--model_path "$MODEL_PATH"); fi
 
 # --- cluster: GPUs per node, nodes, this node's rank, the first node's address ----------------------------------------
-NUM_GPUS=${NUM_GPUS:-$({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l)}
+GPUS_FOUND=$({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l)
+NUM_GPUS=${NUM_GPUS:-$GPUS_FOUND}
 NUM_GPUS=$(( NUM_GPUS > 0 ? NUM_GPUS : 1 ))
 NUM_MACHINES=${NUM_MACHINES:-1}
 MACHINE_RANK=${MACHINE_RANK:-0}
@@ -67,7 +68,7 @@ train=(
 # HOST_RAM_GB overrides the free host RAM read from /proc/meminfo (in a container, set it to the container's limit).
 HOST_RAM_GB=${HOST_RAM_GB:-$(awk '/^MemAvailable:/ {print int($2 / 1000000)}' /proc/meminfo)}
 SPEED=()
-if [[ "$ZERO" == 2 ]] && (( $({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l) > 0 )); then
+if [[ "$ZERO" == 2 ]] && (( GPUS_FOUND > 0 )); then
     host_gb_per_gpu=$(( HOST_RAM_GB / NUM_GPUS ))
     SPEED=(--compile_blocks)
     if (( host_gb_per_gpu >= 76 )); then
