@@ -1,6 +1,6 @@
 """Build the training cache from 4DNeX-10M-style clips: cropped videos, normalized pointmaps (with what undoes the
 normalization), Wan VAE latents of RGB, XYZ and the condition, CLIP and UMT5 embeddings, lists, manifest, and the
-XYZ latent statistics. The cache layout is documented in fourdnex/data.py and in the README.
+XYZ latent statistics. The cache layout is documented in fourdnex/data/sources.py and in the README.
 
     python build_wan_dataset.py --data_dir ./data --out ./cache \\
         --model_path ./pretrained/Wan2.1-I2V-14B-480P-Diffusers --num_frames 49
@@ -17,7 +17,7 @@ import sys
 import torch
 
 from fourdnex.config import DEFAULT_MODEL_PATH
-from fourdnex.dataset_build import BuildConfig, build, merge_shards
+from fourdnex.data.build import BuildConfig, build, merge_shards
 
 
 def main(args: argparse.Namespace) -> None:

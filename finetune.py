@@ -8,7 +8,7 @@ One process (CPU or one GPU) runs as is; several GPUs or nodes through accelerat
 
 Every checkpoint (``OUTPUT_DIR/checkpoints/checkpoint-NNNNNN``) holds the DeepSpeed state to resume from and
 ``adapter/fourdnex_adapter.safetensors``, which ``inference.py --lora_path`` loads; the final adapter is written to
-``OUTPUT_DIR/adapter``. ``python -m fourdnex.checkpoint CHECKPOINT`` re-exports an adapter from the ZeRO state.
+``OUTPUT_DIR/adapter``. ``python -m fourdnex.train.checkpoints CHECKPOINT`` re-exports an adapter from the ZeRO state.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import logging
 import sys
 
 from fourdnex.config import DEFAULT_LORA_TARGETS, MODEL_TYPES
-from fourdnex.train_data import CacheError
-from fourdnex.training import TrainConfig, TrainingError, train
+from fourdnex.data.cache import CacheError
+from fourdnex.train.loop import TrainConfig, TrainingError, train
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -208,12 +208,12 @@ def main(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from fourdnex import parallel
-    from fourdnex.acceleration import AccelerationError, apply_acceleration, check_machine, resolve
-    from fourdnex.adapters import apply_adapter, read_adapter
-    from fourdnex.pipeline import load_pipeline
-    from fourdnex.pointmap import write_sample
-    from fourdnex.tiny_model import TINY_MARKER
+    from fourdnex.generate import parallel
+    from fourdnex.generate.acceleration import AccelerationError, apply_acceleration, check_machine, resolve
+    from fourdnex.generate.pipeline import load_pipeline
+    from fourdnex.geometry.results import write_sample
+    from fourdnex.model.adapters import apply_adapter, read_adapter
+    from fourdnex.testing.tiny import TINY_MARKER
 
     # Several processes: each runs the pipeline on its own GPU; the transformer's sequence is split among them, the
     # first two decode the RGB and the XYZ half at the same time, and the first gets both videos and writes them.
@@ -427,8 +427,8 @@ if __name__ == "__main__":
     except UsageError as err:
         sys.exit(f"{PROG}: {err}")
     except (FileNotFoundError, ValueError) as err:
-        from fourdnex.adapters import AdapterError
-        from fourdnex.pipeline import ModelFolderError
+        from fourdnex.generate.pipeline import ModelFolderError
+        from fourdnex.model.adapters import AdapterError
 
         if isinstance(err, AdapterError | ModelFolderError):
             sys.exit(f"{PROG}: {err}")

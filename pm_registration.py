@@ -2,7 +2,7 @@
 
 For every result ``NNNNN.npz`` (or a reference ``NNNNN.pkl``) writes ``NNNNN_reg.npz`` (K, cam2world, depth, points,
 residual, frame_index) and ``NNNNN_reg.json`` (settings, diagnostics), and with ``--export`` a folder
-``NNNNN_export/`` for other tools (PLY, COLMAP, nerfstudio, depth + cameras; see fourdnex/export.py).
+``NNNNN_export/`` for other tools (PLY, COLMAP, nerfstudio, depth + cameras; see fourdnex/geometry/exports.py).
 
 Example:
     python pm_registration.py --pkl_dir results/ --export ply colmap nerfstudio depth
@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from fourdnex import __version__
 from fourdnex.config import RegistrationConfig
-from fourdnex.export import DEPTH_FORMATS, EXPORTS, export_all
-from fourdnex.pointmap import ResultError, find_results, load_result, registration_path, save_registration
-from fourdnex.registration import RegistrationError, check_pointmap, register
+from fourdnex.geometry.exports import DEPTH_FORMATS, EXPORTS, export_all
+from fourdnex.geometry.registration import RegistrationError, check_pointmap, register
+from fourdnex.geometry.results import ResultError, find_results, load_result, registration_path, save_registration
 
 
 class UsageError(ValueError):

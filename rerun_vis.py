@@ -2,7 +2,7 @@
 
 Reads every result ``NNNNN.npz`` / ``NNNNN.pkl`` of ``--pkl_dir`` and, when present beside it (or in ``--reg_dir``),
 its registration ``NNNNN_reg.npz`` from pm_registration.py; each result goes under its own entity path
-``world/NNNNN`` on the ``frame`` timeline (see fourdnex/vis.py).
+``world/NNNNN`` on the ``frame`` timeline (see fourdnex/geometry/viewer.py).
 
 Example:
     python rerun_vis.py --pkl_dir results/ --rr_recording results/scene.rrd
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fourdnex.pointmap import ResultError, find_results, load_registration, load_result, registration_path
+from fourdnex.geometry.results import ResultError, find_results, load_registration, load_result, registration_path
 
 
 class UsageError(ValueError):
@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> None:
 
     import rerun as rr
 
-    from fourdnex.io import atomic_path
-    from fourdnex.vis import log_result
+    from fourdnex.files import atomic_path
+    from fourdnex.geometry.viewer import log_result
 
     rec = rr.RecordingStream("fourdnex")
     with atomic_path(args.rr_recording) if args.rr_recording else contextlib.nullcontext() as tmp:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from bench import common
-from fourdnex import parallel
+from fourdnex.generate import parallel
 
 
 def forward_seconds(model, inputs, device, repeats: int) -> tuple[float, torch.Tensor]:

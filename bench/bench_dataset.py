@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common
-from fourdnex.dataset_build import BuildConfig, Encoders, build
-from fourdnex.synthetic import write_tree
+from fourdnex.data.build import BuildConfig, Encoders, build
+from fourdnex.data.synthetic import write_tree
 
 TINY = Path(__file__).resolve().parents[1] / "example" / "tiny-wan-i2v"
 

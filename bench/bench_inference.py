@@ -39,8 +39,8 @@ import PIL.Image
 import torch
 
 from bench import common
-from fourdnex.acceleration import apply_acceleration, resolve
 from fourdnex.config import AccelerationConfig
+from fourdnex.generate.acceleration import apply_acceleration, resolve
 
 SECTIONS = ("forward", "profile", "cross", "sample", "approx", "vae", "memory", "batch")
 DEFAULT_SECTIONS = "forward,sample,approx,vae,memory"

@@ -1,10 +1,10 @@
 """Registration benchmark: accuracy against known cameras and speed, ours vs the reference's procedure.
 
-Renders the toy scene (fourdnex/toy_scene.py: a moving camera, focal lengths given in image widths, fy = 1.02 fx,
+Renders the toy scene (fourdnex/testing/scenes.py: a moving camera, focal lengths given in image widths, fy = 1.02 fx,
 principal point off center), normalizes its pointmap as inference does, optionally corrupts it (Gaussian noise plus a
 smooth warp, each of the given percentage of the pointmap's extent), then
 
-1. fits it with ours (fourdnex.registration.register) for every focal length and corruption;
+1. fits it with ours (fourdnex.geometry.registration.register) for every focal length and corruption;
 2. fits the same inputs with a re-implementation of the reference's procedure (REFERENCE.md section 5: per-pixel
    depth, one shared K, per-frame 6D rotation + translation, MSE between unprojected pixels and the pointmap mapped
    to [0, 1], Adam lr 5e-3 for 1500 iterations from identity poses and fx = fy = 1.2 W). Run for fewer
@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fourdnex import toy_scene
-from fourdnex.geometry import pixel_grid
-from fourdnex.registration import register
+from fourdnex.geometry.cameras import pixel_grid
+from fourdnex.geometry.registration import register
+from fourdnex.testing import scenes as toy_scene
 
 REFERENCE_ITERS = 1500
 #: Least bytes each method must move per pixel: ours reads the pointmap (12) and writes depth, points and residual

@@ -20,9 +20,9 @@ with p, so one process with ``--gradient_accumulation_steps 2`` and two processe
 
 The attention kernels alone are timed by ``bench/bench_attention.py``.
 
-What gradient checkpointing keeps (``fourdnex.recompute``), at the 4DNeX shape: each block's input, 35,100 x 5120 bf16
-= 0.36 GB, 14.4 GB for 40 blocks; ``--save_attention_blocks N`` also keeps the self-attention output + log-sum-exp of
-the first N blocks (0.37 GB each, 14.6 GB for 40), so their backward skips the attention kernel's forward recompute
+What gradient checkpointing keeps (``fourdnex.train.activation_memory``), at the 4DNeX shape: each block's
+input, 35,100 x 5120 bf16 = 0.36 GB, 14.4 GB for 40 blocks; ``--save_attention_blocks N`` also keeps the
+self-attention output + log-sum-exp of the first N blocks (0.37 GB each, 14.6 GB for 40), so their backward skips the attention kernel's forward recompute
 (~25 TFLOP per block, ~2 s per step for 40); ``--save_ffn_blocks N`` keeps the feed-forward's pre-activation
 (35,100 x 13,824, 0.97 GB each, 38.8 GB for 40), so their recompute skips the feed-forward (~10 TFLOP per block).
 ``--offload_checkpoints`` parks the block inputs in page-locked host memory, ``--offload_attention`` and
@@ -52,9 +52,9 @@ from bench import common
 from bench.common import REAL_TRANSFORMER as REAL
 from bench.common import TINY_TRANSFORMER as TINY
 from bench.common import building_on
-from fourdnex.model import FourDNeXTransformer
-from fourdnex.recompute import block_checkpoint
-from fourdnex.training import (
+from fourdnex.model.transformer import FourDNeXTransformer
+from fourdnex.train.activation_memory import block_checkpoint
+from fourdnex.train.loop import (
     BLOCK_CHECKPOINTING_FIELDS,
     Batch,
     LossWeights,
@@ -113,7 +113,7 @@ def table(rows: list[dict]) -> str:
 
 
 def run_trainer(args, cfg: TrainConfig, config: dict, shape) -> None:
-    """Steps of :class:`fourdnex.training.Trainer` under DeepSpeed; one table row per process."""
+    """Steps of :class:`fourdnex.train.loop.Trainer` under DeepSpeed; one table row per process."""
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     model = build_transformer(cfg, transformer=build_model(config, device))

@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from fourdnex.model import FourDNeXTransformer
-from fourdnex.pipeline import FourDNeXPipeline
-from fourdnex.tiny_model import tiny_tokenizer
+from fourdnex.generate.pipeline import FourDNeXPipeline
+from fourdnex.model.transformer import FourDNeXTransformer
+from fourdnex.testing.tiny import tiny_tokenizer
 
 GiB = 1024**3
 

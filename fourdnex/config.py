@@ -81,7 +81,10 @@ def size_for_aspect(image_height: int, image_width: int, area: int = DEFAULT_ARE
 
 @dataclass
 class RegistrationConfig:
-    """Settings of the camera/depth fit to a pointmap video (fourdnex.registration); pm_registration.py's flags."""
+    """Settings of the camera/depth fit to a pointmap video (fourdnex.geometry.registration).
+
+    pm_registration.py's flags.
+    """
 
     shared_intrinsics: bool = True  # one K for the clip; False: one K per frame
     iterations: int = 10  # Levenberg-Marquardt steps of the joint refinement (it stops earlier once converged)

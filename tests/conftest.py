@@ -29,7 +29,7 @@ def example_image():
 @pytest.fixture
 def tiny_pipe():
     """A fresh float32 pipeline on the tiny model (fresh: adapters change the transformer in place)."""
-    from fourdnex.pipeline import load_pipeline
+    from fourdnex.generate.pipeline import load_pipeline
 
     pipe = load_pipeline(TINY, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

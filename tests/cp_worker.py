@@ -26,9 +26,9 @@ LAYOUTS = ("rgbxyz", "xyz")
 def main(result_path: str, mode: str) -> None:
     from PIL import Image
 
-    from fourdnex import parallel
     from fourdnex.config import XYZ_LATENT_MEAN, XYZ_LATENT_STD
-    from fourdnex.pipeline import FourDNeXPipeline, load_pipeline
+    from fourdnex.generate import parallel
+    from fourdnex.generate.pipeline import FourDNeXPipeline, load_pipeline
 
     process = parallel.init_processes(mode, "cpu")
     pipe = load_pipeline(ROOT / "example" / "tiny-wan-i2v", dtype=torch.float32)

@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, SMALL, TINY
 from test_inference_cli import SMALL_FLAGS, assert_one_line_error, run_cli
 
-from fourdnex.acceleration import (
+from fourdnex.config import AccelerationConfig
+from fourdnex.generate.acceleration import (
     AccelerationError,
     GiB,
     apply_acceleration,
@@ -19,8 +20,7 @@ from fourdnex.acceleration import (
     memory_needs,
     resolve,
 )
-from fourdnex.config import AccelerationConfig
-from fourdnex.parallel import check_split, tokens_of
+from fourdnex.generate.parallel import check_split, tokens_of
 
 CPU = torch.device("cpu")
 
@@ -32,7 +32,7 @@ def sample(pipe, image, **kwargs):
 @pytest.fixture(scope="module")
 def exact(example_image):
     """The plain two-call sample every setting is compared against."""
-    from fourdnex.pipeline import load_pipeline
+    from fourdnex.generate.pipeline import load_pipeline
 
     pipe = load_pipeline(TINY, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -40,7 +40,7 @@ def exact(example_image):
 
 
 def accelerated(config: AccelerationConfig):
-    from fourdnex.pipeline import load_pipeline
+    from fourdnex.generate.pipeline import load_pipeline
 
     pipe = load_pipeline(TINY, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -119,7 +119,7 @@ def test_memory_needs_at_the_real_size_pick_the_documented_modes():
     transformer.dtype = torch.bfloat16
     pipe.transformer, pipe.text_encoder = transformer, Sized(sizes["text_encoder"])
     pipe.image_encoder, pipe.vae = Sized(sizes["image_encoder"]), Sized(sizes["vae"])
-    import fourdnex.acceleration as acceleration
+    import fourdnex.generate.acceleration as acceleration
 
     original = acceleration.module_bytes
     acceleration.module_bytes = lambda module: module.nbytes

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fourdnex.adapters import (
+from fourdnex.model.adapters import (
     ADAPTER_FILE,
     AdapterError,
     AdapterMeta,
@@ -12,7 +12,7 @@ from fourdnex.adapters import (
     read_adapter,
     save_adapter,
 )
-from fourdnex.model import FourDNeXTransformer
+from fourdnex.model.transformer import FourDNeXTransformer
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 

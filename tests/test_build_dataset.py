@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fourdnex import data
-from fourdnex.dataset_build import BuildConfig, Encoders, build, merge_shards
-from fourdnex.io import write_video
-from fourdnex.synthetic import render_scene, write_dynamic_npz, write_tree
+from fourdnex.data import sources as data
+from fourdnex.data.build import BuildConfig, Encoders, build, merge_shards
+from fourdnex.data.synthetic import render_scene, write_dynamic_npz, write_tree
+from fourdnex.files import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "example" / "tiny-wan-i2v")

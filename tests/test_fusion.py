@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fourdnex.config import SampleConfig, size_for_aspect
-from fourdnex.fusion import (
+from fourdnex.model.fusion import (
     condition_video,
     denormalize_xyz,
     fuse_width,

@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT, TINY
 from safetensors.torch import save_file
 
-from fourdnex.adapters import AdapterMeta, save_adapter
-from fourdnex.io import read_video
+from fourdnex.files import read_video
+from fourdnex.model.adapters import AdapterMeta, save_adapter
 
 SMALL_FLAGS = ["--height", "32", "--width", "48", "--num_frames", "5", "--steps", "2"]
 
@@ -181,7 +181,7 @@ def test_unwritable_out(tmp_path, inputs):
 def test_out_of_memory_names_the_memory_options(tmp_path, inputs, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT))
     import inference
-    from fourdnex.pipeline import FourDNeXPipeline
+    from fourdnex.generate.pipeline import FourDNeXPipeline
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from fourdnex.io import atomic_path, read_video, write_json, write_video
-from fourdnex.pointmap import ResultError, find_results, load_result, save_result
-from fourdnex.tiny_model import TINY_MARKER, build_tiny_pipeline
+from fourdnex.files import atomic_path, read_video, write_json, write_video
+from fourdnex.geometry.results import ResultError, find_results, load_result, save_result
+from fourdnex.testing.tiny import TINY_MARKER, build_tiny_pipeline
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from fourdnex.pointmap import PickledObject, ResultError, find_results, load_result, safe_unpickle
+from fourdnex.geometry.results import PickledObject, ResultError, find_results, load_result, safe_unpickle
 
 
 class ReferenceResult:

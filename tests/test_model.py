@@ -6,7 +6,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
 
 from fourdnex.config import MODEL_TYPES
-from fourdnex.model import FourDNeXTransformer
+from fourdnex.model.transformer import FourDNeXTransformer
 
 
 @pytest.fixture(scope="module")

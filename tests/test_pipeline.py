@@ -5,7 +5,7 @@ import torch
 from conftest import SMALL
 from diffusers import WanImageToVideoPipeline
 
-from fourdnex.fusion import condition_video, soft_mask, vae_normalize
+from fourdnex.model.fusion import condition_video, soft_mask, vae_normalize
 
 
 def test_plain_image_to_video_reproduces_diffusers(tiny_path, tiny_pipe, example_image):
@@ -70,7 +70,7 @@ def test_decode_inverts_each_modality(tiny_pipe):
     rgb_latents, xyz_latents = torch.randn(2, 1, 16, 2, 4, 6)
     fused = torch.cat([rgb_latents, (xyz_latents - 0.2) / 1.5], dim=-1)
     rgb, xyz = tiny_pipe.decode_latents(fused, "rgbxyz", xyz_mean=0.2, xyz_std=1.5)
-    from fourdnex.fusion import vae_denormalize
+    from fourdnex.model.fusion import vae_denormalize
 
     direct = vae.decode(vae_denormalize(vae, torch.cat([rgb_latents, xyz_latents])), return_dict=False)[0]
     assert torch.allclose(rgb, (direct[:1] / 2 + 0.5).clamp(0, 1), atol=1e-5)

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from plyfile import PlyData
 
-from fourdnex.geometry import quaternion_to_rotation
-from fourdnex.pointmap import load_registration, save_result
-from fourdnex.toy_scene import make_truth
+from fourdnex.geometry.cameras import quaternion_to_rotation
+from fourdnex.geometry.results import load_registration, save_result
+from fourdnex.testing.scenes import make_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 

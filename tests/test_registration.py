@@ -1,15 +1,16 @@
-"""Cameras and depth recovered from toy pointmaps against ground truth (fourdnex.registration, fourdnex.geometry)."""
+"""Cameras and depth recovered from toy pointmaps against ground truth (fourdnex.geometry)."""
 
 import math
 
 import pytest
 import torch
 
-from fourdnex import geometry, toy_scene
 from fourdnex.config import RegistrationConfig
-from fourdnex.fusion import sloped_plane
-from fourdnex.registration import register
-from fourdnex.toy_scene import camera_errors, make_truth, truth_of
+from fourdnex.geometry import cameras as geometry
+from fourdnex.geometry.registration import register
+from fourdnex.model.fusion import sloped_plane
+from fourdnex.testing import scenes as toy_scene
+from fourdnex.testing.scenes import camera_errors, make_truth, truth_of
 
 EXACT = {"focal": 1e-5, "principal": 1e-3, "rotation": 1e-3, "center": 1e-5, "depth": 1e-5}
 
@@ -135,7 +136,7 @@ def test_geometry_round_trips():
 
 
 def test_normal_equations_match_autograd():
-    from fourdnex.registration import _normal_equations, _residuals
+    from fourdnex.geometry.registration import _normal_equations, _residuals
 
     g = torch.Generator().manual_seed(2)
     frames, n = 3, 50

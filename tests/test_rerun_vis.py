@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fourdnex.pointmap import save_result
-from fourdnex.toy_scene import make_truth
+from fourdnex.geometry.results import save_result
+from fourdnex.testing.scenes import make_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fourdnex.synthetic import (
+from fourdnex.data.synthetic import (
     quaternion_to_rotation,
     render_scene,
     rotation_to_quaternion,

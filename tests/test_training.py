@@ -21,13 +21,13 @@ import torch
 from scipy import stats
 from train_cache import TINY_MODEL, build_cache
 
-from fourdnex.adapters import apply_adapter, read_adapter
-from fourdnex.checkpoint import export_adapter, list_checkpoints
-from fourdnex.fusion import condition_video, soft_mask, split_width
-from fourdnex.model import FourDNeXTransformer
-from fourdnex.pointmap import load_result
-from fourdnex.train_data import CacheError, LatentCache
-from fourdnex.training import (
+from fourdnex.data.cache import CacheError, LatentCache
+from fourdnex.geometry.results import load_result
+from fourdnex.model.adapters import apply_adapter, read_adapter
+from fourdnex.model.fusion import condition_video, soft_mask, split_width
+from fourdnex.model.transformer import FourDNeXTransformer
+from fourdnex.train.checkpoints import export_adapter, list_checkpoints
+from fourdnex.train.loop import (
     LossWeights,
     TrainConfig,
     TrainingError,
@@ -415,7 +415,7 @@ def test_condition_cut_and_encoded(cache_dir, tmp_path):
     whose condition is too short gets it encoded from the first frame, to the same values."""
     from diffusers import AutoencoderKLWan
 
-    from fourdnex.train_data import VaeConditionEncoder
+    from fourdnex.data.cache import VaeConditionEncoder
 
     vae = AutoencoderKLWan.from_pretrained(TINY_MODEL, subfolder="vae", dtype=torch.float32)
     with torch.no_grad():
@@ -493,7 +493,7 @@ def test_saving_ffn_keeps_gradients_and_skips_recompute():
 
 def test_kept_ffn_refuses_what_it_cannot_replay():
     """LoRA on the feed-forward or a trained modulation table: one ValueError naming why, before any step."""
-    from fourdnex.recompute import enable_block_checkpointing
+    from fourdnex.train.activation_memory import enable_block_checkpointing
 
     model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
     model.blocks[1].scale_shift_table.requires_grad_(True)
@@ -539,10 +539,10 @@ def two_backwards(model: torch.nn.Module) -> tuple[list[float], dict[str, torch.
 
 
 class CountingKernel:
-    """Stands in for the CPU attention kernel of fourdnex.recompute and counts its forward and backward calls."""
+    """Stands in for the CPU attention kernel of block checkpointing; counts its forward and backward calls."""
 
     def __init__(self, monkeypatch) -> None:
-        from fourdnex import recompute
+        from fourdnex.train import activation_memory as recompute
 
         self.forward_calls = self.backward_calls = 0
         kernel = recompute.CPU_FLASH
@@ -597,7 +597,7 @@ def test_kept_attention_and_offload_equal_plain_checkpointing(settings, compiled
     kept feed-forward compiled runs eagerly where plain checkpointing fuses it, 5e-7 apart), the attention kernel of a
     kept block runs once forward and once backward per pass, and the host buffers are allocated once. "i2vwbw" has no
     trainable input to block 0 (frozen domain embedding): its LoRA still gets gradients."""
-    from fourdnex.recompute import block_checkpoint
+    from fourdnex.train.activation_memory import block_checkpoint
 
     common = {"compile_blocks": compiled, "model_type": model_type}
     ref_losses, ref = two_backwards(tiny_training_model(**common))
@@ -638,7 +638,7 @@ def test_kept_attention_processor_outside_checkpointing_is_stock():
 def test_cuda_attention_ops_on_meta(kernel_name):
     """The CUDA kernels' aten forward and backward calls, checked against the ops' schemas and shape functions on
     the meta device (35,100 tokens x 40 heads x 128, bf16, as at the real size), through the replaying Function."""
-    from fourdnex import recompute
+    from fourdnex.train import activation_memory as recompute
 
     kernel = getattr(recompute, kernel_name)
     shape = (1, 35_100, 40, 128)  # (B, N, H, D), as the processor builds them

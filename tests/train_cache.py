@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from fourdnex.synthetic import write_tree
+from fourdnex.data.synthetic import write_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "example" / "tiny-wan-i2v"

@@ -2,7 +2,7 @@
 
 It is diffusers' ``WanImageToVideoPipeline`` (same components, same encoders, same offloading and loading) with the
 denoising loop written for a fused latent: RGB on the left half of the width, XYZ on the right. Under context
-parallelism (every process of a torchrun launch runs the whole pipeline, see :mod:`fourdnex.parallel`),
+parallelism (every process of a torchrun launch runs the whole pipeline, see :mod:`fourdnex.generate.parallel`),
 :meth:`FourDNeXPipeline.enable_split_decoding` decodes the two halves on two processes at once.
 """
 
@@ -19,9 +19,16 @@ from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import CLIPVisionModel
 
-from .config import BASE_MODEL_ID, PROMPT_SUFFIX, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
-from .fusion import condition_video, denormalize_xyz, soft_mask, split_width, vae_denormalize, vae_normalize
-from .model import FourDNeXTransformer
+from fourdnex.config import BASE_MODEL_ID, PROMPT_SUFFIX, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
+from fourdnex.model.fusion import (
+    condition_video,
+    denormalize_xyz,
+    soft_mask,
+    split_width,
+    vae_denormalize,
+    vae_normalize,
+)
+from fourdnex.model.transformer import FourDNeXTransformer
 
 
 class ModelFolderError(FileNotFoundError):
@@ -45,8 +52,9 @@ class FourDNeXOutput:
 class FourDNeXPipeline(WanImageToVideoPipeline):
     """Wan2.1-I2V with the 4DNeX width-wise fusion of RGB and XYZ.
 
-    Load it with :func:`load_pipeline`. The transformer is a :class:`~fourdnex.model.FourDNeXTransformer`; the
-    ``layout`` argument of ``__call__`` sets what its width holds.
+    Load it with :func:`load_pipeline`. The transformer is a
+    :class:`~fourdnex.model.transformer.FourDNeXTransformer`; the ``layout`` argument of ``__call__`` sets what
+    its width holds.
     """
 
     _split_decoding = False  # set by enable_split_decoding

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .geometry import rotation_to_quaternion
-from .io import atomic_path, write_json, write_npz
+from fourdnex.files import atomic_path, write_json, write_npz
+from fourdnex.geometry.cameras import rotation_to_quaternion
 
 EXPORTS = ("ply", "colmap", "nerfstudio", "depth")
 DEPTH_FORMATS = ("png16", "npy")

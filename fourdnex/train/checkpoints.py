@@ -4,7 +4,7 @@ Every checkpoint already holds ``adapter/fourdnex_adapter.safetensors`` (the tra
 rebuilds it from the ZeRO state instead, with DeepSpeed's own ``zero_to_fp32`` merge of the fp32 master weights
 (any ZeRO stage, any number of processes), e.g. for a checkpoint whose adapter file was lost:
 
-    python -m fourdnex.checkpoint runs/4dnex/checkpoints/checkpoint-000500 --out runs/4dnex/adapter-fp32
+    python -m fourdnex.train.checkpoints runs/4dnex/checkpoints/checkpoint-000500 --out runs/4dnex/adapter-fp32
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def fp32_trainable_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 
 def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the fourdnex adapter (fp32 LoRA + domain embedding + the run's metadata) of ``checkpoint`` to ``out``."""
-    from .adapters import AdapterMeta, save_adapter
+    from fourdnex.model.adapters import AdapterMeta, save_adapter
 
     checkpoint = Path(checkpoint)
     state_file = checkpoint / TRAINER_STATE_FILE
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         path = export_adapter(args.checkpoint, args.out or Path(args.checkpoint) / "adapter-fp32")
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"fourdnex.checkpoint: {err}")
+        sys.exit(f"fourdnex.train.checkpoints: {err}")
     print(f"adapter: {path}")
 
 

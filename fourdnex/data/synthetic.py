@@ -13,7 +13,7 @@ Conventions:
 
 Writing a whole 4DNeX-10M-style tree (``<out>/data/...``, see :func:`write_tree`):
 
-    python -m fourdnex.synthetic --out synthetic --num_clips 10 --num_frames 49 --height 480 --width 720
+    python -m fourdnex.data.synthetic --out synthetic --num_clips 10 --num_frames 49 --height 480 --width 720
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_path, write_npz, write_video
+from fourdnex.files import atomic_path, write_npz, write_video
 
 FPS = 24
 #: The subsets of the 4DNeX-10M layout and the clip format each one uses.

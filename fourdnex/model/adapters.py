@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import DEFAULT_MODEL_TYPE
-from .io import atomic_path
+from fourdnex.config import DEFAULT_MODEL_TYPE
+from fourdnex.files import atomic_path
 
 ADAPTER_FILE = "fourdnex_adapter.safetensors"
 RELEASED_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -210,7 +210,7 @@ def apply_adapter(
     fuse: bool = True,
     lora_rank: int | None = None,
 ) -> float:
-    """Attach an adapter to a :class:`~fourdnex.model.FourDNeXTransformer`; returns the LoRA scale used.
+    """Attach an adapter to a :class:`~fourdnex.model.transformer.FourDNeXTransformer`; returns the LoRA scale used.
 
     The LoRA goes in through PEFT at ``scale`` (default: the adapter's own) and, with ``fuse``, is merged into the
     base weights, leaving a plain transformer that runs at the base model's speed. The domain embedding is copied in.

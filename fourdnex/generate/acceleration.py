@@ -1,4 +1,4 @@
-"""Speed and memory settings for :class:`~fourdnex.pipeline.FourDNeXPipeline`, all from diffusers' own machinery.
+"""Speed and memory settings for the sampling pipeline, all from diffusers' own machinery.
 
 * exact: the attention backend (``set_attention_backend``), regional ``torch.compile`` of the transformer blocks
   (``compile_repeated_blocks``), VAE slicing (the RGB and XYZ halves decode one after the other), and guidance
@@ -20,7 +20,7 @@ import logging
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName
 
-from .config import MEMORY_MODES, AccelerationConfig
+from fourdnex.config import MEMORY_MODES, AccelerationConfig
 
 GiB = 1024**3
 #: Peak VAE decode memory per decoded pixel (frames x height x width), measured on the real Wan VAE (bf16/fp32
@@ -149,7 +149,7 @@ def apply_acceleration(pipe, config: AccelerationConfig, device: torch.device) -
     """Set up ``pipe`` (loaded on the CPU) on ``device`` following a resolved ``config``.
 
     Context parallelism, when asked for, must already be enabled on the transformer
-    (:func:`fourdnex.parallel.enable_context_parallel`); it needs the model resident (``memory="none"``).
+    (:func:`fourdnex.generate.parallel.enable_context_parallel`); it needs the model resident (``memory="none"``).
     """
     transformer = pipe.transformer
     # 1. Attention backend (checked for its package before any weight moves); native SDPA is diffusers' default.

@@ -1,6 +1,6 @@
 """The training view of a latent cache (what ``build_wan_dataset.py`` writes): fused samples for the loss.
 
-The cache layout is documented in :mod:`fourdnex.data`; what training reads of it:
+The cache layout is documented in :mod:`fourdnex.data.sources`; what training reads of it:
     stats.json                  xyz_latent_mean / xyz_latent_std, resolution_h / resolution_w (per modality),
                                 num_frames, cond_num_frames, model_path
     manifest.jsonl              one clip per line: {"id", "files": {"latents", "clip", "prompt", "first_frame"}, ...}
@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .fusion import fuse_width, normalize_xyz, soft_mask
+from fourdnex.model.fusion import fuse_width, normalize_xyz, soft_mask
 
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -227,7 +227,7 @@ class VaeConditionEncoder:
         import numpy as np
         from PIL import Image
 
-        from .fusion import condition_video, vae_normalize
+        from fourdnex.model.fusion import condition_video, vae_normalize
 
         if not first_frame.is_file():
             raise CacheError(f"{first_frame}: missing (needed to encode the condition)")

@@ -21,7 +21,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 
-from .config import Layout, ModelType
+from fourdnex.config import Layout, ModelType
 
 
 class _DropMessagesNaming(logging.Filter):

@@ -37,7 +37,7 @@ Cache (``--out``; ``<id>`` as above, so files sit in ``<kind>/<subset>/`` sub-fo
                                        XYZ-normalized (apply (z - mean) / std with stats.json before training);
                                        T = (F - 1) / 4 + 1
                                      cond (16, Tc, H/8, 2 W/8): the condition, VAE-encoded and normalized the same way:
-                                       fourdnex.fusion.condition_video(first frame, cond_num_frames, "rgbxyz"), i.e.
+                                       fusion.condition_video(first frame, cond_num_frames, "rgbxyz"), i.e.
                                        [RGB | sloped plane] then zero frames; Tc = (cond_num_frames - 1) / 4 + 1
                                      metadata: num_frames, cond_num_frames, cond_layout
     clip/<id>.safetensors            clip_embeds (257, 1280) on the real model: CLIP penultimate hidden layer of
@@ -77,8 +77,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import PROMPT_SUFFIX
-from .io import atomic_path, read_video, write_video
+from fourdnex.config import PROMPT_SUFFIX
+from fourdnex.files import atomic_path, read_video, write_video
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -1,6 +1,6 @@
 """Building the training cache: load the encoders once, read clips ahead in threads, batch the VAE work.
 
-The cache layout is documented in :mod:`fourdnex.data`; ``build_wan_dataset.py`` is the command line.
+The cache layout is documented in :mod:`fourdnex.data.sources`; ``build_wan_dataset.py`` is the command line.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data
-from .data import ClipError, ClipSource, PreparedClip
-from .fusion import condition_video, vae_normalize
-from .io import write_json
+from fourdnex.data import sources as data
+from fourdnex.data.sources import ClipError, ClipSource, PreparedClip
+from fourdnex.files import write_json
+from fourdnex.model.fusion import condition_video, vae_normalize
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

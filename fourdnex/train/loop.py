@@ -38,7 +38,17 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from .checkpoint import (
+from fourdnex.config import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_MODEL_PATH,
+    DEFAULT_MODEL_TYPE,
+    MODEL_TYPES,
+    REPLAYABLE_ATTENTION_BACKENDS,
+)
+from fourdnex.data.cache import LatentCache, Sample, VaeConditionEncoder
+from fourdnex.files import write_json
+from fourdnex.model.fusion import split_width
+from fourdnex.train.checkpoints import (
     CHECKPOINT_PREFIX,
     DEEPSPEED_TAG,
     DOMAIN_PARAMETER,
@@ -47,26 +57,16 @@ from .checkpoint import (
     list_checkpoints,
     resolve_checkpoint,
 )
-from .config import (
-    DEFAULT_LORA_TARGETS,
-    DEFAULT_MODEL_PATH,
-    DEFAULT_MODEL_TYPE,
-    MODEL_TYPES,
-    REPLAYABLE_ATTENTION_BACKENDS,
-)
-from .fusion import split_width
-from .io import write_json
-from .train_data import LatentCache, Sample, VaeConditionEncoder
 
 if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: loaded when used
-    from .adapters import AdapterMeta
+    from fourdnex.model.adapters import AdapterMeta
 
-logger = logging.getLogger("fourdnex.training")
+logger = logging.getLogger("fourdnex.train.loop")
 
 TimestepSampling = Literal["uniform", "shifted", "logit_normal"]
 LrSchedule = Literal["cosine", "linear", "constant"]
 #: The DeepSpeed json used unless --deepspeed_config or an accelerate config names another.
-DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero2.json"
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "deepspeed_zero2.json"
 ADAPTER_DIR = "adapter"
 
 
@@ -74,7 +74,7 @@ class TrainingError(ValueError):
     """A setting, file or checkpoint the run cannot use; the message names it."""
 
 
-#: The TrainConfig fields that make gradient checkpointing run through fourdnex.recompute.
+#: The TrainConfig fields that make gradient checkpointing run through fourdnex.train.activation_memory.
 BLOCK_CHECKPOINTING_FIELDS = (
     "save_attention_blocks",
     "save_ffn_blocks",
@@ -119,9 +119,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["bf16", "no"] = "bf16"
     gradient_checkpointing: bool = True
-    # What gradient checkpointing keeps (fourdnex.recompute): the self-attention output and the feed-forward
-    # pre-activation of the first N blocks (not recomputed in the backward), and the block inputs / those kept
-    # tensors parked in host memory.
+    # What gradient checkpointing keeps (fourdnex.train.activation_memory): the self-attention output and the
+    # feed-forward pre-activation of the first N blocks (not recomputed in the backward), and the block inputs /
+    # those kept tensors parked in host memory.
     save_attention_blocks: int = 0
     save_ffn_blocks: int = 0
     offload_checkpoints: bool = False
@@ -196,7 +196,7 @@ class TrainConfig:
 
     @property
     def block_checkpointing(self) -> bool:
-        """True when gradient checkpointing keeps activations or parks tensors (``fourdnex.recompute``)."""
+        """True when gradient checkpointing keeps activations or parks tensors (fourdnex.train.activation_memory)."""
         return any(getattr(self, name) for name in BLOCK_CHECKPOINTING_FIELDS)
 
     def plain_checkpointing(self) -> TrainConfig:
@@ -396,7 +396,7 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
     """
     from peft import LoraConfig
 
-    from .model import FourDNeXTransformer
+    from fourdnex.model.transformer import FourDNeXTransformer
 
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
     if transformer is None:
@@ -417,7 +417,7 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
             raise TrainingError(f"attention backend {cfg.attention_backend!r}: {err}") from err
     cfg.validate_checkpointing()
     if cfg.block_checkpointing:
-        from .recompute import enable_block_checkpointing
+        from fourdnex.train.activation_memory import enable_block_checkpointing
 
         enable_block_checkpointing(
             transformer,
@@ -623,7 +623,7 @@ class Trainer:
 
     def save_adapter(self, path: str | Path, step: int) -> Path | None:
         """Write the inference-ready adapter (fourdnex format) to ``path``; every process must call."""
-        from .adapters import AdapterMeta, save_adapter
+        from fourdnex.model.adapters import AdapterMeta, save_adapter
 
         tensors = self.adapter_tensors()
         if tensors is None:
@@ -695,7 +695,7 @@ def _jsonable(value):
 
 def adapter_meta(cfg: TrainConfig, cache: LatentCache, model_path: str) -> AdapterMeta:
     """The metadata every adapter of this run carries."""
-    from .adapters import AdapterMeta
+    from fourdnex.model.adapters import AdapterMeta
 
     return AdapterMeta(
         rank=cfg.lora_rank,
@@ -808,14 +808,14 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_dir: Path) -> None:
     """Sample one result with the current weights into ``out_dir``, written as inference.py writes its results
-    (:func:`fourdnex.pointmap.write_sample`: ``00000.npz``/``.json`` and the RGB, XYZ and side-by-side videos).
+    (:func:`fourdnex.geometry.results.write_sample`: ``00000.npz``/``.json`` and the RGB, XYZ and side-by-side videos).
 
     Every process runs the sampler (under ZeRO-3 each holds a part of the weights); the main process writes.
     """
     import PIL.Image
 
-    from .pipeline import FourDNeXPipeline
-    from .pointmap import write_sample
+    from fourdnex.generate.pipeline import FourDNeXPipeline
+    from fourdnex.geometry.results import write_sample
 
     cfg = trainer.cfg
     if trainer.validation_components is None:

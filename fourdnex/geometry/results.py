@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import write_json, write_npz, write_video
+from fourdnex.files import write_json, write_npz, write_video
 
 RESULT_NAME = re.compile(r"^\d{5}\.(npz|pkl)$")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .acceleration import AccelerationError
+from fourdnex.generate.acceleration import AccelerationError
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import nn
 from torch.nn.attention import SDPBackend
 
-from .config import REPLAYABLE_ATTENTION_BACKENDS
+from fourdnex.config import REPLAYABLE_ATTENTION_BACKENDS
 
 aten = torch.ops.aten
 

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import camera_rays, intrinsics, invert_rigid, pixel_grid, rigid, rotation_angle_deg, transform_points
+from fourdnex.geometry.cameras import (
+    camera_rays,
+    intrinsics,
+    invert_rigid,
+    pixel_grid,
+    rigid,
+    rotation_angle_deg,
+    transform_points,
+)
 
 ROOM = ((-6.0, 0.0, -6.0), (6.0, 5.0, 6.0))
 SPHERES = (((0.0, 0.8, 0.0), 0.8), ((1.8, 0.5, 1.0), 0.5), ((-1.5, 0.6, -1.2), 0.6))

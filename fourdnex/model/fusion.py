@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
+from fourdnex.config import XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
 
 
 def fuse_width(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:

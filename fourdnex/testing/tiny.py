@@ -3,7 +3,7 @@
 It runs the whole fourdnex pipeline in seconds on a CPU, which is what the tests and the README's quick start use
 until trained weights are at hand. Its outputs are noise: the weights are random.
 
-    python -m fourdnex.tiny_model example/tiny-wan-i2v
+    python -m fourdnex.testing.tiny example/tiny-wan-i2v
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import RegistrationConfig
-from .geometry import (
+from fourdnex.config import RegistrationConfig
+from fourdnex.geometry.cameras import (
     decompose_projection,
     dlt_projection,
     focal_from_plane,
