@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from fourdnex.errors import UsageError
+
 #: Appended to every caption, at training and at inference.
 PROMPT_SUFFIX = " POINTMAP_STYLE."
 #: Default XYZ latent statistics (after the VAE's own normalization), used when an adapter carries none.
@@ -26,6 +28,36 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn")
 
 Layout = Literal["rgb", "xyz", "rgbxyz"]
+
+#: The Wan VAE folds 4 video frames into one latent frame (after the first) and 8x8 pixels into one latent pixel; the
+#: transformer's patches are 2x2 latent pixels, so a side must be a multiple of 16 pixels.
+TEMPORAL_FACTOR = 4
+SIZE_MULTIPLE = 16
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames of a ``num_frames`` video: ``(F - 1) / 4 + 1``."""
+    return (num_frames - 1) // TEMPORAL_FACTOR + 1
+
+
+def video_frames(num_latent_frames: int) -> int:
+    """Video frames of ``T`` latent frames: ``4 (T - 1) + 1``."""
+    return TEMPORAL_FACTOR * (num_latent_frames - 1) + 1
+
+
+def check_video_shape(num_frames: int | None = None, height: int | None = None, width: int | None = None, **named):
+    """Raise UsageError naming the first value a Wan model cannot take: frame counts must be 4k+1, sides positive
+    multiples of 16. ``named`` checks more values under their own names: a ``*frames`` name as a frame count,
+    anything else as a side (``check_video_shape(resolution_h=480, cond_num_frames=49)``); None skips a value."""
+    values = {"num_frames": num_frames, "height": height, "width": width, **named}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name.endswith("frames"):
+            if value < 1 or (value - 1) % TEMPORAL_FACTOR:
+                raise UsageError(f"{name} must be 4k+1 (e.g. 49 or 81), got {value}")
+        elif value <= 0 or value % SIZE_MULTIPLE:
+            raise UsageError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -62,14 +94,9 @@ class SampleConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting a Wan model cannot sample."""
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            raise ValueError(f"num_frames must be 4k+1 (e.g. 49 or 81), got {self.num_frames}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 16):
-                raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+        check_video_shape(self.num_frames, self.height, self.width)
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+            raise UsageError(f"steps must be at least 1, got {self.steps}")
 
 
 def size_for_aspect(image_height: int, image_width: int, area: int = DEFAULT_AREA) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Atomic file writes and video encoding (PyAV): a killed run never leaves a file that looks complete."""
+"""Every file fourdnex writes goes through here: atomic writes (a killed run never leaves a file that looks
+complete) of text, JSON, arrays, images, tensors and videos, and video decoding (PyAV)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> None:
+    """Write one array as ``.npy``, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """An 8-bit ``(H, W, 3)`` / ``(H, W)`` or 16-bit gray ``(H, W)`` PNG, atomically."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write torch tensors (detached, made contiguous, on the CPU) to a safetensors file, atomically; the folder is
+    created if needed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fourdnex.config import check_video_shape
 from fourdnex.data import sources as data
 from fourdnex.data.sources import ClipError, ClipSource, PreparedClip
-from fourdnex.files import write_json
+from fourdnex.files import write_json, write_safetensors
 from fourdnex.model.fusion import condition_video, vae_normalize
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,14 +50,12 @@ class BuildConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
-        for name in ("num_frames", "cond_num_frames"):
-            n = getattr(self, name)
-            if n < 1 or (n - 1) % 4:
-                raise ValueError(f"{name} must be 4k+1 (e.g. 49 or 81), got {n}")
-        for name in ("resolution_h", "resolution_w"):
-            value = getattr(self, name)
-            if value <= 0 or value % 16:
-                raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+        check_video_shape(
+            self.num_frames,
+            cond_num_frames=self.cond_num_frames,
+            resolution_h=self.resolution_h,
+            resolution_w=self.resolution_w,
+        )
         if self.num_tasks < 1 or not 0 <= self.task_idx < self.num_tasks:
             raise ValueError(f"task_idx must be in [0, num_tasks), got {self.task_idx} with num_tasks {self.num_tasks}")
         if self.limit is not None and self.limit < 1:
@@ -361,7 +360,7 @@ def _write_clip(
         if not torch.isfinite(value).all():
             raise ClipError(f"{source.id}: the {key} latent is not finite")
     files = data.clip_files(source.id, clip.prompt)
-    data.save_safetensors(
+    write_safetensors(
         out / files["latents"],
         latents,
         {
@@ -371,11 +370,11 @@ def _write_clip(
             "normalization": "VAE latents_mean/latents_std; xyz not XYZ-normalized",
         },
     )
-    data.save_safetensors(out / files["clip"], {"clip_embeds": encoders.encode_image(clip.rgb[0])})
+    write_safetensors(out / files["clip"], {"clip_embeds": encoders.encode_image(clip.rgb[0])})
     prompt_file = out / files["prompt"]
     if clip.prompt not in seen_prompts and not prompt_file.is_file():
         embeds = encoders.encode_prompt(clip.prompt)
-        data.save_safetensors(prompt_file, {"prompt_embeds": embeds}, {"prompt": clip.prompt})
+        write_safetensors(prompt_file, {"prompt_embeds": embeds}, {"prompt": clip.prompt})
     seen_prompts.add(clip.prompt)
     record_path = out / "records" / f"{source.id}.json"
     record_path.parent.mkdir(parents=True, exist_ok=True)

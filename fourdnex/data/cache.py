@@ -27,13 +27,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fourdnex.config import latent_frames, video_frames
+from fourdnex.errors import FourDNeXError
 from fourdnex.model.fusion import fuse_width, normalize_xyz, soft_mask
 
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "manifest.jsonl"
 
 
-class CacheError(ValueError):
+class CacheError(FourDNeXError, ValueError):
     """A cache that cannot be trained on; the message names the file and what is wrong with it."""
 
 
@@ -100,10 +102,6 @@ def read_stats(cache_dir: str | Path) -> CacheStats:
             raise
         raise CacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
 
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames of a ``num_frames`` video: ``(F - 1) / 4 + 1``."""
-    return (num_frames - 1) // 4 + 1
 
 
 ConditionEncoder = Callable[[Path, int], torch.Tensor]  # (first frame png, num_frames) -> (16, T, h, 2w)
@@ -186,7 +184,7 @@ class LatentCache:
         if self.encodes_condition:
             if self.condition_encoder is None:
                 raise CacheError(f"{latents_path}: the cached condition is shorter than training needs, no encoder")
-            latents["cond"] = self.condition_encoder(self.root / files["first_frame"], latent_frames_to_video(frames))
+            latents["cond"] = self.condition_encoder(self.root / files["first_frame"], video_frames(frames))
         expected = {"rgb": (16, h, w), "xyz": (16, h, w), "cond": (16, h, 2 * w)}
         for key, (channels, hh, ww) in expected.items():
             shape = tuple(latents[key].shape)
@@ -208,10 +206,6 @@ class LatentCache:
             raise CacheError(f"{latents_path}: holds NaN or infinite values")
         return Sample(x0=x0, condition=condition, prompt_embeds=prompt, image_embeds=image, clip_id=str(item["id"]))
 
-
-def latent_frames_to_video(frames: int) -> int:
-    """Video frames of ``frames`` latent frames: ``4 (T - 1) + 1``."""
-    return 4 * (frames - 1) + 1
 
 
 class VaeConditionEncoder:

@@ -78,7 +78,8 @@ import torch
 import torch.nn.functional as F
 
 from fourdnex.config import PROMPT_SUFFIX
-from fourdnex.files import atomic_path, read_video, write_video
+from fourdnex.errors import FourDNeXError
+from fourdnex.files import atomic_path, read_video, write_png, write_safetensors, write_video
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -88,7 +89,7 @@ CONFIG_FILE = "build_config.json"
 FILE_KEYS = ("video", "first_frame", "pointmap", "pointmap_preview", "latents", "clip", "prompt")
 
 
-class ClipError(ValueError):
+class ClipError(FourDNeXError, ValueError):
     """A clip that cannot be used; the message says which file and why."""
 
 
@@ -557,31 +558,17 @@ def clip_files(clip_id: str, prompt: str) -> dict[str, str]:
     }
 
 
-def save_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """Write tensors (made contiguous, on CPU) to a safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
 
 def write_clip_media(out: Path, clip: PreparedClip, files: dict[str, str]) -> None:
     """The video, first frame, pointmap (+ normalization) and preview of a prepared clip."""
-    from PIL import Image
 
     for key in ("video", "first_frame", "pointmap", "pointmap_preview"):
         (out / files[key]).parent.mkdir(parents=True, exist_ok=True)
     write_video(out / files["video"], clip.rgb)
-    with atomic_path(out / files["first_frame"]) as tmp:
-        Image.fromarray(clip.rgb[0]).save(tmp, format="PNG")
+    write_png(out / files["first_frame"], clip.rgb[0])
     preview = ((clip.pointmap + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
     write_video(out / files["pointmap_preview"], preview)
-    save_safetensors(
+    write_safetensors(
         out / files["pointmap"],
         {
             "pointmap": torch.from_numpy(clip.pointmap).half(),

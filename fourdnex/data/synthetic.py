@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fourdnex.files import atomic_path, write_npz, write_video
+from fourdnex.files import atomic_path, write_npy, write_npz, write_png, write_text, write_video
 
 FPS = 24
 #: The subsets of the 4DNeX-10M layout and the clip format each one uses.
@@ -577,19 +577,6 @@ def quaternion_to_rotation(q: np.ndarray) -> np.ndarray:
     )
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """Write a uint8 image (H, W) or (H, W, 3) as PNG, atomically."""
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
 
 def write_monst3r_clip(scene: Scene, clip_dir: str | Path, video_path: str | Path, start: int, length: int) -> Path:
     """MonST3R-style clip: frames ``start .. start + length - 1`` of ``scene`` in ``clip_dir``; the whole scene as mp4.
@@ -612,11 +599,10 @@ def write_monst3r_clip(scene: Scene, clip_dir: str | Path, video_path: str | Pat
         q = rotation_to_quaternion(c2w[:3, :3])
         traj.append(" ".join(f"{x:.9g}" for x in [f / FPS, *c2w[:3, 3], *q]))
         intr.append(" ".join(f"{x:.9g}" for x in scene.K[f].reshape(-1)))
-        with atomic_path(clip_dir / f"frame_{t:04d}.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, scene.depth[f].astype(np.float32))
-        _write_png(clip_dir / f"dynamic_mask_{t}.png", scene.dynamic_mask[f].astype(np.uint8) * 255)
-    _write_text(clip_dir / "pred_traj.txt", "\n".join(traj) + "\n")
-    _write_text(clip_dir / "pred_intrinsics.txt", "\n".join(intr) + "\n")
+        write_npy(clip_dir / f"frame_{t:04d}.npy", scene.depth[f].astype(np.float32))
+        write_png(clip_dir / f"dynamic_mask_{t}.png", scene.dynamic_mask[f].astype(np.uint8) * 255)
+    write_text(clip_dir / "pred_traj.txt", "\n".join(traj) + "\n")
+    write_text(clip_dir / "pred_intrinsics.txt", "\n".join(intr) + "\n")
     return clip_dir
 
 
@@ -651,7 +637,7 @@ def write_static_npz(scene: Scene, path: str | Path, raw: str | Path) -> Path:
     else:
         raw.mkdir(parents=True, exist_ok=True)
         for t, frame in enumerate(scene.rgb):
-            _write_png(raw / f"{t:05d}.png", frame)
+            write_png(raw / f"{t:05d}.png", frame)
     return path
 
 

@@ -21,6 +21,7 @@ import torch
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from fourdnex.config import MEMORY_MODES, AccelerationConfig
+from fourdnex.errors import FourDNeXError
 
 GiB = 1024**3
 #: Peak VAE decode memory per decoded pixel (frames x height x width), measured on the real Wan VAE (bf16/fp32
@@ -34,7 +35,7 @@ _MARGIN = 0.9
 log = logging.getLogger(__name__)
 
 
-class AccelerationError(ValueError):
+class AccelerationError(FourDNeXError, ValueError):
     """A setting this machine cannot run; the message is one line naming the setting."""
 
 

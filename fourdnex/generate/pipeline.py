@@ -19,7 +19,16 @@ from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import CLIPVisionModel
 
-from fourdnex.config import BASE_MODEL_ID, PROMPT_SUFFIX, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
+from fourdnex.config import (
+    BASE_MODEL_ID,
+    PROMPT_SUFFIX,
+    XYZ_LATENT_MEAN,
+    XYZ_LATENT_STD,
+    Layout,
+    check_video_shape,
+    latent_frames,
+)
+from fourdnex.errors import FourDNeXError
 from fourdnex.model.fusion import (
     condition_video,
     denormalize_xyz,
@@ -31,7 +40,7 @@ from fourdnex.model.fusion import (
 from fourdnex.model.transformer import FourDNeXTransformer
 
 
-class ModelFolderError(FileNotFoundError):
+class ModelFolderError(FourDNeXError, FileNotFoundError):
     """The base model folder is missing or incomplete; the message names the file and how to get the weights."""
 
 
@@ -104,10 +113,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         result; faster only where one pass leaves the GPU underused, e.g. split over several GPUs). After
         :meth:`enable_split_decoding`, only the first process returns the videos (see :class:`FourDNeXOutput`).
         """
-        if (num_frames - 1) % self.vae_scale_factor_temporal:
-            raise ValueError(f"num_frames must be 4k+1, got {num_frames}")
-        if height % 16 or width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+        check_video_shape(num_frames, height, width)
         self.transformer.set_layout(layout)
         device = self._execution_device
         transformer_dtype = self.transformer.dtype
@@ -133,10 +139,10 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         timesteps = self.scheduler.timesteps
 
         # 3. Initial noise over the fused latent.
-        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        num_latent_frames = latent_frames(num_frames)
         latent_h = height // self.vae_scale_factor_spatial
         latent_w = width // self.vae_scale_factor_spatial * (2 if layout == "rgbxyz" else 1)
-        shape = (1, self.vae.config.z_dim, latent_frames, latent_h, latent_w)
+        shape = (1, self.vae.config.z_dim, num_latent_frames, latent_h, latent_w)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
         # 4. Condition: [image | sloped plane] then zero frames, VAE-encoded (mode) and VAE-normalized, after the mask.
@@ -145,7 +151,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         vae_device = get_module_execution_device(self.vae)
         encoded = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode()
         condition_latents = vae_normalize(self.vae, encoded.to(device, torch.float32))  # (1, 16, T, h, w')
-        mask = soft_mask(1, latent_frames, latent_h, latent_w, layout, device=device)  # (1, 4, T, h, w')
+        mask = soft_mask(1, num_latent_frames, latent_h, latent_w, layout, device=device)  # (1, 4, T, h, w')
         condition = torch.cat([mask, condition_latents], dim=1)  # (1, 20, T, h, w')
         timings["encode"] = time.perf_counter() - tic
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fourdnex.files import atomic_path, write_json, write_npz
+from fourdnex.files import atomic_path, write_json, write_npy, write_npz, write_png, write_text
 from fourdnex.geometry.cameras import rotation_to_quaternion
 
 EXPORTS = ("ply", "colmap", "nerfstudio", "depth")
@@ -45,13 +45,6 @@ def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp))
 
-
-def write_png(path: str | Path, image: np.ndarray) -> None:
-    """An 8-bit RGB ``(H, W, 3)`` or 16-bit gray ``(H, W)`` PNG, atomically."""
-    from PIL import Image
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        Image.fromarray(image).save(f, format="PNG")
 
 
 def export_images(out: Path, rgb: np.ndarray, frame_index: np.ndarray) -> list[str]:
@@ -125,8 +118,7 @@ def export_colmap(out: Path, K: np.ndarray, cam2world: np.ndarray, size: tuple[i
         f"{c + 1} PINHOLE {width} {height} {k[0, 0]:.10g} {k[1, 1]:.10g} {k[0, 2]:.10g} {k[1, 2]:.10g}"
         for c, k in enumerate(cams)
     ]
-    with atomic_path(folder / "cameras.txt") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_text(folder / "cameras.txt", "\n".join(lines) + "\n")
     world2cam = np.linalg.inv(cam2world)
     quats = rotation_to_quaternion(torch.from_numpy(world2cam[:, :3, :3])).numpy()
     lines = [
@@ -140,10 +132,8 @@ def export_colmap(out: Path, K: np.ndarray, cam2world: np.ndarray, size: tuple[i
         pose = " ".join(f"{x:.12g}" for x in (*q, *t))
         lines.append(f"{f + 1} {pose} {camera} {Path(name).name}")
         lines.append("")
-    with atomic_path(folder / "images.txt") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    with atomic_path(folder / "points3D.txt") as tmp:
-        tmp.write_text("# 3D point list (empty: the dense points are in ply/)\n")
+    write_text(folder / "images.txt", "\n".join(lines) + "\n")
+    write_text(folder / "points3D.txt", "# 3D point list (empty: the dense points are in ply/)\n")
 
 
 def export_depth(
@@ -171,8 +161,7 @@ def export_depth(
             write_png(out / name, np.clip(np.round(d / scale), 0, 65535).astype(np.uint16))
     else:
         for name, d in zip(names, depth, strict=True):
-            with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
-                np.save(f, d.astype(np.float32))
+            write_npy(out / name, d.astype(np.float32))
     height, width = depth.shape[1:]
     frames = [{"depth": name, "K": K[f].tolist(), "cam2world": cam2world[f].tolist()} for f, name in enumerate(names)]
     meta = {"width": width, "height": height, "axes": "opencv", "depth_scale": scale, "frames": frames}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fourdnex.config import RegistrationConfig
+from fourdnex.errors import FourDNeXError
 from fourdnex.geometry.cameras import (
     decompose_projection,
     dlt_projection,
@@ -40,7 +41,7 @@ from fourdnex.geometry.cameras import (
 )
 
 
-class RegistrationError(ValueError):
+class RegistrationError(FourDNeXError, ValueError):
     """A pointmap no camera can be fitted to; the message says why."""
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fourdnex.errors import FourDNeXError
 from fourdnex.files import write_json, write_npz, write_video
 
 RESULT_NAME = re.compile(r"^\d{5}\.(npz|pkl)$")
 
 
-class ResultError(ValueError):
+class ResultError(FourDNeXError, ValueError):
     """A results file or folder that cannot be used; the message names the file and the problem."""
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fourdnex.config import DEFAULT_MODEL_TYPE
+from fourdnex.errors import FourDNeXError
 from fourdnex.files import atomic_path
 
 ADAPTER_FILE = "fourdnex_adapter.safetensors"
@@ -38,7 +39,7 @@ ADAPTER_NAME = "4dnex"
 RELEASED_SCALE = 0.5
 
 
-class AdapterError(ValueError):
+class AdapterError(FourDNeXError, ValueError):
     """An adapter that cannot be read or does not fit the model; the message names the key and the shapes."""
 
 

@@ -44,8 +44,11 @@ from fourdnex.config import (
     DEFAULT_MODEL_TYPE,
     MODEL_TYPES,
     REPLAYABLE_ATTENTION_BACKENDS,
+    check_video_shape,
+    latent_frames,
 )
 from fourdnex.data.cache import LatentCache, Sample, VaeConditionEncoder
+from fourdnex.errors import FourDNeXError
 from fourdnex.files import write_json
 from fourdnex.model.fusion import split_width
 from fourdnex.train.checkpoints import (
@@ -70,7 +73,7 @@ DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "de
 ADAPTER_DIR = "adapter"
 
 
-class TrainingError(ValueError):
+class TrainingError(FourDNeXError, ValueError):
     """A setting, file or checkpoint the run cannot use; the message names it."""
 
 
@@ -152,15 +155,11 @@ class TrainConfig:
     @property
     def num_latent_frames(self) -> int:
         """Latent frames of ``num_frames`` video frames."""
-        return (self.num_frames - 1) // 4 + 1
+        return latent_frames(self.num_frames)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot be trained with."""
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            raise TrainingError(f"num_frames must be 4k+1 (e.g. 49), got {self.num_frames}")
-        for name in ("height", "width"):
-            if getattr(self, name) <= 0 or getattr(self, name) % 16:
-                raise TrainingError(f"{name} must be a positive multiple of 16, got {getattr(self, name)}")
+        check_video_shape(self.num_frames, self.height, self.width)
         if self.model_type not in MODEL_TYPES:
             raise TrainingError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {self.model_type!r}")
         for name in (
