@@ -427,7 +427,7 @@ if __name__ == "__main__":
     except UsageError as err:
         sys.exit(f"{PROG}: {err}")
     except (FileNotFoundError, ValueError) as err:
-        from fourdnex.generate.pipeline import ModelFolderError
+        from fourdnex.model.loading import ModelFolderError
         from fourdnex.model.adapters import AdapterError
 
         if isinstance(err, AdapterError | ModelFolderError):

@@ -315,7 +315,7 @@ def test_cli_user_errors_are_one_line(single, tree):
         cli.main(_parse(cli, [*base, "--resolution_h", "48", "--resolution_w", "48", "--num_frames", "9"]))
     with pytest.raises(SystemExit, match="num_frames must be 4k\\+1"):
         cli.main(_parse(cli, [*base, "--num_frames", "10"]))
-    with pytest.raises(SystemExit, match="model_path /nonexistent is not a diffusers folder"):
+    with pytest.raises(SystemExit, match="model folder /nonexistent does not exist"):
         cli.main(
             _parse(
                 cli, ["--data_dir", str(tree), "--out", str(single.parent / "other"), "--model_path", "/nonexistent"]

@@ -19,7 +19,8 @@ from fourdnex.config import check_video_shape
 from fourdnex.data import sources as data
 from fourdnex.data.sources import ClipError, ClipSource, PreparedClip
 from fourdnex.files import write_json, write_safetensors
-from fourdnex.model.fusion import condition_video, vae_normalize
+from fourdnex.model.fusion import condition_video, encode_latents
+from fourdnex.model.loading import load_components
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -94,19 +95,16 @@ class Encoders:
 
     @classmethod
     def load(cls, model_path: str | Path, device: str, dtype: torch.dtype) -> Encoders:
-        """Load every component but the transformer from a diffusers Wan2.1-I2V folder."""
+        """Load every component but the transformer from a diffusers Wan2.1-I2V folder (text encoder in ``dtype``,
+        VAE and image encoder as :func:`fourdnex.model.loading.load_components` loads them everywhere)."""
         from diffusers import WanImageToVideoPipeline
 
-        if not (Path(model_path) / "model_index.json").is_file():
-            raise FileNotFoundError(f"model_path {model_path} is not a diffusers folder (no model_index.json)")
-        pipe = WanImageToVideoPipeline.from_pretrained(str(model_path), transformer=None, dtype=dtype)
-        return cls(pipe, device)
+        return cls(WanImageToVideoPipeline(**load_components(model_path, dtype, transformer=False)), device)
 
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor) -> torch.Tensor:
         """``(B, 3, F, H, W)`` in [-1, 1] -> VAE-normalized posterior modes ``(B, 16, T, H/8, W/8)``."""
-        z = self.vae.encode(videos.to(self.device, self.vae.dtype)).latent_dist.mode()
-        return vae_normalize(self.vae, z)
+        return encode_latents(self.vae, videos)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:

@@ -221,12 +221,11 @@ class VaeConditionEncoder:
         import numpy as np
         from PIL import Image
 
-        from fourdnex.model.fusion import condition_video, vae_normalize
+        from fourdnex.model.fusion import condition_video, encode_latents
 
         if not first_frame.is_file():
             raise CacheError(f"{first_frame}: missing (needed to encode the condition)")
         with Image.open(first_frame) as image:
             pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0
-        video = condition_video(pixels[None].to(self.device), num_frames, "rgbxyz")  # (1, 3, F, H, 2W)
-        z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode()
-        return vae_normalize(self.vae, z.float())[0].cpu()
+        video = condition_video(pixels[None], num_frames, "rgbxyz")  # (1, 3, F, H, 2W)
+        return encode_latents(self.vae, video)[0].cpu()

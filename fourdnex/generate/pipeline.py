@@ -15,12 +15,10 @@ from pathlib import Path
 import PIL.Image
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+from diffusers import WanImageToVideoPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
-from transformers import CLIPVisionModel
 
 from fourdnex.config import (
-    BASE_MODEL_ID,
     PROMPT_SUFFIX,
     XYZ_LATENT_MEAN,
     XYZ_LATENT_STD,
@@ -28,20 +26,15 @@ from fourdnex.config import (
     check_video_shape,
     latent_frames,
 )
-from fourdnex.errors import FourDNeXError
 from fourdnex.model.fusion import (
     condition_video,
     denormalize_xyz,
+    encode_latents,
     soft_mask,
     split_width,
     vae_denormalize,
-    vae_normalize,
 )
-from fourdnex.model.transformer import FourDNeXTransformer
-
-
-class ModelFolderError(FourDNeXError, FileNotFoundError):
-    """The base model folder is missing or incomplete; the message names the file and how to get the weights."""
+from fourdnex.model.loading import load_components
 
 
 @dataclass
@@ -148,9 +141,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         # 4. Condition: [image | sloped plane] then zero frames, VAE-encoded (mode) and VAE-normalized, after the mask.
         pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
         video = condition_video(pixels, num_frames, layout)  # (1, 3, F, H, W')
-        vae_device = get_module_execution_device(self.vae)
-        encoded = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode()
-        condition_latents = vae_normalize(self.vae, encoded.to(device, torch.float32))  # (1, 16, T, h, w')
+        condition_latents = encode_latents(self.vae, video).to(device)  # (1, 16, T, h, w')
         mask = soft_mask(1, num_latent_frames, latent_h, latent_w, layout, device=device)  # (1, 4, T, h, w')
         condition = torch.cat([mask, condition_latents], dim=1)  # (1, 20, T, h, w')
         timings["encode"] = time.perf_counter() - tic
@@ -248,53 +239,12 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         return videos
 
 
-#: Files every Wan2.1-I2V diffusers folder must hold (weights may be sharded: any of the listed names will do).
-REQUIRED_FILES = {
-    "model_index.json": None,
-    "transformer/config.json": (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.safetensors.index.json",
-    ),
-    "vae/config.json": ("diffusion_pytorch_model.safetensors",),
-    "text_encoder/config.json": ("model.safetensors", "model.safetensors.index.json"),
-    "tokenizer/tokenizer_config.json": None,
-    "image_encoder/config.json": ("model.safetensors", "model.safetensors.index.json"),
-    "image_processor/preprocessor_config.json": None,
-    "scheduler/scheduler_config.json": None,
-}
-
-
-def check_model_folder(path: str | Path) -> None:
-    """Raise ModelFolderError naming the first missing file of a Wan2.1-I2V diffusers folder."""
-    path = Path(path)
-    how = f"download the base model with: hf download {BASE_MODEL_ID} --local-dir {path}"
-    if not path.is_dir():
-        raise ModelFolderError(f"model folder {path} does not exist; {how}")
-    for config, weights in REQUIRED_FILES.items():
-        if not (path / config).is_file():
-            raise ModelFolderError(f"model folder {path} is incomplete: {config} is missing; {how}")
-        if weights and not any((path / config).parent.joinpath(name).is_file() for name in weights):
-            missing = (path / config).parent / weights[0]
-            raise ModelFolderError(f"model folder {path} is incomplete: {missing} is missing; {how}")
-
-
 def load_pipeline(
     model_path: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     transformer_path: str | Path | None = None,
 ) -> FourDNeXPipeline:
-    """Load a Wan2.1-I2V diffusers folder as a :class:`FourDNeXPipeline` (on the CPU; move or offload it after).
-
-    The transformer and text encoder take ``dtype``; the VAE and the CLIP image encoder stay in float32, as Wan
-    recommends. ``transformer_path`` replaces the base transformer with a fully fine-tuned one (diffusers folder).
-    """
-    check_model_folder(model_path)
-    if transformer_path is None:
-        transformer = FourDNeXTransformer.from_pretrained(model_path, subfolder="transformer", dtype=dtype)
-    else:
-        transformer = FourDNeXTransformer.from_pretrained(transformer_path, dtype=dtype)
-    vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32)
-    image_encoder = CLIPVisionModel.from_pretrained(Path(model_path) / "image_encoder", dtype=torch.float32)
-    return FourDNeXPipeline.from_pretrained(
-        model_path, transformer=transformer, vae=vae, image_encoder=image_encoder, dtype=dtype
-    )
+    """Load a Wan2.1-I2V diffusers folder as a :class:`FourDNeXPipeline` (on the CPU; move or offload it after),
+    with :func:`fourdnex.model.loading.load_components`' precisions. ``transformer_path`` replaces the base
+    transformer with a fully fine-tuned one (a diffusers transformer folder)."""
+    return FourDNeXPipeline(**load_components(model_path, dtype, transformer=transformer_path or True))

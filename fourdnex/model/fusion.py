@@ -89,6 +89,18 @@ def vae_denormalize(vae, z: torch.Tensor) -> torch.Tensor:
     return z / inv_std + mean
 
 
+def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
+    """Pixels ``(B, 3, F, H, W)`` in [-1, 1] -> the latents the transformer sees: the VAE posterior's mode after the
+    VAE's own normalization, ``(B, 16, T, H/8, W/8)`` float32 on the VAE's execution device.
+
+    The one encoding path of inference's condition, the cache's latents and training's on-the-fly condition.
+    """
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    z = vae.encode(video.to(get_module_execution_device(vae), vae.dtype)).latent_dist.mode()
+    return vae_normalize(vae, z.float())
+
+
 def normalize_xyz(z: torch.Tensor, mean: float = XYZ_LATENT_MEAN, std: float = XYZ_LATENT_STD) -> torch.Tensor:
     """VAE-normalized XYZ latents -> unit-scale latents: ``(z - mean) / std``."""
     return (z - mean) / std

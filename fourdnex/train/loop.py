@@ -395,11 +395,11 @@ def build_transformer(cfg: TrainConfig, model_path: str | None = None, transform
     """
     from peft import LoraConfig
 
-    from fourdnex.model.transformer import FourDNeXTransformer
+    from fourdnex.model.loading import load_transformer
 
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
     if transformer is None:
-        transformer = FourDNeXTransformer.from_pretrained(model_path, subfolder="transformer", dtype=dtype)
+        transformer = load_transformer(model_path, dtype)
     transformer.set_model_type(MODEL_TYPES[cfg.model_type])
     transformer.set_layout("rgbxyz")
     transformer.requires_grad_(False)
@@ -736,15 +736,14 @@ def train(cfg: TrainConfig) -> Path | None:
     transformer = build_transformer(cfg, model_path)
     accelerator = make_accelerator(cfg, output_dir / "logs")
     if cache.encodes_condition:
-        from diffusers import AutoencoderKLWan
+        from fourdnex.model.loading import load_vae
 
         logger.warning(
             "the cache's condition covers %d frames, training uses %d: encoding it from the first frame every step",
             cache.stats.cond_num_frames,
             cfg.num_frames,
         )
-        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32)
-        cache.condition_encoder = VaeConditionEncoder(vae, accelerator.device)
+        cache.condition_encoder = VaeConditionEncoder(load_vae(model_path), accelerator.device)
     trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
     if resume is not None:
         trainer.load_checkpoint(resume)
@@ -815,10 +814,12 @@ def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_di
 
     from fourdnex.generate.pipeline import FourDNeXPipeline
     from fourdnex.geometry.results import write_sample
+    from fourdnex.model.loading import load_components
 
     cfg = trainer.cfg
     if trainer.validation_components is None:
-        trainer.validation_components = _validation_components(model_path, trainer.dtype)
+        components = load_components(model_path, trainer.dtype, transformer=False)
+        trainer.validation_components = {k: v for k, v in components.items() if k != "transformer"}
     components = trainer.validation_components
     pipe = FourDNeXPipeline(transformer=trainer.module, **components)
     device = trainer.accelerator.device
@@ -848,19 +849,3 @@ def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_di
         meta["timings"] = output.timings
         write_sample(out_dir, 0, output.rgb[0].numpy(), output.xyz[0].numpy(), meta)
     trainer.accelerator.wait_for_everyone()
-
-
-def _validation_components(model_path: str, dtype: torch.dtype) -> dict:
-    """The pipeline's other components, loaded on the CPU (moved to the GPU only while sampling)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
-
-    root = Path(model_path)
-    return {
-        "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer"),
-        "text_encoder": UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype),
-        "image_encoder": CLIPVisionModel.from_pretrained(root / "image_encoder", dtype=torch.float32),
-        "image_processor": CLIPImageProcessor.from_pretrained(root / "image_processor"),
-        "vae": AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32),
-        "scheduler": UniPCMultistepScheduler.from_pretrained(root, subfolder="scheduler"),
-    }
