@@ -12,10 +12,10 @@ lists and statistics (or run once more with --merge). A re-run skips finished cl
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
+from fourdnex.cli import run
 from fourdnex.config import DEFAULT_MODEL_PATH
 from fourdnex.data.build import BuildConfig, build, merge_shards
 
@@ -24,15 +24,12 @@ def main(args: argparse.Namespace) -> None:
     """Build (one shard of) the cache, or only merge the shards' outputs with ``--merge``."""
     options = {k: v for k, v in vars(args).items() if k != "merge"}
     cfg = BuildConfig(**options)
-    try:
-        cfg.validate()
-        if args.merge:
-            result = merge_shards(cfg.data_dir, cfg.out, cfg.limit)
-            print(f"merged {result.done} clips, {result.failed} failed")
-            return
-        summary = build(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"build_wan_dataset.py: {err}")
+    cfg.validate()
+    if args.merge:
+        result = merge_shards(cfg.data_dir, cfg.out, cfg.limit)
+        print(f"merged {result.done} clips, {result.failed} failed")
+        return
+    summary = build(cfg)
     print(summary.line())
     if not summary.merged:
         print("lists and stats.json are written when every clip is done (by the last shard, or with --merge)")
@@ -40,7 +37,9 @@ def main(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (snake_case flags; the reference's flags keep working)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="build_wan_dataset.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data_dir", required=True, help="4DNeX-10M root: dynamic/ static/ raw/ caption/")
     parser.add_argument("--out", required=True, help="the cache folder")
     parser.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="Wan2.1-I2V in diffusers layout")
@@ -61,4 +60,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run(main, build_parser())

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
+from fourdnex.cli import run
 from fourdnex.config import DEFAULT_LORA_TARGETS, MODEL_TYPES
-from fourdnex.data.cache import CacheError
-from fourdnex.train.loop import TrainConfig, TrainingError, train
+from fourdnex.train.loop import TrainConfig, train
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -33,10 +32,7 @@ def main(args: argparse.Namespace) -> None:
     """Train with the parsed flags; a user error ends the run with one line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = config_from_args(args)
-    try:
-        adapter = train(cfg)
-    except (TrainingError, CacheError) as err:
-        sys.exit(f"finetune.py: {err}")
+    adapter = train(cfg)
     if adapter is not None:
         print(f"adapter: {adapter}")
 
@@ -44,7 +40,9 @@ def main(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every default comes from TrainConfig."""
     d = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = parser.add_argument_group("data and model")
     g.add_argument("--cache_dir", required=True, help="latent cache written by build_wan_dataset.py")
     g.add_argument("--output_dir", default=d.output_dir, help="checkpoints, logs and the final adapter")
@@ -132,4 +130,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run(main, build_parser())

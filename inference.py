@@ -26,11 +26,11 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from fourdnex import __version__
+from fourdnex.cli import run
 from fourdnex.config import (
     CACHE_MODES,
     CP_MODES,
@@ -45,12 +45,7 @@ from fourdnex.config import (
     SampleConfig,
     size_for_aspect,
 )
-
-PROG = "inference.py"
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for; reported as one line."""
+from fourdnex.errors import UsageError
 
 
 def read_lines_or_literal(value: str, what: str) -> tuple[list[str], Path | None]:
@@ -327,7 +322,7 @@ def main(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--prompt", required=True, help="a .txt file with one caption per line, or one caption")
@@ -421,20 +416,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    cli_args = build_parser().parse_args()
-    try:
-        main(cli_args)
-    except UsageError as err:
-        sys.exit(f"{PROG}: {err}")
-    except (FileNotFoundError, ValueError) as err:
-        from fourdnex.model.loading import ModelFolderError
-        from fourdnex.model.adapters import AdapterError
-
-        if isinstance(err, AdapterError | ModelFolderError):
-            sys.exit(f"{PROG}: {err}")
-        raise
-    finally:
-        import torch.distributed
-
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    run(main, build_parser())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,14 +21,12 @@ import torch
 from tqdm import tqdm
 
 from fourdnex import __version__
+from fourdnex.cli import run
 from fourdnex.config import RegistrationConfig
+from fourdnex.errors import UsageError
 from fourdnex.geometry.exports import DEPTH_FORMATS, EXPORTS, export_all
 from fourdnex.geometry.registration import RegistrationError, check_pointmap, register
-from fourdnex.geometry.results import ResultError, find_results, load_result, registration_path, save_registration
-
-
-class UsageError(ValueError):
-    """A setting that cannot be used; the message names it."""
+from fourdnex.geometry.results import find_results, load_result, registration_path, save_registration
 
 
 def _device(name: str) -> torch.device:
@@ -127,9 +124,9 @@ def main(args: argparse.Namespace) -> None:
         )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line (the reference's ``--pkl_dir`` names the input)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="pm_registration.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--pkl_dir", "--input", dest="pkl_dir", required=True, help="results folder, or one result file")
     p.add_argument("--out_dir", default=None, help="where outputs go (default: beside each result)")
     p.add_argument("--start_frame", type=int, default=0)
@@ -143,11 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", nargs="*", choices=EXPORTS, default=[], help="exports to write into NNNNN_export/")
     p.add_argument("--depth_format", choices=DEPTH_FORMATS, default="png16")
     p.add_argument("--ply_stride", type=int, default=1, help="keep every N-th pixel along rows and columns in PLYs")
-    return p.parse_args(argv)
+    return p
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ResultError, RegistrationError, UsageError) as err:
-        sys.exit(f"pm_registration.py: {err}")
+    run(main, build_parser())

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from fourdnex.cli import run
+from fourdnex.errors import UsageError
 from fourdnex.geometry.results import ResultError, find_results, load_registration, load_result, registration_path
-
-
-class UsageError(ValueError):
-    """A setting that cannot be used; the message names it."""
 
 
 def main(args: argparse.Namespace) -> None:
@@ -75,9 +72,9 @@ def main(args: argparse.Namespace) -> None:
             pass
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line (the reference's ``--pkl_dir`` and ``--rr_recording`` keep their meaning)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rerun_vis.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--pkl_dir", "--input", dest="pkl_dir", required=True, help="results folder, or one result file")
     p.add_argument("--rr_recording", default=None, help="write the recording to this .rrd file")
     p.add_argument("--spawn", action="store_true", help="stream to a native viewer started here")
@@ -88,11 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=2, help="log every N-th pixel along rows and columns as a point")
     p.add_argument("--show_xyz", action="store_true", help="also log the unregistered pointmap")
     p.add_argument("--max_residual", type=float, default=None, help="hide registered points farther from the input")
-    return p.parse_args(argv)
+    return p
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ResultError, UsageError) as err:
-        sys.exit(f"rerun_vis.py: {err}")
+    run(main, build_parser())

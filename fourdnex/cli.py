@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from fourdnex.errors import FourDNeXError
 
 
-def run(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, prog: str) -> None:
-    """Call ``main(args)``; a :class:`FourDNeXError` exits with ``prog: message``.
+def run(
+    main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> None:
+    """Parse ``argv`` (default: the command line) and call ``main``; a :class:`FourDNeXError` exits with
+    ``<parser.prog>: <message>``.
 
-    A process group this process joined (torchrun launches) is destroyed before the process exits, on success and on
-    failure alike, so no collective thread outlives the interpreter.
+    A process group this process joined (torchrun launches) is destroyed before returning, on success and on failure
+    alike, so no collective's thread outlives the interpreter.
     """
+    args = parser.parse_args(argv)
     try:
         main(args)
     except FourDNeXError as err:
-        sys.exit(f"{prog}: {err}")
+        sys.exit(f"{parser.prog}: {err}")
     finally:
-        if "torch" in sys.modules:
+        if "torch.distributed" in sys.modules:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():

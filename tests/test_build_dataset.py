@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from fourdnex.cli import run
 from fourdnex.data import sources as data
 from fourdnex.data.build import BuildConfig, Encoders, build, merge_shards
 from fourdnex.data.synthetic import render_scene, write_dynamic_npz, write_tree
@@ -76,13 +77,9 @@ def single(tree, tmp_path_factory) -> Path:
     spec.loader.exec_module(cli)
     args = ["--data_dir", str(tree), "--out", str(out), "--model_path", TINY, "--num_frames", "9"]
     args += ["--resolution_h", str(RES[0]), "--resolution_w", str(RES[1]), "--device", "cpu"]
-    cli.main(_parse(cli, args))
+    run(cli.main, cli.build_parser(), args)
     return out
 
-
-def _parse(cli, argv: list[str]):
-    """The script's own command line applied to ``argv``."""
-    return cli.build_parser().parse_args(argv)
 
 
 def _records(out: Path) -> list[dict]:
@@ -310,14 +307,11 @@ def test_cli_user_errors_are_one_line(single, tree):
     spec.loader.exec_module(cli)
     base = ["--data_dir", str(tree), "--out", str(single), "--model_path", TINY]
     with pytest.raises(SystemExit, match=r"^build_wan_dataset.py: task_idx must be in \[0, num_tasks\), got 2"):
-        cli.main(_parse(cli, [*base, "--num_tasks", "2", "--task_idx", "2"]))
+        run(cli.main, cli.build_parser(), [*base, "--num_tasks", "2", "--task_idx", "2"])
     with pytest.raises(SystemExit, match="built with other settings"):
-        cli.main(_parse(cli, [*base, "--resolution_h", "48", "--resolution_w", "48", "--num_frames", "9"]))
+        run(cli.main, cli.build_parser(), [*base, "--resolution_h", "48", "--resolution_w", "48", "--num_frames", "9"])
     with pytest.raises(SystemExit, match="num_frames must be 4k\\+1"):
-        cli.main(_parse(cli, [*base, "--num_frames", "10"]))
+        run(cli.main, cli.build_parser(), [*base, "--num_frames", "10"])
     with pytest.raises(SystemExit, match="model folder /nonexistent does not exist"):
-        cli.main(
-            _parse(
-                cli, ["--data_dir", str(tree), "--out", str(single.parent / "other"), "--model_path", "/nonexistent"]
-            )
-        )
+        args = ["--data_dir", str(tree), "--out", str(single.parent / "other"), "--model_path", "/nonexistent"]
+        run(cli.main, cli.build_parser(), args)

@@ -21,6 +21,7 @@ import torch
 from scipy import stats
 from train_cache import TINY_MODEL, build_cache
 
+from fourdnex.cli import run
 from fourdnex.data.cache import CacheError, LatentCache
 from fourdnex.geometry.results import load_result
 from fourdnex.model.adapters import apply_adapter, read_adapter
@@ -287,7 +288,7 @@ def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
         ],
     }
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(cli.build_parser().parse_args(args + extra.get(setup, [])))
+        run(cli.main, cli.build_parser(), args + extra.get(setup, []))
     text = str(exit_info.value.code)
     assert text.startswith("finetune.py: ") and message in text and "\n" not in text, text
 

@@ -18,6 +18,7 @@ import torch
 from fourdnex.config import check_video_shape
 from fourdnex.data import sources as data
 from fourdnex.data.sources import ClipError, ClipSource, PreparedClip
+from fourdnex.errors import UsageError
 from fourdnex.files import write_json, write_safetensors
 from fourdnex.model.fusion import condition_video, encode_latents
 from fourdnex.model.loading import load_components
@@ -58,13 +59,13 @@ class BuildConfig:
             resolution_w=self.resolution_w,
         )
         if self.num_tasks < 1 or not 0 <= self.task_idx < self.num_tasks:
-            raise ValueError(f"task_idx must be in [0, num_tasks), got {self.task_idx} with num_tasks {self.num_tasks}")
+            raise UsageError(f"task_idx must be in [0, num_tasks), got {self.task_idx} with num_tasks {self.num_tasks}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be positive, got {self.limit}")
+            raise UsageError(f"limit must be positive, got {self.limit}")
         if self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError(f"batch_size and num_workers must be positive, got {self.batch_size}, {self.num_workers}")
+            raise UsageError(f"batch_size and num_workers must be positive, got {self.batch_size}, {self.num_workers}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
+            raise UsageError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -217,7 +218,7 @@ def _check_config(out: Path, config: dict) -> None:
         old = json.loads(path.read_text())
         if old != config:
             diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-            raise ValueError(f"{out} was built with other settings (cached, requested): {diff}; use another --out")
+            raise UsageError(f"{out} was built with other settings (cached, requested): {diff}; use another --out")
     else:
         write_json(path, config)
 
@@ -332,12 +333,12 @@ def merge_shards(data_dir: str | Path, out: str | Path, limit: int | None = None
     """
     config_path = Path(out) / data.CONFIG_FILE
     if not config_path.is_file():
-        raise ValueError(f"{out} holds no {data.CONFIG_FILE}: nothing was built there")
+        raise UsageError(f"{out} holds no {data.CONFIG_FILE}: nothing was built there")
     clips, _ = data.find_clips(data_dir)
     clips = clips[:limit] if limit is not None else clips
     result = data.merge(out, clips, json.loads(config_path.read_text()))
     if not result.written:
-        raise ValueError(f"{result.pending} clips have neither a record nor a failure yet (other shards running?)")
+        raise UsageError(f"{result.pending} clips have neither a record nor a failure yet (other shards running?)")
     return result
 
 

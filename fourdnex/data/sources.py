@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from fourdnex.config import PROMPT_SUFFIX
-from fourdnex.errors import FourDNeXError
+from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.files import atomic_path, read_video, write_png, write_safetensors, write_video
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -151,7 +151,7 @@ def find_clips(data_dir: str | Path) -> tuple[list[ClipSource], list[str]]:
     """All clips under ``data_dir`` in id order, and the entries that are not clips (relative paths)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"data_dir {data_dir} is not a folder")
+        raise UsageError(f"data_dir {data_dir} is not a folder")
     clips, ignored = [], []
     for kind in ("dynamic", "static"):
         root = data_dir / kind
@@ -169,7 +169,7 @@ def find_clips(data_dir: str | Path) -> tuple[list[ClipSource], list[str]]:
                     continue
                 clips.append(ClipSource(f"{kind}/{subset_dir.name}/{name}", kind, subset_dir.name, name, fmt, entry))
     if not clips:
-        raise FileNotFoundError(f"no clips under {data_dir}/dynamic or {data_dir}/static")
+        raise UsageError(f"no clips under {data_dir}/dynamic or {data_dir}/static")
     clips.sort(key=lambda c: c.id)
     return clips, ignored
 

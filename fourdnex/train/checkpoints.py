@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+
+from fourdnex.cli import run
+from fourdnex.errors import UsageError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -39,7 +41,7 @@ def resolve_checkpoint(value: str, output_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     path = Path(value)
     if not (path / TRAINER_STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no {TRAINER_STATE_FILE})")
+        raise UsageError(f"{path} is not a checkpoint folder (no {TRAINER_STATE_FILE})")
     return path
 
 
@@ -57,7 +59,7 @@ def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     checkpoint = Path(checkpoint)
     state_file = checkpoint / TRAINER_STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a fine-tuning checkpoint (no {TRAINER_STATE_FILE})")
+        raise UsageError(f"{checkpoint} is not a fine-tuning checkpoint (no {TRAINER_STATE_FILE})")
     trainer_state = json.loads(state_file.read_text())
     meta = AdapterMeta(**trainer_state["adapter_meta"])
     meta.extra = {**meta.extra, "step": trainer_state["step"], "precision": "fp32 (zero_to_fp32)"}
@@ -72,17 +74,20 @@ def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
 
 def main(args: argparse.Namespace) -> None:
     """Export ``args.checkpoint``'s adapter to ``args.out``."""
-    try:
-        path = export_adapter(args.checkpoint, args.out or Path(args.checkpoint) / "adapter-fp32")
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"fourdnex.train.checkpoints: {err}")
-    print(f"adapter: {path}")
+    print(f"adapter: {export_adapter(args.checkpoint, args.out or Path(args.checkpoint) / 'adapter-fp32')}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fourdnex.train.checkpoints``."""
+    parser = argparse.ArgumentParser(
+        prog="fourdnex.train.checkpoints", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="a checkpoint folder written by finetune.py")
     parser.add_argument(
         "--out", default=None, help="adapter folder or .safetensors file (default: CHECKPOINT/adapter-fp32)"
     )
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, build_parser())

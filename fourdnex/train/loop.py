@@ -728,10 +728,7 @@ def train(cfg: TrainConfig) -> Path | None:
     output_dir = Path(cfg.output_dir)
     resume = None
     if cfg.resume_from_checkpoint:
-        try:
-            resume = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
-        except FileNotFoundError as err:
-            raise TrainingError(str(err)) from err
+        resume = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
     torch.manual_seed(cfg.seed)
     transformer = build_transformer(cfg, model_path)
     accelerator = make_accelerator(cfg, output_dir / "logs")
