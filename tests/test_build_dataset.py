@@ -183,7 +183,7 @@ def test_saved_normalization_recovers_metric_points(single):
 
 def test_cropped_intrinsics_match_the_cropped_pointmaps(single):
     """Every clip's metric points, seen from each frame's camera, project onto their pixels with the saved K."""
-    v, u = np.meshgrid(np.arange(RES[0]), np.arange(RES[1]), indexing="ij")
+    v, u = np.meshgrid(np.arange(RES[0]) + 0.5, np.arange(RES[1]) + 0.5, indexing="ij")  # pixel centres
     for r in _records(single):
         geo = {k: t.double().numpy() for k, t in load_file(single / r["files"]["pointmap"]).items()}
         metric = data.metric_pointmap(geo["pointmap"], geo["center"], float(geo["scale"]))

@@ -6,7 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from fourdnex.geometry.results import PickledObject, ResultError, find_results, load_result, safe_unpickle
+from fourdnex.geometry.legacy import PickledObject, safe_unpickle
+from fourdnex.geometry.results import ResultError, find_results, load_result
 
 
 class ReferenceResult:

@@ -33,7 +33,7 @@ def ground_view(K: torch.Tensor, cam2world: torch.Tensor, height: int, width: in
 def looking_down(eye: tuple, target: tuple) -> torch.Tensor:
     """A camera-to-world looking from ``eye`` at ``target``, with a little roll."""
     eye, target = torch.tensor([eye], dtype=torch.float64), torch.tensor([target], dtype=torch.float64)
-    return toy_scene.look_at(eye, target, torch.tensor([0.05], dtype=torch.float64))[0]
+    return geometry.look_at(eye, target, torch.tensor([0.05], dtype=torch.float64))[0]
 
 
 @pytest.mark.parametrize("focal", [0.6, 1.4])

@@ -3,12 +3,8 @@
 import numpy as np
 import pytest
 
-from fourdnex.data.synthetic import (
-    quaternion_to_rotation,
-    render_scene,
-    rotation_to_quaternion,
-    unproject_depth,
-)
+from fourdnex.data.synthetic import render_scene
+from fourdnex.geometry.cameras import quaternion_to_rotation, rotation_to_quaternion, unproject_depth
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,7 @@ def test_points_project_onto_their_pixels(scene):
     cam = np.einsum("fij,fhwj->fhwi", np.linalg.inv(scene.cam2world.astype(np.float64)), world)[..., :3]
     np.testing.assert_allclose(cam[..., 2], scene.depth, rtol=1e-5)
     pix = np.einsum("fij,fhwj->fhwi", scene.K.astype(np.float64), cam)
-    v, u = np.meshgrid(np.arange(32), np.arange(48), indexing="ij")
+    v, u = np.meshgrid(np.arange(32) + 0.5, np.arange(48) + 0.5, indexing="ij")  # pixel centres
     np.testing.assert_allclose(pix[..., 0] / pix[..., 2], np.broadcast_to(u, (9, 32, 48)), atol=1e-3)
     np.testing.assert_allclose(pix[..., 1] / pix[..., 2], np.broadcast_to(v, (9, 32, 48)), atol=1e-3)
 

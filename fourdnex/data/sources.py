@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from fourdnex.config import PROMPT_SUFFIX
 from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.files import atomic_path, read_video, write_png, write_safetensors, write_video
+from fourdnex.geometry.cameras import intrinsics_from_integer_centres, quaternion_to_rotation, unproject_depth
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -272,27 +273,20 @@ def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def _intrinsics(value: np.ndarray, frames: int, height: int, width: int, path: Path) -> np.ndarray:
-    """``intrinsic`` of a dynamic npz (3x3, 1x3x3, Tx3x3 or a scalar focal) -> ``(T, 3, 3)``."""
+    """``intrinsic`` of a dynamic npz (3x3, 1x3x3, Tx3x3 with pixel centres on integers, or a scalar focal) ->
+    ``(T, 3, 3)`` in fourdnex's convention (pixel centres at +0.5)."""
     value = np.asarray(value, np.float64)
-    if value.size == 1:
+    if value.size == 1:  # a focal length, the principal point at the image centre
         f = float(value.reshape(()))
-        value = np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
+        return np.repeat(np.array([[[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]]]), frames, 0)
     if value.shape == (3, 3):
         value = value[None]
     if value.shape == (1, 3, 3):
         value = np.repeat(value, frames, 0)
     if value.shape != (frames, 3, 3):
         raise ClipError(f"{path}: intrinsic must be 3x3, 1x3x3, {frames}x3x3 or a scalar, got {value.shape}")
-    return value
+    return intrinsics_from_integer_centres(value)
 
-
-def unproject(depth: np.ndarray, K: np.ndarray, cam2world: np.ndarray) -> np.ndarray:
-    """World points ``(N, H, W, 3)`` from z-depth ``(N, H, W)``, K ``(N, 3, 3)``, cam2world ``(N, 4, 4)``."""
-    _, height, width = depth.shape
-    v, u = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
-    pix = np.stack([u, v, np.ones_like(u)], -1)
-    cam = np.einsum("nij,hwj->nhwi", np.linalg.inv(K), pix) * depth[..., None]
-    return np.einsum("nij,nhwj->nhwi", cam2world[:, :3, :3], cam) + cam2world[:, None, None, :3, 3]
 
 
 def _check_finite(name: str, array: np.ndarray, path: Path) -> None:
@@ -301,19 +295,6 @@ def _check_finite(name: str, array: np.ndarray, path: Path) -> None:
     if bad.any():
         raise ClipError(f"{path}: {name} holds NaN or inf in frame {int(np.argmax(bad))} ({int(bad.sum())} frames)")
 
-
-def _quat_to_rot(q: np.ndarray) -> np.ndarray:
-    """Unit quaternions ``(N, 4)`` (w, x, y, z) -> rotations ``(N, 3, 3)``."""
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    w, x, y, z = q.T
-    return np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        -2,
-    )
 
 
 def _read_table(path: Path, columns: int) -> np.ndarray:
@@ -369,12 +350,12 @@ def read_clip(data_dir: str | Path, source: ClipSource, captions: dict[int, str]
             raise ClipError(f"{path}: depth frames must be (H, W), got {depth.shape[1:]}")
         _check_finite("depth", depth, path)
         c2w = np.tile(np.eye(4), (n, 1, 1))
-        c2w[:, :3, :3] = _quat_to_rot(traj[:, 4:8])
+        c2w[:, :3, :3] = quaternion_to_rotation(traj[:, 4:8])
         c2w[:, :3, 3] = traj[:, 1:4]
-        K = intr.reshape(n, 3, 3)
+        K = intrinsics_from_integer_centres(intr.reshape(n, 3, 3))
         video = _find_raw(data_dir, source, stem)
         rgb, reader = _read_video(video, list(range(start, start + n)))
-        points = unproject(depth, K, c2w)
+        points = unproject_depth(depth, K, c2w)
     elif source.format == "dynamic_npz":
         arrays = _load_npz(path, ("images", "depths", "intrinsic", "cam_c2w"))
         rgb, depth = arrays["images"], arrays["depths"].astype(np.float64)
@@ -387,7 +368,7 @@ def read_clip(data_dir: str | Path, source: ClipSource, captions: dict[int, str]
         _check_finite("depth", depth, path)
         K = _intrinsics(arrays["intrinsic"], n, *depth.shape[1:], path)
         rgb, reader = rgb.astype(np.uint8), "npz"
-        points = unproject(depth, K, c2w)
+        points = unproject_depth(depth, K, c2w)
     else:
         arrays = _load_npz(path, ("pts3d", "poses"))
         points, c2w = arrays["pts3d"].astype(np.float64), arrays["poses"].astype(np.float64)
@@ -443,20 +424,20 @@ def cover_crop(
 
 
 def crop_intrinsics(K: np.ndarray, sx: float, sy: float, x0: int, y0: int) -> np.ndarray:
-    """K ``(..., 3, 3)`` of the source grid -> K of the resized-and-cropped grid (pixel centres at integers)."""
+    """K ``(..., 3, 3)`` of the source grid -> K of the resized-and-cropped grid (both with pixel centres at +0.5,
+    so the image spans [0, W] x [0, H] and a resize scales it)."""
     out = np.array(K, np.float64, copy=True)
-    out[..., 0, 0] *= sx
-    out[..., 0, 1] *= sx
-    out[..., 1, 1] *= sy
-    out[..., 0, 2] = (out[..., 0, 2] + 0.5) * sx - 0.5 - x0
-    out[..., 1, 2] = (out[..., 1, 2] + 0.5) * sy - 0.5 - y0
+    out[..., 0, :] *= sx
+    out[..., 1, :] *= sy
+    out[..., 0, 2] -= x0
+    out[..., 1, 2] -= y0
     return out
 
 
 def fit_intrinsics(points_cam: np.ndarray, step: int = 4) -> np.ndarray:
     """Least-squares pinhole K ``(N, 3, 3)`` from camera-frame points ``(N, H, W, 3)`` on their pixel grid."""
     _, height, width, _ = points_cam.shape
-    rows, cols = np.arange(0, height, step, dtype=np.float64), np.arange(0, width, step, dtype=np.float64)
+    rows, cols = np.arange(0, height, step) + 0.5, np.arange(0, width, step) + 0.5  # pixel centres
     v, u = np.meshgrid(rows, cols, indexing="ij")
     Ks = []
     for pts in points_cam[:, ::step, ::step]:

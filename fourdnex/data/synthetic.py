@@ -4,12 +4,14 @@ A scene is ray-cast analytically: a textured ground plane (y = 0), a background 
 dome), a few objects (rolling spheres, sliding and turning boxes, one squashing-and-stretching ellipsoid) and a
 pinhole camera that orbits, dollies, trucks or hovers with a little shake. Everything is deterministic from a seed.
 
-Conventions:
+Conventions (those of :mod:`fourdnex.geometry.cameras`):
     world      y up, ground plane y = 0, metres
     cam2world  (4, 4), OpenCV camera axes (x right, y down, z forward)
-    K          (3, 3), fx = fy, principal point (W / 2, H / 2); pixel (row v, column u) looks along the ray through
-               image point (u, v): the integer pixel index, no half-pixel offset
-    depth      z of the hit point in the camera frame, so ``points = cam2world @ (depth * K^-1 [u, v, 1])``
+    K          (3, 3), fx = fy, principal point (W / 2, H / 2), the image centre: pixel (row i, column j) looks
+               along the ray through its centre (j + 0.5, i + 0.5)
+    depth      z of the hit point in the camera frame, so ``points = unproject_depth(depth, K, cam2world)``
+The clip files follow the 4DNeX-10M convention instead, with pixel centres on integers (their principal point is
+``(W - 1) / 2, (H - 1) / 2``); the writers convert, and the dataset reader converts back.
 
 Writing a whole 4DNeX-10M-style tree (``<out>/data/...``, see :func:`write_tree`):
 
@@ -29,6 +31,14 @@ import numpy as np
 import torch
 
 from fourdnex.files import atomic_path, write_npy, write_npz, write_png, write_text, write_video
+from fourdnex.geometry.cameras import (
+    camera_rays,
+    intrinsics_to_integer_centres,
+    look_at,
+    pixel_grid,
+    rotation_to_quaternion,
+    so3_exp,
+)
 
 FPS = 24
 #: The subsets of the 4DNeX-10M layout and the clip format each one uses.
@@ -133,24 +143,8 @@ class _Object:
 
 
 def _axis_angle(axis: np.ndarray, angle: float) -> np.ndarray:
-    """Rotation matrix (3, 3) of ``angle`` radians about the unit ``axis`` (Rodrigues)."""
-    x, y, z = axis
-    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
-    return np.eye(3) + math.sin(angle) * k + (1.0 - math.cos(angle)) * (k @ k)
-
-
-def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
-    """Camera-to-world (4, 4) with OpenCV axes for a camera at ``eye`` looking at ``target`` (world y up)."""
-    up = np.array([0.0, 1.0, 0.0]) if up is None else up
-    forward = target - eye
-    forward = forward / np.linalg.norm(forward)
-    right = np.cross(forward, up)
-    right = right / np.linalg.norm(right)
-    down = np.cross(forward, right)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([right, down, forward], axis=1)
-    c2w[:3, 3] = eye
-    return c2w
+    """Rotation matrix (3, 3) of ``angle`` radians about the unit ``axis``."""
+    return so3_exp(np.asarray(axis, np.float64) * angle)
 
 
 @dataclass
@@ -272,7 +266,7 @@ def _camera_pose(layout: _Layout, t: float) -> np.ndarray:
         target = target + side * 2.0 * cam["rate"] * t
     shake = 0.06 if kind == "hover" else 0.02
     eye = eye + shake * np.sin(cam["shake_freq"] * 2 * math.pi * t + cam["shake_phase"])
-    return look_at(eye, target)
+    return look_at(eye, np.asarray(target, np.float64))
 
 
 def _caption(layout: _Layout, dynamic: bool) -> str:
@@ -349,8 +343,7 @@ def _render_frame(layout: _Layout, t: float, c2w: np.ndarray, K: np.ndarray, hei
     times slower on a CPU.
     """
     f32 = torch.float32
-    v, u = torch.meshgrid(torch.arange(height, dtype=f32), torch.arange(width, dtype=f32), indexing="ij")
-    dirs_cam = torch.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], torch.ones_like(u)], -1)
+    dirs_cam = camera_rays(pixel_grid(height, width, f32), torch.from_numpy(K[None]).to(f32))[0]  # (H, W, 3), z = 1
     rot = torch.from_numpy(c2w[:3, :3]).to(f32)
     origin = torch.from_numpy(c2w[:3, 3]).to(f32)
     d = dirs_cam @ rot.T  # (H, W, 3) world directions with camera-frame z = 1: the ray parameter is the depth
@@ -529,52 +522,11 @@ def _render(seed: int, num_frames: int, height: int, width: int, dynamic: bool) 
     )
 
 
-def unproject_depth(depth: np.ndarray, K: np.ndarray, cam2world: np.ndarray) -> np.ndarray:
-    """World points ``(F, H, W, 3)`` from depth ``(F, H, W)``, K ``(F, 3, 3)`` and cam2world ``(F, 4, 4)``."""
-    _, height, width = depth.shape
-    v, u = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
-    pix = np.stack([u, v, np.ones_like(u)], -1)  # (H, W, 3)
-    rays = np.einsum("fij,hwj->fhwi", np.linalg.inv(K.astype(np.float64)), pix)
-    cam = rays * depth[..., None]
-    world = np.einsum("fij,fhwj->fhwi", cam2world[:, :3, :3].astype(np.float64), cam) + cam2world[:, None, None, :3, 3]
-    return world.astype(np.float32)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writers for the 4DNeX-10M clip formats
 
 
-def rotation_to_quaternion(rot: np.ndarray) -> np.ndarray:
-    """(3, 3) rotation -> unit quaternion (w, x, y, z) with w >= 0."""
-    m = rot
-    trace = m[0, 0] + m[1, 1] + m[2, 2]
-    if trace > 0:
-        s = 2.0 * math.sqrt(trace + 1.0)
-        q = [0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
-    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
-        s = 2.0 * math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2])
-        q = [(m[2, 1] - m[1, 2]) / s, 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s]
-    elif m[1, 1] > m[2, 2]:
-        s = 2.0 * math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2])
-        q = [(m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s]
-    else:
-        s = 2.0 * math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1])
-        q = [(m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s]
-    q = np.array(q)
-    q = q / np.linalg.norm(q)
-    return q if q[0] >= 0 else -q
-
-
-def quaternion_to_rotation(q: np.ndarray) -> np.ndarray:
-    """Unit quaternion (w, x, y, z) -> (3, 3) rotation."""
-    w, x, y, z = np.asarray(q, np.float64) / np.linalg.norm(q)
-    return np.array(
-        [
-            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-        ]
-    )
 
 
 
@@ -582,9 +534,10 @@ def write_monst3r_clip(scene: Scene, clip_dir: str | Path, video_path: str | Pat
     """MonST3R-style clip: frames ``start .. start + length - 1`` of ``scene`` in ``clip_dir``; the whole scene as mp4.
 
     ``clip_dir`` gets ``pred_traj.txt`` (one line per frame: timestamp tx ty tz qw qx qy qz, camera-to-world),
-    ``pred_intrinsics.txt`` (one line of 9 numbers per frame, the row-major 3x3 K), ``frame_{t:04d}.npy`` (depth
-    (H, W) float32) and ``dynamic_mask_{t}.png`` (0/255). ``video_path`` gets all of ``scene.rgb``. The folder name
-    should end in ``_<start>-<end>`` with ``end = start + length`` (exclusive), as :func:`write_tree` names it.
+    ``pred_intrinsics.txt`` (one line of 9 numbers per frame, the row-major 3x3 K, pixel centres on integers),
+    ``frame_{t:04d}.npy`` (depth (H, W) float32) and ``dynamic_mask_{t}.png`` (0/255). ``video_path`` gets all of
+    ``scene.rgb``. The folder name should end in ``_<start>-<end>`` with ``end = start + length`` (exclusive), as
+    :func:`write_tree` names it.
     """
     if start < 0 or length < 1 or start + length > len(scene.rgb):
         raise ValueError(f"frames {start}..{start + length - 1} are not all in a scene of {len(scene.rgb)} frames")
@@ -598,7 +551,7 @@ def write_monst3r_clip(scene: Scene, clip_dir: str | Path, video_path: str | Pat
         c2w = scene.cam2world[f].astype(np.float64)
         q = rotation_to_quaternion(c2w[:3, :3])
         traj.append(" ".join(f"{x:.9g}" for x in [f / FPS, *c2w[:3, 3], *q]))
-        intr.append(" ".join(f"{x:.9g}" for x in scene.K[f].reshape(-1)))
+        intr.append(" ".join(f"{x:.9g}" for x in intrinsics_to_integer_centres(scene.K[f]).reshape(-1)))
         write_npy(clip_dir / f"frame_{t:04d}.npy", scene.depth[f].astype(np.float32))
         write_png(clip_dir / f"dynamic_mask_{t}.png", scene.dynamic_mask[f].astype(np.uint8) * 255)
     write_text(clip_dir / "pred_traj.txt", "\n".join(traj) + "\n")
@@ -610,9 +563,9 @@ def write_dynamic_npz(scene: Scene, path: str | Path, intrinsic_form: str = "Tx3
     """dynamic_3 clip: one ``.npz`` with images (T, H, W, 3) uint8, depths (T, H, W), intrinsic, cam_c2w (T, 4, 4).
 
     ``intrinsic_form`` is one of :data:`INTRINSIC_FORMS`: a (3, 3), (1, 3, 3) or (T, 3, 3) matrix, or a scalar
-    focal length in pixels (principal point at the image centre).
+    focal length in pixels (principal point at the image centre). Matrices put pixel centres on integers.
     """
-    K = scene.K.astype(np.float32)
+    K = intrinsics_to_integer_centres(scene.K).astype(np.float32)  # the files' convention
     forms = {"3x3": K[0], "1x3x3": K[:1], "Tx3x3": K, "focal": np.float32(K[0, 0, 0])}
     if intrinsic_form not in forms:
         raise ValueError(f"intrinsic_form must be one of {INTRINSIC_FORMS}, got {intrinsic_form!r}")

@@ -1,14 +1,47 @@
-"""Pure camera and pointmap math, batched over frames.
+"""Camera and pointmap math, batched over frames: the one home of every rotation, projection and unprojection.
 
-Conventions: cameras are pinholes with OpenCV axes (x right, y down, z forward). ``K`` is ``(..., 3, 3)``,
-``cam2world`` is ``(..., 4, 4)``. Pixel ``(row i, column j)`` has its center at ``(u, v) = (j + 0.5, i + 0.5)``,
-so the image spans ``[0, W] x [0, H]`` (the COLMAP and nerfstudio convention). A camera-frame point ``Y`` projects
-to ``K @ Y / Y_z``; its depth is ``Y_z``.
+Conventions, for all of fourdnex (the cache, results, registrations, exports, synthetic scenes):
+
+* cameras are pinholes with OpenCV axes (x right, y down, z forward); ``K`` is ``(..., 3, 3)``, ``cam2world``
+  ``(..., 4, 4)`` (camera-to-world);
+* pixel ``(row i, column j)`` has its centre at ``(u, v) = (j + 0.5, i + 0.5)``, so the image spans
+  ``[0, W] x [0, H]`` and its centre is ``(W / 2, H / 2)`` (the COLMAP and nerfstudio convention). Data that puts
+  pixel centres on integers (OpenCV's convention, and the 4DNeX-10M clip files) enters and leaves through
+  :func:`intrinsics_from_integer_centres` / :func:`intrinsics_to_integer_centres`;
+* a camera-frame point ``Y`` projects to ``K @ Y / Y_z``; its depth is ``Y_z``;
+* quaternions are ``(w, x, y, z)``; the world of synthetic scenes is y-up.
+
+The functions are torch; those that data preparation also calls on numpy arrays accept numpy and return numpy
+(computed in the arrays' own dtype).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import numpy as np
 import torch
+
+
+def numpy_or_torch(fn: Callable) -> Callable:
+    """Let a torch function take numpy arrays: when the first argument is one, every numpy argument goes in as a
+    tensor (no copy) and every tensor that comes out goes back as numpy."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not isinstance(args[0], np.ndarray):
+            return fn(*args, **kwargs)
+
+        def to_torch(x):
+            return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+
+        out = fn(*map(to_torch, args), **{k: to_torch(v) for k, v in kwargs.items()})
+        if isinstance(out, tuple):
+            return tuple(x.numpy() if isinstance(x, torch.Tensor) else x for x in out)
+        return out.numpy()
+
+    return wrapper
 
 
 def pixel_grid(height: int, width: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -37,12 +70,14 @@ def rigid(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@numpy_or_torch
 def invert_rigid(transform: torch.Tensor) -> torch.Tensor:
     """Inverse of rigid transforms ``(..., 4, 4)``."""
     rotation = transform[..., :3, :3].transpose(-1, -2)
     return rigid(rotation, -(rotation @ transform[..., :3, 3:])[..., 0])
 
 
+@numpy_or_torch
 def transform_points(transform: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Apply ``(F, 4, 4)`` transforms to points ``(F, ..., 3)`` of the same frames."""
     shape = points.shape
@@ -61,6 +96,44 @@ def camera_rays(uv: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.stack([x, y, torch.ones_like(x)], dim=-1)
 
 
+@numpy_or_torch
+def unproject_depth(depth: torch.Tensor, K: torch.Tensor, cam2world: torch.Tensor) -> torch.Tensor:
+    """World points ``(F, H, W, 3)`` of z-depth ``(F, H, W)`` seen by cameras ``K (F, 3, 3)``, ``cam2world (F, 4, 4)``:
+    each pixel centre's ray scaled to its depth, moved into the world."""
+    _, height, width = depth.shape
+    rays = camera_rays(pixel_grid(height, width, depth.dtype, depth.device), K.to(depth.dtype))  # (F, H, W, 3)
+    return transform_points(cam2world.to(depth.dtype), rays * depth[..., None])
+
+
+@numpy_or_torch
+def look_at(
+    eye: torch.Tensor, target: torch.Tensor, roll: torch.Tensor | float = 0.0, up: tuple[float, ...] = (0.0, 1.0, 0.0)
+) -> torch.Tensor:
+    """Camera-to-world ``(..., 4, 4)`` (OpenCV axes) of cameras at ``eye (..., 3)`` looking at ``target (..., 3)``,
+    rolled by ``roll`` radians (``(...)`` or a number) about the viewing axis; ``up`` is the world's up."""
+    z = torch.nn.functional.normalize(target - eye, dim=-1)
+    x = torch.nn.functional.normalize(torch.linalg.cross(z, torch.tensor(up, dtype=eye.dtype).expand_as(z)), dim=-1)
+    y = torch.linalg.cross(z, x)
+    roll = torch.as_tensor(roll, dtype=eye.dtype)[..., None]
+    c, s = torch.cos(roll), torch.sin(roll)
+    x, y = c * x + s * y, -s * x + c * y
+    return rigid(torch.stack([x, y, z], dim=-1), eye)
+
+
+def intrinsics_from_integer_centres(K: np.ndarray) -> np.ndarray:
+    """K ``(..., 3, 3)`` of a convention with pixel centres on integers -> this project's (centres at +0.5)."""
+    out = np.array(K, dtype=np.float64, copy=True)
+    out[..., :2, 2] += 0.5 * out[..., 2:, 2]
+    return out
+
+
+def intrinsics_to_integer_centres(K: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`intrinsics_from_integer_centres`."""
+    out = np.array(K, dtype=np.float64, copy=True)
+    out[..., :2, 2] -= 0.5 * out[..., 2:, 2]
+    return out
+
+
 def skew(w: torch.Tensor) -> torch.Tensor:
     """Cross-product matrices ``(..., 3, 3)`` of vectors ``(..., 3)``: ``skew(w) @ x == cross(w, x)``."""
     zero = torch.zeros_like(w[..., 0])
@@ -69,6 +142,7 @@ def skew(w: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=-2)
 
 
+@numpy_or_torch
 def so3_exp(w: torch.Tensor) -> torch.Tensor:
     """Rotation matrices ``(..., 3, 3)`` of axis-angle vectors ``(..., 3)`` (Rodrigues)."""
     theta = w.norm(dim=-1, keepdim=True)[..., None]  # (..., 1, 1)
@@ -103,6 +177,7 @@ def rotation_angle_deg(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.atan2(sin, cos))
 
 
+@numpy_or_torch
 def rotation_to_quaternion(r: torch.Tensor) -> torch.Tensor:
     """Unit quaternions ``(..., 4)`` as ``(w, x, y, z)`` with ``w >= 0`` of rotations ``(..., 3, 3)``."""
     m = r
@@ -151,6 +226,7 @@ def rotation_to_quaternion(r: torch.Tensor) -> torch.Tensor:
     return torch.where(q[..., :1] < 0, -q, q)
 
 
+@numpy_or_torch
 def quaternion_to_rotation(q: torch.Tensor) -> torch.Tensor:
     """Rotations ``(..., 3, 3)`` of unit quaternions ``(..., 4)`` as ``(w, x, y, z)``."""
     w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)

@@ -16,8 +16,8 @@ from fourdnex.geometry.cameras import (
     camera_rays,
     intrinsics,
     invert_rigid,
+    look_at,
     pixel_grid,
-    rigid,
     rotation_angle_deg,
     transform_points,
 )
@@ -38,17 +38,6 @@ class ToyScene:
     points: torch.Tensor  # (F, H, W, 3) world points
     rgb: torch.Tensor  # (F, H, W, 3) uint8
 
-
-def look_at(eye: torch.Tensor, target: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:
-    """Camera-to-world ``(F, 4, 4)`` (OpenCV axes) of cameras at ``eye (F, 3)`` looking at ``target (F, 3)``,
-    rolled by ``roll (F,)`` radians about the viewing axis; the world is y-up."""
-    z = torch.nn.functional.normalize(target - eye, dim=-1)
-    up = torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype).expand_as(z)
-    x = torch.nn.functional.normalize(torch.linalg.cross(z, up), dim=-1)
-    y = torch.linalg.cross(z, x)
-    c, s = torch.cos(roll)[:, None], torch.sin(roll)[:, None]
-    x, y = c * x + s * y, -s * x + c * y
-    return rigid(torch.stack([x, y, z], dim=-1), eye)
 
 
 def trajectory(num_frames: int, arc_deg: float = 40.0, radius: float = 4.5, seed: int = 0) -> torch.Tensor:
