@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,3 +170,16 @@ def test_point_noise_does_not_bias_the_intrinsics():
     reg = register(noisy)
     # without the noise-bias correction of the K equations: focal 0.6 %, rotation 0.36 deg
     assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), {"focal": 0.003, "rotation": 0.3})
+
+
+def test_umeyama_recovers_a_known_similarity_and_rigid_motion():
+    g = torch.Generator().manual_seed(5)
+    src = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    R = geometry.so3_exp(torch.tensor([0.4, -1.1, 2.0], dtype=torch.float64))
+    t = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    scale, R_hat, t_hat = geometry.umeyama(src, 1.7 * src @ R.T + t)
+    assert float(scale) == pytest.approx(1.7, rel=1e-12)
+    torch.testing.assert_close(R_hat, R, rtol=0, atol=1e-12)
+    torch.testing.assert_close(t_hat, t, rtol=0, atol=1e-12)
+    scale, R_hat, t_hat = geometry.umeyama(src.numpy(), (src @ R.T + t).numpy(), with_scale=False)
+    assert float(scale) == 1.0 and np.abs(R_hat - R.numpy()).max() < 1e-12 and np.abs(t_hat - t.numpy()).max() < 1e-12

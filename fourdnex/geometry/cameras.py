@@ -238,6 +238,25 @@ def quaternion_to_rotation(q: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=-2)
 
 
+@numpy_or_torch
+def umeyama(
+    src: torch.Tensor, dst: torch.Tensor, with_scale: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The similarity (or, without ``with_scale``, the rigid motion) that best maps points ``src (N, 3)`` onto
+    ``dst (N, 3)`` in least squares (Umeyama 1991): returns scale ``()``, rotation ``(3, 3)`` and translation ``(3,)``
+    with ``dst ~ scale * src @ R.T + t``."""
+    mu_src, mu_dst = src.mean(0), dst.mean(0)
+    a, b = src - mu_src, dst - mu_dst
+    cov = b.T @ a / len(src)  # (3, 3)
+    u, sing, vh = torch.linalg.svd(cov)
+    fix = torch.ones(3, dtype=src.dtype, device=src.device)
+    fix[2] = torch.sign(torch.det(u) * torch.det(vh))
+    rotation = (u * fix) @ vh
+    variance = a.square().sum(-1).mean()
+    scale = (sing * fix).sum() / variance if with_scale else torch.ones((), dtype=src.dtype, device=src.device)
+    return scale, rotation, mu_dst - scale * rotation @ mu_src
+
+
 def _similarity_normalizer(points: torch.Tensor, target: float) -> torch.Tensor:
     """Hartley normalization ``(F, D+1, D+1)`` of points ``(F, N, D)``: centroid to 0, mean distance to ``target``."""
     dim = points.shape[-1]
