@@ -18,18 +18,13 @@ it fits, else the fastest offload that does; see BENCHMARKS.md):
     python inference.py ... --memory group          # a 24 GB card: transformer blocks streamed from CPU memory
     python inference.py ... --cache fbc --steps 20  # approximate: fewer steps, First Block Cache
     torchrun --nproc_per_node 4 inference.py ... --cp ulysses   # one sample split over 4 GPUs
+    torchrun --nproc_per_node 4 inference.py ... --skip_existing   # the lines shared out over 4 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
-import time
-from pathlib import Path
 
-from fourdnex import __version__
 from fourdnex.cli import run
 from fourdnex.config import (
     CACHE_MODES,
@@ -39,288 +34,41 @@ from fourdnex.config import (
     MEMORY_MODES,
     MODEL_TYPES,
     MODES,
-    XYZ_LATENT_MEAN,
-    XYZ_LATENT_STD,
     AccelerationConfig,
     SampleConfig,
-    size_for_aspect,
 )
 from fourdnex.errors import UsageError
+from fourdnex.generate.run import RunConfig
 
 
-def read_lines_or_literal(value: str, what: str) -> tuple[list[str], Path | None]:
-    """A ``.txt`` file's non-empty lines, or the value itself; returns the list and the file it came from."""
-    path = Path(value)
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise UsageError(f"{what} list {path} does not exist")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise UsageError(f"{what} list {path} is empty")
-        return lines, path
-    return [value], None
+def main(args: argparse.Namespace) -> None:
+    """Generate every selected line (see :func:`fourdnex.generate.run.generate`)."""
+    from fourdnex.generate.run import generate
 
-
-def resolve_image(name: str, list_file: Path | None) -> Path:
-    """An image path as written, or relative to the list file that names it."""
-    path = Path(name).expanduser()
-    if not path.is_file() and list_file is not None and (list_file.parent / path).is_file():
-        path = list_file.parent / path
-    if not path.is_file():
-        raise UsageError(f"image {name} does not exist")
-    return path
-
-
-def load_image(path: Path):
-    """Open an image as RGB, or raise UsageError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise UsageError(f"image {path} cannot be read ({err})") from err
-
-
-def select_jobs(args: argparse.Namespace) -> list[tuple[int, str, Path]]:
-    """(line index, prompt, image path) for every line to generate, all checked before any model loads."""
-    prompts, _ = read_lines_or_literal(args.prompt, "prompt")
-    images, image_list = read_lines_or_literal(args.image, "image")
-    if len(prompts) != len(images):
-        raise UsageError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt line")
-    indices = range(len(prompts)) if args.idx < 0 else [args.idx]
-    if args.idx >= len(prompts):
-        raise UsageError(f"--idx {args.idx} is out of range: there are {len(prompts)} lines")
-    jobs = []
-    for i in indices:
-        path = resolve_image(images[i], image_list)
-        load_image(path)
-        jobs.append((i, prompts[i], path))
-    return jobs
-
-
-def prepare_out(out: Path) -> None:
-    """Create the output folder and prove it is writable."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write to --out {out} ({err.strerror or err})") from err
-
-
-def sample_config(args: argparse.Namespace) -> SampleConfig:
-    if (args.height is None) != (args.width is None):
-        raise UsageError("give both --height and --width, or neither (then the image's aspect ratio decides)")
-    config = SampleConfig(
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-    )
-    try:
-        config.validate()
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    return config
-
-
-def acceleration_config(args: argparse.Namespace) -> AccelerationConfig:
-    """The speed and memory flags as an AccelerationConfig (``auto`` choices resolved once the model is loaded)."""
     if args.cache_threshold <= 0:
         raise UsageError(f"--cache_threshold must be positive, got {args.cache_threshold}")
     switch = {"auto": None, "on": True, "off": False}
-    return AccelerationConfig(
+    sample = SampleConfig(
+        **{name: getattr(args, name) for name in ("num_frames", "height", "width", "steps", "guidance_scale", "seed")},
+        negative_prompt=args.negative_prompt,
+    )
+    speed = AccelerationConfig(
         attention_backend=args.attention_backend,
         compile=switch[args.compile],
         memory=args.memory,
         fp8=args.fp8,
         vae_tiling=switch[args.vae_tiling],
-        batch_guidance=args.batch_guidance,
         cache=args.cache,
         cache_threshold=args.cache_threshold,
         cp=args.cp,
     )
-
-
-def sample_size(config: SampleConfig, image_path: Path) -> tuple[int, int]:
-    """Per-modality (height, width): as given, or the reference's 480x720-area rule on the image's aspect."""
-    if config.height:
-        return config.height, config.width
-    image = load_image(image_path)
-    return size_for_aspect(image.height, image.width)
-
-
-def transformer_heads(args: argparse.Namespace) -> int:
-    """Attention heads of the transformer that will be loaded, read from its config."""
-    folder = Path(args.sft_path) if args.sft_path else Path(args.model_path) / "transformer"
-    try:
-        return json.loads((folder / "config.json").read_text())["num_attention_heads"]
-    except (OSError, ValueError, KeyError) as err:
-        raise UsageError(f"cannot read the attention head count from {folder / 'config.json'} ({err})") from err
-
-
-def resolve_device_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for, but no CUDA GPU is visible")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return torch.device(device), getattr(torch, dtype)
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-    import peft
-    import torch
-    import transformers
-
-    return {
-        "fourdnex": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-
-
-def main(args: argparse.Namespace) -> None:
-    config = sample_config(args)
-    speed = acceleration_config(args)
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise UsageError(f"--lora_rank must be positive, got {args.lora_rank}")
-    jobs = select_jobs(args)
-    out = Path(args.out)
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from fourdnex.generate import parallel
-    from fourdnex.generate.acceleration import AccelerationError, apply_acceleration, check_machine, resolve
-    from fourdnex.generate.pipeline import load_pipeline
-    from fourdnex.geometry.results import write_sample
-    from fourdnex.model.adapters import apply_adapter, read_adapter
-    from fourdnex.testing.tiny import TINY_MARKER
-
-    # Several processes: each runs the pipeline on its own GPU; the transformer's sequence is split among them, the
-    # first two decode the RGB and the XYZ half at the same time, and the first gets both videos and writes them.
-    layout = MODES[args.mode]
-    sizes = {index: sample_size(config, path) for index, _, path in jobs}
-    tokens = [parallel.tokens_of(config.num_frames, h, w, fused=layout == "rgbxyz") for h, w in sizes.values()]
-    world_size, is_main = 1, True
-    try:
-        check_machine(speed, device)
-        if speed.cp == "none" and parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise UsageError("launched by torchrun with several processes: add --cp ulysses or --cp ring")
-        if speed.cp != "none":
-            process = parallel.init_processes(speed.cp, device.type)
-            device, world_size, is_main = process.device, process.world_size, process.is_main
-            heads = transformer_heads(args)
-            for count in tokens:
-                parallel.check_split(speed.cp, world_size, count, heads)
-    except AccelerationError as err:
-        raise UsageError(str(err)) from err
-    if is_main:
-        prepare_out(out)
-
-    adapter = read_adapter(args.lora_path) if args.lora_path else None
-    tic = time.perf_counter()
-    pipe = load_pipeline(args.model_path, dtype=dtype, transformer_path=args.sft_path)
-    pipe.transformer.set_model_type(MODEL_TYPES[args.type])
-    lora_scale, xyz_mean, xyz_std = None, XYZ_LATENT_MEAN, XYZ_LATENT_STD
-    if adapter is not None:
-        lora_scale = apply_adapter(pipe.transformer, adapter, scale=args.lora_scale, lora_rank=args.lora_rank)
-        if adapter.meta.xyz_latent_mean is not None:
-            xyz_mean, xyz_std = adapter.meta.xyz_latent_mean, adapter.meta.xyz_latent_std
-    largest_height, largest_width = max(sizes.values(), key=lambda size: size[0] * size[1])
-    try:
-        if speed.cp != "none":
-            parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
-            pipe.enable_split_decoding()
-        speed = resolve(
-            speed,
-            device,
-            pipe,
-            tokens=max(tokens),
-            pixels=config.num_frames * largest_height * largest_width,
-        )
-        apply_acceleration(pipe, speed, device)
-    except AccelerationError as err:
-        raise UsageError(str(err)) from err
-    if not is_main:
-        pipe.set_progress_bar_config(disable=True)
-    load_seconds = time.perf_counter() - tic
-    random_weights = json.loads((Path(args.model_path) / "model_index.json").read_text()).get(TINY_MARKER, False)
-    if random_weights and is_main:
-        print(f"note: {args.model_path} is the tiny test model with random weights: its outputs are noise")
-    if adapter is None and is_main:
-        print("note: no --lora_path given: sampling the base Wan2.1 model, which was not trained for pointmaps")
-
-    for index, prompt, image_path in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1 or not is_main):
-        image = load_image(image_path)
-        height, width = sizes[index]
-        generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        try:
-            result = pipe(
-                image,
-                prompt,
-                negative_prompt=config.negative_prompt,
-                height=height,
-                width=width,
-                num_frames=config.num_frames,
-                num_inference_steps=config.steps,
-                guidance_scale=config.guidance_scale,
-                generator=generator,
-                layout=layout,
-                xyz_mean=xyz_mean,
-                xyz_std=xyz_std,
-                batch_guidance=speed.batch_guidance,
-            )
-        except torch.OutOfMemoryError as err:
-            raise UsageError(
-                "out of GPU memory: try --dtype bfloat16, --memory model or group (or sequential), --fp8, "
-                "fewer --num_frames, a smaller --height/--width, or run on a GPU with more memory"
-            ) from err
-        if not is_main:
-            continue
-        tic = time.perf_counter()
-        meta = {
-            "prompt": prompt,
-            "image": str(image_path),
-            "index": index,
-            **dataclasses.asdict(config),
-            "height": height,
-            "width": width,
-            "mode": args.mode,
-            "type": args.type,
-            "model_path": str(args.model_path),
-            "sft_path": args.sft_path,
-            "random_weights": random_weights,
-            "lora_path": args.lora_path,
-            "adapter_format": adapter.format if adapter else None,
-            "lora_scale": lora_scale,
-            "xyz_latent_mean": xyz_mean,
-            "xyz_latent_std": xyz_std,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "acceleration": dataclasses.asdict(speed),
-            "processes": world_size,
-            "versions": versions(),
-            "timings": {"load": load_seconds, **result.timings},
-        }
-        write_sample(out, index, result.rgb[0].numpy(), result.xyz[0].numpy(), meta)
-        print(f"wrote {out / f'{index:05d}'}.{{mp4,npz,json}} ({sum(result.timings.values()):.1f} s)")
+    names = ("prompt", "image", "out", "idx", "model_path", "sft_path", "lora_path", "lora_rank", "lora_scale")
+    names += ("model_type", "zero_domain_embedding", "mode", "device", "dtype", "skip_existing")
+    generate(RunConfig(**{name: getattr(args, name) for name in names}, sample=sample, speed=speed))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (the reference's flags keep their names and meaning)."""
     parser = argparse.ArgumentParser(
         prog="inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -329,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--image", required=True, help="a .txt file with one image path per line, or one image path")
     io.add_argument("--idx", type=int, default=-1, help="generate only this line (default -1: all lines)")
     io.add_argument("--out", default="./results", help="output folder (default ./results)")
+    io.add_argument(
+        "--skip_existing", action="store_true", help="leave out lines whose result in --out is complete (resume a list)"
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="Wan2.1-I2V-14B-480P diffusers folder")
     model.add_argument("--sft_path", default=None, help="a fully fine-tuned transformer folder replacing the base one")
@@ -337,7 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--lora_scale", type=float, default=None, help="LoRA scale (default: 0.5 released, alpha/rank fourdnex)"
     )
-    model.add_argument("--type", default=DEFAULT_MODEL_TYPE, choices=sorted(MODEL_TYPES), help="model variant")
+    model.add_argument(
+        "--type",
+        dest="model_type",
+        default=None,
+        choices=sorted(MODEL_TYPES),
+        help=f"model variant (default: the one a fourdnex adapter was trained as, else {DEFAULT_MODEL_TYPE})",
+    )
+    model.add_argument(
+        "--zero_domain_embedding",
+        action="store_true",
+        help="sample a released adapter folder that lacks learnable_domain_embeddings.pt with a zero embedding",
+    )
     model.add_argument(
         "--mode",
         default="xyzrgb",
@@ -390,11 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "on", "off"],
         help="decode the video in tiles (less memory, tiny seams; default auto: on with --memory group/sequential)",
-    )
-    hardware.add_argument(
-        "--batch_guidance",
-        action="store_true",
-        help="conditional and unconditional passes as one batch of 2 (same output; may help with --cp)",
     )
     hardware.add_argument(
         "--cache",

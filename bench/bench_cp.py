@@ -115,26 +115,21 @@ def main(args: argparse.Namespace) -> None:
         pipe.vae.enable_slicing()
         pipe.enable_split_decoding()
         image = PIL.Image.fromarray(np.zeros((shape.height, shape.width, 3), np.uint8))
-        for batch_guidance in (False, True):
+        def sample(steps: int):
+            return pipe(
+                image, "a cat", height=shape.height, width=shape.width, num_frames=shape.frames,
+                num_inference_steps=steps, generator=torch.Generator().manual_seed(42),
+            )  # fmt: skip
 
-            def sample(steps: int, batch_guidance: bool = batch_guidance):
-                return pipe(
-                    image, "a cat", height=shape.height, width=shape.width, num_frames=shape.frames,
-                    num_inference_steps=steps, generator=torch.Generator().manual_seed(42),
-                    batch_guidance=batch_guidance,
-                )  # fmt: skip
-
-            sample(1)  # warm-up: compiled graphs for the pipeline's own inputs
-            timer = common.CallTimer(model, device)
-            dist.barrier()
-            seconds, result = common.timed(lambda: sample(args.sample_steps), device)
-            timer.remove()
-            calls = (1 if batch_guidance else 2) * args.full_steps
-            estimate = common.extrapolate(seconds, timer.seconds, calls)
-            stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
-            name = f"{args.cp} x{world}, whole sample{', batched guidance' if batch_guidance else ''}"
-            note = f"{args.sample_steps} steps measured ({stages}); {args.full_steps} steps: {estimate:.1f} s"
-            add(name, seconds, None, None, note)
+        sample(1)  # warm-up: compiled graphs for the pipeline's own inputs
+        timer = common.CallTimer(model, device)
+        dist.barrier()
+        seconds, result = common.timed(lambda: sample(args.sample_steps), device)
+        timer.remove()
+        estimate = common.extrapolate(seconds, timer.seconds, 2 * args.full_steps)
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+        note = f"{args.sample_steps} steps measured ({stages}); {args.full_steps} steps: {estimate:.1f} s"
+        add(f"{args.cp} x{world}, whole sample", seconds, None, None, note)
 
     if process.is_main:
         head = ("setting", "s per forward", "s per step", "speedup", "efficiency", f"{args.full_steps} steps, s",

@@ -15,17 +15,28 @@ def run(
     """Parse ``argv`` (default: the command line) and call ``main``; a :class:`FourDNeXError` exits with
     ``<parser.prog>: <message>``.
 
-    A process group this process joined (torchrun launches) is destroyed before returning, on success and on failure
-    alike, so no collective's thread outlives the interpreter.
+    A process group this process joined (torchrun launches with ``--cp``) is left before returning: after a barrier
+    on success, at once on failure.
     """
     args = parser.parse_args(argv)
     try:
         main(args)
+        _leave_process_group(wait_for_others=True)
     except FourDNeXError as err:
         sys.exit(f"{parser.prog}: {err}")
     finally:
-        if "torch.distributed" in sys.modules:
-            import torch.distributed as dist
+        _leave_process_group(wait_for_others=False)
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+
+def _leave_process_group(wait_for_others: bool) -> None:
+    """Destroy the process group this process joined, if any; with ``wait_for_others``, first wait until every
+    process got here, so none exits while a message to or from it is still in flight (gloo aborts the process
+    that is torn down under a pending transfer)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()

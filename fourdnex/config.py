@@ -152,7 +152,6 @@ class AccelerationConfig:
     memory: str = "auto"  # one of MEMORY_MODES or "auto" (from the GPU's free memory)
     fp8: bool = False  # store the transformer's weights in float8_e4m3fn, compute in the pipeline dtype
     vae_tiling: bool | None = None  # None: tile only when memory is offloaded group-wise or sequentially
-    batch_guidance: bool = False  # conditional and unconditional passes as one batch of 2
     cache: str = "none"  # one of CACHE_MODES
     cache_threshold: float = 0.05  # First Block Cache: relative change of the first block's residual to skip below
     cp: str = "none"  # one of CP_MODES

@@ -81,7 +81,8 @@ def main(result_path: str, mode: str) -> None:
             if rgb is not None:
                 result[layout]["decode_max_abs_rgb"] = (out.rgb - rgb.permute(0, 2, 3, 4, 1)).abs().max().item()
         Path(result_path).write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
+    dist.barrier()  # no process leaves while a transfer to or from it is in flight
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Speed and memory settings give the outputs of the plain pipeline: guidance batching, memory modes, caching,
+"""Speed and memory settings give the outputs of the plain pipeline: memory modes, caching,
 context parallelism over 2 CPU processes, and one-line refusals of what the machine cannot do."""
 
 import dataclasses
@@ -48,17 +48,6 @@ def accelerated(config: AccelerationConfig):
     apply_acceleration(pipe, resolved, CPU)
     return pipe, resolved
 
-
-def test_guidance_batching_equals_two_calls(tiny_pipe, example_image, exact):
-    calls = []
-    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    try:
-        batched = sample(tiny_pipe, example_image, batch_guidance=True)
-    finally:
-        hook.remove()
-    assert calls == [2] * SMALL["num_inference_steps"]  # one call of batch 2 per step
-    assert torch.allclose(batched.latents, exact.latents, atol=1e-5)
-    assert torch.allclose(batched.xyz, exact.xyz, atol=1e-5) and torch.allclose(batched.rgb, exact.rgb, atol=1e-5)
 
 
 @pytest.mark.parametrize("memory", ["model", "group"])
@@ -180,4 +169,7 @@ def test_context_parallel_on_two_cpu_processes_matches_one(tmp_path):
 
 def test_cli_refuses_context_parallel_outside_torchrun(tmp_path):
     common = ["--prompt", "x", "--image", ROOT / "example" / "scene.png", "--out", tmp_path, "--model_path", TINY]
-    assert_one_line_error(run_cli(*common, *SMALL_FLAGS, "--cp", "ulysses"), "--cp ulysses needs several processes")
+    proc = run_cli(*common, *SMALL_FLAGS, "--cp", "ulysses")
+    # The launch command names this very interpreter's torch, so it works from a virtual environment that is not
+    # activated (no torchrun on PATH needed).
+    assert_one_line_error(proc, "--cp ulysses needs several processes", f"{sys.executable} -m torch.distributed.run")

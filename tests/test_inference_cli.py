@@ -1,10 +1,12 @@
-"""inference.py end to end on the tiny model, and every kind of bad input."""
+"""inference.py end to end on the tiny model, and every kind of bad input (in-process: the script's own main and
+command line through fourdnex.cli.run, which is what ``python inference.py`` runs)."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,19 +20,27 @@ from fourdnex.model.adapters import AdapterMeta, save_adapter
 SMALL_FLAGS = ["--height", "32", "--width", "48", "--num_frames", "5", "--steps", "2"]
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "inference.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd
-    )
+sys.path.insert(0, str(ROOT))
+import inference  # noqa: E402  (the script, imported from the repository root)
+from fourdnex.cli import run  # noqa: E402
+
+
+def run_cli(*args):
+    """Run inference.py's command line in this process: returncode 0, or 1 with the one-line message as stderr (an
+    uncaught exception, i.e. a traceback, propagates and fails the test)."""
+    try:
+        run(inference.main, inference.build_parser(), [str(a) for a in args])
+    except SystemExit as exit_:
+        return SimpleNamespace(returncode=1 if exit_.code else 0, stderr=str(exit_.code or ""))
+    return SimpleNamespace(returncode=0, stderr="")
 
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("inference.py: ")
+    assert "\n" not in proc.stderr.strip()
+    assert proc.stderr.startswith("inference.py: ")
     for fragment in fragments:
-        assert fragment in last, last
+        assert fragment in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +173,11 @@ def test_adapter_that_does_not_fit(tmp_path, inputs):
          "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(5120, 4)},
         folder / "pytorch_lora_weights.safetensors",
     )  # fmt: skip
-    proc = run_cli(
-        "--prompt", "x", "--image", inputs / "a.png", "--out", tmp_path / "out", "--model_path", TINY,
-        "--lora_path", folder, *SMALL_FLAGS,
-    )  # fmt: skip
+    common = ["--prompt", "x", "--image", inputs / "a.png", "--out", tmp_path / "out", "--model_path", TINY]
+    proc = run_cli(*common, "--lora_path", folder, *SMALL_FLAGS)
+    # The reference's own trainer writes no domain embedding file: said in one line, with the flag that accepts that.
+    assert_one_line_error(proc, "learnable_domain_embeddings.pt is missing", "--zero_domain_embedding")
+    proc = run_cli(*common, "--lora_path", folder, "--zero_domain_embedding", *SMALL_FLAGS)
     assert_one_line_error(proc, "blocks.0.attn1.to_q.lora_A.weight has shape (4, 5120), the model expects (4, 24)")
     assert not any((tmp_path / "out").iterdir())
 
@@ -178,9 +189,8 @@ def test_unwritable_out(tmp_path, inputs):
     assert_one_line_error(proc, "cannot write to --out")
 
 
-def test_out_of_memory_names_the_memory_options(tmp_path, inputs, monkeypatch, capsys):
-    sys.path.insert(0, str(ROOT))
-    import inference
+def test_out_of_memory_names_the_memory_options(tmp_path, inputs, monkeypatch):
+    from fourdnex.errors import UsageError
     from fourdnex.generate.pipeline import FourDNeXPipeline
 
     def out_of_memory(*args, **kwargs):
@@ -191,16 +201,67 @@ def test_out_of_memory_names_the_memory_options(tmp_path, inputs, monkeypatch, c
         ["--prompt", "x", "--image", str(inputs / "a.png"), "--out", str(tmp_path), "--model_path", str(TINY),
          "--device", "cpu", *SMALL_FLAGS]
     )  # fmt: skip
-    with pytest.raises(inference.UsageError, match="out of GPU memory: try --dtype bfloat16"):
+    with pytest.raises(UsageError, match="out of GPU memory: try --dtype bfloat16"):
         inference.main(args)
     assert not any(tmp_path.iterdir())
 
 
 def test_help_lists_the_reference_flags():
-    proc = run_cli("--help")
+    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     for flag in ("--prompt", "--image", "--out", "--sft_path", "--type", "--mode", "--lora_path", "--lora_rank",
                  "--idx", "--model_path", "--lora_scale", "--num_frames", "--height", "--width", "--steps",
                  "--guidance_scale", "--negative_prompt", "--seed", "--device", "--dtype"):  # fmt: skip
         assert flag in proc.stdout
     assert os.linesep.join(["i2vwbw-demb-samerope"]) in proc.stdout
+
+
+def test_model_type_comes_from_the_adapter_and_a_contradiction_is_one_line(tmp_path, inputs):
+    g = torch.Generator().manual_seed(1)
+    lora = {}
+    for attn in ("attn1", "attn2"):
+        lora[f"blocks.0.{attn}.to_q.lora_A.weight"] = torch.randn(4, 24, generator=g)
+        lora[f"blocks.0.{attn}.to_q.lora_B.weight"] = torch.randn(24, 4, generator=g)
+    meta = AdapterMeta(rank=4, alpha=4.0, target_modules=["to_q"], model_type="i2vwbw-demb")
+    adapter = save_adapter(tmp_path / "demb.safetensors", lora, torch.randn(2, 24, generator=g), meta)
+    common = ["--prompt", "x", "--image", inputs / "a.png", "--model_path", TINY, "--lora_path", adapter, *SMALL_FLAGS]
+    assert run_cli(*common, "--out", tmp_path / "auto").returncode == 0
+    assert json.loads((tmp_path / "auto" / "00000.json").read_text())["type"] == "i2vwbw-demb"
+    assert run_cli(*common, "--out", tmp_path / "same", "--type", "i2vwbw-demb").returncode == 0
+    with np.load(tmp_path / "auto" / "00000.npz") as a, np.load(tmp_path / "same" / "00000.npz") as b:
+        assert np.array_equal(a["xyz"], b["xyz"])
+    proc = run_cli(*common, "--out", tmp_path / "other", "--type", "i2vwbw-demb-samerope")
+    assert_one_line_error(proc, "--type i2vwbw-demb-samerope contradicts", "trained as i2vwbw-demb")
+    assert not (tmp_path / "other").exists()
+
+
+def test_lines_shared_over_two_processes_equal_one_process(tmp_path, inputs):
+    """torchrun without --cp: process r of 2 samples lines r, r + 2, ..., each exactly as one process does (with one
+    CPU thread each, as torchrun sets for several processes, so both sum in the same order)."""
+    (tmp_path / "prompts.txt").write_text("a red ball rolls\na cat jumps onto a table\na dog runs\n")
+    (tmp_path / "images.txt").write_text(f"{inputs / 'a.png'}\n{inputs / 'b.png'}\n{inputs / 'a.png'}\n")
+
+    def launch(processes: int, out, *extra) -> None:
+        args = ["--prompt", tmp_path / "prompts.txt", "--image", tmp_path / "images.txt", "--out", out]
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+             str(ROOT / "inference.py"), *map(str, args), "--model_path", str(TINY), *SMALL_FLAGS, *extra],
+            capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, one)
+    two.mkdir()
+    for suffix in (".npz", ".json"):  # line 0 is done: --skip_existing leaves it out
+        shutil.copy(one / f"00000{suffix}", two / f"00000{suffix}")
+    (two / "00002.npz").write_bytes(b"")  # a line killed before its .json was written is not done
+    launch(2, two, "--skip_existing")
+    assert not (two / "00000.mp4").exists()  # skipped: not generated again
+    for index in (1, 2):
+        with np.load(two / f"{index:05d}.npz") as a, np.load(one / f"{index:05d}.npz") as b:
+            assert np.array_equal(a["xyz"], b["xyz"]) and np.array_equal(a["rgb"], b["rgb"])
+        assert (
+            json.loads((two / f"{index:05d}.json").read_text())["prompt"]
+            == json.loads((one / f"{index:05d}.json").read_text())["prompt"]
+        )

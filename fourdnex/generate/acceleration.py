@@ -1,8 +1,7 @@
 """Speed and memory settings for the sampling pipeline, all from diffusers' own machinery.
 
 * exact: the attention backend (``set_attention_backend``), regional ``torch.compile`` of the transformer blocks
-  (``compile_repeated_blocks``), VAE slicing (the RGB and XYZ halves decode one after the other), and guidance
-  batching (a pipeline argument);
+  (``compile_repeated_blocks``) and VAE slicing (the RGB and XYZ halves decode one after the other);
 * memory modes: ``none`` (everything resident), ``model`` (``enable_model_cpu_offload``: one component at a time
   on the GPU), ``group`` (``enable_group_offload``: transformer blocks streamed in on a side CUDA stream while the
   previous one computes), ``sequential`` (``enable_sequential_cpu_offload``: leaf by leaf); ``auto`` picks the
@@ -125,8 +124,7 @@ def resolve(config: AccelerationConfig, device: torch.device, pipe, tokens: int,
     memory = config.memory
     if memory == "auto":
         if cuda and config.cp == "none":
-            batch = 2 if config.batch_guidance else 1
-            needs = memory_needs(pipe, tokens, pixels, batch=batch, fp8=config.fp8)
+            needs = memory_needs(pipe, tokens, pixels, fp8=config.fp8)
             memory = choose_memory_mode(needs, available_memory(device))
         else:
             memory = "none"

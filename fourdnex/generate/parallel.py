@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from fourdnex.config import latent_frames
 from fourdnex.generate.acceleration import AccelerationError
 
 
@@ -39,35 +41,53 @@ class Process:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    """True inside a process started by torchrun (it sets RANK, WORLD_SIZE and LOCAL_RANK)."""
-    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+@dataclass(frozen=True)
+class Launch:
+    """Where torchrun (or accelerate) put this process; one process alone is rank 0 of 1."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_of_this_process() -> Launch:
+    """This process's place in its launch, from the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return Launch(0, 1, 0)
+    return Launch(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+
+
+def launch_command(script: str = "inference.py") -> str:
+    """How to start ``script`` on N processes with the running interpreter's own torch (no ``torchrun`` on PATH is
+    needed, e.g. in a virtual environment that is not activated)."""
+    return f"{shlex.quote(sys.executable)} -m torch.distributed.run --nproc_per_node N {script} ..."
+
+
+def device_of_local_rank(device: torch.device, local_rank: int) -> torch.device:
+    """Process ``local_rank``'s device: GPU ``local_rank`` on a CUDA machine, else ``device`` itself."""
+    if device.type != "cuda":
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise AccelerationError(
+            f"process {local_rank} of this node has no GPU: only {torch.cuda.device_count()} GPUs are visible"
+        )
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def init_processes(mode: str, device_type: str) -> Process:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPUs); each process takes GPU ``LOCAL_RANK``."""
-    if not launched_by_torchrun():
-        how = "torchrun --nproc_per_node N inference.py ..."
-        if shutil.which("torchrun") is None:
-            raise AccelerationError(f"--cp {mode} runs under torchrun, which is not installed (it comes with torch)")
-        raise AccelerationError(f"--cp {mode} needs several processes: launch with {how}")
-    world_size = int(os.environ["WORLD_SIZE"])
-    if world_size < 2:
-        raise AccelerationError(f"--cp {mode} needs at least 2 processes, torchrun started {world_size}")
-    local_rank = int(os.environ["LOCAL_RANK"])
+    launch = launch_of_this_process()
+    if launch.world_size < 2:
+        raise AccelerationError(f"--cp {mode} needs several processes: launch with {launch_command()}")
     if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise AccelerationError(
-                f"torchrun started {world_size} processes on this node but only {torch.cuda.device_count()} GPUs "
-                "are visible"
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        device = device_of_local_rank(torch.device("cuda"), launch.local_rank)
         dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    return Process(rank=dist.get_rank(), world_size=world_size, device=device)
+    return Process(rank=dist.get_rank(), world_size=launch.world_size, device=device)
 
 
 def check_split(mode: str, world_size: int, tokens: int, heads: int) -> None:
@@ -115,7 +135,7 @@ def enable_context_parallel(transformer: torch.nn.Module, mode: str, world_size:
         transformer.enable_parallelism(config=config)
 
 
-def tokens_of(num_frames: int, height: int, width: int, fused: bool, patch=(1, 2, 2), scale=(4, 8)) -> int:
+def tokens_of(num_frames: int, height: int, width: int, fused: bool, patch=(1, 2, 2), scale: int = 8) -> int:
     """Transformer sequence length of a sample: latent frames x patches (the width doubled when fused)."""
-    frames = (num_frames - 1) // scale[0] + 1
-    return frames // patch[0] * (height // scale[1] // patch[1]) * (width * (2 if fused else 1) // scale[1] // patch[2])
+    frames = latent_frames(num_frames) // patch[0]
+    return frames * (height // scale // patch[1]) * (width * (2 if fused else 1) // scale // patch[2])

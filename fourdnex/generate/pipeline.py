@@ -97,13 +97,10 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         xyz_std: float = XYZ_LATENT_STD,
         prompt_suffix: str = PROMPT_SUFFIX,
         max_sequence_length: int = 512,
-        batch_guidance: bool = False,
     ) -> FourDNeXOutput:
         """Generate one sample. ``height`` and ``width`` are per modality (the fused frame is twice as wide).
 
-        ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1 image-to-video, step for step.
-        ``batch_guidance`` runs the conditional and unconditional passes as one transformer call of batch 2 (same
-        result; faster only where one pass leaves the GPU underused, e.g. split over several GPUs). After
+        ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1 image-to-video, step for step. After
         :meth:`enable_split_decoding`, only the first process returns the videos (see :class:`FourDNeXOutput`).
         """
         check_video_shape(num_frames, height, width)
@@ -149,32 +146,20 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         # 5. Denoise: 16 noisy + 4 mask + 16 condition channels in; flow velocity out; classifier-free guidance.
         tic = time.perf_counter()
         self._num_timesteps = len(timesteps)
-        batched = do_cfg and batch_guidance
-        if batched:  # one call of batch 2: conditional first, unconditional second
-            text = torch.cat([prompt_embeds, negative_prompt_embeds])  # (2, 512, 4096)
-            image_tokens = image_embeds.repeat(2, 1, 1)  # (2, 257, 1280)
         with self.progress_bar(total=len(timesteps)) as progress:
             for t in timesteps:
                 # 5a. The model input: the noisy latents beside the mask and the condition.
                 model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)  # (1, 36, T, h, w')
                 # 5b. Velocity, guided: v_uncond + scale * (v_cond - v_uncond).
-                if batched:
-                    with self.transformer.cache_context("cond_uncond"):
-                        both = self.transformer(
-                            model_input.repeat(2, 1, 1, 1, 1), t.expand(2), text, image_tokens, return_dict=False
-                        )[0]
-                    velocity, velocity_uncond = both.chunk(2)
-                else:
-                    with self.transformer.cache_context("cond"):
-                        velocity = self.transformer(
-                            model_input, t.expand(1), prompt_embeds, image_embeds, return_dict=False
-                        )[0]
-                    if do_cfg:
-                        with self.transformer.cache_context("uncond"):
-                            velocity_uncond = self.transformer(
-                                model_input, t.expand(1), negative_prompt_embeds, image_embeds, return_dict=False
-                            )[0]
+                with self.transformer.cache_context("cond"):
+                    velocity = self.transformer(
+                        model_input, t.expand(1), prompt_embeds, image_embeds, return_dict=False
+                    )[0]
                 if do_cfg:
+                    with self.transformer.cache_context("uncond"):
+                        velocity_uncond = self.transformer(
+                            model_input, t.expand(1), negative_prompt_embeds, image_embeds, return_dict=False
+                        )[0]
                     velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
                 # 5c. One solver step on the float32 latents.
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]

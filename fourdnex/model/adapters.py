@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fourdnex.config import DEFAULT_MODEL_TYPE
+from fourdnex.config import DEFAULT_MODEL_TYPE, MODEL_TYPES
 from fourdnex.errors import FourDNeXError
 from fourdnex.files import atomic_path
 
@@ -178,6 +178,30 @@ def save_adapter(
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
+
+
+def resolve_model_type(adapter: Adapter | None, requested: str | None, zero_domain_embedding: bool = False) -> str:
+    """The model type (a ``MODEL_TYPES`` key) to sample with: the one a fourdnex adapter was trained as, else
+    ``requested``, else the default.
+
+    Raises AdapterError when ``requested`` contradicts the adapter's metadata (its LoRA was trained for the other
+    RoPE or embedding, so sampling would silently differ), and when a released-format folder lacks the domain
+    embedding file its model type needs (the reference's trainer never writes it) unless ``zero_domain_embedding``.
+    """
+    trained = adapter.meta.model_type if adapter is not None and adapter.format == "fourdnex" else None
+    if requested is not None and trained is not None and requested != trained:
+        raise AdapterError(
+            f"--type {requested} contradicts the adapter {adapter.path}, which was trained as {trained}: "
+            f"drop --type or pass --type {trained}"
+        )
+    model_type = trained or requested or DEFAULT_MODEL_TYPE
+    needs_domain = MODEL_TYPES[model_type].domain_embedding
+    if needs_domain and adapter is not None and adapter.domain_embedding is None and not zero_domain_embedding:
+        raise AdapterError(
+            f"{adapter.path}: {RELEASED_DOMAIN_FILE} is missing, which --type {model_type} needs; pass "
+            "--zero_domain_embedding to sample with a zero domain embedding, or --type i2vwbw"
+        )
+    return model_type
 
 
 def check_adapter_fits(transformer: nn.Module, adapter: Adapter, lora_rank: int | None = None) -> None:

@@ -14,7 +14,9 @@ the output of ``rope`` and the input of ``blocks.0``):
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -25,14 +27,14 @@ from fourdnex.config import Layout, ModelType
 
 
 class _DropMessagesNaming(logging.Filter):
-    """Drops log records that contain ``text`` (the expected-missing-weights warning of a base checkpoint)."""
+    """Drops log records that contain one of ``texts`` (the expected missing or unexpected key of a checkpoint)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, *texts: str) -> None:
         super().__init__()
-        self.text = text
+        self.texts = texts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+        return not any(text in record.getMessage() for text in self.texts)
 
 
 class DomainPatchEmbedding(nn.Conv3d):
@@ -122,20 +124,52 @@ class FourDNeXTransformer(WanTransformer3DModel):
         self.rope.fused = layout == "rgbxyz"
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> FourDNeXTransformer:
-        """Load a Wan2.1 transformer; the domain embedding, absent from Wan checkpoints, is set to zero."""
+    def from_pretrained(cls, path, subfolder: str | None = None, **kwargs) -> FourDNeXTransformer:
+        """Load a Wan2.1 transformer folder (``path``/``subfolder``).
+
+        The domain embedding, absent from Wan checkpoints, starts at zero; a fully fine-tuned folder of the reference
+        implementation stores it under the top-level key ``learnable_domain_embeddings``, which is read into it.
+        """
         loader_log = logging.getLogger("diffusers.models.modeling_utils")
-        expected_gap = _DropMessagesNaming("['patch_embedding.domain_embedding']")
-        loader_log.addFilter(expected_gap)
+        # Wan checkpoints lack our key; the reference's hold theirs, which diffusers would call unexpected.
+        expected = _DropMessagesNaming("['patch_embedding.domain_embedding']", f"['{REFERENCE_DOMAIN_KEY}']")
+        loader_log.addFilter(expected)
         try:
-            model = super().from_pretrained(*args, **kwargs)
+            model = super().from_pretrained(path, subfolder=subfolder, **kwargs)
         finally:
-            loader_log.removeFilter(expected_gap)
-        emb = model.patch_embedding.domain_embedding
-        if emb.is_meta:
-            model.patch_embedding.domain_embedding = nn.Parameter(
-                torch.zeros(
-                    emb.shape, dtype=model.patch_embedding.weight.dtype, device=model.patch_embedding.weight.device
-                )
+            loader_log.removeFilter(expected)
+        weight = model.patch_embedding.weight
+        loaded = _reference_domain_embedding(Path(path, subfolder or ""))
+        if loaded is None and not model.patch_embedding.domain_embedding.is_meta:
+            return model
+        if loaded is None:
+            loaded = torch.zeros(model.patch_embedding.domain_embedding.shape)
+        elif tuple(loaded.shape) != tuple(model.patch_embedding.domain_embedding.shape):
+            raise ValueError(
+                f"{path}: {REFERENCE_DOMAIN_KEY} has shape {tuple(loaded.shape)}, the model expects "
+                f"{tuple(model.patch_embedding.domain_embedding.shape)}"
             )
+        model.patch_embedding.domain_embedding = nn.Parameter(loaded.to(weight.device, weight.dtype))
         return model
+
+
+#: Where the reference implementation's fully fine-tuned transformer keeps its domain embedding.
+REFERENCE_DOMAIN_KEY = "learnable_domain_embeddings"
+
+
+def _reference_domain_embedding(folder: Path) -> torch.Tensor | None:
+    """The ``learnable_domain_embeddings`` tensor of a transformer folder's safetensors weights, if it holds one."""
+    from safetensors import safe_open
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shard = json.loads(index.read_text())["weight_map"].get(REFERENCE_DOMAIN_KEY)
+        files = [folder / shard] if shard else []
+    else:
+        files = [folder / "diffusion_pytorch_model.safetensors"]
+    for file in files:
+        if file.is_file():
+            with safe_open(file, "pt") as f:
+                if REFERENCE_DOMAIN_KEY in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    return f.get_tensor(REFERENCE_DOMAIN_KEY).float()
+    return None

@@ -1,0 +1,312 @@
+"""The run ``inference.py`` makes: check every input, load the model once, sample each line, write its result files.
+
+Every input is checked before any weight loads (prompt and image lists, sizes, the adapter against the model type,
+the output folder), so a bad input costs seconds and writes nothing. Processes:
+
+* one process samples every selected line;
+* under torchrun without ``--cp``, the lines are shared out: process ``r`` of ``N`` takes lines ``r, r + N, ...`` on
+  GPU ``LOCAL_RANK``, each seeded exactly as a single process seeds it, so every line's result is the same however
+  many processes run;
+* under torchrun with ``--cp``, every process runs every line and the transformer's sequence is split among them
+  (:mod:`fourdnex.generate.parallel`); the first process writes the results.
+
+With ``skip_existing`` a line whose result is complete (its ``.json``, written last, exists) is not sampled again,
+so an interrupted list resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fourdnex import __version__
+from fourdnex.config import (
+    DEFAULT_MODEL_PATH,
+    MODEL_TYPES,
+    MODES,
+    XYZ_LATENT_MEAN,
+    XYZ_LATENT_STD,
+    AccelerationConfig,
+    SampleConfig,
+    size_for_aspect,
+)
+from fourdnex.errors import UsageError
+
+
+@dataclass
+class RunConfig:
+    """Everything one inference run needs; ``inference.py``'s flags, one field each."""
+
+    prompt: str  # a .txt file with one caption per line, or one caption
+    image: str  # a .txt file with one image path per line, or one image path
+    out: str = "./results"
+    idx: int = -1  # only this line; -1: every line
+    model_path: str = DEFAULT_MODEL_PATH
+    sft_path: str | None = None  # a fully fine-tuned transformer folder replacing the base one
+    lora_path: str | None = None
+    lora_rank: int | None = None  # expected rank; None: the file's
+    lora_scale: float | None = None  # None: the adapter's own
+    model_type: str | None = None  # a MODEL_TYPES key; None: the adapter's, else the default
+    zero_domain_embedding: bool = False  # accept a released adapter folder without its domain embedding file
+    mode: str = "xyzrgb"
+    device: str = "auto"
+    dtype: str = "auto"
+    skip_existing: bool = False
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    speed: AccelerationConfig = field(default_factory=AccelerationConfig)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line to generate: its index in the lists, its caption and image, and the per-modality sample size."""
+
+    index: int
+    prompt: str
+    image: Path
+    height: int
+    width: int
+
+
+def read_lines_or_literal(value: str, what: str) -> tuple[list[str], Path | None]:
+    """A ``.txt`` file's non-empty lines, or the value itself; returns the list and the file it came from."""
+    path = Path(value)
+    if path.suffix != ".txt":
+        return [value], None
+    if not path.is_file():
+        raise UsageError(f"{what} list {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"{what} list {path} is empty")
+    return lines, path
+
+
+def resolve_image(name: str, list_file: Path | None) -> Path:
+    """An image path as written, or relative to the list file that names it."""
+    path = Path(name).expanduser()
+    if not path.is_file() and list_file is not None and (list_file.parent / path).is_file():
+        path = list_file.parent / path
+    if not path.is_file():
+        raise UsageError(f"image {name} does not exist")
+    return path
+
+
+def load_image(path: Path):
+    """Open an image as RGB (a PIL image), or raise UsageError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise UsageError(f"image {path} cannot be read ({err})") from err
+
+
+def select_jobs(config: RunConfig) -> list[Job]:
+    """Every line to generate, each image opened once to check it and size the sample."""
+    prompts, _ = read_lines_or_literal(config.prompt, "prompt")
+    images, image_list = read_lines_or_literal(config.image, "image")
+    if len(prompts) != len(images):
+        raise UsageError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt line")
+    if config.idx >= len(prompts):
+        raise UsageError(f"--idx {config.idx} is out of range: there are {len(prompts)} lines")
+    jobs = []
+    for i in range(len(prompts)) if config.idx < 0 else [config.idx]:
+        path = resolve_image(images[i], image_list)
+        image = load_image(path)
+        if config.sample.height:
+            height, width = config.sample.height, config.sample.width
+        else:
+            height, width = size_for_aspect(image.height, image.width)
+        jobs.append(Job(i, prompts[i], path, height, width))
+    return jobs
+
+
+def prepare_out(out: Path) -> None:
+    """Create the output folder and prove it is writable."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out} ({err.strerror or err})") from err
+
+
+def check_config(config: RunConfig) -> None:
+    """Raise UsageError naming the first setting that cannot run, before anything is loaded."""
+    sample = config.sample
+    if (sample.height is None) != (sample.width is None):
+        raise UsageError("give both --height and --width, or neither (then the image's aspect ratio decides)")
+    sample.validate()
+    config.speed.validate()
+    if config.lora_rank is not None and config.lora_rank < 1:
+        raise UsageError(f"--lora_rank must be positive, got {config.lora_rank}")
+    if config.model_type is not None and config.model_type not in MODEL_TYPES:
+        raise UsageError(f"--type must be one of {sorted(MODEL_TYPES)}, got {config.model_type!r}")
+    if config.mode not in MODES:
+        raise UsageError(f"--mode must be one of {sorted(MODES)}, got {config.mode!r}")
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    """``--device`` / ``--dtype`` (``auto``: CUDA when there is one, bf16 there, float32 on a CPU) as torch objects."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but no CUDA GPU is visible")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def transformer_heads(config: RunConfig) -> int:
+    """Attention heads of the transformer that will be loaded, read from its config."""
+    folder = Path(config.sft_path) if config.sft_path else Path(config.model_path) / "transformer"
+    try:
+        return json.loads((folder / "config.json").read_text())["num_attention_heads"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"cannot read the attention head count from {folder / 'config.json'} ({err})") from err
+
+
+def versions() -> dict[str, str]:
+    """The versions of the libraries a result depends on."""
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "fourdnex": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def result_done(out: Path, index: int) -> bool:
+    """Whether line ``index`` has a complete result in ``out`` (the ``.json`` is written last)."""
+    return (out / f"{index:05d}.json").is_file() and (out / f"{index:05d}.npz").is_file()
+
+
+def generate(config: RunConfig) -> list[Path]:
+    """Run inference as :class:`RunConfig` says; returns the result files this process wrote."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from fourdnex.generate import parallel
+    from fourdnex.generate.acceleration import apply_acceleration, check_machine, resolve
+    from fourdnex.generate.pipeline import load_pipeline
+    from fourdnex.geometry.results import write_sample
+    from fourdnex.model.adapters import apply_adapter, read_adapter, resolve_model_type
+    from fourdnex.testing.tiny import TINY_MARKER
+
+    check_config(config)
+    sample, speed = config.sample, config.speed
+    jobs = select_jobs(config)
+    out = Path(config.out)
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    check_machine(speed, device)
+    adapter = read_adapter(config.lora_path) if config.lora_path else None
+    model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding)
+    layout = MODES[config.mode]
+    tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=layout == "rgbxyz") for job in jobs]
+
+    # Processes: context parallel (every process, every line), lines shared out, or one process.
+    launch = parallel.launch_of_this_process()
+    world_size, writes = 1, True
+    if speed.cp != "none":
+        process = parallel.init_processes(speed.cp, device.type)
+        device, world_size, writes = process.device, process.world_size, process.is_main
+        heads = transformer_heads(config)
+        for count in tokens:
+            parallel.check_split(speed.cp, world_size, count, heads)
+    elif launch.world_size > 1:
+        jobs = jobs[launch.rank :: launch.world_size]
+        device = parallel.device_of_local_rank(device, launch.local_rank)
+    if config.skip_existing:
+        jobs = [job for job in jobs if not result_done(out, job.index)]
+    if writes:
+        prepare_out(out)
+    if not jobs:
+        return []
+
+    tic = time.perf_counter()
+    pipe = load_pipeline(config.model_path, dtype=dtype, transformer_path=config.sft_path)
+    pipe.transformer.set_model_type(MODEL_TYPES[model_type])
+    lora_scale, xyz_mean, xyz_std = None, XYZ_LATENT_MEAN, XYZ_LATENT_STD
+    if adapter is not None:
+        lora_scale = apply_adapter(pipe.transformer, adapter, scale=config.lora_scale, lora_rank=config.lora_rank)
+        if adapter.meta.xyz_latent_mean is not None:
+            xyz_mean, xyz_std = adapter.meta.xyz_latent_mean, adapter.meta.xyz_latent_std
+    largest = max(jobs, key=lambda job: job.height * job.width)
+    if speed.cp != "none":
+        parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
+        pipe.enable_split_decoding()
+    speed = resolve(speed, device, pipe, tokens=max(tokens), pixels=sample.num_frames * largest.height * largest.width)
+    apply_acceleration(pipe, speed, device)
+    pipe.set_progress_bar_config(disable=not writes)
+    load_seconds = time.perf_counter() - tic
+    random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(TINY_MARKER, False)
+    if random_weights and writes:
+        print(f"note: {config.model_path} is the tiny test model with random weights: its outputs are noise")
+    if adapter is None and config.sft_path is None and writes:
+        print("note: no --lora_path given: sampling the base Wan2.1 model, which was not trained for pointmaps")
+
+    written = []
+    for job in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1 or not writes):
+        try:
+            result = pipe(
+                load_image(job.image),
+                job.prompt,
+                negative_prompt=sample.negative_prompt,
+                height=job.height,
+                width=job.width,
+                num_frames=sample.num_frames,
+                num_inference_steps=sample.steps,
+                guidance_scale=sample.guidance_scale,
+                generator=torch.Generator(device="cpu").manual_seed(sample.seed),
+                layout=layout,
+                xyz_mean=xyz_mean,
+                xyz_std=xyz_std,
+            )
+        except torch.OutOfMemoryError as err:
+            raise UsageError(
+                "out of GPU memory: try --dtype bfloat16, --memory model or group (or sequential), --fp8, "
+                "fewer --num_frames, a smaller --height/--width, or run on a GPU with more memory"
+            ) from err
+        if not writes:
+            continue
+        meta = {
+            "prompt": job.prompt,
+            "image": str(job.image),
+            "index": job.index,
+            **dataclasses.asdict(sample),
+            "height": job.height,
+            "width": job.width,
+            "mode": config.mode,
+            "type": model_type,
+            "model_path": str(config.model_path),
+            "sft_path": config.sft_path,
+            "random_weights": random_weights,
+            "lora_path": config.lora_path,
+            "adapter_format": adapter.format if adapter else None,
+            "lora_scale": lora_scale,
+            "center": adapter.meta.extra.get("center") if adapter else None,
+            "xyz_latent_mean": xyz_mean,
+            "xyz_latent_std": xyz_std,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "acceleration": dataclasses.asdict(speed),
+            "processes": world_size,
+            "versions": versions(),
+            "timings": {"load": load_seconds, **result.timings},
+        }
+        written.append(write_sample(out, job.index, result.rgb[0].numpy(), result.xyz[0].numpy(), meta))
+        print(f"wrote {out / f'{job.index:05d}'}.{{mp4,npz,json}} ({sum(result.timings.values()):.1f} s)")
+    return written
