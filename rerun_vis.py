@@ -54,10 +54,10 @@ def main(args: argparse.Namespace) -> None:
             rr.spawn(connect=False)
             sinks.append(rr.GrpcSink())
         if args.serve:
-            server = rr.GrpcServerSink(port=args.grpc_port)
+            server = rr.GrpcServerSink(bind_ip=args.bind, port=args.grpc_port)
             sinks.append(server)
             rr.serve_web_viewer(web_port=args.web_port, open_browser=False, connect_to=server.uri)
-            print(f"open http://localhost:{args.web_port}/?url={server.uri} (or: rerun {server.uri}); Ctrl-C stops")
+            print(serve_message(args.bind, args.grpc_port, args.web_port, server.uri))
         rec.set_sinks(*sinks)
         for path, result, reg in tqdm(items, desc="logging"):
             log_result(rec, path.stem, result.rgb, result.xyz, reg, args.stride, args.show_xyz, args.max_residual)
@@ -72,6 +72,18 @@ def main(args: argparse.Namespace) -> None:
             pass
 
 
+def serve_message(bind: str, grpc_port: int, web_port: int, uri: str) -> str:
+    """What ``--serve`` prints: where to open the viewer here, and how to reach it from another machine."""
+    lines = [f"serving the scene on {bind}:{grpc_port}; open http://localhost:{web_port}/?url={uri} (or: rerun {uri})"]
+    if bind in ("127.0.0.1", "localhost", "::1"):
+        lines.append(
+            f"from another machine: ssh -L {web_port}:localhost:{web_port} -L {grpc_port}:localhost:{grpc_port} "
+            "USER@THIS_HOST, then open the same address there (--bind 0.0.0.0 opens the port to the network instead)"
+        )
+    lines.append("Ctrl-C stops")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (the reference's ``--pkl_dir`` and ``--rr_recording`` keep their meaning)."""
     p = argparse.ArgumentParser(prog="rerun_vis.py", description=__doc__.split("\n\n")[0])
@@ -80,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spawn", action="store_true", help="stream to a native viewer started here")
     p.add_argument("--serve", action="store_true", help="serve a web viewer and keep streaming until Ctrl-C")
     p.add_argument("--grpc_port", type=int, default=9876, help="--serve: the port viewers connect to")
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="--serve: the address the scene is served on (default 127.0.0.1: this machine only; 0.0.0.0: every "
+        "network interface, so anyone who can reach the machine can read the scene)",
+    )
     p.add_argument("--web_port", type=int, default=9090, help="--serve: the port of the web viewer")
     p.add_argument("--reg_dir", default=None, help="where NNNNN_reg.npz files are (default: beside the results)")
     p.add_argument("--stride", type=int, default=2, help="log every N-th pixel along rows and columns as a point")
