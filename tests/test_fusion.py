@@ -5,6 +5,8 @@ import torch
 
 from fourdnex.config import SampleConfig, size_for_aspect
 from fourdnex.model.fusion import (
+    condition_frames,
+    condition_mask,
     condition_video,
     denormalize_xyz,
     fuse_width,
@@ -98,3 +100,34 @@ def test_aspect_rule():
 def test_sample_config_rejects(settings, message):
     with pytest.raises(ValueError, match=message):
         SampleConfig(**settings).validate()
+
+
+def test_condition_mask_folds_pixel_frames_as_wan_does():
+    """Hand-built: 9 frames -> 3 latent frames; frame 0 fills latent frame 0, frames 1-4 and 5-8 the next two."""
+    given = torch.zeros(1, 9, dtype=torch.bool)
+    given[0, [0, 3, 8]] = True  # keyframes
+    mask = condition_mask(given, 2, 6, "rgbxyz")
+    assert mask.shape == (1, 4, 3, 2, 6)
+    rgb, xyz = mask[0, :, :, 0, 0], mask[0, :, :, 0, 5]  # (4 channels, 3 latent frames)
+    expected_rgb = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.float32)
+    assert torch.equal(rgb, expected_rgb)  # channel c of latent frame t >= 1 is pixel frame 4(t-1) + 1 + c
+    assert torch.equal(xyz, torch.tensor([[0.5, 0, 0]] * 4))
+    assert torch.equal(mask[..., :3], rgb[None, :, :, None, None].expand(1, 4, 3, 2, 3))
+    every = condition_mask(torch.ones(2, 9, dtype=torch.bool), 2, 2, "rgb")
+    assert (every == 1).all()
+
+
+def test_image_condition_is_the_first_frame_case_of_any_frames():
+    image = torch.rand(1, 3, 4, 6) * 2 - 1
+    video = torch.rand(1, 3, 5, 4, 6) * 2 - 1
+    video[:, :, 0] = image
+    first = torch.zeros(1, 5, dtype=torch.bool)
+    first[0, 0] = True
+    for layout in ("rgbxyz", "rgb", "xyz"):
+        assert torch.equal(condition_frames(video, first, layout), condition_video(image, 5, layout))
+        assert torch.equal(condition_mask(first, 3, 8, layout), soft_mask(1, 2, 3, 8, layout))
+    both = first.clone()
+    both[0, 4] = True  # first and last
+    cond = condition_frames(video, both, "rgbxyz")
+    assert torch.equal(cond[:, :, 4, :, :6], video[:, :, 4]) and not cond[:, :, 1:4].any()
+    assert not cond[:, :, 4, :, 6:].any()  # XYZ is never given after frame 0

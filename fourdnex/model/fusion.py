@@ -40,33 +40,73 @@ def sloped_plane(height: int, width: int, dtype: torch.dtype = torch.float32, de
 
 
 def condition_video(image: torch.Tensor, num_frames: int, layout: Layout) -> torch.Tensor:
-    """The video the VAE encodes as the condition: a first frame, then ``num_frames - 1`` zero frames.
+    """The condition of image-to-4D: the image as frame 0 of ``num_frames``, every other frame unknown.
 
-    ``image`` is ``(B, 3, H, W)`` in [-1, 1]. The first frame is the image (``"rgb"``), the sloped plane
-    (``"xyz"``), or both side by side, ``[image | plane]`` of width 2W (``"rgbxyz"``). Returns ``(B, 3, F, H, W')``.
+    ``image`` is ``(B, 3, H, W)`` in [-1, 1]; returns :func:`condition_frames` of it, ``(B, 3, F, H, W')``.
     """
-    batch, _, height, width = image.shape
-    plane = sloped_plane(height, width, image.dtype, image.device).expand(batch, -1, -1, -1)
-    first = {"rgb": image, "xyz": plane}.get(layout)
-    if first is None:
-        first = fuse_width(image, plane)
-    rest = first.new_zeros(batch, 3, num_frames - 1, height, first.shape[-1])
-    return torch.cat([first[:, :, None], rest], dim=2)
+    video = image.new_zeros(image.shape[0], 3, num_frames, *image.shape[2:])
+    video[:, :, 0] = image
+    given = torch.zeros(image.shape[0], num_frames, dtype=torch.bool, device=image.device)
+    given[:, 0] = True
+    return condition_frames(video, given, layout)
+
+
+def condition_frames(video: torch.Tensor, given: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The video the VAE encodes as the condition: the given RGB frames, zeros for the others.
+
+    ``video`` is ``(B, 3, F, H, W)`` in [-1, 1] (only its given frames are read), ``given`` ``(B, F)`` bool. The
+    frame is the RGB frame (``"rgb"``), the XYZ frame (``"xyz"``) or both side by side, width 2W (``"rgbxyz"``).
+    The XYZ of frame 0 is the sloped plane, a hint of a ground seen from above; every other XYZ frame is zero (XYZ
+    is always generated). Returns ``(B, 3, F, H, W')``.
+    """
+    height, width = video.shape[-2:]
+    rgb = torch.where(given[:, None, :, None, None], video, torch.zeros((), dtype=video.dtype, device=video.device))
+    xyz = torch.zeros_like(video)
+    xyz[:, :, 0] = sloped_plane(height, width, video.dtype, video.device)
+    if layout == "rgbxyz":
+        return fuse_width(rgb, xyz)
+    return rgb if layout == "rgb" else xyz
 
 
 def soft_mask(
     batch: int, latent_frames: int, height: int, width: int, layout: Layout, dtype=torch.float32, device=None
 ) -> torch.Tensor:
-    """Wan I2V's 4-channel mask for a latent of ``(T, h, w)``: ``(B, 4, T, h, w)``.
+    """The mask of :func:`condition_video` (frame 0 given) for a latent of ``(T, h, w)``: ``(B, 4, T, h, w)``.
 
     The first latent frame is 1.0 where the condition is known (the RGB image) and 0.5 where it is only a hint
     (the sloped plane: the XYZ half of a fused latent, or all of an ``"xyz"`` one); all later frames are 0.
     """
-    mask = torch.zeros(batch, 4, latent_frames, height, width, dtype=dtype, device=device)
-    mask[:, :, 0] = 0.5 if layout == "xyz" else 1.0
+    given = torch.zeros(batch, 4 * (latent_frames - 1) + 1, dtype=torch.bool, device=device)
+    given[:, 0] = True
+    return condition_mask(given, height, width, layout, dtype)
+
+
+def condition_mask(given: torch.Tensor, height: int, width: int, layout: Layout, dtype=torch.float32) -> torch.Tensor:
+    """Wan I2V's 4-channel mask of a condition, ``(B, 4, T, h, w)``, from the given pixel frames ``(B, F)`` bool.
+
+    Wan folds pixel frames into latent frames as its VAE does: latent frame 0 holds pixel frame 0 in all 4 channels,
+    latent frame t >= 1 holds pixel frames 4t-3 .. 4t in channels 0 .. 3. An RGB pixel frame is 1.0 when given and
+    0 otherwise; the XYZ half (and all of an ``"xyz"`` latent) is 0.5 at frame 0, the plane's hint, and 0 after.
+    ``width`` is the latent width ``w`` (of the fused latent for ``"rgbxyz"``).
+    """
+    batch, frames = given.shape
+    if (frames - 1) % 4:
+        raise ValueError(f"a condition covers 4k+1 frames, got {frames}")
+
+    def fold(per_frame: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, 4, T)
+        folded = torch.cat([per_frame[:, :1].expand(-1, 4), per_frame[:, 1:]], dim=1)  # (B, 4T)
+        return folded.view(batch, -1, 4).transpose(1, 2)
+
+    rgb = fold(given.to(dtype))
+    hint = torch.zeros(batch, frames, dtype=dtype, device=given.device)
+    hint[:, 0] = 0.5
+    xyz = fold(hint)
     if layout == "rgbxyz":
-        mask[:, :, 0, :, width // 2 :] = 0.5
-    return mask
+        half = width // 2
+        per_column = torch.cat([rgb[..., None].expand(-1, -1, -1, half), xyz[..., None].expand(-1, -1, -1, half)], -1)
+        return per_column[:, :, :, None, :].expand(-1, -1, -1, height, -1).contiguous()
+    mask = rgb if layout == "rgb" else xyz
+    return mask[..., None, None].expand(-1, -1, -1, height, width).contiguous()
 
 
 def _vae_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
