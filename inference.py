@@ -41,6 +41,14 @@ from fourdnex.errors import UsageError
 from fourdnex.generate.run import RunConfig
 
 
+def parse_frames(value: str) -> tuple[int, ...]:
+    """``--frames``: comma-separated frame numbers."""
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"frame numbers separated by commas, e.g. 0,24,48; got {value!r}") from None
+
+
 def main(args: argparse.Namespace) -> None:
     """Generate every selected line (see :func:`fourdnex.generate.run.generate`)."""
     from fourdnex.generate.run import generate
@@ -62,7 +70,19 @@ def main(args: argparse.Namespace) -> None:
         cache_threshold=args.cache_threshold,
         cp=args.cp,
     )
-    names = ("prompt", "image", "out", "idx", "model_path", "sft_path", "lora_path", "lora_rank", "lora_scale")
+    names = (
+        "prompt",
+        "image",
+        "video",
+        "frames",
+        "out",
+        "idx",
+        "model_path",
+        "sft_path",
+        "lora_path",
+        "lora_rank",
+        "lora_scale",
+    )
     names += ("model_type", "zero_domain_embedding", "mode", "device", "dtype", "skip_existing")
     generate(RunConfig(**{name: getattr(args, name) for name in names}, sample=sample, speed=speed))
 
@@ -74,7 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--prompt", required=True, help="a .txt file with one caption per line, or one caption")
-    io.add_argument("--image", required=True, help="a .txt file with one image path per line, or one image path")
+    io.add_argument(
+        "--image",
+        default=None,
+        help="a .txt file with one image path per line, or one image path; with --frames, one image per given frame "
+        "on each line, separated by commas",
+    )
+    io.add_argument(
+        "--video",
+        default=None,
+        help="instead of --image: a .txt file with one video path per line, or one video: its frames are the "
+        "condition (every frame, 4D reconstruction; or those --frames names)",
+    )
+    io.add_argument(
+        "--frames",
+        default=None,
+        type=parse_frames,
+        help="the given frames, e.g. 0,48 (first and last) or 0,16,32,48 (keyframes); default: 0 for --image, every "
+        "frame for --video",
+    )
     io.add_argument("--idx", type=int, default=-1, help="generate only this line (default -1: all lines)")
     io.add_argument("--out", default="./results", help="output folder (default ./results)")
     io.add_argument(

@@ -265,3 +265,28 @@ def test_lines_shared_over_two_processes_equal_one_process(tmp_path, inputs):
             json.loads((two / f"{index:05d}.json").read_text())["prompt"]
             == json.loads((one / f"{index:05d}.json").read_text())["prompt"]
         )
+
+
+def test_video_and_frames_conditions(tmp_path, inputs):
+    from fourdnex.files import write_video
+
+    g = np.random.default_rng(0)
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, g.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8))
+    common = ["--prompt", "x", "--out", tmp_path / "out", "--model_path", TINY, *SMALL_FLAGS]
+    assert run_cli(*common, "--video", clip).returncode == 0  # every frame given: 4D reconstruction
+    meta = json.loads((tmp_path / "out" / "00000.json").read_text())
+    assert meta["given_frames"] == [0, 1, 2, 3, 4] and meta["video"] == str(clip) and meta["image"] is None
+    images = f"{inputs / 'a.png'},{inputs / 'b.png'}"
+    assert run_cli(*common, "--image", images, "--frames", "0,4", "--idx", 0).returncode == 0  # first and last
+    assert json.loads((tmp_path / "out" / "00000.json").read_text())["given_frames"] == [0, 4]
+    cases = [
+        (["--video", clip, "--frames", "0,5"], ["--frames must lie in 0..4", "5"]),
+        (["--video", clip, "--frames", "3,1"], ["increasing order", "3,1"]),
+        (["--video", clip, "--frames", "1,1"], ["a frame twice", "1,1"]),
+        (["--video", clip, "--num_frames", 9], ["ends before frame 8", "clip.mp4"]),
+        (["--image", images, "--frames", "0,2,4"], ["names 2 images for the 3 frames"]),
+        (["--image", inputs / "a.png", "--video", clip], ["--image", "--video", "one of them"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_cli(*common, *args), *fragments)  # a later --num_frames wins

@@ -5,7 +5,7 @@ import torch
 from conftest import SMALL
 from diffusers import WanImageToVideoPipeline
 
-from fourdnex.model.fusion import condition_video, soft_mask, vae_normalize
+from fourdnex.model.fusion import condition_video, sloped_plane, soft_mask, vae_normalize
 
 
 def test_plain_image_to_video_reproduces_diffusers(tiny_path, tiny_pipe, example_image):
@@ -96,3 +96,31 @@ def test_xyz_mode_generates_one_wide_xyz_video(tiny_pipe, example_image):
     pixels = tiny_pipe.video_processor.preprocess(example_image, height=32, width=48)
     expected = ((pixels[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0)
     assert all(torch.allclose(frame, expected, atol=1e-6) for frame in out.rgb[0])  # the input image on every frame
+
+
+def test_first_and_last_frames_given_feed_a_hand_built_condition(tiny_pipe, example_image):
+    """9 frames, frames 0 and 8 given: the mask (1 on those RGB pixel frames, 0.5 on XYZ frame 0) and the condition
+    ([frame | plane] at 0, [frame | 0] at 8, zeros between), built here by hand."""
+    seen = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    last = example_image.transpose(0)  # a mirrored image as the last frame
+    settings = {**SMALL, "num_frames": 9}
+    try:
+        tiny_pipe([example_image, last], "a cat", generator=torch.Generator().manual_seed(0), given_frames=[0, 8],
+                  **settings)  # fmt: skip
+    finally:
+        hook.remove()
+    model_input = seen[0]  # (1, 36, 3, 4, 12)
+    mask = torch.zeros(1, 4, 3, 4, 12)
+    mask[:, :, 0, :, :6] = 1.0  # latent frame 0 = pixel frame 0, all 4 channels
+    mask[:, :, 0, :, 6:] = 0.5  # the plane's hint
+    mask[:, 3, 2, :, :6] = 1.0  # latent frame 2, channel 3 = pixel frame 8
+    assert torch.equal(model_input[:, 16:20], mask)
+    pixels = tiny_pipe.video_processor.preprocess([example_image, last], height=32, width=48)  # (2, 3, 32, 48)
+    video = torch.zeros(1, 3, 9, 32, 96)
+    video[0, :, 0, :, :48], video[0, :, 8, :, :48] = pixels[0], pixels[1]
+    video[0, :, 0, :, 48:] = sloped_plane(32, 48)
+    expected = vae_normalize(tiny_pipe.vae, tiny_pipe.vae.encode(video).latent_dist.mode())
+    assert torch.allclose(model_input[:, 20:], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="sorted, distinct frames below 9"):
+        tiny_pipe([example_image, last], "a cat", given_frames=[8, 0], **settings)

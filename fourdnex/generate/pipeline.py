@@ -9,6 +9,7 @@ parallelism (every process of a torchrun launch runs the whole pipeline, see :mo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from fourdnex.config import (
     latent_frames,
 )
 from fourdnex.model.fusion import (
-    condition_video,
+    condition_frames,
+    condition_mask,
     denormalize_xyz,
     encode_latents,
-    soft_mask,
     split_width,
     vae_denormalize,
 )
@@ -83,7 +84,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image: PIL.Image.Image,
+        image: PIL.Image.Image | Sequence[PIL.Image.Image],
         prompt: str,
         negative_prompt: str = "",
         height: int = 480,
@@ -97,13 +98,23 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         xyz_std: float = XYZ_LATENT_STD,
         prompt_suffix: str = PROMPT_SUFFIX,
         max_sequence_length: int = 512,
+        given_frames: Sequence[int] = (0,),
     ) -> FourDNeXOutput:
         """Generate one sample. ``height`` and ``width`` are per modality (the fused frame is twice as wide).
 
-        ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1 image-to-video, step for step. After
-        :meth:`enable_split_decoding`, only the first process returns the videos (see :class:`FourDNeXOutput`).
+        The condition is one image, frame 0 (image-to-4D), or one image per frame of ``given_frames`` (sorted frame
+        numbers below ``num_frames``): the first and the last frame, keyframes, or every frame (4D reconstruction of a
+        video). CLIP sees the first of them. ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1
+        image-to-video, step for step. After :meth:`enable_split_decoding`, only the first process returns the
+        videos (see :class:`FourDNeXOutput`).
         """
         check_video_shape(num_frames, height, width)
+        images = [image] if isinstance(image, PIL.Image.Image) else list(image)
+        given_frames = list(given_frames)
+        if len(images) != len(given_frames):
+            raise ValueError(f"{len(images)} images for the {len(given_frames)} given frames {given_frames}")
+        if given_frames != sorted(set(given_frames)) or given_frames[0] < 0 or given_frames[-1] >= num_frames:
+            raise ValueError(f"given_frames must be sorted, distinct frames below {num_frames}, got {given_frames}")
         self.transformer.set_layout(layout)
         device = self._execution_device
         transformer_dtype = self.transformer.dtype
@@ -122,7 +133,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         prompt_embeds = prompt_embeds.to(transformer_dtype)
         if do_cfg:
             negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
-        image_embeds = self.encode_image(image, device).to(transformer_dtype)  # (1, 257, 1280)
+        image_embeds = self.encode_image(images[0], device).to(transformer_dtype)  # (1, 257, 1280)
 
         # 2. Timesteps from the checkpoint's scheduler (UniPC, flow prediction, shift 3.0 for Wan2.1-I2V-480P).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -135,11 +146,16 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         shape = (1, self.vae.config.z_dim, num_latent_frames, latent_h, latent_w)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
-        # 4. Condition: [image | sloped plane] then zero frames, VAE-encoded (mode) and VAE-normalized, after the mask.
-        pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
-        video = condition_video(pixels, num_frames, layout)  # (1, 3, F, H, W')
+        # 4. Condition: the given frames [RGB | sloped plane on frame 0], zeros elsewhere, VAE-encoded (mode) and
+        #    VAE-normalized, after the mask of what is given.
+        pixels = self.video_processor.preprocess(images, height=height, width=width).to(device, torch.float32)
+        frames = pixels.new_zeros(1, 3, num_frames, height, width)  # (1, 3, F, H, W)
+        frames[0, :, given_frames] = pixels.transpose(0, 1)
+        given = torch.zeros(1, num_frames, dtype=torch.bool, device=device)
+        given[0, given_frames] = True
+        video = condition_frames(frames, given, layout)  # (1, 3, F, H, W')
         condition_latents = encode_latents(self.vae, video).to(device)  # (1, 16, T, h, w')
-        mask = soft_mask(1, num_latent_frames, latent_h, latent_w, layout, device=device)  # (1, 4, T, h, w')
+        mask = condition_mask(given, latent_h, latent_w, layout)  # (1, 4, T, h, w')
         condition = torch.cat([mask, condition_latents], dim=1)  # (1, 20, T, h, w')
         timings["encode"] = time.perf_counter() - tic
 
@@ -170,8 +186,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         #    the stage ends with the videos in host memory (with split decoding: on the first process only).
         tic = time.perf_counter()
         rgb, xyz = self.decode_latents(latents, layout, xyz_mean, xyz_std)
-        if layout == "xyz" and xyz is not None:  # the input image on every frame, beside the decoded XYZ
-            rgb = ((pixels[:, :, None] + 1) / 2).clamp(0, 1).expand(-1, -1, num_frames, -1, -1)
+        if layout == "xyz" and xyz is not None:  # the first input image on every frame, beside the decoded XYZ
+            rgb = ((pixels[:1, :, None] + 1) / 2).clamp(0, 1).expand(-1, -1, num_frames, -1, -1)
 
         def channels_last(video: torch.Tensor | None) -> torch.Tensor | None:
             return None if video is None else video.permute(0, 2, 3, 4, 1).float().cpu()  # (B, F, H, W, 3)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import PIL.Image
+
 from fourdnex import __version__
 from fourdnex.config import (
     DEFAULT_MODEL_PATH,
@@ -42,7 +44,9 @@ class RunConfig:
     """Everything one inference run needs; ``inference.py``'s flags, one field each."""
 
     prompt: str  # a .txt file with one caption per line, or one caption
-    image: str  # a .txt file with one image path per line, or one image path
+    image: str | None = None  # a .txt file with one image path per line (comma-separated with frames), or one path
+    video: str | None = None  # a .txt file with one video path per line, or one path: its frames are the condition
+    frames: tuple[int, ...] | None = None  # the given frames; None: frame 0 of images, every frame of videos
     out: str = "./results"
     idx: int = -1  # only this line; -1: every line
     model_path: str = DEFAULT_MODEL_PATH
@@ -62,13 +66,22 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """One line to generate: its index in the lists, its caption and image, and the per-modality sample size."""
+    """One line to generate: its index in the lists, its caption, its condition (images, or a video) with the frames
+    they are, and the per-modality sample size."""
 
     index: int
     prompt: str
-    image: Path
+    images: tuple[Path, ...]  # one per given frame; empty for a video
+    video: Path | None
+    given_frames: tuple[int, ...]
     height: int
     width: int
+
+    def condition(self) -> list:
+        """The given frames as PIL images, in frame order."""
+        if self.video is None:
+            return [load_image(path) for path in self.images]
+        return [PIL.Image.fromarray(frame) for frame in read_frames(self.video, self.given_frames)]
 
 
 def read_lines_or_literal(value: str, what: str) -> tuple[list[str], Path | None]:
@@ -84,13 +97,13 @@ def read_lines_or_literal(value: str, what: str) -> tuple[list[str], Path | None
     return lines, path
 
 
-def resolve_image(name: str, list_file: Path | None) -> Path:
-    """An image path as written, or relative to the list file that names it."""
-    path = Path(name).expanduser()
+def resolve_image(name: str, list_file: Path | None, what: str = "image") -> Path:
+    """An image or video path as written, or relative to the list file that names it."""
+    path = Path(name.strip()).expanduser()
     if not path.is_file() and list_file is not None and (list_file.parent / path).is_file():
         path = list_file.parent / path
     if not path.is_file():
-        raise UsageError(f"image {name} does not exist")
+        raise UsageError(f"{what} {name} does not exist")
     return path
 
 
@@ -105,23 +118,68 @@ def load_image(path: Path):
         raise UsageError(f"image {path} cannot be read ({err})") from err
 
 
+def read_frames(path: Path, indices: tuple[int, ...]):
+    """Frames ``indices`` of a video, ``(N, H, W, 3)`` uint8, or UsageError naming the video and what it lacks."""
+    import av
+
+    from fourdnex.files import read_video
+
+    try:
+        return read_video(path, list(indices))
+    except av.FFmpegError as err:
+        raise UsageError(f"video {path} cannot be read ({err})") from err
+    except ValueError as err:  # the video ends before a wanted frame
+        raise UsageError(f"{err}: the condition needs frames {list(indices)}") from err
+
+
+def check_frames(frames: tuple[int, ...], num_frames: int) -> None:
+    """Raise UsageError unless ``frames`` are distinct frame numbers in increasing order below ``num_frames``."""
+    if not frames:
+        raise UsageError("--frames lists no frame")
+    if list(frames) != sorted(frames):
+        raise UsageError(f"--frames must be in increasing order, got {','.join(map(str, frames))}")
+    if len(set(frames)) != len(frames):
+        raise UsageError(f"--frames lists a frame twice: {','.join(map(str, frames))}")
+    if frames[0] < 0 or frames[-1] >= num_frames:
+        raise UsageError(f"--frames must lie in 0..{num_frames - 1} (--num_frames {num_frames}), got {frames[-1]}")
+
+
 def select_jobs(config: RunConfig) -> list[Job]:
-    """Every line to generate, each image opened once to check it and size the sample."""
+    """Every line to generate, each condition opened once to check it and size the sample."""
+    num_frames = config.sample.num_frames
+    if (config.image is None) == (config.video is None):
+        raise UsageError("give --image (images) or --video (a video), one of them")
+    if config.frames is not None:
+        check_frames(config.frames, num_frames)
     prompts, _ = read_lines_or_literal(config.prompt, "prompt")
-    images, image_list = read_lines_or_literal(config.image, "image")
-    if len(prompts) != len(images):
-        raise UsageError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt line")
+    what = "image" if config.video is None else "video"
+    sources, source_list = read_lines_or_literal(config.image or config.video, what)
+    if len(prompts) != len(sources):
+        raise UsageError(f"{len(prompts)} prompts but {len(sources)} {what}s: give one {what} per prompt line")
     if config.idx >= len(prompts):
         raise UsageError(f"--idx {config.idx} is out of range: there are {len(prompts)} lines")
     jobs = []
     for i in range(len(prompts)) if config.idx < 0 else [config.idx]:
-        path = resolve_image(images[i], image_list)
-        image = load_image(path)
+        if config.video is None:
+            names = sources[i].split(",")
+            frames = config.frames or (0,)
+            if len(names) != len(frames):
+                raise UsageError(
+                    f"line {i} names {len(names)} images for the {len(frames)} frames {list(frames)}: give one image "
+                    "per frame of --frames, separated by commas"
+                )
+            images, video = tuple(resolve_image(name, source_list) for name in names), None
+            opened = [load_image(path) for path in images]  # every one readable, before any weight loads
+            first = opened[0]
+        else:
+            video = resolve_image(sources[i], source_list, "video")
+            frames = config.frames or tuple(range(num_frames))
+            images, first = (), PIL.Image.fromarray(read_frames(video, frames)[0])
         if config.sample.height:
             height, width = config.sample.height, config.sample.width
         else:
-            height, width = size_for_aspect(image.height, image.width)
-        jobs.append(Job(i, prompts[i], path, height, width))
+            height, width = size_for_aspect(first.height, first.width)
+        jobs.append(Job(i, prompts[i], images, video, tuple(frames), height, width))
     return jobs
 
 
@@ -262,7 +320,7 @@ def generate(config: RunConfig) -> list[Path]:
     for job in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1 or not writes):
         try:
             result = pipe(
-                load_image(job.image),
+                job.condition(),
                 job.prompt,
                 negative_prompt=sample.negative_prompt,
                 height=job.height,
@@ -274,6 +332,7 @@ def generate(config: RunConfig) -> list[Path]:
                 layout=layout,
                 xyz_mean=xyz_mean,
                 xyz_std=xyz_std,
+                given_frames=job.given_frames,
             )
         except torch.OutOfMemoryError as err:
             raise UsageError(
@@ -284,7 +343,9 @@ def generate(config: RunConfig) -> list[Path]:
             continue
         meta = {
             "prompt": job.prompt,
-            "image": str(job.image),
+            "image": ",".join(map(str, job.images)) or None,
+            "video": str(job.video) if job.video else None,
+            "given_frames": list(job.given_frames),
             "index": job.index,
             **dataclasses.asdict(sample),
             "height": job.height,
