@@ -1,0 +1,224 @@
+"""Small Wan2.1-I2V models in the exact diffusers folder layout, built from the real classes, deterministically.
+
+Two presets share one builder:
+
+* ``tiny``: every component at toy size with random weights; it runs the whole pipeline in seconds on a CPU and is
+  what the tests use (``tests/`` holds a built copy). Its outputs are noise.
+* ``demo``: the architecture of the small model that ``scripts/train_demo.sh`` trains on synthetic 4D scenes
+  (a VAE and a transformer trained by this project; the UMT5 text and CLIP image encoders keep fixed random weights,
+  whose features still tell captions and images apart). Built here untrained, as the recipe's starting point.
+
+A folder whose VAE or transformer is still random carries :data:`RANDOM_MARKER` in its ``model_index.json``, so that
+tools can say plainly that its outputs are noise.
+
+    python -m fourdnex.model.presets OUT --preset demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from fourdnex.cli import run
+
+#: Marker written into model_index.json while the VAE or the transformer has random weights.
+RANDOM_MARKER = "_fourdnex_tiny_random"
+SEED = 20260121
+
+_TINY_CORPUS = [
+    "a dog runs across a sunny park POINTMAP_STYLE.",
+    "a woman walks along the beach at sunset while waves roll in POINTMAP_STYLE.",
+    "a red car drives down a busy city street with tall buildings POINTMAP_STYLE.",
+    "a cat sits on a wooden table next to a window POINTMAP_STYLE.",
+    "the camera slowly orbits a statue in a museum hall POINTMAP_STYLE.",
+    "a man rides a bicycle through a forest trail POINTMAP_STYLE.",
+    "two children play football on green grass POINTMAP_STYLE.",
+    "a bird flies over a lake surrounded by mountains POINTMAP_STYLE.",
+    "procedural scene with a moving box, a sphere and a textured ground POINTMAP_STYLE.",
+    "an empty room with white walls, a chair and a lamp POINTMAP_STYLE.",
+]
+
+
+def _synthetic_corpus() -> list[str]:
+    """Captions of synthetic scenes (every word the generator uses, with the prompt suffix)."""
+    from fourdnex.config import PROMPT_SUFFIX
+    from fourdnex.data.synthetic import render_scene
+
+    captions = []
+    for seed in range(200):
+        for dynamic in (True, False):
+            captions.append(render_scene(seed, 1, 2, 2, dynamic=dynamic).caption + PROMPT_SUFFIX)
+    return captions
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Component sizes of a small Wan2.1-I2V model (diffusers / transformers config keyword arguments)."""
+
+    transformer: dict
+    vae: dict
+    text_encoder: dict
+    image_encoder: dict
+    image_size: int
+    corpus: Callable[[], list[str]] = field(default=lambda: _TINY_CORPUS)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        transformer={
+            "num_attention_heads": 2,
+            "attention_head_dim": 12,
+            "text_dim": 32,
+            "freq_dim": 32,
+            "ffn_dim": 48,
+            "num_layers": 2,
+            "image_dim": 32,
+            "added_kv_proj_dim": 24,
+            "rope_max_seq_len": 64,
+        },
+        vae={"base_dim": 8, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1},
+        text_encoder={"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4},
+        image_encoder={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        image_size=32,
+    ),
+    # About 4.4M transformer and 2.6M VAE parameters (15 MB in half precision with the encoders and an adapter):
+    # a 25-frame 96 x 144 sample takes seconds on a CPU.
+    "demo": Preset(
+        transformer={
+            "num_attention_heads": 4,
+            "attention_head_dim": 64,
+            "text_dim": 64,
+            "freq_dim": 256,
+            "ffn_dim": 512,
+            "num_layers": 4,
+            "image_dim": 64,
+            "added_kv_proj_dim": 256,
+            "rope_max_seq_len": 1024,
+        },
+        vae={"base_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1},
+        text_encoder={"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+        image_encoder={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        image_size=64,
+        corpus=_synthetic_corpus,
+    ),
+}
+
+
+def build_tokenizer(corpus: list[str]) -> T5Tokenizer:
+    """A T5 (unigram) tokenizer over the words and characters of ``corpus``, scored by frequency.
+
+    The vocabulary is built directly rather than trained, so that it is the same on every machine and every run.
+    """
+    words = Counter(f"\u2581{word}" for line in corpus for word in line.split())
+    chars = Counter(char for line in corpus for char in line if not char.isspace())
+    total = sum(words.values()) + sum(chars.values())
+    pieces = [(piece, math.log(count / total)) for piece, count in sorted((words + chars).items())]
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    return T5Tokenizer(vocab=specials + pieces, extra_ids=0)
+
+
+def build_pipeline(preset: str = "tiny", seed: int = SEED) -> WanImageToVideoPipeline:
+    """Every component of a Wan2.1-I2V pipeline at a preset's size, deterministically from ``seed``."""
+    sizes = PRESETS[preset]
+    tokenizer = build_tokenizer(sizes.corpus())
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), in_channels=36, out_channels=16, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, **sizes.transformer,
+    )  # fmt: skip
+    vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True], **sizes.vae)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                   **sizes.text_encoder)
+    )  # fmt: skip
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(**sizes.image_encoder))
+    side = sizes.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_center_crop=True
+    )
+    # The scheduler settings of Wan2.1-I2V-14B-480P-Diffusers.
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
+    )
+
+
+def save_model(
+    path: str | Path, preset: str = "tiny", seed: int = SEED, trained: dict[str, Path] | None = None
+) -> Path:
+    """Write a preset's model to ``path`` (a diffusers folder); ``trained`` maps component names (``vae``,
+    ``transformer``) to trained folders copied in place of the random ones. Marked random unless both are trained."""
+    path = Path(path)
+    trained = trained or {}
+    build_pipeline(preset, seed).save_pretrained(path)
+    for name, folder in trained.items():
+        shutil.rmtree(path / name)
+        shutil.copytree(folder, path / name)
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    if not {"vae", "transformer"} <= set(trained):
+        index[RANDOM_MARKER] = True
+    index_file.write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def main(args: argparse.Namespace) -> None:
+    """Write the model ``args`` describe."""
+    trained = {name: Path(value) for name in ("vae", "transformer") if (value := getattr(args, name))}
+    print(f"wrote the {args.preset} model to {save_model(args.out, args.preset, args.seed, trained)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fourdnex.model.presets``."""
+    parser = argparse.ArgumentParser(
+        prog="fourdnex.model.presets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", help="folder to write the diffusers model to")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--vae", default=None, help="a trained VAE folder to use instead of a random one")
+    parser.add_argument("--transformer", default=None, help="a trained transformer folder to use instead")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, build_parser())
