@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fourdnex.cli import run
-from fourdnex.data import sources as data
+from fourdnex.data import cache, prepare, sources
 from fourdnex.data.build import BuildConfig, Encoders, build, merge_shards
 from fourdnex.data.synthetic import render_scene, write_dynamic_npz, write_tree
 from fourdnex.files import write_video
@@ -81,7 +81,6 @@ def single(tree, tmp_path_factory) -> Path:
     return out
 
 
-
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
@@ -93,7 +92,8 @@ def test_every_format_round_trips(single, tree):
     assert {r["reader"] for r in records} >= {"decord", "images", "npz"}
     prompts = (single / "prompts.txt").read_text().splitlines()
     videos = (single / "videos.txt").read_text().splitlines()
-    assert prompts == [r["caption"] + " POINTMAP_STYLE." for r in records]
+    assert prompts == [r["caption"] for r in records]  # as the reference writes it; inference adds the suffix
+    assert all(r["prompt"] == r["caption"] + " POINTMAP_STYLE." for r in records)  # what UMT5 encoded
     assert videos == [r["files"]["video"] for r in records]
     for r in records:
         files = {k: single / v for k, v in r["files"].items()}
@@ -111,7 +111,7 @@ def test_every_format_round_trips(single, tree):
         )
         assert np.asarray(Image.open(files["first_frame"])).shape == (*RES, 3)
         for key in ("video", "pointmap_preview"):
-            frames, _ = data._read_video(files[key], list(range(9)))
+            frames, _ = sources._read_video(files[key], list(range(9)))
             assert frames.shape == (9, *RES, 3)
         if r["source_frames"] == 7:  # padded by playing backwards
             assert geo["frame_indices"].tolist() == [0, 1, 2, 3, 4, 5, 6, 5, 4]
@@ -128,7 +128,7 @@ def test_video_start_offset_and_rgb_order(single, tree):
             start = int(r["id"].rsplit("_", 1)[1].split("-")[0])
             scene = render_scene(1 * 100003 + i, start + 2, *SOURCE[1:])
             crops = [
-                data.cover_crop(torch.from_numpy(f).permute(2, 0, 1)[None].float(), *RES, "bilinear")[0]
+                prepare.cover_crop(torch.from_numpy(f).permute(2, 0, 1)[None].float(), *RES, "bilinear")[0]
                 for f in scene.rgb
             ]
             errors = [np.abs(c[0].permute(1, 2, 0).numpy() - first).mean() for c in crops]
@@ -144,29 +144,31 @@ def test_decord_fallback_reads_frames_by_index_through_pyav(tmp_path):
         scene = render_scene(5, 9, height, width)
         path = tmp_path / f"{height}x{width}.mp4"
         write_video(path, scene.rgb)
-        frames, reader = data._read_video(path, [2, 3, 4])
+        frames, reader = sources._read_video(path, [2, 3, 4])
         assert reader == expected and frames.shape == (3, height, width, 3) and frames.dtype == np.uint8
         errors = np.abs(frames[:, None].astype(int) - scene.rgb[None]).mean(axis=(2, 3, 4))  # (3, 9)
         assert errors.argmin(axis=1).tolist() == [2, 3, 4]
         # The same H.264 decode and RGB conversion (measured identical here); neighbouring frames differ by 10+.
-        assert np.abs(data._read_video_pyav(path, [2, 3, 4]).astype(int) - frames).mean() < 0.5
-    with pytest.raises(data.ClipError, match="ends before frame 9"):
-        data._read_video_pyav(path, [8, 9])
+        assert np.abs(sources._read_video_pyav(path, [2, 3, 4]).astype(int) - frames).mean() < 0.5
+    with pytest.raises(sources.ClipError, match="ends before frame 9"):
+        sources._read_video_pyav(path, [8, 9])
     (tmp_path / "broken.mp4").write_bytes(b"not a video" * 100)
-    with pytest.raises(data.ClipError, match=r"cannot decode video .*broken\.mp4"):
-        data._read_video_pyav(tmp_path / "broken.mp4", [0])
+    with pytest.raises(sources.ClipError, match=r"cannot decode video .*broken\.mp4"):
+        sources._read_video_pyav(tmp_path / "broken.mp4", [0])
 
 
 def test_saved_normalization_recovers_metric_points(single):
     scene = render_scene(NATIVE_SEED, 9, *RES)
     record = next(r for r in _records(single) if r["number"] == NATIVE)
     geo = load_file(single / record["files"]["pointmap"])
-    metric = data.metric_pointmap(geo["pointmap"].double().numpy(), geo["center"].numpy(), float(geo["scale"]))
+    metric = prepare.metric_pointmap(geo["pointmap"].double().numpy(), geo["center"].numpy(), float(geo["scale"]))
     w2c0 = np.linalg.inv(scene.cam2world[0].astype(np.float64))
     truth = scene.points.astype(np.float64) @ w2c0[:3, :3].T + w2c0[:3, 3]
-    lo, hi = np.percentile(truth.reshape(9, -1, 3), data.PERCENTILES, axis=1)
-    inside = ((truth > lo[:, None, None]) & (truth < hi[:, None, None])).all(-1)
+    lo, hi = np.percentile(truth.reshape(-1, 3), prepare.PERCENTILES, axis=0)  # --center clip: one box per clip
+    inside = ((truth > lo) & (truth < hi)).all(-1)
     assert inside.mean() > 0.8
+    assert (geo["center"] == geo["center"][0]).all() and (geo["half_range"] == geo["half_range"][0]).all()
+    np.testing.assert_allclose(geo["center"][0].numpy(), (lo + hi) / 2, atol=1e-5 * float(geo["scale"]))
     scale = float(geo["scale"])
     err = np.abs(metric - truth)[inside].max()
     assert err < 1e-3 * scale  # float16 storage of values in [-1, 1]
@@ -174,11 +176,17 @@ def test_saved_normalization_recovers_metric_points(single):
     np.testing.assert_allclose(geo["intrinsics"].numpy(), scene.K, rtol=1e-6)
     world = metric @ geo["cam2world0"].numpy()[:3, :3].T + geo["cam2world0"].numpy()[:3, 3]
     assert np.abs(world - scene.points)[inside].max() < 2e-3 * scale
-    # In float64 (before storage) the round trip is exact.
-    normalized, center, scale, half_range = data.normalize_pointmap(truth)
-    np.testing.assert_allclose(center - half_range, lo, atol=1e-12)
-    np.testing.assert_allclose(data.metric_pointmap(normalized, center, scale)[inside], truth[inside], atol=1e-9)
-    assert np.abs(normalized).max() <= 1.0 + 1e-12
+    # In float64 (before storage) the round trip is exact, with either centring.
+    lo_f = np.percentile(truth.reshape(9, -1, 3), prepare.PERCENTILES[0], axis=1)  # per frame
+    for center, box_lo in (("clip", np.broadcast_to(lo, (9, 3))), ("per_frame", lo_f)):
+        norm = prepare.fit_normalization(truth, center)
+        normalized = prepare.normalize_pointmap(truth, norm)
+        np.testing.assert_allclose(norm.center - norm.half_range, box_lo, atol=1e-12)
+        kept = ((truth > norm.center[:, None, None] - norm.half_range[:, None, None]) &
+                (truth < norm.center[:, None, None] + norm.half_range[:, None, None])).all(-1)  # fmt: skip
+        restored = prepare.metric_pointmap(normalized, norm.center, norm.scale)
+        np.testing.assert_allclose(restored[kept], truth[kept], atol=1e-9)
+        assert np.abs(normalized).max() <= 1.0 + 1e-12
 
 
 def test_cropped_intrinsics_match_the_cropped_pointmaps(single):
@@ -186,7 +194,7 @@ def test_cropped_intrinsics_match_the_cropped_pointmaps(single):
     v, u = np.meshgrid(np.arange(RES[0]) + 0.5, np.arange(RES[1]) + 0.5, indexing="ij")  # pixel centres
     for r in _records(single):
         geo = {k: t.double().numpy() for k, t in load_file(single / r["files"]["pointmap"]).items()}
-        metric = data.metric_pointmap(geo["pointmap"], geo["center"], float(geo["scale"]))
+        metric = prepare.metric_pointmap(geo["pointmap"], geo["center"], float(geo["scale"]))
         margin = 2.0**-10 * float(geo["scale"])  # float16 rounding of a clipped point can move it inside the box
         inside = np.abs(metric - geo["center"][:, None, None]) < geo["half_range"][:, None, None] - margin
         unclipped = inside.all(-1)
@@ -276,7 +284,7 @@ def test_broken_clips_are_recorded_and_the_rest_built(tree, encoders, tmp_path):
     data_dir = tmp_path / "data"
     shutil.copytree(tree, data_dir)
     (data_dir / "raw" / "dynamic" / "dynamic_1" / "10000.mp4").write_bytes(b"not a video" * 100)
-    depth_dir = data_dir / "dynamic" / "dynamic_2" / "10001_1-8"
+    depth_dir = data_dir / "dynamic" / "dynamic_2" / "10001_1-7"
     (depth_dir / "frame_0003.npy").unlink()
     npz = data_dir / "dynamic" / "dynamic_3" / f"{NATIVE}.npz"
     arrays = dict(np.load(npz))
@@ -291,8 +299,8 @@ def test_broken_clips_are_recorded_and_the_rest_built(tree, encoders, tmp_path):
     assert summary.done == 1 and summary.failed == 5 and summary.merged
     assert "5 failed" in summary.line()
     failures = {json.loads(line)["id"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").open()}
-    assert re.search("cannot open video .*10000.mp4", failures["dynamic/dynamic_1/10000_0-7"])
-    assert "missing ['frame_0003.npy']" in failures["dynamic/dynamic_2/10001_1-8"]
+    assert re.search("cannot open video .*10000.mp4", failures["dynamic/dynamic_1/10000_0-6"])
+    assert "missing ['frame_0003.npy']" in failures["dynamic/dynamic_2/10001_1-7"]
     assert "NaN" in failures[f"dynamic/dynamic_3/{NATIVE}"] and "frame 4" in failures[f"dynamic/dynamic_3/{NATIVE}"]
     assert "no caption for number 10003" in failures["static/static_1/10003"]
     assert "cannot read" in failures["static/static_2/10004"] and "10004.npz" in failures["static/static_2/10004"]
