@@ -138,7 +138,7 @@ FILES: tuple[CacheFile, ...] = (
         tensors=(
             Field("pointmap", "normalized, in [-1, 1], pixel-aligned with the video", "(F, H, W, 3)", "float16"),
             Field("center", "the centre per frame (equal rows with --center clip)", "(F, 3)", "float64"),
-            Field("scale", "metres per normalized unit", "()", "float64"),
+            Field("scale", "source units (metres if the source is metric) per normalized unit", "()", "float64"),
             Field("half_range", "the clipping box is center +- half_range (metric)", "(F, 3)", "float64"),
             Field("cam2world0", "the first camera, camera-to-world, in the source's world", "(4, 4)", "float64"),
             Field("cam2world", "every frame's camera, camera-to-world, in the source's world", "(F, 4, 4)", "float64"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import textwrap
 import threading
 import zipfile
 from collections import defaultdict
@@ -45,8 +46,9 @@ class Layout:
     """One rule of the discovery: where a clip lies, its format, where its RGB frames and its caption id come from.
 
     ``pattern`` is matched against the whole entry path (relative to ``--data_dir``); its groups are ``subset``,
-    ``video`` (the caption id) and, for ranged names, ``start`` and ``end``. ``rgb`` is the RGB source relative to
-    ``--data_dir`` with ``{subset}`` and ``{video}`` filled in (None: the npz holds its own images).
+    ``video`` (the caption id, written ``caption_id`` in ``form``) and, for ranged names, ``start`` and ``end``.
+    ``rgb`` is the RGB source relative to ``--data_dir`` with ``{subset}`` and ``{video}`` filled in; videos are
+    named without their extension (any of VIDEO_EXTENSIONS); None: the npz holds its own images.
     """
 
     name: str
@@ -54,8 +56,9 @@ class Layout:
     pattern: str
     format: str  # the reader: one of FORMATS
     rgb: str | None
-    rgb_kind: str  # "video" (any of VIDEO_EXTENSIONS), "images" (a folder), "video or images"
+    rgb_kind: str  # "video", "images" (a folder) or "video or images" ("" when the npz holds the images)
     frames: str  # which RGB frames, in words
+    caption_id: str = "<video>"
 
     @property
     def kind(self) -> str:
@@ -67,10 +70,21 @@ class Layout:
         """Whether the entry is a folder (MonST3R-style) rather than an ``.npz`` file."""
         return self.form.endswith("/")
 
+    def rgb_text(self, quote: str = "") -> str:
+        """Where the RGB frames come from, in words (paths and placeholders between ``quote`` marks)."""
+        frames = re.sub(r"(<\w+>)", rf"{quote}\1{quote}", self.frames)
+        if self.rgb is None:
+            return frames
+        path = self.rgb.format(subset="<subset>", video=self.caption_id)
+        paths = {"video": f"{quote}{path}.mp4{quote}", "images": f"{quote}{path}/{quote}"}
+        paths["video or images"] = f"{paths['video']} or {paths['images']}"
+        return f"{frames} of {paths[self.rgb_kind]}"
+
 
 _RANGE_NPZ = r"[^/-]*_(?P<start>\d+)(?:\.png)?-[^/-]*_(?P<end>\d+)(?:\.png)?\.npz"
+_RANGE = "frames <start>..<end>"
 
-#: Every layout a clip may have, flat ones (ids that are the clip's number) and the nested ones the reference reads.
+#: Every layout a clip may have: flat ones (ids that are the caption number) and the nested ones the reference reads.
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         "monst3r",
@@ -79,16 +93,16 @@ LAYOUTS: tuple[Layout, ...] = (
         "monst3r",
         "raw/dynamic/{subset}/{video}",
         "video",
-        "frames start..end of the video",
+        _RANGE,
     ),
     Layout(
         "monst3r_in_video_folder",
-        "dynamic/dynamic_1|dynamic_2/<video>/<name>_<start>-<end>/",
+        "dynamic/{dynamic_1,dynamic_2}/<video>/<name>_<start>-<end>/",
         r"dynamic/(?P<subset>dynamic_1|dynamic_2)/(?P<video>[^/]+)/[^/]+_(?P<start>\d+)-(?P<end>\d+)/",
         "monst3r",
         "raw/dynamic/{subset}/{video}",
         "video",
-        "frames start..end of the video",
+        _RANGE,
     ),
     Layout(
         "dynamic_npz",
@@ -106,7 +120,7 @@ LAYOUTS: tuple[Layout, ...] = (
         "dynamic_npz",
         None,
         "",
-        "the npz's own images (start..end frames)",
+        "the npz's own images (end - start + 1 of them)",
     ),
     Layout(
         "static_npz",
@@ -115,16 +129,17 @@ LAYOUTS: tuple[Layout, ...] = (
         "static_npz",
         "raw/static/{subset}/{video}",
         "video or images",
-        "the first frames of the video or image folder",
+        "the first frames",
     ),
     Layout(
         "static_npz_in_scene_folder",
-        "static/static_1/<video>/<x>_<start>-<y>_<end>.npz",
+        "static/static_1/<scene>/<x>_<start>-<y>_<end>.npz",
         r"static/(?P<subset>static_1)/(?P<video>[^/]+)/" + _RANGE_NPZ,
         "static_npz",
         "raw/static/{subset}/{video}/images_4",
         "images",
-        "images start..end of the folder (name order)",
+        "images <start>..<end> (name order)",
+        "<scene>",
     ),
     Layout(
         "static_npz_in_video_folder",
@@ -133,27 +148,27 @@ LAYOUTS: tuple[Layout, ...] = (
         "static_npz",
         "raw/static/{subset}/{video}",
         "video",
-        "frames start..end of the video",
+        _RANGE,
     ),
 )
 
 
 def describe_layouts() -> str:
-    """The layouts as text: one block per rule (form, format, RGB source, frames, caption id)."""
+    """The layouts as text: one block per rule (form, name, format, RGB frames, caption id)."""
     lines = []
     for layout in LAYOUTS:
-        rgb = f"{layout.rgb} ({layout.rgb_kind})" if layout.rgb else "in the npz"
         lines.append(f"    {layout.form}")
-        lines.append(f"        {layout.name}: format {layout.format}; RGB {rgb}: {layout.frames}; caption id <video>")
+        text = f"{layout.name} ({layout.format}): RGB {layout.rgb_text()}; caption id {layout.caption_id}"
+        lines += textwrap.wrap(text, 116, initial_indent=" " * 8, subsequent_indent=" " * 10)
     return "\n".join(lines)
 
 
 def layouts_markdown() -> str:
     """The layouts as the README's markdown table (``python -m fourdnex.data.sources`` prints it)."""
-    rows = ["| entry | layout | format | RGB frames | caption id |", "|---|---|---|---|---|"]
+    rows = ["| entry | layout | format | RGB | caption id |", "|---|---|---|---|---|"]
     for layout in LAYOUTS:
-        rgb = f"{layout.frames} `{layout.rgb}` ({layout.rgb_kind})" if layout.rgb else layout.frames
-        rows.append(f"| `{layout.form}` | {layout.name} | {layout.format} | {rgb} | `<video>` |")
+        cells = (f"`{layout.form}`", layout.name, layout.format, layout.rgb_text("`"), f"`{layout.caption_id}`")
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
