@@ -191,7 +191,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
     cfg.validate()
     start = time.perf_counter()
     out = Path(cfg.out)
-    found = find_clips(cfg.data_dir)
+    found = find_clips(cfg.data_dir, show_progress)
     clips = found.clips[: cfg.limit] if cfg.limit is not None else found.clips
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.cache_config()
@@ -254,7 +254,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
             flush()
     bar.close()
 
-    result = cache.merge(out, clips, config)
+    result = cache.merge(out, clips, config, show_progress)
     return BuildSummary(
         total=len(clips),
         assigned=len(mine),
@@ -270,14 +270,16 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
     )
 
 
-def merge_shards(data_dir: str | Path, out: str | Path, limit: int | None = None) -> cache.MergeResult:
+def merge_shards(
+    data_dir: str | Path, out: str | Path, limit: int | None = None, show_progress: bool = True
+) -> cache.MergeResult:
     """Combine the shards' records into the lists, manifest and statistics, with the cache's recorded config.
 
     Raises UsageError if the cache has no build_config.json or some clip has neither a record nor a failure.
     """
     config = cache.read_build_config(out)
-    clips = find_clips(data_dir).clips
-    result = cache.merge(out, clips[:limit] if limit is not None else clips, config)
+    clips = find_clips(data_dir, show_progress).clips
+    result = cache.merge(out, clips[:limit] if limit is not None else clips, config, show_progress)
     if not result.written:
         raise UsageError(f"{result.pending} clips have neither a record nor a failure yet (other shards running?)")
     return result

@@ -464,11 +464,13 @@ class MergeResult:
     written: bool
 
 
-def merge(out: str | Path, clips: list[ClipSource], config: dict) -> MergeResult:
+def merge(out: str | Path, clips: list[ClipSource], config: dict, show_progress: bool = False) -> MergeResult:
     """Write manifest.jsonl, prompts.txt, videos.txt, failures.jsonl and stats.json once no clip is pending."""
+    from tqdm import tqdm
+
     out = Path(out)
     records, failures, pending = [], [], 0
-    for clip in clips:
+    for clip in tqdm(clips, desc="merging", unit="clip", disable=not show_progress):
         record_path, failure_path = _record_path(out, clip.id), _failure_path(out, clip.id)
         if record_path.is_file():
             records.append(json.loads(record_path.read_text()))

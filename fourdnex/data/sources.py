@@ -222,14 +222,17 @@ class RawClip:
 # Discovery
 
 
-def _entries(data_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+def _entries(data_dir: Path, show_progress: bool) -> tuple[list[tuple[str, Path]], list[str]]:
     """The candidate clip entries ``(relative path, path)`` the reference's walk finds, and the ignored files."""
+    from tqdm import tqdm
+
     entries, ignored = [], []
     for kind in ("dynamic", "static"):
         root = data_dir / kind
         if not root.is_dir():
             continue
-        for folder, subfolders, files in os.walk(root):
+        walk = tqdm(os.walk(root), desc=f"finding clips in {kind}/", unit=" folders", disable=not show_progress)
+        for folder, subfolders, files in walk:
             subfolders.sort()
             here = Path(folder)
             rel = here.relative_to(data_dir).as_posix()
@@ -284,13 +287,13 @@ def _source(rel: str, path: Path, data_dir: Path) -> ClipSource:
     return ClipSource(clip_id, kind, subset, name, fmt, path, data_dir, problem=problem)
 
 
-def find_clips(data_dir: str | Path) -> Discovery:
+def find_clips(data_dir: str | Path, show_progress: bool = False) -> Discovery:
     """Every clip entry under ``data_dir`` (``dynamic/`` and ``static/``) in id order, by the rules of
     :data:`LAYOUTS`; entries that fit no layout come back with their ``problem`` set."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UsageError(f"data_dir {data_dir} is not a folder")
-    entries, ignored = _entries(data_dir)
+    entries, ignored = _entries(data_dir, show_progress)
     if not entries:
         raise UsageError(f"no clips under {data_dir}/dynamic or {data_dir}/static")
     by_id: dict[str, list[ClipSource]] = defaultdict(list)
