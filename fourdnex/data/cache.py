@@ -126,6 +126,14 @@ STATS_KEYS: tuple[Field, ...] = (
     *BUILD_CONFIG_KEYS,
 )
 
+BUILD_CONFIG_FILE = "build_config.json"
+STATS_FILE = "stats.json"
+MANIFEST_FILE = "manifest.jsonl"
+PROMPTS_FILE = "prompts.txt"
+VIDEOS_FILE = "videos.txt"
+FAILURES_FILE = "failures.jsonl"
+RECORD_FILE = "records/<id>.json"
+FAILURE_FILE = "failures/<id>.json"
 #: Every file of a cache. Per-clip files first, in the order a record lists them.
 FILES: tuple[CacheFile, ...] = (
     CacheFile("videos/<id>.mp4", "the cropped RGB video, F x H x W, 24 fps", key="video"),
@@ -196,28 +204,20 @@ FILES: tuple[CacheFile, ...] = (
     CacheFile(
         "records/<id>.json", "the clip's manifest line; written last, so it marks the clip done", keys=MANIFEST_KEYS
     ),
-    CacheFile("failures/<id>.json", "why a clip or an entry that fits no layout could not be used", keys=FAILURE_KEYS),
+    CacheFile(FAILURE_FILE, "why a clip or an entry that fits no layout could not be used", keys=FAILURE_KEYS),
     CacheFile(
         "build_config.json",
         "the settings the cache was built with; a run with other ones is refused",
         keys=BUILD_CONFIG_KEYS,
     ),
-    CacheFile("manifest.jsonl", "the records, one JSON object per line, in clip id order", keys=MANIFEST_KEYS),
-    CacheFile("prompts.txt", "one caption per manifest line (without ' POINTMAP_STYLE.', as the reference writes it)"),
-    CacheFile("videos.txt", "one video path (relative to the cache) per manifest line"),
-    CacheFile("failures.jsonl", "every failure record, one per line, in id order", keys=FAILURE_KEYS),
-    CacheFile("stats.json", "statistics of the xyz latents, and the build config", keys=STATS_KEYS),
+    CacheFile(MANIFEST_FILE, "the records, one JSON object per line, in clip id order", keys=MANIFEST_KEYS),
+    CacheFile(PROMPTS_FILE, "one caption per manifest line (without ' POINTMAP_STYLE.', as the reference writes it)"),
+    CacheFile(VIDEOS_FILE, "one video path (relative to the cache) per manifest line"),
+    CacheFile(FAILURES_FILE, "every failure record, one per line, in id order", keys=FAILURE_KEYS),
+    CacheFile(STATS_FILE, "statistics of the xyz latents, and the build config", keys=STATS_KEYS),
 )
 #: The per-clip files by their key in a record's ``files``.
 CLIP_FILES: dict[str, CacheFile] = {f.key: f for f in FILES if f.key}
-BUILD_CONFIG_FILE = "build_config.json"
-STATS_FILE = "stats.json"
-MANIFEST_FILE = "manifest.jsonl"
-
-
-def _file(path: str) -> CacheFile:
-    """The spec of the file at ``path`` (as written in FILES)."""
-    return next(f for f in FILES if f.path == path)
 
 
 def describe() -> str:
@@ -269,11 +269,13 @@ def clip_files(clip_id: str, prompt: str) -> dict[str, str]:
 
 
 def _record_path(out: Path, clip_id: str) -> Path:
-    return out / _file("records/<id>.json").path.replace("<id>", clip_id)
+    """Where a clip's record goes."""
+    return out / RECORD_FILE.replace("<id>", clip_id)
 
 
 def _failure_path(out: Path, clip_id: str) -> Path:
-    return out / _file("failures/<id>.json").path.replace("<id>", clip_id)
+    """Where a clip's failure record goes."""
+    return out / FAILURE_FILE.replace("<id>", clip_id)
 
 
 def write_clip_media(out: Path, clip: PreparedClip, files: dict[str, str]) -> None:
@@ -482,9 +484,9 @@ def merge(out: str | Path, clips: list[ClipSource], config: dict, show_progress:
         return MergeResult(len(records), len(failures), pending, False)
     lines = {
         MANIFEST_FILE: [json.dumps(r, sort_keys=True) for r in records],
-        "prompts.txt": [r["caption"] for r in records],
-        "videos.txt": [r["files"]["video"] for r in records],
-        "failures.jsonl": [json.dumps(f, sort_keys=True) for f in failures],
+        PROMPTS_FILE: [r["caption"] for r in records],
+        VIDEOS_FILE: [r["files"]["video"] for r in records],
+        FAILURES_FILE: [json.dumps(f, sort_keys=True) for f in failures],
     }
     texts = {name: "".join(line + "\n" for line in content) for name, content in lines.items()}
     texts[STATS_FILE] = json.dumps(merge_stats(records, config), indent=2) + "\n"
