@@ -413,6 +413,54 @@ def test_entries_that_fit_no_layout_are_failures_naming_the_layouts(nested_cache
     assert len(forms) == 3 and all(form in npz for form in forms)
 
 
+def test_discovery_rules(tmp_path):
+    """Ranges as the reference parses them (a .png after a number included), one layout per entry, subsets named
+    by the nested rules only, and two entries that would share an id refused."""
+    entries = [
+        "dynamic/dynamic_3/20001/frame_0.png-frame_8.png.npz",
+        "dynamic/dynamic_2/20002/clip_a_3-11/",
+        "dynamic/dynamic_3/20003/clip_3-11/",
+        "static/static_9/20004/frame_0-frame_8.npz",
+        "static/static_1/20005.npz",
+        "static/static_1/20005/",
+        "dynamic/dynamic_1/20006_0-8.npz",
+        "dynamic/dynamic_1/20006_0-8/",
+    ]
+    for entry in entries:
+        path = tmp_path / entry
+        if entry.endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    clips = {c.id: c for c in sources.find_clips(tmp_path).clips}
+    png = clips["dynamic/dynamic_3/20001/frame_0.png-frame_8.png"]
+    assert (png.layout, png.video, png.start, png.length, png.problem) == (
+        "dynamic_npz_in_video_folder",
+        "20001",
+        0,
+        9,
+        None,
+    )
+    named = clips["dynamic/dynamic_2/20002/clip_a_3-11"]
+    assert (named.layout, named.video, named.rgb, named.start, named.length) == (
+        "monst3r_in_video_folder",
+        "20002",
+        "raw/dynamic/dynamic_2/20002",
+        3,
+        9,
+    )
+    assert "fits no clip layout" in clips["dynamic/dynamic_3/20003/clip_3-11"].problem  # MonST3R folders: dynamic_1/2
+    assert "fits no clip layout" in clips["static/static_9/20004/frame_0-frame_8"].problem  # nested: static_1/2 only
+    assert set(clips) == {entry.removesuffix("/").removesuffix(".npz") for entry in entries}
+    assert clips["static/static_1/20005"].layout == "static_npz"  # the npz; the empty folder under static/ is no entry
+    same = clips["dynamic/dynamic_1/20006_0-8"].problem
+    assert same == (
+        "dynamic/dynamic_1/20006_0-8.npz and dynamic/dynamic_1/20006_0-8/ map to the same clip id "
+        "dynamic/dynamic_1/20006_0-8"
+    )
+
+
 def test_a_range_that_disagrees_with_the_frames_is_a_failure(tree, encoders, tmp_path):
     """MonST3R folder names are inclusive (the reference's rule): an exclusive name, or an npz holding other frames
     than its name says, is refused with both numbers, never guessed."""

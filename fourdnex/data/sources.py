@@ -6,7 +6,8 @@ Discovery walks ``--data_dir`` as the 4DNeX reference does: every leaf folder un
 layout of :data:`LAYOUTS`; an entry that fits none becomes a failure record naming the entry and the layouts it
 could have had, never a silent skip. Other files (GIF previews, notes) are listed as ignored.
 
-Every range in a name is inclusive: ``<start>-<end>`` covers ``end - start + 1`` frames. The range must agree with
+Every range in a name is inclusive: ``<start>-<end>`` covers ``end - start + 1`` frames (in npz names a ``.png``
+after either number is accepted, as the reference's parser accepts it). The range must agree with
 the frames the clip holds (depth files, npz frames); a clip where it does not is a failure naming both numbers.
 A clip's id is its entry's path without ``.npz`` or the trailing ``/`` (``dynamic/dynamic_1/10000/part_0-48``);
 clips are processed in the sorted order of their ids. Captions: ``caption/<subset>_with_caption_upload.csv``, columns
@@ -296,16 +297,18 @@ def find_clips(data_dir: str | Path, show_progress: bool = False) -> Discovery:
     entries, ignored = _entries(data_dir, show_progress)
     if not entries:
         raise UsageError(f"no clips under {data_dir}/dynamic or {data_dir}/static")
-    by_id: dict[str, list[ClipSource]] = defaultdict(list)
-    for rel, path in entries:
+    by_id: dict[str, list[tuple[str, ClipSource]]] = defaultdict(list)
+    for rel, path in sorted(entries):
         source = _source(rel, path, data_dir)
-        by_id[source.id].append(source)
+        by_id[source.id].append((rel, source))
     clips = []
-    for clip_id, sources in sorted(by_id.items()):
-        if len(sources) > 1:  # one id, one set of cache files: none of them is built
-            paths = " and ".join(s.path.relative_to(data_dir).as_posix() for s in sources)
-            sources[0] = replace(sources[0], problem=f"{paths} map to the same clip id {clip_id}")
-        clips.append(sources[0])
+    for clip_id, found in sorted(by_id.items()):
+        source = found[0][1]
+        if len(found) > 1:  # one id, one set of cache files: none of them is built
+            source = replace(
+                source, problem=f"{' and '.join(rel for rel, _ in found)} map to the same clip id {clip_id}"
+            )
+        clips.append(source)
     return Discovery(clips, ignored)
 
 
