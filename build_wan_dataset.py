@@ -1,6 +1,7 @@
-"""Build the training cache from 4DNeX-10M-style clips: cropped videos, normalized pointmaps (with what undoes the
+"""Build the training cache from 4DNeX-10M clips: cropped videos, normalized pointmaps (with what undoes the
 normalization), Wan VAE latents of RGB, XYZ and the condition, CLIP and UMT5 embeddings, lists, manifest, and the
-XYZ latent statistics. The cache layout is documented in fourdnex/data/sources.py and in the README.
+XYZ latent statistics. The clip layouts read are listed in fourdnex/data/sources.py, the cache layout is specified in
+fourdnex/data/cache.py (``python -m fourdnex.data.cache`` prints it); the README has both tables.
 
     python build_wan_dataset.py --data_dir ./data --out ./cache \\
         --model_path ./pretrained/Wan2.1-I2V-14B-480P-Diffusers --num_frames 49
@@ -18,6 +19,7 @@ import torch
 from fourdnex.cli import run
 from fourdnex.config import DEFAULT_MODEL_PATH
 from fourdnex.data.build import BuildConfig, build, merge_shards
+from fourdnex.data.prepare import CENTER_MODES
 
 
 def main(args: argparse.Namespace) -> None:
@@ -51,7 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cond_num_frames", type=int, default=None, help="condition frames (min(49, num_frames))")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips (in id order)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="the text encoder's dtype (auto: bf16 on GPU); the VAE and CLIP always run in float32",
+    )
+    parser.add_argument(
+        "--center",
+        default="clip",
+        choices=CENTER_MODES,
+        help="pointmap centring: clip (one centre, box and scale per clip: static points stay put) or per_frame "
+        "(the reference's, for an adapter compatible with the released one)",
+    )
     parser.add_argument("--batch_size", type=int, default=1, help="clips per VAE call")
     parser.add_argument("--num_workers", type=int, default=2, help="threads reading clips ahead")
     parser.add_argument("--retry_failed", action="store_true", help="try clips that failed before again")

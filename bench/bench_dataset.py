@@ -3,10 +3,16 @@
 Synthesizes ``--num_clips`` clips (one per subset in turn, so every clip format is read) of 81 x 480 x 720, builds
 the encoders, warms up on one clip, then times a full build of all clips. The floor is the Wan VAE encoder's FLOPs
 per clip (RGB + XYZ videos and the condition video, counted with torch.utils.flop_counter on the meta device)
-over the matmul rate this machine reaches in the encoders' dtype.
+over the matmul rate this machine reaches in the VAE's dtype (float32).
 
-    python bench/bench_dataset.py --device cuda --real-size   # Wan2.1 VAE + UMT5-XXL + CLIP ViT-H/14, random, bf16
+    python bench/bench_dataset.py --device cuda --real-size   # Wan2.1 VAE + UMT5-XXL + CLIP ViT-H/14, random
     python bench/bench_dataset.py --device cpu                # the tiny model of example/tiny-wan-i2v, fp32
+
+The encoders run as the build runs them: UMT5 in ``--dtype`` (bf16 on GPU), the VAE and CLIP in float32.
+
+``--clipping`` instead measures the pointmap clipping of ``--center clip`` and ``per_frame`` on synthetic dynamic
+clips (``--num_clips`` of ``--num_frames`` frames at ``--height x --width``): the share of points each clips, the
+scale, and how far the per-frame boxes' faces travel over a clip.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common
 from fourdnex.data.build import BuildConfig, Encoders, build
-from fourdnex.data.synthetic import write_tree
+from fourdnex.data.prepare import fit_normalization
+from fourdnex.data.synthetic import render_scene, write_tree
+from fourdnex.model.loading import ENCODER_DTYPE, load_components
 
 TINY = Path(__file__).resolve().parents[1] / "example" / "tiny-wan-i2v"
 
@@ -62,8 +71,9 @@ class TimedEncoders(Encoders):
 
 
 def real_size_components(device: str, dtype: torch.dtype) -> dict:
-    """The Wan2.1-I2V-14B encoders at their real sizes with random weights, all in ``dtype``, built on ``device``."""
-    return common.build_components(False, torch.device(device), dtype, vision_dtype=dtype)
+    """The Wan2.1-I2V-14B encoders at their real sizes with random weights, built on ``device``: UMT5 in ``dtype``,
+    the VAE and CLIP in ENCODER_DTYPE, as the build loads them."""
+    return common.build_components(False, torch.device(device), dtype, vision_dtype=ENCODER_DTYPE)
 
 
 def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_num_frames: int) -> dict[str, float]:
@@ -125,6 +135,44 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def clipping_table(num_clips: int, num_frames: int, height: int, width: int, seed: int) -> list[tuple]:
+    """Per synthetic dynamic clip ``seed + i``: its camera motion, the share of points ``--center clip`` and
+    ``per_frame`` clip, the clip's scale, the scale of the union of the per-frame boxes, and how far the per-frame
+    boxes' faces travel over the clip (as a share of that union's scale)."""
+    rows = []
+    for i in range(num_clips):
+        scene = render_scene(seed + i, num_frames, height, width, dynamic=True)
+        w2c0 = np.linalg.inv(scene.cam2world[0].astype(np.float64))
+        points = scene.points.astype(np.float64) @ w2c0[:3, :3].T + w2c0[:3, 3]  # (F, H, W, 3) first camera
+        clipped, boxes = {}, {}
+        for center in ("clip", "per_frame"):
+            norm = fit_normalization(points, center)
+            boxes[center] = (norm.center - norm.half_range, norm.center + norm.half_range)  # (F, 3) each
+            lo, hi = (b[:, None, None] for b in boxes[center])
+            clipped[center] = float(((points < lo) | (points > hi)).any(-1).mean())
+        lo, hi = boxes["per_frame"]
+        union_scale = float((hi.max(0) - lo.min(0)).max() / 2)
+        travel = float(max((lo.max(0) - lo.min(0)).max(), (hi.max(0) - hi.min(0)).max()) / union_scale)
+        clip_scale = float((boxes["clip"][1] - boxes["clip"][0]).max() / 2)
+        motion = scene.caption.split("camera ")[-1].rstrip(".")
+        rows.append((seed + i, motion, clipped["clip"], clipped["per_frame"], clip_scale, union_scale, travel))
+    return rows
+
+
+def print_clipping(args: argparse.Namespace) -> None:
+    """Print the --clipping table."""
+    rows = clipping_table(args.num_clips, args.num_frames, args.height, args.width, args.seed)
+    print(f"{args.num_clips} synthetic dynamic clips of {args.num_frames} x {args.height} x {args.width}\n")
+    print("| seed | camera | clipped, one box | clipped, per-frame boxes | scale, one box | scale, per-frame union "
+          "| per-frame faces travel |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for seed, motion, one, per_frame, scale, union_scale, travel in rows:
+        print(f"| {seed} | {motion} | {100 * one:.2f} % | {100 * per_frame:.2f} % | {scale:.2f} | {union_scale:.2f} "
+              f"| {100 * travel:.0f} % |")  # fmt: skip
+    mean = [sum(r[k] for r in rows) / len(rows) for k in (2, 3)]
+    print(f"| mean | | {100 * mean[0]:.2f} % | {100 * mean[1]:.2f} % | | | |")
+
+
 def main(args: argparse.Namespace) -> None:
     """Synthesize, warm up, time one build, print the table."""
     device = torch.device(args.device)
@@ -144,7 +192,7 @@ def main(args: argparse.Namespace) -> None:
     if args.real_size:
         pipe = WanImageToVideoPipeline(**real_size_components(args.device, dtype), transformer=None)
     else:
-        pipe = WanImageToVideoPipeline.from_pretrained(str(TINY), transformer=None, dtype=dtype)
+        pipe = WanImageToVideoPipeline(**load_components(TINY, dtype, transformer=False))
     encoders = TimedEncoders(pipe, device)
     _sync(device)
     load_s = time.perf_counter() - start
@@ -183,7 +231,7 @@ def main(args: argparse.Namespace) -> None:
 
     flops = vae_flops(dict(pipe.vae.config), args.num_frames, args.height, args.width, cond_frames)
     flops.update({f"{k}_encoder": v for k, v in encoder_flops(pipe).items()})
-    rate = matmul_rate(device, dtype)
+    rate = matmul_rate(device, ENCODER_DTYPE)  # the VAE's and CLIP's dtype; the floor is theirs
     floor_s = flops["clip"] / rate
     all_floor_s = (flops["clip"] + flops["umt5_encoder"] + flops["clip_encoder"]) / rate
     per_clip = {k: v / clips for k, v in encoders.seconds.items()}
@@ -193,7 +241,7 @@ def main(args: argparse.Namespace) -> None:
             "device",
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
         ),
-        ("model / dtype", f"{model} / {str(dtype).removeprefix('torch.')}"),
+        ("model / dtype", f"{model} / UMT5 {str(dtype).removeprefix('torch.')}, VAE + CLIP float32"),
         (
             "clip",
             f"{args.num_frames} x {args.height} x {args.width}, condition {cond_frames} frames, "
@@ -251,9 +299,16 @@ if __name__ == "__main__":
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="UMT5's dtype; default: bf16 on GPU, fp32 on CPU"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder for the synthetic clips and caches (kept; reused)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     parser.add_argument("--quiet", action="store_true")
-    main(parser.parse_args())
+    parser.add_argument("--clipping", action="store_true", help="measure the pointmap clipping instead (CPU)")
+    arguments = parser.parse_args()
+    if arguments.clipping:
+        print_clipping(arguments)
+    else:
+        main(arguments)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fourdnex.data.synthetic import render_scene
+from fourdnex.data.synthetic import render_scene, window
 from fourdnex.geometry.cameras import quaternion_to_rotation, rotation_to_quaternion, unproject_depth
 
 
@@ -67,3 +67,12 @@ def test_quaternion_round_trip(scene):
     for c2w in scene.cam2world:
         rot = c2w[:3, :3].astype(np.float64)
         np.testing.assert_allclose(quaternion_to_rotation(rotation_to_quaternion(rot)), rot, atol=1e-6)
+
+
+def test_window_is_a_slice_of_every_array(scene):
+    part = window(scene, 2, 5)
+    for name in ("rgb", "depth", "points", "K", "cam2world", "dynamic_mask", "labels"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(scene, name)[2:7])
+    assert part.caption == scene.caption
+    with pytest.raises(ValueError, match=r"frames 6\.\.10 are not all in a scene of 9 frames"):
+        window(scene, 6, 5)

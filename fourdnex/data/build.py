@@ -1,11 +1,11 @@
-"""Building the training cache: load the encoders once, read clips ahead in threads, batch the VAE work.
+"""Building the training cache: find the clips, load the encoders once, read and prepare clips ahead in threads,
+batch the VAE work, write through :mod:`fourdnex.data.cache` (where the layout is specified), merge the shards.
 
-The cache layout is documented in :mod:`fourdnex.data.sources`; ``build_wan_dataset.py`` is the command line.
+``build_wan_dataset.py`` is the command line.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from fourdnex.config import check_video_shape
-from fourdnex.data import sources as data
-from fourdnex.data.sources import ClipError, ClipSource, PreparedClip
+from fourdnex.data import cache
+from fourdnex.data.prepare import CENTER_MODES, PreparedClip, prepare_clip
+from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, read_clip
 from fourdnex.errors import UsageError
-from fourdnex.files import write_json, write_safetensors
 from fourdnex.model.fusion import condition_video, encode_latents
-from fourdnex.model.loading import load_components
+from fourdnex.model.loading import ENCODER_DTYPE, load_components
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,7 +41,8 @@ class BuildConfig:
     task_idx: int = 0
     limit: int | None = None
     device: str = "cpu"
-    dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"  # the text encoder's; "auto": bf16 on GPU, fp32 on CPU (VAE and CLIP: ENCODER_DTYPE)
+    center: str = "clip"  # pointmap centring: one of prepare.CENTER_MODES
     batch_size: int = 1
     num_workers: int = 2
     retry_failed: bool = False
@@ -66,23 +67,29 @@ class BuildConfig:
             raise UsageError(f"batch_size and num_workers must be positive, got {self.batch_size}, {self.num_workers}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UsageError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.center not in CENTER_MODES:
+            raise UsageError(f"center must be one of {list(CENTER_MODES)}, got {self.center!r}")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        """The encoders' dtype."""
+    def text_encoder_dtype(self) -> torch.dtype:
+        """The UMT5 text encoder's dtype (the VAE and CLIP always run in ENCODER_DTYPE)."""
         if self.dtype == "auto":
             return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
         return DTYPES[self.dtype]
 
     def cache_config(self) -> dict:
-        """What a cache depends on; a cache built with other values is refused."""
+        """What a cache depends on (build_config.json, keys :data:`cache.BUILD_CONFIG_KEYS`); a cache built with
+        other values is refused."""
         return {
             "model_path": self.model_path,
             "resolution_h": self.resolution_h,
             "resolution_w": self.resolution_w,
             "num_frames": self.num_frames,
             "cond_num_frames": self.cond_num_frames,
-            "dtype": str(self.torch_dtype).removeprefix("torch."),
+            "text_encoder_dtype": str(self.text_encoder_dtype).removeprefix("torch."),
+            "encoder_dtype": str(ENCODER_DTYPE).removeprefix("torch."),
+            "center": self.center,
+            "clipping": self.center,
         }
 
 
@@ -95,12 +102,13 @@ class Encoders:
         self.vae = pipe.vae
 
     @classmethod
-    def load(cls, model_path: str | Path, device: str, dtype: torch.dtype) -> Encoders:
-        """Load every component but the transformer from a diffusers Wan2.1-I2V folder (text encoder in ``dtype``,
-        VAE and image encoder as :func:`fourdnex.model.loading.load_components` loads them everywhere)."""
+    def load(cls, model_path: str | Path, device: str, text_encoder_dtype: torch.dtype) -> Encoders:
+        """Load every component but the transformer from a diffusers Wan2.1-I2V folder: the text encoder in
+        ``text_encoder_dtype``, the VAE and image encoder in ENCODER_DTYPE (float32), as everywhere."""
         from diffusers import WanImageToVideoPipeline
 
-        return cls(WanImageToVideoPipeline(**load_components(model_path, dtype, transformer=False)), device)
+        components = load_components(model_path, text_encoder_dtype, transformer=False)
+        return cls(WanImageToVideoPipeline(**components), device)
 
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor) -> torch.Tensor:
@@ -173,56 +181,6 @@ def encode_batch(encoders: Encoders, clips: list[PreparedClip], cond_num_frames:
     return [{"rgb": latents[2 * i], "xyz": latents[2 * i + 1], "cond": conds[i]} for i in range(len(clips))]
 
 
-def _record(clip: PreparedClip, files: dict[str, str], latents: dict[str, torch.Tensor], cfg: BuildConfig) -> dict:
-    """The manifest line of a finished clip."""
-    source = clip.source
-    return {
-        "id": source.id,
-        "kind": source.kind,
-        "subset": source.subset,
-        "format": source.format,
-        "number": clip.number,
-        "caption": clip.caption,
-        "prompt": clip.prompt,
-        "prompt_sha256": data.prompt_hash(clip.prompt),
-        "source_frames": clip.source_frames,
-        "num_frames": cfg.num_frames,
-        "cond_num_frames": cfg.cond_num_frames,
-        "height": cfg.resolution_h,
-        "width": cfg.resolution_w,
-        "reader": clip.reader,
-        "intrinsics_source": clip.intrinsics_source,
-        "files": files,
-        "latent_shape": list(latents["rgb"].shape),
-        "normalization": {
-            "center": clip.center.tolist(),
-            "scale": clip.scale,
-            "cam2world0": clip.cam2world[0].tolist(),
-            "K0": clip.intrinsics[0].tolist(),
-        },
-        "xyz_latent_sums": data.xyz_sums(latents["xyz"]),
-    }
-
-
-def _write_failure(out: Path, source: ClipSource, reason: str) -> None:
-    """Record why a clip failed."""
-    path = out / "failures" / f"{source.id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"id": source.id, "format": source.format, "reason": reason})
-
-
-def _check_config(out: Path, config: dict) -> None:
-    """Write build_config.json, or refuse a cache that was built with other settings."""
-    path = out / data.CONFIG_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != config:
-            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-            raise UsageError(f"{out} was built with other settings (cached, requested): {diff}; use another --out")
-    else:
-        write_json(path, config)
-
-
 def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: bool = True) -> BuildSummary:
     """Run one shard of the cache build, then merge if every clip of the run is accounted for.
 
@@ -233,41 +191,27 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
     cfg.validate()
     start = time.perf_counter()
     out = Path(cfg.out)
-    data_dir = Path(cfg.data_dir)
-    clips, ignored = data.find_clips(data_dir)
-    if cfg.limit is not None:
-        clips = clips[: cfg.limit]
+    found = find_clips(cfg.data_dir, show_progress)
+    clips = found.clips[: cfg.limit] if cfg.limit is not None else found.clips
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.cache_config()
-    _check_config(out, config)
+    cache.check_build_config(out, config)
 
     mine = clips[cfg.task_idx :: cfg.num_tasks]
-    todo = [
-        c
-        for c in mine
-        if not data.is_done(out, c.id) and (cfg.retry_failed or not (out / "failures" / f"{c.id}.json").is_file())
-    ]
-    captions: dict[str, dict[int, str] | ClipError] = {}
+    todo = [c for c in mine if not cache.is_done(out, c.id) and (cfg.retry_failed or not cache.has_failed(out, c.id))]
+    captions = Captions(cfg.data_dir)
 
     def load(source: ClipSource) -> PreparedClip:
-        if source.subset not in captions:
-            try:
-                captions[source.subset] = data.read_captions(data_dir, source.subset)
-            except ClipError as err:
-                captions[source.subset] = err
-        subset_captions = captions[source.subset]
-        if isinstance(subset_captions, ClipError):
-            raise subset_captions
-        raw = data.read_clip(data_dir, source, subset_captions)
-        clip = data.prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w)
-        data.write_clip_media(out, clip, data.clip_files(source.id, clip.prompt))  # video encoding, off the GPU loop
+        raw = read_clip(source, captions)
+        clip = prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w, cfg.center)
+        cache.write_clip_media(out, clip, cache.clip_files(source.id, clip.prompt))  # video encoding, off the GPU
         return clip
 
     processed = failed_now = 0
     bar = tqdm(total=len(todo), unit="clip", desc=f"shard {cfg.task_idx}/{cfg.num_tasks}", disable=not show_progress)
     if todo:
         if encoders is None:
-            encoders = Encoders.load(cfg.model_path, cfg.device, cfg.torch_dtype)
+            encoders = Encoders.load(cfg.model_path, cfg.device, cfg.text_encoder_dtype)
         seen_prompts: set[str] = set()
         with ThreadPoolExecutor(cfg.num_workers) as pool:
             queue: deque[tuple[ClipSource, Future]] = deque()
@@ -286,10 +230,10 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
                     return
                 for clip, latents in zip(batch, encode_batch(encoders, batch, cfg.cond_num_frames), strict=True):
                     try:
-                        _write_clip(out, clip, latents, encoders, cfg, seen_prompts)
+                        _write_clip(out, clip, latents, encoders, config, seen_prompts)
                         processed += 1
                     except ClipError as err:
-                        _write_failure(out, clip.source, str(err))
+                        cache.write_failure(out, clip.source, str(err))
                         failed_now += 1
                     bar.update()
                 batch.clear()
@@ -301,7 +245,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
                 try:
                     batch.append(future.result())
                 except ClipError as err:
-                    _write_failure(out, source, str(err))
+                    cache.write_failure(out, source, str(err))
                     failed_now += 1
                     bar.update()
                     continue
@@ -310,7 +254,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
             flush()
     bar.close()
 
-    result = data.merge(out, clips, config)
+    result = cache.merge(out, clips, config, show_progress)
     return BuildSummary(
         total=len(clips),
         assigned=len(mine),
@@ -321,22 +265,21 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
         failed=result.failed,
         pending=result.pending,
         merged=result.written,
-        ignored=ignored,
+        ignored=found.ignored,
         seconds=time.perf_counter() - start,
     )
 
 
-def merge_shards(data_dir: str | Path, out: str | Path, limit: int | None = None) -> data.MergeResult:
+def merge_shards(
+    data_dir: str | Path, out: str | Path, limit: int | None = None, show_progress: bool = True
+) -> cache.MergeResult:
     """Combine the shards' records into the lists, manifest and statistics, with the cache's recorded config.
 
-    Raises ValueError if the cache has no build_config.json or some clip has neither a record nor a failure.
+    Raises UsageError if the cache has no build_config.json or some clip has neither a record nor a failure.
     """
-    config_path = Path(out) / data.CONFIG_FILE
-    if not config_path.is_file():
-        raise UsageError(f"{out} holds no {data.CONFIG_FILE}: nothing was built there")
-    clips, _ = data.find_clips(data_dir)
-    clips = clips[:limit] if limit is not None else clips
-    result = data.merge(out, clips, json.loads(config_path.read_text()))
+    config = cache.read_build_config(out)
+    clips = find_clips(data_dir, show_progress).clips
+    result = cache.merge(out, clips[:limit] if limit is not None else clips, config, show_progress)
     if not result.written:
         raise UsageError(f"{result.pending} clips have neither a record nor a failure yet (other shards running?)")
     return result
@@ -347,7 +290,7 @@ def _write_clip(
     clip: PreparedClip,
     latents: dict[str, torch.Tensor],
     encoders: Encoders,
-    cfg: BuildConfig,
+    config: dict,
     seen_prompts: set[str],
 ) -> None:
     """Write the latents and embeddings of a clip (its media are written by the reader), its record last.
@@ -358,24 +301,10 @@ def _write_clip(
     for key, value in latents.items():
         if not torch.isfinite(value).all():
             raise ClipError(f"{source.id}: the {key} latent is not finite")
-    files = data.clip_files(source.id, clip.prompt)
-    write_safetensors(
-        out / files["latents"],
-        latents,
-        {
-            "num_frames": str(cfg.num_frames),
-            "cond_num_frames": str(cfg.cond_num_frames),
-            "cond_layout": "rgbxyz",
-            "normalization": "VAE latents_mean/latents_std; xyz not XYZ-normalized",
-        },
-    )
-    write_safetensors(out / files["clip"], {"clip_embeds": encoders.encode_image(clip.rgb[0])})
-    prompt_file = out / files["prompt"]
-    if clip.prompt not in seen_prompts and not prompt_file.is_file():
-        embeds = encoders.encode_prompt(clip.prompt)
-        write_safetensors(prompt_file, {"prompt_embeds": embeds}, {"prompt": clip.prompt})
+    files = cache.clip_files(source.id, clip.prompt)
+    cache.write_latents(out, files, latents, config)
+    cache.write_clip_embeds(out, files, encoders.encode_image(clip.rgb[0]))
+    if clip.prompt not in seen_prompts and not (out / files["prompt"]).is_file():
+        cache.write_prompt_embeds(out, files, clip.prompt, encoders.encode_prompt(clip.prompt))
     seen_prompts.add(clip.prompt)
-    record_path = out / "records" / f"{source.id}.json"
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(record_path, _record(clip, files, latents, cfg))
-    (out / "failures" / f"{source.id}.json").unlink(missing_ok=True)
+    cache.write_record(out, cache.clip_record(clip, files, latents, config))

@@ -1,38 +1,504 @@
-"""The training view of a latent cache (what ``build_wan_dataset.py`` writes): fused samples for the loss.
+"""The training cache: its layout (specified once, here), its writers (used by the build) and its reader (training).
 
-The cache layout is documented in :mod:`fourdnex.data.sources`; what training reads of it:
-    stats.json                  xyz_latent_mean / xyz_latent_std, resolution_h / resolution_w (per modality),
-                                num_frames, cond_num_frames, model_path
-    manifest.jsonl              one clip per line: {"id", "files": {"latents", "clip", "prompt", "first_frame"}, ...}
-                                paths relative to the cache
-    latents/<id>.safetensors    rgb, xyz (16, T, h, w) VAE-normalized (XYZ not yet XYZ-normalized);
-                                cond (16, Tc, h, 2w): VAE-normalized encoding of [first frame | sloped plane] + zeros
-    clip/<id>.safetensors       clip_embeds (257, image_dim): CLIP's penultimate hidden state of the first frame
-    prompt/<sha256>.safetensors prompt_embeds (512, text_dim): UMT5 embedding of caption + PROMPT_SUFFIX
+:data:`FILES` lists every file of a cache with its content: the tensors of each safetensors file (shape, dtype,
+meaning), the safetensors metadata, and the keys of each JSON object; :data:`MANIFEST_KEYS`, :data:`STATS_KEYS`,
+:data:`FAILURE_KEYS` and :data:`BUILD_CONFIG_KEYS` are those key lists. The writers below use these names and a test
+holds them to it; :func:`describe` renders the layout (appended to this docstring) and :func:`markdown_table` the
+README's table (``python -m fourdnex.data.cache --markdown``).
 
-A training sample keeps the first ``num_latent_frames`` latent frames. The Wan VAE is causal in time, so the first
-frames of a longer encoding equal the encoding of the shorter clip, and the cached condition is cut the same way.
-A cache whose condition is shorter than the training length has its condition encoded from the cached first frame
-by a ``condition_encoder`` (the VAE), once per sample read.
+Shapes: F = ``num_frames``, H x W = the resolution per modality, T = (F - 1) / 4 + 1 latent frames,
+Tc = (cond_num_frames - 1) / 4 + 1; the sizes in brackets are those of the real Wan2.1-I2V-14B encoders at
+81 x 480 x 720. ``<id>`` is a clip's id (:mod:`fourdnex.data.sources`), so per-clip files sit in sub-folders.
+
+Training reads ``stats.json`` (XYZ latent statistics, sizes, frame counts, the centring), the manifest's ``files``,
+the latents and the two embeddings. A training sample keeps the first ``num_latent_frames`` latent frames. The Wan
+VAE is causal in time, so the first frames of a longer encoding equal the encoding of the shorter clip, and the
+cached condition is cut the same way. A cache whose condition is shorter than the training length has its condition
+encoded from the cached first frame by a ``condition_encoder`` (the VAE), once per sample read.
+
+Every file is written atomically; a clip's record is written last and marks it done. The lists, manifest and
+statistics are written once every clip of the run's ``--limit`` has a record or a failure (by the last shard to
+finish, or by ``build_wan_dataset.py --merge``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fourdnex.config import latent_frames, video_frames
-from fourdnex.errors import FourDNeXError
+from fourdnex.errors import FourDNeXError, UsageError
+from fourdnex.files import write_json, write_png, write_safetensors, write_text, write_video
 from fourdnex.model.fusion import fuse_width, normalize_xyz, soft_mask
 
+if TYPE_CHECKING:
+    from fourdnex.data.prepare import PreparedClip
+    from fourdnex.data.sources import ClipSource
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layout
+
+
+@dataclass(frozen=True)
+class Field:
+    """One named item of a cache file: a key of a JSON object, a tensor of a safetensors file, or a metadata entry.
+    ``shape`` and ``dtype`` are set for tensors (dtype ``text encoder``: build_config.json's text_encoder_dtype)."""
+
+    name: str
+    meaning: str
+    shape: str = ""
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """One file of the cache: its path (relative to the cache; ``<id>`` and ``<sha256>`` filled in per clip) and
+    what it holds. ``key`` names the per-clip files in a record's ``files``."""
+
+    path: str
+    content: str
+    key: str | None = None
+    tensors: tuple[Field, ...] = ()
+    metadata: tuple[Field, ...] = ()
+    keys: tuple[Field, ...] = ()
+
+
+BUILD_CONFIG_KEYS: tuple[Field, ...] = (
+    Field("model_path", "the Wan2.1-I2V folder the encoders came from"),
+    Field("resolution_h", "H, pixels per modality"),
+    Field("resolution_w", "W, pixels per modality"),
+    Field("num_frames", "F, frames per clip"),
+    Field("cond_num_frames", "frames the cached condition covers"),
+    Field("text_encoder_dtype", "the UMT5 encoder's dtype (--dtype)"),
+    Field("encoder_dtype", "the VAE's and CLIP's dtype (float32 everywhere)"),
+    Field("center", "the pointmap centring: clip (one centre per clip) or per_frame (the reference's)"),
+    Field("clipping", "the pointmap clipping boxes (2nd-98th percentile per axis): clip or per_frame"),
+)
+FAILURE_KEYS: tuple[Field, ...] = (
+    Field("id", "the clip id (for an entry that fits no layout: its path without .npz)"),
+    Field("format", "monst3r, dynamic_npz or static_npz"),
+    Field("layout", "the layout the entry fits (fourdnex.data.sources.LAYOUTS), null if none"),
+    Field("reason", "what is wrong, naming the file"),
+)
+MANIFEST_KEYS: tuple[Field, ...] = (
+    Field("id", "the clip id"),
+    Field("kind", "dynamic or static"),
+    Field("subset", "e.g. dynamic_1"),
+    Field("layout", "the layout the clip was found in"),
+    Field("format", "monst3r, dynamic_npz or static_npz"),
+    Field("number", "the caption id"),
+    Field("caption", "the caption, as in prompts.txt"),
+    Field("prompt", "the text UMT5 encoded: caption + ' POINTMAP_STYLE.'"),
+    Field("prompt_sha256", "sha256 of the prompt's UTF-8 text: the name of its embedding file"),
+    Field("rgb_source", "the raw video or image folder (relative to --data_dir), null when the npz holds the images"),
+    Field("rgb_start", "the first RGB frame of the clip in it"),
+    Field("source_frames", "frames the clip has before padding"),
+    Field("num_frames", "F"),
+    Field("cond_num_frames", "frames of the cached condition"),
+    Field("height", "H"),
+    Field("width", "W"),
+    Field("reader", "what decoded the RGB: decord, pyav, images or npz"),
+    Field("intrinsics_source", "given (from the clip) or fitted (to its points)"),
+    Field("files", "the clip's files (keys as in this table), relative to the cache"),
+    Field("latent_shape", "shape of the rgb latent"),
+    Field("normalization", "center (F x 3), scale, cam2world0 (4 x 4), K0 (3 x 3)"),
+    Field("xyz_latent_sums", "count, sum, sumsq and per-channel sums of the xyz latent (for stats.json)"),
+)
+STATS_KEYS: tuple[Field, ...] = (
+    Field("xyz_latent_mean", "mean over every element of every cached xyz latent (null without clips)"),
+    Field("xyz_latent_std", "their population standard deviation"),
+    Field("xyz_latent_channel_mean", "per channel (16)"),
+    Field("xyz_latent_channel_std", "per channel (16)"),
+    Field("count", "elements counted"),
+    Field("num_clips", "clips in the manifest"),
+    Field("note", "what the statistics are over"),
+    *BUILD_CONFIG_KEYS,
+)
+
+BUILD_CONFIG_FILE = "build_config.json"
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "manifest.jsonl"
+PROMPTS_FILE = "prompts.txt"
+VIDEOS_FILE = "videos.txt"
+FAILURES_FILE = "failures.jsonl"
+RECORD_FILE = "records/<id>.json"
+FAILURE_FILE = "failures/<id>.json"
+#: Every file of a cache. Per-clip files first, in the order a record lists them.
+FILES: tuple[CacheFile, ...] = (
+    CacheFile("videos/<id>.mp4", "the cropped RGB video, F x H x W, 24 fps", key="video"),
+    CacheFile("first_frames/<id>.png", "its first frame, H x W RGB", key="first_frame"),
+    CacheFile(
+        "pointmaps/<id>.safetensors",
+        "the normalized pointmap and what undoes it: metric = pointmap * scale + center[f] (first camera's frame, "
+        "OpenCV axes) for every point inside its clipping box; world = cam2world0 @ metric",
+        key="pointmap",
+        tensors=(
+            Field("pointmap", "normalized, in [-1, 1], pixel-aligned with the video", "(F, H, W, 3)", "float16"),
+            Field("center", "the centre per frame (equal rows with --center clip)", "(F, 3)", "float64"),
+            Field("scale", "source units (metres if the source is metric) per normalized unit", "()", "float64"),
+            Field("half_range", "the clipping box is center +- half_range (metric)", "(F, 3)", "float64"),
+            Field("cam2world0", "the first camera, camera-to-world, in the source's world", "(4, 4)", "float64"),
+            Field("cam2world", "every frame's camera, camera-to-world, in the source's world", "(F, 4, 4)", "float64"),
+            Field("intrinsics", "K of the cropped H x W frames (pixel centres at +0.5)", "(F, 3, 3)", "float64"),
+            Field("frame_indices", "the source frame of each frame (ping-pong padding)", "(F,)", "int64"),
+        ),
+        metadata=(
+            Field("frame", "first camera, OpenCV axes"),
+            Field("intrinsics_source", "given or fitted"),
+            Field("center", "clip or per_frame"),
+            Field("clipping", "clip or per_frame"),
+        ),
+    ),
+    CacheFile("pointmap_previews/<id>.mp4", "the normalized pointmap as colours (xyz + 1) / 2", key="pointmap_preview"),
+    CacheFile(
+        "latents/<id>.safetensors",
+        "Wan VAE posterior modes after the VAE's own (z - latents_mean) / latents_std",
+        key="latents",
+        tensors=(
+            Field("rgb", "the video", "(16, T, H/8, W/8) [16, 21, 60, 90]", "float32"),
+            Field(
+                "xyz",
+                "the pointmap video; NOT yet XYZ-normalized (apply (z - mean) / std from stats.json)",
+                "(16, T, H/8, W/8)",
+                "float32",
+            ),
+            Field(
+                "cond",
+                "the condition: fusion.condition_video(first frame, cond_num_frames, 'rgbxyz') ([RGB | sloped plane], "
+                "then zero frames)",
+                "(16, Tc, H/8, 2 W/8) [16, 13, 60, 180]",
+                "float32",
+            ),
+        ),
+        metadata=(
+            Field("num_frames", "F"),
+            Field("cond_num_frames", "frames of the condition"),
+            Field("cond_layout", "rgbxyz"),
+            Field("normalization", "which normalizations the latents carry"),
+        ),
+    ),
+    CacheFile(
+        "clip/<id>.safetensors",
+        "the CLIP image embedding of the first frame",
+        key="clip",
+        tensors=(Field("clip_embeds", "CLIP's penultimate hidden layer", "(257, 1280)", "float32"),),
+    ),
+    CacheFile(
+        "prompt/<sha256>.safetensors",
+        "the UMT5 embedding of caption + ' POINTMAP_STYLE.', named by the sha256 of that text (UTF-8)",
+        key="prompt",
+        tensors=(Field("prompt_embeds", "zero after the prompt's tokens", "(512, 4096)", "text encoder"),),
+        metadata=(Field("prompt", "the prompt text"),),
+    ),
+    CacheFile(
+        "records/<id>.json", "the clip's manifest line; written last, so it marks the clip done", keys=MANIFEST_KEYS
+    ),
+    CacheFile(FAILURE_FILE, "why a clip or an entry that fits no layout could not be used", keys=FAILURE_KEYS),
+    CacheFile(
+        "build_config.json",
+        "the settings the cache was built with; a run with other ones is refused",
+        keys=BUILD_CONFIG_KEYS,
+    ),
+    CacheFile(MANIFEST_FILE, "the records, one JSON object per line, in clip id order", keys=MANIFEST_KEYS),
+    CacheFile(PROMPTS_FILE, "one caption per manifest line (without ' POINTMAP_STYLE.', as the reference writes it)"),
+    CacheFile(VIDEOS_FILE, "one video path (relative to the cache) per manifest line"),
+    CacheFile(FAILURES_FILE, "every failure record, one per line, in id order", keys=FAILURE_KEYS),
+    CacheFile(STATS_FILE, "statistics of the xyz latents, and the build config", keys=STATS_KEYS),
+)
+#: The per-clip files by their key in a record's ``files``.
+CLIP_FILES: dict[str, CacheFile] = {f.key: f for f in FILES if f.key}
+
+
+def describe() -> str:
+    """The cache layout as text: every file with its content, tensors, metadata and keys."""
+    lines = []
+    for f in FILES:
+        lines += textwrap.wrap(f.content, 116, initial_indent=f"    {f.path:<32} ", subsequent_indent=" " * 37)
+        for t in f.tensors:
+            text = f"{t.name} {t.shape} {t.dtype}: {t.meaning}"
+            lines += textwrap.wrap(text, 114, initial_indent=" " * 39, subsequent_indent=" " * 41)
+        if f.metadata:
+            lines += textwrap.wrap("metadata: " + ", ".join(m.name for m in f.metadata), 114, initial_indent=" " * 39)
+        for k in f.keys:
+            lines += textwrap.wrap(f"{k.name}: {k.meaning}", 114, initial_indent=" " * 39, subsequent_indent=" " * 41)
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The cache layout as the README's markdown table: one row per file."""
+    rows = ["| file | content |", "|---|---|"]
+    for f in FILES:
+        parts = [f.content]
+        parts += [f"`{t.name}` {t.shape} {t.dtype}: {t.meaning}" for t in f.tensors]
+        if f.metadata:
+            parts.append("metadata " + ", ".join(f"`{m.name}`" for m in f.metadata))
+        if f.keys:
+            parts.append("keys " + ", ".join(f"`{k.name}`" for k in f.keys))
+        rows.append(f"| `{f.path}` | " + "; ".join(parts).replace("|", "\\|") + " |")
+    return "\n".join(rows)
+
+
+__doc__ = (__doc__ or "") + "\nLayout (:data:`FILES`)::\n\n" + describe() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writers (the build)
+
+
+def prompt_hash(prompt: str) -> str:
+    """The sha256 (hex) of a prompt's UTF-8 text: the name of its embedding file."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def clip_files(clip_id: str, prompt: str) -> dict[str, str]:
+    """Every cached file of a clip by its key, relative to the cache root."""
+    return {
+        key: f.path.replace("<id>", clip_id).replace("<sha256>", prompt_hash(prompt)) for key, f in CLIP_FILES.items()
+    }
+
+
+def _record_path(out: Path, clip_id: str) -> Path:
+    """Where a clip's record goes."""
+    return out / RECORD_FILE.replace("<id>", clip_id)
+
+
+def _failure_path(out: Path, clip_id: str) -> Path:
+    """Where a clip's failure record goes."""
+    return out / FAILURE_FILE.replace("<id>", clip_id)
+
+
+def write_clip_media(out: Path, clip: PreparedClip, files: dict[str, str]) -> None:
+    """The video, first frame, pointmap (with its normalization) and pointmap preview of a prepared clip."""
+    for key in ("video", "first_frame", "pointmap", "pointmap_preview"):
+        (out / files[key]).parent.mkdir(parents=True, exist_ok=True)
+    write_video(out / files["video"], clip.rgb)
+    write_png(out / files["first_frame"], clip.rgb[0])
+    preview = ((clip.pointmap + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+    write_video(out / files["pointmap_preview"], preview)
+    write_safetensors(
+        out / files["pointmap"],
+        {
+            "pointmap": torch.from_numpy(clip.pointmap).half(),
+            "center": torch.from_numpy(clip.center),
+            "scale": torch.tensor(clip.scale, dtype=torch.float64),
+            "half_range": torch.from_numpy(clip.half_range),
+            "cam2world0": torch.from_numpy(clip.cam2world[0]),
+            "cam2world": torch.from_numpy(clip.cam2world),
+            "intrinsics": torch.from_numpy(clip.intrinsics),
+            "frame_indices": torch.from_numpy(clip.frame_indices),
+        },
+        {
+            "frame": "first camera, OpenCV axes",
+            "intrinsics_source": clip.intrinsics_source,
+            "center": clip.center_mode,
+            "clipping": clip.center_mode,
+        },
+    )
+
+
+def write_latents(out: Path, files: dict[str, str], latents: dict[str, torch.Tensor], config: dict) -> None:
+    """A clip's ``rgb``, ``xyz`` ``(16, T, h, w)`` and ``cond`` ``(16, Tc, h, 2w)`` latents, as float32."""
+    write_safetensors(
+        out / files["latents"],
+        {key: latents[key].float() for key in ("rgb", "xyz", "cond")},
+        {
+            "num_frames": str(config["num_frames"]),
+            "cond_num_frames": str(config["cond_num_frames"]),
+            "cond_layout": "rgbxyz",
+            "normalization": "VAE latents_mean/latents_std; xyz not XYZ-normalized",
+        },
+    )
+
+
+def write_clip_embeds(out: Path, files: dict[str, str], embeds: torch.Tensor) -> None:
+    """A clip's CLIP image embedding ``(257, D)``."""
+    write_safetensors(out / files["clip"], {"clip_embeds": embeds})
+
+
+def write_prompt_embeds(out: Path, files: dict[str, str], prompt: str, embeds: torch.Tensor) -> None:
+    """The UMT5 embedding ``(512, D)`` of ``prompt`` (caption + suffix), under the name of its hash."""
+    write_safetensors(out / files["prompt"], {"prompt_embeds": embeds}, {"prompt": prompt})
+
+
+def xyz_sums(xyz: torch.Tensor) -> dict:
+    """Sums for the dataset statistics of one xyz latent ``(16, T, h, w)``, in float64."""
+    z = xyz.double()
+    return {
+        "count": int(z.numel()),
+        "sum": float(z.sum()),
+        "sumsq": float((z * z).sum()),
+        "channel_count": int(z[0].numel()),
+        "channel_sum": z.sum(dim=(1, 2, 3)).tolist(),
+        "channel_sumsq": (z * z).sum(dim=(1, 2, 3)).tolist(),
+    }
+
+
+def clip_record(clip: PreparedClip, files: dict[str, str], latents: dict[str, torch.Tensor], config: dict) -> dict:
+    """The manifest line of a finished clip (keys: :data:`MANIFEST_KEYS`)."""
+    source = clip.source
+    return {
+        "id": source.id,
+        "kind": source.kind,
+        "subset": source.subset,
+        "layout": source.layout,
+        "format": source.format,
+        "number": clip.number,
+        "caption": clip.caption,
+        "prompt": clip.prompt,
+        "prompt_sha256": prompt_hash(clip.prompt),
+        "rgb_source": source.rgb,
+        "rgb_start": source.start,
+        "source_frames": clip.source_frames,
+        "num_frames": config["num_frames"],
+        "cond_num_frames": config["cond_num_frames"],
+        "height": config["resolution_h"],
+        "width": config["resolution_w"],
+        "reader": clip.reader,
+        "intrinsics_source": clip.intrinsics_source,
+        "files": files,
+        "latent_shape": list(latents["rgb"].shape),
+        "normalization": {
+            "center": clip.center.tolist(),
+            "scale": clip.scale,
+            "cam2world0": clip.cam2world[0].tolist(),
+            "K0": clip.intrinsics[0].tolist(),
+        },
+        "xyz_latent_sums": xyz_sums(latents["xyz"]),
+    }
+
+
+def write_record(out: Path, record: dict) -> None:
+    """Mark a clip done: its record, written after every file it names; a failure recorded before is removed."""
+    path = _record_path(out, record["id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    _failure_path(out, record["id"]).unlink(missing_ok=True)
+
+
+def write_failure(out: Path, source: ClipSource, reason: str) -> None:
+    """Record why a clip (or an entry that fits no layout) could not be used (keys: :data:`FAILURE_KEYS`)."""
+    path = _failure_path(out, source.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"id": source.id, "format": source.format, "layout": source.layout, "reason": reason})
+
+
+def has_failed(out: Path, clip_id: str) -> bool:
+    """Whether a clip has a failure record."""
+    return _failure_path(out, clip_id).is_file()
+
+
+def is_done(out: Path, clip_id: str) -> bool:
+    """Whether a clip's record and every file it names exist (files are written atomically, the record last)."""
+    record_path = _record_path(out, clip_id)
+    if not record_path.is_file():
+        return False
+    record = json.loads(record_path.read_text())
+    return all((out / p).is_file() for p in record["files"].values())
+
+
+def check_build_config(out: Path, config: dict) -> None:
+    """Write build_config.json, or refuse a cache that was built with other settings."""
+    path = out / BUILD_CONFIG_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != config:
+            diff = {k: (old.get(k), config.get(k)) for k in {*old, *config} if old.get(k) != config.get(k)}
+            raise UsageError(f"{out} was built with other settings (cached, requested): {diff}; use another --out")
+    else:
+        write_json(path, config)
+
+
+def read_build_config(out: str | Path) -> dict:
+    """build_config.json of a cache; UsageError if nothing was built there."""
+    path = Path(out) / BUILD_CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{out} holds no {BUILD_CONFIG_FILE}: nothing was built there")
+    return json.loads(path.read_text())
+
+
+def merge_stats(records: list[dict], config: dict) -> dict:
+    """Dataset statistics of the xyz latents from the clips' sums (population mean and std), with the build config
+    (keys: :data:`STATS_KEYS`)."""
+    note = "over every element of the cached xyz latents, after the VAE's own normalization"
+    if not records:
+        empty = dict.fromkeys(
+            ("xyz_latent_mean", "xyz_latent_std", "xyz_latent_channel_mean", "xyz_latent_channel_std")
+        )
+        return {**empty, "count": 0, "num_clips": 0, "note": note, **config}
+    count = sum(r["xyz_latent_sums"]["count"] for r in records)
+    total = math.fsum(r["xyz_latent_sums"]["sum"] for r in records)
+    total_sq = math.fsum(r["xyz_latent_sums"]["sumsq"] for r in records)
+    mean = total / count
+    ch_count = sum(r["xyz_latent_sums"]["channel_count"] for r in records)
+    ch_sum = np.sum([r["xyz_latent_sums"]["channel_sum"] for r in records], 0)
+    ch_sumsq = np.sum([r["xyz_latent_sums"]["channel_sumsq"] for r in records], 0)
+    ch_mean = ch_sum / ch_count
+    return {
+        "xyz_latent_mean": mean,
+        "xyz_latent_std": math.sqrt(max(total_sq / count - mean * mean, 0.0)),
+        "xyz_latent_channel_mean": ch_mean.tolist(),
+        "xyz_latent_channel_std": np.sqrt(np.maximum(ch_sumsq / ch_count - ch_mean**2, 0.0)).tolist(),
+        "count": count,
+        "num_clips": len(records),
+        "note": note,
+        **config,
+    }
+
+
+@dataclass
+class MergeResult:
+    """What a merge found: clips done, failed and not yet processed (by any shard)."""
+
+    done: int
+    failed: int
+    pending: int
+    written: bool
+
+
+def merge(out: str | Path, clips: list[ClipSource], config: dict, show_progress: bool = False) -> MergeResult:
+    """Write manifest.jsonl, prompts.txt, videos.txt, failures.jsonl and stats.json once no clip is pending."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    records, failures, pending = [], [], 0
+    for clip in tqdm(clips, desc="merging", unit="clip", disable=not show_progress):
+        record_path, failure_path = _record_path(out, clip.id), _failure_path(out, clip.id)
+        if record_path.is_file():
+            records.append(json.loads(record_path.read_text()))
+        elif failure_path.is_file():
+            failures.append(json.loads(failure_path.read_text()))
+        else:
+            pending += 1
+    if pending:
+        return MergeResult(len(records), len(failures), pending, False)
+    lines = {
+        MANIFEST_FILE: [json.dumps(r, sort_keys=True) for r in records],
+        PROMPTS_FILE: [r["caption"] for r in records],
+        VIDEOS_FILE: [r["files"]["video"] for r in records],
+        FAILURES_FILE: [json.dumps(f, sort_keys=True) for f in failures],
+    }
+    texts = {name: "".join(line + "\n" for line in content) for name, content in lines.items()}
+    texts[STATS_FILE] = json.dumps(merge_stats(records, config), indent=2) + "\n"
+    for name, text in texts.items():
+        path = out / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a re-run with nothing new touches nothing
+            write_text(path, text)
+    return MergeResult(len(records), len(failures), 0, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reader (training)
 
 
 class CacheError(FourDNeXError, ValueError):
@@ -50,6 +516,8 @@ class CacheStats:
     num_frames: int  # video frames of the cached RGB / XYZ latents
     cond_num_frames: int  # video frames the cached condition covers
     model_path: str | None = None
+    #: the pointmap centring, "clip" or "per_frame" (caches that do not record it were centred per frame)
+    center: str = "per_frame"
 
 
 @dataclass
@@ -96,12 +564,12 @@ def read_stats(cache_dir: str | Path) -> CacheStats:
             num_frames=int(raw["num_frames"]),
             cond_num_frames=int(raw.get("cond_num_frames") or raw["num_frames"]),
             model_path=raw.get("model_path"),
+            center=raw.get("center", "per_frame"),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         if isinstance(err, CacheError):
             raise
         raise CacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
-
 
 
 ConditionEncoder = Callable[[Path, int], torch.Tensor]  # (first frame png, num_frames) -> (16, T, h, 2w)
@@ -207,7 +675,6 @@ class LatentCache:
         return Sample(x0=x0, condition=condition, prompt_embeds=prompt, image_embeds=image, clip_id=str(item["id"]))
 
 
-
 class VaeConditionEncoder:
     """Encodes a clip's condition from its cached first frame, as the cache builder does (for short caches)."""
 
@@ -229,3 +696,9 @@ class VaeConditionEncoder:
             pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0
         video = condition_video(pixels[None], num_frames, "rgbxyz")  # (1, 3, F, H, 2W)
         return encode_latents(self.vae, video)[0].cpu()
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown_table() if "--markdown" in sys.argv[1:] else describe())

@@ -1,93 +1,41 @@
-"""Training data: read 4DNeX-10M clips, normalize their pointmaps, encode them, and lay out the cache.
+"""Where training clips come from: one discovery over a 4DNeX-10M tree, its captions, and a reader per clip format.
 
-Input (``--data_dir``, the 4DNeX-10M layout; every path below is relative to it)::
+Discovery walks ``--data_dir`` as the 4DNeX reference does: every leaf folder under ``dynamic/`` that holds no
+``.npz`` (a folder of ``.npz`` clips is their container), every ``.npz`` under ``dynamic/``, and every ``.npz`` under
+``static/``. Each such entry, written relative to ``--data_dir`` (folders with a trailing ``/``), must fit exactly one
+layout of :data:`LAYOUTS`; an entry that fits none becomes a failure record naming the entry and the layouts it
+could have had, never a silent skip. Other files (GIF previews, notes) are listed as ignored.
 
-    dynamic/<subset>/<stem>_<start>-<end>/   MonST3R-style clip: pred_traj.txt, pred_intrinsics.txt,
-                                             frame_XXXX.npy, dynamic_mask_<t>.png; RGB = frames start, start + 1, ...
-                                             of raw/dynamic/<subset>/<stem>.mp4 (as many as there are depth files)
-    dynamic/<subset>/<stem>.npz              images, depths, intrinsic (3x3 | 1x3x3 | Tx3x3 | scalar focal), cam_c2w
-    static/<subset>/<stem>.npz               pts3d (world points), poses (camera-to-world); RGB from
-                                             raw/static/<subset>/<stem>.mp4 or the image folder
-                                             raw/static/<subset>/<stem>/
-    caption/<subset>_with_caption_upload.csv columns number (= int(stem)), caption
-
-A clip's id is ``<kind>/<subset>/<name>`` (``dynamic/dynamic_1/10000_0-49``, ``static/static_1/10003``); clips are
-processed in the sorted order of their ids.
-
-Cache (``--out``; ``<id>`` as above, so files sit in ``<kind>/<subset>/`` sub-folders)::
-
-    build_config.json                the settings the cache was built with (model_path, resolution_h, resolution_w,
-                                     num_frames, cond_num_frames, dtype); a run with other settings is refused
-    videos/<id>.mp4                  the cropped RGB video, F x H x W, 24 fps
-    first_frames/<id>.png            its first frame, H x W RGB
-    pointmaps/<id>.safetensors       pointmap (F, H, W, 3) float16: the normalized pointmap in [-1, 1], pixel-aligned
-                                       with the video, in the first camera's frame (OpenCV axes)
-                                     center (F, 3) float64, scale () float64: metric = pointmap * scale + center[f]
-                                       for every point inside its frame's clipping box (2nd-98th percentile per
-                                       axis), i.e. |metric - center[f]| < half_range[f]
-                                     half_range (F, 3) float64: the clipping box's half sizes (metric)
-                                     cam2world0 (4, 4) float64: the first camera, camera-to-world in the source's world
-                                     cam2world (F, 4, 4) float64: every frame's camera, camera-to-world, source world
-                                     intrinsics (F, 3, 3) float64: K of the cropped H x W frames (pixel centres at
-                                       integer coordinates); metadata intrinsics_source = "given" | "fitted"
-                                     frame_indices (F,) int64: the source frame of each frame (ping-pong padding)
-    pointmap_previews/<id>.mp4       the normalized pointmap as colours ((xyz + 1) / 2), F x H x W
-    latents/<id>.safetensors         rgb (16, T, H/8, W/8) and xyz (16, T, H/8, W/8): Wan VAE posterior mode, after the
-                                       VAE's own normalization (z - latents_mean) / latents_std; xyz is NOT yet
-                                       XYZ-normalized (apply (z - mean) / std with stats.json before training);
-                                       T = (F - 1) / 4 + 1
-                                     cond (16, Tc, H/8, 2 W/8): the condition, VAE-encoded and normalized the same way:
-                                       fusion.condition_video(first frame, cond_num_frames, "rgbxyz"), i.e.
-                                       [RGB | sloped plane] then zero frames; Tc = (cond_num_frames - 1) / 4 + 1
-                                     metadata: num_frames, cond_num_frames, cond_layout
-    clip/<id>.safetensors            clip_embeds (257, 1280) on the real model: CLIP penultimate hidden layer of
-                                       the first frame
-    prompt/<sha256>.safetensors      prompt_embeds (512, 4096) on the real model: UMT5 of caption + " POINTMAP_STYLE."
-                                       (zero after the prompt's tokens); sha256 of that prompt text (UTF-8);
-                                       metadata: prompt
-    records/<id>.json                the clip's manifest line; written last, so it marks the clip done
-    failures/<id>.json               why a clip could not be used ({"id", "reason"})
-    manifest.jsonl                   one JSON object per clip (the records, in clip order): id, subset, format,
-                                     number, caption, prompt, prompt_sha256, source_frames, num_frames, height,
-                                     width, files (paths relative to --out), normalization (center, scale,
-                                     cam2world0, K0), xyz_latent_sums
-    prompts.txt, videos.txt          one prompt / one video path (relative to --out) per manifest line
-    failures.jsonl                   every failed clip, with its reason
-    stats.json                       xyz_latent_mean, xyz_latent_std (over every element of every xyz latent),
-                                     per-channel means/stds, count, num_clips, and the build config
-
-Latents and embeddings are stored in the dtype they were computed in (float32 on CPU, bfloat16 by default on GPU).
-Every file is written atomically; the lists, manifest and statistics are written once every clip of the run's
-``--limit`` has a record or a failure (by the last shard to finish, or by ``build_wan_dataset.py --merge``).
+Every range in a name is inclusive: ``<start>-<end>`` covers ``end - start + 1`` frames (in npz names a ``.png``
+after either number is accepted, as the reference's parser accepts it). The range must agree with
+the frames the clip holds (depth files, npz frames); a clip where it does not is a failure naming both numbers.
+A clip's id is its entry's path without ``.npz`` or the trailing ``/`` (``dynamic/dynamic_1/10000/part_0-48``);
+clips are processed in the sorted order of their ids. Captions: ``caption/<subset>_with_caption_upload.csv``, columns
+``number`` (the integer caption id) and ``caption``.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
-import math
+import os
 import re
+import textwrap
+import threading
 import zipfile
+from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from fourdnex.config import PROMPT_SUFFIX
 from fourdnex.errors import FourDNeXError, UsageError
-from fourdnex.files import atomic_path, read_video, write_png, write_safetensors, write_video
+from fourdnex.files import read_video
 from fourdnex.geometry.cameras import intrinsics_from_integer_centres, quaternion_to_rotation, unproject_depth
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MONST3R_NAME = re.compile(r"^(?P<stem>.+)_(?P<start>\d+)-(?P<end>\d+)$")
-PERCENTILES = (2.0, 98.0)
-CONFIG_FILE = "build_config.json"
-FILE_KEYS = ("video", "first_frame", "pointmap", "pointmap_preview", "latents", "clip", "prompt")
+FORMATS = ("monst3r", "dynamic_npz", "static_npz")
 
 
 class ClipError(FourDNeXError, ValueError):
@@ -95,15 +43,167 @@ class ClipError(FourDNeXError, ValueError):
 
 
 @dataclass(frozen=True)
+class Layout:
+    """One rule of the discovery: where a clip lies, its format, where its RGB frames and its caption id come from.
+
+    ``pattern`` is matched against the whole entry path (relative to ``--data_dir``); its groups are ``subset``,
+    ``video`` (the caption id, written ``caption_id`` in ``form``) and, for ranged names, ``start`` and ``end``.
+    ``rgb`` is the RGB source relative to ``--data_dir`` with ``{subset}`` and ``{video}`` filled in; videos are
+    named without their extension (any of VIDEO_EXTENSIONS); None: the npz holds its own images.
+    """
+
+    name: str
+    form: str  # the rule as people read it
+    pattern: str
+    format: str  # the reader: one of FORMATS
+    rgb: str | None
+    rgb_kind: str  # "video", "images" (a folder) or "video or images" ("" when the npz holds the images)
+    frames: str  # which RGB frames, in words
+    caption_id: str = "<video>"
+
+    @property
+    def kind(self) -> str:
+        """``dynamic`` or ``static``: the top-level folder the rule lives in."""
+        return self.form.split("/", 1)[0]
+
+    @property
+    def folder(self) -> bool:
+        """Whether the entry is a folder (MonST3R-style) rather than an ``.npz`` file."""
+        return self.form.endswith("/")
+
+    def rgb_text(self, quote: str = "") -> str:
+        """Where the RGB frames come from, in words (paths and placeholders between ``quote`` marks)."""
+        frames = re.sub(r"(<\w+>)", rf"{quote}\1{quote}", self.frames)
+        if self.rgb is None:
+            return frames
+        path = self.rgb.format(subset="<subset>", video=self.caption_id)
+        paths = {"video": f"{quote}{path}.mp4{quote}", "images": f"{quote}{path}/{quote}"}
+        paths["video or images"] = f"{paths['video']} or {paths['images']}"
+        return f"{frames} of {paths[self.rgb_kind]}"
+
+
+_RANGE_NPZ = r"[^/-]*_(?P<start>\d+)(?:\.png)?-[^/-]*_(?P<end>\d+)(?:\.png)?\.npz"
+_RANGE = "frames <start>..<end>"
+
+#: Every layout a clip may have: flat ones (ids that are the caption number) and the nested ones the reference reads.
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        "monst3r",
+        "dynamic/<subset>/<video>_<start>-<end>/",
+        r"dynamic/(?P<subset>[^/]+)/(?P<video>[^/]+)_(?P<start>\d+)-(?P<end>\d+)/",
+        "monst3r",
+        "raw/dynamic/{subset}/{video}",
+        "video",
+        _RANGE,
+    ),
+    Layout(
+        "monst3r_in_video_folder",
+        "dynamic/{dynamic_1,dynamic_2}/<video>/<name>_<start>-<end>/",
+        r"dynamic/(?P<subset>dynamic_1|dynamic_2)/(?P<video>[^/]+)/[^/]+_(?P<start>\d+)-(?P<end>\d+)/",
+        "monst3r",
+        "raw/dynamic/{subset}/{video}",
+        "video",
+        _RANGE,
+    ),
+    Layout(
+        "dynamic_npz",
+        "dynamic/<subset>/<video>.npz",
+        r"dynamic/(?P<subset>[^/]+)/(?P<video>[^/]+)\.npz",
+        "dynamic_npz",
+        None,
+        "",
+        "the npz's own images",
+    ),
+    Layout(
+        "dynamic_npz_in_video_folder",
+        "dynamic/dynamic_3/<video>/<x>_<start>-<y>_<end>.npz",
+        r"dynamic/(?P<subset>dynamic_3)/(?P<video>[^/]+)/" + _RANGE_NPZ,
+        "dynamic_npz",
+        None,
+        "",
+        "the npz's own images (end - start + 1 of them)",
+    ),
+    Layout(
+        "static_npz",
+        "static/<subset>/<video>.npz",
+        r"static/(?P<subset>[^/]+)/(?P<video>[^/]+)\.npz",
+        "static_npz",
+        "raw/static/{subset}/{video}",
+        "video or images",
+        "the first frames",
+    ),
+    Layout(
+        "static_npz_in_scene_folder",
+        "static/static_1/<scene>/<x>_<start>-<y>_<end>.npz",
+        r"static/(?P<subset>static_1)/(?P<video>[^/]+)/" + _RANGE_NPZ,
+        "static_npz",
+        "raw/static/{subset}/{video}/images_4",
+        "images",
+        "images <start>..<end> (name order)",
+        "<scene>",
+    ),
+    Layout(
+        "static_npz_in_video_folder",
+        "static/static_2/<group>/<video>/<x>_<start>-<y>_<end>.npz",
+        r"static/(?P<subset>static_2)/[^/]+/(?P<video>[^/]+)/" + _RANGE_NPZ,
+        "static_npz",
+        "raw/static/{subset}/{video}",
+        "video",
+        _RANGE,
+    ),
+)
+
+
+def describe_layouts() -> str:
+    """The layouts as text: one block per rule (form, name, format, RGB frames, caption id)."""
+    lines = []
+    for layout in LAYOUTS:
+        lines.append(f"    {layout.form}")
+        text = f"{layout.name} ({layout.format}): RGB {layout.rgb_text()}; caption id {layout.caption_id}"
+        lines += textwrap.wrap(text, 116, initial_indent=" " * 8, subsequent_indent=" " * 10)
+    return "\n".join(lines)
+
+
+def layouts_markdown() -> str:
+    """The layouts as the README's markdown table (``python -m fourdnex.data.sources`` prints it)."""
+    rows = ["| entry | layout | format | RGB | caption id |", "|---|---|---|---|---|"]
+    for layout in LAYOUTS:
+        cells = (f"`{layout.form}`", layout.name, layout.format, layout.rgb_text("`"), f"`{layout.caption_id}`")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+__doc__ = (__doc__ or "") + "\nLayouts (:data:`LAYOUTS`)::\n\n" + describe_layouts() + "\n"
+
+
+@dataclass(frozen=True)
 class ClipSource:
-    """Where one clip's files are. ``format`` is "monst3r", "dynamic_npz" or "static_npz"."""
+    """One entry the discovery found: a clip and where its files are, or (``problem`` set) an entry that fits no
+    layout and will be recorded as a failure."""
 
     id: str
     kind: str  # "dynamic" | "static"
     subset: str
-    name: str
-    format: str
+    name: str  # the entry's own name (folder name or file stem)
+    format: str  # one of FORMATS (by the entry's type when it fits no layout)
     path: Path
+    root: Path  # the data_dir it was found in
+    layout: str | None = None  # the name of the layout it fits
+    video: str = ""  # the caption id as written in the path
+    rgb: str | None = None  # the RGB source relative to root, videos without extension (None: in the npz)
+    rgb_kind: str = ""
+    start: int = 0  # first RGB frame
+    length: int | None = None  # frames of the name's inclusive range; None when the name has none
+    problem: str | None = None
+
+
+@dataclass
+class Discovery:
+    """What :func:`find_clips` found: clips (entries that fit no layout included, with their problem) in id order,
+    and the files that are not clips."""
+
+    clips: list[ClipSource]
+    ignored: list[str]
 
 
 @dataclass
@@ -119,60 +219,101 @@ class RawClip:
     reader: str = "decord"
 
 
-@dataclass
-class PreparedClip:
-    """A clip cropped to the output size, F frames, with its normalized pointmap and the normalization."""
-
-    source: ClipSource
-    rgb: np.ndarray  # (F, H, W, 3) uint8
-    pointmap: np.ndarray  # (F, H, W, 3) float32 in [-1, 1], first-camera frame
-    center: np.ndarray  # (F, 3) float64
-    scale: float
-    half_range: np.ndarray  # (F, 3) float64: the clipping box is center +- half_range
-    cam2world: np.ndarray  # (F, 4, 4) float64
-    intrinsics: np.ndarray  # (F, 3, 3) float64 for the H x W frames
-    intrinsics_source: str
-    frame_indices: np.ndarray  # (F,) int64
-    caption: str
-    number: int
-    source_frames: int
-    reader: str
-
-    @property
-    def prompt(self) -> str:
-        """The text the UMT5 encoder sees: the caption plus the POINTMAP_STYLE suffix."""
-        return self.caption + PROMPT_SUFFIX
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Finding and reading clips
+# Discovery
 
 
-def find_clips(data_dir: str | Path) -> tuple[list[ClipSource], list[str]]:
-    """All clips under ``data_dir`` in id order, and the entries that are not clips (relative paths)."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UsageError(f"data_dir {data_dir} is not a folder")
-    clips, ignored = [], []
+def _entries(data_dir: Path, show_progress: bool) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The candidate clip entries ``(relative path, path)`` the reference's walk finds, and the ignored files."""
+    from tqdm import tqdm
+
+    entries, ignored = [], []
     for kind in ("dynamic", "static"):
         root = data_dir / kind
         if not root.is_dir():
             continue
-        for subset_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            for entry in sorted(subset_dir.iterdir()):
-                rel = entry.relative_to(data_dir).as_posix()
-                if entry.is_dir() and kind == "dynamic":
-                    fmt, name = "monst3r", entry.name
-                elif entry.suffix == ".npz":
-                    fmt, name = f"{kind}_npz", entry.stem
-                else:
-                    ignored.append(rel)
-                    continue
-                clips.append(ClipSource(f"{kind}/{subset_dir.name}/{name}", kind, subset_dir.name, name, fmt, entry))
-    if not clips:
+        walk = tqdm(os.walk(root), desc=f"finding clips in {kind}/", unit=" folders", disable=not show_progress)
+        for folder, subfolders, files in walk:
+            subfolders.sort()
+            here = Path(folder)
+            rel = here.relative_to(data_dir).as_posix()
+            npz = [f for f in files if f.endswith(".npz")]
+            is_clip_folder = kind == "dynamic" and not subfolders and not npz and rel.count("/") >= 2
+            if is_clip_folder:
+                entries.append((rel + "/", here))
+                continue
+            entries += [(f"{rel}/{f}", here / f) for f in npz]
+            ignored += [f"{rel}/{f}" for f in sorted(files) if not f.endswith(".npz")]
+    return entries, sorted(ignored)
+
+
+def _source(rel: str, path: Path, data_dir: Path) -> ClipSource:
+    """The ClipSource of one entry: the layout it fits, or a problem naming the layouts it could have had."""
+    parts = rel.removesuffix("/").split("/")
+    kind, subset = parts[0], parts[1] if len(parts) > 2 else ""
+    folder = rel.endswith("/")
+    clip_id = rel.removesuffix("/").removesuffix(".npz")
+    name = clip_id.rsplit("/", 1)[-1]
+    fmt = "monst3r" if folder else f"{kind}_npz"
+    for layout in LAYOUTS:
+        match = re.fullmatch(layout.pattern, rel)
+        if match is None:
+            continue
+        groups = match.groupdict()
+        rgb = layout.rgb.format(**groups) if layout.rgb else None
+        start, length, problem = 0, None, None
+        if groups.get("start") is not None:
+            start, end = int(groups["start"]), int(groups["end"])
+            length = end - start + 1
+            if length < 1:
+                problem = f"{rel}: the range {start}-{end} in its name ends before it starts"
+        return ClipSource(
+            id=clip_id,
+            kind=kind,
+            subset=groups["subset"],
+            name=name,
+            format=layout.format,
+            path=path,
+            root=data_dir,
+            layout=layout.name,
+            video=groups["video"],
+            rgb=rgb,
+            rgb_kind=layout.rgb_kind,
+            start=start,
+            length=length,
+            problem=problem,
+        )
+    expected = "; ".join(f"{lay.form} ({lay.name})" for lay in LAYOUTS if (lay.kind, lay.folder) == (kind, folder))
+    problem = f"{rel} fits no clip layout; a {'folder' if folder else '.npz'} here must be one of: {expected}"
+    return ClipSource(clip_id, kind, subset, name, fmt, path, data_dir, problem=problem)
+
+
+def find_clips(data_dir: str | Path, show_progress: bool = False) -> Discovery:
+    """Every clip entry under ``data_dir`` (``dynamic/`` and ``static/``) in id order, by the rules of
+    :data:`LAYOUTS`; entries that fit no layout come back with their ``problem`` set."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UsageError(f"data_dir {data_dir} is not a folder")
+    entries, ignored = _entries(data_dir, show_progress)
+    if not entries:
         raise UsageError(f"no clips under {data_dir}/dynamic or {data_dir}/static")
-    clips.sort(key=lambda c: c.id)
-    return clips, ignored
+    by_id: dict[str, list[tuple[str, ClipSource]]] = defaultdict(list)
+    for rel, path in sorted(entries):
+        source = _source(rel, path, data_dir)
+        by_id[source.id].append((rel, source))
+    clips = []
+    for clip_id, found in sorted(by_id.items()):
+        source = found[0][1]
+        if len(found) > 1:  # one id, one set of cache files: none of them is built
+            source = replace(
+                source, problem=f"{' and '.join(rel for rel, _ in found)} map to the same clip id {clip_id}"
+            )
+        clips.append(source)
+    return Discovery(clips, ignored)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Captions
 
 
 def read_captions(data_dir: str | Path, subset: str) -> dict[int, str]:
@@ -191,6 +332,39 @@ def read_captions(data_dir: str | Path, subset: str) -> dict[int, str]:
             except ValueError as err:
                 raise ClipError(f"{path}: number {row['number']!r} is not an integer") from err
     return captions
+
+
+class Captions:
+    """The caption files of a tree, each read once (from any thread) on first use."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._subsets: dict[str, dict[int, str] | ClipError] = {}
+        self._lock = threading.Lock()
+
+    def caption(self, source: ClipSource) -> tuple[int, str]:
+        """``(number, caption)`` of a clip: its caption id as an integer and the caption (whitespace collapsed)."""
+        try:
+            number = int(source.video)
+        except ValueError as err:
+            raise ClipError(f"{source.path}: the caption id {source.video!r} is not an integer clip number") from err
+        with self._lock:
+            if source.subset not in self._subsets:
+                try:
+                    self._subsets[source.subset] = read_captions(self.data_dir, source.subset)
+                except ClipError as err:
+                    self._subsets[source.subset] = err
+            captions = self._subsets[source.subset]
+        if isinstance(captions, ClipError):
+            raise captions
+        caption = " ".join(captions.get(number, "").split())
+        if not caption:
+            raise ClipError(f"no caption for number {number} in caption/{source.subset}_with_caption_upload.csv")
+        return number, caption
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers
 
 
 def _read_video(path: Path, indices: list[int]) -> tuple[np.ndarray, str]:
@@ -228,15 +402,17 @@ def _numbered(paths: Iterable[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
-def _read_images(folder: Path) -> np.ndarray:
-    """Every image of ``folder`` in name order, ``(N, H, W, 3)`` uint8 RGB."""
+def _read_images(folder: Path, start: int, count: int) -> np.ndarray:
+    """Images ``start .. start + count - 1`` of ``folder`` in name order, ``(count, H, W, 3)`` uint8 RGB."""
     from PIL import Image
 
     files = _numbered(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ClipError(f"image folder {folder} holds no images")
+    if len(files) < start + count:
+        raise ClipError(
+            f"image folder {folder} has {len(files)} images, the clip needs images {start}..{start + count - 1}"
+        )
     frames = []
-    for f in files:
+    for f in files[start : start + count]:
         try:
             with Image.open(f) as im:
                 frames.append(np.asarray(im.convert("RGB")))
@@ -247,15 +423,18 @@ def _read_images(folder: Path) -> np.ndarray:
     return np.stack(frames)
 
 
-def _find_raw(data_dir: Path, source: ClipSource, stem: str) -> Path:
-    """The raw video file or image folder of ``stem`` in ``raw/<kind>/<subset>/``."""
-    base = data_dir / "raw" / source.kind / source.subset / stem
-    for ext in VIDEO_EXTENSIONS:
-        if base.with_name(stem + ext).is_file():
-            return base.with_name(stem + ext)
-    if base.is_dir():
-        return base
-    raise ClipError(f"no raw video or image folder for {source.id} at {base}.mp4 or {base}/")
+def _read_rgb(source: ClipSource, count: int) -> tuple[np.ndarray, str]:
+    """RGB frames ``start .. start + count - 1`` of a clip's raw video or image folder, and the reader used."""
+    base = source.root / source.rgb
+    if "video" in source.rgb_kind:
+        for ext in VIDEO_EXTENSIONS:
+            if base.with_name(base.name + ext).is_file():
+                return _read_video(base.with_name(base.name + ext), list(range(source.start, source.start + count)))
+    if "images" in source.rgb_kind and base.is_dir():
+        return _read_images(base, source.start, count), "images"
+    looked = [f"{base}.mp4 (or {', '.join(VIDEO_EXTENSIONS[1:])})"] if "video" in source.rgb_kind else []
+    looked += [f"the folder {base}/"] if "images" in source.rgb_kind else []
+    raise ClipError(f"no RGB for {source.id}: looked for {' and '.join(looked)}")
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -288,13 +467,21 @@ def _intrinsics(value: np.ndarray, frames: int, height: int, width: int, path: P
     return intrinsics_from_integer_centres(value)
 
 
-
 def _check_finite(name: str, array: np.ndarray, path: Path) -> None:
     """ClipError naming the first frame of ``array`` (frames first) that holds NaN or inf."""
     bad = ~np.isfinite(array.reshape(len(array), -1)).all(1)
     if bad.any():
         raise ClipError(f"{path}: {name} holds NaN or inf in frame {int(np.argmax(bad))} ({int(bad.sum())} frames)")
 
+
+def _check_range(source: ClipSource, frames: int, what: str) -> None:
+    """ClipError unless the name's range (if any) covers exactly ``frames`` frames."""
+    if source.length is not None and source.length != frames:
+        end = source.start + source.length - 1
+        raise ClipError(
+            f"{source.path}: its name's range {source.start}-{end} is {source.length} frames (inclusive) but it "
+            f"holds {frames} {what}"
+        )
 
 
 def _read_table(path: Path, columns: int) -> np.ndarray:
@@ -310,51 +497,46 @@ def _read_table(path: Path, columns: int) -> np.ndarray:
     return table
 
 
-def read_clip(data_dir: str | Path, source: ClipSource, captions: dict[int, str]) -> RawClip:
-    """Read one clip in any of the three formats; ClipError names the problem (file, frame, value)."""
-    data_dir = Path(data_dir)
+def _read_monst3r(source: ClipSource) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Depth ``(N, H, W)``, camera-to-world ``(N, 4, 4)`` and K ``(N, 3, 3)`` (pixel centres at +0.5) of a MonST3R
+    folder; N is its range's length, and the depth files must be exactly frame_0000.npy .. frame_{N-1}.npy."""
     path = source.path
-    stem = source.name
-    if source.format == "monst3r":
-        match = MONST3R_NAME.match(source.name)
-        if not match:
-            raise ClipError(f"{path}: a MonST3R clip folder's name must end in _<start>-<end>")
-        stem, start = match["stem"], int(match["start"])
+    names = {p.name for p in path.glob("frame_*.npy")}
+    expected = [f"frame_{t:04d}.npy" for t in range(source.length)]
+    if names != set(expected):
+        missing = sorted(set(expected) - names)
+        extra = sorted(names - set(expected))
+        detail = f" (missing {missing[:3]})" if missing else ""
+        detail += f" (beyond the range: {extra[:3]})" if extra else ""
+        _check_range(source, len(names), f"depth files frame_XXXX.npy{detail}")
+        raise ClipError(f"{path}: depth files are not frame_0000.npy .. frame_{source.length - 1:04d}.npy{detail}")
+    n = source.length
+    traj = _read_table(path / "pred_traj.txt", 8)
+    intr = _read_table(path / "pred_intrinsics.txt", 9)
+    if len(traj) != n or len(intr) != n:
+        raise ClipError(f"{path}: {n} depth frames but {len(traj)} poses and {len(intr)} intrinsics")
     try:
-        number = int(stem)
-    except ValueError as err:
-        raise ClipError(f"{path}: the clip's stem {stem!r} is not an integer clip number") from err
-    caption = " ".join(captions.get(number, "").split())
-    if not caption:
-        raise ClipError(f"no caption for number {number} in caption/{source.subset}_with_caption_upload.csv")
+        depth = np.stack([np.load(path / name, allow_pickle=False) for name in expected]).astype(np.float64)
+    except (OSError, ValueError) as err:
+        raise ClipError(f"{path}: cannot read depth: {err}") from err
+    if depth.ndim != 3:
+        raise ClipError(f"{path}: depth frames must be (H, W), got {depth.shape[1:]}")
+    _check_finite("depth", depth, path)
+    c2w = np.tile(np.eye(4), (n, 1, 1))
+    c2w[:, :3, :3] = quaternion_to_rotation(traj[:, 4:8])
+    c2w[:, :3, 3] = traj[:, 1:4]
+    return depth, c2w, intrinsics_from_integer_centres(intr.reshape(n, 3, 3))
 
+
+def read_clip(source: ClipSource, captions: Captions) -> RawClip:
+    """Read one clip in any of the three formats; ClipError names the problem (file, frame, value)."""
+    if source.problem:
+        raise ClipError(source.problem)
+    number, caption = captions.caption(source)
+    path = source.path
     if source.format == "monst3r":
-        depth_files = sorted(path.glob("frame_*.npy"))
-        if not depth_files:
-            raise ClipError(f"{path} holds no frame_XXXX.npy depth files")
-        names = [p.name for p in depth_files]
-        expected = [f"frame_{t:04d}.npy" for t in range(len(depth_files))]
-        if names != expected:
-            missing = sorted(set(expected) - set(names))
-            raise ClipError(f"{path}: depth frames are not contiguous from frame_0000.npy (missing {missing[:3]})")
-        n = len(depth_files)
-        traj = _read_table(path / "pred_traj.txt", 8)
-        intr = _read_table(path / "pred_intrinsics.txt", 9)
-        if len(traj) != n or len(intr) != n:
-            raise ClipError(f"{path}: {n} depth frames but {len(traj)} poses and {len(intr)} intrinsics")
-        try:
-            depth = np.stack([np.load(f, allow_pickle=False) for f in depth_files]).astype(np.float64)
-        except (OSError, ValueError) as err:
-            raise ClipError(f"{path}: cannot read depth: {err}") from err
-        if depth.ndim != 3:
-            raise ClipError(f"{path}: depth frames must be (H, W), got {depth.shape[1:]}")
-        _check_finite("depth", depth, path)
-        c2w = np.tile(np.eye(4), (n, 1, 1))
-        c2w[:, :3, :3] = quaternion_to_rotation(traj[:, 4:8])
-        c2w[:, :3, 3] = traj[:, 1:4]
-        K = intrinsics_from_integer_centres(intr.reshape(n, 3, 3))
-        video = _find_raw(data_dir, source, stem)
-        rgb, reader = _read_video(video, list(range(start, start + n)))
+        depth, c2w, K = _read_monst3r(source)
+        rgb, reader = _read_rgb(source, len(depth))
         points = unproject_depth(depth, K, c2w)
     elif source.format == "dynamic_npz":
         arrays = _load_npz(path, ("images", "depths", "intrinsic", "cam_c2w"))
@@ -362,6 +544,7 @@ def read_clip(data_dir: str | Path, source: ClipSource, captions: dict[int, str]
         if rgb.ndim != 4 or rgb.shape[-1] != 3 or depth.shape != rgb.shape[:3]:
             raise ClipError(f"{path}: images {rgb.shape} and depths {depth.shape} must be (T, H, W, 3) and (T, H, W)")
         n = len(depth)
+        _check_range(source, n, "frames")
         c2w = arrays["cam_c2w"].astype(np.float64)
         if c2w.shape != (n, 4, 4):
             raise ClipError(f"{path}: cam_c2w must be ({n}, 4, 4), got {c2w.shape}")
@@ -375,278 +558,15 @@ def read_clip(data_dir: str | Path, source: ClipSource, captions: dict[int, str]
         n = len(points)
         if points.ndim != 4 or points.shape[-1] != 3 or c2w.shape != (n, 4, 4):
             raise ClipError(f"{path}: pts3d {points.shape} and poses {c2w.shape} must be (T, H, W, 3) and (T, 4, 4)")
+        _check_range(source, n, "frames")
         K = None
-        raw = _find_raw(data_dir, source, stem)
-        if raw.is_dir():
-            rgb, reader = _read_images(raw), "images"
-            if len(rgb) < n:
-                raise ClipError(f"{raw} has {len(rgb)} images, the clip has {n} frames")
-            rgb = rgb[:n]
-        else:
-            rgb, reader = _read_video(raw, list(range(n)))
+        rgb, reader = _read_rgb(source, n)
     _check_finite("pointmap", points, path)
     _check_finite("cam2world", c2w, path)
-    if len(rgb) != n:
-        raise ClipError(f"{path}: {len(rgb)} RGB frames for {n} geometry frames")
+    if len(rgb) != len(points):
+        raise ClipError(f"{path}: {len(rgb)} RGB frames for {len(points)} geometry frames")
     return RawClip(rgb=rgb, points=points, cam2world=c2w, K=K, caption=caption, number=number, reader=reader)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Preparing: frames, crop, pointmap normalization
-
-
-def frame_indices(source_frames: int, num_frames: int) -> np.ndarray:
-    """The first ``num_frames`` frames, padding a short clip by playing it backwards (0 1 2 1 0 1 ...), ``(F,)``."""
-    if source_frames == 1:
-        return np.zeros(num_frames, np.int64)
-    period = 2 * source_frames - 2
-    j = np.arange(num_frames) % period
-    return np.where(j < source_frames, j, period - j).astype(np.int64)
-
-
-def cover_crop(
-    x: torch.Tensor, height: int, width: int, mode: str
-) -> tuple[torch.Tensor, tuple[float, float, int, int]]:
-    """Resize ``(N, C, H, W)`` so it covers ``height x width``, then crop the centre.
-
-    Returns the crop and ``(sx, sy, x0, y0)``: the resize factors and the crop's offset in the resized image.
-    """
-    src_h, src_w = x.shape[-2:]
-    s = max(height / src_h, width / src_w)
-    new_h, new_w = max(height, round(src_h * s)), max(width, round(src_w * s))
-    if (new_h, new_w) != (src_h, src_w):
-        if mode == "nearest-exact":
-            x = F.interpolate(x, size=(new_h, new_w), mode=mode)
-        else:
-            x = F.interpolate(x, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True)
-    y0, x0 = (new_h - height) // 2, (new_w - width) // 2
-    return x[..., y0 : y0 + height, x0 : x0 + width], (new_w / src_w, new_h / src_h, x0, y0)
-
-
-def crop_intrinsics(K: np.ndarray, sx: float, sy: float, x0: int, y0: int) -> np.ndarray:
-    """K ``(..., 3, 3)`` of the source grid -> K of the resized-and-cropped grid (both with pixel centres at +0.5,
-    so the image spans [0, W] x [0, H] and a resize scales it)."""
-    out = np.array(K, np.float64, copy=True)
-    out[..., 0, :] *= sx
-    out[..., 1, :] *= sy
-    out[..., 0, 2] -= x0
-    out[..., 1, 2] -= y0
-    return out
-
-
-def fit_intrinsics(points_cam: np.ndarray, step: int = 4) -> np.ndarray:
-    """Least-squares pinhole K ``(N, 3, 3)`` from camera-frame points ``(N, H, W, 3)`` on their pixel grid."""
-    _, height, width, _ = points_cam.shape
-    rows, cols = np.arange(0, height, step) + 0.5, np.arange(0, width, step) + 0.5  # pixel centres
-    v, u = np.meshgrid(rows, cols, indexing="ij")
-    Ks = []
-    for pts in points_cam[:, ::step, ::step]:
-        z = pts[..., 2]
-        ok = z > 1e-6
-        if ok.sum() < 3:
-            raise ClipError("cannot fit intrinsics: fewer than 3 points in front of the camera")
-        K = np.eye(3)
-        for axis, pix in ((0, u), (1, v)):
-            a = np.stack([pts[..., axis][ok] / z[ok], np.ones(int(ok.sum()))], -1)
-            (f, c), *_ = np.linalg.lstsq(a, pix[ok], rcond=None)
-            K[axis, axis], K[axis, 2] = f, c
-        Ks.append(K)
-    return np.stack(Ks)
-
-
-def normalize_pointmap(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-    """The 4DNeX pointmap normalization, returning what undoes it.
-
-    ``points`` ``(F, H, W, 3)`` in the first camera's frame. Per frame and axis, clip to the 2nd-98th percentile;
-    subtract the per-frame centre (midpoint of the clipped range); divide by one scale (the largest half-range).
-    Returns ``(normalized (F, H, W, 3) in [-1, 1], center (F, 3), scale, half_range (F, 3))``; a point with
-    ``|points - center[f]| < half_range[f]`` (not clipped) is ``normalized * scale + center[f]``.
-    """
-    flat = points.reshape(len(points), -1, 3)
-    lo, hi = np.percentile(flat, PERCENTILES, axis=1)  # (F, 3) each
-    center = (lo + hi) / 2.0
-    scale = float(((hi - lo) / 2.0).max())
-    if not scale > 0:
-        raise ClipError(f"the pointmap is degenerate (its largest half-range is {scale})")
-    normalized = (np.clip(flat, lo[:, None], hi[:, None]) - center[:, None]) / scale
-    return normalized.reshape(points.shape), center, scale, (hi - lo) / 2.0
-
-
-def prepare_clip(source: ClipSource, raw: RawClip, num_frames: int, height: int, width: int) -> PreparedClip:
-    """Pick ``num_frames`` frames, crop RGB and pointmap to ``height x width``, normalize the pointmap."""
-    n = len(raw.rgb)
-    idx = frame_indices(n, num_frames)
-    rgb = torch.from_numpy(np.ascontiguousarray(raw.rgb[idx])).permute(0, 3, 1, 2).float()
-    rgb, _ = cover_crop(rgb, height, width, "bilinear")
-    rgb = rgb.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-    c2w = raw.cam2world[idx]
-    world_to_cam0 = np.linalg.inv(raw.cam2world[0])
-    rot, trans = world_to_cam0[:3, :3], world_to_cam0[:3, 3]
-    cam0 = raw.points[idx] @ rot.T + trans  # (F, Hp, Wp, 3) in the first camera's frame
-    if raw.K is None:
-        w2c = np.linalg.inv(c2w)
-        cam_f = np.einsum("fij,fhwj->fhwi", w2c[:, :3, :3], raw.points[idx]) + w2c[:, None, None, :3, 3]
-        K_src, intrinsics_source = fit_intrinsics(cam_f), "fitted"
-    else:
-        K_src, intrinsics_source = raw.K[idx], "given"
-    pts = torch.from_numpy(np.ascontiguousarray(cam0)).permute(0, 3, 1, 2)
-    pts, (sx, sy, x0, y0) = cover_crop(pts, height, width, "nearest-exact")
-    cam0 = pts.permute(0, 2, 3, 1).numpy()
-    normalized, center, scale, half_range = normalize_pointmap(cam0)
-    return PreparedClip(
-        source=source,
-        rgb=rgb,
-        pointmap=normalized.astype(np.float32),
-        center=center,
-        scale=scale,
-        half_range=half_range,
-        cam2world=c2w,
-        intrinsics=crop_intrinsics(K_src, sx, sy, x0, y0),
-        intrinsics_source=intrinsics_source,
-        frame_indices=idx,
-        caption=raw.caption,
-        number=raw.number,
-        source_frames=n,
-        reader=raw.reader,
-    )
-
-
-def metric_pointmap(pointmap: np.ndarray, center: np.ndarray, scale: float) -> np.ndarray:
-    """Undo :func:`normalize_pointmap`: metric points ``(F, H, W, 3)`` in the first camera's frame."""
-    return np.asarray(pointmap, np.float64) * scale + np.asarray(center, np.float64)[:, None, None, :]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Cache paths and writers
-
-
-def prompt_hash(prompt: str) -> str:
-    """The sha256 (hex) of a prompt's UTF-8 text: the name of its embedding file."""
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-
-
-def clip_files(clip_id: str, prompt: str) -> dict[str, str]:
-    """Every cached file of a clip, relative to the cache root."""
-    return {
-        "video": f"videos/{clip_id}.mp4",
-        "first_frame": f"first_frames/{clip_id}.png",
-        "pointmap": f"pointmaps/{clip_id}.safetensors",
-        "pointmap_preview": f"pointmap_previews/{clip_id}.mp4",
-        "latents": f"latents/{clip_id}.safetensors",
-        "clip": f"clip/{clip_id}.safetensors",
-        "prompt": f"prompt/{prompt_hash(prompt)}.safetensors",
-    }
-
-
-
-def write_clip_media(out: Path, clip: PreparedClip, files: dict[str, str]) -> None:
-    """The video, first frame, pointmap (+ normalization) and preview of a prepared clip."""
-
-    for key in ("video", "first_frame", "pointmap", "pointmap_preview"):
-        (out / files[key]).parent.mkdir(parents=True, exist_ok=True)
-    write_video(out / files["video"], clip.rgb)
-    write_png(out / files["first_frame"], clip.rgb[0])
-    preview = ((clip.pointmap + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-    write_video(out / files["pointmap_preview"], preview)
-    write_safetensors(
-        out / files["pointmap"],
-        {
-            "pointmap": torch.from_numpy(clip.pointmap).half(),
-            "center": torch.from_numpy(clip.center),
-            "scale": torch.tensor(clip.scale, dtype=torch.float64),
-            "half_range": torch.from_numpy(clip.half_range),
-            "cam2world0": torch.from_numpy(clip.cam2world[0]),
-            "cam2world": torch.from_numpy(clip.cam2world),
-            "intrinsics": torch.from_numpy(clip.intrinsics),
-            "frame_indices": torch.from_numpy(clip.frame_indices),
-        },
-        {"frame": "first camera, OpenCV axes", "intrinsics_source": clip.intrinsics_source},
-    )
-
-
-def xyz_sums(xyz: torch.Tensor) -> dict:
-    """Sums for the dataset statistics of one xyz latent ``(16, T, h, w)``, in float64."""
-    z = xyz.double()
-    return {
-        "count": int(z.numel()),
-        "sum": float(z.sum()),
-        "sumsq": float((z * z).sum()),
-        "channel_count": int(z[0].numel()),
-        "channel_sum": z.sum(dim=(1, 2, 3)).tolist(),
-        "channel_sumsq": (z * z).sum(dim=(1, 2, 3)).tolist(),
-    }
-
-
-def merge_stats(records: list[dict], config: dict) -> dict:
-    """Dataset statistics of the xyz latents from the clips' sums (population mean and std)."""
-    if not records:
-        return {"num_clips": 0, "count": 0, "xyz_latent_mean": None, "xyz_latent_std": None, **config}
-    count = sum(r["xyz_latent_sums"]["count"] for r in records)
-    total = math.fsum(r["xyz_latent_sums"]["sum"] for r in records)
-    total_sq = math.fsum(r["xyz_latent_sums"]["sumsq"] for r in records)
-    mean = total / count
-    ch_count = sum(r["xyz_latent_sums"]["channel_count"] for r in records)
-    ch_sum = np.sum([r["xyz_latent_sums"]["channel_sum"] for r in records], 0)
-    ch_sumsq = np.sum([r["xyz_latent_sums"]["channel_sumsq"] for r in records], 0)
-    ch_mean = ch_sum / ch_count
-    return {
-        "xyz_latent_mean": mean,
-        "xyz_latent_std": math.sqrt(max(total_sq / count - mean * mean, 0.0)),
-        "xyz_latent_channel_mean": ch_mean.tolist(),
-        "xyz_latent_channel_std": np.sqrt(np.maximum(ch_sumsq / ch_count - ch_mean**2, 0.0)).tolist(),
-        "count": count,
-        "num_clips": len(records),
-        "note": "over every element of the cached xyz latents, after the VAE's own normalization",
-        **config,
-    }
-
-
-def is_done(out: Path, clip_id: str) -> bool:
-    """Whether a clip's record and every file it names exist (files are written atomically, the record last)."""
-    record_path = out / "records" / f"{clip_id}.json"
-    if not record_path.is_file():
-        return False
-    record = json.loads(record_path.read_text())
-    return all((out / p).is_file() for p in record["files"].values())
-
-
-@dataclass
-class MergeResult:
-    """What a merge found: clips done, failed and not yet processed (by any shard)."""
-
-    done: int
-    failed: int
-    pending: int
-    written: bool
-
-
-def merge(out: str | Path, clips: list[ClipSource], config: dict) -> MergeResult:
-    """Write manifest.jsonl, prompts.txt, videos.txt, failures.jsonl and stats.json once no clip is pending."""
-    out = Path(out)
-    records, failures, pending = [], [], 0
-    for clip in clips:
-        record_path = out / "records" / f"{clip.id}.json"
-        failure_path = out / "failures" / f"{clip.id}.json"
-        if record_path.is_file():
-            records.append(json.loads(record_path.read_text()))
-        elif failure_path.is_file():
-            failures.append(json.loads(failure_path.read_text()))
-        else:
-            pending += 1
-    if pending:
-        return MergeResult(len(records), len(failures), pending, False)
-    lines = {
-        "manifest.jsonl": [json.dumps(r, sort_keys=True) for r in records],
-        "prompts.txt": [r["prompt"] for r in records],
-        "videos.txt": [r["files"]["video"] for r in records],
-        "failures.jsonl": [json.dumps(f, sort_keys=True) for f in failures],
-    }
-    texts = {name: "".join(line + "\n" for line in content) for name, content in lines.items()}
-    texts["stats.json"] = json.dumps(merge_stats(records, config), indent=2) + "\n"
-    for name, text in texts.items():
-        path = out / name
-        if not path.is_file() or path.read_text() != text:  # a re-run with nothing new touches nothing
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-    return MergeResult(len(records), len(failures), 0, True)
+if __name__ == "__main__":
+    print(layouts_markdown())

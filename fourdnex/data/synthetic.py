@@ -24,7 +24,7 @@ import argparse
 import csv
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -522,12 +522,25 @@ def _render(seed: int, num_frames: int, height: int, width: int, dynamic: bool) 
     )
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writers for the 4DNeX-10M clip formats
 
 
-
+def window(scene: Scene, start: int, length: int) -> Scene:
+    """Frames ``start .. start + length - 1`` of ``scene`` as a scene of their own."""
+    if start < 0 or length < 1 or start + length > len(scene.rgb):
+        raise ValueError(f"frames {start}..{start + length - 1} are not all in a scene of {len(scene.rgb)} frames")
+    frames = slice(start, start + length)
+    return replace(
+        scene,
+        rgb=scene.rgb[frames],
+        depth=scene.depth[frames],
+        points=scene.points[frames],
+        K=scene.K[frames],
+        cam2world=scene.cam2world[frames],
+        dynamic_mask=scene.dynamic_mask[frames],
+        labels=scene.labels[frames],
+    )
 
 
 def write_monst3r_clip(scene: Scene, clip_dir: str | Path, video_path: str | Path, start: int, length: int) -> Path:
@@ -536,24 +549,22 @@ def write_monst3r_clip(scene: Scene, clip_dir: str | Path, video_path: str | Pat
     ``clip_dir`` gets ``pred_traj.txt`` (one line per frame: timestamp tx ty tz qw qx qy qz, camera-to-world),
     ``pred_intrinsics.txt`` (one line of 9 numbers per frame, the row-major 3x3 K, pixel centres on integers),
     ``frame_{t:04d}.npy`` (depth (H, W) float32) and ``dynamic_mask_{t}.png`` (0/255). ``video_path`` gets all of
-    ``scene.rgb``. The folder name should end in ``_<start>-<end>`` with ``end = start + length`` (exclusive), as
-    :func:`write_tree` names it.
+    ``scene.rgb``. The folder name should end in ``_<start>-<end>`` with the inclusive ``end = start + length - 1``,
+    as :func:`write_tree` names it.
     """
-    if start < 0 or length < 1 or start + length > len(scene.rgb):
-        raise ValueError(f"frames {start}..{start + length - 1} are not all in a scene of {len(scene.rgb)} frames")
+    clip = window(scene, start, length)
     clip_dir = Path(clip_dir)
     clip_dir.mkdir(parents=True, exist_ok=True)
     Path(video_path).parent.mkdir(parents=True, exist_ok=True)
     write_video(video_path, scene.rgb, fps=FPS)
     traj, intr = [], []
     for t in range(length):
-        f = start + t
-        c2w = scene.cam2world[f].astype(np.float64)
+        c2w = clip.cam2world[t].astype(np.float64)
         q = rotation_to_quaternion(c2w[:3, :3])
-        traj.append(" ".join(f"{x:.9g}" for x in [f / FPS, *c2w[:3, 3], *q]))
-        intr.append(" ".join(f"{x:.9g}" for x in intrinsics_to_integer_centres(scene.K[f]).reshape(-1)))
-        write_npy(clip_dir / f"frame_{t:04d}.npy", scene.depth[f].astype(np.float32))
-        write_png(clip_dir / f"dynamic_mask_{t}.png", scene.dynamic_mask[f].astype(np.uint8) * 255)
+        traj.append(" ".join(f"{x:.9g}" for x in [(start + t) / FPS, *c2w[:3, 3], *q]))
+        intr.append(" ".join(f"{x:.9g}" for x in intrinsics_to_integer_centres(clip.K[t]).reshape(-1)))
+        write_npy(clip_dir / f"frame_{t:04d}.npy", clip.depth[t].astype(np.float32))
+        write_png(clip_dir / f"dynamic_mask_{t}.png", clip.dynamic_mask[t].astype(np.uint8) * 255)
     write_text(clip_dir / "pred_traj.txt", "\n".join(traj) + "\n")
     write_text(clip_dir / "pred_intrinsics.txt", "\n".join(intr) + "\n")
     return clip_dir
@@ -575,15 +586,18 @@ def write_dynamic_npz(scene: Scene, path: str | Path, intrinsic_form: str = "Tx3
     return path
 
 
-def write_static_npz(scene: Scene, path: str | Path, raw: str | Path) -> Path:
-    """static clip: ``.npz`` with pts3d (T, H, W, 3) world points and poses (T, 4, 4) camera-to-world.
+def write_static_npz(
+    scene: Scene, path: str | Path, raw: str | Path, start: int = 0, length: int | None = None
+) -> Path:
+    """static clip: ``.npz`` with pts3d (T, H, W, 3) world points and poses (T, 4, 4) camera-to-world of frames
+    ``start .. start + length - 1`` (default: all); every frame's RGB goes to ``raw``.
 
-    The RGB frames go to ``raw``: an ``.mp4`` file when ``raw`` ends in ``.mp4``, otherwise an image folder of
-    ``{t:05d}.png`` files.
+    ``raw`` is an ``.mp4`` file when it ends in ``.mp4``, otherwise an image folder of ``{t:05d}.png`` files.
     """
+    clip = window(scene, start, len(scene.rgb) - start if length is None else length)
     path, raw = Path(path), Path(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_npz(path, pts3d=scene.points, poses=scene.cam2world)
+    write_npz(path, pts3d=clip.points, poses=clip.cam2world)
     if raw.suffix == ".mp4":
         raw.parent.mkdir(parents=True, exist_ok=True)
         write_video(raw, scene.rgb, fps=FPS)
@@ -606,6 +620,10 @@ def write_captions(path: str | Path, captions: dict[int, str]) -> Path:
     return path
 
 
+#: ``layout`` choices of :func:`write_tree`.
+TREE_LAYOUTS = ("flat", "nested")
+
+
 def write_tree(
     out: str | Path,
     num_clips: int,
@@ -614,46 +632,67 @@ def write_tree(
     width: int = 720,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    layout: str = "flat",
 ) -> Path:
     """Write ``num_clips`` synthetic clips as a 4DNeX-10M tree under ``<out>/data``; returns that data folder.
 
     Clips go round-robin to the subsets of :data:`SUBSETS`; clip ``i`` is rendered from seed ``seed * 100003 + i``
-    and numbered ``10000 + i``. Layout::
+    and numbered ``10000 + i``; every range in a name is inclusive (``<start>-<end>`` is ``end - start + 1``
+    frames). ``layout="flat"``::
 
         data/dynamic/dynamic_{1,2}/<number>_<start>-<end>/   pred_traj.txt, pred_intrinsics.txt, frame_XXXX.npy,
-                                                              dynamic_mask_<t>.png   (end exclusive)
+                                                              dynamic_mask_<t>.png
         data/raw/dynamic/dynamic_{1,2}/<number>.mp4          the whole video, the clip starts at frame <start>
         data/dynamic/dynamic_3/<number>.npz                  images, depths, intrinsic (cycling forms), cam_c2w
         data/static/static_1/<number>.npz  + data/raw/static/static_1/<number>.mp4
         data/static/static_2/<number>.npz  + data/raw/static/static_2/<number>/{t:05d}.png
-        data/caption/<subset>_with_caption_upload.csv        number,caption
+
+    ``layout="nested"``, the layouts the 4DNeX reference reads (clips start at frame ``1 + i % 3``)::
+
+        data/dynamic/dynamic_{1,2}/<number>/part_<start>-<end>/  + data/raw/dynamic/dynamic_{1,2}/<number>.mp4
+        data/dynamic/dynamic_3/<number>/frame_<start>-frame_<end>.npz    (holding frames start..end)
+        data/static/static_1/<number>/frame_<start>-frame_<end>.npz      + data/raw/static/static_1/<number>/images_4/
+        data/static/static_2/group_<i%2>/<number>/frame_<start>-frame_<end>.npz
+                                                                 + data/raw/static/static_2/<number>.mp4
+
+    and in both: ``data/caption/<subset>_with_caption_upload.csv`` (number,caption).
     """
+    if layout not in TREE_LAYOUTS:
+        raise ValueError(f"layout must be one of {TREE_LAYOUTS}, got {layout!r}")
     data = Path(out) / "data"
+    raw = data / "raw"
     captions: dict[str, dict[int, str]] = {name: {} for name in SUBSETS}
     names = list(SUBSETS)
     for i in range(num_clips):
         subset = names[i % len(names)]
+        fmt = SUBSETS[subset]
         number = 10000 + i
         clip_seed = seed * 100003 + i
         kind = "dynamic" if subset.startswith("dynamic") else "static"
-        if SUBSETS[subset] == "monst3r":
-            start, tail = i % 3, (i // 5) % 2
-            scene = render_scene(clip_seed, num_frames + start + tail, height, width, dynamic=True)
+        nested = layout == "nested"
+        start = 1 + i % 3 if nested else (i % 3 if fmt == "monst3r" else 0)
+        end = start + num_frames - 1
+        tail = (i // 5) % 2 if fmt == "monst3r" else 0
+        scene = render_scene(clip_seed, end + 1 + tail, height, width, dynamic=fmt != "static_npz")
+        ranged = f"frame_{start}-frame_{end}.npz"
+        if fmt == "monst3r":
+            folder = f"{number}/part_{start}-{end}" if nested else f"{number}_{start}-{end}"
             write_monst3r_clip(
-                scene,
-                data / kind / subset / f"{number}_{start}-{start + num_frames}",
-                data / "raw" / kind / subset / f"{number}.mp4",
-                start,
-                num_frames,
+                scene, data / kind / subset / folder, raw / kind / subset / f"{number}.mp4", start, num_frames
             )
-        elif SUBSETS[subset] == "dynamic_npz":
-            scene = render_scene(clip_seed, num_frames, height, width, dynamic=True)
+        elif fmt == "dynamic_npz":
             form = INTRINSIC_FORMS[(i // len(names)) % len(INTRINSIC_FORMS)]
-            write_dynamic_npz(scene, data / kind / subset / f"{number}.npz", form)
+            path = data / kind / subset / (f"{number}/{ranged}" if nested else f"{number}.npz")
+            write_dynamic_npz(window(scene, start, num_frames), path, form)
+        elif nested and subset == "static_1":
+            path = data / kind / subset / str(number) / ranged
+            write_static_npz(scene, path, raw / kind / subset / str(number) / "images_4", start, num_frames)
+        elif nested:
+            path = data / kind / subset / f"group_{i % 2}" / str(number) / ranged
+            write_static_npz(scene, path, raw / kind / subset / f"{number}.mp4", start, num_frames)
         else:
-            scene = render_scene(clip_seed, num_frames, height, width, dynamic=False)
-            raw = data / "raw" / kind / subset / (f"{number}.mp4" if subset == "static_1" else str(number))
-            write_static_npz(scene, data / kind / subset / f"{number}.npz", raw)
+            rgb = raw / kind / subset / (f"{number}.mp4" if subset == "static_1" else str(number))
+            write_static_npz(scene, data / kind / subset / f"{number}.npz", rgb)
         captions[subset][number] = scene.caption
         if progress is not None:
             progress(f"{subset}/{number}")
@@ -669,7 +708,14 @@ def main(args: argparse.Namespace) -> None:
 
     with tqdm(total=args.num_clips, unit="clip", desc="synthetic clips") as bar:
         data = write_tree(
-            args.out, args.num_clips, args.num_frames, args.height, args.width, args.seed, lambda _: bar.update()
+            args.out,
+            args.num_clips,
+            args.num_frames,
+            args.height,
+            args.width,
+            args.seed,
+            lambda _: bar.update(),
+            args.layout,
         )
     print(f"wrote {args.num_clips} clips to {data}")
 
@@ -682,4 +728,5 @@ if __name__ == "__main__":
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=TREE_LAYOUTS, default="flat", help="flat ids or the nested layouts")
     main(parser.parse_args())
