@@ -21,25 +21,12 @@ import torch
 from tqdm import tqdm
 
 from fourdnex import __version__
-from fourdnex.cli import run
+from fourdnex.cli import resolve_device, run
 from fourdnex.config import RegistrationConfig
 from fourdnex.errors import UsageError
 from fourdnex.geometry.exports import DEPTH_FORMATS, EXPORTS, export_all
 from fourdnex.geometry.registration import RegistrationError, check_pointmap, register
 from fourdnex.geometry.results import find_results, load_result, registration_path, save_registration
-
-
-def _device(name: str) -> torch.device:
-    """The torch device of ``--device`` (``auto``: CUDA when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name}: not a device ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    return device
 
 
 def _frames(count: int, start: int, end: int | None, gap: int, where: Path) -> np.ndarray:
@@ -66,7 +53,7 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from err
     if args.ply_stride < 1:
         raise UsageError(f"--ply_stride must be >= 1, got {args.ply_stride}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     files = find_results(args.pkl_dir)
     for path in tqdm(files, desc="checking", disable=len(files) < 2):  # fail before writing anything
         xyz = load_result(path).xyz

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from fourdnex.errors import FourDNeXError
+from fourdnex.errors import FourDNeXError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def run(
@@ -40,3 +44,19 @@ def _leave_process_group(wait_for_others: bool) -> None:
         if wait_for_others:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a ``--device`` flag: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...;
+    UsageError for a name torch does not know or a CUDA device this machine lacks."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: not a device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here")
+    return device

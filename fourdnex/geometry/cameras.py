@@ -106,6 +106,19 @@ def unproject_depth(depth: torch.Tensor, K: torch.Tensor, cam2world: torch.Tenso
 
 
 @numpy_or_torch
+def project_points(points: torch.Tensor, K: torch.Tensor, cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels ``(F, ..., 2)`` as ``(u, v)`` and depths ``(F, ...)`` of world points ``(F, ..., 3)`` seen by cameras
+    ``K (F, 3, 3)``, ``cam2world (F, 4, 4)``: ``K @ Y / Y_z`` and ``Y_z`` for the camera-frame point ``Y``. Points at
+    or behind the camera (depth <= 0) get no meaningful pixel; their depth tells them apart."""
+    cam = transform_points(invert_rigid(cam2world).to(points.dtype), points)
+    extra = (1,) * (points.dim() - 2)
+    focal = K[:, [0, 1], [0, 1]].to(points.dtype).view(-1, *extra, 2)
+    centre = K[:, :2, 2].to(points.dtype).view(-1, *extra, 2)
+    depth = cam[..., 2]
+    return cam[..., :2] / depth[..., None] * focal + centre, depth
+
+
+@numpy_or_torch
 def look_at(
     eye: torch.Tensor, target: torch.Tensor, roll: torch.Tensor | float = 0.0, up: tuple[float, ...] = (0.0, 1.0, 0.0)
 ) -> torch.Tensor:

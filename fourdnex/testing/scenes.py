@@ -115,11 +115,31 @@ def render(K: torch.Tensor, cam2world: torch.Tensor, height: int, width: int) ->
     return ToyScene(K, cam2world, t, points, rgb)
 
 
+def seen_from(points: torch.Tensor, K: torch.Tensor, cam2world: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Whether the camera ``K (3, 3)``, ``cam2world (4, 4)`` of a ``height x width`` image sees each of the scene's
+    surface points ``(..., 3)``: the point projects inside the image, in front, and a ray cast from the camera's centre
+    towards it hits nothing nearer. Returns ``(...)`` bool."""
+    flat = points.reshape(-1, 3).double()
+    K, cam2world = K.double(), cam2world.double()
+    cam = (flat - cam2world[:3, 3]) @ cam2world[:3, :3]  # (N, 3) camera frame
+    u = K[0, 0] * cam[:, 0] / cam[:, 2] + K[0, 2]
+    v = K[1, 1] * cam[:, 1] / cam[:, 2] + K[1, 2]
+    inside = (cam[:, 2] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    # One single-pixel camera per point, looking straight at it: its depth is the distance to the first hit.
+    eye = cam2world[:3, 3].expand_as(flat)
+    one = torch.tensor([1.0, 1.0, 0.5, 0.5], dtype=torch.float64).expand(len(flat), 4)
+    hit = render(intrinsics(*one.unbind(-1)), look_at(eye, flat), 1, 1).depth.reshape(-1)
+    unoccluded = hit >= (flat - eye).norm(dim=-1) * (1 - 1e-7)
+    return (inside & unoccluded).reshape(points.shape[:-1])
+
+
 def _shade(points: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     """A checkered room and flat-colored objects with a light/dark pattern, as ``(..., 3)`` uint8."""
     colors = torch.tensor(((225, 215, 200), *COLORS), dtype=torch.float64)
     base = colors[which.clamp_max(len(COLORS))]
-    checker = (torch.floor(points / 0.5).sum(-1) % 2)[..., None]
+    # The offset keeps faces that lie on a check boundary (the floor at y = 0, walls at x = +-6) on one side of it;
+    # without it rounding flips their checks from pixel to pixel.
+    checker = (torch.floor(points / 0.5 + 1e-9).sum(-1) % 2)[..., None]
     shade = torch.where(which[..., None] == 0, 0.65 + 0.35 * checker, 0.8 + 0.2 * checker)
     return (base * shade).round().clamp(0, 255).to(torch.uint8)
 
