@@ -15,22 +15,27 @@ The clip files follow the 4DNeX-10M convention instead, with pixel centres on in
 
 Writing a whole 4DNeX-10M-style tree (``<out>/data/...``, see :func:`write_tree`):
 
-    python -m fourdnex.data.synthetic --out synthetic --num_clips 10 --num_frames 49 --height 480 --width 720
+    python -m fourdnex.data.synthetic --out synthetic --num_clips 10 --num_frames 49 --height 480 --width 720 --workers 4
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
+import json
 import math
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fourdnex.files import atomic_path, write_npy, write_npz, write_png, write_text, write_video
+from fourdnex.cli import run
+from fourdnex.files import atomic_path, write_json, write_npy, write_npz, write_png, write_text, write_video
 from fourdnex.geometry.cameras import (
     camera_rays,
     intrinsics_to_integer_centres,
@@ -633,6 +638,7 @@ def write_tree(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     layout: str = "flat",
+    workers: int = 1,
 ) -> Path:
     """Write ``num_clips`` synthetic clips as a 4DNeX-10M tree under ``<out>/data``; returns that data folder.
 
@@ -655,51 +661,67 @@ def write_tree(
         data/static/static_2/group_<i%2>/<number>/frame_<start>-frame_<end>.npz
                                                                  + data/raw/static/static_2/<number>.mp4
 
-    and in both: ``data/caption/<subset>_with_caption_upload.csv`` (number,caption).
+    and in both: ``data/caption/<subset>_with_caption_upload.csv`` (number,caption), written once every clip is.
+    ``workers`` processes render in parallel. A clip's files are written atomically and then its record in
+    ``<out>/clips/<i>.json`` (subset, number, caption), so a re-run renders only the clips without a record.
     """
     if layout not in TREE_LAYOUTS:
         raise ValueError(f"layout must be one of {TREE_LAYOUTS}, got {layout!r}")
-    data = Path(out) / "data"
-    raw = data / "raw"
+    records = Path(out) / "clips"
+    records.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(num_clips) if not (records / f"{i}.json").is_file()]
+    job = functools.partial(_write_clip, Path(out), num_frames=num_frames, height=height, width=width, seed=seed,
+                            layout=layout)  # fmt: skip
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for name in pool.map(job, todo, chunksize=8) if pool else map(job, todo):
+            if progress is not None:
+                progress(name)
     captions: dict[str, dict[int, str]] = {name: {} for name in SUBSETS}
-    names = list(SUBSETS)
     for i in range(num_clips):
-        subset = names[i % len(names)]
-        fmt = SUBSETS[subset]
-        number = 10000 + i
-        clip_seed = seed * 100003 + i
-        kind = "dynamic" if subset.startswith("dynamic") else "static"
-        nested = layout == "nested"
-        start = 1 + i % 3 if nested else (i % 3 if fmt == "monst3r" else 0)
-        end = start + num_frames - 1
-        tail = (i // 5) % 2 if fmt == "monst3r" else 0
-        scene = render_scene(clip_seed, end + 1 + tail, height, width, dynamic=fmt != "static_npz")
-        ranged = f"frame_{start}-frame_{end}.npz"
-        if fmt == "monst3r":
-            folder = f"{number}/part_{start}-{end}" if nested else f"{number}_{start}-{end}"
-            write_monst3r_clip(
-                scene, data / kind / subset / folder, raw / kind / subset / f"{number}.mp4", start, num_frames
-            )
-        elif fmt == "dynamic_npz":
-            form = INTRINSIC_FORMS[(i // len(names)) % len(INTRINSIC_FORMS)]
-            path = data / kind / subset / (f"{number}/{ranged}" if nested else f"{number}.npz")
-            write_dynamic_npz(window(scene, start, num_frames), path, form)
-        elif nested and subset == "static_1":
-            path = data / kind / subset / str(number) / ranged
-            write_static_npz(scene, path, raw / kind / subset / str(number) / "images_4", start, num_frames)
-        elif nested:
-            path = data / kind / subset / f"group_{i % 2}" / str(number) / ranged
-            write_static_npz(scene, path, raw / kind / subset / f"{number}.mp4", start, num_frames)
-        else:
-            rgb = raw / kind / subset / (f"{number}.mp4" if subset == "static_1" else str(number))
-            write_static_npz(scene, data / kind / subset / f"{number}.npz", rgb)
-        captions[subset][number] = scene.caption
-        if progress is not None:
-            progress(f"{subset}/{number}")
+        record = json.loads((records / f"{i}.json").read_text())
+        captions[record["subset"]][record["number"]] = record["caption"]
+    data = Path(out) / "data"
     for subset, caps in captions.items():
         if caps:
             write_captions(data / "caption" / f"{subset}_with_caption_upload.csv", caps)
     return data
+
+
+def _write_clip(out: Path, i: int, num_frames: int, height: int, width: int, seed: int, layout: str) -> str:
+    """Render clip ``i`` of :func:`write_tree`, write its files, then its record; returns ``<subset>/<number>``."""
+    data = out / "data"
+    raw = data / "raw"
+    names = list(SUBSETS)
+    subset = names[i % len(names)]
+    fmt = SUBSETS[subset]
+    number = 10000 + i
+    kind = "dynamic" if subset.startswith("dynamic") else "static"
+    nested = layout == "nested"
+    start = 1 + i % 3 if nested else (i % 3 if fmt == "monst3r" else 0)
+    end = start + num_frames - 1
+    tail = (i // 5) % 2 if fmt == "monst3r" else 0
+    scene = render_scene(seed * 100003 + i, end + 1 + tail, height, width, dynamic=fmt != "static_npz")
+    ranged = f"frame_{start}-frame_{end}.npz"
+    if fmt == "monst3r":
+        folder = f"{number}/part_{start}-{end}" if nested else f"{number}_{start}-{end}"
+        write_monst3r_clip(
+            scene, data / kind / subset / folder, raw / kind / subset / f"{number}.mp4", start, num_frames
+        )
+    elif fmt == "dynamic_npz":
+        form = INTRINSIC_FORMS[(i // len(names)) % len(INTRINSIC_FORMS)]
+        path = data / kind / subset / (f"{number}/{ranged}" if nested else f"{number}.npz")
+        write_dynamic_npz(window(scene, start, num_frames), path, form)
+    elif nested and subset == "static_1":
+        path = data / kind / subset / str(number) / ranged
+        write_static_npz(scene, path, raw / kind / subset / str(number) / "images_4", start, num_frames)
+    elif nested:
+        path = data / kind / subset / f"group_{i % 2}" / str(number) / ranged
+        write_static_npz(scene, path, raw / kind / subset / f"{number}.mp4", start, num_frames)
+    else:
+        rgb = raw / kind / subset / (f"{number}.mp4" if subset == "static_1" else str(number))
+        write_static_npz(scene, data / kind / subset / f"{number}.npz", rgb)
+    write_json(out / "clips" / f"{i}.json", {"subset": subset, "number": number, "caption": scene.caption})
+    return f"{subset}/{number}"
 
 
 def main(args: argparse.Namespace) -> None:
@@ -716,17 +738,26 @@ def main(args: argparse.Namespace) -> None:
             args.seed,
             lambda _: bar.update(),
             args.layout,
+            args.workers,
         )
     print(f"wrote {args.num_clips} clips to {data}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fourdnex.data.synthetic``."""
+    parser = argparse.ArgumentParser(
+        prog="fourdnex.data.synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="folder to create data/ in")
     parser.add_argument("--num_clips", type=int, default=10)
     parser.add_argument("--num_frames", type=int, default=49, help="frames per clip")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="clip i renders seed * 100003 + i")
     parser.add_argument("--layout", choices=TREE_LAYOUTS, default="flat", help="flat ids or the nested layouts")
-    main(parser.parse_args())
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering clips in parallel")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, build_parser())
