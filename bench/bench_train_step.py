@@ -243,7 +243,7 @@ def run_trainer(args, cfg: TrainConfig, setting: str, config: dict, shape) -> No
         profile_step(trainer, cfg, config, shape, args.warmup + args.steps, rank, world)
     seconds = statistics.mean(s for _, s in timed)
     result = {
-        "mode": f"trainer ZeRO-{trainer.zero_stage}",
+        "mode": f"trainer ZeRO-{trainer.engine.zero_optimization_stage()}",
         "rank": f"{rank}/{world}",
         "attention": cfg.attention_backend or "default",
         "activation memory": setting,

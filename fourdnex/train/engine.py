@@ -156,7 +156,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         self.optimizer = optimizer
         self.engine, _ = accelerator.prepare(transformer, optimizer)
-        self.zero_stage = self.engine.zero_optimization_stage()
         self.step = 0
         self.validation_components: dict | None = None  # loaded at the first validation
 
