@@ -394,7 +394,8 @@ class BlockRecompute:
         self.host_buffers = HostBuffers({"input": num_blocks, "attention": attention, "lse": attention, "ffn": ffn})
         self.copier: HostCopier | None = None  # made at the first tensor parked, on its device
 
-    def __call__(self, block: nn.Module, *args):
+    def __call__(self, block: nn.Module, *args) -> torch.Tensor:
+        """Run ``block(*args)`` (hidden states (B, N, C) out) with its backward recomputing it as planned."""
         flat, spec = _flatten(args)
         params = [p for p in block.parameters() if p.requires_grad]
         return _RecomputedBlock.apply(block, self, spec, *flat, *params)

@@ -22,7 +22,9 @@ from torch import nn
 from fourdnex.train.config import LrSchedule, TrainConfig, TrainingError
 from fourdnex.train.loss import Batch, LossWeights, batch_loss
 
-if TYPE_CHECKING:  # the adapter module imports peft: loaded when used
+if TYPE_CHECKING:  # accelerate, and peft under the adapter module: loaded when used
+    from accelerate import Accelerator
+
     from fourdnex.model.adapters import AdapterMeta
 
 #: The DeepSpeed json used unless --deepspeed_config or an accelerate config names another.
@@ -94,7 +96,7 @@ def zero_stage(config: dict) -> int:
     return int(config["zero_optimization"].get("stage", 0))
 
 
-def make_accelerator(cfg: TrainConfig, log_dir: Path | None = None):
+def make_accelerator(cfg: TrainConfig, log_dir: Path | None = None) -> Accelerator:
     """An Accelerator running DeepSpeed with :func:`deepspeed_config` (gloo on a CPU-only machine)."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -130,7 +132,9 @@ class Trainer:
     ``meta`` is what every adapter of the run carries (None where no adapter is written).
     """
 
-    def __init__(self, cfg: TrainConfig, transformer: nn.Module, accelerator, meta: AdapterMeta | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, transformer: nn.Module, accelerator: Accelerator, meta: AdapterMeta | None
+    ) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.meta = meta

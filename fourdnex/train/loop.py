@@ -59,7 +59,7 @@ def clip_index(seed: int, position: int, num_clips: int) -> int:
 
 
 def make_batch(cache: LatentCache, cfg: TrainConfig, positions: list[int]) -> Batch:
-    """Read and noise the samples at the given global stream positions."""
+    """Read and noise the samples at the given global stream positions: a Batch of ``B = len(positions)``."""
     samples: list[Sample] = []
     noises, sigmas = [], []
     for position in positions:
@@ -94,7 +94,7 @@ def stream_positions(cfg: TrainConfig, step: int, micro: int, rank: int, world: 
 
 
 def check_lora_targets(transformer: nn.Module, targets: tuple[str, ...]) -> None:
-    """Raise ValueError naming a target that matches no linear layer of the transformer blocks."""
+    """Raise TrainingError naming a target that matches no linear layer of the transformer blocks."""
     names = [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
     for target in targets:
         if not any(name == target or name.endswith(f".{target}") for name in names):
