@@ -9,6 +9,8 @@ One process (CPU or one GPU) runs as is; several GPUs or nodes through accelerat
 Every checkpoint (``OUTPUT_DIR/checkpoints/checkpoint-NNNNNN``) holds the DeepSpeed state to resume from and
 ``adapter/fourdnex_adapter.safetensors``, which ``inference.py --lora_path`` loads; the final adapter is written to
 ``OUTPUT_DIR/adapter``. ``python -m fourdnex.train.checkpoints CHECKPOINT`` re-exports an adapter from the ZeRO state.
+On GPUs, ``--compile_blocks`` and the default ``--activation_memory auto`` (what the free host RAM allows) are the
+fast settings (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import logging
 
 from fourdnex.cli import run
 from fourdnex.config import DEFAULT_LORA_TARGETS, MODEL_TYPES
-from fourdnex.train.loop import TrainConfig, train
+from fourdnex.train.config import ACTIVATION_MEMORY_CHOICES, LR_SCHEDULES, TIMESTEP_SAMPLINGS, TrainConfig
+from fourdnex.train.loop import train
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="linear layer names")
     g = parser.add_argument_group("optimization")
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    g.add_argument("--lr_schedule", default=d.lr_schedule, choices=["cosine", "linear", "constant"])
+    g.add_argument("--lr_schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
     g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
     g.add_argument("--min_lr_ratio", type=float, default=d.min_lr_ratio, help="final lr / learning_rate")
     g.add_argument("--max_steps", type=int, default=d.max_steps, help="optimizer steps")
@@ -71,44 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", default=d.mixed_precision, choices=["bf16", "no"])
     g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     g.add_argument(
-        "--save_attention_blocks",
-        type=int,
-        default=d.save_attention_blocks,
-        help="keep the self-attention output of the first N blocks instead of recomputing it (0.36 GB per block "
-        "at 49x480x720; memory for speed)",
-    )
-    g.add_argument(
-        "--save_ffn_blocks",
-        type=int,
-        default=d.save_ffn_blocks,
-        help="keep the feed-forward pre-activation of the first N blocks instead of recomputing the feed-forward "
-        "(0.97 GB per block at 49x480x720; needs the feed-forward without LoRA)",
-    )
-    g.add_argument(
-        "--offload_checkpoints",
-        action="store_true",
-        help="park the block inputs gradient checkpointing keeps in page-locked host memory (0.36 GB per block at "
-        "49x480x720), fetched back one block ahead of the backward",
-    )
-    g.add_argument(
-        "--offload_attention",
-        action="store_true",
-        help="park the kept self-attention outputs (--save_attention_blocks) in host memory as well",
-    )
-    g.add_argument(
-        "--offload_ffn",
-        action="store_true",
-        help="park the kept feed-forward pre-activations (--save_ffn_blocks) in host memory as well",
+        "--activation_memory",
+        default=d.activation_memory,
+        choices=ACTIVATION_MEMORY_CHOICES,
+        help="what gradient checkpointing keeps of each block instead of recomputing it in the backward: recompute "
+        "(its input only: diffusers' gradient checkpointing), attention (also its self-attention output), "
+        "attention+ffn (also its feed-forward pre-activation; not with LoRA on the feed-forward). attention and "
+        "attention+ffn need ZeRO-2; on CUDA they park what they keep and the block inputs in page-locked host "
+        "memory, 30 GB / 68 GB per process at 49x480x720. auto: recompute without CUDA or under ZeRO-3, else the "
+        "most the free host RAM per process allows (34 GB / 76 GB at 49x480x720, scaled with the tokens per step)",
     )
     g.add_argument("--attention_backend", default=None, help="diffusers attention backend, e.g. _native_cudnn")
     g.add_argument("--compile_blocks", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed json (default: configs/deepspeed_zero2.json)")
     g = parser.add_argument_group("loss")
-    g.add_argument("--timestep_sampling", default=d.timestep_sampling, choices=["uniform", "shifted", "logit_normal"])
+    g.add_argument("--timestep_sampling", default=d.timestep_sampling, choices=TIMESTEP_SAMPLINGS)
     g.add_argument("--shift", type=float, default=d.shift, help="for shifted sampling (inference flow_shift)")
-    g.add_argument("--logit_mean", type=float, default=d.logit_mean)
-    g.add_argument("--logit_std", type=float, default=d.logit_std)
     g.add_argument("--rgb_loss_weight", type=float, default=d.rgb_loss_weight)
     g.add_argument("--xyz_loss_weight", type=float, default=d.xyz_loss_weight)
     g.add_argument(

@@ -57,26 +57,21 @@ train=(
     --timestep_sampling uniform --rgb_loss_weight 1.0 --xyz_loss_weight 1.0
     # checkpoints every 500 steps, the last 2 kept; each holds an inference-ready adapter
     --checkpointing_steps 500 --checkpoints_total_limit 2 --resume_from_checkpoint latest
+    # what gradient checkpointing keeps: as much as the free host RAM per GPU allows (see "speed" below)
+    --activation_memory auto
 )
 
-# --- speed, ZeRO-2 only: compiled blocks; every block's self-attention output and feed-forward pre-activation kept
-# instead of recomputed, parked with the block inputs in page-locked host memory. At 49x480x720 that takes 68 GB of
-# host RAM per GPU (30 GB without the feed-forward). One H100: 11.3 s/step at 45 GiB (11.9 s at 43 GiB without the
-# feed-forward kept); one H200: 11.0 s, against 15.3 s at 58 GiB for plain diffusers + peft + checkpointing
-# (BENCHMARKS.md). With less free host RAM per GPU the feed-forward, then the attention, is recomputed instead.
-# ZeRO-3, and a machine without GPUs, run plain checkpointing.
-# HOST_RAM_GB overrides the free host RAM read from /proc/meminfo (in a container, set it to the container's limit).
-HOST_RAM_GB=${HOST_RAM_GB:-$(awk '/^MemAvailable:/ {print int($2 / 1000000)}' /proc/meminfo)}
+# --- speed, ZeRO-2 on GPUs: compiled blocks. What gradient checkpointing keeps is finetune.py's
+# --activation_memory auto (fourdnex/train/memory_policy.py): every block's self-attention output and feed-forward
+# pre-activation kept instead of recomputed, parked with the block inputs in page-locked host memory. At 49x480x720
+# that takes 68 GB of host RAM per GPU (30 GB without the feed-forward), so it keeps both from 76 GB of free host
+# RAM per GPU, the attention from 34 GB, else recomputes; ZeRO-3, and a machine without GPUs, recompute. The free
+# host RAM is MemAvailable or what a cgroup memory limit leaves, whichever is less. One H100: 11.3 s/step at
+# 45 GiB (11.9 s at 43 GiB without the feed-forward kept); one H200: 11.0 s, against 15.3 s at 58 GiB for plain
+# diffusers + peft + checkpointing (BENCHMARKS.md).
 SPEED=()
 if [[ "$ZERO" == 2 ]] && (( GPUS_FOUND > 0 )); then
-    host_gb_per_gpu=$(( HOST_RAM_GB / NUM_GPUS ))
     SPEED=(--compile_blocks)
-    if (( host_gb_per_gpu >= 76 )); then
-        SPEED+=(--save_attention_blocks 40 --save_ffn_blocks 40 --offload_checkpoints --offload_attention --offload_ffn)
-    elif (( host_gb_per_gpu >= 34 )); then
-        SPEED+=(--save_attention_blocks 40 --offload_checkpoints --offload_attention)
-    fi
-    echo "finetune.sh: ${host_gb_per_gpu} GB of free host RAM per GPU: ${SPEED[*]}" >&2
 fi
 
 exec "${launch[@]}" "${train[@]}" "${SPEED[@]}" "$@"

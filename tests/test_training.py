@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -27,22 +29,13 @@ from fourdnex.geometry.results import load_result
 from fourdnex.model.adapters import apply_adapter, read_adapter
 from fourdnex.model.fusion import condition_video, soft_mask, split_width
 from fourdnex.model.transformer import FourDNeXTransformer
+from fourdnex.train import memory_policy
 from fourdnex.train.checkpoints import export_adapter, list_checkpoints
-from fourdnex.train.loop import (
-    LossWeights,
-    TrainConfig,
-    TrainingError,
-    batch_loss,
-    build_transformer,
-    deepspeed_config,
-    flow_matching_loss,
-    lr_factor,
-    make_batch,
-    sample_sigmas,
-    stream_positions,
-    trainable_parameters,
-    transformer_inputs,
-)
+from fourdnex.train.config import TrainConfig, TrainingError
+from fourdnex.train.engine import deepspeed_config, lr_factor, trainable_parameters
+from fourdnex.train.loop import build_transformer, make_batch, stream_positions
+from fourdnex.train.loss import LossWeights, batch_loss, flow_matching_loss, sample_sigmas, transformer_inputs
+from fourdnex.train.memory_policy import Machine, RecomputePlan, choose_activation_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = ["--height", "32", "--width", "32", "--num_frames", "9"]
@@ -55,11 +48,11 @@ def finetune_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def finetune(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def finetune(*args: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, str(ROOT / "finetune.py"), *args], env=finetune_env(), capture_output=True, text=True
     )
-    if check and result.returncode:
+    if result.returncode:
         raise AssertionError(f"finetune.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
 
@@ -250,15 +243,19 @@ def load_script(name: str):
         ("missing_stats", "stats.json: missing"),
         ("unknown_target", "LoRA target 'to_qq' matches no linear layer"),
         ("bad_frames", "num_frames must be 4k+1"),
-        ("offload_without_checkpointing", "offload_checkpoints need gradient checkpointing"),
-        ("offload_attention_alone", "offload_attention parks kept attention outputs: it needs save_attention_blocks"),
+        ("kept_without_checkpointing", "--activation_memory attention says what gradient checkpointing keeps"),
         (
             "kept_attention_backend",
-            "save_attention_blocks needs attention_backend native, _native_flash, _native_cudnn",
+            "--activation_memory attention replays the self-attention kernel: it needs attention_backend native, "
+            "_native_flash, _native_cudnn; got 'flex'",
         ),
-        ("kept_under_zero3", "is ZeRO-3, which partitions the LoRA weights"),
-        ("offload_ffn_alone", "offload_ffn parks kept feed-forward activations: it needs save_ffn_blocks"),
-        ("kept_ffn_with_ffn_lora", "save_ffn_blocks replays a frozen feed-forward: drop the ffn LoRA targets"),
+        ("kept_under_zero3", "the DeepSpeed config is ZeRO-3, which partitions the LoRA weights"),
+        ("kept_ffn_under_zero3", "--activation_memory attention+ffn needs ZeRO-2"),
+        (
+            "kept_ffn_with_ffn_lora",
+            "--activation_memory attention+ffn replays a frozen feed-forward: drop the ffn LoRA targets "
+            "(ffn.net.0.proj)",
+        ),
     ],
 )
 def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
@@ -267,6 +264,7 @@ def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
     args = ["--cache_dir", str(cache_dir), "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "4"]
     if setup == "missing_cache":
         args[1] = str(tmp_path / "nowhere")
+    zero3 = ROOT / "configs" / "deepspeed_zero3.json"
     if setup == "missing_stats":
         shutil.copytree(cache_dir, tmp_path / "cache")
         (tmp_path / "cache" / "stats.json").unlink()
@@ -275,17 +273,11 @@ def test_bad_input_one_line(setup, message, cache_dir, tmp_path):
         "other_resolution": ["--height", "48", "--width", "48"],
         "unknown_target": ["--lora_targets", "to_q", "to_qq"],
         "bad_frames": ["--num_frames", "10"],
-        "offload_without_checkpointing": ["--offload_checkpoints", "--no_gradient_checkpointing"],
-        "offload_attention_alone": ["--offload_attention"],
-        "offload_ffn_alone": ["--offload_ffn"],
-        "kept_ffn_with_ffn_lora": ["--save_ffn_blocks", "2", "--lora_targets", "to_q", "ffn.net.0.proj"],
-        "kept_attention_backend": ["--save_attention_blocks", "4", "--attention_backend", "flex"],
-        "kept_under_zero3": [
-            "--save_attention_blocks",
-            "2",
-            "--deepspeed_config",
-            str(ROOT / "configs" / "deepspeed_zero3.json"),
-        ],
+        "kept_without_checkpointing": ["--activation_memory", "attention", "--no_gradient_checkpointing"],
+        "kept_ffn_with_ffn_lora": ["--activation_memory", "attention+ffn", "--lora_targets", "to_q", "ffn.net.0.proj"],
+        "kept_attention_backend": ["--activation_memory", "attention", "--attention_backend", "flex"],
+        "kept_under_zero3": ["--activation_memory", "attention", "--deepspeed_config", str(zero3)],
+        "kept_ffn_under_zero3": ["--activation_memory", "attention+ffn", "--deepspeed_config", str(zero3)],
     }
     with pytest.raises(SystemExit) as exit_info:
         run(cli.main, cli.build_parser(), args + extra.get(setup, []))
@@ -303,21 +295,21 @@ def test_flags_reach_the_config():
     cfg = cli.config_from_args(parse(flags))
     assert (cfg.rgb_first_frame_loss, cfg.xyz_loss_weight, cfg.timestep_sampling) == (False, 2.0, "shifted")
     assert (cfg.lora_targets, cfg.model_type, cfg.gradient_checkpointing) == (("to_q", "ffn.net.2"), "i2vwbw", False)
-    memory = cli.config_from_args(
-        parse(["--cache_dir", "c", "--save_attention_blocks", "40", "--offload_checkpoints", "--offload_attention"])
-    )
-    assert (memory.save_attention_blocks, memory.offload_checkpoints, memory.offload_attention) == (40, True, True)
-    ffn = cli.config_from_args(parse(["--cache_dir", "c", "--save_ffn_blocks", "7", "--offload_ffn"]))
-    assert (ffn.save_ffn_blocks, ffn.offload_ffn, ffn.block_checkpointing) == (7, True, True)
-    plain = memory.plain_checkpointing()
-    assert not plain.block_checkpointing and plain == TrainConfig(cache_dir="c")
+    assert default.activation_memory == "auto"
+    memory = cli.config_from_args(parse(["--cache_dir", "c", "--activation_memory", "attention"]))
+    assert memory.activation_memory == "attention"
+    ffn = cli.config_from_args(parse(["--cache_dir", "c", "--activation_memory", "attention+ffn"]))
+    assert ffn.activation_memory == "attention+ffn"
+    assert dataclasses.replace(memory, activation_memory="auto") == TrainConfig(cache_dir="c")
 
 
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
-    result = finetune("--cache_dir", str(tmp_path / "nowhere"), check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("finetune.py: cache folder")
-    assert "Traceback" not in result.stderr
+    """A user error exits with a message (a string exit code: status 1, printed as one line, no traceback)."""
+    cli = load_script("finetune.py")
+    with pytest.raises(SystemExit) as exit_info:
+        run(cli.main, cli.build_parser(), ["--cache_dir", str(tmp_path / "nowhere")])
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("finetune.py: cache folder") and "\n" not in message
 
 
 def test_corrupt_clip_names_its_file(cache_dir, tmp_path):
@@ -349,8 +341,9 @@ def test_deepspeed_config_owns_no_optimizer(tmp_path):
 def test_lr_schedule():
     f = [lr_factor(s, warmup_steps=10, max_steps=110, schedule="cosine") for s in range(110)]
     assert f[0] == 0.1 and f[9] == 1.0 and f[10] == 1.0 and abs(f[60] - 0.5) < 1e-12 and f[-1] < 1e-3
-    g = [lr_factor(s, warmup_steps=0, max_steps=100, schedule="linear", min_ratio=0.1) for s in range(101)]
+    g = [lr_factor(s, warmup_steps=0, max_steps=100, schedule="cosine", min_ratio=0.1) for s in range(101)]
     assert g[0] == 1.0 and abs(g[50] - 0.55) < 1e-12 and abs(g[100] - 0.1) < 1e-12
+    assert [lr_factor(s, warmup_steps=2, max_steps=10, schedule="constant") for s in (0, 1, 2, 9)] == [0.5, 1, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -358,11 +351,10 @@ def test_lr_schedule():
     [
         ("uniform", lambda s: s),
         ("shifted", lambda s: s / (3.0 - 2.0 * s)),  # u = s / (shift - (shift - 1) s)
-        ("logit_normal", lambda s: stats.norm.cdf((torch.logit(torch.as_tensor(s)).numpy() - 0.5) / 0.8)),
     ],
 )
 def test_timestep_samplers(method, cdf):
-    sigmas = sample_sigmas(20_000, method, torch.Generator().manual_seed(0), shift=3.0, logit_mean=0.5, logit_std=0.8)
+    sigmas = sample_sigmas(20_000, method, torch.Generator().manual_seed(0), shift=3.0)
     assert sigmas.min() > 0 and sigmas.max() < 1
     assert stats.kstest(sigmas.double().numpy(), cdf).pvalue > 0.01
     other = sample_sigmas(20_000, "uniform", torch.Generator().manual_seed(0))
@@ -436,7 +428,7 @@ def test_condition_cut_and_encoded(cache_dir, tmp_path):
         LatentCache(cache_dir, 4, 32, 32)
 
 
-def test_saving_attention_keeps_gradients_and_skips_recompute():
+def test_keeping_attention_keeps_gradients_and_skips_recompute():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountAttention(TorchDispatchMode):
@@ -449,8 +441,8 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
 
     inputs = tiny_inputs()
     grads, calls = [], []
-    for keep in (0, 2):
-        model = tiny_training_model(save_attention_blocks=keep)
+    for plan in (None, RecomputePlan(attention=True)):  # plain checkpointing, then both blocks' attention kept
+        model = tiny_training_model(plan=plan)
         CountAttention.calls = 0
         with CountAttention():
             model(**inputs, return_dict=False)[0].square().mean().backward()
@@ -461,7 +453,7 @@ def test_saving_attention_keeps_gradients_and_skips_recompute():
     assert calls[1] < calls[0]
 
 
-def test_saving_ffn_keeps_gradients_and_skips_recompute():
+def test_keeping_ffn_keeps_gradients_and_skips_recompute():
     """Keeping the feed-forward pre-activation: the same gradients as plain checkpointing, and the feed-forward runs
     once per block (its forward) instead of twice (forward and recompute); its backward runs as before."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -480,8 +472,8 @@ def test_saving_ffn_keeps_gradients_and_skips_recompute():
 
     inputs = tiny_inputs()
     grads, calls = [], []
-    for keep in (0, 2):
-        model = tiny_training_model(save_ffn_blocks=keep)
+    for plan in (None, RecomputePlan(ffn=True)):  # plain checkpointing, then both blocks' feed-forward kept
+        model = tiny_training_model(plan=plan)
         with CountGelu() as counter:
             model(**inputs, return_dict=False)[0].square().mean().backward()
         calls.append(counter.calls)
@@ -494,15 +486,15 @@ def test_saving_ffn_keeps_gradients_and_skips_recompute():
 
 def test_kept_ffn_refuses_what_it_cannot_replay():
     """LoRA on the feed-forward or a trained modulation table: one ValueError naming why, before any step."""
-    from fourdnex.train.activation_memory import enable_block_checkpointing
+    from fourdnex.train.activation_memory import enable_block_recompute
 
     model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
     model.blocks[1].scale_shift_table.requires_grad_(True)
     with pytest.raises(ValueError, match="its weights and the block's modulation frozen"):
-        enable_block_checkpointing(model, keep_ffn=2)
+        enable_block_recompute(model, RecomputePlan(ffn=True))
     lora = tiny_training_model(lora_targets=("to_q", "ffn.net.2"))
     with pytest.raises(ValueError, match="Linear-GELU-Linear without LoRA"):
-        enable_block_checkpointing(lora, keep_ffn=1)
+        enable_block_recompute(lora, RecomputePlan(ffn=True, blocks=1))
 
 
 def tiny_inputs() -> dict[str, torch.Tensor]:
@@ -516,12 +508,13 @@ def tiny_inputs() -> dict[str, torch.Tensor]:
     }
 
 
-def tiny_training_model(**settings) -> torch.nn.Module:
-    """The tiny transformer in fp32 prepared as for training, with random (not zero) LoRA B and domain embedding."""
+def tiny_training_model(plan: RecomputePlan | None = None, **settings) -> torch.nn.Module:
+    """The tiny transformer in fp32 prepared as for training (gradient checkpointing keeping what ``plan`` says), with
+    random (not zero) LoRA B and domain embedding."""
     # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
     cfg = TrainConfig(lora_rank=4, mixed_precision="no", attention_backend="native", **settings)
     model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
-    model = build_transformer(cfg, transformer=model)
+    model = build_transformer(cfg, transformer=model, plan=plan)
     torch.manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
@@ -540,13 +533,13 @@ def two_backwards(model: torch.nn.Module) -> tuple[list[float], dict[str, torch.
 
 
 class CountingKernel:
-    """Stands in for the CPU attention kernel of block checkpointing; counts its forward and backward calls."""
+    """Stands in for the CPU attention kernel of the block recompute; counts its forward and backward calls."""
 
     def __init__(self, monkeypatch) -> None:
-        from fourdnex.train import activation_memory as recompute
+        from fourdnex.train import activation_memory
 
         self.forward_calls = self.backward_calls = 0
-        kernel = recompute.CPU_FLASH
+        kernel = activation_memory.CPU_FLASH
 
         def forward(*args):
             self.forward_calls += 1
@@ -556,71 +549,79 @@ class CountingKernel:
             self.backward_calls += 1
             return kernel.backward(*args)
 
-        monkeypatch.setattr(recompute, "CPU_FLASH", recompute.AttentionKernel("counting", forward, backward))
+        counting = activation_memory.AttentionKernel("counting", forward, backward)
+        monkeypatch.setattr(activation_memory, "CPU_FLASH", counting)
 
 
-ALL_KEPT_AND_PARKED = {
-    "save_attention_blocks": 2,
-    "save_ffn_blocks": 2,
-    "offload_checkpoints": True,
-    "offload_attention": True,
-    "offload_ffn": True,
-}
+ALL_KEPT_AND_PARKED = RecomputePlan(attention=True, ffn=True, park_inputs=True, park_attention=True, park_ffn=True)
+ATTENTION_KEPT_AND_PARKED = RecomputePlan(attention=True, park_inputs=True, park_attention=True)
+
+
+@pytest.fixture(scope="session")
+def plain_references() -> dict:
+    """Losses and gradients of plain gradient checkpointing, by (compiled, model type), computed once."""
+    return {}
 
 
 @pytest.mark.parametrize(
-    ("settings", "compiled", "model_type"),
+    ("plan", "compiled", "model_type"),
     [
-        ({"save_attention_blocks": 2}, False, "i2vwbw-demb-samerope"),
-        ({"offload_checkpoints": True}, False, "i2vwbw-demb-samerope"),
-        ({"save_attention_blocks": 1, "offload_checkpoints": True}, False, "i2vwbw-demb-samerope"),
-        ({"save_attention_blocks": 2, "offload_checkpoints": True, "offload_attention": True}, False, "i2vwbw"),
-        ({"save_attention_blocks": 2, "offload_checkpoints": True, "offload_attention": True}, True, "i2vwbw-demb"),
-        ({"save_ffn_blocks": 2, "offload_ffn": True}, False, "i2vwbw-demb-samerope"),
+        (RecomputePlan(attention=True), False, "i2vwbw-demb-samerope"),
+        (RecomputePlan(park_inputs=True), False, "i2vwbw-demb-samerope"),
+        (RecomputePlan(attention=True, blocks=1, park_inputs=True), False, "i2vwbw-demb-samerope"),
+        (ATTENTION_KEPT_AND_PARKED, False, "i2vwbw"),
+        (ATTENTION_KEPT_AND_PARKED, True, "i2vwbw-demb"),
+        (RecomputePlan(ffn=True, park_ffn=True), False, "i2vwbw-demb-samerope"),
         (ALL_KEPT_AND_PARKED, False, "i2vwbw"),
         (ALL_KEPT_AND_PARKED, True, "i2vwbw-demb"),
     ],
     ids=[
         "keep",
-        "offload",
-        "keep1-offload",
-        "keep-offload-all-no-domain-emb",
-        "keep-offload-all-compiled",
-        "ffn-offload",
+        "park",
+        "keep1-park",
+        "keep-park-all-no-domain-emb",
+        "keep-park-all-compiled",
+        "ffn-park",
         "attention-ffn-all-no-domain-emb",
         "attention-ffn-all-compiled",
     ],
 )
-def test_kept_attention_and_offload_equal_plain_checkpointing(settings, compiled, model_type, monkeypatch):
-    """Keeping attention outputs and feed-forward pre-activations and parking them and the checkpoints in host memory
+def test_kept_and_parked_equal_plain_checkpointing(plan, compiled, model_type, plain_references, monkeypatch):
+    """Keeping attention outputs and feed-forward pre-activations and parking them and the block inputs in host memory
     change what the backward recomputes, not the numbers: loss and every trainable gradient (LoRA A/B, the domain
     embedding) equal plain checkpointing's in fp32 (measured: bit for bit eager and with kept attention compiled; a
     kept feed-forward compiled runs eagerly where plain checkpointing fuses it, 5e-7 apart), the attention kernel of a
     kept block runs once forward and once backward per pass, and the host buffers are allocated once. "i2vwbw" has no
-    trainable input to block 0 (frozen domain embedding): its LoRA still gets gradients."""
-    from fourdnex.train.activation_memory import block_checkpoint
+    trainable input to block 0 (frozen domain embedding): its LoRA still gets gradients. The bytes parked are counted
+    by the benchmark's copier (bench/bench_train_step.py), which times the copies on CUDA."""
+    from bench.bench_train_step import TimedCopier
+    from fourdnex.train.activation_memory import block_recompute
 
     common = {"compile_blocks": compiled, "model_type": model_type}
-    ref_losses, ref = two_backwards(tiny_training_model(**common))
+    if (compiled, model_type) not in plain_references:
+        plain_references[compiled, model_type] = two_backwards(tiny_training_model(**common))
+    ref_losses, ref = plain_references[compiled, model_type]
     counter = CountingKernel(monkeypatch)
-    model = tiny_training_model(**common, **settings)
-    checkpointing = block_checkpoint(model)
+    model = tiny_training_model(plan=plan, **common)
+    recompute = block_recompute(model)
+    copier = TimedCopier.install(recompute, torch.device("cpu"))
     losses, grads = two_backwards(model)
     # compiled, a kept feed-forward runs eagerly (a graph break) where the reference's is fused: fp32 rounding apart
-    tolerance = 1e-6 if compiled and settings.get("save_ffn_blocks") else 1e-7
+    tolerance = 1e-6 if compiled and plan.ffn else 1e-7
     assert losses == pytest.approx(ref_losses, rel=tolerance, abs=0)
     assert grads.keys() == ref.keys() and len(ref) == 2 * 2 * 4 * 2 + (model_type != "i2vwbw")  # blocks*attn*AB*4
     worst = max(((grads[n] - ref[n]).abs().max() / ref[n].abs().max()).item() for n in ref)
-    print(f"{settings} compiled={compiled}: max |grad - plain| / max |plain| = {worst:.1e}")
+    print(f"{plan} compiled={compiled}: max |grad - plain| / max |plain| = {worst:.1e}")
     assert worst <= 1e-6 and all(ref[n].abs().max() > 0 for n in ref)
-    kept = settings.get("save_attention_blocks", 0)
+    blocks = min(plan.blocks or 2, 2)
+    kept, kept_ffn = blocks * plan.attention, blocks * plan.ffn
     assert (counter.forward_calls, counter.backward_calls) == (2 * kept, 2 * kept)
-    stats = checkpointing.pop_stats()
+    stats = copier.pop_stats(recompute)
     block_input, lse = 24 * 24 * 4, 2 * 24 * 4  # bytes: 24 tokens x 24 channels, 2 heads x 24 tokens, fp32
     hidden = 24 * 48 * 4  # the feed-forward pre-activation: 24 tokens x 48, fp32
-    per_pass = 2 * block_input * settings.get("offload_checkpoints", False)
-    per_pass += kept * (block_input + lse) * settings.get("offload_attention", False)
-    per_pass += settings.get("save_ffn_blocks", 0) * hidden * settings.get("offload_ffn", False)
+    per_pass = 2 * block_input * plan.park_inputs
+    per_pass += kept * (block_input + lse) * plan.park_attention
+    per_pass += kept_ffn * hidden * plan.park_ffn
     assert stats["parked_gb"] * 1e9 == pytest.approx(2 * per_pass)
     assert stats["host_gb"] * 1e9 == pytest.approx(per_pass)  # one pass's worth, reused by the second
 
@@ -629,7 +630,7 @@ def test_kept_attention_processor_outside_checkpointing_is_stock():
     """Without a checkpointed forward around it (inference, validation) a kept block computes what diffusers'
     processor computes, bit for bit."""
     stock = tiny_training_model()
-    kept = tiny_training_model(save_attention_blocks=2)
+    kept = tiny_training_model(plan=RecomputePlan(attention=True))
     assert type(kept.blocks[0].attn1.processor).__name__ == "KeptSelfAttentionProcessor"
     with torch.no_grad():
         assert torch.equal(stock(**tiny_inputs())[0], kept(**tiny_inputs())[0])
@@ -639,34 +640,32 @@ def test_kept_attention_processor_outside_checkpointing_is_stock():
 def test_cuda_attention_ops_on_meta(kernel_name):
     """The CUDA kernels' aten forward and backward calls, checked against the ops' schemas and shape functions on
     the meta device (35,100 tokens x 40 heads x 128, bf16, as at the real size), through the replaying Function."""
-    from fourdnex.train import activation_memory as recompute
+    from fourdnex.train import activation_memory
 
-    kernel = getattr(recompute, kernel_name)
+    kernel = getattr(activation_memory, kernel_name)
     shape = (1, 35_100, 40, 128)  # (B, N, H, D), as the processor builds them
     q, k, v = (torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
     q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
     with torch.no_grad():
         out, lse, extra = kernel.forward(q_t.detach(), k_t.detach(), v_t.detach())
     assert out.shape == (1, 40, 35_100, 128) and lse.shape[:3] == (1, 40, 35_100) and lse.dtype == torch.float32
-    replayed = recompute._KeptAttention.apply(q_t, k_t, v_t, (out, lse, extra), kernel)
+    replayed = activation_memory._KeptAttention.apply(q_t, k_t, v_t, (out, lse, extra), kernel)
     replayed.transpose(1, 2).flatten(2, 3).sum().backward()
     assert q.grad.shape == k.grad.shape == v.grad.shape == shape
 
 
-def test_offload_and_kept_attention_train_like_plain(cache_dir, tmp_path):
-    """finetune.py under DeepSpeed ZeRO-2 (bf16, gloo) with all 2 blocks' attention and feed-forward kept and
-    everything parked logs the same losses and writes the same adapter as with plain checkpointing."""
-    runs = {}
-    kept_flags = ["--save_attention_blocks", "2", "--save_ffn_blocks", "2", "--offload_checkpoints"]
-    kept_flags += ["--offload_attention", "--offload_ffn"]
-    for name, extra in (("plain", []), ("kept", kept_flags)):
-        out = tmp_path / name
-        args = ["--cache_dir", str(cache_dir), "--output_dir", str(out), *TINY, "--max_steps", "3"]
-        finetune(*args, "--lr_warmup_steps", "0", "--learning_rate", "1e-3", *extra)
-        runs[name] = scalars(out, "loss/total"), read_adapter(out / "adapter")
-    (plain_losses, plain), (kept_losses, kept) = runs["plain"], runs["kept"]
-    print("losses", plain_losses, kept_losses)
-    assert len(plain_losses) == 3 and kept_losses == plain_losses
+def test_kept_and_parked_train_like_plain(overfit_run, cache_dir, tmp_path):
+    """finetune.py's training under DeepSpeed ZeRO-2 (bf16, gloo) with both blocks' attention and feed-forward kept
+    and everything parked (what --activation_memory attention+ffn does on CUDA; tests/train_worker.py) logs the same
+    losses and writes the same adapter as the overfit run's plain gradient checkpointing, all 30 steps."""
+    out = tmp_path / "kept"
+    worker = [sys.executable, str(ROOT / "tests" / "train_worker.py"), *overfit_args(cache_dir, out)]
+    result = subprocess.run(worker, env=finetune_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain_losses, kept_losses = scalars(overfit_run, "loss/total"), scalars(out, "loss/total")
+    print("losses", plain_losses[-3:], kept_losses[-3:])
+    assert len(plain_losses) == 30 and kept_losses == plain_losses
+    plain, kept = read_adapter(overfit_run / "adapter"), read_adapter(out / "adapter")
     assert all(torch.equal(kept.lora[k], plain.lora[k]) for k in plain.lora)
     assert torch.equal(kept.domain_embedding, plain.domain_embedding)
 
@@ -705,31 +704,200 @@ def test_finetune_script_trains_on_cpu(cache_dir, tmp_path):
     assert read_adapter(run / "adapter").lora  # the inference-ready adapter, LoRA tensors in it
 
 
-@pytest.mark.parametrize(
-    ("zero", "host_ram_gb", "expected"),
-    [
-        ("2", "160", "--compile_blocks --save_attention_blocks 40 --save_ffn_blocks 40 --offload_checkpoints "
-         "--offload_attention --offload_ffn"),
-        ("2", "100", "--compile_blocks --save_attention_blocks 40 --offload_checkpoints --offload_attention"),
-        ("2", "60", "--compile_blocks"),
-        ("3", "1000", ""),
-    ],
-)  # fmt: skip
-def test_finetune_script_fits_speed_flags_to_host_memory(tmp_path, zero, host_ram_gb, expected):
-    """On a node with GPUs (2 here, a stand-in nvidia-smi) the script adds the speed flags that the free host RAM per
-    GPU allows under ZeRO-2 (68 GB for all of them, 30 GB without the feed-forward), none under ZeRO-3; a stand-in
-    accelerate records the command line."""
+@pytest.mark.parametrize(("zero", "expected"), [("2", "--compile_blocks"), ("3", "")])
+def test_finetune_script_speed_flags(tmp_path, zero, expected):
+    """On a node with GPUs (2 here, a stand-in nvidia-smi) the script compiles the blocks under ZeRO-2 and leaves what
+    gradient checkpointing keeps to finetune.py's --activation_memory auto (tested below), whatever the host RAM;
+    a stand-in accelerate records the command line."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H100'\necho 'GPU 1: H100'\n")
     (bin_dir / "accelerate").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "argv"}\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    env = script_env(tmp_path, ZERO=zero, HOST_RAM_GB=host_ram_gb, CACHE_DIR="cache")
+    env = script_env(tmp_path, ZERO=zero, CACHE_DIR="cache")
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     result = subprocess.run(["bash", str(ROOT / "scripts" / "finetune.sh")], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     argv = (tmp_path / "argv").read_text().split()
     assert argv[argv.index("--num_processes") + 1] == "2"
-    tail = argv[argv.index("--resume_from_checkpoint") + 2 :]
+    assert argv[argv.index("--activation_memory") + 1] == "auto"
+    tail = argv[argv.index("--activation_memory") + 2 :]
     assert " ".join(tail) == expected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --activation_memory auto: the policy, on stand-in machines.
+
+GB = 1e9
+
+
+def gpu_node(free_gb: float, processes: int = 1) -> Machine:
+    return Machine(cuda=True, free_host_bytes=int(free_gb * GB), processes=processes)
+
+
+@pytest.mark.parametrize(
+    ("free_gb", "processes", "expected"),
+    [
+        (160, 2, "attention+ffn"),  # 80 GB per process: 68 GB needed for both, with room to spare
+        (100, 2, "attention"),  # 50 GB: the attention outputs (30 GB) fit, the pre-activations too would not
+        (60, 2, "recompute"),
+        (76, 1, "attention+ffn"),  # the thresholds themselves
+        (75.9, 1, "attention"),
+        (34, 1, "attention"),
+        (33.9, 1, "recompute"),
+        (1000, 16, "attention"),  # 62.5 GB each: 16 processes share the RAM
+    ],
+)
+def test_auto_keeps_what_host_ram_allows(free_gb, processes, expected):
+    """Under ZeRO-2 on CUDA, auto compares the free host RAM per process with 76 GB (attention+ffn) and 34 GB
+    (attention) at 49x480x720, the thresholds scripts/finetune.sh used."""
+    assert choose_activation_memory(TrainConfig(), zero_stage=2, machine=gpu_node(free_gb, processes)) == expected
+
+
+def test_auto_recomputes_without_cuda_under_zero3_and_where_it_cannot_replay():
+    plenty = gpu_node(1000)
+    assert choose_activation_memory(TrainConfig(), 3, plenty) == "recompute"  # ZeRO-3 partitions the LoRA weights
+    assert choose_activation_memory(TrainConfig(), 2, Machine(False, None, 1)) == "recompute"  # no CUDA, no RAM read
+    flex = TrainConfig(attention_backend="flex")
+    assert choose_activation_memory(flex, 2, plenty) == "recompute"
+    ffn_lora = TrainConfig(lora_targets=("to_q", "ffn.net.0.proj"))
+    assert choose_activation_memory(ffn_lora, 2, plenty) == "attention"  # the feed-forward is trained: recomputed
+    assert choose_activation_memory(TrainConfig(gradient_checkpointing=False), 2, plenty) == "recompute"
+
+
+def test_auto_thresholds_scale_with_tokens_batch_and_dtype():
+    """The kept bytes are proportional to the tokens of a micro-batch and the bytes per element."""
+    short = TrainConfig(num_frames=25)  # 7 latent frames: 18,900 tokens, thresholds x 0.54 (41 GB / 18 GB)
+    assert short.tokens_per_sample == 18_900 and TrainConfig().tokens_per_sample == 35_100
+    assert choose_activation_memory(short, 2, gpu_node(45)) == "attention+ffn"
+    assert choose_activation_memory(short, 2, gpu_node(40)) == "attention"
+    for doubled in (TrainConfig(train_batch_size=2), TrainConfig(mixed_precision="no")):  # 152 GB / 68 GB
+        assert choose_activation_memory(doubled, 2, gpu_node(150)) == "attention"
+        assert choose_activation_memory(doubled, 2, gpu_node(152)) == "attention+ffn"
+
+
+def test_auto_logs_one_line_on_rank_zero(caplog, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with caplog.at_level(logging.INFO, logger="fourdnex.train.memory_policy"):
+        choose_activation_memory(TrainConfig(), 2, gpu_node(100, 2))
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "activation memory: auto -> attention: 50.0 GB free host RAM per process (100.0 GB / 2); attention+ffn "
+        "needs 76.0 GB, attention 34.0 GB at 35,100 tokens per micro-batch, parked in page-locked host memory"
+    )
+    caplog.clear()
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level(logging.INFO, logger="fourdnex.train.memory_policy"):
+        choose_activation_memory(TrainConfig(), 2, gpu_node(100, 2))
+    assert not caplog.records
+
+
+def test_machine_reads_processes_per_node(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory_policy, "free_host_bytes", lambda: 123 * GB)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory_policy.Machine.read() == Machine(cuda=True, free_host_bytes=123 * GB, processes=1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun and accelerate set it
+    assert memory_policy.Machine.read().processes == 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory_policy.Machine.read().free_host_bytes is None  # not needed without CUDA
+
+
+def write_files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_free_host_ram_reads_meminfo_and_cgroup_limits(tmp_path):
+    """Free host RAM is the smaller of MemAvailable and what the tightest cgroup memory limit on the process (or an
+    ancestor) leaves: limit - usage + reclaimable file cache; v2 and v1 files, "max" and v1's 2**63 mean no limit."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemAvailable:   100000000 kB\nSwapTotal: 0 kB\n")
+    v2, own = tmp_path / "v2", tmp_path / "cgroup"
+    own.write_text("0::/job/step\n")
+    write_files(v2, {"memory.max": "max", "job/memory.max": "max", "job/step/memory.max": "max"})
+    assert memory_policy.cgroup_free_bytes(v2, own) is None
+    assert memory_policy.free_host_bytes(meminfo, v2, own) == 100_000_000 * 1024  # no limit: MemAvailable
+    write_files(
+        v2,
+        {
+            "job/memory.max": str(50 * 10**9),
+            "job/memory.current": str(30 * 10**9),
+            "job/memory.stat": "anon 1\ninactive_file 4000000000\nactive_file 7\n",
+            "job/step/memory.max": str(60 * 10**9),
+            "job/step/memory.current": str(10 * 10**9),
+        },
+    )
+    assert memory_policy.cgroup_free_bytes(v2, own) == 24 * 10**9  # the ancestor's 50 - 30 + 4 is the tighter
+    assert memory_policy.free_host_bytes(meminfo, v2, own) == 24 * 10**9
+    container = tmp_path / "container"  # a container's own cgroup is its root: /proc/self/cgroup says 0::/
+    write_files(container, {"memory.max": str(8 * 10**9), "memory.current": str(3 * 10**9)})
+    (tmp_path / "root_cgroup").write_text("0::/\n")
+    assert memory_policy.cgroup_free_bytes(container, tmp_path / "root_cgroup") == 5 * 10**9
+    v1, own_v1 = tmp_path / "v1", tmp_path / "cgroup_v1"
+    own_v1.write_text("5:cpu,cpuacct:/\n4:memory:/docker/abc\n0::/\n")
+    write_files(
+        v1,
+        {
+            "memory/memory.limit_in_bytes": "9223372036854771712",  # v1's "no limit"
+            "memory/docker/abc/memory.limit_in_bytes": str(16 * 10**9),
+            "memory/docker/abc/memory.usage_in_bytes": str(10 * 10**9),
+            "memory/docker/abc/memory.stat": "inactive_file 1\ntotal_inactive_file 2000000000\n",
+        },
+    )
+    assert memory_policy.cgroup_free_bytes(v1, own_v1) == 8 * 10**9
+    assert memory_policy.cgroup_free_bytes(tmp_path / "nothing", tmp_path / "no_such_file") is None
+
+
+def test_explicit_setting_under_zero3_refused_in_one_line():
+    for setting in ("attention", "attention+ffn"):
+        with pytest.raises(TrainingError, match=f"--activation_memory {re.escape(setting)} needs ZeRO-2") as err:
+            choose_activation_memory(TrainConfig(activation_memory=setting), 3, gpu_node(1000))
+        assert "\n" not in str(err.value)
+    assert choose_activation_memory(TrainConfig(activation_memory="recompute"), 3, gpu_node(1000)) == "recompute"
+    assert choose_activation_memory(TrainConfig(activation_memory="attention"), 2, gpu_node(1)) == "attention"
+
+
+@pytest.mark.parametrize("problem", ["old_torch", "new_torch", "missing_op", "missing_diffusers_internal"])
+def test_keeping_falls_back_to_recompute_outside_tested_versions(problem, caplog, monkeypatch):
+    """Outside the torch versions the private calls are tested with, or where one is missing, a setting that keeps
+    runs plain recompute instead, with one warning line saying why."""
+    assert memory_policy.keeping_unsupported() is None  # this machine's torch and diffusers
+    symbols = memory_policy.PRIVATE_SYMBOLS
+    change = {
+        "old_torch": lambda: monkeypatch.setattr(torch, "__version__", "2.10.1+cu128"),
+        "new_torch": lambda: monkeypatch.setattr(torch, "__version__", "2.14.0"),
+        "missing_op": lambda: monkeypatch.setattr(
+            memory_policy, "PRIVATE_SYMBOLS", (*symbols, ("torch", "ops.aten._no_such_attention"))
+        ),
+        "missing_diffusers_internal": lambda: monkeypatch.setattr(
+            memory_policy, "PRIVATE_SYMBOLS", (*symbols, ("diffusers.models.attention_dispatch", "_no_such_thing"))
+        ),
+    }
+    change[problem]()
+    monkeypatch.delenv("RANK", raising=False)
+    with caplog.at_level(logging.INFO, logger="fourdnex.train.memory_policy"):
+        assert choose_activation_memory(TrainConfig(activation_memory="attention+ffn"), 2, gpu_node(1)) == "recompute"
+        assert choose_activation_memory(TrainConfig(), 2, gpu_node(1000)) == "recompute"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    expected = {
+        "old_torch": "torch 2.10.1+cu128 is outside the tested 2.11-2.13",
+        "new_torch": "torch 2.14.0 is outside",
+        "missing_op": "torch.ops.aten._no_such_attention is missing",
+        "missing_diffusers_internal": "diffusers.models.attention_dispatch._no_such_thing is missing",
+    }
+    assert warnings[0].startswith("activation memory: attention+ffn falls back to recompute: ")
+    assert expected[problem] in warnings[0]
+
+
+def test_plan_of_each_setting():
+    """On CUDA the kept tensors and the block inputs are parked; on a CPU nothing is (host memory is the device's)."""
+    assert RecomputePlan.for_setting("recompute", park=True) is None
+    assert RecomputePlan.for_setting("attention", park=True) == RecomputePlan(
+        attention=True, park_inputs=True, park_attention=True
+    )
+    assert RecomputePlan.for_setting("attention+ffn", park=False) == RecomputePlan(attention=True, ffn=True)
+    assert RecomputePlan.for_setting("attention+ffn", park=True) == ALL_KEPT_AND_PARKED

@@ -1,27 +1,29 @@
 """Gradient checkpointing of the transformer blocks that keeps the self-attention output and the feed-forward's
-pre-activation, and can park in host memory what it keeps.
+pre-activation instead of recomputing them, and can park in host memory what it keeps.
 
-Plain checkpointing keeps each block's input and, in the backward, runs the block again to rebuild its activations;
-at 35,100 tokens that recompute includes the self-attention kernel (~25 TFLOP of a block's ~47) and the feed-forward
-(~10 TFLOP). Options here:
+Plain gradient checkpointing keeps each block's input and, in the backward, runs the block again to rebuild its
+activations; at 35,100 tokens that recompute includes the self-attention kernel (~25 TFLOP of a block's ~47) and the
+feed-forward (~10 TFLOP). What :class:`BlockRecompute` can do instead (a :class:`RecomputePlan` says which):
 
-* **keeping the self-attention output** (``keep_attention``: the first N blocks): the forward stores the kernel's
-  output and log-sum-exp; the recompute runs the projections (their LoRA weights need those activations) but not the
-  kernel, and the backward calls the kernel's own backward op on the kept output, as autograd does for the kernel;
-* **keeping the feed-forward's pre-activation** (``keep_ffn``: the first N blocks): with its weights frozen, the
-  feed-forward's backward needs nothing but its weights and the input of its GELU, h = x W1^T + b1, which the forward
-  stores; the recompute skips both matmuls and the backward computes ((g W2) * GELU'(h)) W1 from the kept h;
-* **parking** (``park_inputs`` / ``park_attention`` / ``park_ffn``): the block inputs, the kept attention tensors and /
-  or the kept pre-activations are copied to host memory (pinned) on a side CUDA stream as soon as they are written,
-  and copied back one block ahead of the backward that needs them, so the GPU holds them for two blocks at a time
-  instead of all 40.
+* **keep the self-attention output** (``attention``): the forward stores the kernel's output and log-sum-exp; the
+  recompute runs the projections (their LoRA weights need those activations) but not the kernel, and the backward
+  calls the kernel's own backward op on the kept output, as autograd does for the kernel;
+* **keep the feed-forward's pre-activation** (``ffn``): with its weights frozen, the feed-forward's backward needs
+  nothing but its weights and the input of its GELU, h = x W1^T + b1, which the forward stores; the recompute skips
+  both matmuls and the backward computes ((g W2) * GELU'(h)) W1 from the kept h;
+* **park** (``park_inputs`` / ``park_attention`` / ``park_ffn``): the block inputs, the kept attention tensors and /
+  or the kept pre-activations are copied to host memory (page-locked) on a side CUDA stream as soon as they are
+  written, and copied back one block ahead of the backward that needs them, so the GPU holds them for two blocks at a
+  time instead of all 40.
 
-Both run through :class:`BlockCheckpoint`, a reentrant-style checkpoint: an autograd Function around each block call
-whose forward runs the block without grad and whose backward runs it again with grad and differentiates it with
-``torch.autograd.grad``. That works with any block callable, regionally compiled or not. The block's trainable (LoRA)
-parameters are inputs of the Function, so their gradients are accumulated by the caller's one backward pass, where
-DeepSpeed's gradient hooks see them as with plain checkpointing. Wan's blocks have no dropout, so no random state is
-replayed.
+Every block call runs through :class:`_RecomputedBlock`, a reentrant-style autograd Function whose forward runs the
+block without grad and whose backward runs it again with grad and differentiates it with ``torch.autograd.grad``.
+That works with any block callable, regionally compiled or not. The block's trainable (LoRA) parameters are inputs
+of the Function, so their gradients are accumulated by the caller's one backward pass, where DeepSpeed's gradient
+hooks see them as with plain gradient checkpointing. Wan's blocks have no dropout, so no random state is replayed.
+
+This module calls private torch ops and diffusers internals (listed in
+:data:`fourdnex.train.memory_policy.PRIVATE_SYMBOLS`); the policy there checks them before this module is imported.
 
 Sizes at the 4DNeX shape (35,100 tokens x 5120, bf16): a block input is 0.36 GB, a kept attention output 0.36 GB
 plus its log-sum-exp 5.6 MB, a kept pre-activation (13,824 wide) 0.97 GB; 40 blocks keep 14.4 GB of inputs, 14.6 GB
@@ -47,6 +49,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 
 from fourdnex.config import REPLAYABLE_ATTENTION_BACKENDS
+from fourdnex.train.memory_policy import RecomputePlan
 
 aten = torch.ops.aten
 
@@ -143,7 +146,7 @@ class _KeptAttention(torch.autograd.Function):
     """The attention kernel replayed from its kept output: forward returns it, backward runs the kernel's backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, kept, kernel):  # (B, H, N, D) each
+    def forward(ctx, query, key, value, kept, kernel):  # (B, H, N, D) each; kept: (out, lse, extra)
         ctx.save_for_backward(query, key, value)
         ctx.kept, ctx.kernel = kept, kernel
         return kept[0].detach()
@@ -154,7 +157,8 @@ class _KeptAttention(torch.autograd.Function):
         out, lse, extra = ctx.kept
         if grad.stride() != out.stride():  # the kernels read the gradient in the memory layout they wrote out in
             grad = torch.empty_like(out).copy_(grad)
-        return (*ctx.kernel.backward(grad, query, key, value, out, lse, extra), None, None)
+        grad_query, grad_key, grad_value = ctx.kernel.backward(grad, query, key, value, out, lse, extra)
+        return grad_query, grad_key, grad_value, None, None  # nothing flows to the kept tensors or the kernel
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ def _register_host_memory(tensor: torch.Tensor) -> Callable[[], None]:
     return lambda: cudart.cudaHostUnregister(pointer)
 
 
-class _HostBuffers:
+class HostBuffers:
     """Host buffers for parked tensors, allocated one slab per kind (page-locked when CUDA is there) and reused.
 
     A slab holds ``capacity[kind]`` buffers (one per block that parks that kind), so a training step allocates
@@ -186,8 +190,7 @@ class _HostBuffers:
     def __init__(self, capacity: dict[str, int]) -> None:
         self.capacity = capacity
         self.free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        self.allocated_bytes = 0
-        self._slabs: list[torch.Tensor] = []  # alive as long as their registration
+        self.slabs: list[torch.Tensor] = []  # every allocation, alive as long as its registration
         self._unregister: list[Callable[[], None]] = []
         weakref.finalize(self, _call_all, self._unregister)
 
@@ -204,8 +207,7 @@ class _HostBuffers:
             slab = torch.empty(count * span, dtype=like.dtype)
             if like.device.type == "cuda":
                 self._unregister.append(_register_host_memory(slab))
-            self._slabs.append(slab)
-            self.allocated_bytes += slab.nbytes
+            self.slabs.append(slab)
             free += [slab[i * span : (i + 1) * span].as_strided(like.shape, like.stride()) for i in range(count)]
         return free.pop()
 
@@ -219,26 +221,17 @@ def _call_all(calls: list[Callable[[], None]]) -> None:
         call()
 
 
-class _Copier:
+class HostCopier:
     """Device <-> host copies. On CUDA they run on a side stream that waits for the compute stream's writes, and the
-    compute stream waits for a fetch only where it reads the data; on a CPU they are plain copies.
-
-    With ``measure`` set, CUDA events time each copy on the side stream and each wait of the compute stream.
-    """
+    compute stream waits for a copy back only where it reads the data; on a CPU they are plain copies."""
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.measure = False
-        self.copies: list[tuple] = []  # (start, end) events around copies on the side stream
-        self.waits: list[tuple] = []  # (start, end) events around the compute stream's waits
 
-    def _timed(self, stream, spans: list) -> Callable[[], None]:
-        if not self.measure:
-            return lambda: None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        spans.append((start, end))
-        return lambda: end.record(stream)
+    @property
+    def device(self) -> torch.device:
+        """The device the copies go to and come from."""
+        return self.stream.device if self.stream is not None else torch.device("cpu")
 
     def to_host(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy ``src`` into the host buffer ``dst``; ``src`` may be freed at once (its memory is not reused before
@@ -248,9 +241,7 @@ class _Copier:
             return
         self.stream.wait_stream(torch.cuda.current_stream(src.device))
         with torch.cuda.stream(self.stream):
-            done = self._timed(self.stream, self.copies)
             dst.copy_(src, non_blocking=True)
-            done()
         src.record_stream(self.stream)
 
     def to_device(self, src: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -261,9 +252,7 @@ class _Copier:
             return dst.copy_(src), None
         self.stream.wait_stream(torch.cuda.current_stream(device))  # dst's memory may have been read there just now
         with torch.cuda.stream(self.stream):
-            done = self._timed(self.stream, self.copies)
             dst.copy_(src, non_blocking=True)
-            done()
             ready = torch.cuda.Event()
             ready.record(self.stream)
         dst.record_stream(self.stream)
@@ -271,27 +260,12 @@ class _Copier:
 
     def wait(self, ready: torch.cuda.Event | None, device: torch.device) -> None:
         """Make the compute stream wait until a :meth:`to_device` copy is done."""
-        if ready is None:
-            return
-        stream = torch.cuda.current_stream(device)
-        done = self._timed(stream, self.waits)
-        stream.wait_event(ready)
-        done()
-
-    def pop_seconds(self) -> tuple[float, float]:
-        """Seconds spent copying on the side stream and waiting for copies on the compute stream since the last call
-        (NaN without CUDA or ``measure``)."""
-        if self.stream is None or not self.measure:
-            return float("nan"), float("nan")
-        torch.cuda.synchronize(self.stream.device)
-        copy = sum(start.elapsed_time(end) for start, end in self.copies) / 1e3
-        wait = sum(start.elapsed_time(end) for start, end in self.waits) / 1e3
-        self.copies, self.waits = [], []
-        return copy, wait
+        if ready is not None:
+            torch.cuda.current_stream(device).wait_event(ready)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The checkpoint.
+# The recomputed block call.
 
 
 @dataclass(eq=False)
@@ -303,7 +277,7 @@ class _Stash:
     host: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: tuple = ()  # the attention kernel's small outputs (stay on the device)
     kernel: AttentionKernel | None = None
-    ready: torch.cuda.Event | None = None  # the fetch-back copies are done
+    ready: torch.cuda.Event | None = None  # the copies back to the device are done
     fetching: bool = False
     released: bool = False
 
@@ -332,29 +306,37 @@ def _unflatten(flat: list, spec: tuple) -> list:
     return args
 
 
-class _CheckpointedBlock(torch.autograd.Function):
-    """One block call: forward without grad keeping only the inputs, backward re-running the block with grad.
+#: The arguments of :class:`_RecomputedBlock` before the block's tensors: the block, its BlockRecompute, the spec.
+NON_TENSOR_ARGS = 3
+#: Positions in a Wan block's flattened arguments: diffusers calls
+#: ``block(hidden_states, encoder_hidden_states, timestep_proj, (rope_cos, rope_sin))``.
+HIDDEN_STATES, TIMESTEP_PROJ = 0, 2
+
+
+class _RecomputedBlock(torch.autograd.Function):
+    """One block call: forward without grad keeping the inputs (and what the plan keeps), backward re-running the
+    block with grad.
 
     The block's trainable parameters are inputs of the Function too: its backward returns their gradients (from
     ``torch.autograd.grad`` on the recomputed block), so they are accumulated by the one backward pass the caller
-    runs, as with plain checkpointing, and hooks on their gradients (DeepSpeed's) see a single backward.
+    runs, as with plain gradient checkpointing, and hooks on their gradients (DeepSpeed's) see a single backward.
     """
 
     @staticmethod
     def forward(ctx, block, owner, spec, *tensors):  # tensors: the flattened block arguments, then its parameters
-        flat = tensors[: _flat_size(spec)]
+        flat = list(tensors[: _flat_size(spec)])
         stash = owner.open_stash()
-        device_type = flat[0].device.type
+        device_type = flat[HIDDEN_STATES].device.type
         ctx.autocast = device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
         ctx.block, ctx.owner, ctx.spec, ctx.stash = block, owner, spec, stash
         ctx.params = tensors[len(flat) :]
-        if owner.park_inputs:  # flat[0]: the hidden states, the one input that is new for every block
-            owner.keep(stash, "input", flat[0])
-            ctx.save_for_backward(None, *flat[1:])
+        if owner.park_inputs:  # the hidden states: the one input that is new for every block
+            owner.keep(stash, "input", flat[HIDDEN_STATES])
+            ctx.save_for_backward(*(None if i == HIDDEN_STATES else x for i, x in enumerate(flat)))
         else:
             ctx.save_for_backward(*flat)
         with owner.running(stash, replay=False):
-            return block(*_unflatten(list(flat), spec))
+            return block(*_unflatten(flat, spec))
 
     @staticmethod
     def backward(ctx, grad):
@@ -364,12 +346,12 @@ class _CheckpointedBlock(torch.autograd.Function):
         if stash.previous is not None:
             owner.prefetch(stash.previous())  # the next backward's block, while this one recomputes
         if owner.park_inputs:
-            saved[0] = stash.device["input"]
-        needs = ctx.needs_input_grad[3 : 3 + len(saved)]
-        if "ffn" in stash.device and needs[2]:
+            saved[HIDDEN_STATES] = stash.device["input"]
+        needs = ctx.needs_input_grad[NON_TENSOR_ARGS : NON_TENSOR_ARGS + len(saved)]
+        if "ffn" in stash.device and needs[TIMESTEP_PROJ]:
             raise RuntimeError(
-                "a kept feed-forward replays a zero output, so the gate of its residual (from the time embedding) "
-                "must not be trained: drop --save_ffn_blocks"
+                "a kept feed-forward replays a zero output, so the gate of its residual (from the timestep "
+                "projection) must not be trained: use --activation_memory attention"
             )
         inputs = [x.detach().requires_grad_(need) for x, need in zip(saved, needs, strict=True)]
         device_type, autocast, dtype = ctx.autocast
@@ -383,44 +365,40 @@ class _CheckpointedBlock(torch.autograd.Function):
         grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         owner.release(stash)
         input_grads = [next(grads) if need else None for need in needs]
-        return None, None, None, *input_grads, *grads
+        return *(None,) * NON_TENSOR_ARGS, *input_grads, *grads
 
 
-class BlockCheckpoint:
+class BlockRecompute:
     """The gradient-checkpointing function diffusers calls as ``func(block, *block_args)`` for every block.
 
-    Keeps the inputs of each block (parked in host memory with ``park_inputs``), the self-attention output of the
-    blocks given a :class:`KeptSelfAttentionProcessor` (parked with ``park_attention``) and the feed-forward
-    pre-activation of the blocks whose feed-forward :func:`keep_feed_forward` set up (parked with ``park_ffn``).
+    Keeps the inputs of each block, the self-attention output of the blocks given a
+    :class:`KeptSelfAttentionProcessor` and the feed-forward pre-activation of the blocks whose feed-forward
+    :func:`keep_feed_forward` set up, each kind parked in host memory where the :class:`RecomputePlan` says.
     Blocks must run in order and their backwards in reverse order, as a transformer's do; one forward pass may be in
     flight per backward, more just take more host memory.
     """
 
-    def __init__(
-        self,
-        num_blocks: int,
-        kept_blocks: int,
-        park_inputs: bool,
-        park_attention: bool,
-        kept_ffn_blocks: int = 0,
-        park_ffn: bool = False,
-    ) -> None:
-        self.park_inputs = park_inputs
-        self._parks = {"input": park_inputs, "attention": park_attention, "lse": park_attention, "ffn": park_ffn}
+    def __init__(self, num_blocks: int, plan: RecomputePlan) -> None:
+        kept = len(range(num_blocks)[: plan.blocks])  # the first plan.blocks blocks keep what the plan keeps
+        self.park_inputs = plan.park_inputs
+        self.parked = {
+            "input": plan.park_inputs,
+            "attention": plan.park_attention,
+            "lse": plan.park_attention,
+            "ffn": plan.park_ffn,
+        }
         self.active: _Stash | None = None  # the stash of the block running now (its forward or its recompute)
         self.replaying = False
         self._last: weakref.ref | None = None
-        self._host = _HostBuffers(
-            {"input": num_blocks, "attention": kept_blocks, "lse": kept_blocks, "ffn": kept_ffn_blocks}
-        )
-        self._copier: _Copier | None = None
-        self._measure = False
-        self._parked_bytes = 0
+        attention, ffn = (kept if plan.attention else 0), (kept if plan.ffn else 0)
+        self.host_buffers = HostBuffers({"input": num_blocks, "attention": attention, "lse": attention, "ffn": ffn})
+        self.copier: HostCopier | None = None  # made at the first tensor parked, on its device
 
-    def __call__(self, block: nn.Module, *args):
+    def __call__(self, block: nn.Module, *args) -> torch.Tensor:
+        """Run ``block(*args)`` (hidden states (B, N, C) out) with its backward recomputing it as planned."""
         flat, spec = _flatten(args)
         params = [p for p in block.parameters() if p.requires_grad]
-        return _CheckpointedBlock.apply(block, self, spec, *flat, *params)
+        return _RecomputedBlock.apply(block, self, spec, *flat, *params)
 
     # -- what the block call and the attention processor use
 
@@ -441,59 +419,34 @@ class BlockCheckpoint:
 
     def keep(self, stash: _Stash, name: str, tensor: torch.Tensor) -> None:
         """Keep a tensor for the backward: parked in a host buffer if its kind is parked, else as is."""
-        if not self._parks[name]:
+        if not self.parked[name]:
             stash.device[name] = tensor
             return
-        if self._copier is None:
-            self._copier = _Copier(tensor.device)
-            self._copier.measure = self._measure
-        buffer = self._host.take(name, tensor)
-        self._copier.to_host(tensor, buffer)
+        if self.copier is None:
+            self.copier = HostCopier(tensor.device)
+        buffer = self.host_buffers.take(name, tensor)
+        self.copier.to_host(tensor, buffer)
         stash.host[name] = buffer
-        self._parked_bytes += tensor.nbytes
 
     def prefetch(self, stash: _Stash | None) -> None:
         """Start copying a stash's parked tensors back to the device (no-op if done, started or nothing parked)."""
         if stash is None or stash.released or stash.fetching or not stash.host:
             return
-        device = self._device
         for name, buffer in stash.host.items():
-            stash.device[name], stash.ready = self._copier.to_device(buffer, device)
+            stash.device[name], stash.ready = self.copier.to_device(buffer, self.copier.device)
         stash.fetching = True
 
     def fetch(self, stash: _Stash) -> None:
         """Have a stash's tensors on the device, ready for the compute stream."""
         self.prefetch(stash)
         if stash.host:
-            self._copier.wait(stash.ready, self._device)
+            self.copier.wait(stash.ready, self.copier.device)
 
     def release(self, stash: _Stash) -> None:
         """Drop what a stash keeps after its backward, returning its host buffers."""
         for name, buffer in stash.host.items():
-            self._host.give(name, buffer)
+            self.host_buffers.give(name, buffer)
         stash.host, stash.device, stash.extra, stash.released = {}, {}, (), True
-
-    @property
-    def _device(self) -> torch.device:
-        stream = self._copier.stream
-        return stream.device if stream is not None else torch.device("cpu")
-
-    # -- timing, for the benchmark
-
-    def measure(self, enabled: bool = True) -> None:
-        """Time the copies and the waits for them (CUDA events; read with :meth:`pop_stats`)."""
-        self._measure = enabled
-        if self._copier is not None:
-            self._copier.measure = enabled
-
-    def pop_stats(self) -> dict[str, float]:
-        """Since the last call: GB parked, seconds of copies on the side stream, seconds the compute stream waited
-        for copies back (NaN where not measured), and the host memory held (GB)."""
-        copy, wait = self._copier.pop_seconds() if self._copier else (float("nan"), float("nan"))
-        stats = {"parked_gb": self._parked_bytes / 1e9, "copy_s": copy, "wait_s": wait}
-        stats["host_gb"] = self._host.allocated_bytes / 1e9
-        self._parked_bytes = 0
-        return stats
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -509,8 +462,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 @torch.compiler.disable
 def _self_attention(processor: KeptSelfAttentionProcessor, query, key, value) -> torch.Tensor:
-    """The attention kernel of a kept block, (B, N, H, D) in and out: stored while the block's checkpointed forward
-    runs, replayed while it recomputes, plain diffusers dispatch otherwise (inference, no checkpointing).
+    """The attention kernel of a kept block, (B, N, H, D) in and out: stored while the block's forward runs under
+    its BlockRecompute, replayed while it recomputes, plain diffusers dispatch otherwise (inference, validation).
 
     Kept out of torch.compile: storing and fetching are side effects (a graph break either side).
     """
@@ -534,7 +487,7 @@ def _self_attention(processor: KeptSelfAttentionProcessor, query, key, value) ->
 
 
 class KeptSelfAttentionProcessor:
-    """Wan's self-attention (``block.attn1``) with its kernel output kept by a :class:`BlockCheckpoint`.
+    """Wan's self-attention (``block.attn1``) with its kernel output kept by a :class:`BlockRecompute`.
 
     Computes what diffusers' ``WanAttnProcessor`` computes for a self-attention (no mask, no image context).
     """
@@ -542,7 +495,7 @@ class KeptSelfAttentionProcessor:
     _attention_backend = None  # set by diffusers' set_attention_backend, like its own processors
     _parallel_config = None
 
-    def __init__(self, owner: BlockCheckpoint) -> None:
+    def __init__(self, owner: BlockRecompute) -> None:
         self.owner = owner
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
@@ -576,13 +529,14 @@ class _KeptFeedForward(torch.autograd.Function):
     def backward(ctx, grad):
         up_weight, down_weight = ctx.saved_tensors
         grad_hidden = aten.gelu_backward(grad @ down_weight, ctx.hidden, approximate=ctx.approximate)
-        return grad_hidden @ up_weight, None, None, None, None
+        grad_x = grad_hidden @ up_weight
+        return grad_x, None, None, None, None  # the weights are frozen; the kept h and the GELU variant get none
 
 
 @torch.compiler.disable
-def _kept_feed_forward(ffn: nn.Module, owner: BlockCheckpoint, x: torch.Tensor) -> torch.Tensor:
+def _kept_feed_forward(ffn: nn.Module, owner: BlockRecompute, x: torch.Tensor) -> torch.Tensor:
     """The forward of a feed-forward set up by :func:`keep_feed_forward`: the pre-activation stored while the
-    block's checkpointed forward runs, replayed while it recomputes, the stock module otherwise.
+    block's forward runs under its BlockRecompute, replayed while it recomputes, the stock module otherwise.
 
     Kept out of torch.compile: storing and fetching are side effects (a graph break either side).
     """
@@ -597,7 +551,7 @@ def _kept_feed_forward(ffn: nn.Module, owner: BlockCheckpoint, x: torch.Tensor) 
     return F.linear(F.gelu(hidden, approximate=approximate), down.weight, down.bias)
 
 
-def keep_feed_forward(block: nn.Module, owner: BlockCheckpoint) -> None:
+def keep_feed_forward(block: nn.Module, owner: BlockRecompute) -> None:
     """Make ``block.ffn`` keep its pre-activation under ``owner`` (its parameters and their names unchanged).
 
     Raises ValueError where the replay would be wrong: a trainable feed-forward (LoRA on it), a trainable modulation
@@ -620,32 +574,26 @@ def keep_feed_forward(block: nn.Module, owner: BlockCheckpoint) -> None:
     ffn.forward = types.MethodType(lambda module, x: _kept_feed_forward(module, owner, x), ffn)
 
 
-def enable_block_checkpointing(
-    transformer: nn.Module,
-    keep_attention: int = 0,
-    park_inputs: bool = False,
-    park_attention: bool = False,
-    keep_ffn: int = 0,
-    park_ffn: bool = False,
-) -> BlockCheckpoint:
-    """Checkpoint every block of a Wan transformer with a :class:`BlockCheckpoint`, keeping the self-attention
-    output of the first ``keep_attention`` blocks and the feed-forward pre-activation of the first ``keep_ffn``;
-    returns it (also found with :func:`block_checkpoint`). Raises ValueError as :func:`keep_feed_forward` does."""
+def enable_block_recompute(transformer: nn.Module, plan: RecomputePlan) -> BlockRecompute:
+    """Run every block of a Wan transformer under a :class:`BlockRecompute` that keeps and parks what ``plan`` says;
+    returns it (also found with :func:`block_recompute`). Raises ValueError as :func:`keep_feed_forward` does."""
     blocks = transformer.blocks
-    kept, kept_ffn = min(keep_attention, len(blocks)), min(keep_ffn, len(blocks))
-    owner = BlockCheckpoint(len(blocks), kept, park_inputs, park_attention, kept_ffn, park_ffn)
-    for block in blocks[:kept_ffn]:
-        keep_feed_forward(block, owner)
-    for block in blocks[:kept]:
-        stock = block.attn1.processor
-        processor = KeptSelfAttentionProcessor(owner)
-        processor._attention_backend, processor._parallel_config = stock._attention_backend, stock._parallel_config
-        block.attn1.set_processor(processor)
+    owner = BlockRecompute(len(blocks), plan)
+    kept = blocks[: plan.blocks]
+    for block in kept:
+        if plan.ffn:
+            keep_feed_forward(block, owner)
+        if plan.attention:
+            stock = block.attn1.processor
+            processor = KeptSelfAttentionProcessor(owner)
+            processor._attention_backend = stock._attention_backend
+            processor._parallel_config = stock._parallel_config
+            block.attn1.set_processor(processor)
     transformer.enable_gradient_checkpointing(owner)
-    transformer._fourdnex_block_checkpoint = owner
+    transformer._fourdnex_block_recompute = owner
     return owner
 
 
-def block_checkpoint(model: nn.Module) -> BlockCheckpoint | None:
-    """The :class:`BlockCheckpoint` a transformer's blocks run under, None if it uses plain checkpointing."""
-    return getattr(model, "_fourdnex_block_checkpoint", None)
+def block_recompute(model: nn.Module) -> BlockRecompute | None:
+    """The :class:`BlockRecompute` a transformer's blocks run under, None if it uses plain gradient checkpointing."""
+    return getattr(model, "_fourdnex_block_recompute", None)

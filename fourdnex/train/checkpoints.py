@@ -1,8 +1,17 @@
-"""Export the inference-ready adapter from a fine-tuning checkpoint's DeepSpeed ZeRO state.
+"""Training checkpoints: their layout, writing, resuming from, listing, and exporting an adapter from one.
 
-Every checkpoint already holds ``adapter/fourdnex_adapter.safetensors`` (the training-precision weights). This
-rebuilds it from the ZeRO state instead, with DeepSpeed's own ``zero_to_fp32`` merge of the fp32 master weights
-(any ZeRO stage, any number of processes), e.g. for a checkpoint whose adapter file was lost:
+A run writes ``OUTPUT_DIR/checkpoints/checkpoint-NNNNNN/`` every ``checkpointing_steps`` (the newest
+``checkpoints_total_limit`` kept), each written as a hidden ``.checkpoint-NNNNNN.partial`` folder and renamed when
+complete, holding:
+
+* ``state/`` (with DeepSpeed's ``latest`` and its merge scripts): the DeepSpeed state (trainable parameters,
+  optimizer, per process), what a resumed run loads;
+* ``trainer_state.json``: the step, the learning rate, the run's settings, the adapter metadata, the process count;
+* ``adapter/fourdnex_adapter.safetensors``: the inference-ready adapter (``inference.py --lora_path``).
+
+Run as a module, this rebuilds that adapter from the ZeRO state instead, with DeepSpeed's own ``zero_to_fp32``
+merge of the fp32 master weights (any ZeRO stage, any number of processes), e.g. for a checkpoint whose adapter
+file was lost:
 
     python -m fourdnex.train.checkpoints runs/4dnex/checkpoints/checkpoint-000500 --out runs/4dnex/adapter-fp32
 """
@@ -11,18 +20,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fourdnex.cli import run
-from fourdnex.errors import UsageError
+from fourdnex.files import write_json
+from fourdnex.train.config import TrainingError
+from fourdnex.train.engine import DOMAIN_PARAMETER, LORA_ADAPTER_NAME
+
+if TYPE_CHECKING:
+    from fourdnex.train.engine import Trainer
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "state"
-DOMAIN_PARAMETER = "patch_embedding.domain_embedding"
-LORA_ADAPTER_NAME = "default"
+ADAPTER_DIR = "adapter"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -41,8 +58,69 @@ def resolve_checkpoint(value: str, output_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     path = Path(value)
     if not (path / TRAINER_STATE_FILE).is_file():
-        raise UsageError(f"{path} is not a checkpoint folder (no {TRAINER_STATE_FILE})")
+        raise TrainingError(f"{path} is not a checkpoint folder (no {TRAINER_STATE_FILE})")
     return path
+
+
+def _jsonable(value):
+    """Tuples to lists, everything else as is (for json)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save_checkpoint(trainer: Trainer, step: int) -> Path:
+    """Write checkpoint ``step`` of ``trainer`` (DeepSpeed state, trainer state, adapter) atomically; keep the newest
+    ``checkpoints_total_limit``. Every process must call."""
+    accelerator, cfg = trainer.accelerator, trainer.cfg
+    root = Path(cfg.output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
+    partial_dir = root / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        partial_dir.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    trainer.engine.save_checkpoint(str(partial_dir), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    trainer.save_adapter(partial_dir / ADAPTER_DIR, step)
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "config": _jsonable(asdict(cfg)),
+            "adapter_meta": asdict(trainer.meta),
+            "world_size": accelerator.num_processes,
+        }
+        write_json(partial_dir / TRAINER_STATE_FILE, state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial_dir, final)
+        for old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(trainer: Trainer, path: Path) -> int:
+    """Restore weights, optimizer state and step of ``trainer`` from a checkpoint; returns the step to continue from.
+
+    The learning rate is the schedule of this run's settings at that step (so a resumed run may extend
+    ``max_steps``); with unchanged settings the run continues exactly as if never stopped.
+    """
+    state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    loaded, _ = trainer.engine.load_checkpoint(
+        str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
+    )
+    if loaded is None:
+        raise TrainingError(f"{path}: no DeepSpeed state under tag {DEEPSPEED_TAG!r}")
+    trainer.step = int(state["step"])
+    trainer.scheduler.last_epoch = trainer.step
+    for group, base in zip(trainer.optimizer.param_groups, trainer.scheduler.base_lrs, strict=True):
+        group["lr"] = base * trainer.lr_factor(trainer.step)
+    return trainer.step
 
 
 def fp32_trainable_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -59,7 +137,7 @@ def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     checkpoint = Path(checkpoint)
     state_file = checkpoint / TRAINER_STATE_FILE
     if not state_file.is_file():
-        raise UsageError(f"{checkpoint} is not a fine-tuning checkpoint (no {TRAINER_STATE_FILE})")
+        raise TrainingError(f"{checkpoint} is not a fine-tuning checkpoint (no {TRAINER_STATE_FILE})")
     trainer_state = json.loads(state_file.read_text())
     meta = AdapterMeta(**trainer_state["adapter_meta"])
     meta.extra = {**meta.extra, "step": trainer_state["step"], "precision": "fp32 (zero_to_fp32)"}

@@ -1,0 +1,173 @@
+"""Every fine-tuning setting in one typed dataclass, and the checks that run before anything is loaded.
+
+The defaults reproduce the 4DNeX paper and reference where they say; ``finetune.py``'s flags are these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from fourdnex.config import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_MODEL_TYPE,
+    MODEL_TYPES,
+    REPLAYABLE_ATTENTION_BACKENDS,
+    SIZE_MULTIPLE,
+    check_video_shape,
+    latent_frames,
+)
+from fourdnex.errors import FourDNeXError
+
+TimestepSampling = Literal["uniform", "shifted"]
+LrSchedule = Literal["cosine", "constant"]
+#: What gradient checkpointing keeps of each block (fourdnex.train.memory_policy): ``recompute`` keeps the block
+#: inputs only (diffusers' own checkpointing); ``attention`` also every block's self-attention output;
+#: ``attention+ffn`` also every block's feed-forward pre-activation; ``auto`` picks one for the machine.
+ActivationMemory = Literal["auto", "recompute", "attention", "attention+ffn"]
+TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+ACTIVATION_MEMORY_CHOICES: tuple[str, ...] = get_args(ActivationMemory)
+
+
+class TrainingError(FourDNeXError, ValueError):
+    """A setting, file or checkpoint the run cannot use; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """Every fine-tuning setting.
+
+    The defaults reproduce the 4DNeX paper and reference where they say (LoRA rank 64 / alpha 32 on the four attention
+    projections, lr 2e-5, 49 frames at 480x720, batch 1 per GPU, bf16, uniform noise levels, checkpoints every 500
+    steps, 2 kept); the AdamW betas, weight decay, warmup length and cosine decay are this trainer's choices.
+    """
+
+    cache_dir: str = ""
+    output_dir: str = "runs/4dnex"
+    model_path: str | None = None  # None: the model the cache was built with (stats.json), else DEFAULT_MODEL_PATH
+    model_type: str = DEFAULT_MODEL_TYPE
+    height: int = 480  # per modality
+    width: int = 720
+    num_frames: int = 49  # video frames; 49 -> 13 latent frames
+    # LoRA on the attention projections of both attentions of every block, plus the domain embedding.
+    lora_rank: int = 64
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    # AdamW with linear warmup, then cosine decay to min_lr_ratio * learning_rate at max_steps (or constant).
+    learning_rate: float = 2e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-4
+    lr_schedule: LrSchedule = "cosine"
+    lr_warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    max_steps: int = 5000
+    train_batch_size: int = 1  # per process
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    gradient_checkpointing: bool = True
+    activation_memory: ActivationMemory = "auto"  # what gradient checkpointing keeps (see ActivationMemory)
+    attention_backend: str | None = None  # a diffusers attention backend, e.g. "_native_cudnn"; None: its default
+    compile_blocks: bool = False  # torch.compile each transformer block (regional compilation)
+    # Flow-matching noise levels and loss.
+    timestep_sampling: TimestepSampling = "uniform"
+    shift: float = 3.0  # for "shifted": the inference scheduler's flow_shift
+    rgb_loss_weight: float = 1.0
+    xyz_loss_weight: float = 1.0
+    rgb_first_frame_loss: bool = True
+    # Checkpoints, logs, validation.
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    logging_steps: int = 1
+    validation_steps: int = 0  # 0: never
+    validation_image: str | None = None
+    validation_prompt: str | None = None
+    validation_inference_steps: int = 30
+    seed: int = 42
+    deepspeed_config: str | None = None
+
+    @property
+    def num_latent_frames(self) -> int:
+        """Latent frames of ``num_frames`` video frames."""
+        return latent_frames(self.num_frames)
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per element of the activations (bf16: 2, fp32: 4)."""
+        return 2 if self.mixed_precision == "bf16" else 4
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Transformer tokens of one fused sample: latent frames x (height / 16) x (2 width / 16), 35,100 at 49x480x720
+        (8x8 pixels per latent pixel, 2x2 latent pixels per patch, RGB and XYZ side by side)."""
+        return self.num_latent_frames * (self.height // SIZE_MULTIPLE) * (2 * self.width // SIZE_MULTIPLE)
+
+    @property
+    def ffn_lora_targets(self) -> list[str]:
+        """The LoRA targets inside the feed-forward (which then cannot be replayed from a kept pre-activation)."""
+        return [target for target in self.lora_targets if "ffn" in target]
+
+    def validate(self) -> None:
+        """Raise TrainingError naming the first setting that cannot be trained with."""
+        check_video_shape(self.num_frames, self.height, self.width)
+        if self.model_type not in MODEL_TYPES:
+            raise TrainingError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {self.model_type!r}")
+        for name in (
+            "lora_rank",
+            "max_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+        ):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, choices in (
+            ("timestep_sampling", TIMESTEP_SAMPLINGS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("mixed_precision", ("bf16", "no")),
+            ("activation_memory", ACTIVATION_MEMORY_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise TrainingError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.shift <= 0:
+            raise TrainingError(f"shift must be positive, got {self.shift}")
+        if min(self.rgb_loss_weight, self.xyz_loss_weight) < 0 or self.rgb_loss_weight + self.xyz_loss_weight <= 0:
+            raise TrainingError(
+                f"loss weights must be >= 0 and not both 0, got rgb {self.rgb_loss_weight}, xyz {self.xyz_loss_weight}"
+            )
+        if not self.rgb_first_frame_loss and self.num_latent_frames < 2:
+            raise TrainingError("rgb_first_frame_loss=False needs at least 2 latent frames (num_frames >= 5)")
+        if self.validation_steps and not (self.validation_image and self.validation_prompt):
+            raise TrainingError("validation_steps needs validation_image and validation_prompt")
+        self.validate_activation_memory()
+
+    def validate_activation_memory(self) -> None:
+        """Raise TrainingError if an explicit ``activation_memory`` cannot run with the other settings (one line).
+
+        ``auto`` never fails: it picks what can run. The DeepSpeed stage is checked where it is read
+        (:func:`fourdnex.train.memory_policy.choose_activation_memory`).
+        """
+        setting = self.activation_memory
+        if not self.gradient_checkpointing:
+            if setting != "auto":
+                raise TrainingError(
+                    f"--activation_memory {setting} says what gradient checkpointing keeps: drop it or "
+                    "--no_gradient_checkpointing"
+                )
+            return
+        backend = self.attention_backend or "native"
+        if setting in ("attention", "attention+ffn") and backend not in REPLAYABLE_ATTENTION_BACKENDS:
+            raise TrainingError(
+                f"--activation_memory {setting} replays the self-attention kernel: it needs attention_backend "
+                f"{', '.join(REPLAYABLE_ATTENTION_BACKENDS)}; got {self.attention_backend!r}"
+            )
+        if setting == "attention+ffn" and self.ffn_lora_targets:
+            raise TrainingError(
+                f"--activation_memory attention+ffn replays a frozen feed-forward: drop the ffn LoRA targets "
+                f"({' '.join(self.ffn_lora_targets)}) or use --activation_memory attention"
+            )
