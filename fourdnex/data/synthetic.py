@@ -15,7 +15,8 @@ The clip files follow the 4DNeX-10M convention instead, with pixel centres on in
 
 Writing a whole 4DNeX-10M-style tree (``<out>/data/...``, see :func:`write_tree`):
 
-    python -m fourdnex.data.synthetic --out synthetic --num_clips 10 --num_frames 49 --height 480 --width 720 --workers 4
+    python -m fourdnex.data.synthetic --out synthetic --num_clips 10 --num_frames 49 --height 480 --width 720 \\
+        --workers 4
 """
 
 from __future__ import annotations
