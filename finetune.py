@@ -20,7 +20,15 @@ import logging
 
 from fourdnex.cli import run
 from fourdnex.config import DEFAULT_LORA_TARGETS, MODEL_TYPES
-from fourdnex.train.config import ACTIVATION_MEMORY_CHOICES, LR_SCHEDULES, TIMESTEP_SAMPLINGS, TrainConfig
+from fourdnex.train.config import (
+    ACTIVATION_MEMORY_CHOICES,
+    CONDITION_TASKS,
+    LR_SCHEDULES,
+    TIMESTEP_SAMPLINGS,
+    TRAIN_LAYOUTS,
+    TRAIN_MODES,
+    TrainConfig,
+)
 from fourdnex.train.loop import train
 
 
@@ -51,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default=d.output_dir, help="checkpoints, logs and the final adapter")
     g.add_argument("--model_path", default=None, help="Wan2.1-I2V diffusers folder (default: the cache's)")
     g.add_argument("--type", dest="model_type", default=d.model_type, choices=sorted(MODEL_TYPES))
+    g.add_argument(
+        "--train_mode",
+        default=d.train_mode,
+        choices=TRAIN_MODES,
+        help="lora: LoRA + domain embedding on the frozen base, written as an adapter (default, 4DNeX); full: every "
+        "transformer weight, written as a transformer folder for inference.py --sft_path (a base model)",
+    )
+    g.add_argument(
+        "--layout",
+        default=d.layout,
+        choices=TRAIN_LAYOUTS,
+        help="rgbxyz: RGB | XYZ side by side (default); rgb: the RGB video alone (plain image-to-video)",
+    )
+    g.add_argument(
+        "--condition_tasks",
+        default=d.condition_tasks,
+        choices=sorted(CONDITION_TASKS),
+        help="the given frames of each sample: image (frame 0, default, the paper) or any (image "
+        f"{CONDITION_TASKS['any']['image']:.0%}, first+last {CONDITION_TASKS['any']['first_last']:.0%}, keyframes "
+        f"{CONDITION_TASKS['any']['keyframes']:.0%}, every frame {CONDITION_TASKS['any']['video']:.0%})",
+    )
     g.add_argument("--height", type=int, default=d.height, help="per modality; must match the cache")
     g.add_argument("--width", type=int, default=d.width, help="per modality; must match the cache")
     g.add_argument("--num_frames", type=int, default=d.num_frames, help="first frames of each clip (4k+1)")

@@ -72,6 +72,7 @@ class ModelType:
 MODEL_TYPES: dict[str, ModelType] = {
     "i2vwbw-demb-samerope": ModelType(domain_embedding=True, shared_rope=True),
     "i2vwbw-demb": ModelType(domain_embedding=True, shared_rope=False),
+    "i2vwbw-samerope": ModelType(domain_embedding=False, shared_rope=True),
     "i2vwbw": ModelType(domain_embedding=False, shared_rope=False),
 }
 DEFAULT_MODEL_TYPE = "i2vwbw-demb-samerope"

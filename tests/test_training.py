@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy import stats
 from train_cache import TINY_MODEL, build_cache
 
@@ -33,7 +34,7 @@ from fourdnex.train import memory_policy
 from fourdnex.train.checkpoints import export_adapter, list_checkpoints
 from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.engine import deepspeed_config, lr_factor, trainable_parameters
-from fourdnex.train.loop import build_transformer, make_batch, stream_positions
+from fourdnex.train.loop import build_transformer, make_batch, sample_generator, stream_positions
 from fourdnex.train.loss import LossWeights, batch_loss, flow_matching_loss, sample_sigmas, transformer_inputs
 from fourdnex.train.memory_policy import Machine, RecomputePlan, choose_activation_memory
 
@@ -148,6 +149,7 @@ def test_checkpoints_pruned_and_exported(overfit_run, cache_dir):
         cache_stats["xyz_latent_std"],
     )
     assert meta.target_modules == ["to_q", "to_k", "to_v", "to_out.0"] and meta.extra["step"] == 30
+    assert meta.extra["center"] == cache_stats["center"] == "clip"  # how the training pointmaps were centred
 
 
 def test_validation_sample_written(overfit_run):
@@ -253,8 +255,7 @@ def load_script(name: str):
         ("kept_ffn_under_zero3", "--activation_memory attention+ffn needs ZeRO-2"),
         (
             "kept_ffn_with_ffn_lora",
-            "--activation_memory attention+ffn replays a frozen feed-forward: drop the ffn LoRA targets "
-            "(ffn.net.0.proj)",
+            "--activation_memory attention+ffn replays a frozen feed-forward, which ffn.net.0.proj trains",
         ),
     ],
 )
@@ -417,13 +418,17 @@ def test_condition_cut_and_encoded(cache_dir, tmp_path):
         short = vae.encode(condition_video(first, 5, "rgbxyz")).latent_dist.mode()  # (1, 16, 2, 4, 8)
     assert torch.equal(long[:, :, :2], short)
     full = LatentCache(cache_dir, 3, 32, 32)
-    assert not full.encodes_condition
+    assert full.cached_condition
     short_cache = build_cache(tmp_path, num_clips=2, cond_num_frames=5)
-    encoded = LatentCache(short_cache, 3, 32, 32, VaeConditionEncoder(vae, torch.device("cpu")))
-    assert encoded.encodes_condition
+    encoded = LatentCache(short_cache, 3, 32, 32)
+    assert not encoded.cached_condition
+    encoder = VaeConditionEncoder(vae, torch.device("cpu"))
     for i in range(2):
-        torch.testing.assert_close(encoded.sample(i).condition, full.sample(i).condition, atol=1e-5, rtol=1e-5)
-    assert LatentCache(short_cache, 2, 32, 32).encodes_condition is False  # 5 frames = 2 latent frames: cached
+        sample = encoded.sample(i)
+        assert sample.cond is None
+        torch.testing.assert_close(encoder(sample.cond_video[None])[0], full.sample(i).cond, atol=1e-5, rtol=1e-5)
+        assert torch.equal(sample.mask, full.sample(i).mask)
+    assert LatentCache(short_cache, 2, 32, 32).cached_condition  # 5 frames = 2 latent frames: cached
     with pytest.raises(CacheError, match="holds 9 frames"):
         LatentCache(cache_dir, 4, 32, 32)
 
@@ -901,3 +906,65 @@ def test_plan_of_each_setting():
     )
     assert RecomputePlan.for_setting("attention+ffn", park=False) == RecomputePlan(attention=True, ffn=True)
     assert RecomputePlan.for_setting("attention+ffn", park=True) == ALL_KEPT_AND_PARKED
+
+
+def test_any_frame_tasks_and_the_rgb_layout_read_hand_built_conditions(cache_dir):
+    """Each task's mask and condition video are built here from the cached clip's own frames; the RGB layout holds the
+    RGB latent alone, conditioned on [first frame] without the plane."""
+    from fourdnex.files import read_video
+    from fourdnex.model.fusion import condition_frames, condition_mask
+    from fourdnex.train.config import CONDITION_TASKS
+    from fourdnex.train.loop import draw_given
+
+    cache = LatentCache(cache_dir, 3, 32, 32)
+    record = json.loads((cache_dir / "manifest.jsonl").read_text().splitlines()[0])
+    frames = read_video(cache_dir / record["files"]["video"])  # (9, 32, 32, 3)
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
+    given = torch.tensor([True, False, False, True, False, False, False, False, True])
+    sample = cache.sample(0, given)
+    assert sample.cond is None
+    torch.testing.assert_close(sample.cond_video, condition_frames(video, given[None], "rgbxyz")[0])
+    assert torch.equal(sample.mask, condition_mask(given[None], 4, 8, "rgbxyz")[0])
+    assert torch.equal(sample.mask[:, 2, :, :4], torch.tensor([0.0, 0, 0, 1])[:, None, None].expand(4, 4, 4))
+    rgb = LatentCache(cache_dir, 3, 32, 32, "rgb").sample(0)
+    assert torch.equal(rgb.x0, load_file(cache_dir / record["files"]["latents"])["rgb"][:, :3].float())
+    first = torch.zeros(9, dtype=torch.bool)
+    first[0] = True
+    assert torch.equal(rgb.mask, condition_mask(first[None], 4, 4, "rgb")[0])
+    assert rgb.cond_video.shape == (3, 9, 32, 32) and not rgb.cond_video[:, 1:].any()
+    # The task shares: drawn from the sample's own generator, close to the preset over many draws.
+    counts = {"image": 0, "first_last": 0, "keyframes": 0, "video": 0}
+    for position in range(2000):
+        g = sample_generator(0, position)
+        drawn = draw_given(CONDITION_TASKS["any"], 9, g)
+        kind = ("video" if drawn.all() else "first_last" if drawn.tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 1]
+                else "image" if drawn.sum() == 1 else "keyframes")  # fmt: skip
+        counts[kind] += 1
+        assert drawn[0]
+    for kind, share in CONDITION_TASKS["any"].items():
+        assert abs(counts[kind] / 2000 - share) < 0.04, counts  # binomial std 0.011
+
+
+def test_full_training_of_a_plain_image_to_video_base(cache_dir, tmp_path):
+    """--train_mode full --layout rgb: every weight trained on the RGB latents alone; the run writes a diffusers
+    transformer folder (what inference.py --sft_path loads) equal to DeepSpeed's own fp32 merge of the state."""
+    from fourdnex.model.loading import load_transformer
+    from fourdnex.train.checkpoints import fp32_trainable_state
+
+    out = tmp_path / "base"
+    finetune("--cache_dir", str(cache_dir), "--output_dir", str(out), *SIZE, "--train_mode", "full",
+             "--layout", "rgb", "--type", "i2vwbw", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+             "--max_steps", "3", "--checkpointing_steps", "3")  # fmt: skip
+    trained = load_transformer(out / "transformer", torch.float32, subfolder=None)
+    base = load_transformer(TINY_MODEL, torch.float32)
+    merged = fp32_trainable_state(list_checkpoints(out)[-1])
+    saved = trained.state_dict()
+    assert set(merged) == {n for n, p in base.named_parameters()} - {"patch_embedding.domain_embedding"}
+    for name, value in merged.items():
+        assert torch.equal(saved[name], value), name
+    assert all(not torch.equal(saved[n], v) for n, v in base.state_dict().items() if n.endswith("to_q.weight"))
+    assert not saved["patch_embedding.domain_embedding"].any()  # i2vwbw: no domain embedding, kept at zero
+    assert not (out / "adapter").exists()
+    with pytest.raises(SystemExit, match="attention\\+ffn replays a frozen feed-forward, which --train_mode full"):
+        run(load_script("finetune.py").main, load_script("finetune.py").build_parser(),
+            ["--cache_dir", str(cache_dir), "--train_mode", "full", "--activation_memory", "attention+ffn", *SIZE])

@@ -13,8 +13,9 @@ Tc = (cond_num_frames - 1) / 4 + 1; the sizes in brackets are those of the real 
 Training reads ``stats.json`` (XYZ latent statistics, sizes, frame counts, the centring), the manifest's ``files``,
 the latents and the two embeddings. A training sample keeps the first ``num_latent_frames`` latent frames. The Wan
 VAE is causal in time, so the first frames of a longer encoding equal the encoding of the shorter clip, and the
-cached condition is cut the same way. A cache whose condition is shorter than the training length has its condition
-encoded from the cached first frame by a ``condition_encoder`` (the VAE), once per sample read.
+cached condition is cut the same way. Every other condition (other given frames, the RGB layout alone, a cached
+condition shorter than the training length) is encoded by the trainer from the cached first frame or the cached
+video's given frames, a batch at a time.
 
 Every file is written atomically; a clip's record is written last and marks it done. The lists, manifest and
 statistics are written once every clip of the run's ``--limit`` has a record or a failure (by the last shard to
@@ -27,7 +28,6 @@ import hashlib
 import json
 import math
 import textwrap
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,10 +37,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fourdnex.config import latent_frames, video_frames
+from fourdnex.config import Layout, latent_frames, video_frames
 from fourdnex.errors import FourDNeXError, UsageError
-from fourdnex.files import write_json, write_png, write_safetensors, write_text, write_video
-from fourdnex.model.fusion import fuse_width, normalize_xyz, soft_mask
+from fourdnex.files import read_video, write_json, write_png, write_safetensors, write_text, write_video
+from fourdnex.model.fusion import condition_frames, condition_mask, fuse_width, normalize_xyz
 
 if TYPE_CHECKING:
     from fourdnex.data.prepare import PreparedClip
@@ -522,10 +522,16 @@ class CacheStats:
 
 @dataclass
 class Sample:
-    """One fused training sample (``T`` latent frames, ``h x 2w`` fused latent grid)."""
+    """One training sample (``T`` latent frames of a ``h x w'`` latent grid: ``w' = 2w`` fused, ``w`` for RGB alone).
 
-    x0: torch.Tensor  # (16, T, h, 2w) clean latent: RGB | XYZ-normalized XYZ
-    condition: torch.Tensor  # (20, T, h, 2w) soft mask (4) + condition latent (16)
+    The condition latent is either read from the cache (``cond``) or still to be encoded from ``cond_video``, which
+    the caller encodes for a whole batch at once (:class:`VaeConditionEncoder`): exactly one of them is set.
+    """
+
+    x0: torch.Tensor  # (16, T, h, w') clean latent: RGB | XYZ-normalized XYZ, or RGB alone
+    mask: torch.Tensor  # (4, T, h, w') the condition mask of the given frames
+    cond: torch.Tensor | None  # (16, T, h, w') the condition latent, when the cache holds it
+    cond_video: torch.Tensor | None  # (3, F, H, W') the condition video to encode otherwise, in [-1, 1]
     prompt_embeds: torch.Tensor  # (L, text_dim)
     image_embeds: torch.Tensor  # (257, image_dim)
     clip_id: str
@@ -572,23 +578,18 @@ def read_stats(cache_dir: str | Path) -> CacheStats:
         raise CacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
 
 
-ConditionEncoder = Callable[[Path, int], torch.Tensor]  # (first frame png, num_frames) -> (16, T, h, 2w)
 
 
 class LatentCache:
-    """The clips of a cache as fused training samples of ``num_latent_frames`` latent frames.
+    """The clips of a cache as training samples of ``num_latent_frames`` latent frames: fused (``layout="rgbxyz"``)
+    or the RGB half alone (``"rgb"``, plain image-to-video).
 
     Construction checks the cache against the training settings (sizes, frame count) and reads the manifest;
     :meth:`sample` reads one clip and raises CacheError with the file's path if anything about it is wrong.
     """
 
     def __init__(
-        self,
-        cache_dir: str | Path,
-        num_latent_frames: int,
-        height: int,
-        width: int,
-        condition_encoder: ConditionEncoder | None = None,
+        self, cache_dir: str | Path, num_latent_frames: int, height: int, width: int, layout: Layout = "rgbxyz"
     ) -> None:
         self.root = Path(cache_dir)
         self.stats = read_stats(self.root)
@@ -608,9 +609,10 @@ class LatentCache:
                 f"{self.root / STATS_FILE}: xyz_latent_std must be positive, got {self.stats.xyz_latent_std}"
             )
         self.num_latent_frames = num_latent_frames
-        self.condition_encoder = condition_encoder
-        #: the cached condition is shorter than the training length: it is encoded from the first frame instead
-        self.encodes_condition = latent_frames(self.stats.cond_num_frames) < num_latent_frames
+        self.layout = layout
+        #: the cached condition ([first frame | plane], then zeros) serves image samples of the fused layout, if it
+        #: covers the training length; every other condition is encoded from the clip's frames
+        self.cached_condition = layout == "rgbxyz" and latent_frames(self.stats.cond_num_frames) >= num_latent_frames
         self.latent_shape = (num_latent_frames, height // 8, width // 8)  # per modality
         self.items = self._read_manifest()
 
@@ -625,14 +627,14 @@ class LatentCache:
                 continue
             try:
                 item = json.loads(line)
-                missing = [key for key in ("latents", "clip", "prompt", "first_frame") if key not in item["files"]]
+                missing = [k for k in ("latents", "clip", "prompt", "first_frame", "video") if k not in item["files"]]
             except json.JSONDecodeError as err:
                 raise CacheError(f"{path}:{line_no}: not JSON ({err})") from err
             except (KeyError, TypeError):
                 raise CacheError(f"{path}:{line_no}: no 'files' object") from None
             if missing:
                 raise CacheError(f"{path}:{line_no}: no {missing[0]!r} in 'files'")
-            keep = ("latents", "clip", "prompt", "first_frame")  # a large manifest: hold only what is read
+            keep = ("latents", "clip", "prompt", "first_frame", "video")  # a large manifest: hold only what is read
             items.append({"id": item.get("id", line_no), "files": {k: item["files"][k] for k in keep}})
         if not items:
             raise CacheError(f"{path}: lists no clips")
@@ -641,61 +643,83 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.items)
 
-    def sample(self, index: int) -> Sample:
-        """Read clip ``index`` as a fused :class:`Sample` (float32)."""
+    def sample(self, index: int, given: torch.Tensor | None = None) -> Sample:
+        """Read clip ``index`` as a :class:`Sample` (float32) conditioned on the pixel frames ``given`` ``(F,)`` bool
+        (default: frame 0 alone, image-to-4D)."""
         item = self.items[index]
         files = item["files"]
         latents_path = self.root / files["latents"]
-        keys = ("rgb", "xyz") if self.encodes_condition else ("rgb", "xyz", "cond")
-        latents = _load(latents_path, keys)
         frames, h, w = self.latent_shape
-        if self.encodes_condition:
-            if self.condition_encoder is None:
-                raise CacheError(f"{latents_path}: the cached condition is shorter than training needs, no encoder")
-            latents["cond"] = self.condition_encoder(self.root / files["first_frame"], video_frames(frames))
+        if given is None:
+            given = torch.zeros(video_frames(frames), dtype=torch.bool)
+            given[0] = True
+        image_task = bool(given[0]) and not given[1:].any()
+        from_cache = self.cached_condition and image_task
+        latents = _load(latents_path, ("rgb", "xyz", "cond") if from_cache else ("rgb", "xyz"))
         expected = {"rgb": (16, h, w), "xyz": (16, h, w), "cond": (16, h, 2 * w)}
-        for key, (channels, hh, ww) in expected.items():
+        for key in latents:
+            channels, hh, ww = expected[key]
             shape = tuple(latents[key].shape)
             if len(shape) != 4 or shape[0] != channels or shape[2:] != (hh, ww) or shape[1] < frames:
                 raise CacheError(
                     f"{latents_path}: {key} has shape {shape}, expected ({channels}, >={frames}, {hh}, {ww})"
                 )
         rgb = latents["rgb"][:, :frames].float()
-        xyz = normalize_xyz(latents["xyz"][:, :frames].float(), self.stats.xyz_latent_mean, self.stats.xyz_latent_std)
-        x0 = fuse_width(rgb, xyz)  # (16, T, h, 2w)
-        mask = soft_mask(1, frames, h, 2 * w, "rgbxyz")[0]  # (4, T, h, 2w)
-        condition = torch.cat([mask, latents["cond"][:, :frames].float()])  # (20, T, h, 2w)
+        if self.layout == "rgbxyz":
+            stats = self.stats
+            xyz = normalize_xyz(latents["xyz"][:, :frames].float(), stats.xyz_latent_mean, stats.xyz_latent_std)
+            x0 = fuse_width(rgb, xyz)  # (16, T, h, 2w)
+        else:
+            x0 = rgb  # (16, T, h, w)
+        mask = condition_mask(given[None], h, x0.shape[-1], self.layout)[0]  # (4, T, h, w')
+        cond = latents["cond"][:, :frames].float() if from_cache else None
+        cond_video = None if from_cache else self._condition_video(files, given)
         prompt = _load(self.root / files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
         image = _load(self.root / files["clip"], ("clip_embeds",))["clip_embeds"].float()
         for name, tensor, path in (("prompt_embeds", prompt, files["prompt"]), ("clip_embeds", image, files["clip"])):
             if tensor.ndim != 2:
                 raise CacheError(f"{self.root / path}: {name} has shape {tuple(tensor.shape)}, expected (tokens, dim)")
-        if not (torch.isfinite(x0).all() and torch.isfinite(condition).all()):
+        if not (torch.isfinite(x0).all() and (cond is None or torch.isfinite(cond).all())):
             raise CacheError(f"{latents_path}: holds NaN or infinite values")
-        return Sample(x0=x0, condition=condition, prompt_embeds=prompt, image_embeds=image, clip_id=str(item["id"]))
+        return Sample(x0, mask, cond, cond_video, prompt, image, str(item["id"]))
+
+    def _condition_video(self, files: dict[str, str], given: torch.Tensor) -> torch.Tensor:
+        """The condition video ``(3, F, H, W')`` of the given frames: the cached first frame (a lossless PNG) when it
+        is the only one, else the given frames of the cached video."""
+        import av
+        from PIL import Image
+
+        indices = given.nonzero()[:, 0].tolist()
+        if indices == [0]:
+            path = self.root / files["first_frame"]
+            if not path.is_file():
+                raise CacheError(f"{path}: missing (needed to encode the condition)")
+            with Image.open(path) as image:
+                pixels = np.array(image.convert("RGB"))[None]
+        else:
+            path = self.root / files["video"]
+            try:
+                pixels = read_video(path, indices)
+            except (av.FFmpegError, ValueError, FileNotFoundError) as err:
+                raise CacheError(f"{path}: cannot read frames {indices} of the condition ({err})") from err
+        video = torch.zeros(3, len(given), *pixels.shape[1:3])
+        video[:, given] = torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+        return condition_frames(video[None], given[None], self.layout)[0]
 
 
 class VaeConditionEncoder:
-    """Encodes a clip's condition from its cached first frame, as the cache builder does (for short caches)."""
+    """Encodes condition videos with the VAE on the training device, a batch at a time."""
 
     def __init__(self, vae, device: torch.device) -> None:
         self.vae = vae.to(device).eval()
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, first_frame: Path, num_frames: int) -> torch.Tensor:
-        """``first_frame`` (an H x W RGB image) -> the VAE-normalized condition latent ``(16, T, h, 2w)`` on CPU."""
-        import numpy as np
-        from PIL import Image
+    def __call__(self, videos: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W')`` in [-1, 1] -> the VAE-normalized condition latents ``(B, 16, T, h, w')`` on the CPU."""
+        from fourdnex.model.fusion import encode_latents
 
-        from fourdnex.model.fusion import condition_video, encode_latents
-
-        if not first_frame.is_file():
-            raise CacheError(f"{first_frame}: missing (needed to encode the condition)")
-        with Image.open(first_frame) as image:
-            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0
-        video = condition_video(pixels[None], num_frames, "rgbxyz")  # (1, 3, F, H, 2W)
-        return encode_latents(self.vae, video)[0].cpu()
+        return encode_latents(self.vae, videos.to(self.device)).cpu()
 
 
 if __name__ == "__main__":

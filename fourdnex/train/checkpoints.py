@@ -7,7 +7,8 @@ complete, holding:
 * ``state/`` (with DeepSpeed's ``latest`` and its merge scripts): the DeepSpeed state (trainable parameters,
   optimizer, per process), what a resumed run loads;
 * ``trainer_state.json``: the step, the learning rate, the run's settings, the adapter metadata, the process count;
-* ``adapter/fourdnex_adapter.safetensors``: the inference-ready adapter (``inference.py --lora_path``).
+* ``adapter/fourdnex_adapter.safetensors``: the inference-ready adapter (``inference.py --lora_path``), or, for
+  ``--train_mode full``, ``transformer/`` (a diffusers transformer folder, ``inference.py --sft_path``).
 
 Run as a module, this rebuilds that adapter from the ZeRO state instead, with DeepSpeed's own ``zero_to_fp32``
 merge of the fp32 master weights (any ZeRO stage, any number of processes), e.g. for a checkpoint whose adapter
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "state"
-ADAPTER_DIR = "adapter"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -83,7 +83,7 @@ def save_checkpoint(trainer: Trainer, step: int) -> Path:
         partial_dir.mkdir(parents=True)
     accelerator.wait_for_everyone()
     trainer.engine.save_checkpoint(str(partial_dir), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    trainer.save_adapter(partial_dir / ADAPTER_DIR, step)
+    trainer.save_weights(partial_dir, step)
     if accelerator.is_main_process:
         state = {
             "step": step,

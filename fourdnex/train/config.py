@@ -25,7 +25,20 @@ LrSchedule = Literal["cosine", "constant"]
 #: inputs only (diffusers' own checkpointing); ``attention`` also every block's self-attention output;
 #: ``attention+ffn`` also every block's feed-forward pre-activation; ``auto`` picks one for the machine.
 ActivationMemory = Literal["auto", "recompute", "attention", "attention+ffn"]
+#: ``lora``: LoRA + domain embedding on a frozen base (4DNeX); ``full``: every transformer weight (a base model).
+TrainMode = Literal["lora", "full"]
+#: What a sample's latent holds: RGB | XYZ side by side (4DNeX), or the RGB video alone (plain image-to-video).
+TrainLayout = Literal["rgbxyz", "rgb"]
+#: ``--condition_tasks`` presets: the share of samples conditioned on each kind of given RGB frames. ``image``: the
+#: first frame (the paper); ``any``: also the first and the last frame, a few random keyframes (frame 0 and 2-4
+#: others), or every frame (4D reconstruction of a video).
+CONDITION_TASKS: dict[str, dict[str, float]] = {
+    "image": {"image": 1.0},
+    "any": {"image": 0.4, "first_last": 0.2, "keyframes": 0.2, "video": 0.2},
+}
 TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
+TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
+TRAIN_LAYOUTS: tuple[str, ...] = get_args(TrainLayout)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 ACTIVATION_MEMORY_CHOICES: tuple[str, ...] = get_args(ActivationMemory)
 
@@ -47,6 +60,9 @@ class TrainConfig:
     output_dir: str = "runs/4dnex"
     model_path: str | None = None  # None: the model the cache was built with (stats.json), else DEFAULT_MODEL_PATH
     model_type: str = DEFAULT_MODEL_TYPE
+    train_mode: TrainMode = "lora"
+    layout: TrainLayout = "rgbxyz"
+    condition_tasks: str = "image"  # a CONDITION_TASKS key
     height: int = 480  # per modality
     width: int = 720
     num_frames: int = 49  # video frames; 49 -> 13 latent frames
@@ -104,12 +120,18 @@ class TrainConfig:
     def tokens_per_sample(self) -> int:
         """Transformer tokens of one fused sample: latent frames x (height / 16) x (2 width / 16), 35,100 at 49x480x720
         (8x8 pixels per latent pixel, 2x2 latent pixels per patch, RGB and XYZ side by side)."""
-        return self.num_latent_frames * (self.height // SIZE_MULTIPLE) * (2 * self.width // SIZE_MULTIPLE)
+        halves = 2 if self.layout == "rgbxyz" else 1
+        return self.num_latent_frames * (self.height // SIZE_MULTIPLE) * (halves * self.width // SIZE_MULTIPLE)
 
     @property
     def ffn_lora_targets(self) -> list[str]:
         """The LoRA targets inside the feed-forward (which then cannot be replayed from a kept pre-activation)."""
-        return [target for target in self.lora_targets if "ffn" in target]
+        return [target for target in self.lora_targets if "ffn" in target] if self.train_mode == "lora" else []
+
+    @property
+    def trains_feed_forward(self) -> bool:
+        """Whether the feed-forward's weights are trained (full training, or LoRA on it)."""
+        return self.train_mode == "full" or bool(self.ffn_lora_targets)
 
     def validate(self) -> None:
         """Raise TrainingError naming the first setting that cannot be trained with."""
@@ -131,6 +153,9 @@ class TrainConfig:
             ("lr_schedule", LR_SCHEDULES),
             ("mixed_precision", ("bf16", "no")),
             ("activation_memory", ACTIVATION_MEMORY_CHOICES),
+            ("train_mode", TRAIN_MODES),
+            ("layout", TRAIN_LAYOUTS),
+            ("condition_tasks", tuple(CONDITION_TASKS)),
         ):
             if getattr(self, name) not in choices:
                 raise TrainingError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -144,6 +169,8 @@ class TrainConfig:
             raise TrainingError("rgb_first_frame_loss=False needs at least 2 latent frames (num_frames >= 5)")
         if self.validation_steps and not (self.validation_image and self.validation_prompt):
             raise TrainingError("validation_steps needs validation_image and validation_prompt")
+        if self.validation_steps and self.layout != "rgbxyz":
+            raise TrainingError("validation samples are RGB and XYZ results: validation_steps needs layout rgbxyz")
         self.validate_activation_memory()
 
     def validate_activation_memory(self) -> None:
@@ -166,8 +193,9 @@ class TrainConfig:
                 f"--activation_memory {setting} replays the self-attention kernel: it needs attention_backend "
                 f"{', '.join(REPLAYABLE_ATTENTION_BACKENDS)}; got {self.attention_backend!r}"
             )
-        if setting == "attention+ffn" and self.ffn_lora_targets:
+        if setting == "attention+ffn" and self.trains_feed_forward:
+            trained = "--train_mode full" if self.train_mode == "full" else " ".join(self.ffn_lora_targets)
             raise TrainingError(
-                f"--activation_memory attention+ffn replays a frozen feed-forward: drop the ffn LoRA targets "
-                f"({' '.join(self.ffn_lora_targets)}) or use --activation_memory attention"
+                f"--activation_memory attention+ffn replays a frozen feed-forward, which {trained} trains: use "
+                "--activation_memory attention"
             )

@@ -32,6 +32,9 @@ DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "de
 #: The names of the trained tensors inside the transformer: the domain embedding and the PEFT adapter.
 DOMAIN_PARAMETER = "patch_embedding.domain_embedding"
 LORA_ADAPTER_NAME = "default"
+#: Where a run (and each of its checkpoints) puts what it trained: the adapter, or the fully trained transformer.
+ADAPTER_DIR = "adapter"
+TRANSFORMER_DIR = "transformer"
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: LrSchedule, min_ratio: float = 0.0) -> float:
@@ -139,7 +142,9 @@ class Trainer:
         self.accelerator = accelerator
         self.meta = meta
         self.dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-        self.weights = LossWeights(cfg.rgb_loss_weight, cfg.xyz_loss_weight, cfg.rgb_first_frame_loss)
+        self.weights = LossWeights(
+            cfg.rgb_loss_weight, cfg.xyz_loss_weight, cfg.rgb_first_frame_loss, fused=cfg.layout == "rgbxyz"
+        )
         params = list(trainable_parameters(transformer).values())
         optimizer = torch.optim.AdamW(
             params,
@@ -189,15 +194,10 @@ class Trainer:
         loss, rgb, xyz = totals.tolist()
         return StepMetrics(loss, rgb, xyz, lr, grad_norm, seconds)
 
-    def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
-        """The trained LoRA tensors and domain embedding (2, inner_dim) in fp32 on the CPU (main process; None
-        elsewhere).
-
-        They are read from the optimizer's fp32 master weights, which DeepSpeed assembles from their partitions
-        under any ZeRO stage (under ZeRO-3 the parameters themselves are partitioned): every process must call.
-        """
+    def full_fp32_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter in fp32 on the CPU, from the optimizer's master weights (assembled from their
+        partitions under any ZeRO stage); every process must call."""
         from deepspeed.utils import safe_get_full_fp32_param
-        from peft.utils import get_peft_model_state_dict
 
         state = {}
         for name, param in trainable_parameters(self.module).items():
@@ -205,6 +205,41 @@ class Trainer:
             if value is None:  # no low-precision copy: the parameter is its own master weight
                 value = param.detach()
             state[name] = value.float().cpu()
+        return state
+
+    def save_weights(self, folder: str | Path, step: int) -> Path | None:
+        """Write what the run trains, ready for inference, into ``folder``: the adapter (``adapter/``, LoRA
+        training, ``inference.py --lora_path``) or the transformer (``transformer/``, full training, a diffusers
+        folder for ``inference.py --sft_path``). Every process must call; returns the path on the main process."""
+        if self.cfg.train_mode == "lora":
+            return self.save_adapter(Path(folder) / ADAPTER_DIR, step)
+        return self.save_transformer(Path(folder) / TRANSFORMER_DIR)
+
+    def save_transformer(self, folder: Path) -> Path | None:
+        """Write the fully trained transformer as a diffusers folder (config + fp32 safetensors); every process must
+        call (ZeRO-3 partitions the weights); returns the folder on the main process."""
+        from fourdnex.files import write_safetensors
+
+        trained = self.full_fp32_state()
+        if not self.accelerator.is_main_process:
+            return None
+        state = {name: value.detach().float().cpu() for name, value in self.module.state_dict().items()}
+        state.update(trained)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.module.save_config(folder)
+        write_safetensors(folder / "diffusion_pytorch_model.safetensors", state)
+        return folder
+
+    def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """The trained LoRA tensors and domain embedding (2, inner_dim) in fp32 on the CPU (main process; None
+        elsewhere).
+
+        They are read from the optimizer's fp32 master weights, which DeepSpeed assembles from their partitions
+        under any ZeRO stage (under ZeRO-3 the parameters themselves are partitioned): every process must call.
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        state = self.full_fp32_state()
         if not self.accelerator.is_main_process:
             return None
         domain = state.pop(DOMAIN_PARAMETER, None)

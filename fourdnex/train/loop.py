@@ -23,8 +23,8 @@ from torch import nn
 
 from fourdnex.config import DEFAULT_MODEL_PATH, MODEL_TYPES
 from fourdnex.data.cache import LatentCache, Sample, VaeConditionEncoder
-from fourdnex.train.checkpoints import ADAPTER_DIR, load_checkpoint, resolve_checkpoint, save_checkpoint
-from fourdnex.train.config import TrainConfig, TrainingError
+from fourdnex.train.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from fourdnex.train.config import CONDITION_TASKS, TrainConfig, TrainingError
 from fourdnex.train.engine import (
     LORA_ADAPTER_NAME,
     Trainer,
@@ -58,19 +58,54 @@ def clip_index(seed: int, position: int, num_clips: int) -> int:
     return int(order[offset])
 
 
-def make_batch(cache: LatentCache, cfg: TrainConfig, positions: list[int]) -> Batch:
-    """Read and noise the samples at the given global stream positions: a Batch of ``B = len(positions)``."""
+def draw_given(tasks: dict[str, float], num_frames: int, generator: torch.Generator) -> torch.Tensor:
+    """The given RGB pixel frames ``(F,)`` bool of one sample: a task drawn with the shares ``tasks`` (nothing is
+    drawn when there is one task), then its frames: ``image`` frame 0; ``first_last`` frames 0 and F-1;
+    ``keyframes`` frame 0 and 2-4 other random frames; ``video`` every frame."""
+    names = list(tasks)
+    task = names[0]
+    if len(names) > 1:
+        task = names[int(torch.multinomial(torch.tensor(list(tasks.values())), 1, generator=generator))]
+    given = torch.zeros(num_frames, dtype=torch.bool)
+    given[0] = True
+    if task == "first_last":
+        given[-1] = True
+    elif task == "keyframes":
+        count = min(int(torch.randint(2, 5, (), generator=generator)), num_frames - 1)
+        given[1 + torch.randperm(num_frames - 1, generator=generator)[:count]] = True
+    elif task == "video":
+        given[:] = True
+    return given
+
+
+def make_batch(
+    cache: LatentCache, cfg: TrainConfig, positions: list[int], encoder: VaeConditionEncoder | None = None
+) -> Batch:
+    """Read and noise the samples at the given global stream positions: a Batch of ``B = len(positions)``.
+
+    Each sample's given frames come from :func:`draw_given` with ``cfg.condition_tasks``; conditions the cache does
+    not hold are encoded by ``encoder``, all of the batch's in one call.
+    """
     samples: list[Sample] = []
     noises, sigmas = [], []
+    tasks = CONDITION_TASKS[cfg.condition_tasks]
     for position in positions:
-        sample = cache.sample(clip_index(cfg.seed, position, len(cache)))
         generator = sample_generator(cfg.seed, position)
         sigmas.append(sample_sigmas(1, cfg.timestep_sampling, generator, cfg.shift))
+        index = clip_index(cfg.seed, position, len(cache))
+        sample = cache.sample(index, draw_given(tasks, cfg.num_frames, generator) if len(tasks) > 1 else None)
         noises.append(torch.randn(sample.x0.shape, generator=generator))
         samples.append(sample)
+    pending = [s for s in samples if s.cond is None]
+    if pending:
+        if encoder is None:
+            raise TrainingError("these samples' conditions are not in the cache and no VAE encodes them")
+        encoded = encoder(torch.stack([s.cond_video for s in pending]))  # (P, 16, T, h, w')
+        for sample, cond in zip(pending, encoded, strict=True):
+            sample.cond = cond
     return Batch(
         x0=torch.stack([s.x0 for s in samples]),
-        condition=torch.stack([s.condition for s in samples]),
+        condition=torch.stack([torch.cat([s.mask, s.cond]) for s in samples]),
         prompt_embeds=torch.stack([s.prompt_embeds for s in samples]),
         image_embeds=torch.stack([s.image_embeds for s in samples]),
         noise=torch.stack(noises),
@@ -109,7 +144,8 @@ def build_transformer(
     transformer: nn.Module | None = None,
     plan: RecomputePlan | None = None,
 ) -> nn.Module:
-    """The 4DNeX transformer ready for training: base frozen, LoRA + domain embedding trainable.
+    """The 4DNeX transformer ready for training: base frozen, LoRA + domain embedding trainable (``lora``), or
+    every weight trainable but the domain embedding of a type without one (``full``).
 
     Loads ``model_path``'s transformer in the training dtype unless a built ``transformer`` is given (the bench).
     With ``cfg.gradient_checkpointing``, ``plan`` says what each block keeps instead of recomputing (None: diffusers'
@@ -123,13 +159,14 @@ def build_transformer(
     if transformer is None:
         transformer = load_transformer(model_path, dtype)
     transformer.set_model_type(MODEL_TYPES[cfg.model_type])
-    transformer.set_layout("rgbxyz")
-    transformer.requires_grad_(False)
-    check_lora_targets(transformer, cfg.lora_targets)
-    config = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets), init_lora_weights=True
-    )
-    transformer.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
+    transformer.set_layout(cfg.layout)
+    transformer.requires_grad_(cfg.train_mode == "full")
+    if cfg.train_mode == "lora":
+        check_lora_targets(transformer, cfg.lora_targets)
+        config = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets), init_lora_weights=True
+        )
+        transformer.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
     transformer.domain_embedding.requires_grad_(MODEL_TYPES[cfg.model_type].domain_embedding)
     if cfg.attention_backend:
         try:
@@ -169,19 +206,22 @@ def adapter_meta(cfg: TrainConfig, cache: LatentCache, model_path: str) -> Adapt
             "width": cfg.width,
             "num_frames": cfg.num_frames,
             "timestep_sampling": cfg.timestep_sampling,
+            "center": cache.stats.center,
+            "condition_tasks": cfg.condition_tasks,
         },
     )
 
 
 def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
-    """Fine-tune on ``cfg.cache_dir``; returns the final adapter file on the main process, None on the others.
+    """Fine-tune on ``cfg.cache_dir``; returns the final adapter file (or, fully trained, the transformer folder) on
+    the main process, None on the others.
 
     ``plan`` replaces what ``cfg.activation_memory`` chooses for this machine (the tests park on a CPU with it).
     """
     from tqdm.auto import tqdm
 
     cfg.validate()
-    cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width)
+    cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout)
     model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
     if not (Path(model_path) / "transformer" / "config.json").is_file():
         raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
@@ -197,15 +237,12 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
     torch.manual_seed(cfg.seed)
     transformer = build_transformer(cfg, model_path, plan=plan)
     accelerator = make_accelerator(cfg, output_dir / "logs")
-    if cache.encodes_condition:
+    encoder = None
+    if not cache.cached_condition or cfg.condition_tasks != "image":
         from fourdnex.model.loading import load_vae
 
-        logger.warning(
-            "the cache's condition covers %d frames, training uses %d: encoding it from the first frame every step",
-            cache.stats.cond_num_frames,
-            cfg.num_frames,
-        )
-        cache.condition_encoder = VaeConditionEncoder(load_vae(model_path), accelerator.device)
+        logger.info("encoding conditions the cache does not hold with the VAE of %s, a batch at a time", model_path)
+        encoder = VaeConditionEncoder(load_vae(model_path), accelerator.device)
     trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
     if resume is not None:
         load_checkpoint(trainer, resume)
@@ -225,7 +262,7 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
 
     def read(step: int) -> list[Batch]:
         return [
-            make_batch(cache, cfg, stream_positions(cfg, step, micro, rank, world))
+            make_batch(cache, cfg, stream_positions(cfg, step, micro, rank, world), encoder)
             for micro in range(cfg.gradient_accumulation_steps)
         ]
 
@@ -256,7 +293,7 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
             run_validation(trainer, model_path, cache, output_dir / "validation" / f"step-{trainer.step:06d}")
     bar.close()
     reader.shutdown()
-    final = trainer.save_adapter(output_dir / ADAPTER_DIR, trainer.step)
+    final = trainer.save_weights(output_dir, trainer.step)
     accelerator.end_training()
     return final
 
@@ -299,6 +336,7 @@ def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_di
             num_frames=cfg.num_frames,
             num_inference_steps=cfg.validation_inference_steps,
             generator=torch.Generator(device="cpu").manual_seed(cfg.seed),
+            layout=cfg.layout,
             xyz_mean=cache.stats.xyz_latent_mean,
             xyz_std=cache.stats.xyz_latent_std,
         )

@@ -49,21 +49,26 @@ class LossWeights:
     rgb: float = 1.0
     xyz: float = 1.0
     rgb_first_frame: bool = True  # include the first RGB latent frame (the known condition)
+    fused: bool = True  # the latent holds RGB | XYZ; False: the RGB video alone
 
 
 def flow_matching_loss(
     pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weights: LossWeights
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted MSE between the predicted velocity and ``noise - x0`` on a fused latent ``(B, 16, T, h, 2w)``.
+    """Weighted MSE between the predicted velocity and ``noise - x0`` on a fused latent ``(B, 16, T, h, 2w)`` (or,
+    without ``weights.fused``, an RGB latent ``(B, 16, T, h, w)``, whose loss is its MSE and whose XYZ part is 0).
 
     Each half is averaged on its own (the RGB half without its first latent frame if ``rgb_first_frame`` is False);
     the loss is ``(w_rgb * mse_rgb + w_xyz * mse_xyz) / (w_rgb + w_xyz)``, which with equal weights and the whole
     latent is the plain MSE. Returns the loss () and the unweighted per-half MSEs ``{"rgb", "xyz"}`` (detached, ()).
     """
-    error = (pred.float() - (noise.float() - x0.float())).square()  # (B, 16, T, h, 2w)
-    rgb, xyz = split_width(error)  # (B, 16, T, h, w) each
+    error = (pred.float() - (noise.float() - x0.float())).square()  # (B, 16, T, h, w')
+    rgb, xyz = split_width(error) if weights.fused else (error, None)  # (B, 16, T, h, w) each
     if not weights.rgb_first_frame:
         rgb = rgb[:, :, 1:]
+    if xyz is None:
+        mse_rgb = rgb.mean()
+        return mse_rgb, {"rgb": mse_rgb.detach(), "xyz": torch.zeros_like(mse_rgb)}
     mse_rgb, mse_xyz = rgb.mean(), xyz.mean()
     loss = (weights.rgb * mse_rgb + weights.xyz * mse_xyz) / (weights.rgb + weights.xyz)
     return loss, {"rgb": mse_rgb.detach(), "xyz": mse_xyz.detach()}
@@ -73,11 +78,11 @@ def flow_matching_loss(
 class Batch:
     """One micro-batch as the loss needs it (``B`` samples of a fused ``T x h x 2w`` latent)."""
 
-    x0: torch.Tensor  # (B, 16, T, h, 2w)
-    condition: torch.Tensor  # (B, 20, T, h, 2w): soft mask + condition latent
+    x0: torch.Tensor  # (B, 16, T, h, w'): w' = 2w fused, w for RGB alone
+    condition: torch.Tensor  # (B, 20, T, h, w'): condition mask + condition latent
     prompt_embeds: torch.Tensor  # (B, L, text_dim)
     image_embeds: torch.Tensor  # (B, 257, image_dim)
-    noise: torch.Tensor  # (B, 16, T, h, 2w)
+    noise: torch.Tensor  # (B, 16, T, h, w')
     sigmas: torch.Tensor  # (B,) in (0, 1)
 
     def to(self, device: torch.device) -> Batch:

@@ -219,7 +219,7 @@ def _auto(cfg: TrainConfig, zero_stage: int, machine: Machine) -> tuple[str, str
     scale = cfg.tokens_per_sample * cfg.train_batch_size * cfg.dtype_bytes / (REFERENCE_TOKENS * REFERENCE_DTYPE_BYTES)
     need_attention, need_ffn = ATTENTION_HOST_BYTES * scale, ATTENTION_FFN_HOST_BYTES * scale
     per_process = machine.free_host_bytes / machine.processes
-    ffn_lora = bool(cfg.ffn_lora_targets)
+    ffn_lora = cfg.trains_feed_forward
     if per_process >= need_ffn and not ffn_lora:
         setting = "attention+ffn"
     elif per_process >= need_attention:
@@ -231,7 +231,7 @@ def _auto(cfg: TrainConfig, zero_stage: int, machine: Machine) -> tuple[str, str
         f"{machine.processes}); attention+ffn needs {need_ffn / 1e9:.1f} GB, attention {need_attention / 1e9:.1f} GB "
         f"at {cfg.tokens_per_sample * cfg.train_batch_size:,} tokens per micro-batch"
     )
-    return setting, reason + (" (LoRA on the feed-forward: it is recomputed)" if ffn_lora else "")
+    return setting, reason + (" (the feed-forward is trained: it is recomputed)" if ffn_lora else "")
 
 
 def choose_activation_memory(cfg: TrainConfig, zero_stage: int, machine: Machine | None = None) -> str:
