@@ -186,13 +186,22 @@ def save_model(
     path: str | Path, preset: str = "tiny", seed: int = SEED, trained: dict[str, Path] | None = None
 ) -> Path:
     """Write a preset's model to ``path`` (a diffusers folder); ``trained`` maps component names (``vae``,
-    ``transformer``) to trained folders copied in place of the random ones. Marked random unless both are trained."""
+    ``transformer``) to trained folders put in place of the random ones, their weights stored in float16 (half the
+    bytes; pipelines load them at their own dtype). Marked random unless both are trained."""
+    from safetensors.torch import load_file
+
+    from fourdnex.files import write_safetensors
+
     path = Path(path)
     trained = trained or {}
     build_pipeline(preset, seed).save_pretrained(path)
     for name, folder in trained.items():
+        weights = "diffusion_pytorch_model.safetensors"
         shutil.rmtree(path / name)
-        shutil.copytree(folder, path / name)
+        (path / name).mkdir()
+        shutil.copy(Path(folder) / "config.json", path / name / "config.json")
+        state = load_file(Path(folder) / weights)
+        write_safetensors(path / name / weights, {key: value.half() for key, value in state.items()})
     index_file = path / "model_index.json"
     index = json.loads(index_file.read_text())
     if not {"vae", "transformer"} <= set(trained):

@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: lo
     from fourdnex.model.adapters import AdapterMeta
 
 logger = logging.getLogger("fourdnex.train.loop")
+#: Threads reading the samples of a batch (files and video frames) at once.
+READ_THREADS = 8
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,16 +88,17 @@ def make_batch(
     Each sample's given frames come from :func:`draw_given` with ``cfg.condition_tasks``; conditions the cache does
     not hold are encoded by ``encoder``, all of the batch's in one call.
     """
-    samples: list[Sample] = []
-    noises, sigmas = [], []
     tasks = CONDITION_TASKS[cfg.condition_tasks]
-    for position in positions:
+
+    def read(position: int) -> tuple[torch.Tensor, Sample, torch.Tensor]:
         generator = sample_generator(cfg.seed, position)
-        sigmas.append(sample_sigmas(1, cfg.timestep_sampling, generator, cfg.shift))
+        sigma = sample_sigmas(1, cfg.timestep_sampling, generator, cfg.shift)
         index = clip_index(cfg.seed, position, len(cache))
         sample = cache.sample(index, draw_given(tasks, cfg.num_frames, generator) if len(tasks) > 1 else None)
-        noises.append(torch.randn(sample.x0.shape, generator=generator))
-        samples.append(sample)
+        return sigma, sample, torch.randn(sample.x0.shape, generator=generator)
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(positions))) as pool:  # file reads and decoding release the GIL
+        sigmas, samples, noises = zip(*pool.map(read, positions), strict=True)
     pending = [s for s in samples if s.cond is None]
     if pending:
         if encoder is None:

@@ -15,7 +15,7 @@ reconstruction PSNR of each modality (peak-to-peak 2, the range of both).
     python -m fourdnex.train.vae --data_dir synthetic/data --model_path demo-model --out runs/vae \\
         --eval_data_dir heldout/data --num_frames 25 --height 96 --width 144 --max_steps 3000
 
-Writes ``OUT/vae`` (a diffusers folder, fp16 weights), ``OUT/metrics.json`` and, every ``--checkpointing_steps``,
+Writes ``OUT/vae`` (a diffusers folder), ``OUT/metrics.json`` and, every ``--checkpointing_steps``,
 ``OUT/checkpoint/`` (weights as safetensors, optimizer state read back with ``weights_only=True``), from which a
 re-run resumes.
 """
@@ -240,19 +240,9 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
         held_out = load_clips(cfg.eval_data_dir, cfg.num_frames, cfg.height, cfg.width, cfg.eval_limit, cfg.workers)
         metrics["held_out_psnr"] = reconstruction_psnr(vae, held_out, device)
         metrics["held_out_clips"] = len(held_out)
-    save_half(vae, out / "vae")
+    vae.save_pretrained(out / "vae")
     write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def save_half(model, folder: Path) -> None:
-    """``save_pretrained`` with the weights stored in float16: half the bytes; pipelines load them at their own
-    dtype (``from_pretrained(dtype=...)``)."""
-    from safetensors.torch import load_file
-
-    model.save_pretrained(folder)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    write_safetensors(weights, {name: value.half() for name, value in load_file(weights).items()})
 
 
 def main(args: argparse.Namespace) -> None:
