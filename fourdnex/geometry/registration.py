@@ -62,9 +62,10 @@ def check_pointmap(xyz: torch.Tensor | np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def _single_thread(device: torch.device) -> Iterator[None]:
-    """One CPU thread inside: the fit's tensors are small (frames x samples), and torch's intra-op threads cost
-    more than they save there (5x the CPU time on a busy 2-core machine, measured); restored on exit."""
+def single_thread(device: torch.device) -> Iterator[None]:
+    """One CPU thread inside (on a CPU device): for work on small tensors (the fit's are frames x samples), where
+    torch's intra-op threads cost more than they save (5x the CPU time on a busy 2-core machine, measured);
+    restored on exit."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -272,7 +273,7 @@ def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk:
     """Cameras, depth, registered points and residuals of a pointmap video ``xyz (F, H, W, 3)`` (any float dtype,
     any device; outputs are float32 on the same device)."""
     check_pointmap(xyz)
-    with _single_thread(xyz.device):
+    with single_thread(xyz.device):
         K64, world2cam64, info = fit_cameras(xyz, config)
     K, world2cam, cam2world = K64.float(), world2cam64.float(), invert_rigid(world2cam64).float()
     frames, height, width, _ = xyz.shape

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,31 @@ def load_result(path: str | Path) -> Result:
         result.meta = json.loads(meta_path.read_text())
     result.validate()
     return result
+
+
+def result_shape(path: str | Path) -> tuple[int, int, int]:
+    """``(F, H, W)`` of a result file, read from the ``.npz``'s array headers without loading the arrays (a reference
+    ``.pkl`` is loaded); raises ResultError if the file is unreadable, lacks ``rgb`` or ``xyz``, or their shapes
+    differ."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return tuple(load_result(path).xyz.shape[:3])
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in ("rgb", "xyz"):
+                if f"{name}.npy" not in archive.namelist():
+                    raise ResultError(f"{path}: missing arrays ['{name}']")
+                with archive.open(f"{name}.npy") as f:
+                    header = np.lib.format.read_array_header_1_0, np.lib.format.read_array_header_2_0
+                    shapes[name] = header[np.lib.format.read_magic(f) != (1, 0)](f)[0]
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        if isinstance(err, ResultError):
+            raise
+        raise ResultError(f"{path}: not a readable result file ({err})") from err
+    if len(shapes["xyz"]) != 4 or shapes["xyz"][-1] != 3 or shapes["rgb"] != shapes["xyz"]:
+        raise ResultError(f"{path}: rgb and xyz must both be (F, H, W, 3), got {shapes['rgb']} and {shapes['xyz']}")
+    return shapes["xyz"][:3]
 
 
 def find_results(path: str | Path) -> list[Path]:
