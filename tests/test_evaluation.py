@@ -387,6 +387,8 @@ def test_without_ground_truth_and_an_unscorable_sample(synthetic, tmp_path):
         xyz = data["xyz"].copy()
         xyz[2] = 0.5  # frame 2 collapsed to one point: no camera fits it
         save_result(results, 1, data["rgb"], xyz, {})
+        xyz[2, 0, 0, 0] = np.nan  # a generated NaN
+        np.savez(results / "00002.npz", rgb=data["rgb"], xyz=xyz)
     proc = run("--results", results, "--out", tmp_path / "report")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report/metrics.json").read_text())
@@ -394,6 +396,7 @@ def test_without_ground_truth_and_an_unscorable_sample(synthetic, tmp_path):
     status = {s["result"]: s["status"] for s in report["samples"]}
     assert status["00000"] == "scored"
     assert status["00001"].startswith("not scored: registration failed: frames [2]")
+    assert status["00002"].endswith("00002.npz: xyz holds NaN or infinite values")
     assert report["summary"]["model"]["residual.p90"] < 1e-4
     assert "| 00001 | — | not scored: registration failed" in (tmp_path / "report/summary.md").read_text()
 
@@ -431,3 +434,15 @@ def test_bad_input_stops_with_one_line(synthetic, tmp_path):
         assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("evaluate.py: "), proc.stderr
         assert message in lines[0]
         assert not (tmp_path / "report/metrics.json").exists()
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_one_frame_video_has_no_pairs():
+    K = np.array([[[10.0, 0, 16], [0, 10, 12], [0, 0, 1]]])
+    rgb = np.zeros((1, 24, 32, 3), np.uint8)
+    depth = np.ones((1, 24, 32), np.float32)
+    truth = Truth("toy", rgb, depth, K, np.eye(4)[None])
+    values = score(Prediction(rgb, K, np.eye(4)[None], depth, np.zeros((1, 24, 32))), Reference(truth)).values
+    assert values["depth.median.absrel"] == 0 and values["camera.ate"] == 0
+    assert all(math.isnan(values[k]) for k in ("camera.rpe_trans", "camera.rpe_rot", "rgb.psnr", "path.jerk"))
+    assert "stability.static" not in values

@@ -26,7 +26,7 @@ from fourdnex.geometry.cameras import camera_rays, invert_rigid, rotation_angle_
 
 #: Pixels per frame of the evaluation grid (dense metrics) and of the sparse grid (point clouds and reprojection),
 #: about: means and shares over a clip's grid pixels are far more precise than the differences between models.
-GRID_PIXELS, POINT_PIXELS = 32768, 4096
+GRID_PIXELS, POINT_PIXELS = 32768, 2048
 #: The two depth alignments, each fitted over a clip's defined pixels (or over frame 0's for the frame-0 metrics).
 ALIGNMENTS = {
     "median": "one scale per clip: s = median(true) / median(predicted)",

@@ -41,7 +41,7 @@ def _figure(rows: int, cols: int, width: float, height: float):
     """A figure of ``rows x cols`` panels of ``width x height`` inches (matplotlib's object API: no pyplot state)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width * cols, height * rows))
+    figure = Figure(figsize=(width * cols, height * rows), layout="constrained")
     return figure, figure.subplots(rows, cols, squeeze=False)
 
 
@@ -69,6 +69,7 @@ def camera_paths(evaluation: Evaluation, path: Path) -> None:
         ate = model.values.get("camera.ate")
         ax.set_title(sample.name + (f"  ATE {ate:.3g}" if ate is not None else ""), fontsize=9)
         ax.set_aspect("equal", adjustable="datalim")
+        ax.locator_params(nbins=4)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("x", fontsize=8)
         ax.set_ylabel("z (forward)", fontsize=8)
@@ -91,8 +92,9 @@ def per_frame(evaluation: Evaluation, path: Path) -> None:
         ax.set_title(f"{label} ({better} is better)", fontsize=9)
         ax.set_xlabel("frame" if not metric.startswith(("stability", "camera.rpe")) else "frame pair", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)
-    figure.suptitle("Per frame, mean over samples")
+    lines = {line.get_label(): line for ax in axes for line in ax.get_lines()}  # floors that draw the same line
+    figure.legend(lines.values(), lines.keys(), loc="outside lower center", ncols=len(lines), fontsize=8)
+    figure.suptitle("Per frame, mean over samples (floors with equal values draw over each other)")
     _save(figure, path)
 
 
@@ -116,7 +118,7 @@ def worst_samples(evaluation: Evaluation, path: Path) -> None:
             row[2].imshow(pred, cmap="turbo", vmin=low, vmax=high)
             row[2].set_title("model depth (median-aligned)", fontsize=9)
             error = np.where(true > 0, np.abs(pred - true) / np.where(true > 0, true, 1), np.nan)
-            shown = row[3].imshow(error, cmap="magma", vmin=0, vmax=0.5)
+            shown = row[3].imshow(error, cmap="magma", vmin=0, vmax=0.25)
             row[3].set_title(f"|d - g| / g (AbsRel {worst['value']:.3g})", fontsize=9)
         else:
             shown = row[1].imshow(worst["residual"], cmap="magma", vmin=0, vmax=max(1e-6, float(worst["value"])) * 2)

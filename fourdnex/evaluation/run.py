@@ -30,9 +30,11 @@ from fourdnex.evaluation.scoring import Prediction, Reference, Score, register_f
 from fourdnex.evaluation.truth import EvaluationError, Truth, clip_of, clip_sources, load_truth, read_mapping
 from fourdnex.geometry.registration import RegistrationError, register_result, single_thread
 from fourdnex.geometry.results import (
+    ResultError,
     find_results,
     load_registration,
     load_result,
+    load_rgb,
     registration_path,
     result_shape,
     save_registration,
@@ -88,31 +90,36 @@ def check_inputs(results: Path, gt: Path | None, mapping: Path | None) -> list[S
     names = read_mapping(mapping) if mapping is not None else {}
     for sample in samples:
         meta_path = sample.path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        except ValueError as err:
+            raise EvaluationError(f"{meta_path}: not a JSON file ({err})") from err
         sample.clip_id = clip_of(sample.path, meta, names, mapping, clips)
     return samples
 
 
-def _registration(sample: Sample, xyz: np.ndarray, config: RegistrationConfig) -> dict[str, np.ndarray]:
-    """The result's registration: read, or computed on the CPU and saved beside it."""
+def _registration(sample: Sample, config: RegistrationConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The result's RGB video and its registration: read (the registration without its points, which scoring does
+    not need), or registered on the CPU and saved beside the result."""
     path = registration_path(sample.path)
-    if path.is_file():
-        reg = load_registration(path)
-        if reg["depth"].shape != (sample.frames, *sample.size) or not np.array_equal(
-            reg["frame_index"], np.arange(sample.frames)
-        ):
-            raise EvaluationError(
-                f"{path}: registers frames {reg['frame_index'].tolist()} at {list(reg['depth'].shape[1:])}, not all "
-                f"{sample.frames} frames of {sample.path.name} at {list(sample.size)}: delete it or run "
-                "pm_registration.py without frame selection"
-            )
-        sample.registration = "read"
-        return reg
-    reg, info = register_result(xyz, np.arange(sample.frames), config, torch.device("cpu"))
-    frames = {"start": 0, "end": None, "gap": 1, "count": sample.frames}
-    save_registration(path, reg, {"source": str(sample.path), "frames": frames, **info})
-    sample.registration = "computed"
-    return reg
+    if not path.is_file():
+        result = load_result(sample.path)
+        reg, info = register_result(result.xyz, np.arange(sample.frames), config, torch.device("cpu"))
+        frames = {"start": 0, "end": None, "gap": 1, "count": sample.frames}
+        save_registration(path, reg, {"source": str(sample.path), "frames": frames, **info})
+        sample.registration = "computed"
+        return result.rgb, reg
+    reg = load_registration(path, ("K", "cam2world", "depth", "residual", "frame_index"))
+    if reg["depth"].shape != (sample.frames, *sample.size) or not np.array_equal(
+        reg["frame_index"], np.arange(sample.frames)
+    ):
+        raise EvaluationError(
+            f"{path}: registers frames {reg['frame_index'].tolist()} at {list(reg['depth'].shape[1:])}, not all "
+            f"{sample.frames} frames of {sample.path.name} at {list(sample.size)}: delete it or run "
+            "pm_registration.py without frame selection"
+        )
+    sample.registration = "read"
+    return load_rgb(sample.path), reg
 
 
 def evaluate(
@@ -158,35 +165,31 @@ def _score_sample(
 ) -> None:
     """Register (or read the registration of) one result and score it and its floors into ``sample``."""
     start = time.perf_counter()
-    result = load_result(sample.path)
-    sample.seconds["load"] = time.perf_counter() - start
-    start = time.perf_counter()
     try:
-        reg = _registration(sample, result.xyz, config)
-    except (RegistrationError, torch.linalg.LinAlgError) as err:
-        sample.status = f"not scored: registration failed: {str(err).splitlines()[0]}"
+        rgb, reg = _registration(sample, config)
+    except (ResultError, RegistrationError, torch.linalg.LinAlgError) as err:  # the file's shape was checked
+        stage = "registration failed: " if not isinstance(err, ResultError) else ""
+        sample.status = f"not scored: {stage}{str(err).splitlines()[0]}"
         return
     sample.seconds["registration"] = time.perf_counter() - start
     if not all(np.isfinite(reg[k]).all() for k in ("K", "cam2world", "depth")):
         sample.status = "not scored: the registration holds NaN or infinite cameras or depths"
         return
     start = time.perf_counter()
-    frames = sample.frames
-    image = (truth.rgb if truth is not None else result.rgb)[:1]  # the input image, held by every floor
-    predictions = {"model": Prediction.from_registration(result.rgb, reg)}
-    predictions |= {name: dataclasses.replace(p, rgb=image).held(frames) for name, p in held.items()}
-    if truth is not None:
-        predictions["first_frame"] = dataclasses.replace(register_frame(first_frame_xyz(truth), config), rgb=image)
-        predictions["first_frame"] = predictions["first_frame"].held(frames)
-        K = camera_matrix(mean.focal(sample.size), *sample.size)
-        predictions["static_camera"] = Prediction(None, K[None], np.eye(4)[None]).held(frames)
-    floors_start = start
     with single_thread(torch.device("cpu")):  # the metrics' torch calls are on small arrays
         reference = Reference(truth) if truth is not None else None
-        memo: dict = {}
-        for name, prediction in predictions.items():
+        memo: dict = {}  # what the floors' shared RGB video gives, computed once
+        sample.scores["model"] = score(Prediction.from_registration(rgb, reg), reference, memo)
+    sample.seconds["score"] = time.perf_counter() - start
+    start = time.perf_counter()
+    image = (truth.rgb if truth is not None else rgb)[:1]  # the input image, held by every floor
+    floors = {name: dataclasses.replace(p, rgb=image).held(sample.frames) for name, p in held.items()}
+    if truth is not None:
+        first = dataclasses.replace(register_frame(first_frame_xyz(truth), config), rgb=image)
+        K = camera_matrix(mean.focal(sample.size), *sample.size)
+        floors["first_frame"] = first.held(sample.frames)
+        floors["static_camera"] = Prediction(None, K[None], np.eye(4)[None]).held(sample.frames)
+    with single_thread(torch.device("cpu")):
+        for name, prediction in floors.items():
             sample.scores[name] = score(prediction, reference, memo)
-            if name == "model":
-                sample.seconds["score"] = time.perf_counter() - start
-                floors_start = time.perf_counter()
-    sample.seconds["floors"] = time.perf_counter() - floors_start
+    sample.seconds["floors"] = time.perf_counter() - start

@@ -238,6 +238,11 @@ def _nanmean(x: np.ndarray) -> float:
     return float(x.mean()) if len(x) else float("nan")
 
 
+def _rms(x: np.ndarray) -> float:
+    """Root mean square (NaN if empty)."""
+    return float(np.sqrt(np.mean(x**2))) if len(x) else float("nan")
+
+
 def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, score: Score) -> None:
     """Depth and point metrics against the truth into ``score``."""
     frames = len(points)
@@ -286,9 +291,9 @@ def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> 
         return result
     cams = m.camera_errors(pred.cam2world, ref.truth.cam2world)
     result.path = cams["centres"]
-    result.values["camera.ate"] = float(np.sqrt(np.mean(cams["ate"] ** 2)) / ref.unit)
-    result.values["camera.rpe_trans"] = float(np.sqrt(np.mean(cams["rpe_trans"] ** 2)) / ref.unit)
-    result.values["camera.rpe_rot"] = float(np.mean(cams["rpe_rot"]))
+    result.values["camera.ate"] = _rms(cams["ate"]) / ref.unit
+    result.values["camera.rpe_trans"] = _rms(cams["rpe_trans"]) / ref.unit  # no pairs in a one-frame video: NaN
+    result.values["camera.rpe_rot"] = _nanmean(cams["rpe_rot"])
     focal = m.focal_error(pred.K, ref.truth.K)
     result.values["camera.focal"] = float(focal.mean())
     result.frames |= {
