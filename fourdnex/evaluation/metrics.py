@@ -2,8 +2,8 @@
 
 Conventions (those of :mod:`fourdnex.geometry.cameras`): pinhole cameras with OpenCV axes; ``K (F, 3, 3)`` in pixels,
 pixel ``(row i, column j)`` centred at ``(j + 0.5, i + 0.5)``; ``cam2world (F, 4, 4)`` camera-to-world; ``depth
-(F, H, W)`` is camera-frame z, and a true depth is defined where ``valid`` says so (positive and finite); ``rgb
-(F, H, W, 3)`` uint8. A value that cannot be computed (a frame without a defined pixel) is NaN.
+(F, H, W)`` is camera-frame z (depth metrics take the pixels where the truth has one, flattened frame by frame);
+``rgb (F, H, W, 3)`` uint8. A value that cannot be computed (a frame without such a pixel) is NaN.
 
 Pixels: dense metrics (depth, residual, edges) read an evaluation grid of about :data:`GRID_PIXELS` pixels per
 frame, every ``s``-th row and column starting at ``s // 2`` (:func:`grid_stride`; 1.9 M of the 17 M pixels of a 49 x
