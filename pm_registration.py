@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from fourdnex import __version__
 from fourdnex.cli import resolve_device, run
 from fourdnex.config import RegistrationConfig
 from fourdnex.errors import UsageError
 from fourdnex.geometry.exports import DEPTH_FORMATS, EXPORTS, export_all
-from fourdnex.geometry.registration import RegistrationError, check_pointmap, register
+from fourdnex.geometry.registration import RegistrationError, check_pointmap, register_result
 from fourdnex.geometry.results import find_results, load_result, registration_path, save_registration
 
 
@@ -67,35 +63,9 @@ def main(args: argparse.Namespace) -> None:
         index = _frames(len(result.xyz), args.start_frame, args.end_frame, args.frame_gap, path)
         out_dir = Path(args.out_dir or path.parent)
         out_dir.mkdir(parents=True, exist_ok=True)
-        xyz = torch.from_numpy(result.xyz[index]).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        reg = register(xyz, config)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        arrays = {
-            "K": reg.K,
-            "cam2world": reg.cam2world,
-            "depth": reg.depth,
-            "points": reg.points,
-            "residual": reg.residual,
-        }
-        arrays = {k: v.cpu().numpy() for k, v in arrays.items()} | {"frame_index": index}
-        meta = {
-            "source": str(path),
-            "frames": {"start": args.start_frame, "end": args.end_frame, "gap": args.frame_gap, "count": len(index)},
-            "size": list(result.xyz.shape[1:3]),
-            "config": asdict(config),
-            "device": str(device),
-            "seconds": round(seconds, 4),
-            "mean_residual": float(reg.residual.mean()),
-            "lm_steps": reg.info["lm_steps"],
-            "planar_frames": [int(index[f]) for f in reg.info["planar_frames"]],
-            "axes": "opencv, camera-to-world, in the pointmap's frame and units",
-            "version": __version__,
-        }
+        arrays, info = register_result(result.xyz, index, config, device)
+        frames = {"start": args.start_frame, "end": args.end_frame, "gap": args.frame_gap, "count": len(index)}
+        meta = {"source": str(path), "frames": frames, **info}
         save_registration(registration_path(path, out_dir), arrays, meta)
         if args.export:
             export_all(

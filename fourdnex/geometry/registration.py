@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from fourdnex import __version__
 from fourdnex.config import RegistrationConfig
 from fourdnex.errors import FourDNeXError
 from fourdnex.geometry.cameras import (
@@ -298,3 +300,35 @@ def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk:
     planar = torch.zeros(frames, dtype=torch.bool, device=xyz.device)
     planar[info["planar_frames"]] = True
     return Registration(K, cam2world, depth, points, residual, planar, info)
+
+
+def register_result(
+    xyz: np.ndarray, frame_index: np.ndarray, config: RegistrationConfig, device: torch.device
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Register frames ``frame_index (N,)`` of a result's pointmap ``xyz (F, H, W, 3)`` on ``device``: returns the
+    arrays of a registration file (``fourdnex.geometry.results.REGISTRATION_ARRAYS``, numpy) and its diagnostics for
+    the file's ``.json`` (size, settings, device, seconds, mean residual, LM steps, planar frames in the result's
+    numbering, axes, version)."""
+    points = torch.from_numpy(np.ascontiguousarray(xyz[frame_index])).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    reg = register(points, config)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    fitted = {"K": reg.K, "cam2world": reg.cam2world, "depth": reg.depth, "points": reg.points}
+    fitted["residual"] = reg.residual
+    arrays = {k: v.cpu().numpy() for k, v in fitted.items()} | {"frame_index": np.asarray(frame_index)}
+    info = {
+        "size": list(xyz.shape[1:3]),
+        "config": asdict(config),
+        "device": str(device),
+        "seconds": round(seconds, 4),
+        "mean_residual": float(reg.residual.mean()),
+        "lm_steps": reg.info["lm_steps"],
+        "planar_frames": [int(frame_index[f]) for f in reg.info["planar_frames"]],
+        "axes": "opencv, camera-to-world, in the pointmap's frame and units",
+        "version": __version__,
+    }
+    return arrays, info

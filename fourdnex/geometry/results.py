@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +107,43 @@ def load_result(path: str | Path) -> Result:
     return result
 
 
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Only the RGB video ``(F, H, W, 3)`` uint8 of a result (a reference ``.pkl`` is loaded whole)."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return load_result(path).rgb
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["rgb"]
+    except (OSError, ValueError, EOFError, KeyError) as err:
+        raise ResultError(f"{path}: no readable rgb array ({err})") from err
+
+
+def result_shape(path: str | Path) -> tuple[int, int, int]:
+    """``(F, H, W)`` of a result file, read from the ``.npz``'s array headers without loading the arrays (a reference
+    ``.pkl`` is loaded); raises ResultError if the file is unreadable, lacks ``rgb`` or ``xyz``, or their shapes
+    differ."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return tuple(load_result(path).xyz.shape[:3])
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in ("rgb", "xyz"):
+                if f"{name}.npy" not in archive.namelist():
+                    raise ResultError(f"{path}: missing arrays ['{name}']")
+                with archive.open(f"{name}.npy") as f:
+                    header = np.lib.format.read_array_header_1_0, np.lib.format.read_array_header_2_0
+                    shapes[name] = header[np.lib.format.read_magic(f) != (1, 0)](f)[0]
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        if isinstance(err, ResultError):
+            raise
+        raise ResultError(f"{path}: not a readable result file ({err})") from err
+    if len(shapes["xyz"]) != 4 or shapes["xyz"][-1] != 3 or shapes["rgb"] != shapes["xyz"]:
+        raise ResultError(f"{path}: rgb and xyz must both be (F, H, W, 3), got {shapes['rgb']} and {shapes['xyz']}")
+    return shapes["xyz"][:3]
+
+
 def find_results(path: str | Path) -> list[Path]:
     """The result files a path names: the file itself, or every ``NNNNN.npz`` / ``NNNNN.pkl`` in a folder, sorted
     (an ``.npz`` wins over a ``.pkl`` of the same number). Registration outputs are refused."""
@@ -148,15 +187,17 @@ def save_registration(path: str | Path, arrays: dict[str, np.ndarray], meta: dic
     write_json(path.with_suffix(".json"), meta)
 
 
-def load_registration(path: str | Path) -> dict[str, np.ndarray]:
-    """Read and check a registration output; raises ResultError naming what is wrong."""
+def load_registration(path: str | Path, names: Iterable[str] = REGISTRATION_ARRAYS) -> dict[str, np.ndarray]:
+    """Read and check a registration output (the arrays ``names``, with ``depth`` always: the others' shapes are
+    checked against it); raises ResultError naming what is wrong."""
     path = Path(path)
+    wanted = {"depth", *names}
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in REGISTRATION_ARRAYS if name in data.files}
+            arrays = {name: data[name] for name in REGISTRATION_ARRAYS if name in wanted and name in data.files}
     except (OSError, ValueError, EOFError) as err:
         raise ResultError(f"{path}: not a readable registration file ({err})") from err
-    missing = set(REGISTRATION_ARRAYS) - set(arrays)
+    missing = wanted - set(arrays)
     if missing:
         raise ResultError(f"{path}: missing arrays {sorted(missing)}")
     frames, height, width = arrays["depth"].shape if arrays["depth"].ndim == 3 else (-1, -1, -1)
@@ -168,7 +209,7 @@ def load_registration(path: str | Path) -> dict[str, np.ndarray]:
         "residual": (frames, height, width),
         "frame_index": (frames,),
     }
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
+    for name in arrays:
+        if arrays[name].shape != expected[name]:
             raise ResultError(f"{path}: {name} must be {REGISTRATION_ARRAYS[name]}, got {arrays[name].shape}")
     return arrays

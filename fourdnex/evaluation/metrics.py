@@ -1,0 +1,346 @@
+"""Evaluation metrics: pure functions of numpy arrays, batched over frames.
+
+Conventions (those of :mod:`fourdnex.geometry.cameras`): pinhole cameras with OpenCV axes; ``K (F, 3, 3)`` in pixels,
+pixel ``(row i, column j)`` centred at ``(j + 0.5, i + 0.5)``; ``cam2world (F, 4, 4)`` camera-to-world; ``depth
+(F, H, W)`` is camera-frame z (depth metrics take the pixels where the truth has one, flattened frame by frame);
+``rgb (F, H, W, 3)`` uint8. A value that cannot be computed (a frame without such a pixel) is NaN.
+
+Pixels: dense metrics (depth, residual, edges) read an evaluation grid of about :data:`GRID_PIXELS` pixels per
+frame, every ``s``-th row and column starting at ``s // 2`` (:func:`grid_stride`; 1.9 M of the 17 M pixels of a 49 x
+480 x 720 clip); point clouds, nearest neighbours and reprojections read a sparser grid of about
+:data:`POINT_PIXELS` pixels per frame (:func:`point_stride`). Both grids are the whole image at small sizes.
+
+Units: distances against ground truth are divided by the clip's unit (its median true depth), so clips of any scale
+compare; distances without ground truth are shares of the scene extent (the largest side of the bounding box of the
+registered points).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.ndimage import binary_dilation, gaussian_filter1d
+from scipy.spatial import cKDTree
+
+from fourdnex.geometry.cameras import camera_rays, invert_rigid, rotation_angle_deg, transform_points, umeyama
+
+#: Pixels per frame of the evaluation grid (dense metrics) and of the sparse grid (point clouds and reprojection),
+#: about: means and shares over a clip's grid pixels are far more precise than the differences between models.
+GRID_PIXELS, POINT_PIXELS = 32768, 2048
+#: The two depth alignments, each fitted over a clip's defined pixels (or over frame 0's for the frame-0 metrics).
+ALIGNMENTS = {
+    "median": "one scale per clip: s = median(true) / median(predicted)",
+    "lstsq": "scale and shift per clip: (s, t) minimizing sum (s * predicted + t - true)^2 (least squares)",
+}
+#: Ratios of aligned to true depth below this count as this much in delta and RMSE(log) (depths behind the camera).
+DEPTH_FLOOR = 1e-3
+#: delta < 1.25: the share of pixels whose aligned depth is within this factor of the truth.
+DELTA = 1.25
+#: SSIM as in Wang et al. (2004) and their reference code: luma, an 11 x 11 Gaussian window of std 1.5 (valid part
+#: only), K1 = 0.01, K2 = 0.03, after f x f block means with f = max(1, round(min(H, W) / 256)).
+SSIM_SIGMA, SSIM_RADIUS, SSIM_K1, SSIM_K2, SSIM_SIDE = 1.5, 5, 0.01, 0.03, 256
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
+#: Edges: depth edges are a frame's strongest EDGE_DEPTH_SHARE of grid pixels by |grad log depth|, image edges its
+#: strongest EDGE_IMAGE_SHARE by |grad luma|, widened by one grid step. Depth edges are sparser than image edges
+#: (texture has edges, flat colour does not), so the shares differ.
+EDGE_DEPTH_SHARE, EDGE_IMAGE_SHARE = 0.05, 0.10
+#: A registered world point that moves less than this share of the scene extent to the next frame counts as static.
+STATIC_MOTION = 0.01
+
+
+def grid_stride(height: int, width: int) -> int:
+    """Stride of the evaluation grid of ``H x W`` frames: about :data:`GRID_PIXELS` pixels per frame."""
+    return max(1, round((height * width / GRID_PIXELS) ** 0.5))
+
+
+def point_stride(height: int, width: int) -> int:
+    """Stride of the sparse grid: about :data:`POINT_PIXELS` pixels per frame."""
+    return max(1, round((height * width / POINT_PIXELS) ** 0.5))
+
+
+def on_grid(x: np.ndarray, stride: int) -> np.ndarray:
+    """The grid pixels of frames ``(F, H, W, ...)`` -> ``(F, h, w, ...)`` (a view)."""
+    return x[:, stride // 2 :: stride, stride // 2 :: stride]
+
+
+def grid_uv(height: int, width: int, stride: int) -> np.ndarray:
+    """Pixel centres ``(h, w, 2)`` as ``(u, v)`` of the grid of stride ``stride``, float64."""
+    v, u = np.meshgrid(
+        np.arange(stride // 2, height, stride) + 0.5, np.arange(stride // 2, width, stride) + 0.5, indexing="ij"
+    )
+    return np.stack([u, v], -1)
+
+
+def grid_points(depth: np.ndarray, uv: np.ndarray, K: np.ndarray, cam2world: np.ndarray) -> np.ndarray:
+    """World points ``(F, h, w, 3)`` of depths ``(F, h, w)`` at pixels ``uv (h, w, 2)``, float64."""
+    rays = camera_rays(torch.from_numpy(uv), torch.from_numpy(np.array(K, np.float64))).numpy()
+    return transform_points(np.asarray(cam2world, np.float64), rays * depth[..., None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Depth
+
+
+def align_depth(pred: np.ndarray, true: np.ndarray, rule: str) -> tuple[float, float]:
+    """Scale and shift ``(s, t)`` of the alignment ``rule`` (a key of :data:`ALIGNMENTS`) mapping predicted depths
+    onto true ones, over corresponding depths ``(N,)`` (the pixels where the truth is defined)."""
+    if rule == "median":
+        return float(np.median(true) / np.median(pred)), 0.0
+    if rule != "lstsq":
+        raise ValueError(f"rule must be one of {list(ALIGNMENTS)}, got {rule!r}")
+    total = pred.sum()
+    normal = np.array([[pred @ pred, total], [total, len(pred)]])
+    (s, t), *_ = np.linalg.lstsq(normal, np.array([pred @ true, true.sum()]), rcond=None)  # least norm: p constant
+    return float(s), float(t)
+
+
+def depth_errors(
+    depth: np.ndarray, true: np.ndarray, frame: np.ndarray, frames: int
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """AbsRel, delta < 1.25 and RMSE(log) of aligned depths against true ones, ``(N,)`` each, the pixel of entry n
+    in frame ``frame[n]`` of ``frames``: per frame ``(F,)`` and pooled over the pixels.
+
+    AbsRel = mean |d - g| / g; delta = share with max(d / g, g / d) < 1.25; RMSE(log) = sqrt(mean (log d - log g)^2),
+    with d / g raised to :data:`DEPTH_FLOOR` in the last two (a depth behind the camera counts as a tiny one).
+    """
+    ratio = depth / true
+    terms = {
+        "absrel": np.abs(ratio - 1),
+        "delta1": ((ratio < DELTA) & (ratio > 1 / DELTA)).astype(np.float64),
+        "rmse_log": np.log(np.maximum(ratio, DEPTH_FLOOR)) ** 2,
+    }
+    counts = np.bincount(frame, minlength=frames)
+    per_frame, clip = {}, {}
+    for name, x in terms.items():
+        sums = np.bincount(frame, weights=x, minlength=frames)
+        per_frame[name] = np.divide(sums, counts, out=np.full(frames, np.nan), where=counts > 0)
+        clip[name] = float(sums.sum() / counts.sum()) if counts.sum() else float("nan")
+    per_frame["rmse_log"], clip["rmse_log"] = np.sqrt(per_frame["rmse_log"]), clip["rmse_log"] ** 0.5
+    return per_frame, clip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Points and cameras
+
+
+def sim3_align(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The similarity ``(s, R (3, 3), t (3,))`` minimizing ``sum |s R src + t - dst|^2`` over points ``(N, 3)``
+    (Umeyama). Points in one place (a still camera) have no best rotation or scale: then ``s = 0``, ``R = I`` and
+    ``t`` = the mean of ``dst``, which is that least-squares optimum."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if np.ptp(src, axis=0).max() == 0:
+        return 0.0, np.eye(3), dst.mean(0)
+    scale, rotation, translation = umeyama(src, dst)
+    return float(scale), rotation, translation
+
+
+def apply_sim3(points: np.ndarray, scale: float, rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    """``s R x + t`` for points ``(..., 3)``."""
+    return scale * points @ rotation.T + translation
+
+
+def point_errors(pred: np.ndarray, true: np.ndarray, valid: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    """Accuracy, completeness and Chamfer distance between point clouds ``pred`` and ``true`` ``(F, N, 3)`` (already
+    in one frame), per frame ``(F,)`` and pooled over the clip, over the points where ``valid (F, N)``.
+
+    Accuracy: mean distance from a predicted point to the nearest true point of the same frame; completeness: from a
+    true point to the nearest predicted one; Chamfer: the mean of the two.
+    """
+    frames = len(pred)
+    sums, counts = np.zeros((2, frames)), np.zeros((2, frames))
+    for f in range(frames):
+        p, g = pred[f][valid[f]], true[f][valid[f]]
+        if len(g):
+            trees = (cKDTree(x, balanced_tree=False, compact_nodes=False) for x in (g, p))  # faster to build
+            sums[0, f], sums[1, f] = next(trees).query(p)[0].sum(), next(trees).query(g)[0].sum()
+            counts[:, f] = len(p), len(g)
+    mean = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
+    pooled = sums.sum(1) / counts.sum(1) if counts.sum() else np.full(2, np.nan)
+    per_frame = {"accuracy": mean[0], "completeness": mean[1], "chamfer": mean.mean(0)}
+    clip = {"accuracy": float(pooled[0]), "completeness": float(pooled[1]), "chamfer": float(pooled.mean())}
+    return per_frame, clip
+
+
+def _rotation_angle_deg(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """Angles in degrees ``(...)`` between rotations ``(..., 3, 3)``."""
+    return rotation_angle_deg(torch.from_numpy(np.array(r1, np.float64)), torch.from_numpy(np.array(r2))).numpy()
+
+
+def camera_errors(pred: np.ndarray, true: np.ndarray) -> dict:
+    """Trajectory errors of predicted cameras against true ones, ``cam2world (F, 4, 4)`` each (in their own frames).
+
+    Returns ``alignment`` (the Sim(3) ``(s, R, t)`` mapping predicted camera centres onto true ones, least squares),
+    ``centres`` (the aligned predicted centres ``(F, 3)``), ``ate`` (``(F,)``: distance of each aligned centre to the
+    true one), and over consecutive pairs ``(F - 1,)``: ``rpe_trans``, the translation error of the relative pose
+    (the predicted one's translation scaled by ``s``), and ``rpe_rot``, its rotation error in degrees.
+    """
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    scale, rotation, translation = sim3_align(pred[:, :3, 3], true[:, :3, 3])
+    centres = apply_sim3(pred[:, :3, 3], scale, rotation, translation)
+    rel_pred = invert_rigid(pred[:-1]) @ pred[1:]  # (F - 1, 4, 4) frame f+1 in camera f
+    rel_true = invert_rigid(true[:-1]) @ true[1:]
+    return {
+        "alignment": (scale, rotation, translation),
+        "centres": centres,
+        "ate": np.linalg.norm(centres - true[:, :3, 3], axis=-1),
+        "rpe_trans": np.linalg.norm(scale * rel_pred[:, :3, 3] - rel_true[:, :3, 3], axis=-1),
+        "rpe_rot": _rotation_angle_deg(rel_true[:, :3, :3], rel_pred[:, :3, :3]),
+    }
+
+
+def focal_error(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Relative focal-length error ``(F,)`` of ``K (F, 3, 3)`` of the same image size: mean of |fx - fx*| / fx* and
+    |fy - fy*| / fy*."""
+    f_pred, f_true = np.diagonal(pred, axis1=1, axis2=2)[:, :2], np.diagonal(true, axis1=1, axis2=2)[:, :2]
+    return (np.abs(f_pred - f_true) / f_true).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RGB
+
+
+def psnr(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """PSNR in dB ``(F,)`` of uint8 videos ``(F, H, W, 3)``: peak 255, MSE over pixels and channels; inf if equal."""
+    mse = np.empty(len(pred))
+    for f in range(len(pred)):
+        diff = pred[f].astype(np.float32).ravel() - true[f].astype(np.float32).ravel()
+        mse[f] = float(np.dot(diff, diff)) / diff.size
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0**2 / mse)
+
+
+def _luma(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Luma ``(F, H // f, W // f)`` float32 of uint8 frames ``(F, H, W, 3)``, as ``f x f`` block means."""
+    _, height, width, _ = rgb.shape
+    h, w = height // factor * factor, width // factor * factor
+    total = np.zeros((len(rgb), h // factor, w // factor, 3), np.float32)
+    for i in range(factor):
+        for j in range(factor):
+            total += rgb[:, i:h:factor, j:w:factor]
+    return total @ (LUMA / factor**2)
+
+
+def ssim(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """SSIM ``(F,)`` of uint8 videos ``(F, H, W, 3)`` (see :data:`SSIM_SIGMA`)."""
+    factor = max(1, round(min(pred.shape[1:3]) / SSIM_SIDE))
+    x, y = _luma(pred, factor), _luma(true, factor)
+    if min(x.shape[1:]) <= 2 * SSIM_RADIUS:
+        raise ValueError(f"SSIM needs frames larger than {2 * SSIM_RADIUS + 1} pixels, got {x.shape[1:]}")
+    r = SSIM_RADIUS
+
+    def blur(z: np.ndarray) -> np.ndarray:
+        z = gaussian_filter1d(z, SSIM_SIGMA, axis=1, truncate=r / SSIM_SIGMA)
+        return gaussian_filter1d(z, SSIM_SIGMA, axis=2, truncate=r / SSIM_SIGMA)[:, r:-r, r:-r]
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
+    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.reshape(len(s), -1).mean(1).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without ground truth
+
+
+def extent(points: np.ndarray) -> float:
+    """The largest side of the axis-aligned bounding box of points ``(..., 3)``."""
+    flat = points.reshape(-1, 3)
+    return float((flat.max(0) - flat.min(0)).max())
+
+
+def _neighbours(x: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The left, right, upper and lower full-resolution neighbours ``(F, h, w, ...)`` of the grid pixels of frames
+    ``(F, H, W, ...)`` (the pixel itself where a neighbour would fall outside)."""
+    _, height, width = x.shape[:3]
+    rows, cols = np.arange(stride // 2, height, stride)[:, None], np.arange(stride // 2, width, stride)[None]
+    return (
+        x[:, rows, np.maximum(cols - 1, 0)],
+        x[:, rows, np.minimum(cols + 1, width - 1)],
+        x[:, np.maximum(rows - 1, 0), cols],
+        x[:, np.minimum(rows + 1, height - 1), cols],
+    )
+
+
+def image_edges(rgb: np.ndarray, stride: int) -> np.ndarray:
+    """Where image edges are, for :func:`edge_agreement`: ``(F, h, w)`` bool on the evaluation grid, the
+    :data:`EDGE_IMAGE_SHARE` of pixels with the largest |grad luma| (central differences of the full-resolution
+    neighbours), widened by one grid step. ``rgb (F, H, W, 3)`` uint8."""
+    left, right, up, down = (d.astype(np.int16) for d in _neighbours(rgb, stride))
+    grad = np.hypot((right - left).astype(np.float32) @ LUMA, (down - up).astype(np.float32) @ LUMA)  # (F, h, w)
+    flat = grad.reshape(len(grad), -1)
+    edges = (flat > np.quantile(flat, 1 - EDGE_IMAGE_SHARE, axis=1, keepdims=True)).reshape(grad.shape)
+    return binary_dilation(edges, structure=np.ones((1, 3, 3), bool))
+
+
+def edge_agreement(depth: np.ndarray, near: np.ndarray, stride: int) -> np.ndarray:
+    """How well depth edges fall on image edges, per frame ``(F,)``: 0 at chance, 1 when every depth edge does.
+
+    Depth edges are the :data:`EDGE_DEPTH_SHARE` of the evaluation grid's pixels with the largest |grad log depth|
+    (scale-free; central differences of the full-resolution neighbours), image edges ``near`` (:func:`image_edges`).
+    With p the share of depth edges on image edges and c the share of pixels that are, the score is
+    (p - c) / (1 - c). NaN for a frame without depth edges or image edges (a constant map). ``depth (F, H, W)``
+    (depths below :data:`DEPTH_FLOOR` times the median magnitude count as that).
+    """
+    frames = len(depth)
+    floor = float(DEPTH_FLOOR * np.median(np.abs(on_grid(depth, stride)))) + float(np.finfo(np.float32).tiny)
+    left, right, up, down = (np.maximum(d, floor) for d in _neighbours(depth, stride))
+    grad = np.hypot(np.log(right / left), np.log(down / up)).reshape(frames, -1)
+    edges = grad > np.quantile(grad, 1 - EDGE_DEPTH_SHARE, axis=1, keepdims=True)
+    near = near.reshape(frames, -1)
+    chance, count = near.mean(1), edges.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = ((near & edges).sum(1) / count - chance) / (1 - chance)
+    return np.where((count > 0) & near.any(1), score, np.nan)
+
+
+def temporal_stability(
+    depth: np.ndarray, K: np.ndarray, cam2world: np.ndarray, scene_extent: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """How still the registered scene stays between consecutive frames, per pair ``(F - 1,)``.
+
+    Each sparse-grid pixel of frame f is lifted to its registered world point, projected into frame f+1 and
+    compared with the world point frame f+1 registers at the pixel it lands on. Returns the share of the pixels
+    that land inside frame f+1 (in front of its camera) whose point moves less than :data:`STATIC_MOTION` of the
+    scene extent (the static share: all of them for a static scene with exact geometry), and their median motion as
+    a share of the extent; NaN for a pair where none lands inside. ``depth (F, H, W)``, ``K (F, 3, 3)``,
+    ``cam2world (F, 4, 4)``.
+    """
+    frames, height, width = depth.shape
+    stride = point_stride(height, width)
+    K, cam2world = np.asarray(K, np.float64), np.asarray(cam2world, np.float64)
+    points = grid_points(
+        on_grid(depth[:-1], stride).astype(np.float64), grid_uv(height, width, stride), K[:-1], cam2world[:-1]
+    ).reshape(frames - 1, -1, 3)  # (F - 1, n, 3) world points of frames 0..F-2
+    seen = transform_points(invert_rigid(cam2world[1:]), points)  # in the next frame's camera
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = (seen @ K[1:].transpose(0, 2, 1))[..., :2] / seen[..., 2:]
+    inside = (seen[..., 2] > 0) & (uv >= 0).all(-1) & (uv[..., 0] < width) & (uv[..., 1] < height)
+    col = np.where(inside, np.floor(np.nan_to_num(uv[..., 0])), 0).astype(np.int64)
+    row = np.where(inside, np.floor(np.nan_to_num(uv[..., 1])), 0).astype(np.int64)
+    landed = np.stack([col + 0.5, row + 0.5, np.ones(col.shape)], -1)  # homogeneous pixel centres landed on
+    rays = landed @ np.linalg.inv(K[1:]).transpose(0, 2, 1)  # K^-1 [u, v, 1]: rays with z = 1
+    again = transform_points(cam2world[1:], rays * depth[np.arange(1, frames)[:, None], row, col][..., None])
+    motion = np.linalg.norm(again - points, axis=-1) / scene_extent  # (F - 1, n)
+    static, median = np.full(frames - 1, np.nan), np.full(frames - 1, np.nan)
+    for f in np.flatnonzero(inside.any(1)):
+        static[f], median[f] = (motion[f][inside[f]] < STATIC_MOTION).mean(), np.median(motion[f][inside[f]])
+    return static, median
+
+
+def path_smoothness(cam2world: np.ndarray) -> tuple[float, float]:
+    """Jerkiness of a camera path ``(F, 4, 4)`` (NaN below 3 frames): ``(jerk, angular_acceleration)``.
+
+    jerk = mean |c[f+1] - 2 c[f] + c[f-1]| / mean |c[f+1] - c[f]| over the camera centres c (dimensionless: 0 at
+    constant velocity; 0 for a still camera); angular acceleration = mean angle, in degrees per frame^2, between
+    consecutive relative rotations R[f]^T R[f+1] and R[f+1]^T R[f+2].
+    """
+    if len(cam2world) < 3:
+        return float("nan"), float("nan")
+    c2w = np.asarray(cam2world, np.float64)
+    centres = c2w[:, :3, 3]
+    step = np.linalg.norm(np.diff(centres, axis=0), axis=-1).mean()
+    second = np.linalg.norm(np.diff(centres, n=2, axis=0), axis=-1).mean()
+    relative = c2w[:-1, :3, :3].transpose(0, 2, 1) @ c2w[1:, :3, :3]
+    turn = _rotation_angle_deg(relative[:-1], relative[1:]).mean()
+    return float(second / step) if step > 0 else 0.0, float(turn)

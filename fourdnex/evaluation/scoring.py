@@ -1,0 +1,323 @@
+"""Scoring one predictor (the model or a floor) on one sample: every metric of :mod:`fourdnex.evaluation.metrics`,
+with and without ground truth, under the names the reports use (:data:`METRICS`).
+
+A predictor is what registration makes of a result (cameras and depth per frame, the residual) plus its RGB video;
+the truth is reduced once per sample (:class:`Reference`) and shared by every predictor scored against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fourdnex.config import RegistrationConfig
+from fourdnex.evaluation import metrics as m
+from fourdnex.evaluation.truth import Truth
+from fourdnex.geometry.registration import register_result
+
+_DEPTH = (
+    ("absrel", "AbsRel", "lower", "mean |d - g| / g"),
+    ("delta1", "δ<1.25", "higher", "share of pixels with max(d / g, g / d) < 1.25"),
+    ("rmse_log", "RMSE(log)", "lower", "sqrt(mean (log d - log g)^2)"),
+)
+_OTHERS = (
+    (
+        "points.accuracy",
+        "points accuracy",
+        "lower",
+        "mean distance from a registered point to the nearest true point "
+        "of its frame, after one Sim(3) (Umeyama) of the clip's registered points onto the true ones; in units",
+    ),
+    (
+        "points.completeness",
+        "points completeness",
+        "lower",
+        "mean distance from a true point to the nearest registered one of its frame (same alignment); in units",
+    ),
+    ("points.chamfer", "points Chamfer", "lower", "(accuracy + completeness) / 2; in units"),
+    ("camera.ate", "ATE", "lower", "RMSE of the camera centres after a Sim(3) (Umeyama) of the centres; in units"),
+    (
+        "camera.rpe_trans",
+        "RPE translation",
+        "lower",
+        "RMSE over consecutive frames of the relative pose's "
+        "translation error (the predicted translation times the ATE scale); in units",
+    ),
+    (
+        "camera.rpe_rot",
+        "RPE rotation (deg)",
+        "lower",
+        "mean over consecutive frames of the relative pose's rotation error, degrees",
+    ),
+    (
+        "camera.focal",
+        "focal error",
+        "lower",
+        "mean over frames of |f - f*| / f* for fx and fy (pixels of the evaluated size)",
+    ),
+    ("rgb.psnr0", "PSNR frame 0 (dB)", "higher", "PSNR of frame 0 against the input image (is the condition kept?)"),
+    ("rgb.ssim0", "SSIM frame 0", "higher", "SSIM of frame 0 against the input image"),
+    ("rgb.psnr", "PSNR (dB)", "higher", "mean PSNR of frames 1..F-1 against the true video"),
+    ("rgb.ssim", "SSIM", "higher", "mean SSIM of frames 1..F-1 against the true video"),
+    (
+        "residual.median",
+        "residual median",
+        "lower",
+        "median registration residual (distance from the registered to the generated point), share of the extent",
+    ),
+    ("residual.p90", "residual p90", "lower", "90th percentile of the registration residual, share of the extent"),
+    (
+        "edges",
+        "edge agreement",
+        "higher",
+        "depth edges on image edges: (p - c) / (1 - c), p the share of depth edges "
+        "(top 5 % of |grad log depth|) on image edges (top 10 % of |grad luma|, widened by one grid step), c that "
+        "share by chance; 0 at chance, 1 when all are; mean over frames",
+    ),
+    (
+        "stability.static",
+        "static share",
+        "higher",
+        "share of pixels whose registered world point, reprojected into "
+        "the next frame, moves less than 1 % of the extent; mean over consecutive frames",
+    ),
+    (
+        "stability.motion",
+        "median motion",
+        "lower",
+        "median motion of those points, share of the extent; mean over consecutive frames",
+    ),
+    (
+        "path.jerk",
+        "path jerk",
+        "lower",
+        "mean |second difference of the camera centres| / mean |first difference| (0 at constant velocity)",
+    ),
+    (
+        "path.turn",
+        "angular acceleration (deg)",
+        "lower",
+        "mean angle between consecutive relative rotations, degrees per frame^2",
+    ),
+)
+#: Every reported number: name -> (label, which way is better, definition). "units" are the clip's median true
+#: depth, "extent" the largest side of the bounding box of the registered points.
+METRICS: dict[str, tuple[str, str, str]] = {
+    **{
+        f"depth.{rule}.{name}": (f"depth {label} ({rule})", better, f"{text} over all frames' pixels, {rule} alignment")
+        for rule in m.ALIGNMENTS
+        for name, label, better, text in _DEPTH
+    },
+    **{
+        f"depth0.{rule}.{name}": (
+            f"frame-0 depth {label} ({rule})",
+            better,
+            f"{text} over frame 0 alone, aligned on its own: what the input image determines",
+        )
+        for rule in m.ALIGNMENTS
+        for name, label, better, text in _DEPTH
+    },
+    **{name: (label, better, text) for name, label, better, text in _OTHERS},
+}
+#: The metrics that need ground truth.
+TRUTH_METRICS = [n for n in METRICS if n.split(".")[0] in ("depth", "depth0", "points", "camera", "rgb")]
+
+
+@dataclass
+class Prediction:
+    """One predictor's output on one sample, as the metrics read it (F frames of H x W)."""
+
+    rgb: np.ndarray | None  # (F, H, W, 3) uint8
+    K: np.ndarray  # (F, 3, 3)
+    cam2world: np.ndarray  # (F, 4, 4) camera-to-world, OpenCV axes, in the pointmap's frame
+    depth: np.ndarray | None = None  # (F, H, W) camera-frame z
+    residual: np.ndarray | None = None  # (F, H, W) distance from the registered to the generated point
+
+    @classmethod
+    def from_registration(cls, rgb: np.ndarray | None, reg: dict[str, np.ndarray]) -> Prediction:
+        """From the arrays of a registration file (``fourdnex.geometry.results.REGISTRATION_ARRAYS``)."""
+        return cls(rgb, reg["K"], reg["cam2world"], reg["depth"], reg["residual"])
+
+    def held(self, num_frames: int) -> Prediction:
+        """A one-frame prediction held for ``num_frames`` frames: images as views, cameras copied (small arrays that
+        torch helpers may write to)."""
+
+        def view(x: np.ndarray | None) -> np.ndarray | None:
+            return None if x is None else np.broadcast_to(x[:1], (num_frames, *x.shape[1:]))
+
+        return Prediction(
+            view(self.rgb),
+            np.repeat(self.K[:1], num_frames, 0),
+            np.repeat(self.cam2world[:1], num_frames, 0),
+            view(self.depth),
+            view(self.residual),
+        )
+
+
+def register_frame(xyz: np.ndarray, config: RegistrationConfig) -> Prediction:
+    """Register one frame ``xyz (H, W, 3)`` on the CPU: a one-frame prediction without RGB."""
+    reg, _ = register_result(xyz[None], np.arange(1), config, torch.device("cpu"))
+    return Prediction.from_registration(None, reg)
+
+
+class Reference:
+    """A truth reduced once for every predictor scored against it: the evaluation grid's defined depths (compressed,
+    frame by frame), the sparse grid's true points (unprojected at the pixel centres) and the clip's unit (median
+    true depth)."""
+
+    def __init__(self, truth: Truth) -> None:
+        frames, height, width = truth.depth.shape
+        self.truth = truth
+        self.stride, self.point_stride = m.grid_stride(height, width), m.point_stride(height, width)
+        self.valid = m.on_grid(truth.depth, self.stride) > 0  # (F, h, w)
+        self.depth = m.on_grid(truth.depth, self.stride)[self.valid].astype(np.float64)  # (N,) frame by frame
+        self.frame = np.repeat(np.arange(frames), self.valid.reshape(frames, -1).sum(1))  # (N,)
+        self.first = int((self.frame == 0).sum())  # frame 0's entries come first
+        self.unit = float(np.median(self.depth))
+        sparse = m.on_grid(truth.depth, self.point_stride).astype(np.float64)
+        self.points = m.grid_points(sparse, m.grid_uv(height, width, self.point_stride), truth.K, truth.cam2world)
+        self.points_valid = sparse > 0
+
+
+@dataclass
+class Score:
+    """One predictor's numbers on one sample."""
+
+    values: dict[str, float]  # METRICS names that apply
+    frames: dict[str, np.ndarray] = field(default_factory=dict)  # per-frame (or per-pair) curves by METRICS name
+    path: np.ndarray | None = None  # (F, 3) camera centres: aligned onto the truth's when there is one
+    worst: dict | None = None  # the worst frame: its index, value and maps on the evaluation grid
+
+
+def _of_video(memo: dict, rgb: np.ndarray, what: str, compute: Callable[[], object]):
+    """``compute()``, remembered in ``memo`` for the video ``rgb`` (by its memory and layout: the floors of a sample
+    share one held input image)."""
+    key = (what, rgb.__array_interface__["data"][0], rgb.shape, rgb.strides)
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def _geometry_without_truth(pred: Prediction, score: Score, memo: dict) -> np.ndarray:
+    """Residual, edge and stability metrics into ``score``; returns the sparse grid's registered points."""
+    frames, height, width = pred.depth.shape
+    stride, sparse = m.grid_stride(height, width), m.point_stride(height, width)
+    depth = m.on_grid(pred.depth, sparse).astype(np.float64)
+    points = m.grid_points(depth, m.grid_uv(height, width, sparse), pred.K, pred.cam2world)  # (F, h, w, 3)
+    scene = m.extent(points)
+    residual = m.on_grid(pred.residual, stride).reshape(frames, -1) / scene
+    per_frame = np.quantile(residual, [0.5, 0.9], axis=1)
+    clip = np.quantile(residual, [0.5, 0.9])
+    score.values["residual.median"], score.values["residual.p90"] = float(clip[0]), float(clip[1])
+    score.frames["residual.median"], score.frames["residual.p90"] = per_frame
+    worst = int(np.argmax(per_frame[1]))
+    score.worst = {
+        "metric": "residual.p90",
+        "frame": worst,
+        "value": float(per_frame[1, worst]),
+        "residual": m.on_grid(pred.residual, stride)[worst] / scene,
+        "rgb": None if pred.rgb is None else m.on_grid(pred.rgb, stride)[worst],
+    }
+    if pred.rgb is not None:
+        near = _of_video(memo, pred.rgb, "image edges", lambda: m.image_edges(pred.rgb, stride))
+        edges = m.edge_agreement(pred.depth, near, stride)
+        score.values["edges"], score.frames["edges"] = _nanmean(edges), edges
+    if frames > 1:
+        static, motion = m.temporal_stability(pred.depth, pred.K, pred.cam2world, scene)
+        score.values["stability.static"], score.values["stability.motion"] = _nanmean(static), _nanmean(motion)
+        score.frames["stability.static"], score.frames["stability.motion"] = static, motion
+    return points
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """Mean over the finite entries (NaN if none)."""
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def _rms(x: np.ndarray) -> float:
+    """Root mean square (NaN if empty)."""
+    return float(np.sqrt(np.mean(x**2))) if len(x) else float("nan")
+
+
+def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, score: Score) -> None:
+    """Depth and point metrics against the truth into ``score``."""
+    frames = len(points)
+    depth = m.on_grid(pred.depth, ref.stride)[ref.valid].astype(np.float64)  # (N,) as ref.depth
+    first = slice(0, ref.first)
+    for rule in m.ALIGNMENTS:
+        scale, shift = m.align_depth(depth, ref.depth, rule)
+        per_frame, clip = m.depth_errors(scale * depth + shift, ref.depth, ref.frame, frames)
+        scale0, shift0 = m.align_depth(depth[first], ref.depth[first], rule)
+        _, clip0 = m.depth_errors(scale0 * depth[first] + shift0, ref.depth[first], ref.frame[first], 1)
+        for name in clip:
+            score.values[f"depth.{rule}.{name}"], score.frames[f"depth.{rule}.{name}"] = clip[name], per_frame[name]
+            score.values[f"depth0.{rule}.{name}"] = clip0[name]
+        if rule == "median":
+            worst = int(np.nanargmax(per_frame["absrel"]))
+            score.worst = {
+                "metric": "depth.median.absrel",
+                "frame": worst,
+                "value": float(per_frame["absrel"][worst]),
+                "true": m.on_grid(ref.truth.depth, ref.stride)[worst],
+                "pred": scale * m.on_grid(pred.depth, ref.stride)[worst] + shift,
+                "rgb": m.on_grid(ref.truth.rgb, ref.stride)[worst],
+            }
+    valid = ref.points_valid
+    aligned = m.apply_sim3(points, *m.sim3_align(points[valid], ref.points[valid]))
+    per_frame, clip = m.point_errors(
+        aligned.reshape(frames, -1, 3), ref.points.reshape(frames, -1, 3), valid.reshape(frames, -1)
+    )
+    for name in clip:
+        score.values[f"points.{name}"] = clip[name] / ref.unit
+        score.frames[f"points.{name}"] = per_frame[name] / ref.unit
+
+
+def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> Score:
+    """Every metric that applies to ``pred``: those without ground truth, and with ``ref`` those against it.
+
+    ``memo`` keeps what depends only on an RGB video (image edges, RGB metrics) across the calls for one sample.
+    """
+    memo = {} if memo is None else memo
+    result = Score({})
+    jerk, turn = m.path_smoothness(pred.cam2world)
+    result.values["path.jerk"], result.values["path.turn"] = jerk, turn
+    result.path = pred.cam2world[:, :3, 3].astype(np.float64)
+    points = _geometry_without_truth(pred, result, memo) if pred.depth is not None else None
+    if ref is None:
+        return result
+    cams = m.camera_errors(pred.cam2world, ref.truth.cam2world)
+    result.path = cams["centres"]
+    result.values["camera.ate"] = _rms(cams["ate"]) / ref.unit
+    result.values["camera.rpe_trans"] = _rms(cams["rpe_trans"]) / ref.unit  # no pairs in a one-frame video: NaN
+    result.values["camera.rpe_rot"] = _nanmean(cams["rpe_rot"])
+    focal = m.focal_error(pred.K, ref.truth.K)
+    result.values["camera.focal"] = float(focal.mean())
+    result.frames |= {
+        "camera.ate": cams["ate"] / ref.unit,
+        "camera.rpe_trans": cams["rpe_trans"] / ref.unit,
+        "camera.rpe_rot": cams["rpe_rot"],
+        "camera.focal": focal,
+    }
+    if points is not None:
+        _depth_with_truth(pred, points, ref, result)
+    if pred.rgb is not None:
+        values, frames = _of_video(memo, pred.rgb, "rgb metrics", lambda: _rgb(pred.rgb, ref.truth.rgb))
+        result.values |= values
+        result.frames |= frames
+    return result
+
+
+def _rgb(pred: np.ndarray, true: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """PSNR and SSIM of frame 0 and of the later frames, and their per-frame curves."""
+    psnr, ssim = m.psnr(pred, true), m.ssim(pred, true)
+    values = {
+        "rgb.psnr0": float(psnr[0]),
+        "rgb.ssim0": float(ssim[0]),
+        "rgb.psnr": float(psnr[1:].mean()) if len(psnr) > 1 else float("nan"),
+        "rgb.ssim": float(ssim[1:].mean()) if len(ssim) > 1 else float("nan"),
+    }
+    return values, {"rgb.psnr": psnr, "rgb.ssim": ssim}

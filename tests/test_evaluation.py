@@ -1,0 +1,448 @@
+"""evaluate.py and fourdnex.evaluation: metrics against closed-form values, floors by hand, ground truth against the
+scenes it was written from, and the command line end to end (reports, bad input, unscorable samples)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fourdnex.config import RegistrationConfig
+from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_npz, write_tree
+from fourdnex.evaluation import metrics as m
+from fourdnex.evaluation.floors import MeanDepth, first_frame_xyz, plane_xyz, to_unit_box
+from fourdnex.evaluation.scoring import Prediction, Reference, register_frame, score
+from fourdnex.evaluation.truth import EvaluationError, Truth, clip_sources, load_truth
+from fourdnex.geometry.cameras import so3_exp
+from fourdnex.geometry.results import save_result
+from fourdnex.testing.corrupted import write_corrupted
+from fourdnex.testing.scenes import make_truth
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    """evaluate.py with ``args``; its output decoded as written (carriage returns kept)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], capture_output=True, env=env)
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
+    return proc
+
+
+def shown(stream: str) -> list[str]:
+    """The lines a terminal shows of ``stream``: what follows the last carriage return of each line (progress bars
+    redraw and clear themselves with them), blank lines left out."""
+    return [line.split("\r")[-1] for line in stream.split("\n") if line.split("\r")[-1].strip()]
+
+
+def rotation_y(theta: float) -> np.ndarray:
+    return so3_exp(np.array([0.0, theta, 0.0]))
+
+
+def poses(rotations: list[np.ndarray], centres: list[list[float]]) -> np.ndarray:
+    """Camera-to-world ``(F, 4, 4)`` of rotations and centres."""
+    out = np.tile(np.eye(4), (len(centres), 1, 1))
+    out[:, :3, :3], out[:, :3, 3] = rotations, centres
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Depth
+
+
+def depth_numbers(pred, true, rule):
+    """Alignment and pooled errors of one frame of depths, over the pixels with a true depth."""
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    pred, true = pred[true > 0], true[true > 0]
+    scale, shift = m.align_depth(pred, true, rule)
+    return (scale, shift), m.depth_errors(scale * pred + shift, true, np.zeros(len(true), int), 1)[1]
+
+
+@pytest.mark.parametrize("rule", ["median", "lstsq"])
+def test_identical_depth_has_no_error(rule):
+    true = np.linspace(1, 9, 24)
+    scale, shift = m.align_depth(true, true, rule)
+    per_frame, clip = m.depth_errors(scale * true + shift, true, np.repeat([0, 1], 12), 2)
+    assert (scale, shift) == pytest.approx((1, 0), abs=1e-12)
+    assert clip == pytest.approx({"absrel": 0, "delta1": 1, "rmse_log": 0}, abs=1e-12)
+    np.testing.assert_allclose(per_frame["delta1"], [1, 1])
+
+
+@pytest.mark.parametrize("rule", ["median", "lstsq"])
+def test_a_depth_scaling_is_aligned_away(rule):
+    (scale, shift), clip = depth_numbers([2, 4, 6, 10], [1, 2, 3, 5], rule)
+    assert (scale, shift) == pytest.approx((0.5, 0), abs=1e-12)
+    assert clip == pytest.approx({"absrel": 0, "delta1": 1, "rmse_log": 0}, abs=1e-12)
+
+
+def test_a_depth_shift_under_each_alignment():
+    # pred = true + 1 on true = 1, 2, 3. Median: s = 2 / 3, d = 4/3, 2, 8/3: relative errors 1/3, 0, 1/9.
+    (scale, _), clip = depth_numbers([2, 3, 4], [1, 2, 3], "median")
+    assert scale == pytest.approx(2 / 3)
+    rmse_log = math.sqrt((math.log(4 / 3) ** 2 + math.log(8 / 9) ** 2) / 3)
+    assert clip == pytest.approx({"absrel": 4 / 27, "delta1": 2 / 3, "rmse_log": rmse_log})
+    (scale, shift), clip = depth_numbers([2, 3, 4], [1, 2, 3], "lstsq")  # scale and shift undo it exactly
+    assert (scale, shift) == pytest.approx((1, -1))
+    assert clip == pytest.approx({"absrel": 0, "delta1": 1, "rmse_log": 0}, abs=1e-12)
+
+
+def test_least_squares_alignment_by_hand():
+    # s p + t on p = 1, 1, 2, 2 against g = 1, 2, 3, 4: normal equations give s = 2, t = -0.5, so d = 1.5, 1.5, 3.5,
+    # 3.5; relative errors 1/2, 1/4, 1/6, 1/8 (mean 25/96); ratios 1.5, 0.75, 7/6, 7/8 (two within 1.25).
+    (scale, shift), clip = depth_numbers([1, 1, 2, 2], [1, 2, 3, 4], "lstsq")
+    assert (scale, shift) == pytest.approx((2, -0.5))
+    assert clip["absrel"] == pytest.approx(25 / 96) and clip["delta1"] == 0.5
+
+
+def test_undefined_true_depth_is_left_out():
+    # the last pixel's truth is undefined: its prediction (100) must neither move the median nor count
+    (scale, _), clip = depth_numbers([2, 4, 6, 100], [1, 2, 3, 0], "median")
+    assert scale == 0.5 and clip["absrel"] == pytest.approx(0, abs=1e-12)
+
+
+def test_per_frame_and_pooled_depth_errors():
+    # frame 0 at depth 1, frame 1 at depth 2; frame 0's depth held and median-aligned (s = 1.5 / 1): d = 1.5
+    per_frame, clip = m.depth_errors(np.full(4, 1.5), np.array([1.0, 1, 2, 2]), np.array([0, 0, 1, 1]), 3)
+    np.testing.assert_allclose(per_frame["absrel"], [0.5, 0.25, np.nan])  # frame 2 has no pixel
+    assert clip["absrel"] == pytest.approx(0.375)
+    # a depth behind the camera: its ratio counts as DEPTH_FLOOR in the logarithm
+    _, clip = m.depth_errors(np.array([-1.0]), np.array([1.0]), np.zeros(1, int), 1)
+    assert clip["rmse_log"] == pytest.approx(-math.log(m.DEPTH_FLOOR)) and clip["delta1"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Points and cameras
+
+
+def test_a_known_similarity_is_recovered_exactly():
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(3, 50, 3))
+    s, R, t = 2.5, so3_exp(np.array([0.3, -0.2, 0.9])), np.array([1.0, -2.0, 0.5])
+    pred = (true - t) @ R / s  # the truth seen through the inverse similarity
+    scale, rotation, translation = m.sim3_align(pred.reshape(-1, 3), true.reshape(-1, 3))
+    assert scale == pytest.approx(s)
+    np.testing.assert_allclose(rotation, R, atol=1e-12)
+    np.testing.assert_allclose(translation, t, atol=1e-12)
+    aligned = m.apply_sim3(pred, scale, rotation, translation)
+    _, clip = m.point_errors(aligned, true, np.ones((3, 50), bool))
+    assert clip == pytest.approx({"accuracy": 0, "completeness": 0, "chamfer": 0}, abs=1e-9)
+
+
+def test_point_errors_by_hand():
+    # predicted (0,0,0), (0,0,0.5) against true (0,0,0), (1,0,0): accuracy (0 + 0.5) / 2; completeness (0 + 1) / 2
+    pred = np.array([[[0.0, 0, 0], [0, 0, 0.5]]])
+    true = np.array([[[0.0, 0, 0], [1, 0, 0]]])
+    _, clip = m.point_errors(pred, true, np.ones((1, 2), bool))
+    assert clip == pytest.approx({"accuracy": 0.25, "completeness": 0.5, "chamfer": 0.375})
+
+
+def test_points_in_one_place_align_to_the_mean():
+    scale, rotation, translation = m.sim3_align(np.ones((4, 3)), np.arange(12.0).reshape(4, 3))
+    assert scale == 0 and (rotation == np.eye(3)).all()
+    np.testing.assert_allclose(translation, [4.5, 5.5, 6.5])
+
+
+def test_a_similarity_of_the_true_trajectory_has_no_error():
+    true = poses([rotation_y(0.1 * f) for f in range(5)], [[f, 0.2 * f * f, 1 - f] for f in range(5)])
+    s, R, t = 0.4, so3_exp(np.array([0.5, 0.1, -0.3])), np.array([3.0, 1.0, 2.0])
+    pred = true.copy()
+    pred[:, :3, :3] = R @ true[:, :3, :3]
+    pred[:, :3, 3] = s * true[:, :3, 3] @ R.T + t
+    errors = m.camera_errors(pred, true)
+    assert errors["alignment"][0] == pytest.approx(1 / s)
+    for key in ("ate", "rpe_trans", "rpe_rot"):
+        np.testing.assert_allclose(errors[key], 0, atol=1e-6)
+
+
+def test_a_rotated_camera_gives_its_known_rpe():
+    # cameras at x = 0, 1, 2 looking the same way; camera 1 turned by theta about y. Centres are untouched (ATE 0).
+    # Pair (0, 1): rotation error theta, translation error 0. Pair (1, 2): the next centre seen from the turned camera
+    # is off by |R^T e_x - e_x| = 2 sin(theta / 2), rotation error theta.
+    theta = 0.2
+    true = poses([np.eye(3)] * 3, [[0, 0, 0], [1, 0, 0], [2, 0, 0]])
+    pred = poses([np.eye(3), rotation_y(theta), np.eye(3)], [[0, 0, 0], [1, 0, 0], [2, 0, 0]])
+    errors = m.camera_errors(pred, true)
+    np.testing.assert_allclose(errors["ate"], 0, atol=1e-12)
+    np.testing.assert_allclose(errors["rpe_rot"], np.degrees([theta, theta]), rtol=1e-9)
+    np.testing.assert_allclose(errors["rpe_trans"], [0, 2 * math.sin(theta / 2)], atol=1e-12)
+
+
+def test_a_perturbation_no_similarity_absorbs_gives_its_known_ate():
+    # Centres on the corners of a square in the x-z plane, lifted by +e, -e, +e, -e in y (a saddle): orthogonal to
+    # every similarity's motion, so the Umeyama fit is R = I, t = 0 with scale s = 2 / (2 + e^2), and every aligned
+    # centre is |(s - 1) p + s delta| = sqrt(2 (s - 1)^2 + s^2 e^2) from its true place.
+    e = 0.1
+    corners = np.array([[1.0, 0, 1], [-1, 0, 1], [-1, 0, -1], [1, 0, -1]])
+    lifted = corners + np.array([[0, e, 0], [0, -e, 0], [0, e, 0], [0, -e, 0]])
+    errors = m.camera_errors(poses([np.eye(3)] * 4, lifted), poses([np.eye(3)] * 4, corners))
+    s = 2 / (2 + e * e)
+    assert errors["alignment"][0] == pytest.approx(s)
+    np.testing.assert_allclose(errors["ate"], math.sqrt(2 * (s - 1) ** 2 + s * s * e * e), rtol=1e-9)
+    # consecutive centres differ by 2 along one axis and 2e in y: |(s - 1) 2 e_axis + s 2e e_y|
+    np.testing.assert_allclose(errors["rpe_trans"], 2 * math.sqrt((s - 1) ** 2 + s * s * e * e), rtol=1e-9)
+
+
+def test_focal_error_is_relative():
+    true = np.array([[[100.0, 0, 50], [0, 200, 40], [0, 0, 1]]])
+    pred = true.copy()
+    pred[0, 0, 0] = 110.0  # fx 10 % off, fy exact
+    np.testing.assert_allclose(m.focal_error(pred, true), [0.05])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RGB and the metrics without ground truth
+
+
+def test_psnr_and_ssim_closed_form():
+    true = np.full((2, 32, 48, 3), 100, np.uint8)
+    assert m.psnr(true, true).tolist() == [math.inf, math.inf]
+    np.testing.assert_allclose(m.ssim(true, true), 1.0, atol=1e-6)
+    np.testing.assert_allclose(m.psnr(true + 1, true), 20 * math.log10(255), rtol=1e-9)  # MSE 1
+    # constant images a, b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1), C1 = (0.01 * 255)^2
+    c1 = (0.01 * 255) ** 2
+    np.testing.assert_allclose(m.ssim(true + 10, true), (2 * 110 * 100 + c1) / (110**2 + 100**2 + c1), rtol=1e-5)
+
+
+def test_path_smoothness_closed_form():
+    steady = poses([rotation_y(0.1 * f) for f in range(4)], [[f, 0, 0] for f in range(4)])
+    assert m.path_smoothness(steady) == pytest.approx((0, 0), abs=1e-6)
+    assert m.path_smoothness(np.tile(np.eye(4), (4, 1, 1))) == (0, 0)  # a still camera
+    # x = 0, 1, 0, 1: steps of 1, second differences of 2; turning +theta then -theta: 2 theta between them
+    zigzag = poses(
+        [np.eye(3), rotation_y(0.1), np.eye(3), rotation_y(0.1)], [[0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 0, 0]]
+    )
+    jerk, turn = m.path_smoothness(zigzag)
+    assert jerk == pytest.approx(2) and turn == pytest.approx(math.degrees(0.2))
+
+
+def test_edge_agreement_closed_form():
+    # a depth step and an image step between columns 19 and 20 of a 48 x 64 frame: central differences mark two
+    # columns (96 pixels: within the top 5 % and 10 %); widened image edges cover 4 columns, chance = 1/16
+    depth = np.ones((1, 48, 64))
+    depth[:, :, 20:] = 2.0
+    rgb = np.zeros((1, 48, 64, 3), np.uint8)
+    rgb[:, :, 20:] = 200
+    near = m.image_edges(rgb, 1)
+    assert near.sum() == 4 * 48  # columns 18 to 21
+    np.testing.assert_allclose(m.edge_agreement(depth, near, 1), [1.0])
+    far = np.ones((1, 48, 64))
+    far[:, :, 50:] = 2.0  # the depth step far from the image step: none on it, (0 - 1/16) / (1 - 1/16)
+    np.testing.assert_allclose(m.edge_agreement(far, near, 1), [-1 / 15])
+
+
+def test_temporal_stability_closed_form():
+    # a wall at depth 2 (fx = fy = 10); the camera moves 0.2 sideways, so every point lands exactly one pixel over
+    K = np.tile(np.array([[10.0, 0, 16], [0, 10, 12], [0, 0, 1]]), (2, 1, 1))
+    moved = poses([np.eye(3)] * 2, [[0, 0, 0], [0.2, 0, 0]])
+    static, motion = m.temporal_stability(np.full((2, 24, 32), 2.0), K, moved, 1.0)
+    assert static.tolist() == [1.0] and motion[0] == pytest.approx(0, abs=1e-12)
+    # the wall moves back to depth 3 under a still camera: every point moves by its ray's length (>= 1)
+    depth = np.stack([np.full((24, 32), 2.0), np.full((24, 32), 3.0)])
+    static, motion = m.temporal_stability(depth, K, np.tile(np.eye(4), (2, 1, 1)), 1.0)
+    assert static.tolist() == [0.0] and motion[0] >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Floors
+
+
+def test_plane_floor_is_the_sloped_plane():
+    xyz = plane_xyz(4, 6)
+    np.testing.assert_allclose(xyz[0, 0], [-1, -1, 1])
+    np.testing.assert_allclose(xyz[0, -1], [1, -1, 1])
+    np.testing.assert_allclose(xyz[-1, 0], [-1, 1, -1])
+
+
+def test_first_frame_floor_by_hand():
+    # depth 1 on a 2 x 2 image, f = 1, centre (1, 1): rays (+-0.5, +-0.5, 1); into the unit box: (+-1, +-1, 0)
+    K = np.array([[[1.0, 0, 1], [0, 1, 1], [0, 0, 1]]])
+    truth = Truth("toy", np.zeros((1, 2, 2, 3), np.uint8), np.ones((1, 2, 2), np.float32), K, np.eye(4)[None])
+    np.testing.assert_allclose(first_frame_xyz(truth), [[[-1, -1, 0], [1, -1, 0]], [[-1, 1, 0], [1, 1, 0]]])
+    np.testing.assert_allclose(to_unit_box(np.array([[0.0, 0, 4], [2, 1, 8]])), [[-0.5, -0.25, -1], [0.5, 0.25, 1]])
+
+
+def test_mean_depth_floor_by_hand():
+    # clip A: depth 1 2 / 3 4 (median 2.5); clip B: 2 2 / 2 undefined, then 4 4 / 4 4 (median 4). Over the median:
+    # A 0.4 0.8 / 1.2 1.6; B 0.5 0.5 / 0.5 -, then 1 1 / 1 1. Per pixel means: 1.9/3, 2.3/3, 2.7/3, 2.6/2.
+    def truth(depth, fx, fy):
+        K = np.tile(np.array([[fx, 0, 1], [0, fy, 1], [0, 0, 1]]), (len(depth), 1, 1))
+        return Truth(
+            "toy",
+            np.zeros((len(depth), 2, 2, 3), np.uint8),
+            np.array(depth, np.float32),
+            K,
+            np.tile(np.eye(4), (len(depth), 1, 1)),
+        )
+
+    mean = MeanDepth()
+    mean.add(truth([[[1, 2], [3, 4]]], 10, 12))
+    mean.add(truth([[[2, 2], [2, 0]], [[4, 4], [4, 4]]], 20, 20))
+    np.testing.assert_allclose(mean.depth((2, 2)), [[1.9 / 3, 2.3 / 3], [2.7 / 3, 1.3]], rtol=1e-6)
+    assert mean.focal((2, 2)) == 20  # median of 10, 12, 20, 20, 20, 20
+
+
+def test_floors_scored_by_hand():
+    # two frames under one still camera (f = 10): a wall at depth 1, then at depth 2
+    K = np.tile(np.array([[10.0, 0, 16], [0, 10, 12], [0, 0, 1]]), (2, 1, 1))
+    rgb = np.zeros((2, 24, 32, 3), np.uint8)
+    depth = np.stack([np.ones((24, 32)), np.full((24, 32), 2.0)]).astype(np.float32)
+    truth = Truth("toy", rgb, depth, K, np.tile(np.eye(4), (2, 1, 1)))
+    reference = Reference(truth)
+    # first frame held: d = 1 everywhere. Median alignment s = median(1, 2) / 1 = 1.5: errors 0.5 and 0.25.
+    # Least squares on a constant prediction takes the least-norm solution s = t = 0.75: the same d = 1.5.
+    held = Prediction(rgb[:1], K[:1], np.eye(4)[None], depth[:1], np.zeros((1, 24, 32))).held(2)
+    values = score(held, reference).values
+    for rule in ("median", "lstsq"):
+        assert values[f"depth.{rule}.absrel"] == pytest.approx(0.375)
+        assert values[f"depth0.{rule}.absrel"] == pytest.approx(0, abs=1e-12)
+    # a still camera with twice the focal length, cameras at x = 0 and 1: ATE = RMS distance to the mean centre
+    # (0.5, unit = median true depth 1.5: 1/3), RPE translation 1 / 1.5, no rotation error, focal error 1
+    moved = poses([np.eye(3)] * 2, [[0, 0, 0], [1, 0, 0]])
+    truth = Truth("toy", rgb, depth, K, moved)
+    doubled = K[:1].copy()
+    doubled[0, [0, 1], [0, 1]] *= 2
+    still = Prediction(None, doubled, np.eye(4)[None]).held(2)
+    values = score(still, Reference(truth)).values
+    assert values["camera.ate"] == pytest.approx(0.5 / 1.5)
+    assert values["camera.rpe_trans"] == pytest.approx(1 / 1.5)
+    assert values["camera.rpe_rot"] == pytest.approx(0, abs=1e-9) and values["camera.focal"] == pytest.approx(1)
+    assert "depth.median.absrel" not in values  # a camera-only floor
+
+
+def test_registered_first_frame_floor_keeps_frame_0():
+    truth = make_truth(frames=3, height=32, width=48)
+    true = Truth("toy", truth.rgb.numpy(), truth.depth.float().numpy(), truth.K.numpy(), truth.cam2world.numpy())
+    floor = register_frame(first_frame_xyz(true), RegistrationConfig())
+    held = Prediction(true.rgb[:1], floor.K, floor.cam2world, floor.depth, floor.residual).held(3)
+    values = score(held, Reference(true)).values
+    assert values["depth0.median.absrel"] < 1e-5 and values["camera.focal"] < 1e-5
+    assert values["depth.median.absrel"] > 0.01  # later frames see other depths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ground truth
+
+
+def test_truth_matches_the_scene_it_was_written_from(tmp_path):
+    scene = render_scene(3, 5, 32, 48)
+    write_dynamic_npz(scene, tmp_path / "dynamic/dynamic_3/10000.npz", "focal")
+    write_captions(tmp_path / "caption/dynamic_3_with_caption_upload.csv", {10000: scene.caption})
+    source = clip_sources(tmp_path)["dynamic/dynamic_3/10000"]
+    truth = load_truth(tmp_path, source, 4, 32, 48)
+    np.testing.assert_allclose(truth.depth, scene.depth[:4], rtol=1e-5)
+    np.testing.assert_allclose(truth.K, scene.K[:4], rtol=1e-6)
+    first = np.linalg.inv(scene.cam2world[0].astype(np.float64))
+    np.testing.assert_allclose(truth.cam2world, first @ scene.cam2world[:4], atol=1e-5)
+    assert (truth.rgb == scene.rgb[:4]).all()
+    with pytest.raises(EvaluationError, match="has 5 frames, the result 9"):
+        load_truth(tmp_path, source, 9, 32, 48)
+    with pytest.raises(EvaluationError, match="smaller than the result's 64x96"):
+        load_truth(tmp_path, source, 5, 64, 96)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A tiny synthetic tree (5 clips, one per layout, 9 x 32 x 48) and the exact ground truth as results."""
+    root = tmp_path_factory.mktemp("evaluation")
+    data = write_tree(root / "synthetic", 5, 9, 32, 48)
+    exact = write_corrupted(data, root / "exact", 9, 32, 48, noise=0.0, warp=0.0, rgb_noise=0.0)
+    return root, data, exact[0].parent
+
+
+def test_exact_results_score_zero_error(synthetic, tmp_path):
+    _, data, exact = synthetic
+    proc = run("--results", exact, "--gt", data, "--out", tmp_path / "report")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report/metrics.json").read_text())
+    assert report["samples_scored"] == 5 and set(report["summary"]) == {"model", *report["floors"]}
+    model = report["summary"]["model"]
+    for key in ("depth.median.absrel", "depth.lstsq.absrel", "points.chamfer", "camera.ate", "camera.rpe_trans"):
+        assert model[key] < 1e-4, key
+    assert model["depth.median.delta1"] == 1 and model["rgb.psnr0"] == "inf"
+    assert model["rgb.ssim"] == pytest.approx(1)
+    assert report["summary"]["plane"]["depth.median.absrel"] > 0.1
+    summary = (tmp_path / "report/summary.md").read_text()
+    assert "| depth AbsRel (median) | lower | " in summary and summary.count("| scored |") == 5
+    for plot in ("camera_paths.png", "per_frame.png", "worst_samples.png"):
+        assert (tmp_path / "report" / plot).stat().st_size > 1000
+    assert len(list(exact.glob("*_reg.npz"))) == 5  # the registrations were computed and kept
+    assert not list((tmp_path / "report").glob(".truth-*"))
+
+
+def test_without_ground_truth_and_an_unscorable_sample(synthetic, tmp_path):
+    _, _, exact = synthetic
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("00000.npz", "00000.json"):
+        (results / name).write_bytes((exact / name).read_bytes())
+    with np.load(exact / "00001.npz") as data:
+        xyz = data["xyz"].copy()
+        xyz[2] = 0.5  # frame 2 collapsed to one point: no camera fits it
+        save_result(results, 1, data["rgb"], xyz, {})
+        xyz[2, 0, 0, 0] = np.nan  # a generated NaN
+        np.savez(results / "00002.npz", rgb=data["rgb"], xyz=xyz)
+    proc = run("--results", results, "--out", tmp_path / "report")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report/metrics.json").read_text())
+    assert report["floors"].keys() == {"plane"} and "depth.median.absrel" not in report["metrics"]
+    status = {s["result"]: s["status"] for s in report["samples"]}
+    assert status["00000"] == "scored"
+    assert status["00001"].startswith("not scored: registration failed: frames [2]")
+    assert status["00002"].endswith("00002.npz: xyz holds NaN or infinite values")
+    assert report["summary"]["model"]["residual.p90"] < 1e-4
+    assert "| 00001 | — | not scored: registration failed" in (tmp_path / "report/summary.md").read_text()
+
+
+def test_bad_input_stops_with_one_line(synthetic, tmp_path):
+    _, data, exact = synthetic
+    no_xyz = tmp_path / "no_xyz"
+    no_xyz.mkdir()
+    np.savez(no_xyz / "00000.npz", rgb=np.zeros((9, 32, 48, 3), np.uint8))
+    xyz = np.random.default_rng(0).uniform(-1, 1, (13, 32, 48, 3)).astype(np.float32)
+    (tmp_path / "longer").mkdir()
+    save_result(tmp_path / "longer", 0, np.zeros(xyz.shape, np.uint8), xyz, {"clip_id": "dynamic/dynamic_3/10002"})
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"00000": "dynamic/dynamic_3/99999"}))
+    cases = {
+        "00000.npz: missing arrays ['xyz']": ["--results", no_xyz],
+        "ground truth dynamic/dynamic_3/10002 has 9 frames, the result 13": [
+            "--results",
+            tmp_path / "longer",
+            "--gt",
+            data,
+        ],
+        "00000 names clip 'dynamic/dynamic_3/99999', which is not in the ground truth": [
+            "--results",
+            exact,
+            "--gt",
+            data,
+            "--mapping",
+            mapping,
+        ],
+    }
+    for message, args in cases.items():
+        proc = run(*args, "--out", tmp_path / "report")
+        lines = shown(proc.stderr)
+        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("evaluate.py: "), proc.stderr
+        assert message in lines[0]
+        assert not (tmp_path / "report/metrics.json").exists()
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_one_frame_video_has_no_pairs():
+    K = np.array([[[10.0, 0, 16], [0, 10, 12], [0, 0, 1]]])
+    rgb = np.zeros((1, 24, 32, 3), np.uint8)
+    depth = np.ones((1, 24, 32), np.float32)
+    truth = Truth("toy", rgb, depth, K, np.eye(4)[None])
+    values = score(Prediction(rgb, K, np.eye(4)[None], depth, np.zeros((1, 24, 32))), Reference(truth)).values
+    assert values["depth.median.absrel"] == 0 and values["camera.ate"] == 0
+    assert all(math.isnan(values[k]) for k in ("camera.rpe_trans", "camera.rpe_rot", "rgb.psnr", "path.jerk"))
+    assert "stability.static" not in values
