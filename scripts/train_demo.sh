@@ -113,8 +113,39 @@ stage_adapters() {
     for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
+# inference.py + evaluate.py for adapter $1 in condition mode $2 (image, video, first_last), on GPU $3.
+evaluate_one() {
+    local name=$1 mode=$2 gpu=$3 inputs=$WORK/held-out/inputs
+    local condition=(--image "$inputs/images.txt")
+    [[ $mode == video ]] && condition=(--video "$inputs/videos.txt")
+    [[ $mode == first_last ]] && condition=(--video "$inputs/videos.txt" --frames 0,24)
+    on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$WORK/results/$name-$mode" \
+        --model_path "$WORK/model" --lora_path "$WORK/$name/adapter" "${SIZE[@]}" --steps 30 --guidance_scale 1 \
+        --skip_existing
+    "$PY" evaluate.py --results "$WORK/results/$name-$mode" --gt "$WORK/held-out/data" \
+        --mapping "$inputs/mapping.json" --out "$WORK/reports/$name-$mode"
+}
+
+stage_evaluate() {
+    log "evaluate: every adapter on the held-out clips"
+    "$PY" -m fourdnex.evaluation.inputs --gt "$WORK/held-out/data" --out "$WORK/held-out/inputs" "${SIZE[@]}"
+    local runs=("4dnex image" "no-domain-embedding image" "stock-rope image" "any-frame image" "any-frame video"
+                "any-frame first_last")
+    local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=()
+    for i in "${!runs[@]}"; do
+        # shellcheck disable=SC2086  # name and mode
+        evaluate_one ${runs[$i]} $(( i % slots )) > "$WORK/evaluate-$i.log" 2>&1 &
+        pids+=($!)
+        if (( ${#pids[@]} == slots )); then
+            for pid in "${pids[@]}"; do wait "$pid"; done
+            pids=()
+        fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
 stages=("$@")
-(( ${#stages[@]} )) || stages=(data vae cache base adapters)
+(( ${#stages[@]} )) || stages=(data vae cache base adapters evaluate)
 for stage in "${stages[@]}"; do
     start=$SECONDS
     "stage_$stage"
