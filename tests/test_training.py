@@ -25,6 +25,7 @@ from scipy import stats
 from train_cache import TINY_MODEL, build_cache
 
 from fourdnex.cli import run
+from fourdnex.config import MODEL_TYPES
 from fourdnex.data.cache import CacheError, LatentCache
 from fourdnex.geometry.results import load_result
 from fourdnex.model.adapters import apply_adapter, read_adapter
@@ -968,3 +969,59 @@ def test_full_training_of_a_plain_image_to_video_base(cache_dir, tmp_path):
     with pytest.raises(SystemExit, match="attention\\+ffn replays a frozen feed-forward, which --train_mode full"):
         run(load_script("finetune.py").main, load_script("finetune.py").build_parser(),
             ["--cache_dir", str(cache_dir), "--train_mode", "full", "--activation_memory", "attention+ffn", *SIZE])
+
+
+def test_the_training_target_is_what_the_inference_sampler_steps_with():
+    """Checked against the sampler, not the trainer: at each noise level s the inference scheduler (the Wan
+    checkpoint's UniPC, flow prediction, shift 3) visits, x_t = (1 - s) x0 + s noise with the model answering the
+    trainer's target noise - x0 is stepped to the next level's (1 - s') x0 + s' noise, and finally onto x0."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler.from_pretrained(TINY_MODEL, subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 16, 2, 4, 8, generator=g), torch.randn(1, 16, 2, 4, 8, generator=g)
+    sigmas = scheduler.sigmas.tolist()  # 4 levels, then 0
+    x = (1 - sigmas[0]) * x0 + sigmas[0] * noise
+    for i, t in enumerate(scheduler.timesteps):
+        assert abs(float(t) - 1000 * sigmas[i]) <= 1  # the trainer's timestep 1000 s, up to the sampler's rounding
+        x = scheduler.step(noise - x0, t, x, return_dict=False)[0]
+        torch.testing.assert_close(x, (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x, x0, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
+def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tmp_path):
+    """Whatever the model type, the transformer training built (LoRA and domain embedding set to random values) and
+    the one inference builds from the saved adapter (reading the type from its metadata, LoRA fused) give the same
+    output."""
+    from peft.utils import get_peft_model_state_dict
+
+    from fourdnex.generate.pipeline import load_pipeline
+    from fourdnex.model.adapters import AdapterMeta, resolve_model_type, save_adapter
+    from fourdnex.train.engine import LORA_ADAPTER_NAME
+
+    cfg = TrainConfig(model_type=model_type, lora_rank=4, lora_alpha=8, mixed_precision="no", height=32, width=32)
+    trained = build_transformer(cfg, TINY_MODEL, plan=None).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainable_parameters(trained).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    meta = AdapterMeta(rank=4, alpha=8.0, target_modules=list(cfg.lora_targets), model_type=model_type)
+    lora = get_peft_model_state_dict(trained, adapter_name=LORA_ADAPTER_NAME)
+    save_adapter(tmp_path / "adapter", lora, trained.domain_embedding, meta)
+    pipe = load_pipeline(TINY_MODEL, dtype=torch.float32)
+    adapter = read_adapter(tmp_path / "adapter")
+    pipe.transformer.set_model_type(MODEL_TYPES[resolve_model_type(adapter, None)])
+    apply_adapter(pipe.transformer, adapter)
+    pipe.transformer.set_layout("rgbxyz")
+    inputs = {
+        "hidden_states": torch.randn(1, 36, 2, 4, 8, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 7, 32, generator=g),
+        "encoder_hidden_states_image": torch.randn(1, 17, 32, generator=g),
+    }
+    with torch.no_grad():
+        ours, theirs = (m(**inputs, return_dict=False)[0] for m in (trained, pipe.transformer))
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
