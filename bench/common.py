@@ -16,8 +16,8 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from fourdnex.generate.pipeline import FourDNeXPipeline
+from fourdnex.model import presets
 from fourdnex.model.transformer import FourDNeXTransformer
-from fourdnex.testing.tiny import tiny_tokenizer
 
 GiB = 1024**3
 
@@ -121,7 +121,7 @@ class WordTokenizer:
 def build_tokenizer(vocab_size: int):
     """The tiny model's T5 tokenizer, or a word-hash stand-in where this transformers version cannot build it."""
     try:
-        return tiny_tokenizer()
+        return presets.build_tokenizer(presets.PRESETS["tiny"].corpus())
     except (TypeError, ValueError, ImportError, OSError):
         return WordTokenizer(vocab_size)
 

@@ -10,7 +10,7 @@ from diffusers import WanImageToVideoPipeline
 
 from fourdnex.files import atomic_path, read_video, write_json, write_video
 from fourdnex.geometry.results import ResultError, find_results, load_result, save_result
-from fourdnex.testing.tiny import TINY_MARKER, build_tiny_pipeline
+from fourdnex.model.presets import RANDOM_MARKER, build_pipeline
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -83,12 +83,38 @@ def test_result_round_trip_and_validation(tmp_path):
 
 def test_bundled_tiny_model_is_the_deterministic_build(tiny_path):
     index = json.loads((tiny_path / "model_index.json").read_text())
-    assert index[TINY_MARKER] is True
+    assert index[RANDOM_MARKER] is True
     bundled = WanImageToVideoPipeline.from_pretrained(tiny_path, dtype=torch.float32)
-    rebuilt = build_tiny_pipeline()
+    rebuilt = build_pipeline("tiny")
     for name in ("transformer", "vae", "text_encoder", "image_encoder"):
         ours, theirs = getattr(rebuilt, name).state_dict(), getattr(bundled, name).state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
     text = "a dog runs across a sunny park POINTMAP_STYLE."
     assert rebuilt.tokenizer(text).input_ids == bundled.tokenizer(text).input_ids
+
+
+def test_a_model_assembled_from_trained_components_stores_them_in_half_precision(tmp_path):
+    from safetensors.torch import load_file
+
+    from fourdnex.model.loading import load_transformer, load_vae
+    from fourdnex.model.presets import save_model
+
+    pipe = build_pipeline("tiny")
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(0.25)  # "trained": other values than the preset's
+    pipe.transformer.save_pretrained(tmp_path / "transformer")
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    random = save_model(tmp_path / "random", "tiny")
+    assert json.loads((random / "model_index.json").read_text())[RANDOM_MARKER] is True
+    model = save_model(
+        tmp_path / "model", "tiny", trained={"vae": tmp_path / "vae", "transformer": tmp_path / "transformer"}
+    )
+    assert RANDOM_MARKER not in json.loads((model / "model_index.json").read_text())
+    stored = load_file(model / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    loaded = load_transformer(model, torch.float32).state_dict()
+    for name, value in pipe.transformer.state_dict().items():
+        torch.testing.assert_close(loaded[name], value.half().float(), rtol=0, atol=0)
+    assert load_vae(model).dtype == torch.float32

@@ -262,7 +262,7 @@ def generate(config: RunConfig) -> list[Path]:
     from fourdnex.generate.pipeline import load_pipeline
     from fourdnex.geometry.results import write_sample
     from fourdnex.model.adapters import apply_adapter, read_adapter, resolve_model_type
-    from fourdnex.testing.tiny import TINY_MARKER
+    from fourdnex.model.presets import RANDOM_MARKER
 
     check_config(config)
     sample, speed = config.sample, config.speed
@@ -310,7 +310,7 @@ def generate(config: RunConfig) -> list[Path]:
     apply_acceleration(pipe, speed, device)
     pipe.set_progress_bar_config(disable=not writes)
     load_seconds = time.perf_counter() - tic
-    random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(TINY_MARKER, False)
+    random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(RANDOM_MARKER, False)
     if random_weights and writes:
         print(f"note: {config.model_path} is the tiny test model with random weights: its outputs are noise")
     if adapter is None and config.sft_path is None and writes:
