@@ -39,18 +39,7 @@ REAL_TRANSFORMER = {
     "added_kv_proj_dim": 5120,
     "rope_max_seq_len": 1024,
 }
-TINY_TRANSFORMER = {
-    **REAL_TRANSFORMER,
-    "num_attention_heads": 2,
-    "attention_head_dim": 12,
-    "text_dim": 32,
-    "freq_dim": 32,
-    "ffn_dim": 48,
-    "num_layers": 2,
-    "image_dim": 32,
-    "added_kv_proj_dim": 24,
-    "rope_max_seq_len": 64,
-}
+TINY_TRANSFORMER = {**REAL_TRANSFORMER, **presets.PRESETS["tiny"].transformer}
 REAL_UMT5 = {
     "vocab_size": 256384,
     "d_model": 4096,
@@ -61,7 +50,7 @@ REAL_UMT5 = {
     "feed_forward_proj": "gated-gelu",
     "relative_attention_num_buckets": 32,
 }
-TINY_UMT5 = {**REAL_UMT5, "vocab_size": 256, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
+TINY_UMT5 = {**REAL_UMT5, "vocab_size": 256, **presets.PRESETS["tiny"].text_encoder}
 REAL_CLIP = {
     "hidden_size": 1280,
     "intermediate_size": 5120,
@@ -72,10 +61,9 @@ REAL_CLIP = {
     "projection_dim": 1024,
     "hidden_act": "gelu",
 }
-TINY_CLIP = {**REAL_CLIP, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4}
-TINY_CLIP.update(image_size=32, patch_size=8)
+TINY_CLIP = {**REAL_CLIP, **presets.PRESETS["tiny"].image_encoder}
 REAL_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2}
-TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}
+TINY_VAE = {"z_dim": 16, **presets.PRESETS["tiny"].vae}
 
 
 @dataclass(frozen=True)

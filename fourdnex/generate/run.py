@@ -213,13 +213,12 @@ def resolve_device_dtype(device: str, dtype: str):
     """``--device`` / ``--dtype`` (``auto``: CUDA when there is one, bf16 there, float32 on a CPU) as torch objects."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for, but no CUDA GPU is visible")
+    from fourdnex.cli import resolve_device
+
+    resolved = resolve_device(device)
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return torch.device(device), getattr(torch, dtype)
+        dtype = "bfloat16" if resolved.type == "cuda" else "float32"
+    return resolved, getattr(torch, dtype)
 
 
 def transformer_heads(config: RunConfig) -> int:
