@@ -10,6 +10,11 @@ over the matmul rate this machine reaches in the VAE's dtype (float32).
 
 The encoders run as the build runs them: UMT5 in ``--dtype`` (bf16 on GPU), the VAE and CLIP in float32.
 
+``--encoder_precision`` instead encodes the RGB and XYZ videos of synthetic clips with the real-size Wan VAE (random
+weights; the latents' scale is set by the VAE's own normalization) in float32 and in bfloat16, and prints the latent
+difference relative to the latents' standard deviation: what a cache in bfloat16 would differ from inference's
+float32 VAE by.
+
 ``--clipping`` instead measures the pointmap clipping of ``--center clip`` and ``per_frame`` on synthetic dynamic
 clips (``--num_clips`` of ``--num_frames`` frames at ``--height x --width``): the share of points each clips, the
 scale, and how far the per-frame boxes' faces travel over a clip.
@@ -173,6 +178,37 @@ def print_clipping(args: argparse.Namespace) -> None:
     print(f"| mean | | {100 * mean[0]:.2f} % | {100 * mean[1]:.2f} % | | | |")
 
 
+@torch.no_grad()
+def print_encoder_precision(args: argparse.Namespace) -> None:
+    """Print the --encoder_precision table: bfloat16 against float32 latents of the real-size VAE."""
+    from diffusers import AutoencoderKLWan
+
+    from fourdnex.model.fusion import encode_latents
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKLWan(**common.REAL_VAE, temperal_downsample=[False, True, True]).to(device).eval()
+    print(f"real-size Wan VAE (random weights), {args.num_clips} clips of {args.num_frames} x {args.height} x "
+          f"{args.width}, {device.type}\n")  # fmt: skip
+    print("| seed | modality | latent std | max abs diff / std | RMS diff / std |\n|---|---|---|---|---|")
+    for seed in range(args.seed, args.seed + args.num_clips):
+        scene = render_scene(seed, args.num_frames, args.height, args.width)
+        xyz = torch.from_numpy(scene.points.astype(np.float32))
+        xyz = (xyz - xyz.amin(dim=(0, 1, 2))) / (xyz.amax(dim=(0, 1, 2)) - xyz.amin(dim=(0, 1, 2))) * 2 - 1
+        videos = {
+            "rgb": torch.from_numpy(scene.rgb).permute(3, 0, 1, 2).float() / 127.5 - 1,
+            "xyz": xyz.permute(3, 0, 1, 2),
+        }
+        for name, video in videos.items():
+            video = video[None].to(device)
+            full = encode_latents(vae.float(), video)
+            half = encode_latents(vae.to(torch.bfloat16), video)
+            std, diff = full.std(), half.float() - full
+            worst, rms = diff.abs().max() / std, diff.square().mean().sqrt() / std
+            print(f"| {seed} | {name} | {std:.3f} | {worst:.2e} | {rms:.2e} |")
+            vae.float()
+
+
 def main(args: argparse.Namespace) -> None:
     """Synthesize, warm up, time one build, print the table."""
     device = torch.device(args.device)
@@ -307,8 +343,13 @@ if __name__ == "__main__":
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--clipping", action="store_true", help="measure the pointmap clipping instead (CPU)")
+    parser.add_argument(
+        "--encoder_precision", action="store_true", help="measure bfloat16 against float32 VAE latents instead"
+    )
     arguments = parser.parse_args()
     if arguments.clipping:
         print_clipping(arguments)
+    elif arguments.encoder_precision:
+        print_encoder_precision(arguments)
     else:
         main(arguments)

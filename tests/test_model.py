@@ -6,6 +6,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
 
 from fourdnex.config import MODEL_TYPES
+from fourdnex.errors import UsageError
 from fourdnex.model.transformer import FourDNeXTransformer
 
 
@@ -144,3 +145,24 @@ def test_regional_compile_traces_without_graph_breaks(tiny_path):
     eager = run(model, args)
     model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
     assert torch.allclose(run(model, args), eager, atol=1e-6)
+
+
+def test_a_reference_fine_tuned_folder_brings_its_domain_embedding(tiny_path, tmp_path):
+    """The reference's fully fine-tuned transformer keeps its domain embedding under ``learnable_domain_embeddings``;
+    loading such a folder (inference.py --sft_path) puts it into the domain embedding, and a wrong shape is named."""
+    from safetensors.torch import load_file, save_file
+
+    model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
+    model.save_pretrained(tmp_path / "sft")
+    weights = tmp_path / "sft" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["patch_embedding.domain_embedding"]
+    state["learnable_domain_embeddings"] = torch.randn(2, 24, generator=torch.Generator().manual_seed(0))
+    save_file(state, weights)
+    loaded = FourDNeXTransformer.from_pretrained(tmp_path / "sft")
+    assert torch.equal(loaded.domain_embedding.detach(), state["learnable_domain_embeddings"])
+    state["learnable_domain_embeddings"] = torch.zeros(2, 7)
+    save_file(state, weights)
+    expected = r"learnable_domain_embeddings has shape \(2, 7\), the model expects \(2, 24\)"
+    with pytest.raises(UsageError, match=expected):
+        FourDNeXTransformer.from_pretrained(tmp_path / "sft")

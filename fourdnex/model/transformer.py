@@ -24,6 +24,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 
 from fourdnex.config import Layout, ModelType
+from fourdnex.errors import UsageError
 
 
 class _DropMessagesNaming(logging.Filter):
@@ -145,7 +146,7 @@ class FourDNeXTransformer(WanTransformer3DModel):
         if loaded is None:
             loaded = torch.zeros(model.patch_embedding.domain_embedding.shape)
         elif tuple(loaded.shape) != tuple(model.patch_embedding.domain_embedding.shape):
-            raise ValueError(
+            raise UsageError(
                 f"{path}: {REFERENCE_DOMAIN_KEY} has shape {tuple(loaded.shape)}, the model expects "
                 f"{tuple(model.patch_embedding.domain_embedding.shape)}"
             )
