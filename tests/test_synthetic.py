@@ -76,3 +76,11 @@ def test_window_is_a_slice_of_every_array(scene):
     assert part.caption == scene.caption
     with pytest.raises(ValueError, match=r"frames 6\.\.10 are not all in a scene of 9 frames"):
         window(scene, 6, 5)
+
+
+def test_scene_caption_is_the_rendered_scenes_caption():
+    from fourdnex.data.synthetic import scene_caption
+
+    for seed in range(5):
+        for dynamic in (True, False):
+            assert scene_caption(seed, dynamic) == render_scene(seed, 1, 2, 2, dynamic=dynamic).caption

@@ -297,6 +297,11 @@ def _caption(layout: _Layout, dynamic: bool) -> str:
     return f"{prefix}On {layout.ground_name} ground {place}, {subjects}, while the camera {camera}."
 
 
+def scene_caption(seed: int, dynamic: bool = True) -> str:
+    """The caption of the scene drawn from ``seed`` (what :func:`render_scene` gives it), without rendering."""
+    return _caption(_sample_layout(seed, dynamic), dynamic)
+
+
 def _noise(x: torch.Tensor, y: torch.Tensor, seed: float) -> torch.Tensor:
     """Cheap smooth procedural noise in [-1, 1] from a few sinusoids."""
     return (

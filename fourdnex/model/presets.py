@@ -59,13 +59,9 @@ _TINY_CORPUS = [
 def _synthetic_corpus() -> list[str]:
     """Captions of synthetic scenes (every word the generator uses, with the prompt suffix)."""
     from fourdnex.config import PROMPT_SUFFIX
-    from fourdnex.data.synthetic import render_scene
+    from fourdnex.data.synthetic import scene_caption
 
-    captions = []
-    for seed in range(200):
-        for dynamic in (True, False):
-            captions.append(render_scene(seed, 1, 2, 2, dynamic=dynamic).caption + PROMPT_SUFFIX)
-    return captions
+    return [scene_caption(seed, dynamic) + PROMPT_SUFFIX for seed in range(200) for dynamic in (True, False)]
 
 
 @dataclass(frozen=True)
