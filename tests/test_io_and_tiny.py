@@ -1,6 +1,7 @@
 """Atomic writes, video round trips, the result file format, and the bundled tiny model's reproducibility."""
 
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -118,3 +119,48 @@ def test_a_model_assembled_from_trained_components_stores_them_in_half_precision
     for name, value in pipe.transformer.state_dict().items():
         torch.testing.assert_close(loaded[name], value.half().float(), rtol=0, atol=0)
     assert load_vae(model).dtype == torch.float32
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_table_names(heading: str) -> list[str]:
+    """The first column's backquoted names of the first table after ``heading`` in the README."""
+    lines = (ROOT / "README.md").read_text().split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return [row.split("|")[1].strip().strip("`") for row in lines[start + 2 : end]]
+
+
+def test_result_registration_and_adapter_files_hold_what_their_specs_list(tmp_path):
+    """Each writer writes exactly the keys its format's spec lists, and the README's tables list the same."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from fourdnex.geometry.results import REGISTRATION_ARRAYS, RESULT_ARRAYS, save_registration
+    from fourdnex.model.adapters import DOMAIN_KEY, AdapterMeta, save_adapter
+
+    frames = np.zeros((2, 4, 5, 3), np.uint8)
+    path = save_result(tmp_path, 0, frames, np.zeros((2, 4, 5, 3), np.float32), {})
+    with np.load(path) as data:
+        assert set(data.files) == set(RESULT_ARRAYS)
+    arrays = {"K": np.zeros((2, 3, 3)), "cam2world": np.zeros((2, 4, 4)), "depth": np.zeros((2, 4, 5)),
+              "points": np.zeros((2, 4, 5, 3)), "residual": np.zeros((2, 4, 5)),
+              "frame_index": np.arange(2)}  # fmt: skip
+    save_registration(tmp_path / "00000_reg.npz", arrays, {})
+    with np.load(tmp_path / "00000_reg.npz") as data:
+        assert set(data.files) == set(REGISTRATION_ARRAYS)
+    assert _readme_table_names("`NNNNN_reg.npz`:") == list(REGISTRATION_ARRAYS)
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{name}` (F, H, W, 3)" in readme for name in RESULT_ARRAYS)
+    lora = {
+        "blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 4),
+        "blocks.0.attn1.to_q.lora_B.weight": torch.zeros(4, 2),
+    }
+    adapter = save_adapter(tmp_path / "adapter", lora, torch.zeros(2, 4), AdapterMeta(2, 2.0, ["to_q"]))
+    with safe_open(adapter, "pt") as f:
+        assert set(f.keys()) == {f"transformer.{k}" for k in lora} | {DOMAIN_KEY}
+        written = set(json.loads(f.metadata()["config"]))
+    assert written == {field.name for field in dataclasses.fields(AdapterMeta)}
+    assert all(f"`{name}`" in readme.split("### Adapters", 1)[1].split("##", 1)[0] for name in written)

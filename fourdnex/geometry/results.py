@@ -25,6 +25,11 @@ from fourdnex.errors import FourDNeXError
 from fourdnex.files import write_json, write_npz, write_video
 
 RESULT_NAME = re.compile(r"^\d{5}\.(npz|pkl)$")
+#: The arrays of a result ``NNNNN.npz``, with their shapes, dtypes and meaning.
+RESULT_ARRAYS = {
+    "rgb": "(F, H, W, 3) uint8, the generated RGB video",
+    "xyz": "(F, H, W, 3) float32, the generated pointmap video in the model's normalized space [-1, 1]",
+}
 
 
 class ResultError(FourDNeXError, ValueError):
@@ -57,7 +62,7 @@ def save_result(out_dir: str | Path, index: int, rgb: np.ndarray, xyz: np.ndarra
     result.validate()
     out_dir = Path(out_dir)
     path = out_dir / f"{index:05d}.npz"
-    write_npz(path, rgb=result.rgb, xyz=result.xyz)
+    write_npz(path, **{name: getattr(result, name) for name in RESULT_ARRAYS})
     write_json(out_dir / f"{index:05d}.json", meta)
     return path
 
