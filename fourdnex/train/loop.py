@@ -94,7 +94,7 @@ def make_batch(
         generator = sample_generator(cfg.seed, position)
         sigma = sample_sigmas(1, cfg.timestep_sampling, generator, cfg.shift)
         index = clip_index(cfg.seed, position, len(cache))
-        sample = cache.sample(index, draw_given(tasks, cfg.num_frames, generator) if len(tasks) > 1 else None)
+        sample = cache.sample(index, draw_given(tasks, cfg.num_frames, generator))
         return sigma, sample, torch.randn(sample.x0.shape, generator=generator)
 
     with ThreadPoolExecutor(min(READ_THREADS, len(positions))) as pool:  # file reads and decoding release the GIL
