@@ -37,7 +37,6 @@ from fourdnex.config import (
     AccelerationConfig,
     SampleConfig,
 )
-from fourdnex.errors import UsageError
 from fourdnex.generate.run import RunConfig
 
 
@@ -53,8 +52,6 @@ def main(args: argparse.Namespace) -> None:
     """Generate every selected line (see :func:`fourdnex.generate.run.generate`)."""
     from fourdnex.generate.run import generate
 
-    if args.cache_threshold <= 0:
-        raise UsageError(f"--cache_threshold must be positive, got {args.cache_threshold}")
     switch = {"auto": None, "on": True, "off": False}
     sample = SampleConfig(
         **{name: getattr(args, name) for name in ("num_frames", "height", "width", "steps", "guidance_scale", "seed")},

@@ -43,10 +43,7 @@ def main(args: argparse.Namespace) -> None:
         samples=args.samples,
         seed=args.seed,
     )
-    try:
-        config.validate()
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    config.validate()
     if args.ply_stride < 1:
         raise UsageError(f"--ply_stride must be >= 1, got {args.ply_stride}")
     device = resolve_device(args.device)

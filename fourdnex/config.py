@@ -94,7 +94,7 @@ class SampleConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting a Wan model cannot sample."""
+        """Raise UsageError naming the first setting a Wan model cannot sample."""
         check_video_shape(self.num_frames, self.height, self.width)
         if self.steps < 1:
             raise UsageError(f"steps must be at least 1, got {self.steps}")
@@ -124,13 +124,13 @@ class RegistrationConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting the fit cannot use."""
+        """Raise UsageError naming the first setting the fit cannot use."""
         if self.iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+            raise UsageError(f"iterations must be >= 0, got {self.iterations}")
         if min(self.samples, self.init_samples) < 12:
-            raise ValueError(f"samples and init_samples must be >= 12, got {self.samples} and {self.init_samples}")
+            raise UsageError(f"samples and init_samples must be >= 12, got {self.samples} and {self.init_samples}")
         if self.huber <= 0:
-            raise ValueError(f"huber must be positive, got {self.huber}")
+            raise UsageError(f"huber must be positive, got {self.huber}")
 
 
 #: ``--memory`` choices, from the fastest (everything resident on the GPU) to the most frugal.
@@ -158,12 +158,12 @@ class AccelerationConfig:
     cp: str = "none"  # one of CP_MODES
 
     def validate(self) -> None:
-        """Raise ValueError naming the first unknown choice."""
+        """Raise UsageError naming the first unknown choice or bad value."""
         for name, choices in (("memory", (*MEMORY_MODES, "auto")), ("cache", CACHE_MODES), ("cp", CP_MODES)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.cache_threshold <= 0:
-            raise ValueError(f"cache_threshold must be positive, got {self.cache_threshold}")
+            raise UsageError(f"cache_threshold must be positive, got {self.cache_threshold}")
 
 
 @dataclass(frozen=True)
