@@ -3,16 +3,18 @@
 # 4DNeX-10M layout, a small Wan VAE, a plain image-to-video base model (stage 1), then the 4DNeX adapter (stage 2),
 # its ablations and the any-frame adapter, all evaluated on held-out scenes.
 #
-#   WORK=runs/demo bash scripts/train_demo.sh                  # every stage, in order
-#   WORK=runs/demo bash scripts/train_demo.sh adapters evaluate  # some stages (each resumes where it stopped)
+#   WORK=runs/demo bash scripts/train_demo.sh                    # every stage, in order
+#   WORK=runs/demo bash scripts/train_demo.sh adapters evaluate    # some stages (each resumes where it stopped)
+#   WORK=runs/demo bash scripts/train_demo.sh "vae clips"          # stages named in one word run at the same time
 #
-# Stages (each one command or a few, resumable; times measured on one H200 in BENCHMARKS.md):
-#   data      10,000 training and 100 held-out clips (25 frames, 96x144; held-out seeds never used for training)
-#   vae       the small Wan VAE on 2,000 training clips (RGB and XYZ videos), then the model folder around it
+# Stages (each one command or a few, resumable; times measured in BENCHMARKS.md):
+#   data      100 held-out clips and the VAE's 2,000 clips (25 frames, 96x144; three seed ranges that never meet)
+#   vae       the small Wan VAE on those clips (RGB and XYZ videos), then the model folder around it
+#   clips     the transformer's 10,000 training clips (CPU only: by default it runs while the VAE trains)
 #   cache     build_wan_dataset.py over the training clips with that model's encoders
 #   base      stage 1: finetune.py --train_mode full --layout rgb (plain image-to-video on the RGB clips)
-#   adapters  stage 2: LoRA + domain embedding (4DNeX), the two ablations (no domain embedding; stock RoPE) and
-#             the any-frame adapter (--condition_tasks any), spread over the GPUs
+#   adapters  stage 2, all at once over the GPUs: LoRA + domain embedding (4DNeX), the two ablations (no domain
+#             embedding; stock RoPE) and the any-frame adapter (--condition_tasks any)
 #   evaluate  inference.py + evaluate.py on the held-out clips, for every adapter
 # Sizes: override CLIPS, HELD_OUT, VAE_CLIPS, VAE_STEPS, VAE_BATCH, BASE_STEPS, ADAPTER_STEPS, BATCH (a smoke run
 # uses tiny values).
@@ -23,10 +25,10 @@ WORK=${WORK:-runs/demo}
 CLIPS=${CLIPS:-10000}
 HELD_OUT=${HELD_OUT:-100}
 VAE_CLIPS=${VAE_CLIPS:-2000}
-VAE_STEPS=${VAE_STEPS:-2500}
-VAE_BATCH=${VAE_BATCH:-8}
-BASE_STEPS=${BASE_STEPS:-3000}
-ADAPTER_STEPS=${ADAPTER_STEPS:-2000}
+VAE_STEPS=${VAE_STEPS:-1200}
+VAE_BATCH=${VAE_BATCH:-16}
+BASE_STEPS=${BASE_STEPS:-2000}
+ADAPTER_STEPS=${ADAPTER_STEPS:-1500}
 BATCH=${BATCH:-32}
 CPUS=${CPUS:-$(nproc)}
 GPUS=${GPUS:-$({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l)}
@@ -45,31 +47,37 @@ on_gpu() {
 }
 
 stage_data() {
-    log "data: $CLIPS training clips, $HELD_OUT held-out clips"
-    "$PY" -m fourdnex.data.synthetic --out "$WORK/train" --num_clips "$CLIPS" --seed 1 --workers "$CPUS" \
-        --num_frames 25 --height 96 --width 144
-    # Seeds 2 * 100003 + i never meet the training seeds 100003 + i (i < 100003).
+    log "data: $HELD_OUT held-out clips, $VAE_CLIPS clips for the VAE"
+    # Clip i of seed s is scene s * 100003 + i: the held-out (2), VAE (3) and training (1) ranges never meet.
     "$PY" -m fourdnex.data.synthetic --out "$WORK/held-out" --num_clips "$HELD_OUT" --seed 2 --workers "$CPUS" \
+        --num_frames 25 --height 96 --width 144
+    "$PY" -m fourdnex.data.synthetic --out "$WORK/vae-clips" --num_clips "$VAE_CLIPS" --seed 3 --workers "$CPUS" \
+        --num_frames 25 --height 96 --width 144
+}
+
+stage_clips() {
+    log "clips: $CLIPS training clips"
+    "$PY" -m fourdnex.data.synthetic --out "$WORK/train" --num_clips "$CLIPS" --seed 1 --workers "$CPUS" \
         --num_frames 25 --height 96 --width 144
 }
 
 stage_vae() {
-    log "vae: $VAE_STEPS steps on $VAE_CLIPS clips"
+    log "vae: $VAE_STEPS steps of $VAE_BATCH clips (9-frame windows)"
     "$PY" -m fourdnex.model.presets "$WORK/init" --preset demo
-    on_gpu 0 "$PY" -m fourdnex.train.vae --data_dir "$WORK/train/data" --eval_data_dir "$WORK/held-out/data" \
-        --model_path "$WORK/init" --out "$WORK/vae" --limit "$VAE_CLIPS" --max_steps "$VAE_STEPS" --batch_size "$VAE_BATCH" \
-        --workers "$CPUS" "${SIZE[@]}"
+    on_gpu 0 "$PY" -m fourdnex.train.vae --data_dir "$WORK/vae-clips/data" --eval_data_dir "$WORK/held-out/data" \
+        --model_path "$WORK/init" --out "$WORK/vae" --max_steps "$VAE_STEPS" --batch_size "$VAE_BATCH" \
+        --train_frames 9 --workers "$CPUS" "${SIZE[@]}"
     "$PY" -m fourdnex.model.presets "$WORK/encoders" --preset demo --vae "$WORK/vae/vae"
 }
 
 stage_cache() {
-    local shards=$(( CPUS > 8 ? 8 : CPUS ))
+    local shards=$(( CPUS / 2 > 1 ? CPUS / 2 : 1 ))
     log "cache: $shards shards"
     local pids=()
     for (( i = 0; i < shards; i++ )); do
         on_gpu $(( GPUS > 0 ? i % GPUS : 0 )) "$PY" build_wan_dataset.py --data_dir "$WORK/train/data" \
             --out "$WORK/cache" --model_path "$WORK/encoders" --num_frames 25 --resolution_h 96 --resolution_w 144 \
-            --num_tasks "$shards" --task_idx "$i" --batch_size 8 --num_workers 2 > "$WORK/cache-$i.log" 2>&1 &
+            --num_tasks "$shards" --task_idx "$i" --batch_size 16 --num_workers 1 > "$WORK/cache-$i.log" 2>&1 &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
@@ -82,7 +90,7 @@ finetune() {
     local gpu=$1 out=$2
     shift 2
     on_gpu "$gpu" "$PY" finetune.py --cache_dir "$WORK/cache" --output_dir "$out" "${SIZE[@]}" \
-        --train_batch_size "$BATCH" --no_gradient_checkpointing --timestep_sampling shifted \
+        --train_batch_size "$BATCH" --no_gradient_checkpointing --timestep_sampling shifted --cache_in_memory \
         --lr_warmup_steps 200 --checkpointing_steps 500 --resume_from_checkpoint latest "$@"
 }
 
@@ -95,20 +103,16 @@ stage_base() {
 }
 
 stage_adapters() {
-    log "adapters: $ADAPTER_STEPS steps each on $(( GPUS > 0 ? GPUS : 1 )) devices"
+    log "adapters: $ADAPTER_STEPS steps each, all at once on $(( GPUS > 0 ? GPUS : 1 )) devices"
     local names=(4dnex no-domain-embedding stock-rope any-frame)
     local flags=("--type i2vwbw-demb-samerope" "--type i2vwbw-samerope" "--type i2vwbw-demb"
                  "--type i2vwbw-demb-samerope --condition_tasks any")
     local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=()
-    for i in "${!names[@]}"; do
+    for i in "${!names[@]}"; do  # the small model leaves a GPU mostly idle: several runs share one well
         # shellcheck disable=SC2086  # the flags are words
         finetune $(( i % slots )) "$WORK/${names[$i]}" --model_path "$WORK/model" --lora_rank 16 --lora_alpha 16 \
             --learning_rate 1e-3 --max_steps "$ADAPTER_STEPS" ${flags[$i]} > "$WORK/${names[$i]}.log" 2>&1 &
         pids+=($!)
-        if (( ${#pids[@]} == slots )); then
-            for pid in "${pids[@]}"; do wait "$pid"; done
-            pids=()
-        fi
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
 }
@@ -141,9 +145,14 @@ stage_evaluate() {
 }
 
 stages=("$@")
-(( ${#stages[@]} )) || stages=(data vae cache base adapters evaluate)
-for stage in "${stages[@]}"; do
+(( ${#stages[@]} )) || stages=(data "vae clips" cache base adapters evaluate)
+for group in "${stages[@]}"; do
     start=$SECONDS
-    "stage_$stage"
-    log "$stage done in $(( SECONDS - start )) s"
+    pids=()
+    for stage in $group; do
+        "stage_$stage" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    log "$group done in $(( SECONDS - start )) s"
 done

@@ -105,6 +105,7 @@ def test_every_format_round_trips(single, tree):
         lat = load_file(files["latents"])
         assert lat["rgb"].shape == lat["xyz"].shape == (16, 3, RES[0] // 8, RES[1] // 8)
         assert lat["cond"].shape == (16, 3, RES[0] // 8, 2 * RES[1] // 8)
+        assert lat["cond_rgb"].shape == (16, 3, RES[0] // 8, RES[1] // 8)
         assert load_file(files["clip"])["clip_embeds"].shape == (17, 32)  # tiny CLIP: 4 x 4 patches + class token
         assert load_file(files["prompt"])["prompt_embeds"].shape == (512, 32)
         geo = load_file(files["pointmap"])

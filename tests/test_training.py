@@ -932,7 +932,21 @@ def test_any_frame_tasks_and_the_rgb_layout_read_hand_built_conditions(cache_dir
     first = torch.zeros(9, dtype=torch.bool)
     first[0] = True
     assert torch.equal(rgb.mask, condition_mask(first[None], 4, 4, "rgb")[0])
-    assert rgb.cond_video.shape == (3, 9, 32, 32) and not rgb.cond_video[:, 1:].any()
+    # Its condition is cached: the tiny VAE's encoding of [first frame, then zeros], without the plane.
+    from PIL import Image
+
+    from fourdnex.model.loading import load_vae
+
+    png = np.array(Image.open(cache_dir / record["files"]["first_frame"]))  # lossless, as the build encoded it
+    first_frame = torch.from_numpy(png).permute(2, 0, 1).float()[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
+    video = torch.cat([first_frame, torch.zeros(1, 3, 8, 32, 32)], dim=2)
+    vae = load_vae(TINY_MODEL).eval()
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    assert rgb.cond_video is None
+    torch.testing.assert_close(rgb.cond, ((z - mean) / std)[0], atol=1e-5, rtol=1e-5)
     # The task shares: drawn from the sample's own generator, close to the preset over many draws.
     counts = {"image": 0, "first_last": 0, "keyframes": 0, "video": 0}
     for position in range(2000):
@@ -1025,3 +1039,48 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
         ours, theirs = (m(**inputs, return_dict=False)[0] for m in (trained, pipe.transformer))
     assert ours.abs().max() > 0
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_in_memory_gives_the_samples_of_its_files(cache_dir, tmp_path):
+    """--cache_in_memory reads every file a run uses once: the samples equal those read from the files, and the
+    run no longer needs the files."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    for layout in ("rgbxyz", "rgb"):
+        on_disk = LatentCache(copy, 3, 32, 32, layout)
+        held = LatentCache(copy, 3, 32, 32, layout, in_memory=True)
+        assert len(held.memory) == 2 + 2 + len({item["files"]["prompt"] for item in held.items})
+        expected = [on_disk.sample(i) for i in range(2)]
+        for folder in ("latents", "clip", "prompt"):
+            shutil.rmtree(copy / folder)
+        for i, sample in enumerate(expected):
+            again = held.sample(i)
+            for name in ("x0", "mask", "cond", "prompt_embeds", "image_embeds"):
+                assert torch.equal(getattr(again, name), getattr(sample, name)), (layout, name)
+        shutil.rmtree(copy)
+        shutil.copytree(cache_dir, copy)
+
+
+def test_a_cache_without_the_rgb_condition_encodes_it(cache_dir, tmp_path):
+    """A cache built before ``cond_rgb`` existed still trains the RGB layout: the condition is encoded from the
+    first frame, to the values the cache would hold."""
+    from safetensors.torch import save_file
+
+    from fourdnex.data.cache import VaeConditionEncoder
+    from fourdnex.model.loading import load_vae
+
+    old = tmp_path / "old"
+    shutil.copytree(cache_dir, old)
+    for path in (old / "latents").rglob("*.safetensors"):
+        tensors = load_file(path)
+        del tensors["cond_rgb"]
+        save_file(tensors, path)
+    cached = LatentCache(cache_dir, 3, 32, 32, "rgb")
+    encoded = LatentCache(old, 3, 32, 32, "rgb")
+    assert cached.cached_condition and not encoded.cached_condition
+    encoder = VaeConditionEncoder(load_vae(TINY_MODEL), torch.device("cpu"))
+    for i in range(2):
+        sample = encoded.sample(i)
+        torch.testing.assert_close(encoder(sample.cond_video[None])[0], cached.sample(i).cond, atol=1e-5, rtol=1e-5)

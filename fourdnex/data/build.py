@@ -168,9 +168,10 @@ def _to_video(frames: np.ndarray) -> torch.Tensor:
 
 
 def encode_batch(encoders: Encoders, clips: list[PreparedClip], cond_num_frames: int) -> list[dict[str, torch.Tensor]]:
-    """Latents of a batch of clips: RGB and XYZ in one VAE call, the conditions in another.
+    """Latents of a batch of clips: RGB and XYZ in one VAE call, each condition in another.
 
-    Returns per clip ``rgb``/``xyz`` ``(16, T, h, w)`` and ``cond`` ``(16, Tc, h, 2w)``, VAE-normalized.
+    Returns per clip ``rgb``/``xyz`` ``(16, T, h, w)``, ``cond`` ``(16, Tc, h, 2w)`` and ``cond_rgb``
+    ``(16, Tc, h, w)``, VAE-normalized.
     """
     videos = []
     for clip in clips:
@@ -178,7 +179,11 @@ def encode_batch(encoders: Encoders, clips: list[PreparedClip], cond_num_frames:
     latents = encoders.encode_videos(torch.stack(videos))  # (2B, 16, T, h, w): rgb, xyz, rgb, xyz, ...
     first = torch.stack([_to_video(clip.rgb[:1])[:, 0] for clip in clips])  # (B, 3, H, W)
     conds = encoders.encode_videos(condition_video(first, cond_num_frames, "rgbxyz"))  # (B, 16, Tc, h, 2w)
-    return [{"rgb": latents[2 * i], "xyz": latents[2 * i + 1], "cond": conds[i]} for i in range(len(clips))]
+    conds_rgb = encoders.encode_videos(condition_video(first, cond_num_frames, "rgb"))  # (B, 16, Tc, h, w)
+    return [
+        {"rgb": latents[2 * i], "xyz": latents[2 * i + 1], "cond": conds[i], "cond_rgb": conds_rgb[i]}
+        for i in range(len(clips))
+    ]
 
 
 def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: bool = True) -> BuildSummary:

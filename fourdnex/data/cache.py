@@ -28,13 +28,14 @@ import hashlib
 import json
 import math
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from fourdnex.config import Layout, latent_frames, video_frames
@@ -133,6 +134,8 @@ PROMPTS_FILE = "prompts.txt"
 VIDEOS_FILE = "videos.txt"
 FAILURES_FILE = "failures.jsonl"
 RECORD_FILE = "records/<id>.json"
+#: The tensors of a clip's latents file, as the build writes them.
+LATENT_KEYS = ("rgb", "xyz", "cond", "cond_rgb")
 FAILURE_FILE = "failures/<id>.json"
 #: Every file of a cache. Per-clip files first, in the order a record lists them.
 FILES: tuple[CacheFile, ...] = (
@@ -178,6 +181,13 @@ FILES: tuple[CacheFile, ...] = (
                 "the condition: fusion.condition_video(first frame, cond_num_frames, 'rgbxyz') ([RGB | sloped plane], "
                 "then zero frames)",
                 "(16, Tc, H/8, 2 W/8) [16, 13, 60, 180]",
+                "float32",
+            ),
+            Field(
+                "cond_rgb",
+                "the condition of plain image-to-video (finetune.py --layout rgb): fusion.condition_video(first "
+                "frame, cond_num_frames, 'rgb') (RGB, then zero frames); absent from caches built before it",
+                "(16, Tc, H/8, W/8) [16, 13, 60, 90]",
                 "float32",
             ),
         ),
@@ -308,10 +318,11 @@ def write_clip_media(out: Path, clip: PreparedClip, files: dict[str, str]) -> No
 
 
 def write_latents(out: Path, files: dict[str, str], latents: dict[str, torch.Tensor], config: dict) -> None:
-    """A clip's ``rgb``, ``xyz`` ``(16, T, h, w)`` and ``cond`` ``(16, Tc, h, 2w)`` latents, as float32."""
+    """A clip's ``rgb``, ``xyz`` ``(16, T, h, w)``, ``cond`` ``(16, Tc, h, 2w)`` and ``cond_rgb`` ``(16, Tc, h, w)``
+    latents, as float32."""
     write_safetensors(
         out / files["latents"],
-        {key: latents[key].float() for key in ("rgb", "xyz", "cond")},
+        {key: latents[key].float() for key in LATENT_KEYS},
         {
             "num_frames": str(config["num_frames"]),
             "cond_num_frames": str(config["cond_num_frames"]),
@@ -578,8 +589,6 @@ def read_stats(cache_dir: str | Path) -> CacheStats:
         raise CacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
 
 
-
-
 class LatentCache:
     """The clips of a cache as training samples of ``num_latent_frames`` latent frames: fused (``layout="rgbxyz"``)
     or the RGB half alone (``"rgb"``, plain image-to-video).
@@ -589,7 +598,13 @@ class LatentCache:
     """
 
     def __init__(
-        self, cache_dir: str | Path, num_latent_frames: int, height: int, width: int, layout: Layout = "rgbxyz"
+        self,
+        cache_dir: str | Path,
+        num_latent_frames: int,
+        height: int,
+        width: int,
+        layout: Layout = "rgbxyz",
+        in_memory: bool = False,
     ) -> None:
         self.root = Path(cache_dir)
         self.stats = read_stats(self.root)
@@ -610,11 +625,50 @@ class LatentCache:
             )
         self.num_latent_frames = num_latent_frames
         self.layout = layout
-        #: the cached condition ([first frame | plane], then zeros) serves image samples of the fused layout, if it
-        #: covers the training length; every other condition is encoded from the clip's frames
-        self.cached_condition = layout == "rgbxyz" and latent_frames(self.stats.cond_num_frames) >= num_latent_frames
         self.latent_shape = (num_latent_frames, height // 8, width // 8)  # per modality
         self.items = self._read_manifest()
+        #: the cached condition of the layout (``cond``: [first frame | plane], ``cond_rgb``: the first frame, then
+        #: zeros) serves image samples if the cache holds it and it covers the training length; every other
+        #: condition is encoded from the clip's frames
+        self.condition_key = "cond" if layout == "rgbxyz" else "cond_rgb"
+        self.cached_condition = latent_frames(self.stats.cond_num_frames) >= num_latent_frames and (
+            layout == "rgbxyz" or self._holds(self.items[0]["files"]["latents"], self.condition_key)
+        )
+        #: file -> its tensors, for every file :meth:`sample` reads, when the cache is held in memory
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        if in_memory:
+            self._read_into_memory()
+
+    def _holds(self, relative: str, key: str) -> bool:
+        """Whether the safetensors file at ``relative`` holds a tensor named ``key``."""
+        path = self.root / relative
+        try:
+            with safe_open(path, "pt") as f:
+                names = f.keys()
+        except (SafetensorError, OSError) as err:
+            raise CacheError(f"{path}: unreadable ({err})") from err
+        return key in names
+
+    def _read_into_memory(self) -> None:
+        """Read every tensor that :meth:`sample` reads (each prompt once) into :attr:`memory`, with threads."""
+        from tqdm.auto import tqdm
+
+        latent_keys = ("rgb", "xyz", self.condition_key) if self.cached_condition else ("rgb", "xyz")
+        wanted = {item["files"]["latents"]: latent_keys for item in self.items}
+        for item in self.items:
+            wanted[item["files"]["prompt"]] = ("prompt_embeds",)
+            wanted[item["files"]["clip"]] = ("clip_embeds",)
+        with ThreadPoolExecutor(8) as pool:
+            loaded = pool.map(lambda entry: _load(self.root / entry[0], entry[1]), wanted.items())
+            bar = tqdm(loaded, total=len(wanted), desc="cache into memory", unit="file")
+            self.memory = dict(zip(wanted, bar, strict=True))
+
+    def _tensors(self, relative: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The named tensors of the file at ``relative``, from memory when held there."""
+        held = self.memory.get(relative)
+        if held is not None and all(key in held for key in keys):
+            return held
+        return _load(self.root / relative, keys)
 
     def _read_manifest(self) -> list[dict]:
         """The manifest's clips (id and the files training reads); a bad line is named."""
@@ -655,8 +709,9 @@ class LatentCache:
             given[0] = True
         image_task = bool(given[0]) and not given[1:].any()
         from_cache = self.cached_condition and image_task
-        latents = _load(latents_path, ("rgb", "xyz", "cond") if from_cache else ("rgb", "xyz"))
-        expected = {"rgb": (16, h, w), "xyz": (16, h, w), "cond": (16, h, 2 * w)}
+        key = self.condition_key
+        latents = self._tensors(files["latents"], ("rgb", "xyz", key) if from_cache else ("rgb", "xyz"))
+        expected = {"rgb": (16, h, w), "xyz": (16, h, w), "cond": (16, h, 2 * w), "cond_rgb": (16, h, w)}
         for key in latents:
             channels, hh, ww = expected[key]
             shape = tuple(latents[key].shape)
@@ -672,10 +727,10 @@ class LatentCache:
         else:
             x0 = rgb  # (16, T, h, w)
         mask = condition_mask(given[None], h, x0.shape[-1], self.layout)[0]  # (4, T, h, w')
-        cond = latents["cond"][:, :frames].float() if from_cache else None
+        cond = latents[key][:, :frames].float() if from_cache else None
         cond_video = None if from_cache else self._condition_video(files, given)
-        prompt = _load(self.root / files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
-        image = _load(self.root / files["clip"], ("clip_embeds",))["clip_embeds"].float()
+        prompt = self._tensors(files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
+        image = self._tensors(files["clip"], ("clip_embeds",))["clip_embeds"].float()
         for name, tensor, path in (("prompt_embeds", prompt, files["prompt"]), ("clip_embeds", image, files["clip"])):
             if tensor.ndim != 2:
                 raise CacheError(f"{self.root / path}: {name} has shape {tuple(tensor.shape)}, expected (tokens, dim)")

@@ -63,6 +63,7 @@ class TrainConfig:
     train_mode: TrainMode = "lora"
     layout: TrainLayout = "rgbxyz"
     condition_tasks: str = "image"  # a CONDITION_TASKS key
+    cache_in_memory: bool = False  # read the whole cache into host memory before the first step
     height: int = 480  # per modality
     width: int = 720
     num_frames: int = 49  # video frames; 49 -> 13 latent frames

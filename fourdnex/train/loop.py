@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
     from tqdm.auto import tqdm
 
     cfg.validate()
-    cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout)
+    cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout, cfg.cache_in_memory)
     model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
     if not (Path(model_path) / "transformer" / "config.json").is_file():
         raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
