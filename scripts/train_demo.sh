@@ -25,8 +25,8 @@ WORK=${WORK:-runs/demo}
 CLIPS=${CLIPS:-10000}
 HELD_OUT=${HELD_OUT:-100}
 VAE_CLIPS=${VAE_CLIPS:-2000}
-VAE_STEPS=${VAE_STEPS:-1200}
-VAE_BATCH=${VAE_BATCH:-16}
+VAE_STEPS=${VAE_STEPS:-1500}
+VAE_BATCH=${VAE_BATCH:-8}
 BASE_STEPS=${BASE_STEPS:-2000}
 ADAPTER_STEPS=${ADAPTER_STEPS:-1500}
 BATCH=${BATCH:-32}
@@ -62,11 +62,11 @@ stage_clips() {
 }
 
 stage_vae() {
-    log "vae: $VAE_STEPS steps of $VAE_BATCH clips (9-frame windows)"
+    log "vae: $VAE_STEPS steps of $VAE_BATCH clips"
     "$PY" -m fourdnex.model.presets "$WORK/init" --preset demo
     on_gpu 0 "$PY" -m fourdnex.train.vae --data_dir "$WORK/vae-clips/data" --eval_data_dir "$WORK/held-out/data" \
         --model_path "$WORK/init" --out "$WORK/vae" --max_steps "$VAE_STEPS" --batch_size "$VAE_BATCH" \
-        --train_frames 9 --workers "$CPUS" "${SIZE[@]}"
+        --workers "$CPUS" "${SIZE[@]}"
     "$PY" -m fourdnex.model.presets "$WORK/encoders" --preset demo --vae "$WORK/vae/vae"
 }
 

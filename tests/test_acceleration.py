@@ -173,3 +173,24 @@ def test_cli_refuses_context_parallel_outside_torchrun(tmp_path):
     # The launch command names this very interpreter's torch, so it works from a virtual environment that is not
     # activated (no torchrun on PATH needed).
     assert_one_line_error(proc, "--cp ulysses needs several processes", f"{sys.executable} -m torch.distributed.run")
+
+
+def test_available_memory_of_a_device_without_an_index(monkeypatch):
+    """``--device cuda`` (no index) is the current GPU: torch's memory queries refuse a CUDA device without an
+    index, so the query must name it (a fake CUDA runtime that refuses like torch does stands in for the GPU)."""
+    from fourdnex.generate import acceleration
+
+    def indexed(device) -> int:
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        return device.index if isinstance(device, torch.device) else device
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    free_and_total = {1: (60 * gib, 80 * gib)}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: free_and_total[indexed(device)])
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.5 + 0 * indexed(device))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * gib + 0 * indexed(device))
+    # free 60 GiB, but the process may use half of 80 GiB, 2 GiB of which it holds already
+    assert acceleration.available_memory(torch.device("cuda")) == 38 * gib
+    assert acceleration.available_memory(torch.device("cuda", 1)) == 38 * gib

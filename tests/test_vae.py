@@ -24,8 +24,8 @@ def trees(tmp_path_factory) -> tuple[Path, Path]:
     return train, held_out
 
 
-def train(trees, out: Path, steps: int, *extra: str) -> dict:
-    args = ["--data_dir", trees[0], "--eval_data_dir", trees[1], "--model_path", TINY, "--out", out, *SIZE, *extra]
+def train(trees, out: Path, steps: int) -> dict:
+    args = ["--data_dir", trees[0], "--eval_data_dir", trees[1], "--model_path", TINY, "--out", out, *SIZE]
     args += ["--max_steps", str(steps), "--batch_size", "2", "--warmup_steps", "2", "--checkpointing_steps", "5"]
     run(trainer.main, trainer.build_parser(), [*map(str, args), "--device", "cpu", "--workers", "2"])
     return json.loads((out / "metrics.json").read_text())
@@ -76,35 +76,3 @@ def test_bad_settings_are_one_line(trees, tmp_path):
     with pytest.raises(SystemExit, match="no VAE config"):
         run(trainer.main, trainer.build_parser(), ["--data_dir", str(trees[0]), "--model_path", str(tmp_path),
                                                    "--out", str(tmp_path), *SIZE])  # fmt: skip
-    with pytest.raises(SystemExit, match=r"^fourdnex.train.vae: train_frames must be 4k\+1"):
-        train(trees, tmp_path / "c", 1, "--train_frames", "3")
-    with pytest.raises(SystemExit, match=r"^fourdnex.train.vae: train_frames must be at most num_frames 5, got 9"):
-        train(trees, tmp_path / "c", 1, "--train_frames", "9")
-
-
-def test_train_frames_are_random_windows_of_the_clips(trees, tmp_path, monkeypatch):
-    """Each step's videos are ``train_frames`` consecutive frames of the batch's clips, RGB then XYZ, from a start
-    drawn per step; the held-out PSNR is still of whole clips."""
-    seen, loss = [], trainer.vae_loss
-
-    def record(vae, videos, *args):
-        seen.append(videos.clone())
-        return loss(vae, videos, *args)
-
-    monkeypatch.setattr(trainer, "vae_loss", record)
-    metrics = train(trees, tmp_path / "run", 12, "--train_frames", "1")
-    clips = trainer.load_clips(trees[0], 5, 32, 48, None, 2)
-    whole = clips.videos(np.arange(4), torch.device("cpu"))  # (8, 3, 5, 32, 48): 4 RGB, then 4 XYZ
-    starts = set()
-    for videos in seen:
-        assert videos.shape == (4, 3, 1, 32, 48)  # batch 2: its 2 RGB videos, then their 2 XYZ videos
-        matches = [
-            (clip, frame)
-            for clip in range(4)
-            for frame in range(5)
-            if torch.equal(videos[0, :, 0], whole[clip, :, frame])
-            and torch.equal(videos[2, :, 0], whole[4 + clip, :, frame])
-        ]
-        assert matches, "a training video is not a frame of a clip"
-        starts.add(matches[0][1])
-    assert len(starts) > 1 and metrics["held_out_clips"] == 2

@@ -76,6 +76,7 @@ def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = Fal
 
 def available_memory(device: torch.device) -> int:
     """Bytes this process may still allocate on a CUDA device: free memory, within any per-process cap."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
     free, total = torch.cuda.mem_get_info(device)
     fraction = (
         torch.cuda.get_per_process_memory_fraction(device)

@@ -50,7 +50,6 @@ class VaeTrainConfig:
     out: str
     eval_data_dir: str | None = None
     num_frames: int = 25
-    train_frames: int | None = None  # frames of the clip a training step reads (4k+1, from a random start); None: all
     height: int = 96
     width: int = 144
     limit: int | None = None  # first N clips of data_dir
@@ -67,9 +66,7 @@ class VaeTrainConfig:
 
     def validate(self) -> None:
         """Raise UsageError naming the first setting that cannot be trained with."""
-        check_video_shape(self.num_frames, self.height, self.width, train_frames=self.train_frames)
-        if self.train_frames is not None and self.train_frames > self.num_frames:
-            raise UsageError(f"train_frames must be at most num_frames {self.num_frames}, got {self.train_frames}")
+        check_video_shape(self.num_frames, self.height, self.width)
         for name in ("max_steps", "batch_size", "checkpointing_steps", "workers", "eval_limit"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -89,11 +86,10 @@ class Clips:
     def __len__(self) -> int:
         return len(self.rgb)
 
-    def videos(self, index: np.ndarray, device: torch.device, frames: slice = slice(None)) -> torch.Tensor:
-        """RGB videos of clips ``index`` then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1] (the
-        ``frames`` of each clip)."""
-        rgb = torch.from_numpy(self.rgb[index, frames]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        xyz = torch.from_numpy(self.xyz[index, frames]).to(device).permute(0, 4, 1, 2, 3).float()
+    def videos(self, index: np.ndarray, device: torch.device) -> torch.Tensor:
+        """RGB videos of clips ``index`` then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1]."""
+        rgb = torch.from_numpy(self.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        xyz = torch.from_numpy(self.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()
         return torch.cat([rgb, xyz])
 
 
@@ -218,13 +214,10 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
         rng = np.random.default_rng([cfg.seed, step])  # the batch of step n, whether resumed or not
         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         index = rng.choice(len(clips), cfg.batch_size, replace=False)
-        length = cfg.train_frames or cfg.num_frames
-        first = int(rng.integers(cfg.num_frames - length + 1))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            videos = clips.videos(index, device, slice(first, first + length))  # (2B, 3, length, H, W)
-            loss, parts = vae_loss(vae, videos, cfg.kl_weight, generator)
+            loss, parts = vae_loss(vae, clips.videos(index, device), cfg.kl_weight, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -272,13 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
                  "checkpointing_steps", "seed", "workers"):  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=getattr(d, name))
     p.add_argument("--limit", type=int, default=None, help="only the first N training clips")
-    p.add_argument(
-        "--train_frames",
-        type=int,
-        default=None,
-        help="train on this many consecutive frames of each clip (4k+1, a random start per step; the causal VAE "
-        "codes any length alike); default: the whole clip. The held-out PSNR is always of whole clips",
-    )
     p.add_argument("--learning_rate", type=float, default=d.learning_rate)
     p.add_argument("--kl_weight", type=float, default=d.kl_weight)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
