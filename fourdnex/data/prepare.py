@@ -92,6 +92,14 @@ def frame_indices(source_frames: int, num_frames: int) -> np.ndarray:
     return np.where(j < source_frames, j, period - j).astype(np.int64)
 
 
+def _cover(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """``(new_h, new_w, y0, x0)``: the size a ``src_h x src_w`` frame is resized to so it covers ``height x width``,
+    and the offset of the centre crop in the resized frame."""
+    s = max(height / src_h, width / src_w)
+    new_h, new_w = max(height, round(src_h * s)), max(width, round(src_w * s))
+    return new_h, new_w, (new_h - height) // 2, (new_w - width) // 2
+
+
 def cover_crop(
     x: torch.Tensor, height: int, width: int, mode: str
 ) -> tuple[torch.Tensor, tuple[float, float, int, int]]:
@@ -100,15 +108,32 @@ def cover_crop(
     Returns the crop and ``(sx, sy, x0, y0)``: the resize factors and the crop's offset in the resized image.
     """
     src_h, src_w = x.shape[-2:]
-    s = max(height / src_h, width / src_w)
-    new_h, new_w = max(height, round(src_h * s)), max(width, round(src_w * s))
+    new_h, new_w, y0, x0 = _cover(src_h, src_w, height, width)
     if (new_h, new_w) != (src_h, src_w):
         if mode == "nearest-exact":
             x = F.interpolate(x, size=(new_h, new_w), mode=mode)
         else:
             x = F.interpolate(x, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True)
-    y0, x0 = (new_h - height) // 2, (new_w - width) // 2
     return x[..., y0 : y0 + height, x0 : x0 + width], (new_w / src_w, new_h / src_h, x0, y0)
+
+
+def crop_video(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """RGB frames ``(F, Hs, Ws, 3)`` uint8 -> ``(F, H, W, 3)`` uint8 by :func:`cover_crop` (bilinear with
+    antialiasing, rounded back to 8 bits); frames that need no resize are only cropped, which gives the same bytes."""
+    new_h, new_w, y0, x0 = _cover(*rgb.shape[1:3], height, width)
+    if (new_h, new_w) == rgb.shape[1:3]:
+        return np.ascontiguousarray(rgb[:, y0 : y0 + height, x0 : x0 + width])
+    frames = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float()
+    frames, _ = cover_crop(frames, height, width, "bilinear")
+    return np.ascontiguousarray(frames.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def crop_geometry(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Geometry frames ``(F, Hp, Wp, C)`` (points, depths) -> ``(F, H, W, C)`` by :func:`cover_crop` (nearest, so no
+    point is invented between two surfaces)."""
+    frames = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+    cropped, _ = cover_crop(frames, height, width, "nearest-exact")
+    return cropped.permute(0, 2, 3, 1).numpy()
 
 
 def crop_intrinsics(K: np.ndarray, sx: float, sy: float, x0: int, y0: int) -> np.ndarray:
@@ -173,6 +198,35 @@ def metric_pointmap(pointmap: np.ndarray, center: np.ndarray, scale: float) -> n
     return np.asarray(pointmap, np.float64) * scale + np.asarray(center, np.float64)[:, None, None, :]
 
 
+@dataclass
+class ClipFrames:
+    """What the preprocessing makes of a clip besides its pointmap: the F frames it picks, their RGB cropped to the
+    output size, their cameras and the intrinsics of the cropped grid."""
+
+    frame_indices: np.ndarray  # (F,) int64
+    rgb: np.ndarray  # (F, H, W, 3) uint8
+    cam2world: np.ndarray  # (F, 4, 4) float64, the source's world
+    intrinsics: np.ndarray  # (F, 3, 3) float64 for the H x W frames
+    intrinsics_source: str  # "given" | "fitted"
+
+
+def prepare_frames(raw: RawClip, num_frames: int, height: int, width: int) -> ClipFrames:
+    """Pick ``num_frames`` frames and crop their RGB to ``height x width``; K follows the geometry's crop (fitted on
+    the frames' points when the clip has none). The pointmap itself is left alone (see :func:`prepare_clip`)."""
+    idx = frame_indices(len(raw.rgb), num_frames)
+    c2w = raw.cam2world[idx]
+    if raw.K is None:
+        w2c = np.linalg.inv(c2w)
+        cam_f = np.einsum("fij,fhwj->fhwi", w2c[:, :3, :3], raw.points[idx]) + w2c[:, None, None, :3, 3]
+        K_src, intrinsics_source = fit_intrinsics(cam_f), "fitted"
+    else:
+        K_src, intrinsics_source = raw.K[idx], "given"
+    src_h, src_w = raw.geometry_shape[1:]
+    new_h, new_w, y0, x0 = _cover(src_h, src_w, height, width)
+    intrinsics = crop_intrinsics(K_src, new_w / src_w, new_h / src_h, x0, y0)
+    return ClipFrames(idx, crop_video(raw.rgb[idx], height, width), c2w, intrinsics, intrinsics_source)
+
+
 def prepare_clip(
     source: ClipSource, raw: RawClip, num_frames: int, height: int, width: int, center: str = "clip"
 ) -> PreparedClip:
@@ -180,41 +234,27 @@ def prepare_clip(
 
     The normalization is fitted on the source frames the clip uses, at source resolution, before the crop.
     """
-    n = len(raw.rgb)
-    idx = frame_indices(n, num_frames)
+    idx = frame_indices(len(raw.rgb), num_frames)
     used = int(idx.max()) + 1  # frames 0 .. used - 1 appear
-    rgb = torch.from_numpy(np.ascontiguousarray(raw.rgb[idx])).permute(0, 3, 1, 2).float()
-    rgb, _ = cover_crop(rgb, height, width, "bilinear")
-    rgb = rgb.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-    c2w = raw.cam2world[idx]
     world_to_cam0 = np.linalg.inv(raw.cam2world[0])
     cam0 = raw.points[:used] @ world_to_cam0[:3, :3].T + world_to_cam0[:3, 3]  # (used, Hp, Wp, 3) first camera
-    norm = fit_normalization(cam0, center)
-    if raw.K is None:
-        w2c = np.linalg.inv(c2w)
-        cam_f = np.einsum("fij,fhwj->fhwi", w2c[:, :3, :3], raw.points[idx]) + w2c[:, None, None, :3, 3]
-        K_src, intrinsics_source = fit_intrinsics(cam_f), "fitted"
-    else:
-        K_src, intrinsics_source = raw.K[idx], "given"
-    pts = torch.from_numpy(np.ascontiguousarray(cam0[idx])).permute(0, 3, 1, 2)
-    pts, (sx, sy, x0, y0) = cover_crop(pts, height, width, "nearest-exact")
-    norm = norm.take(idx)
-    normalized = normalize_pointmap(pts.permute(0, 2, 3, 1).numpy(), norm)
+    norm = fit_normalization(cam0, center).take(idx)
+    frames = prepare_frames(raw, num_frames, height, width)
+    normalized = normalize_pointmap(crop_geometry(cam0[idx], height, width), norm)
     return PreparedClip(
         source=source,
-        rgb=rgb,
+        rgb=frames.rgb,
         pointmap=normalized.astype(np.float32),
         center=norm.center,
         scale=norm.scale,
         half_range=norm.half_range,
         center_mode=center,
-        cam2world=c2w,
-        intrinsics=crop_intrinsics(K_src, sx, sy, x0, y0),
-        intrinsics_source=intrinsics_source,
+        cam2world=frames.cam2world,
+        intrinsics=frames.intrinsics,
+        intrinsics_source=frames.intrinsics_source,
         frame_indices=idx,
         caption=raw.caption,
         number=raw.number,
-        source_frames=n,
+        source_frames=len(raw.rgb),
         reader=raw.reader,
     )

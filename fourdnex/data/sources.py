@@ -17,6 +17,7 @@ clips are processed in the sorted order of their ids. Captions: ``caption/<subse
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import textwrap
@@ -208,15 +209,30 @@ class Discovery:
 
 @dataclass
 class RawClip:
-    """A clip as read, at source resolution (N frames)."""
+    """A clip as read, at source resolution (N frames). Its geometry is what the format stores: depth maps
+    (``depth``, with ``K``) or world points; :attr:`points` gives world points either way."""
 
     rgb: np.ndarray  # (N, Hs, Ws, 3) uint8
-    points: np.ndarray  # (N, Hp, Wp, 3) float64, world coordinates
     cam2world: np.ndarray  # (N, 4, 4) float64, camera-to-world, OpenCV axes
     K: np.ndarray | None  # (N, 3, 3) float64 for the pointmap's pixel grid, or None (to be fitted)
     caption: str
     number: int
     reader: str = "decord"
+    depth: np.ndarray | None = None  # (N, Hp, Wp) camera-frame z as stored (float32 mostly), where the format has it
+    stored_points: np.ndarray | None = None  # (N, Hp, Wp, 3) float64 world points, where the format stores them
+
+    @property
+    def geometry_shape(self) -> tuple[int, int, int]:
+        """``(N, Hp, Wp)``: the geometry's frames and pixel grid."""
+        return (self.depth if self.depth is not None else self.stored_points).shape[:3]
+
+    @functools.cached_property
+    def points(self) -> np.ndarray:
+        """``(N, Hp, Wp, 3)`` float64 world coordinates: the stored points, or the depth unprojected (on first use:
+        evaluation reads the depth alone)."""
+        if self.depth is None:
+            return self.stored_points
+        return unproject_depth(self.depth.astype(np.float64), self.K, self.cam2world)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,6 +490,16 @@ def _check_finite(name: str, array: np.ndarray, path: Path) -> None:
         raise ClipError(f"{path}: {name} holds NaN or inf in frame {int(np.argmax(bad))} ({int(bad.sum())} frames)")
 
 
+def _check_rays(K: np.ndarray, path: Path) -> None:
+    """ClipError naming the first frame whose ``K (N, 3, 3)`` gives no finite pixel rays (a focal length of 0, or a
+    focal length or principal point that is NaN or inf): its depth would unproject to no finite point."""
+    entries = K[:, [0, 1, 0, 1], [0, 1, 2, 2]]  # fx, fy, cx, cy
+    bad = ~(np.isfinite(entries).all(1) & (entries[:, :2] != 0).all(1))
+    if bad.any():
+        frame, count = int(np.argmax(bad)), int(bad.sum())
+        raise ClipError(f"{path}: the intrinsics of frame {frame} give no finite rays ({count} frames)")
+
+
 def _check_range(source: ClipSource, frames: int, what: str) -> None:
     """ClipError unless the name's range (if any) covers exactly ``frames`` frames."""
     if source.length is not None and source.length != frames:
@@ -516,7 +542,7 @@ def _read_monst3r(source: ClipSource) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if len(traj) != n or len(intr) != n:
         raise ClipError(f"{path}: {n} depth frames but {len(traj)} poses and {len(intr)} intrinsics")
     try:
-        depth = np.stack([np.load(path / name, allow_pickle=False) for name in expected]).astype(np.float64)
+        depth = np.stack([np.load(path / name, allow_pickle=False) for name in expected])
     except (OSError, ValueError) as err:
         raise ClipError(f"{path}: cannot read depth: {err}") from err
     if depth.ndim != 3:
@@ -534,13 +560,13 @@ def read_clip(source: ClipSource, captions: Captions) -> RawClip:
         raise ClipError(source.problem)
     number, caption = captions.caption(source)
     path = source.path
+    points = None
     if source.format == "monst3r":
         depth, c2w, K = _read_monst3r(source)
         rgb, reader = _read_rgb(source, len(depth))
-        points = unproject_depth(depth, K, c2w)
     elif source.format == "dynamic_npz":
         arrays = _load_npz(path, ("images", "depths", "intrinsic", "cam_c2w"))
-        rgb, depth = arrays["images"], arrays["depths"].astype(np.float64)
+        rgb, depth = arrays["images"], arrays["depths"]
         if rgb.ndim != 4 or rgb.shape[-1] != 3 or depth.shape != rgb.shape[:3]:
             raise ClipError(f"{path}: images {rgb.shape} and depths {depth.shape} must be (T, H, W, 3) and (T, H, W)")
         n = len(depth)
@@ -551,7 +577,6 @@ def read_clip(source: ClipSource, captions: Captions) -> RawClip:
         _check_finite("depth", depth, path)
         K = _intrinsics(arrays["intrinsic"], n, *depth.shape[1:], path)
         rgb, reader = rgb.astype(np.uint8), "npz"
-        points = unproject_depth(depth, K, c2w)
     else:
         arrays = _load_npz(path, ("pts3d", "poses"))
         points, c2w = arrays["pts3d"].astype(np.float64), arrays["poses"].astype(np.float64)
@@ -559,13 +584,15 @@ def read_clip(source: ClipSource, captions: Captions) -> RawClip:
         if points.ndim != 4 or points.shape[-1] != 3 or c2w.shape != (n, 4, 4):
             raise ClipError(f"{path}: pts3d {points.shape} and poses {c2w.shape} must be (T, H, W, 3) and (T, 4, 4)")
         _check_range(source, n, "frames")
-        K = None
+        depth, K = None, None
         rgb, reader = _read_rgb(source, n)
-    _check_finite("pointmap", points, path)
+        _check_finite("pointmap", points, path)
+    if depth is not None:  # finite depths, cameras and rays give finite points
+        _check_rays(K, path)
     _check_finite("cam2world", c2w, path)
-    if len(rgb) != len(points):
-        raise ClipError(f"{path}: {len(rgb)} RGB frames for {len(points)} geometry frames")
-    return RawClip(rgb=rgb, points=points, cam2world=c2w, K=K, caption=caption, number=number, reader=reader)
+    if len(rgb) != len(c2w):
+        raise ClipError(f"{path}: {len(rgb)} RGB frames for {len(c2w)} geometry frames")
+    return RawClip(rgb, c2w, K, caption, number, reader, depth=depth, stored_points=points)
 
 
 if __name__ == "__main__":

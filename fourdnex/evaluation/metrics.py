@@ -98,7 +98,8 @@ def depth_errors(
     depth: np.ndarray, true: np.ndarray, frame: np.ndarray, frames: int
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """AbsRel, delta < 1.25 and RMSE(log) of aligned depths against true ones, ``(N,)`` each, the pixel of entry n
-    in frame ``frame[n]`` of ``frames``: per frame ``(F,)`` and pooled over the pixels.
+    in frame ``frame[n]`` of ``frames`` (entries frame by frame: ``frame`` never decreases): per frame ``(F,)`` and
+    pooled over the pixels.
 
     AbsRel = mean |d - g| / g; delta = share with max(d / g, g / d) < 1.25; RMSE(log) = sqrt(mean (log d - log g)^2),
     with d / g raised to :data:`DEPTH_FLOOR` in the last two (a depth behind the camera counts as a tiny one).
@@ -110,9 +111,11 @@ def depth_errors(
         "rmse_log": np.log(np.maximum(ratio, DEPTH_FLOOR)) ** 2,
     }
     counts = np.bincount(frame, minlength=frames)
+    starts = (np.cumsum(counts) - counts)[counts > 0]  # where each frame's entries begin
     per_frame, clip = {}, {}
     for name, x in terms.items():
-        sums = np.bincount(frame, weights=x, minlength=frames)
+        sums = np.zeros(frames)
+        sums[counts > 0] = np.add.reduceat(x, starts)
         per_frame[name] = np.divide(sums, counts, out=np.full(frames, np.nan), where=counts > 0)
         clip[name] = float(sums.sum() / counts.sum()) if counts.sum() else float("nan")
     per_frame["rmse_log"], clip["rmse_log"] = np.sqrt(per_frame["rmse_log"]), clip["rmse_log"] ** 0.5
@@ -210,33 +213,58 @@ def psnr(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def _luma(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """Luma ``(F, H // f, W // f)`` float32 of uint8 frames ``(F, H, W, 3)``, as ``f x f`` block means."""
-    _, height, width, _ = rgb.shape
+    """Luma ``(F, H // f, W // f)`` float32 of uint8 frames ``(F, H, W, 3)``, as ``f x f`` block means (the block
+    sums are exact integers)."""
+    frames, height, width, _ = rgb.shape
     h, w = height // factor * factor, width // factor * factor
-    total = np.zeros((len(rgb), h // factor, w // factor, 3), np.float32)
-    for i in range(factor):
-        for j in range(factor):
-            total += rgb[:, i:h:factor, j:w:factor]
+    blocks = rgb[:, :h, :w].reshape(frames, h // factor, factor, w // factor, factor * 3)
+    rows = blocks[:, :, 0].astype(np.uint16)  # (F, h / f, w / f, f * 3): a block's columns side by side
+    for i in range(1, factor):
+        rows += blocks[:, :, i]
+    total = rows[..., :3].astype(np.float32)
+    for j in range(1, factor):
+        total += rows[..., 3 * j : 3 * j + 3]
     return total @ (LUMA / factor**2)
 
 
-def ssim(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """SSIM ``(F,)`` of uint8 videos ``(F, H, W, 3)`` (see :data:`SSIM_SIGMA`)."""
-    factor = max(1, round(min(pred.shape[1:3]) / SSIM_SIDE))
-    x, y = _luma(pred, factor), _luma(true, factor)
+def distinct_frames(video: np.ndarray) -> np.ndarray:
+    """The frames of ``video (F, ...)`` that per-frame work has to see: the first alone when every frame is the
+    first (a held frame, broadcast with frame stride 0), else all of them; results broadcast back over the F."""
+    return video[:1] if video.strides[0] == 0 else video
+
+
+def ssim_terms(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What SSIM needs of one uint8 video ``(F, H, W, 3)`` alone: its luma (:data:`SSIM_SIDE`), the luma's local
+    means and local means of its square, ``(F', h, w)`` each (F' = 1 for a held frame, see
+    :func:`distinct_frames`); shared by every video it is compared with."""
+    rgb = distinct_frames(rgb)
+    x = _luma(rgb, max(1, round(min(rgb.shape[1:3]) / SSIM_SIDE)))
     if min(x.shape[1:]) <= 2 * SSIM_RADIUS:
         raise ValueError(f"SSIM needs frames larger than {2 * SSIM_RADIUS + 1} pixels, got {x.shape[1:]}")
+    return x, _ssim_blur(x), _ssim_blur(x * x)
+
+
+def _ssim_blur(z: np.ndarray) -> np.ndarray:
+    """SSIM's Gaussian window over frames ``(F, h, w)``, the valid part ``(F, h - 2 r, w - 2 r)``."""
     r = SSIM_RADIUS
+    z = gaussian_filter1d(z, SSIM_SIGMA, axis=1, truncate=r / SSIM_SIGMA)
+    return gaussian_filter1d(z, SSIM_SIGMA, axis=2, truncate=r / SSIM_SIGMA)[:, r:-r, r:-r]
 
-    def blur(z: np.ndarray) -> np.ndarray:
-        z = gaussian_filter1d(z, SSIM_SIGMA, axis=1, truncate=r / SSIM_SIGMA)
-        return gaussian_filter1d(z, SSIM_SIGMA, axis=2, truncate=r / SSIM_SIGMA)[:, r:-r, r:-r]
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+def ssim(
+    pred: np.ndarray,
+    true: np.ndarray,
+    pred_terms: tuple[np.ndarray, ...] | None = None,
+    true_terms: tuple[np.ndarray, ...] | None = None,
+) -> np.ndarray:
+    """SSIM ``(F,)`` of uint8 videos ``(F, H, W, 3)`` (see :data:`SSIM_SIGMA`); their :func:`ssim_terms` when
+    already computed."""
+    x, mx, xx = pred_terms or ssim_terms(pred)
+    y, my, yy = true_terms or ssim_terms(true)
+    vx, vy, cov = xx - mx * mx, yy - my * my, _ssim_blur(x * y) - mx * my
     c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
     s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.reshape(len(s), -1).mean(1).astype(np.float64)
+    return np.broadcast_to(s.reshape(len(s), -1).mean(1), (max(len(pred), len(true)),)).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,12 +293,14 @@ def _neighbours(x: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray, np.
 def image_edges(rgb: np.ndarray, stride: int) -> np.ndarray:
     """Where image edges are, for :func:`edge_agreement`: ``(F, h, w)`` bool on the evaluation grid, the
     :data:`EDGE_IMAGE_SHARE` of pixels with the largest |grad luma| (central differences of the full-resolution
-    neighbours), widened by one grid step. ``rgb (F, H, W, 3)`` uint8."""
+    neighbours), widened by one grid step. ``rgb (F, H, W, 3)`` uint8 (a held frame is seen once, see
+    :func:`distinct_frames`)."""
+    frames, rgb = len(rgb), distinct_frames(rgb)
     left, right, up, down = (d.astype(np.int16) for d in _neighbours(rgb, stride))
     grad = np.hypot((right - left).astype(np.float32) @ LUMA, (down - up).astype(np.float32) @ LUMA)  # (F, h, w)
     flat = grad.reshape(len(grad), -1)
     edges = (flat > np.quantile(flat, 1 - EDGE_IMAGE_SHARE, axis=1, keepdims=True)).reshape(grad.shape)
-    return binary_dilation(edges, structure=np.ones((1, 3, 3), bool))
+    return np.broadcast_to(binary_dilation(edges, structure=np.ones((1, 3, 3), bool)), (frames, *edges.shape[1:]))
 
 
 def edge_agreement(depth: np.ndarray, near: np.ndarray, stride: int) -> np.ndarray:
@@ -280,10 +310,15 @@ def edge_agreement(depth: np.ndarray, near: np.ndarray, stride: int) -> np.ndarr
     (scale-free; central differences of the full-resolution neighbours), image edges ``near`` (:func:`image_edges`).
     With p the share of depth edges on image edges and c the share of pixels that are, the score is
     (p - c) / (1 - c). NaN for a frame without depth edges or image edges (a constant map). ``depth (F, H, W)``
-    (depths below :data:`DEPTH_FLOOR` times the median magnitude count as that).
+    (depths below :data:`DEPTH_FLOOR` times the median magnitude count as that). A held depth map against held
+    edges is scored once (see :func:`distinct_frames`).
     """
+    total = len(depth)
+    floor = float(DEPTH_FLOOR * np.median(np.abs(on_grid(distinct_frames(depth), stride))))
+    floor += float(np.finfo(np.float32).tiny)
+    if depth.strides[0] == 0 and near.strides[0] == 0:
+        depth, near = depth[:1], near[:1]
     frames = len(depth)
-    floor = float(DEPTH_FLOOR * np.median(np.abs(on_grid(depth, stride)))) + float(np.finfo(np.float32).tiny)
     left, right, up, down = (np.maximum(d, floor) for d in _neighbours(depth, stride))
     grad = np.hypot(np.log(right / left), np.log(down / up)).reshape(frames, -1)
     edges = grad > np.quantile(grad, 1 - EDGE_DEPTH_SHARE, axis=1, keepdims=True)
@@ -291,7 +326,7 @@ def edge_agreement(depth: np.ndarray, near: np.ndarray, stride: int) -> np.ndarr
     chance, count = near.mean(1), edges.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         score = ((near & edges).sum(1) / count - chance) / (1 - chance)
-    return np.where((count > 0) & near.any(1), score, np.nan)
+    return np.broadcast_to(np.where((count > 0) & near.any(1), score, np.nan), (total,))
 
 
 def temporal_stability(

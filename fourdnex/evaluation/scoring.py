@@ -7,6 +7,7 @@ the truth is reduced once per sample (:class:`Reference`) and shared by every pr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -165,8 +166,8 @@ def register_frame(xyz: np.ndarray, config: RegistrationConfig) -> Prediction:
 
 class Reference:
     """A truth reduced once for every predictor scored against it: the evaluation grid's defined depths (compressed,
-    frame by frame), the sparse grid's true points (unprojected at the pixel centres) and the clip's unit (median
-    true depth)."""
+    frame by frame), the sparse grid's true points (unprojected at the pixel centres), the clip's unit (median
+    true depth) and the true video's share of SSIM."""
 
     def __init__(self, truth: Truth) -> None:
         frames, height, width = truth.depth.shape
@@ -180,6 +181,11 @@ class Reference:
         sparse = m.on_grid(truth.depth, self.point_stride).astype(np.float64)
         self.points = m.grid_points(sparse, m.grid_uv(height, width, self.point_stride), truth.K, truth.cam2world)
         self.points_valid = sparse > 0
+
+    @functools.cached_property
+    def ssim_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The true video's share of SSIM (:func:`fourdnex.evaluation.metrics.ssim_terms`), computed once."""
+        return m.ssim_terms(self.truth.rgb)
 
 
 @dataclass
@@ -305,15 +311,15 @@ def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> 
     if points is not None:
         _depth_with_truth(pred, points, ref, result)
     if pred.rgb is not None:
-        values, frames = _of_video(memo, pred.rgb, "rgb metrics", lambda: _rgb(pred.rgb, ref.truth.rgb))
+        values, frames = _of_video(memo, pred.rgb, "rgb metrics", lambda: _rgb(pred.rgb, ref))
         result.values |= values
         result.frames |= frames
     return result
 
 
-def _rgb(pred: np.ndarray, true: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def _rgb(pred: np.ndarray, ref: Reference) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """PSNR and SSIM of frame 0 and of the later frames, and their per-frame curves."""
-    psnr, ssim = m.psnr(pred, true), m.ssim(pred, true)
+    psnr, ssim = m.psnr(pred, ref.truth.rgb), m.ssim(pred, ref.truth.rgb, true_terms=ref.ssim_terms)
     values = {
         "rgb.psnr0": float(psnr[0]),
         "rgb.ssim0": float(ssim[0]),

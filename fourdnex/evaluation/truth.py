@@ -4,10 +4,11 @@ size exactly as training prepares it.
 A clip comes from a 4DNeX-10M tree (``--gt DATA_DIR``: any layout the dataset reader accepts, including the trees
 ``fourdnex.data.synthetic`` writes). Which clip a result shows is named by ``--mapping FILE.json`` (``{"00000":
 "dynamic/dynamic_3/10002", ...}``, result number to clip id; it wins) or by a ``clip_id`` key in the result's
-``.json``. The clip goes through the training preprocessing (``prepare_clip``: its first F frames, resized to cover
-H x W and centre-cropped, RGB bilinear, geometry nearest); its RGB video, cameras and cropped intrinsics are used as
-they come out. Its geometry is taken before the pointmap normalization, whose percentile clipping moves the
-outermost points: the clip's world points, cropped the same way, give each frame's depth.
+``.json``. The clip goes through the training preprocessing (``prepare_frames``, which ``prepare_clip`` calls: its
+first F frames, resized to cover H x W and centre-cropped, RGB bilinear, geometry nearest); its RGB video, cameras
+and cropped intrinsics are used as they come out. Its geometry is taken before the pointmap normalization, whose
+percentile clipping moves the outermost points, and cropped the same way (``crop_geometry``): each frame's depth is
+the stored depth where the clip holds depth maps, else the camera-frame z of its world points.
 
 Conventions (those of :mod:`fourdnex.geometry.cameras`): ``K`` in pixels of the H x W frames with pixel centres at
 +0.5, ``cam2world`` camera-to-world with OpenCV axes, expressed in the first camera's frame (``cam2world[0] = I``),
@@ -23,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from fourdnex.data.prepare import cover_crop, prepare_clip
+from fourdnex.data.prepare import crop_geometry, prepare_frames
 from fourdnex.data.sources import Captions, ClipSource, find_clips, read_clip
 from fourdnex.errors import FourDNeXError
 from fourdnex.files import write_npz
@@ -111,19 +111,21 @@ def load_truth(data_dir: str | Path, source: ClipSource, num_frames: int, height
     frames = len(raw.rgb)
     if frames < num_frames:
         raise EvaluationError(f"ground truth {source.id} has {frames} frames, the result {num_frames}")
-    for what, array in (("video", raw.rgb), ("geometry", raw.points)):
-        if max(height / array.shape[1], width / array.shape[2]) > 1:
+    for what, shape in (("video", raw.rgb.shape), ("geometry", raw.geometry_shape)):
+        if max(height / shape[1], width / shape[2]) > 1:
             raise EvaluationError(
-                f"ground truth {source.id}: its {what} is {array.shape[1]}x{array.shape[2]}, smaller than the "
-                f"result's {height}x{width} (it would have to be upsampled)"
+                f"ground truth {source.id}: its {what} is {shape[1]}x{shape[2]}, smaller than the result's "
+                f"{height}x{width} (it would have to be upsampled)"
             )
-    clip = prepare_clip(source, raw, num_frames, height, width)
-    world = torch.from_numpy(np.ascontiguousarray(raw.points[clip.frame_indices])).permute(0, 3, 1, 2)
-    world, _ = cover_crop(world, height, width, "nearest-exact")  # the crop prepare_clip gives the pointmap
-    world = world.permute(0, 2, 3, 1).numpy().reshape(num_frames, -1, 3)  # (F, H W, 3) source world
-    axis, centre = clip.cam2world[:, :3, 2], clip.cam2world[:, :3, 3]  # each camera's viewing axis and centre
-    depth = ((world @ axis[:, :, None])[..., 0] - (axis * centre).sum(-1)[:, None]).reshape(num_frames, height, width)
-    depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+    clip = prepare_frames(raw, num_frames, height, width)
+    if raw.depth is not None:  # the stored depth is the camera-frame z of the points it unprojects to
+        depth = crop_geometry(raw.depth[clip.frame_indices, ..., None], height, width)[..., 0]
+    else:
+        world = crop_geometry(raw.points[clip.frame_indices], height, width).reshape(num_frames, -1, 3)
+        axis, centre = clip.cam2world[:, :3, 2], clip.cam2world[:, :3, 3]  # each camera's viewing axis and centre
+        depth = (world @ axis[:, :, None])[..., 0] - (axis * centre).sum(-1)[:, None]
+    depth = depth.reshape(num_frames, height, width).astype(np.float32)
+    depth = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0))
     if not depth.any():
         raise EvaluationError(f"ground truth {source.id}: no pixel has a depth in front of its camera")
     cam2world = invert_rigid(clip.cam2world[:1]) @ clip.cam2world
