@@ -139,6 +139,10 @@ def test_point_errors_by_hand():
     _, clip = m.point_errors(pred, true, np.ones((1, 2), bool))
     assert clip == pytest.approx({"accuracy": 0.25, "completeness": 0.5, "chamfer": 0.375})
 
+    trees = m.point_trees(true, np.ones((1, 2), bool))  # the true side built once, as a Reference shares it
+    _, shared = m.point_errors(pred, true, np.ones((1, 2), bool), trees)
+    assert shared == pytest.approx({"accuracy": 0.25, "completeness": 0.5, "chamfer": 0.375})
+
 
 def test_points_in_one_place_align_to_the_mean():
     scale, rotation, translation = m.sim3_align(np.ones((4, 3)), np.arange(12.0).reshape(4, 3))
@@ -232,6 +236,20 @@ def test_edge_agreement_closed_form():
     far = np.ones((1, 48, 64))
     far[:, :, 50:] = 2.0  # the depth step far from the image step: none on it, (0 - 1/16) / (1 - 1/16)
     np.testing.assert_allclose(m.edge_agreement(far, near, 1), [-1 / 15])
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_grid_neighbours_by_hand(stride):
+    # pixel values encode their row and column: each neighbour is the grid pixel moved by one, kept inside the frame
+    rows, cols = np.meshgrid(np.arange(7), np.arange(10), indexing="ij")
+    x = (100 * rows + cols)[None]
+    grid_rows, grid_cols = np.arange(stride // 2, 7, stride), np.arange(stride // 2, 10, stride)
+    left, right, up, down = m._neighbours(x, stride)
+    r, c = grid_rows[:, None], grid_cols[None]
+    np.testing.assert_array_equal(left[0], 100 * r + np.maximum(c - 1, 0))
+    np.testing.assert_array_equal(right[0], 100 * r + np.minimum(c + 1, 9))
+    np.testing.assert_array_equal(up[0], 100 * np.maximum(r - 1, 0) + c)
+    np.testing.assert_array_equal(down[0], 100 * np.minimum(r + 1, 6) + c)
 
 
 def test_temporal_stability_closed_form():
@@ -355,6 +373,19 @@ def synthetic(tmp_path_factory):
     data = write_tree(root / "synthetic", 5, 9, 32, 48)
     exact = write_corrupted(data, root / "exact", 9, 32, 48, noise=0.0, warp=0.0, rgb_noise=0.0)
     return root, data, exact[0].parent
+
+
+def test_truth_saved_and_mapped_back(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (3, 6, 8, 3), dtype=np.uint8)
+    K, cam2world = np.tile(np.eye(3), (3, 1, 1)), np.tile(np.eye(4), (3, 1, 1))
+    truth = Truth("dynamic/a/1", rgb, rng.random((3, 6, 8), dtype=np.float32), K, cam2world)
+    truth.save(tmp_path / "truth")
+    back = Truth.load(tmp_path / "truth")
+    assert back.clip_id == truth.clip_id
+    for name in ("rgb", "depth", "K", "cam2world"):
+        assert getattr(back, name).dtype == getattr(truth, name).dtype
+        np.testing.assert_array_equal(getattr(back, name), getattr(truth, name))
 
 
 def test_exact_results_score_zero_error(synthetic, tmp_path):

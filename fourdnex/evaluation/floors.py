@@ -68,7 +68,8 @@ class MeanDepth:
         """Add one clip: its depth over its median, summed per pixel over frames; its focal lengths (fx and fy)."""
         size = truth.depth.shape[1:]
         valid = truth.valid
-        scaled = np.where(valid, truth.depth / np.median(truth.depth[valid]), 0.0)
+        median = np.median(truth.depth[valid], overwrite_input=True)
+        scaled = np.divide(truth.depth, median, out=np.zeros_like(truth.depth), where=valid)
         self.sums[size] = self.sums.get(size, 0.0) + scaled.sum(0)
         self.counts[size] = self.counts.get(size, 0) + valid.sum(0)
         self.focals.setdefault(size, []).extend(truth.K[:, [0, 1], [0, 1]].ravel().tolist())

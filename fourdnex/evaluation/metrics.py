@@ -81,11 +81,12 @@ def grid_points(depth: np.ndarray, uv: np.ndarray, K: np.ndarray, cam2world: np.
 # Depth
 
 
-def align_depth(pred: np.ndarray, true: np.ndarray, rule: str) -> tuple[float, float]:
+def align_depth(pred: np.ndarray, true: np.ndarray, rule: str, true_median: float | None = None) -> tuple[float, float]:
     """Scale and shift ``(s, t)`` of the alignment ``rule`` (a key of :data:`ALIGNMENTS`) mapping predicted depths
-    onto true ones, over corresponding depths ``(N,)`` (the pixels where the truth is defined)."""
+    onto true ones, over corresponding depths ``(N,)`` (the pixels where the truth is defined); ``true_median``:
+    ``np.median(true)`` when already computed."""
     if rule == "median":
-        return float(np.median(true) / np.median(pred)), 0.0
+        return float((np.median(true) if true_median is None else true_median) / np.median(pred)), 0.0
     if rule != "lstsq":
         raise ValueError(f"rule must be one of {list(ALIGNMENTS)}, got {rule!r}")
     total = pred.sum()
@@ -142,20 +143,29 @@ def apply_sim3(points: np.ndarray, scale: float, rotation: np.ndarray, translati
     return scale * points @ rotation.T + translation
 
 
-def point_errors(pred: np.ndarray, true: np.ndarray, valid: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+def point_trees(points: np.ndarray, valid: np.ndarray) -> list[cKDTree]:
+    """One nearest-neighbour tree per frame of the points ``(F, N, 3)`` where ``valid (F, N)``."""
+    return [cKDTree(p[v], balanced_tree=False, compact_nodes=False) for p, v in zip(points, valid, strict=True)]
+
+
+def point_errors(
+    pred: np.ndarray, true: np.ndarray, valid: np.ndarray, true_trees: list[cKDTree] | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
     """Accuracy, completeness and Chamfer distance between point clouds ``pred`` and ``true`` ``(F, N, 3)`` (already
-    in one frame), per frame ``(F,)`` and pooled over the clip, over the points where ``valid (F, N)``.
+    in one frame), per frame ``(F,)`` and pooled over the clip, over the points where ``valid (F, N)``;
+    ``true_trees``: :func:`point_trees` of ``true`` when already built (shared by every prediction of one truth).
 
     Accuracy: mean distance from a predicted point to the nearest true point of the same frame; completeness: from a
     true point to the nearest predicted one; Chamfer: the mean of the two.
     """
     frames = len(pred)
+    true_trees = point_trees(true, valid) if true_trees is None else true_trees
     sums, counts = np.zeros((2, frames)), np.zeros((2, frames))
     for f in range(frames):
         p, g = pred[f][valid[f]], true[f][valid[f]]
         if len(g):
-            trees = (cKDTree(x, balanced_tree=False, compact_nodes=False) for x in (g, p))  # faster to build
-            sums[0, f], sums[1, f] = next(trees).query(p)[0].sum(), next(trees).query(g)[0].sum()
+            tree = cKDTree(p, balanced_tree=False, compact_nodes=False)  # faster to build
+            sums[0, f], sums[1, f] = true_trees[f].query(p)[0].sum(), tree.query(g)[0].sum()
             counts[:, f] = len(p), len(g)
     mean = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
     pooled = sums.sum(1) / counts.sum(1) if counts.sum() else np.full(2, np.nan)
@@ -233,15 +243,17 @@ def distinct_frames(video: np.ndarray) -> np.ndarray:
     return video[:1] if video.strides[0] == 0 else video
 
 
-def ssim_terms(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What SSIM needs of one uint8 video ``(F, H, W, 3)`` alone: its luma (:data:`SSIM_SIDE`), the luma's local
-    means and local means of its square, ``(F', h, w)`` each (F' = 1 for a held frame, see
+def ssim_terms(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What SSIM needs of one uint8 video ``(F, H, W, 3)`` alone: its luma x (:data:`SSIM_SIDE`), the luma's local
+    mean m, m^2 and local variance (local mean of x^2 minus m^2), ``(F', h, w)`` each (F' = 1 for a held frame, see
     :func:`distinct_frames`); shared by every video it is compared with."""
     rgb = distinct_frames(rgb)
     x = _luma(rgb, max(1, round(min(rgb.shape[1:3]) / SSIM_SIDE)))
     if min(x.shape[1:]) <= 2 * SSIM_RADIUS:
         raise ValueError(f"SSIM needs frames larger than {2 * SSIM_RADIUS + 1} pixels, got {x.shape[1:]}")
-    return x, _ssim_blur(x), _ssim_blur(x * x)
+    mean = _ssim_blur(x)
+    square = mean * mean
+    return x, mean, square, _ssim_blur(x * x) - square
 
 
 def _ssim_blur(z: np.ndarray) -> np.ndarray:
@@ -258,12 +270,26 @@ def ssim(
     true_terms: tuple[np.ndarray, ...] | None = None,
 ) -> np.ndarray:
     """SSIM ``(F,)`` of uint8 videos ``(F, H, W, 3)`` (see :data:`SSIM_SIGMA`); their :func:`ssim_terms` when
-    already computed."""
-    x, mx, xx = pred_terms or ssim_terms(pred)
-    y, my, yy = true_terms or ssim_terms(true)
-    vx, vy, cov = xx - mx * mx, yy - my * my, _ssim_blur(x * y) - mx * my
+    already computed.
+
+    (2 mx my + c1) (2 cov + c2) / ((mx^2 + my^2 + c1) (vx + vy + c2)) per window, evaluated in place.
+    """
+    x, mx, mxx, vx = pred_terms or ssim_terms(pred)
+    y, my, myy, vy = true_terms or ssim_terms(true)
     c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
-    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    s = mx * my
+    cov = _ssim_blur(x * y)
+    cov -= s
+    s *= 2
+    s += c1
+    cov *= 2
+    cov += c2
+    s *= cov
+    den, var = mxx + myy, vx + vy
+    den += c1
+    var += c2
+    den *= var
+    s /= den
     return np.broadcast_to(s.reshape(len(s), -1).mean(1), (max(len(pred), len(true)),)).astype(np.float64)
 
 
@@ -281,13 +307,25 @@ def _neighbours(x: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray, np.
     """The left, right, upper and lower full-resolution neighbours ``(F, h, w, ...)`` of the grid pixels of frames
     ``(F, H, W, ...)`` (the pixel itself where a neighbour would fall outside)."""
     _, height, width = x.shape[:3]
-    rows, cols = np.arange(stride // 2, height, stride)[:, None], np.arange(stride // 2, width, stride)[None]
+
+    def at(rows: slice | np.ndarray, cols: slice | np.ndarray) -> np.ndarray:
+        return x[:, rows][:, :, cols]
+
     return (
-        x[:, rows, np.maximum(cols - 1, 0)],
-        x[:, rows, np.minimum(cols + 1, width - 1)],
-        x[:, np.maximum(rows - 1, 0), cols],
-        x[:, np.minimum(rows + 1, height - 1), cols],
+        at(_moved(height, stride, 0), _moved(width, stride, -1)),
+        at(_moved(height, stride, 0), _moved(width, stride, 1)),
+        at(_moved(height, stride, -1), _moved(width, stride, 0)),
+        at(_moved(height, stride, 1), _moved(width, stride, 0)),
     )
+
+
+def _moved(size: int, stride: int, shift: int) -> slice | np.ndarray:
+    """The grid's indices along an axis of ``size`` pixels moved by ``shift`` and kept inside: a slice (a view) where
+    none had to be kept inside, else the indices."""
+    index = np.clip(np.arange(stride // 2, size, stride) + shift, 0, size - 1)
+    if (np.diff(index) == stride).all():
+        return slice(int(index[0]), int(index[-1]) + 1, stride)
+    return index
 
 
 def image_edges(rgb: np.ndarray, stride: int) -> np.ndarray:

@@ -34,7 +34,7 @@ COLORS = {
 def _save(figure, path: Path) -> None:
     """Write a figure as PNG, atomically."""
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+        figure.savefig(tmp, dpi=110, pil_kwargs={"compress_level": 1})
 
 
 def _figure(rows: int, cols: int, width: float, height: float):

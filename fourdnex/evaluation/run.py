@@ -3,7 +3,8 @@
 1. Check every input before any work: the result files (shapes read from their headers), which clip each result
    shows and that the clip exists.
 2. With ground truth: prepare each result's clip once (the slow part of a run), keep it in a temporary folder under
-   the output folder, and collect the mean depth map and focal length of the set.
+   the output folder (raw ``.npy`` files, memory-mapped when scored), and collect the mean depth map and focal length
+   of the set.
 3. Register the floors that are the same for every sample of a size (plane, mean depth), once per size.
 4. For every result: read its registration (compute and save it beside the result when missing, as
    pm_registration.py does with its defaults); score the model and the floors of the sample. A result that cannot be
@@ -147,7 +148,7 @@ def evaluate(
                 start = time.perf_counter()
                 truth = load_truth(gt, sources[sample.clip_id], sample.frames, *sample.size)
                 mean.add(truth)
-                truth.save(Path(cache) / f"{sample.name}.npz")
+                truth.save(Path(cache) / sample.name)
                 evaluation.truth_paths[sample.name] = truth.cam2world[:, :3, 3]
                 sample.seconds["truth"] = time.perf_counter() - start
         held = {size: {"plane": register_frame(plane_xyz(*size), config)} for size in sizes}
@@ -155,7 +156,7 @@ def evaluate(
             for size in sizes:
                 held[size]["mean_depth"] = register_frame(mean.xyz(size), config)
         for sample in tqdm(samples, desc="scoring", unit="sample", leave=False):
-            truth = Truth.load(Path(cache) / f"{sample.name}.npz") if gt is not None else None
+            truth = Truth.load(Path(cache) / sample.name) if gt is not None else None
             _score_sample(sample, truth, held[sample.size], mean, config)
     return evaluation
 

@@ -166,8 +166,8 @@ def register_frame(xyz: np.ndarray, config: RegistrationConfig) -> Prediction:
 
 class Reference:
     """A truth reduced once for every predictor scored against it: the evaluation grid's defined depths (compressed,
-    frame by frame), the sparse grid's true points (unprojected at the pixel centres), the clip's unit (median
-    true depth) and the true video's share of SSIM."""
+    frame by frame), the sparse grid's true points (unprojected at the pixel centres) and their nearest-neighbour
+    trees, the clip's unit (median true depth; frame 0's too) and the true video's share of SSIM."""
 
     def __init__(self, truth: Truth) -> None:
         frames, height, width = truth.depth.shape
@@ -178,9 +178,17 @@ class Reference:
         self.frame = np.repeat(np.arange(frames), self.valid.reshape(frames, -1).sum(1))  # (N,)
         self.first = int((self.frame == 0).sum())  # frame 0's entries come first
         self.unit = float(np.median(self.depth))
+        self.unit0 = float(np.median(self.depth[: self.first])) if self.first else float("nan")  # frame 0's
         sparse = m.on_grid(truth.depth, self.point_stride).astype(np.float64)
         self.points = m.grid_points(sparse, m.grid_uv(height, width, self.point_stride), truth.K, truth.cam2world)
         self.points_valid = sparse > 0
+
+    @functools.cached_property
+    def point_trees(self) -> list:
+        """The true points' nearest-neighbour trees, one per frame (:func:`fourdnex.evaluation.metrics.point_trees`),
+        built once."""
+        frames = len(self.points)
+        return m.point_trees(self.points.reshape(frames, -1, 3), self.points_valid.reshape(frames, -1))
 
     @functools.cached_property
     def ssim_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,9 +222,10 @@ def _geometry_without_truth(pred: Prediction, score: Score, memo: dict) -> np.nd
     depth = m.on_grid(pred.depth, sparse).astype(np.float64)
     points = m.grid_points(depth, m.grid_uv(height, width, sparse), pred.K, pred.cam2world)  # (F, h, w, 3)
     scene = m.extent(points)
-    residual = m.on_grid(pred.residual, stride).reshape(frames, -1) / scene
-    per_frame = np.quantile(residual, [0.5, 0.9], axis=1)
-    clip = np.quantile(residual, [0.5, 0.9])
+    residual = m.distinct_frames(m.on_grid(pred.residual, stride))  # a held frame's residual once
+    residual = residual.reshape(len(residual), -1) / scene
+    per_frame = np.broadcast_to(np.quantile(residual, [0.5, 0.9], axis=1), (2, frames))
+    clip = np.quantile(np.broadcast_to(residual, (frames, residual.shape[1])), [0.5, 0.9])
     score.values["residual.median"], score.values["residual.p90"] = float(clip[0]), float(clip[1])
     score.frames["residual.median"], score.frames["residual.p90"] = per_frame
     worst = int(np.argmax(per_frame[1]))
@@ -255,9 +264,9 @@ def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, scor
     depth = m.on_grid(pred.depth, ref.stride)[ref.valid].astype(np.float64)  # (N,) as ref.depth
     first = slice(0, ref.first)
     for rule in m.ALIGNMENTS:
-        scale, shift = m.align_depth(depth, ref.depth, rule)
+        scale, shift = m.align_depth(depth, ref.depth, rule, ref.unit)
         per_frame, clip = m.depth_errors(scale * depth + shift, ref.depth, ref.frame, frames)
-        scale0, shift0 = m.align_depth(depth[first], ref.depth[first], rule)
+        scale0, shift0 = m.align_depth(depth[first], ref.depth[first], rule, ref.unit0)
         _, clip0 = m.depth_errors(scale0 * depth[first] + shift0, ref.depth[first], ref.frame[first], 1)
         for name in clip:
             score.values[f"depth.{rule}.{name}"], score.frames[f"depth.{rule}.{name}"] = clip[name], per_frame[name]
@@ -275,7 +284,7 @@ def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, scor
     valid = ref.points_valid
     aligned = m.apply_sim3(points, *m.sim3_align(points[valid], ref.points[valid]))
     per_frame, clip = m.point_errors(
-        aligned.reshape(frames, -1, 3), ref.points.reshape(frames, -1, 3), valid.reshape(frames, -1)
+        aligned.reshape(frames, -1, 3), ref.points.reshape(frames, -1, 3), valid.reshape(frames, -1), ref.point_trees
     )
     for name in clip:
         score.values[f"points.{name}"] = clip[name] / ref.unit

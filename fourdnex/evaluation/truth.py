@@ -28,7 +28,7 @@ import numpy as np
 from fourdnex.data.prepare import crop_geometry, prepare_frames
 from fourdnex.data.sources import Captions, ClipSource, find_clips, read_clip
 from fourdnex.errors import FourDNeXError
-from fourdnex.files import write_npz
+from fourdnex.files import write_npy
 from fourdnex.geometry.cameras import invert_rigid
 
 
@@ -51,16 +51,23 @@ class Truth:
         """``(F, H, W)`` bool: where the depth is defined."""
         return self.depth > 0
 
-    def save(self, path: str | Path) -> None:
-        """Write the arrays to an ``.npz`` (atomically)."""
-        arrays = {"rgb": self.rgb, "depth": self.depth, "K": self.K, "cam2world": self.cam2world}
-        write_npz(path, clip_id=np.array(self.clip_id), **arrays)
+    def save(self, folder: str | Path) -> None:
+        """Write the arrays into ``folder`` (created), one ``.npy`` each: :meth:`load` maps them without a copy."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("clip_id", *_ARRAYS):
+            write_npy(folder / f"{name}.npy", np.array(self.clip_id) if name == "clip_id" else getattr(self, name))
 
     @classmethod
-    def load(cls, path: str | Path) -> Truth:
-        """Read what :meth:`save` wrote."""
-        with np.load(path, allow_pickle=False) as data:
-            return cls(str(data["clip_id"]), data["rgb"], data["depth"], data["K"], data["cam2world"])
+    def load(cls, folder: str | Path) -> Truth:
+        """Read what :meth:`save` wrote, the arrays memory-mapped read-only."""
+        folder = Path(folder)
+        arrays = [np.asarray(np.load(folder / f"{name}.npy", mmap_mode="r")) for name in _ARRAYS]
+        return cls(str(np.load(folder / "clip_id.npy")), *arrays)
+
+
+#: The arrays of a :class:`Truth`, in the order of its fields.
+_ARRAYS = ("rgb", "depth", "K", "cam2world")
 
 
 def read_mapping(path: str | Path) -> dict[str, str]:
