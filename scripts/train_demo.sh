@@ -117,8 +117,8 @@ stage_adapters() {
     for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
-# inference.py + evaluate.py for adapter $1 in condition mode $2 (image, video, first_last), on GPU $3.
-evaluate_one() {
+# inference.py for adapter $1 in condition mode $2 (image, video, first_last), on GPU $3.
+generate_one() {
     local name=$1 mode=$2 gpu=$3 inputs=$WORK/held-out/inputs
     local condition=(--image "$inputs/images.txt")
     [[ $mode == video ]] && condition=(--video "$inputs/videos.txt")
@@ -126,8 +126,6 @@ evaluate_one() {
     on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$WORK/results/$name-$mode" \
         --model_path "$WORK/model" --lora_path "$WORK/$name/adapter" "${SIZE[@]}" --steps 30 --guidance_scale 1 \
         --compile off --skip_existing
-    "$PY" evaluate.py --results "$WORK/results/$name-$mode" --gt "$WORK/held-out/data" \
-        --mapping "$inputs/mapping.json" --out "$WORK/reports/$name-$mode"
 }
 
 stage_evaluate() {
@@ -136,12 +134,17 @@ stage_evaluate() {
     local runs=("4dnex image" "no-domain-embedding image" "stock-rope image" "any-frame image" "any-frame video"
                 "any-frame first_last")
     local pids=()
-    for i in "${!runs[@]}"; do  # all at once: the small model shares a GPU well, scoring runs on the CPUs
+    for i in "${!runs[@]}"; do  # all at once: the small model shares a GPU well
         # shellcheck disable=SC2086  # name and mode
-        evaluate_one ${runs[$i]} $(( GPUS > 0 ? i % GPUS : 0 )) > "$WORK/evaluate-$i.log" 2>&1 &
+        generate_one ${runs[$i]} $(( GPUS > 0 ? i % GPUS : 0 )) > "$WORK/generate-$i.log" 2>&1 &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
+    for run in "${runs[@]}"; do  # one at a time: each evaluate.py uses every CPU
+        local name=${run% *} mode=${run#* }
+        "$PY" evaluate.py --results "$WORK/results/$name-$mode" --gt "$WORK/held-out/data" \
+            --mapping "$WORK/held-out/inputs/mapping.json" --out "$WORK/reports/$name-$mode"
+    done
 }
 
 stages=("$@")
