@@ -4,7 +4,8 @@ Writes synthetic ground truth (fourdnex.data.synthetic, one clip per layout in t
 (the truth corrupted by fourdnex.testing.corrupted), then evaluates them three times: with ground truth and no
 registration files (they are computed and saved), with ground truth and the registrations present, and without
 ground truth. Prints a markdown table of the mean seconds per sample of each stage (wall clock, from the report's
-records) and the process's CPU seconds per sample.
+records: the samples' stages overlap when evaluate() shares them between worker processes), the wall seconds per
+sample of the whole run and its CPU seconds per sample (its worker processes' included).
 
 Example (the BENCHMARKS.md run):
     python bench/bench_evaluation.py --samples 3 --frames 49 --height 480 --width 720
@@ -41,14 +42,20 @@ def row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that ended (evaluate()'s workers, once it returns)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def timed_run(label: str, results: Path, out: Path, gt: Path | None) -> str:
     """Evaluate and write the report; one table row of mean seconds per sample."""
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), cpu_seconds()
     evaluation = evaluate(results, out, gt)
     report_start = time.perf_counter()
     write_report(evaluation, out, write_plots(evaluation, out))
     report = time.perf_counter() - report_start
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     count = len(evaluation.samples)
     means = {s: np.mean([x.seconds.get(s, 0.0) for x in evaluation.samples]) for s in STAGES}
     scoring = means["registration"] + means["score"] + means["floors"]

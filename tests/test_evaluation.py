@@ -1,9 +1,11 @@
 """evaluate.py and fourdnex.evaluation: metrics against closed-form values, floors by hand, ground truth against the
 scenes it was written from, and the command line end to end (reports, bad input, unscorable samples)."""
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from fourdnex.config import RegistrationConfig
 from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_npz, write_tree
 from fourdnex.evaluation import metrics as m
+from fourdnex.evaluation import run as evaluation_run
 from fourdnex.evaluation.floors import MeanDepth, first_frame_xyz, plane_xyz, to_unit_box
 from fourdnex.evaluation.scoring import Prediction, Reference, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, Truth, clip_sources, load_truth
@@ -465,6 +468,53 @@ def test_bad_input_stops_with_one_line(synthetic, tmp_path):
         assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("evaluate.py: "), proc.stderr
         assert message in lines[0]
         assert not (tmp_path / "report/metrics.json").exists()
+
+
+def _scores(sample) -> dict:
+    """Everything a sample's scores hold, as nested dicts and arrays."""
+    return {name: dataclasses.asdict(score) for name, score in sample.scores.items()}
+
+
+def test_worker_processes_score_as_one_process(synthetic, tmp_path, monkeypatch):
+    _, data, _ = synthetic
+    noisy = write_corrupted(data, tmp_path / "noisy", 9, 32, 48)[0].parent
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("00000", "00001", "00002"):
+        shutil.copy(noisy / f"{name}.npz", results)
+        shutil.copy(noisy / f"{name}.json", results)
+    with np.load(noisy / "00001.npz") as arrays:
+        xyz = arrays["xyz"].copy()
+        xyz[2] = 0.5  # frame 2 collapsed to one point: no camera fits it
+        np.savez(results / "00001.npz", rgb=arrays["rgb"], xyz=xyz)
+    pools = []
+
+    class Recorded(evaluation_run.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(evaluation_run, "ProcessPoolExecutor", Recorded)
+    runs = {}
+    for workers in (1, 2):
+        shutil.copytree(results, tmp_path / f"results{workers}")  # each run computes the registrations
+        runs[workers] = evaluation_run.evaluate(tmp_path / f"results{workers}", tmp_path / f"out{workers}", data,
+                                                workers=workers)  # fmt: skip
+    assert len(pools) == 1 and pools[0]._max_workers == 2
+    alone, pooled = runs[1], runs[2]
+    assert [s.name for s in pooled.samples] == ["00000", "00001", "00002"]
+    assert pooled.samples[1].status.startswith("not scored: registration failed: frames [2]")
+    for one, other in zip(alone.samples, pooled.samples, strict=True):
+        assert (other.name, other.status, other.registration) == (one.name, one.status, one.registration)
+        assert other.seconds.keys() == one.seconds.keys() and all(t > 0 for t in other.seconds.values())
+        np.testing.assert_equal(_scores(other), _scores(one))
+    np.testing.assert_equal(pooled.truth_paths, alone.truth_paths)
+    with np.load(tmp_path / "results2/00000.npz") as arrays:
+        rgb, xyz = arrays["rgb"][:5], arrays["xyz"][:5]
+    np.savez(tmp_path / "results2/00000.npz", rgb=rgb, xyz=xyz)  # 5 frames: its saved registration has 9
+    for workers in (1, 2):  # a user error in a worker ends the run with its message, as in one process
+        with pytest.raises(EvaluationError, match=r"not all 5 frames of 00000\.npz"):
+            evaluation_run.evaluate(tmp_path / "results2", tmp_path / "out3", data, workers=workers)
 
 
 @pytest.mark.filterwarnings("error")

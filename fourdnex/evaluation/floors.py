@@ -74,6 +74,13 @@ class MeanDepth:
         self.counts[size] = self.counts.get(size, 0) + valid.sum(0)
         self.focals.setdefault(size, []).extend(truth.K[:, [0, 1], [0, 1]].ravel().tolist())
 
+    def merge(self, other: MeanDepth) -> None:
+        """Add the clips ``other`` holds (after this one's: the sums in the order the clips were added)."""
+        for size, sums in other.sums.items():
+            self.sums[size] = self.sums.get(size, 0.0) + sums
+            self.counts[size] = self.counts.get(size, 0) + other.counts[size]
+            self.focals.setdefault(size, []).extend(other.focals[size])
+
     def depth(self, size: tuple[int, int]) -> np.ndarray:
         """The mean map ``(H, W)``; pixels no clip defines get 1 (the median)."""
         counts = self.counts[size]

@@ -10,16 +10,28 @@
    pm_registration.py does with its defaults); score the model and the floors of the sample. A result that cannot be
    registered is reported as not scored, with the reason.
 5. Average over the scored samples; the caller writes the report.
+
+Steps 2 and 4 run one sample per task in a pool of worker processes (spawned, each under one torch thread): one per
+CPU this process may use, at most one per sample and one per PIXELS_PER_WORKER of slow work (ground truth, a
+registration to compute; a worker's start costs about 2 CPU seconds); with one, in this process. Results come back in
+sample order and are the same numbers as in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import multiprocessing
+import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +52,14 @@ from fourdnex.geometry.results import (
     result_shape,
     save_registration,
 )
+
+if TYPE_CHECKING:
+    from fourdnex.data.sources import ClipSource
+
+#: Pixels (frames x height x width over the samples, counted once for the ground truth and once for a registration
+#: to compute) a worker process must get to pay for its start: about two 49 x 480 x 720 samples (BENCHMARKS.md: a pool
+#: is slower on small sets and without either, no faster on three such samples on 2 cores).
+PIXELS_PER_WORKER = 32_000_000
 
 
 @dataclass
@@ -129,9 +149,12 @@ def evaluate(
     gt: str | Path | None = None,
     mapping: str | Path | None = None,
     config: RegistrationConfig | None = None,
+    workers: int | None = None,
 ) -> Evaluation:
     """Score every result in ``results`` (with ground truth from the 4DNeX-10M tree ``gt`` when given) beside its
-    floors; ``out`` holds the temporary ground-truth cache while this runs."""
+    floors; ``out`` holds the temporary ground-truth cache while this runs. ``workers`` processes share the samples
+    (default: the CPUs this process may use, at most one per sample and one per :data:`PIXELS_PER_WORKER`; 1: all in
+    this process)."""
     results, out = Path(results), Path(out)
     gt, mapping = (Path(gt) if gt is not None else None), (Path(mapping) if mapping is not None else None)
     config = config or RegistrationConfig()
@@ -140,31 +163,85 @@ def evaluate(
     predictors = ["model", *(FLOORS if gt is not None else ["plane"])]
     evaluation = Evaluation(results, gt, samples, predictors)
     sizes = sorted({s.size for s in samples})
-    with tempfile.TemporaryDirectory(dir=out, prefix=".truth-") as cache:
+    if workers is None:
+        work = [(gt is not None) + (not registration_path(s.path).is_file()) for s in samples]  # the slow parts
+        pixels = sum(s.frames * s.size[0] * s.size[1] * w for s, w in zip(samples, work, strict=True))
+        workers = min(len(os.sched_getaffinity(0)), len(samples), pixels // PIXELS_PER_WORKER)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".truth-") as cache, _pool(workers) as pool:
+        cache = Path(cache)
         mean = MeanDepth()
         if gt is not None:
             sources = clip_sources(gt)
-            for sample in tqdm(samples, desc="ground truth", unit="sample", leave=False):
-                start = time.perf_counter()
-                truth = load_truth(gt, sources[sample.clip_id], sample.frames, *sample.size)
-                mean.add(truth)
-                truth.save(Path(cache) / sample.name)
-                evaluation.truth_paths[sample.name] = truth.cam2world[:, :3, 3]
-                sample.seconds["truth"] = time.perf_counter() - start
+            tasks = [(sample, sources[sample.clip_id]) for sample in samples]
+            prepare = functools.partial(_prepare_truth, gt=gt, cache=cache)
+            for sample, (depth, path, seconds) in zip(samples, _map(pool, prepare, tasks, "ground truth"), strict=True):
+                mean.merge(depth)
+                evaluation.truth_paths[sample.name] = path
+                sample.seconds["truth"] = seconds
         held = {size: {"plane": register_frame(plane_xyz(*size), config)} for size in sizes}
+        focals = {}
         if gt is not None:
             for size in sizes:
                 held[size]["mean_depth"] = register_frame(mean.xyz(size), config)
-        for sample in tqdm(samples, desc="scoring", unit="sample", leave=False):
-            truth = Truth.load(Path(cache) / sample.name) if gt is not None else None
-            _score_sample(sample, truth, held[sample.size], mean, config)
+                focals[size] = mean.focal(size)
+        tasks = [(sample, held[sample.size], focals.get(sample.size)) for sample in samples]
+        job = functools.partial(_score_cached, cache=cache if gt is not None else None, config=config)
+        samples[:] = _map(pool, job, tasks, "scoring")
     return evaluation
 
 
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` spawned processes (None for fewer than 2: the work stays in this process); on leaving, the tasks
+    not yet started are dropped (an error ends the run without waiting for them)."""
+    if workers < 2:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start_worker)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _start_worker() -> None:
+    """One torch (OpenMP) thread per worker, for this process and any it starts: the workers share the cores."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def _map(pool: ProcessPoolExecutor | None, job: Callable, tasks: Iterable[tuple], desc: str) -> Iterator:
+    """``job(*task)`` for every task, in order, on the pool or here, counted by a progress bar."""
+    tasks = list(tasks)
+    done = pool.map(job, *zip(*tasks, strict=True)) if pool is not None else (job(*task) for task in tasks)
+    return tqdm(done, desc=desc, total=len(tasks), unit="sample", leave=False)
+
+
+def _prepare_truth(sample: Sample, source: ClipSource, gt: Path, cache: Path) -> tuple[MeanDepth, np.ndarray, float]:
+    """Prepare one sample's truth and save it in ``cache``; its share of the set's mean depth, its true camera centres
+    and the seconds it took."""
+    start = time.perf_counter()
+    truth = load_truth(gt, source, sample.frames, *sample.size)
+    truth.save(cache / sample.name)
+    depth = MeanDepth()
+    depth.add(truth)
+    return depth, truth.cam2world[:, :3, 3], time.perf_counter() - start
+
+
+def _score_cached(
+    sample: Sample, held: dict[str, Prediction], focal: float | None, cache: Path | None, config: RegistrationConfig
+) -> Sample:
+    """Score one sample against its truth saved in ``cache`` (None: without ground truth); the sample, filled in."""
+    truth = Truth.load(cache / sample.name) if cache is not None else None
+    _score_sample(sample, truth, held, focal, config)
+    return sample
+
+
 def _score_sample(
-    sample: Sample, truth: Truth | None, held: dict[str, Prediction], mean: MeanDepth, config: RegistrationConfig
+    sample: Sample, truth: Truth | None, held: dict[str, Prediction], focal: float | None, config: RegistrationConfig
 ) -> None:
-    """Register (or read the registration of) one result and score it and its floors into ``sample``."""
+    """Register (or read the registration of) one result and score it and its floors into ``sample``; ``focal`` is
+    the set's median focal length at its size (with ground truth)."""
     start = time.perf_counter()
     try:
         rgb, reg = _registration(sample, config)
@@ -187,7 +264,7 @@ def _score_sample(
     floors = {name: dataclasses.replace(p, rgb=image).held(sample.frames) for name, p in held.items()}
     if truth is not None:
         first = dataclasses.replace(register_frame(first_frame_xyz(truth), config), rgb=image)
-        K = camera_matrix(mean.focal(sample.size), *sample.size)
+        K = camera_matrix(focal, *sample.size)
         floors["first_frame"] = first.held(sample.frames)
         floors["static_camera"] = Prediction(None, K[None], np.eye(4)[None]).held(sample.frames)
     with single_thread(torch.device("cpu")):
