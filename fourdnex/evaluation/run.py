@@ -166,7 +166,8 @@ def evaluate(
     if workers is None:
         work = [(gt is not None) + (not registration_path(s.path).is_file()) for s in samples]  # the slow parts
         pixels = sum(s.frames * s.size[0] * s.size[1] * w for s, w in zip(samples, work, strict=True))
-        workers = min(len(os.sched_getaffinity(0)), len(samples), pixels // PIXELS_PER_WORKER)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cpus, len(samples), pixels // PIXELS_PER_WORKER)
     with tempfile.TemporaryDirectory(dir=out, prefix=".truth-") as cache, _pool(workers) as pool:
         cache = Path(cache)
         mean = MeanDepth()
