@@ -8,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fourdnex.config import RegistrationConfig
 from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_npz, write_tree
@@ -389,6 +391,12 @@ def test_truth_saved_and_mapped_back(tmp_path):
     for name in ("rgb", "depth", "K", "cam2world"):
         assert getattr(back, name).dtype == getattr(truth, name).dtype
         np.testing.assert_array_equal(getattr(back, name), getattr(truth, name))
+    # Writable, so torch takes the arrays without its read-only warning; a write stays in memory, not in the file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.from_numpy(back.depth)
+    back.depth[0, 0, 0] = -1.0
+    assert Truth.load(tmp_path / "truth").depth[0, 0, 0] == truth.depth[0, 0, 0]
 
 
 def test_exact_results_score_zero_error(synthetic, tmp_path):

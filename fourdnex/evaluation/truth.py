@@ -60,9 +60,10 @@ class Truth:
 
     @classmethod
     def load(cls, folder: str | Path) -> Truth:
-        """Read what :meth:`save` wrote, the arrays memory-mapped read-only."""
+        """Read what :meth:`save` wrote, the arrays memory-mapped copy-on-write: nothing is read before it is used,
+        torch takes them as they are (it warns on read-only arrays), and a write never reaches the files."""
         folder = Path(folder)
-        arrays = [np.asarray(np.load(folder / f"{name}.npy", mmap_mode="r")) for name in _ARRAYS]
+        arrays = [np.asarray(np.load(folder / f"{name}.npy", mmap_mode="c")) for name in _ARRAYS]
         return cls(str(np.load(folder / "clip_id.npy")), *arrays)
 
 
