@@ -709,12 +709,12 @@ class LatentCache:
             given[0] = True
         image_task = bool(given[0]) and not given[1:].any()
         from_cache = self.cached_condition and image_task
-        key = self.condition_key
-        latents = self._tensors(files["latents"], ("rgb", "xyz", key) if from_cache else ("rgb", "xyz"))
+        cond_key = self.condition_key
+        latents = self._tensors(files["latents"], ("rgb", "xyz", cond_key) if from_cache else ("rgb", "xyz"))
         expected = {"rgb": (16, h, w), "xyz": (16, h, w), "cond": (16, h, 2 * w), "cond_rgb": (16, h, w)}
-        for key in latents:
+        for key, tensor in latents.items():
             channels, hh, ww = expected[key]
-            shape = tuple(latents[key].shape)
+            shape = tuple(tensor.shape)
             if len(shape) != 4 or shape[0] != channels or shape[2:] != (hh, ww) or shape[1] < frames:
                 raise CacheError(
                     f"{latents_path}: {key} has shape {shape}, expected ({channels}, >={frames}, {hh}, {ww})"
@@ -727,7 +727,7 @@ class LatentCache:
         else:
             x0 = rgb  # (16, T, h, w)
         mask = condition_mask(given[None], h, x0.shape[-1], self.layout)[0]  # (4, T, h, w')
-        cond = latents[key][:, :frames].float() if from_cache else None
+        cond = latents[cond_key][:, :frames].float() if from_cache else None
         cond_video = None if from_cache else self._condition_video(files, given)
         prompt = self._tensors(files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
         image = self._tensors(files["clip"], ("clip_embeds",))["clip_embeds"].float()

@@ -234,12 +234,12 @@ def prepare_clip(
 
     The normalization is fitted on the source frames the clip uses, at source resolution, before the crop.
     """
-    idx = frame_indices(len(raw.rgb), num_frames)
+    frames = prepare_frames(raw, num_frames, height, width)
+    idx = frames.frame_indices
     used = int(idx.max()) + 1  # frames 0 .. used - 1 appear
     world_to_cam0 = np.linalg.inv(raw.cam2world[0])
     cam0 = raw.points[:used] @ world_to_cam0[:3, :3].T + world_to_cam0[:3, 3]  # (used, Hp, Wp, 3) first camera
     norm = fit_normalization(cam0, center).take(idx)
-    frames = prepare_frames(raw, num_frames, height, width)
     normalized = normalize_pointmap(crop_geometry(cam0[idx], height, width), norm)
     return PreparedClip(
         source=source,
