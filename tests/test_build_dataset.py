@@ -222,6 +222,17 @@ def test_cropped_intrinsics_match_the_cropped_pointmaps(single):
                 assert r["format"] == "static_npz"
 
 
+def test_fitted_intrinsics_recover_the_camera_from_every_fourth_pixel():
+    height, width, step = 30, 45, prepare.FIT_STEP
+    K = np.array(
+        [[[52.0, 0.0, 21.0], [0.0, 49.0, 16.5], [0.0, 0.0, 1.0]], [[80.0, 0.0, 22.5], [0.0, 80.0, 15], [0, 0, 1]]]
+    )
+    v, u = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
+    z = 2.0 + np.sin(u / 7.0) * np.cos(v / 5.0)  # any depths in front of the camera
+    points = np.stack([np.stack([(u - k[0, 2]) / k[0, 0] * z, (v - k[1, 2]) / k[1, 1] * z, z], -1) for k in K])
+    np.testing.assert_allclose(prepare.fit_intrinsics(points[:, ::step, ::step], step), K, atol=1e-9)
+
+
 def test_stats_match_a_direct_computation(single):
     xyz = torch.stack([load_file(single / r["files"]["latents"])["xyz"].double() for r in _records(single)])
     stats = json.loads((single / "stats.json").read_text())

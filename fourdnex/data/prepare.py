@@ -42,6 +42,8 @@ from fourdnex.data.sources import ClipError, ClipSource, RawClip
 PERCENTILES = (2.0, 98.0)
 #: ``--center`` choices: how the pointmap is centred (and clipped).
 CENTER_MODES = ("clip", "per_frame")
+#: Clips without intrinsics: K is fitted on every FIT_STEP-th row and column of the source pixels.
+FIT_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -147,13 +149,13 @@ def crop_intrinsics(K: np.ndarray, sx: float, sy: float, x0: int, y0: int) -> np
     return out
 
 
-def fit_intrinsics(points_cam: np.ndarray, step: int = 4) -> np.ndarray:
-    """Least-squares pinhole K ``(N, 3, 3)`` from camera-frame points ``(N, H, W, 3)`` on their pixel grid."""
-    _, height, width, _ = points_cam.shape
-    rows, cols = np.arange(0, height, step) + 0.5, np.arange(0, width, step) + 0.5  # pixel centres
-    v, u = np.meshgrid(rows, cols, indexing="ij")
+def fit_intrinsics(points_cam: np.ndarray, step: int = FIT_STEP) -> np.ndarray:
+    """Least-squares pinhole K ``(N, 3, 3)`` from camera-frame points ``(N, h, w, 3)`` of every ``step``-th row and
+    column of their pixel grid (pixel ``(i, j)`` of the points is pixel ``(step * i, step * j)`` of the frame)."""
+    _, rows, cols, _ = points_cam.shape
+    v, u = np.meshgrid(np.arange(rows) * step + 0.5, np.arange(cols) * step + 0.5, indexing="ij")  # pixel centres
     Ks = []
-    for pts in points_cam[:, ::step, ::step]:
+    for pts in points_cam:
         z = pts[..., 2]
         ok = z > 1e-6
         if ok.sum() < 3:
@@ -217,7 +219,8 @@ def prepare_frames(raw: RawClip, num_frames: int, height: int, width: int) -> Cl
     c2w = raw.cam2world[idx]
     if raw.K is None:
         w2c = np.linalg.inv(c2w)
-        cam_f = np.einsum("fij,fhwj->fhwi", w2c[:, :3, :3], raw.points[idx]) + w2c[:, None, None, :3, 3]
+        grid = raw.points[idx, ::FIT_STEP, ::FIT_STEP]  # the pixels the fit reads, in world
+        cam_f = np.einsum("fij,fhwj->fhwi", w2c[:, :3, :3], grid) + w2c[:, None, None, :3, 3]
         K_src, intrinsics_source = fit_intrinsics(cam_f), "fitted"
     else:
         K_src, intrinsics_source = raw.K[idx], "given"
