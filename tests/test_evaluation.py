@@ -483,7 +483,7 @@ def _scores(sample) -> dict:
     return {name: dataclasses.asdict(score) for name, score in sample.scores.items()}
 
 
-def test_worker_processes_score_as_one_process(synthetic, tmp_path, monkeypatch):
+def test_worker_threads_score_as_one_thread(synthetic, tmp_path, monkeypatch):
     _, data, _ = synthetic
     noisy = write_corrupted(data, tmp_path / "noisy", 9, 32, 48)[0].parent
     results = tmp_path / "results"
@@ -497,17 +497,18 @@ def test_worker_processes_score_as_one_process(synthetic, tmp_path, monkeypatch)
         np.savez(results / "00001.npz", rgb=arrays["rgb"], xyz=xyz)
     pools = []
 
-    class Recorded(evaluation_run.ProcessPoolExecutor):
+    class Recorded(evaluation_run.ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(evaluation_run, "ProcessPoolExecutor", Recorded)
-    runs = {}
+    monkeypatch.setattr(evaluation_run, "ThreadPoolExecutor", Recorded)
+    runs, threads = {}, torch.get_num_threads()
     for workers in (1, 2):
         shutil.copytree(results, tmp_path / f"results{workers}")  # each run computes the registrations
         runs[workers] = evaluation_run.evaluate(tmp_path / f"results{workers}", tmp_path / f"out{workers}", data,
                                                 workers=workers)  # fmt: skip
+        assert torch.get_num_threads() == threads  # one torch thread per worker only while they run
     assert len(pools) == 1 and pools[0]._max_workers == 2
     alone, pooled = runs[1], runs[2]
     assert [s.name for s in pooled.samples] == ["00000", "00001", "00002"]
@@ -520,7 +521,7 @@ def test_worker_processes_score_as_one_process(synthetic, tmp_path, monkeypatch)
     with np.load(tmp_path / "results2/00000.npz") as arrays:
         rgb, xyz = arrays["rgb"][:5], arrays["xyz"][:5]
     np.savez(tmp_path / "results2/00000.npz", rgb=rgb, xyz=xyz)  # 5 frames: its saved registration has 9
-    for workers in (1, 2):  # a user error in a worker ends the run with its message, as in one process
+    for workers in (1, 2):  # a user error in a worker ends the run with its message, as in one thread
         with pytest.raises(EvaluationError, match=r"not all 5 frames of 00000\.npz"):
             evaluation_run.evaluate(tmp_path / "results2", tmp_path / "out3", data, workers=workers)
 

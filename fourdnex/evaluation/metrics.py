@@ -46,6 +46,10 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
 EDGE_DEPTH_SHARE, EDGE_IMAGE_SHARE = 0.05, 0.10
 #: A registered world point that moves less than this share of the scene extent to the next frame counts as static.
 STATIC_MOTION = 0.01
+#: Element-wise work on a clip's pixels runs over groups of whole frames of about this many entries
+#: (:func:`frame_blocks`), so that its temporaries stay in a core's cache: two evaluations on the 2 cores of a
+#: machine that streamed whole-clip arrays through memory ran only 1.2x faster than one (BENCHMARKS.md).
+BLOCK_ENTRIES = 1 << 16
 
 
 def grid_stride(height: int, width: int) -> int:
@@ -95,30 +99,50 @@ def align_depth(pred: np.ndarray, true: np.ndarray, rule: str, true_median: floa
     return float(s), float(t)
 
 
+def frame_blocks(entries: np.ndarray) -> list[tuple[int, int]]:
+    """Groups ``[f0, f1)`` of consecutive frames holding about :data:`BLOCK_ENTRIES` entries each (at least one
+    frame), given the entries of each frame ``(F,)``."""
+    blocks, start, held = [], 0, 0
+    for f, count in enumerate(entries):
+        held += int(count)
+        if held >= BLOCK_ENTRIES:
+            blocks.append((start, f + 1))
+            start, held = f + 1, 0
+    if start < len(entries):
+        blocks.append((start, len(entries)))
+    return blocks
+
+
 def depth_errors(
-    depth: np.ndarray, true: np.ndarray, frame: np.ndarray, frames: int
+    depth: np.ndarray, true: np.ndarray, frame: np.ndarray, frames: int, scale: float = 1.0, shift: float = 0.0
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """AbsRel, delta < 1.25 and RMSE(log) of aligned depths against true ones, ``(N,)`` each, the pixel of entry n
-    in frame ``frame[n]`` of ``frames`` (entries frame by frame: ``frame`` never decreases): per frame ``(F,)`` and
-    pooled over the pixels.
+    """AbsRel, delta < 1.25 and RMSE(log) of depths ``scale * depth + shift`` against true ones, ``(N,)`` each, the
+    pixel of entry n in frame ``frame[n]`` of ``frames`` (entries frame by frame: ``frame`` never decreases): per
+    frame ``(F,)`` and pooled over the pixels.
 
     AbsRel = mean |d - g| / g; delta = share with max(d / g, g / d) < 1.25; RMSE(log) = sqrt(mean (log d - log g)^2),
     with d / g raised to :data:`DEPTH_FLOOR` in the last two (a depth behind the camera counts as a tiny one).
     """
-    ratio = depth / true
-    terms = {
-        "absrel": np.abs(ratio - 1),
-        "delta1": ((ratio < DELTA) & (ratio > 1 / DELTA)).astype(np.float64),
-        "rmse_log": np.log(np.maximum(ratio, DEPTH_FLOOR)) ** 2,
-    }
     counts = np.bincount(frame, minlength=frames)
-    starts = (np.cumsum(counts) - counts)[counts > 0]  # where each frame's entries begin
+    starts = np.cumsum(counts) - counts  # where each frame's entries begin
+    sums = np.zeros((3, frames))
+    for f0, f1 in frame_blocks(counts):
+        begin, end = starts[f0], starts[f1 - 1] + counts[f1 - 1]
+        if begin == end:
+            continue
+        ratio = (scale * depth[begin:end] + shift) / true[begin:end]
+        terms = (
+            np.abs(ratio - 1),
+            ((ratio < DELTA) & (ratio > 1 / DELTA)).astype(np.float64),
+            np.log(np.maximum(ratio, DEPTH_FLOOR)) ** 2,
+        )
+        present = counts[f0:f1] > 0
+        for row, x in zip(sums, terms, strict=True):
+            row[f0:f1][present] = np.add.reduceat(x, starts[f0:f1][present] - begin)
     per_frame, clip = {}, {}
-    for name, x in terms.items():
-        sums = np.zeros(frames)
-        sums[counts > 0] = np.add.reduceat(x, starts)
-        per_frame[name] = np.divide(sums, counts, out=np.full(frames, np.nan), where=counts > 0)
-        clip[name] = float(sums.sum() / counts.sum()) if counts.sum() else float("nan")
+    for name, row in zip(("absrel", "delta1", "rmse_log"), sums, strict=True):
+        per_frame[name] = np.divide(row, counts, out=np.full(frames, np.nan), where=counts > 0)
+        clip[name] = float(row.sum() / counts.sum()) if counts.sum() else float("nan")
     per_frame["rmse_log"], clip["rmse_log"] = np.sqrt(per_frame["rmse_log"]), clip["rmse_log"] ** 0.5
     return per_frame, clip
 

@@ -11,10 +11,9 @@
    registered is reported as not scored, with the reason.
 5. Average over the scored samples; the caller writes the report.
 
-Steps 2 and 4 run one sample per task in a pool of worker processes (spawned, each under one torch thread): one per
-CPU this process may use, at most one per sample and one per PIXELS_PER_WORKER of slow work (ground truth, a
-registration to compute; a worker's start costs about 2 CPU seconds); with one, in this process. Results come back in
-sample order and are the same numbers as in one process.
+Steps 2 and 4 run one sample per task on a pool of threads, one per CPU this process may use and at most one per
+sample, with torch on one thread each (the work is numpy, scipy and torch calls on whole arrays, which release the
+GIL). Results come back in sample order and are the same numbers as in one thread.
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ import contextlib
 import dataclasses
 import functools
 import json
-import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,12 +53,6 @@ from fourdnex.geometry.results import (
 
 if TYPE_CHECKING:
     from fourdnex.data.sources import ClipSource
-
-#: Pixels (frames x height x width over the samples, counted once for the ground truth and once for a registration
-#: to compute) a worker process must get to pay for its start: about two 49 x 480 x 720 samples (BENCHMARKS.md: a pool
-#: is slower on small sets and without either, no faster on three such samples on 2 cores).
-PIXELS_PER_WORKER = 32_000_000
-
 
 @dataclass
 class Sample:
@@ -152,9 +144,8 @@ def evaluate(
     workers: int | None = None,
 ) -> Evaluation:
     """Score every result in ``results`` (with ground truth from the 4DNeX-10M tree ``gt`` when given) beside its
-    floors; ``out`` holds the temporary ground-truth cache while this runs. ``workers`` processes share the samples
-    (default: the CPUs this process may use, at most one per sample and one per :data:`PIXELS_PER_WORKER`; 1: all in
-    this process)."""
+    floors; ``out`` holds the temporary ground-truth cache while this runs. ``workers`` threads share the samples
+    (default: the CPUs this process may use, at most one per sample; 1: all in the calling thread)."""
     results, out = Path(results), Path(out)
     gt, mapping = (Path(gt) if gt is not None else None), (Path(mapping) if mapping is not None else None)
     config = config or RegistrationConfig()
@@ -164,10 +155,8 @@ def evaluate(
     evaluation = Evaluation(results, gt, samples, predictors)
     sizes = sorted({s.size for s in samples})
     if workers is None:
-        work = [(gt is not None) + (not registration_path(s.path).is_file()) for s in samples]  # the slow parts
-        pixels = sum(s.frames * s.size[0] * s.size[1] * w for s, w in zip(samples, work, strict=True))
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cpus, len(samples), pixels // PIXELS_PER_WORKER)
+        workers = min(cpus, len(samples))
     with tempfile.TemporaryDirectory(dir=out, prefix=".truth-") as cache, _pool(workers) as pool:
         cache = Path(cache)
         mean = MeanDepth()
@@ -192,26 +181,22 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """``workers`` spawned processes (None for fewer than 2: the work stays in this process); on leaving, the tasks
-    not yet started are dropped (an error ends the run without waiting for them)."""
+def _pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """``workers`` threads, torch on one thread meanwhile (None for fewer than 2: the work stays in the calling
+    thread); on leaving, the tasks not yet started are dropped (an error ends the run without waiting for them)."""
     if workers < 2:
         yield None
         return
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start_worker)
+    pool, threads = ThreadPoolExecutor(workers), torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield pool
     finally:
         pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
-def _start_worker() -> None:
-    """One torch (OpenMP) thread per worker, for this process and any it starts: the workers share the cores."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-
-
-def _map(pool: ProcessPoolExecutor | None, job: Callable, tasks: Iterable[tuple], desc: str) -> Iterator:
+def _map(pool: ThreadPoolExecutor | None, job: Callable, tasks: Iterable[tuple], desc: str) -> Iterator:
     """``job(*task)`` for every task, in order, on the pool or here, counted by a progress bar."""
     tasks = list(tasks)
     done = pool.map(job, *zip(*tasks, strict=True)) if pool is not None else (job(*task) for task in tasks)

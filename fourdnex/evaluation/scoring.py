@@ -265,9 +265,9 @@ def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, scor
     first = slice(0, ref.first)
     for rule in m.ALIGNMENTS:
         scale, shift = m.align_depth(depth, ref.depth, rule, ref.unit)
-        per_frame, clip = m.depth_errors(scale * depth + shift, ref.depth, ref.frame, frames)
+        per_frame, clip = m.depth_errors(depth, ref.depth, ref.frame, frames, scale, shift)
         scale0, shift0 = m.align_depth(depth[first], ref.depth[first], rule, ref.unit0)
-        _, clip0 = m.depth_errors(scale0 * depth[first] + shift0, ref.depth[first], ref.frame[first], 1)
+        _, clip0 = m.depth_errors(depth[first], ref.depth[first], ref.frame[first], 1, scale0, shift0)
         for name in clip:
             score.values[f"depth.{rule}.{name}"], score.frames[f"depth.{rule}.{name}"] = clip[name], per_frame[name]
             score.values[f"depth0.{rule}.{name}"] = clip0[name]

@@ -127,12 +127,14 @@ def load_truth(data_dir: str | Path, source: ClipSource, num_frames: int, height
             )
     clip = prepare_frames(raw, num_frames, height, width)
     if raw.depth is not None:  # the stored depth is the camera-frame z of the points it unprojects to
-        depth = crop_geometry(raw.depth[clip.frame_indices, ..., None], height, width)[..., 0]
-    else:
-        world = crop_geometry(raw.points[clip.frame_indices], height, width).reshape(num_frames, -1, 3)
-        axis, centre = clip.cam2world[:, :3, 2], clip.cam2world[:, :3, 3]  # each camera's viewing axis and centre
-        depth = (world @ axis[:, :, None])[..., 0] - (axis * centre).sum(-1)[:, None]
-    depth = depth.reshape(num_frames, height, width).astype(np.float32)
+        depth = raw.depth[clip.frame_indices]
+    else:  # each world point's distance along its camera's viewing axis, frame by frame (before the crop, which
+        # only picks pixels)
+        axis, centre = clip.cam2world[:, :3, 2], clip.cam2world[:, :3, 3]
+        depth = np.stack(
+            [raw.points[i] @ a - a @ c for i, a, c in zip(clip.frame_indices, axis, centre, strict=True)]
+        ).astype(np.float32)
+    depth = crop_geometry(depth[..., None], height, width)[..., 0].astype(np.float32, copy=False)
     depth = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0))
     if not depth.any():
         raise EvaluationError(f"ground truth {source.id}: no pixel has a depth in front of its camera")
