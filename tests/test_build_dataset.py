@@ -326,6 +326,17 @@ def test_broken_clips_are_recorded_and_the_rest_built(tree, encoders, tmp_path):
     assert again.processed == 0 and again.failed_now == 0 and again.failed == 5
 
 
+def test_a_pointmap_of_integers_is_refused(tree, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tree, data_dir)
+    npz = data_dir / "static" / "static_2" / "10004.npz"
+    arrays = dict(np.load(npz))
+    np.savez(npz, pts3d=arrays["pts3d"].astype(np.int32), poses=arrays["poses"])
+    clip = {c.id: c for c in sources.find_clips(data_dir).clips}["static/static_2/10004"]
+    with pytest.raises(sources.ClipError, match="pts3d must hold floating-point coordinates, not int32"):
+        sources.read_clip(clip, sources.Captions(data_dir))
+
+
 def test_cli_user_errors_are_one_line(single, tree):
     spec = importlib.util.spec_from_file_location("build_wan_dataset", ROOT / "build_wan_dataset.py")
     cli = importlib.util.module_from_spec(spec)

@@ -219,7 +219,7 @@ class RawClip:
     number: int
     reader: str = "decord"
     depth: np.ndarray | None = None  # (N, Hp, Wp) camera-frame z as stored (float32 mostly), where the format has it
-    stored_points: np.ndarray | None = None  # (N, Hp, Wp, 3) float64 world points, where the format stores them
+    stored_points: np.ndarray | None = None  # (N, Hp, Wp, 3) world points in their stored float type, where stored
 
     @property
     def geometry_shape(self) -> tuple[int, int, int]:
@@ -228,8 +228,9 @@ class RawClip:
 
     @functools.cached_property
     def points(self) -> np.ndarray:
-        """``(N, Hp, Wp, 3)`` float64 world coordinates: the stored points, or the depth unprojected (on first use:
-        evaluation reads the depth alone)."""
+        """``(N, Hp, Wp, 3)`` world coordinates: the stored points (their float type: arithmetic with the float64
+        cameras promotes them exactly), or the depth unprojected, float64 (on first use: evaluation reads the depth
+        alone)."""
         if self.depth is None:
             return self.stored_points
         return unproject_depth(self.depth.astype(np.float64), self.K, self.cam2world)
@@ -579,10 +580,12 @@ def read_clip(source: ClipSource, captions: Captions) -> RawClip:
         rgb, reader = rgb.astype(np.uint8), "npz"
     else:
         arrays = _load_npz(path, ("pts3d", "poses"))
-        points, c2w = arrays["pts3d"].astype(np.float64), arrays["poses"].astype(np.float64)
+        points, c2w = arrays["pts3d"], arrays["poses"].astype(np.float64)
         n = len(points)
         if points.ndim != 4 or points.shape[-1] != 3 or c2w.shape != (n, 4, 4):
             raise ClipError(f"{path}: pts3d {points.shape} and poses {c2w.shape} must be (T, H, W, 3) and (T, 4, 4)")
+        if points.dtype.kind != "f":
+            raise ClipError(f"{path}: pts3d must hold floating-point coordinates, not {points.dtype}")
         _check_range(source, n, "frames")
         depth, K = None, None
         rgb, reader = _read_rgb(source, n)

@@ -67,11 +67,14 @@ class MeanDepth:
     def add(self, truth: Truth) -> None:
         """Add one clip: its depth over its median, summed per pixel over frames; its focal lengths (fx and fy)."""
         size = truth.depth.shape[1:]
-        valid = truth.valid
-        median = np.median(truth.depth[valid], overwrite_input=True)
-        scaled = np.divide(truth.depth, median, out=np.zeros_like(truth.depth), where=valid)
-        self.sums[size] = self.sums.get(size, 0.0) + scaled.sum(0)
-        self.counts[size] = self.counts.get(size, 0) + valid.sum(0)
+        median = np.median(truth.depth[truth.valid], overwrite_input=True)
+        sums, counts = np.zeros(size, truth.depth.dtype), np.zeros(size, np.int64)
+        for depth in truth.depth:  # frame by frame, so that the temporaries stay in cache
+            valid = depth > 0
+            sums += np.divide(depth, median, out=np.zeros_like(depth), where=valid)
+            counts += valid
+        self.sums[size] = self.sums.get(size, 0.0) + sums
+        self.counts[size] = self.counts.get(size, 0) + counts
         self.focals.setdefault(size, []).extend(truth.K[:, [0, 1], [0, 1]].ravel().tolist())
 
     def merge(self, other: MeanDepth) -> None:

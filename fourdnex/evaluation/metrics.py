@@ -267,17 +267,30 @@ def distinct_frames(video: np.ndarray) -> np.ndarray:
     return video[:1] if video.strides[0] == 0 else video
 
 
+def _ssim_factor(rgb: np.ndarray) -> int:
+    """SSIM's block-mean factor for frames ``(F, H, W, 3)`` (see :data:`SSIM_SIDE`)."""
+    return max(1, round(min(rgb.shape[1:3]) / SSIM_SIDE))
+
+
 def ssim_terms(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What SSIM needs of one uint8 video ``(F, H, W, 3)`` alone: its luma x (:data:`SSIM_SIDE`), the luma's local
     mean m, m^2 and local variance (local mean of x^2 minus m^2), ``(F', h, w)`` each (F' = 1 for a held frame, see
-    :func:`distinct_frames`); shared by every video it is compared with."""
+    :func:`distinct_frames`); shared by every video it is compared with. Computed in blocks of frames
+    (:data:`BLOCK_ENTRIES`)."""
     rgb = distinct_frames(rgb)
-    x = _luma(rgb, max(1, round(min(rgb.shape[1:3]) / SSIM_SIDE)))
-    if min(x.shape[1:]) <= 2 * SSIM_RADIUS:
-        raise ValueError(f"SSIM needs frames larger than {2 * SSIM_RADIUS + 1} pixels, got {x.shape[1:]}")
-    mean = _ssim_blur(x)
-    square = mean * mean
-    return x, mean, square, _ssim_blur(x * x) - square
+    factor = _ssim_factor(rgb)
+    shape = (len(rgb), rgb.shape[1] // factor, rgb.shape[2] // factor)
+    if min(shape[1:]) <= 2 * SSIM_RADIUS:
+        raise ValueError(f"SSIM needs frames larger than {2 * SSIM_RADIUS + 1} pixels, got {shape[1:]}")
+    x = np.empty(shape, np.float32)
+    valid = (len(rgb), shape[1] - 2 * SSIM_RADIUS, shape[2] - 2 * SSIM_RADIUS)
+    mean, square, variance = (np.empty(valid, np.float32) for _ in range(3))
+    for f0, f1 in frame_blocks(np.full(len(rgb), shape[1] * shape[2])):
+        x[f0:f1] = _luma(rgb[f0:f1], factor)
+        mean[f0:f1] = _ssim_blur(x[f0:f1])
+        np.multiply(mean[f0:f1], mean[f0:f1], out=square[f0:f1])
+        np.subtract(_ssim_blur(x[f0:f1] * x[f0:f1]), square[f0:f1], out=variance[f0:f1])
+    return x, mean, square, variance
 
 
 def _ssim_blur(z: np.ndarray) -> np.ndarray:
@@ -294,12 +307,30 @@ def ssim(
     true_terms: tuple[np.ndarray, ...] | None = None,
 ) -> np.ndarray:
     """SSIM ``(F,)`` of uint8 videos ``(F, H, W, 3)`` (see :data:`SSIM_SIGMA`); their :func:`ssim_terms` when
-    already computed.
+    already computed (a held video's are computed once, another's block by block: :data:`BLOCK_ENTRIES`).
 
     (2 mx my + c1) (2 cov + c2) / ((mx^2 + my^2 + c1) (vx + vy + c2)) per window, evaluated in place.
     """
-    x, mx, mxx, vx = pred_terms or ssim_terms(pred)
-    y, my, myy, vy = true_terms or ssim_terms(true)
+    videos = [distinct_frames(pred), distinct_frames(true)]
+    terms = [pred_terms, true_terms]
+    for i, video in enumerate(videos):
+        if terms[i] is None and len(video) == 1:
+            terms[i] = ssim_terms(video)
+    frames = max(len(v) for v in videos)
+    factor = _ssim_factor(videos[0])
+    pixels = (videos[0].shape[1] // factor) * (videos[0].shape[2] // factor)
+    scores = np.empty(frames)
+    for f0, f1 in frame_blocks(np.full(frames, pixels)):
+        parts = [
+            ssim_terms(v[f0:f1]) if t is None else tuple(a[f0:f1] if len(a) > 1 else a for a in t)
+            for v, t in zip(videos, terms, strict=True)
+        ]
+        scores[f0:f1] = _ssim_of(*parts[0], *parts[1])
+    return np.broadcast_to(scores, (max(len(pred), len(true)),)).astype(np.float64)
+
+
+def _ssim_of(x, mx, mxx, vx, y, my, myy, vy) -> np.ndarray:
+    """Mean SSIM per frame of the terms of two videos (or of a held frame's, which broadcast)."""
     c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
     s = mx * my
     cov = _ssim_blur(x * y)
@@ -314,7 +345,7 @@ def ssim(
     var += c2
     den *= var
     s /= den
-    return np.broadcast_to(s.reshape(len(s), -1).mean(1), (max(len(pred), len(true)),)).astype(np.float64)
+    return s.reshape(len(s), -1).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -126,16 +126,15 @@ def load_truth(data_dir: str | Path, source: ClipSource, num_frames: int, height
                 f"{height}x{width} (it would have to be upsampled)"
             )
     clip = prepare_frames(raw, num_frames, height, width)
-    if raw.depth is not None:  # the stored depth is the camera-frame z of the points it unprojects to
-        depth = raw.depth[clip.frame_indices]
-    else:  # each world point's distance along its camera's viewing axis, frame by frame (before the crop, which
-        # only picks pixels)
-        axis, centre = clip.cam2world[:, :3, 2], clip.cam2world[:, :3, 3]
-        depth = np.stack(
-            [raw.points[i] @ a - a @ c for i, a, c in zip(clip.frame_indices, axis, centre, strict=True)]
-        ).astype(np.float32)
-    depth = crop_geometry(depth[..., None], height, width)[..., 0].astype(np.float32, copy=False)
-    depth = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0))
+    depth = np.empty((num_frames, height, width), np.float32)
+    for f, i in enumerate(clip.frame_indices):  # frame by frame, so that the temporaries stay in cache
+        if raw.depth is not None:  # the stored depth is the camera-frame z of the points it unprojects to
+            stored = raw.depth[i]
+        else:  # each world point's distance along its camera's viewing axis (before the crop, which picks pixels)
+            axis, centre = clip.cam2world[f, :3, 2], clip.cam2world[f, :3, 3]
+            stored = (raw.points[i] @ axis - axis @ centre).astype(np.float32)
+        frame = crop_geometry(stored[None, ..., None], height, width)[0, ..., 0].astype(np.float32, copy=False)
+        depth[f] = np.where(np.isfinite(frame) & (frame > 0), frame, np.float32(0))
     if not depth.any():
         raise EvaluationError(f"ground truth {source.id}: no pixel has a depth in front of its camera")
     cam2world = invert_rigid(clip.cam2world[:1]) @ clip.cam2world
