@@ -536,3 +536,11 @@ def test_a_one_frame_video_has_no_pairs():
     assert values["depth.median.absrel"] == 0 and values["camera.ate"] == 0
     assert all(math.isnan(values[k]) for k in ("camera.rpe_trans", "camera.rpe_rot", "rgb.psnr", "path.jerk"))
     assert "stability.static" not in values
+
+
+def test_quantiles_of_a_held_frame_are_those_of_its_repetition():
+    rng = np.random.default_rng(3)
+    for values, repeats in ((rng.random(7), 5), (rng.random(40), 1), (np.array([2.0, 1.0]), 3), (np.ones(4), 9)):
+        q = [0.0, 0.1, 0.5, 0.9, 0.97, 1.0]
+        expected = np.quantile(np.tile(values, repeats), q)
+        np.testing.assert_allclose(m.repeated_quantiles(values, q, repeats), expected, rtol=1e-12, atol=0)

@@ -486,7 +486,7 @@ def _intrinsics(value: np.ndarray, frames: int, height: int, width: int, path: P
 
 def _check_finite(name: str, array: np.ndarray, path: Path) -> None:
     """ClipError naming the first frame of ``array`` (frames first) that holds NaN or inf."""
-    bad = ~np.isfinite(array.reshape(len(array), -1)).all(1)
+    bad = np.array([not np.isfinite(frame).all() for frame in array])  # frame by frame: no whole-clip temporary
     if bad.any():
         raise ClipError(f"{path}: {name} holds NaN or inf in frame {int(np.argmax(bad))} ({int(bad.sum())} frames)")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fourdnex.evaluation.metrics import grid_stride, on_grid
 from fourdnex.evaluation.truth import Truth
 from fourdnex.geometry.cameras import unproject_depth
 from fourdnex.model.fusion import sloped_plane
@@ -19,7 +20,7 @@ from fourdnex.model.fusion import sloped_plane
 FLOORS = {
     "plane": "the sloped plane every sample is conditioned with (X -1..1 left to right, Y -1..1 top to bottom, "
     "Z +1 on the top row to -1 on the bottom row), held",
-    "mean_depth": "the mean depth map of the evaluated set (each clip's depth over its median, averaged per pixel "
+    "mean_depth": "the mean depth map of the evaluated set (each clip's depth over its unit, averaged per pixel "
     "over the clips and frames of that size) seen by a camera with the set's median focal length, held",
     "first_frame": "the true geometry of frame 0 held: a perfect frame 0, then nothing moves",
     "static_camera": "cameras only: identity poses with the set's median focal length (the camera never moves)",
@@ -65,9 +66,11 @@ class MeanDepth:
         self.focals: dict[tuple[int, int], list[float]] = {}
 
     def add(self, truth: Truth) -> None:
-        """Add one clip: its depth over its median, summed per pixel over frames; its focal lengths (fx and fy)."""
+        """Add one clip: its depth over its unit (the median true depth on the evaluation grid), summed per pixel
+        over frames; its focal lengths (fx and fy)."""
         size = truth.depth.shape[1:]
-        median = np.median(truth.depth[truth.valid], overwrite_input=True)
+        grid = on_grid(truth.depth, grid_stride(*size))
+        median = np.median(grid[grid > 0].astype(np.float64))  # the clip's unit, as the scores use it
         sums, counts = np.zeros(size, truth.depth.dtype), np.zeros(size, np.int64)
         for depth in truth.depth:  # frame by frame, so that the temporaries stay in cache
             valid = depth > 0

@@ -352,6 +352,17 @@ def _ssim_of(x, mx, mxx, vx, y, my, myy, vy) -> np.ndarray:
 # Without ground truth
 
 
+def repeated_quantiles(values: np.ndarray, q: list[float], repeats: int) -> np.ndarray:
+    """The quantiles ``q`` (linear interpolation, numpy's default) of ``values (n,)`` repeated ``repeats`` times,
+    without making the repetition: the sorted repetition's entry k is the sorted values' entry k // repeats."""
+    ordered = np.sort(values)
+    position = np.asarray(q, np.float64) * (len(ordered) * repeats - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, len(ordered) * repeats - 1)
+    below, above = ordered[low // repeats], ordered[high // repeats]
+    return below + (position - low) * (above - below)
+
+
 def extent(points: np.ndarray) -> float:
     """The largest side of the axis-aligned bounding box of points ``(..., 3)``."""
     flat = points.reshape(-1, 3)
