@@ -400,8 +400,10 @@ def image_edges(rgb: np.ndarray, stride: int) -> np.ndarray:
     neighbours), widened by one grid step. ``rgb (F, H, W, 3)`` uint8 (a held frame is seen once, see
     :func:`distinct_frames`)."""
     frames, rgb = len(rgb), distinct_frames(rgb)
-    left, right, up, down = (d.astype(np.int16) for d in _neighbours(rgb, stride))
-    grad = np.hypot((right - left).astype(np.float32) @ LUMA, (down - up).astype(np.float32) @ LUMA)  # (F, h, w)
+    grad = np.empty((len(rgb), *on_grid(rgb[:1], stride).shape[1:3]), np.float32)  # (F, h, w)
+    for f0, f1 in frame_blocks(np.full(len(grad), grad[0].size)):
+        left, right, up, down = (d.astype(np.int16) for d in _neighbours(rgb[f0:f1], stride))
+        grad[f0:f1] = np.hypot((right - left).astype(np.float32) @ LUMA, (down - up).astype(np.float32) @ LUMA)
     flat = grad.reshape(len(grad), -1)
     edges = (flat > np.quantile(flat, 1 - EDGE_IMAGE_SHARE, axis=1, keepdims=True)).reshape(grad.shape)
     return np.broadcast_to(binary_dilation(edges, structure=np.ones((1, 3, 3), bool)), (frames, *edges.shape[1:]))
@@ -423,8 +425,10 @@ def edge_agreement(depth: np.ndarray, near: np.ndarray, stride: int) -> np.ndarr
     if depth.strides[0] == 0 and near.strides[0] == 0:
         depth, near = depth[:1], near[:1]
     frames = len(depth)
-    left, right, up, down = (np.maximum(d, floor) for d in _neighbours(depth, stride))
-    grad = np.hypot(np.log(right / left), np.log(down / up)).reshape(frames, -1)
+    grad = np.empty(near.shape, np.result_type(depth.dtype, np.float32)).reshape(frames, -1)
+    for f0, f1 in frame_blocks(np.full(frames, grad.shape[1])):
+        left, right, up, down = (np.maximum(d, floor) for d in _neighbours(depth[f0:f1], stride))
+        grad[f0:f1] = np.hypot(np.log(right / left), np.log(down / up)).reshape(f1 - f0, -1)
     edges = grad > np.quantile(grad, 1 - EDGE_DEPTH_SHARE, axis=1, keepdims=True)
     near = near.reshape(frames, -1)
     chance, count = near.mean(1), edges.sum(1)

@@ -225,7 +225,10 @@ def _geometry_without_truth(pred: Prediction, score: Score, memo: dict) -> np.nd
     residual = m.distinct_frames(m.on_grid(pred.residual, stride))  # a held frame's residual once
     residual = residual.reshape(len(residual), -1) / scene
     per_frame = np.broadcast_to(np.quantile(residual, [0.5, 0.9], axis=1), (2, frames))
-    clip = m.repeated_quantiles(residual.ravel(), [0.5, 0.9], frames // len(residual))
+    if len(residual) == frames:
+        clip = np.quantile(residual, [0.5, 0.9])
+    else:  # a held frame's residual stands for every frame
+        clip = m.repeated_quantiles(residual.ravel(), [0.5, 0.9], frames)
     score.values["residual.median"], score.values["residual.p90"] = float(clip[0]), float(clip[1])
     score.frames["residual.median"], score.frames["residual.p90"] = per_frame
     worst = int(np.argmax(per_frame[1]))
