@@ -11,21 +11,23 @@
    registered is reported as not scored, with the reason.
 5. Average over the scored samples; the caller writes the report.
 
-Steps 2 and 4 run one sample per task on a pool of threads, one per CPU this process may use and at most one per
-sample, with torch on one thread each (the work is numpy, scipy and torch calls on whole arrays, which release the
-GIL). Results come back in sample order and are the same numbers as in one thread.
+Steps 2 and 4 run on a pool of threads, one per CPU this process may use and at most one per task, with torch on
+one thread each (the work is numpy, scipy and torch calls on whole arrays, which release the GIL): one task per
+sample prepares its truth; with ground truth the model and the floors of a sample are two scoring tasks (they share
+the truth, reduced once), so that a few samples keep every thread busy too. Results come back in sample order and are
+the same numbers as in one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +146,8 @@ def evaluate(
     workers: int | None = None,
 ) -> Evaluation:
     """Score every result in ``results`` (with ground truth from the 4DNeX-10M tree ``gt`` when given) beside its
-    floors; ``out`` holds the temporary ground-truth cache while this runs. ``workers`` threads share the samples
-    (default: the CPUs this process may use, at most one per sample; 1: all in the calling thread)."""
+    floors; ``out`` holds the temporary ground-truth cache while this runs. ``workers`` threads share the work
+    (default: the CPUs this process may use, at most one per scoring task; 1: all in the calling thread)."""
     results, out = Path(results), Path(out)
     gt, mapping = (Path(gt) if gt is not None else None), (Path(mapping) if mapping is not None else None)
     config = config or RegistrationConfig()
@@ -156,15 +158,14 @@ def evaluate(
     sizes = sorted({s.size for s in samples})
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cpus, len(samples))
+        workers = min(cpus, len(samples) * (2 if gt is not None else 1))  # scoring tasks
     with tempfile.TemporaryDirectory(dir=out, prefix=".truth-") as cache, _pool(workers) as pool:
         cache = Path(cache)
         mean = MeanDepth()
         if gt is not None:
             sources = clip_sources(gt)
-            tasks = [(sample, sources[sample.clip_id]) for sample in samples]
-            prepare = functools.partial(_prepare_truth, gt=gt, cache=cache)
-            for sample, (depth, path, seconds) in zip(samples, _map(pool, prepare, tasks, "ground truth"), strict=True):
+            tasks = [(_prepare_truth, sample, sources[sample.clip_id], gt, cache) for sample in samples]
+            for sample, (depth, path, seconds) in zip(samples, _map(pool, tasks, "ground truth"), strict=True):
                 mean.merge(depth)
                 evaluation.truth_paths[sample.name] = path
                 sample.seconds["truth"] = seconds
@@ -174,9 +175,20 @@ def evaluate(
             for size in sizes:
                 held[size]["mean_depth"] = register_frame(mean.xyz(size), config)
                 focals[size] = mean.focal(size)
-        tasks = [(sample, held[sample.size], focals.get(sample.size)) for sample in samples]
-        job = functools.partial(_score_cached, cache=cache if gt is not None else None, config=config)
-        samples[:] = _map(pool, job, tasks, "scoring")
+        references = {s.name: _SharedReference(cache / s.name if gt is not None else None) for s in samples}
+        per_sample, tasks = (2 if gt is not None else 1), []
+        for sample in samples:  # with ground truth the model and the floors are two tasks: few samples keep every
+            # thread busy too
+            floors = (sample, references[sample.name], held[sample.size], focals.get(sample.size), config)
+            tasks.append((_score_model, sample, references[sample.name], config, None if gt is not None else floors))
+            tasks += [(_score_floors, *floors)] if gt is not None else []
+        parts = _map(pool, tasks, "scoring", per_sample)
+        for sample in samples:
+            found = [next(parts) for _ in range(per_sample)]
+            sample.status, sample.registration = found[0].status or sample.status, found[0].registration
+            for part in found if found[0].status is None else found[:1]:  # no floors beside an unscored model
+                sample.scores |= part.scores
+                sample.seconds |= part.seconds
     return evaluation
 
 
@@ -196,11 +208,20 @@ def _pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
         torch.set_num_threads(threads)
 
 
-def _map(pool: ThreadPoolExecutor | None, job: Callable, tasks: Iterable[tuple], desc: str) -> Iterator:
-    """``job(*task)`` for every task, in order, on the pool or here, counted by a progress bar."""
+def _map(pool: ThreadPoolExecutor | None, tasks: Iterable[tuple], desc: str, per_sample: int = 1) -> Iterator:
+    """``task[0](*task[1:])`` for every task, in order, on the pool or here, counted by a progress bar over the
+    samples (``per_sample`` consecutive tasks each)."""
     tasks = list(tasks)
-    done = pool.map(job, *zip(*tasks, strict=True)) if pool is not None else (job(*task) for task in tasks)
-    return tqdm(done, desc=desc, total=len(tasks), unit="sample", leave=False)
+    done = pool.map(_call, tasks) if pool is not None else map(_call, tasks)
+    with tqdm(desc=desc, total=len(tasks) // per_sample, unit="sample", leave=False) as bar:
+        for i, result in enumerate(done, 1):
+            bar.update(i % per_sample == 0)
+            yield result
+
+
+def _call(task: tuple):
+    """``task[0](*task[1:])``."""
+    return task[0](*task[1:])
 
 
 def _prepare_truth(sample: Sample, source: ClipSource, gt: Path, cache: Path) -> tuple[MeanDepth, np.ndarray, float]:
@@ -214,46 +235,95 @@ def _prepare_truth(sample: Sample, source: ClipSource, gt: Path, cache: Path) ->
     return depth, truth.cam2world[:, :3, 3], time.perf_counter() - start
 
 
-def _score_cached(
-    sample: Sample, held: dict[str, Prediction], focal: float | None, cache: Path | None, config: RegistrationConfig
-) -> Sample:
-    """Score one sample against its truth saved in ``cache`` (None: without ground truth); the sample, filled in."""
-    truth = Truth.load(cache / sample.name) if cache is not None else None
-    _score_sample(sample, truth, held, focal, config)
-    return sample
+@dataclass
+class _Part:
+    """What one scoring task found for a sample, merged into it in sample order."""
+
+    scores: dict[str, Score] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    status: str | None = None  # "not scored: <reason>"
+    registration: str = ""
 
 
-def _score_sample(
-    sample: Sample, truth: Truth | None, held: dict[str, Prediction], focal: float | None, config: RegistrationConfig
-) -> None:
-    """Register (or read the registration of) one result and score it and its floors into ``sample``; ``focal`` is
-    the set's median focal length at its size (with ground truth)."""
+class _SharedReference:
+    """One sample's truth reduced for scoring (:class:`Reference`), built from its saved truth (``folder``) by the
+    first of the sample's tasks that asks and dropped when both have finished (None without ground truth)."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder, self.lock, self.reference, self.finished = folder, threading.Lock(), None, 0
+
+    def get(self) -> Reference | None:
+        """The reference (built on the first call)."""
+        with self.lock:
+            if self.reference is None and self.folder is not None:
+                with single_thread(torch.device("cpu")):  # the metrics' torch calls are on small arrays
+                    self.reference = Reference(Truth.load(self.folder))
+            return self.reference
+
+    def finish(self) -> None:
+        """One of the sample's two tasks is done with the reference."""
+        with self.lock:
+            self.finished += 1
+            if self.finished == 2:
+                self.reference = None
+
+
+def _score_model(
+    sample: Sample, shared: _SharedReference, config: RegistrationConfig, floors: tuple | None = None
+) -> _Part:
+    """Register (or read the registration of) one result and score it; with ``floors`` (the arguments of
+    :func:`_score_floors`, without ground truth) its floors too."""
+    part = _Part()
     start = time.perf_counter()
     try:
         rgb, reg = _registration(sample, config)
+        part.registration = sample.registration
     except (ResultError, RegistrationError, torch.linalg.LinAlgError) as err:  # the file's shape was checked
         stage = "registration failed: " if not isinstance(err, ResultError) else ""
-        sample.status = f"not scored: {stage}{str(err).splitlines()[0]}"
-        return
-    sample.seconds["registration"] = time.perf_counter() - start
-    if not all(np.isfinite(reg[k]).all() for k in ("K", "cam2world", "depth")):
-        sample.status = "not scored: the registration holds NaN or infinite cameras or depths"
-        return
-    start = time.perf_counter()
-    with single_thread(torch.device("cpu")):  # the metrics' torch calls are on small arrays
-        reference = Reference(truth) if truth is not None else None
-        memo: dict = {}  # what the floors' shared RGB video gives, computed once
-        sample.scores["model"] = score(Prediction.from_registration(rgb, reg), reference, memo)
-    sample.seconds["score"] = time.perf_counter() - start
-    start = time.perf_counter()
-    image = (truth.rgb if truth is not None else rgb)[:1]  # the input image, held by every floor
+        part.status = f"not scored: {stage}{str(err).splitlines()[0]}"
+    else:
+        part.seconds["registration"] = time.perf_counter() - start
+        if not all(np.isfinite(reg[k]).all() for k in ("K", "cam2world", "depth")):
+            part.status = "not scored: the registration holds NaN or infinite cameras or depths"
+    if part.status is None:
+        start = time.perf_counter()
+        reference = shared.get()
+        with single_thread(torch.device("cpu")):
+            part.scores["model"] = score(Prediction.from_registration(rgb, reg), reference)
+        part.seconds["score"] = time.perf_counter() - start
+        if floors is not None:
+            other = _score_floors(*floors, image=rgb[:1])
+            part.scores |= other.scores
+            part.seconds |= other.seconds
+    shared.finish()
+    return part
+
+
+def _score_floors(
+    sample: Sample,
+    shared: _SharedReference,
+    held: dict[str, Prediction],
+    focal: float | None,
+    config: RegistrationConfig,
+    image: np.ndarray | None = None,
+) -> _Part:
+    """Score the floors of one sample: those held for its size, and with ground truth the first frame and the static
+    camera (``focal``: the set's median focal length at its size); ``image`` is the input image every floor holds
+    (frame 0 of the truth when there is one)."""
+    part, start = _Part(), time.perf_counter()
+    reference = shared.get()
+    truth = reference.truth if reference is not None else None
+    image = truth.rgb[:1] if truth is not None else image
     floors = {name: dataclasses.replace(p, rgb=image).held(sample.frames) for name, p in held.items()}
     if truth is not None:
         first = dataclasses.replace(register_frame(first_frame_xyz(truth), config), rgb=image)
         K = camera_matrix(focal, *sample.size)
         floors["first_frame"] = first.held(sample.frames)
         floors["static_camera"] = Prediction(None, K[None], np.eye(4)[None]).held(sample.frames)
+    memo: dict = {}  # what the floors' shared RGB video gives, computed once
     with single_thread(torch.device("cpu")):
         for name, prediction in floors.items():
-            sample.scores[name] = score(prediction, reference, memo)
-    sample.seconds["floors"] = time.perf_counter() - start
+            part.scores[name] = score(prediction, reference, memo)
+    part.seconds["floors"] = time.perf_counter() - start
+    shared.finish()
+    return part

@@ -7,7 +7,6 @@ the truth is reduced once per sample (:class:`Reference`) and shared by every pr
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -167,7 +166,8 @@ def register_frame(xyz: np.ndarray, config: RegistrationConfig) -> Prediction:
 class Reference:
     """A truth reduced once for every predictor scored against it: the evaluation grid's defined depths (compressed,
     frame by frame), the sparse grid's true points (unprojected at the pixel centres) and their nearest-neighbour
-    trees, the clip's unit (median true depth; frame 0's too) and the true video's share of SSIM."""
+    trees (:func:`fourdnex.evaluation.metrics.point_trees`), the clip's unit (median true depth; frame 0's too) and
+    the true video's share of SSIM (:func:`fourdnex.evaluation.metrics.ssim_terms`)."""
 
     def __init__(self, truth: Truth) -> None:
         frames, height, width = truth.depth.shape
@@ -182,18 +182,8 @@ class Reference:
         sparse = m.on_grid(truth.depth, self.point_stride).astype(np.float64)
         self.points = m.grid_points(sparse, m.grid_uv(height, width, self.point_stride), truth.K, truth.cam2world)
         self.points_valid = sparse > 0
-
-    @functools.cached_property
-    def point_trees(self) -> list:
-        """The true points' nearest-neighbour trees, one per frame (:func:`fourdnex.evaluation.metrics.point_trees`),
-        built once."""
-        frames = len(self.points)
-        return m.point_trees(self.points.reshape(frames, -1, 3), self.points_valid.reshape(frames, -1))
-
-    @functools.cached_property
-    def ssim_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The true video's share of SSIM (:func:`fourdnex.evaluation.metrics.ssim_terms`), computed once."""
-        return m.ssim_terms(self.truth.rgb)
+        self.point_trees = m.point_trees(self.points.reshape(frames, -1, 3), self.points_valid.reshape(frames, -1))
+        self.ssim_terms = m.ssim_terms(truth.rgb)
 
 
 @dataclass
