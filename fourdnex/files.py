@@ -1,12 +1,14 @@
 """Every file fourdnex writes goes through here: atomic writes (a killed run never leaves a file that looks
-complete) of text, JSON, arrays, images, tensors and videos, and video decoding (PyAV)."""
+complete) of text, JSON, arrays, images, tensors and videos; and video decoding (PyAV) and ``.npz`` reading."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import struct
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +77,50 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """Write arrays to an uncompressed ``.npz``, atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+#: Readers of the .npy headers np.save writes, by format version.
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def read_npz(path: str | Path, names: set[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays ``names`` (default: all) of an ``.npz``, without unpickling anything: a member stored uncompressed
+    (as :func:`write_npz` writes them) is memory-mapped copy-on-write, so nothing is copied or checksummed before it
+    is read and a write never reaches the file; a compressed member is read whole. Raises ValueError (or OSError)
+    for a file that is not such an archive, is cut short or holds Python objects."""
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if names is not None and name not in names:
+                    continue
+                if info.compress_type != zipfile.ZIP_STORED:
+                    with archive.open(info) as member:
+                        arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+                    continue
+                f.seek(info.header_offset)
+                local = f.read(30)  # a member's local header: 30 bytes, then its name and extra field
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise ValueError(f"member {info.filename} has no local header")
+                name_length, extra_length = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_length + extra_length)
+                version = np.lib.format.read_magic(f)
+                if version not in _NPY_HEADERS:
+                    raise ValueError(f"member {info.filename} is an .npy of format {version}, not 1.0 or 2.0")
+                shape, fortran, dtype = _NPY_HEADERS[version](f)
+                if dtype.hasobject:
+                    raise ValueError(f"member {info.filename} holds Python objects")
+                order = "F" if fortran else "C"
+                mapped = np.prod(shape) > 0  # a memory map cannot be empty
+                arrays[name] = (
+                    np.asarray(np.memmap(f, dtype, "c", f.tell(), shape, order))
+                    if mapped
+                    else np.empty(shape, dtype, order)
+                )
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"not an npz archive ({err})") from err
+    return arrays
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 24) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from fourdnex.files import atomic_path, read_video, write_json, write_video
+from fourdnex.files import atomic_path, read_npz, read_video, write_json, write_npz, write_video
 from fourdnex.geometry.results import ResultError, find_results, load_result, save_result
 from fourdnex.model.presets import RANDOM_MARKER, build_pipeline
 
@@ -164,3 +164,29 @@ def test_result_registration_and_adapter_files_hold_what_their_specs_list(tmp_pa
         written = set(json.loads(f.metadata()["config"]))
     assert written == {field.name for field in dataclasses.fields(AdapterMeta)}
     assert all(f"`{name}`" in readme.split("### Adapters", 1)[1].split("##", 1)[0] for name in written)
+
+
+def test_read_npz_maps_stored_members_and_reads_compressed_ones(tmp_path):
+    arrays = {
+        "a": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "b": np.asfortranarray(np.eye(3)),
+        "c": np.zeros(0),
+    }
+    write_npz(tmp_path / "stored.npz", **arrays)
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    for name in ("stored.npz", "packed.npz"):
+        got = read_npz(tmp_path / name)
+        assert got.keys() == arrays.keys()
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(got[key], value)
+            assert got[key].dtype == value.dtype and got[key].flags.f_contiguous == value.flags.f_contiguous
+        assert read_npz(tmp_path / name, {"b"}).keys() == {"b"}
+    mapped = read_npz(tmp_path / "stored.npz")["a"]
+    mapped[0, 0, 0] = 99  # copy-on-write: the file keeps its value
+    assert mapped.base is not None and read_npz(tmp_path / "stored.npz")["a"][0, 0, 0] == 0
+    np.savez(tmp_path / "objects.npz", o=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match="holds Python objects"):
+        read_npz(tmp_path / "objects.npz")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "stored.npz").read_bytes()[:200])
+    with pytest.raises(ValueError):
+        read_npz(tmp_path / "cut.npz")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fourdnex.errors import FourDNeXError
-from fourdnex.files import write_json, write_npz, write_video
+from fourdnex.files import read_npz, write_json, write_npz, write_video
 
 RESULT_NAME = re.compile(r"^\d{5}\.(npz|pkl)$")
 #: The arrays of a result ``NNNNN.npz``, with their shapes, dtypes and meaning.
@@ -118,8 +118,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     if path.suffix == ".pkl":
         return load_result(path).rgb
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return data["rgb"]
+        return read_npz(path, {"rgb"})["rgb"]
     except (OSError, ValueError, EOFError, KeyError) as err:
         raise ResultError(f"{path}: no readable rgb array ({err})") from err
 
@@ -198,8 +197,7 @@ def load_registration(path: str | Path, names: Iterable[str] = REGISTRATION_ARRA
     path = Path(path)
     wanted = {"depth", *names}
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in REGISTRATION_ARRAYS if name in wanted and name in data.files}
+        arrays = read_npz(path, wanted & set(REGISTRATION_ARRAYS))
     except (OSError, ValueError, EOFError) as err:
         raise ResultError(f"{path}: not a readable registration file ({err})") from err
     missing = wanted - set(arrays)
