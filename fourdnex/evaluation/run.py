@@ -247,7 +247,8 @@ class _Part:
 
 class _SharedReference:
     """One sample's truth reduced for scoring (:class:`Reference`), built from its saved truth (``folder``) by the
-    first of the sample's tasks that asks and dropped when both have finished (None without ground truth)."""
+    first of its two scorings (the model's, the floors') that asks, and dropped when both have finished with it (None
+    without ground truth)."""
 
     def __init__(self, folder: Path | None) -> None:
         self.folder, self.lock, self.reference, self.finished = folder, threading.Lock(), None, 0
@@ -261,7 +262,7 @@ class _SharedReference:
             return self.reference
 
     def finish(self) -> None:
-        """One of the sample's two tasks is done with the reference."""
+        """One of the sample's two scorings is done with the reference."""
         with self.lock:
             self.finished += 1
             if self.finished == 2:
