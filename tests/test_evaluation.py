@@ -109,6 +109,50 @@ def test_undefined_true_depth_is_left_out():
     assert scale == 0.5 and clip["absrel"] == pytest.approx(0, abs=1e-12)
 
 
+def test_frame_blocks_cover_every_frame_once(monkeypatch):
+    for entries in (np.zeros(4, int), np.array([m.BLOCK_ENTRIES * 3]), np.full(10, m.BLOCK_ENTRIES // 3 + 1)):
+        blocks = m.frame_blocks(entries)
+        assert [f for f0, f1 in blocks for f in range(f0, f1)] == list(range(len(entries)))
+        assert all(entries[f0 : f1 - 1].sum() < m.BLOCK_ENTRIES for f0, f1 in blocks)  # each ends once it is full
+    monkeypatch.setattr(m, "BLOCK_ENTRIES", 7)
+    assert m.frame_blocks(np.array([3, 0, 4, 9, 1, 1])) == [(0, 3), (3, 4), (4, 6)]
+
+
+def test_blocked_metrics_equal_whole_clip_ones(monkeypatch):
+    rng = np.random.default_rng(5)
+    frames, height, width = 6, 40, 56
+    true = rng.uniform(1, 5, (frames, height, width))
+    pred = true * rng.uniform(0.7, 1.3, true.shape)
+    pred[2, :3] = -1.0  # behind the camera
+    counts = rng.integers(0, 300, frames)
+    counts[3] = 0  # a frame without pixels
+    frame = np.repeat(np.arange(frames), counts)
+    d, g = pred.ravel()[: len(frame)], true.ravel()[: len(frame)]
+    rgb = rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    whole = (
+        m.depth_errors(d, g, frame, frames, 1.5, 0.25),
+        m.ssim(rgb, rgb[::-1].copy()),
+        m.edge_agreement(pred, m.image_edges(rgb, 2), 2),
+    )
+    monkeypatch.setattr(m, "BLOCK_ENTRIES", 37)  # many blocks, some of one frame
+    per_frame, clip = m.depth_errors(d, g, frame, frames, 1.5, 0.25)
+    ratio = (1.5 * d + 0.25) / g  # direct: every entry at once
+    for name, x in {
+        "absrel": np.abs(ratio - 1),
+        "delta1": (np.maximum(ratio, 1 / ratio) < m.DELTA).astype(float),
+        "rmse_log": np.log(np.maximum(ratio, m.DEPTH_FLOOR)) ** 2,
+    }.items():
+        expected = [x[frame == f].mean() if counts[f] else np.nan for f in range(frames)]
+        pooled = x.mean()
+        if name == "rmse_log":
+            expected, pooled = np.sqrt(expected), np.sqrt(pooled)
+        np.testing.assert_allclose(per_frame[name], expected, rtol=1e-12)
+        assert clip[name] == pytest.approx(pooled, rel=1e-12)
+    np.testing.assert_allclose(per_frame["absrel"], whole[0][0]["absrel"], rtol=1e-12)
+    np.testing.assert_array_equal(m.ssim(rgb, rgb[::-1].copy()), whole[1])
+    np.testing.assert_array_equal(m.edge_agreement(pred, m.image_edges(rgb, 2), 2), whole[2])
+
+
 def test_per_frame_and_pooled_depth_errors():
     # frame 0 at depth 1, frame 1 at depth 2; frame 0's depth held and median-aligned (s = 1.5 / 1): d = 1.5
     per_frame, clip = m.depth_errors(np.full(4, 1.5), np.array([1.0, 1, 2, 2]), np.array([0, 0, 1, 1]), 3)
