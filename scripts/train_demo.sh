@@ -144,13 +144,17 @@ stage_evaluate() {
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
-    # All at once, each on its share of the CPUs (its threads follow them): on small samples one evaluate.py gains
-    # little from more threads (Python's lock), so six of them share the machine better than one at a time.
-    local share=$(( CPUS / ${#runs[@]} > 1 ? CPUS / ${#runs[@]} : 1 ))
+    # All at once, each on its share of the CPUs this script may use (its threads follow them): on small samples one
+    # evaluate.py gains little from more threads (Python's lock), so six of them share the machine better than one at
+    # a time.
+    local cpus
+    read -ra cpus <<< "$("$PY" -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+    local share=$(( ${#cpus[@]} / ${#runs[@]} > 1 ? ${#cpus[@]} / ${#runs[@]} : 1 ))
     pids=()
     for i in "${!runs[@]}"; do
-        local name=${runs[$i]% *} mode=${runs[$i]#* } first=$(( i * share % CPUS ))
-        taskset -c "$first-$(( first + share - 1 ))" "$PY" evaluate.py --results "$WORK/results/$name-$mode" \
+        local name=${runs[$i]% *} mode=${runs[$i]#* } first=$(( i * share % ${#cpus[@]} )) list
+        list=$(IFS=,; echo "${cpus[*]:first:share}")
+        taskset -c "$list" "$PY" evaluate.py --results "$WORK/results/$name-$mode" \
             --gt "$WORK/held-out/data" --mapping "$WORK/held-out/inputs/mapping.json" \
             --out "$WORK/reports/$name-$mode" > "$WORK/evaluate-$i.log" 2>&1 &
         pids+=($!)
