@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fourdnex.evaluation.metrics import grid_stride, on_grid
+from fourdnex.evaluation.metrics import grid_depths
 from fourdnex.evaluation.truth import Truth
 from fourdnex.geometry.cameras import unproject_depth
 from fourdnex.model.fusion import sloped_plane
@@ -69,8 +69,7 @@ class MeanDepth:
         """Add one clip: its depth over its unit (the median true depth on the evaluation grid), summed per pixel
         over frames; its focal lengths (fx and fy)."""
         size = truth.depth.shape[1:]
-        grid = on_grid(truth.depth, grid_stride(*size))
-        median = np.median(grid[grid > 0].astype(np.float64))  # the clip's unit, as the scores use it
+        median = np.median(grid_depths(truth.depth)[1])  # the clip's unit, as the scores use it
         sums, counts = np.zeros(size, truth.depth.dtype), np.zeros(size, np.int64)
         for depth in truth.depth:  # frame by frame, so that the temporaries stay in cache
             valid = depth > 0
@@ -88,7 +87,7 @@ class MeanDepth:
             self.focals.setdefault(size, []).extend(other.focals[size])
 
     def depth(self, size: tuple[int, int]) -> np.ndarray:
-        """The mean map ``(H, W)``; pixels no clip defines get 1 (the median)."""
+        """The mean map ``(H, W)``; pixels no clip defines get 1 (the unit)."""
         counts = self.counts[size]
         return np.divide(self.sums[size], counts, out=np.ones(size), where=counts > 0)
 

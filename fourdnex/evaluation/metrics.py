@@ -67,6 +67,14 @@ def on_grid(x: np.ndarray, stride: int) -> np.ndarray:
     return x[:, stride // 2 :: stride, stride // 2 :: stride]
 
 
+def grid_depths(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The true depths the depth metrics read: where ``depth (F, H, W)`` is defined on the evaluation grid ``(F, h,
+    w)`` bool, and those depths frame by frame ``(N,)`` float64 (their median is the clip's unit)."""
+    grid = on_grid(depth, grid_stride(*depth.shape[1:]))
+    valid = grid > 0
+    return valid, grid[valid].astype(np.float64)
+
+
 def grid_uv(height: int, width: int, stride: int) -> np.ndarray:
     """Pixel centres ``(h, w, 2)`` as ``(u, v)`` of the grid of stride ``stride``, float64."""
     v, u = np.meshgrid(

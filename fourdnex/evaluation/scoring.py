@@ -173,8 +173,7 @@ class Reference:
         frames, height, width = truth.depth.shape
         self.truth = truth
         self.stride, self.point_stride = m.grid_stride(height, width), m.point_stride(height, width)
-        self.valid = m.on_grid(truth.depth, self.stride) > 0  # (F, h, w)
-        self.depth = m.on_grid(truth.depth, self.stride)[self.valid].astype(np.float64)  # (N,) frame by frame
+        self.valid, self.depth = m.grid_depths(truth.depth)  # (F, h, w), (N,) frame by frame
         self.frame = np.repeat(np.arange(frames), self.valid.reshape(frames, -1).sum(1))  # (N,)
         self.first = int((self.frame == 0).sum())  # frame 0's entries come first
         self.unit = float(np.median(self.depth))
