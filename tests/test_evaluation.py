@@ -260,6 +260,38 @@ def test_psnr_and_ssim_closed_form():
     np.testing.assert_allclose(m.ssim(true + 10, true), (2 * 110 * 100 + c1) / (110**2 + 100**2 + c1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(2, 30, 44), (3, 600, 90)])  # block-mean factors 1 and 2
+def test_ssim_equals_a_direct_window_computation(size):
+    # SSIM by its definition in float64: luma of f x f block means, every 11 x 11 window of the valid part weighted
+    # by the normalized Gaussian of std 1.5 (an outer product), the SSIM map's mean per frame
+    rng = np.random.default_rng(3)
+    frames, height, width = size
+    smooth = rng.uniform(0, 255, (frames, height // 6 + 1, width // 6 + 1, 3)).repeat(6, 1).repeat(6, 2)
+    a = np.clip(smooth[:, :height, :width] + rng.normal(0, 20, (frames, height, width, 3)), 0, 255).astype(np.uint8)
+    b = np.clip(a * 0.8 + rng.normal(0, 30, a.shape) + 20, 0, 255).astype(np.uint8)
+    f = max(1, round(min(height, width) / 256))
+
+    def luma(rgb):
+        blocks = rgb[:, : height // f * f, : width // f * f].astype(np.float64)
+        blocks = blocks.reshape(frames, height // f, f, width // f, f, 3).mean((2, 4))
+        return blocks @ np.array([0.299, 0.587, 0.114])
+
+    g = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
+    window = np.outer(g, g) / np.outer(g, g).sum()
+
+    def local_mean(z):  # (F, h, w) -> (F, h - 10, w - 10)
+        return np.einsum("fijkl,kl->fij", np.lib.stride_tricks.sliding_window_view(z, (11, 11), axis=(1, 2)), window)
+
+    x, y = luma(a), luma(b)
+    mx, my = local_mean(x), local_mean(y)
+    vx, vy, cov = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    direct = ((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean((1, 2))
+    assert direct.min() > 0.2 and direct.max() < 0.95  # far from both ends
+    np.testing.assert_allclose(m.ssim(a, b), direct, rtol=1e-5)
+    np.testing.assert_allclose(m.ssim(a[:1], b), m.ssim(np.repeat(a[:1], frames, 0), b), rtol=1e-6)  # held frame
+
+
 def test_path_smoothness_closed_form():
     steady = poses([rotation_y(0.1 * f) for f in range(4)], [[f, 0, 0] for f in range(4)])
     assert m.path_smoothness(steady) == pytest.approx((0, 0), abs=1e-6)

@@ -220,7 +220,7 @@ def prepare_frames(raw: RawClip, num_frames: int, height: int, width: int) -> Cl
     if raw.K is None:
         w2c = np.linalg.inv(c2w)
         grid = raw.points[idx, ::FIT_STEP, ::FIT_STEP]  # the pixels the fit reads, in world
-        cam_f = np.einsum("fij,fhwj->fhwi", w2c[:, :3, :3], grid) + w2c[:, None, None, :3, 3]
+        cam_f = grid @ w2c[:, None, :3, :3].transpose(0, 1, 3, 2) + w2c[:, None, None, :3, 3]
         K_src, intrinsics_source = fit_intrinsics(cam_f), "fitted"
     else:
         K_src, intrinsics_source = raw.K[idx], "given"

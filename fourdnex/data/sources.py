@@ -22,7 +22,6 @@ import os
 import re
 import textwrap
 import threading
-import zipfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fourdnex.errors import FourDNeXError, UsageError
-from fourdnex.files import read_video
+from fourdnex.files import read_npz, read_video
 from fourdnex.geometry.cameras import intrinsics_from_integer_centres, quaternion_to_rotation, unproject_depth
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -455,17 +454,16 @@ def _read_rgb(source: ClipSource, count: int) -> tuple[np.ndarray, str]:
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of an npz (no pickle); ClipError if unreadable or incomplete."""
+    """The arrays ``keys`` of an npz (no pickle; stored members memory-mapped, see :func:`fourdnex.files.read_npz`);
+    ClipError if unreadable or incomplete."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in keys if k not in npz.files]
-            if missing:
-                raise ClipError(f"{path} lacks {missing} (has {npz.files})")
-            return {k: npz[k] for k in keys}
-    except ClipError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        arrays = read_npz(path, set(keys))
+    except (OSError, ValueError, EOFError) as err:
         raise ClipError(f"cannot read {path}: {type(err).__name__}: {err}") from err
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ClipError(f"{path} lacks {missing}")
+    return arrays
 
 
 def _intrinsics(value: np.ndarray, frames: int, height: int, width: int, path: Path) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fourdnex.evaluation.metrics import grid_depths
+from fourdnex.evaluation.metrics import bounds, grid_depths
 from fourdnex.evaluation.truth import Truth
 from fourdnex.geometry.cameras import unproject_depth
 from fourdnex.model.fusion import sloped_plane
@@ -30,8 +30,7 @@ FLOORS = {
 def to_unit_box(points: np.ndarray) -> np.ndarray:
     """Points ``(..., 3)`` -> float32 in [-1, 1]: centred at the midpoint of their range on each axis and divided by
     the largest half-range (the training normalization with one centre for the clip and no clipping)."""
-    flat = points.reshape(-1, 3)
-    low, high = flat.min(0), flat.max(0)
+    low, high = bounds(points)
     return ((points - (low + high) / 2) / ((high - low).max() / 2)).astype(np.float32)
 
 
@@ -69,13 +68,12 @@ class MeanDepth:
         """Add one clip: its depth over its unit (the median true depth on the evaluation grid), summed per pixel
         over frames; its focal lengths (fx and fy)."""
         size = truth.depth.shape[1:]
-        median = np.median(grid_depths(truth.depth)[1])  # the clip's unit, as the scores use it
         sums, counts = np.zeros(size, truth.depth.dtype), np.zeros(size, np.int64)
-        for depth in truth.depth:  # frame by frame, so that the temporaries stay in cache
-            valid = depth > 0
-            sums += np.divide(depth, median, out=np.zeros_like(depth), where=valid)
-            counts += valid
-        self.sums[size] = self.sums.get(size, 0.0) + sums
+        for depth in truth.depth:  # frame by frame, so that the temporaries stay in cache; undefined depths are 0
+            sums += depth
+            counts += depth > 0
+        unit = np.median(grid_depths(truth.depth)[1])  # the clip's unit, as the scores use it
+        self.sums[size] = self.sums.get(size, 0.0) + sums / unit
         self.counts[size] = self.counts.get(size, 0) + counts
         self.focals.setdefault(size, []).extend(truth.K[:, [0, 1], [0, 1]].ravel().tolist())
 

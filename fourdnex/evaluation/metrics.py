@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.ndimage import binary_dilation, gaussian_filter1d
 from scipy.spatial import cKDTree
 
 from fourdnex.geometry.cameras import camera_rays, invert_rigid, rotation_angle_deg, transform_points, umeyama
@@ -40,6 +39,9 @@ DELTA = 1.25
 #: only), K1 = 0.01, K2 = 0.03, after f x f block means with f = max(1, round(min(H, W) / 256)).
 SSIM_SIGMA, SSIM_RADIUS, SSIM_K1, SSIM_K2, SSIM_SIDE = 1.5, 5, 0.01, 0.03, 256
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
+#: The SSIM window's weights at distances 0..SSIM_RADIUS from its centre, float32 (the whole window sums to 1).
+_SSIM_WINDOW = np.exp(-0.5 * (np.arange(SSIM_RADIUS + 1) / SSIM_SIGMA) ** 2)
+_SSIM_WINDOW = (_SSIM_WINDOW / (2 * _SSIM_WINDOW.sum() - _SSIM_WINDOW[0])).astype(np.float32)
 #: Edges: depth edges are a frame's strongest EDGE_DEPTH_SHARE of grid pixels by |grad log depth|, image edges its
 #: strongest EDGE_IMAGE_SHARE by |grad luma|, widened by one grid step. Depth edges are sparser than image edges
 #: (texture has edges, flat colour does not), so the shares differ.
@@ -164,7 +166,7 @@ def sim3_align(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.
     (Umeyama). Points in one place (a still camera) have no best rotation or scale: then ``s = 0``, ``R = I`` and
     ``t`` = the mean of ``dst``, which is that least-squares optimum."""
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    if np.ptp(src, axis=0).max() == 0:
+    if (src == src[0]).all():
         return 0.0, np.eye(3), dst.mean(0)
     scale, rotation, translation = umeyama(src, dst)
     return float(scale), rotation, translation
@@ -176,8 +178,9 @@ def apply_sim3(points: np.ndarray, scale: float, rotation: np.ndarray, translati
 
 
 def point_trees(points: np.ndarray, valid: np.ndarray) -> list[cKDTree]:
-    """One nearest-neighbour tree per frame of the points ``(F, N, 3)`` where ``valid (F, N)``."""
-    return [cKDTree(p[v], balanced_tree=False, compact_nodes=False) for p, v in zip(points, valid, strict=True)]
+    """One nearest-neighbour tree per frame of the points ``(F, N, 3)`` where ``valid (F, N)``: balanced, slower to
+    build but faster to query, as a truth's trees are queried by every predictor scored against it."""
+    return [cKDTree(p[v]) for p, v in zip(points, valid, strict=True)]
 
 
 def point_errors(
@@ -192,11 +195,13 @@ def point_errors(
     """
     frames = len(pred)
     true_trees = point_trees(true, valid) if true_trees is None else true_trees
-    sums, counts = np.zeros((2, frames)), np.zeros((2, frames))
+    sums, counts, tree = np.zeros((2, frames)), np.zeros((2, frames)), None
     for f in range(frames):
         p, g = pred[f][valid[f]], true[f][valid[f]]
         if len(g):
-            tree = cKDTree(p, balanced_tree=False, compact_nodes=False)  # faster to build
+            # the previous frame's tree when its points are these (a held prediction); unbalanced: faster to build
+            held = tree is not None and np.array_equal(valid[f], valid[f - 1]) and np.array_equal(pred[f], pred[f - 1])
+            tree = tree if held else cKDTree(p, balanced_tree=False, compact_nodes=False)
             sums[0, f], sums[1, f] = true_trees[f].query(p)[0].sum(), tree.query(g)[0].sum()
             counts[:, f] = len(p), len(g)
     mean = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
@@ -248,25 +253,22 @@ def psnr(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """PSNR in dB ``(F,)`` of uint8 videos ``(F, H, W, 3)``: peak 255, MSE over pixels and channels; inf if equal."""
     mse = np.empty(len(pred))
     for f in range(len(pred)):
-        diff = pred[f].astype(np.float32).ravel() - true[f].astype(np.float32).ravel()
+        diff = np.subtract(pred[f], true[f], dtype=np.float32).ravel()
         mse[f] = float(np.dot(diff, diff)) / diff.size
     with np.errstate(divide="ignore"):
         return 10 * np.log10(255.0**2 / mse)
 
 
 def _luma(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """Luma ``(F, H // f, W // f)`` float32 of uint8 frames ``(F, H, W, 3)``, as ``f x f`` block means (the block
-    sums are exact integers)."""
+    """Luma ``(F, H // f, W // f)`` float32 of uint8 frames ``(F, H, W, 3)``, as ``f x f`` block means: a block's
+    rows summed exactly in 16 bits, then its columns' channels weighted in one product."""
     frames, height, width, _ = rgb.shape
     h, w = height // factor * factor, width // factor * factor
     blocks = rgb[:, :h, :w].reshape(frames, h // factor, factor, w // factor, factor * 3)
     rows = blocks[:, :, 0].astype(np.uint16)  # (F, h / f, w / f, f * 3): a block's columns side by side
     for i in range(1, factor):
         rows += blocks[:, :, i]
-    total = rows[..., :3].astype(np.float32)
-    for j in range(1, factor):
-        total += rows[..., 3 * j : 3 * j + 3]
-    return total @ (LUMA / factor**2)
+    return rows.astype(np.float32) @ np.tile(LUMA / factor**2, factor)
 
 
 def distinct_frames(video: np.ndarray) -> np.ndarray:
@@ -281,10 +283,10 @@ def _ssim_factor(rgb: np.ndarray) -> int:
 
 
 def ssim_terms(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """What SSIM needs of one uint8 video ``(F, H, W, 3)`` alone: its luma x (:data:`SSIM_SIDE`), the luma's local
-    mean m, m^2 and local variance (local mean of x^2 minus m^2), ``(F', h, w)`` each (F' = 1 for a held frame, see
-    :func:`distinct_frames`); shared by every video it is compared with. Computed in blocks of frames
-    (:data:`BLOCK_ENTRIES`)."""
+    """What SSIM needs of one uint8 video ``(F, H, W, 3)`` alone: its luma x (:data:`SSIM_SIDE`) less 128, the local
+    mean m of that, the luma's local mean m + 128 and its local variance (local mean of x^2 minus m^2: centred, so
+    that float32 keeps it), ``(F', h, w)`` each (F' = 1 for a held frame, see :func:`distinct_frames`); shared by
+    every video it is compared with. Computed in blocks of frames (:data:`BLOCK_ENTRIES`)."""
     rgb = distinct_frames(rgb)
     factor = _ssim_factor(rgb)
     shape = (len(rgb), rgb.shape[1] // factor, rgb.shape[2] // factor)
@@ -292,20 +294,32 @@ def ssim_terms(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
         raise ValueError(f"SSIM needs frames larger than {2 * SSIM_RADIUS + 1} pixels, got {shape[1:]}")
     x = np.empty(shape, np.float32)
     valid = (len(rgb), shape[1] - 2 * SSIM_RADIUS, shape[2] - 2 * SSIM_RADIUS)
-    mean, square, variance = (np.empty(valid, np.float32) for _ in range(3))
+    centred, mean, variance = (np.empty(valid, np.float32) for _ in range(3))
     for f0, f1 in frame_blocks(np.full(len(rgb), shape[1] * shape[2])):
-        x[f0:f1] = _luma(rgb[f0:f1], factor)
-        mean[f0:f1] = _ssim_blur(x[f0:f1])
-        np.multiply(mean[f0:f1], mean[f0:f1], out=square[f0:f1])
-        np.subtract(_ssim_blur(x[f0:f1] * x[f0:f1]), square[f0:f1], out=variance[f0:f1])
-    return x, mean, square, variance
+        np.subtract(_luma(rgb[f0:f1], factor), 128, out=x[f0:f1])
+        centred[f0:f1] = _ssim_blur(x[f0:f1])
+        np.add(centred[f0:f1], 128, out=mean[f0:f1])
+        np.subtract(_ssim_blur(x[f0:f1] * x[f0:f1]), centred[f0:f1] ** 2, out=variance[f0:f1])
+    return x, centred, mean, variance
 
 
 def _ssim_blur(z: np.ndarray) -> np.ndarray:
-    """SSIM's Gaussian window over frames ``(F, h, w)``, the valid part ``(F, h - 2 r, w - 2 r)``."""
+    """SSIM's Gaussian window over frames ``(F, h, w)`` float32, the valid part ``(F, h - 2 r, w - 2 r)``: one axis
+    at a time, the two taps at each distance from the centre added before they are weighted."""
     r = SSIM_RADIUS
-    z = gaussian_filter1d(z, SSIM_SIGMA, axis=1, truncate=r / SSIM_SIGMA)
-    return gaussian_filter1d(z, SSIM_SIGMA, axis=2, truncate=r / SSIM_SIGMA)[:, r:-r, r:-r]
+    for axis in (1, 2):
+        size = z.shape[axis] - 2 * r
+
+        def part(start: int, x: np.ndarray = z, axis: int = axis, size: int = size) -> np.ndarray:
+            return x[(slice(None),) * axis + (slice(start, start + size),)]
+
+        out, pair = np.multiply(part(r), _SSIM_WINDOW[0]), np.empty(part(r).shape, np.float32)
+        for offset in range(1, r + 1):
+            np.add(part(r - offset), part(r + offset), out=pair)
+            pair *= _SSIM_WINDOW[offset]
+            out += pair
+        z = out
+    return z
 
 
 def ssim(
@@ -337,23 +351,27 @@ def ssim(
     return np.broadcast_to(scores, (max(len(pred), len(true)),)).astype(np.float64)
 
 
-def _ssim_of(x, mx, mxx, vx, y, my, myy, vy) -> np.ndarray:
-    """Mean SSIM per frame of the terms of two videos (or of a held frame's, which broadcast)."""
+def _ssim_of(x, cx, mx, vx, y, cy, my, vy) -> np.ndarray:
+    """Mean SSIM per frame of the :func:`ssim_terms` of two videos (or of a held frame's, which broadcast):
+    l (2 cov + c2) / (vx + vy + c2) with l = (2 mx my + c1) / (mx^2 + my^2 + c1), whose denominator is its numerator
+    plus (mx - my)^2 = (cx - cy)^2; evaluated in place."""
     c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
-    s = mx * my
     cov = _ssim_blur(x * y)
-    cov -= s
-    s *= 2
-    s += c1
+    cov -= cx * cy
     cov *= 2
     cov += c2
-    s *= cov
-    den, var = mxx + myy, vx + vy
-    den += c1
-    var += c2
-    den *= var
-    s /= den
-    return s.reshape(len(s), -1).mean(1)
+    luminance = mx * my
+    luminance *= 2
+    luminance += c1
+    cov *= luminance
+    difference = cx - cy
+    difference *= difference
+    difference += luminance
+    variance = vx + vy
+    variance += c2
+    difference *= variance
+    cov /= difference
+    return cov.reshape(len(cov), -1).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,10 +389,17 @@ def repeated_quantiles(values: np.ndarray, q: list[float], repeats: int) -> np.n
     return below + (position - low) * (above - below)
 
 
+def bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest coordinate ``(3,)`` each of points ``(..., 3)`` (axis by axis: numpy reduces an
+    ``(N, 3)`` array over its first axis many times slower)."""
+    flat = points.reshape(-1, 3)
+    return tuple(np.array([reduce(flat[:, axis]) for axis in range(3)]) for reduce in (np.min, np.max))
+
+
 def extent(points: np.ndarray) -> float:
     """The largest side of the axis-aligned bounding box of points ``(..., 3)``."""
-    flat = points.reshape(-1, 3)
-    return float((flat.max(0) - flat.min(0)).max())
+    low, high = bounds(points)
+    return float((high - low).max())
 
 
 def _neighbours(x: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -410,11 +435,23 @@ def image_edges(rgb: np.ndarray, stride: int) -> np.ndarray:
     frames, rgb = len(rgb), distinct_frames(rgb)
     grad = np.empty((len(rgb), *on_grid(rgb[:1], stride).shape[1:3]), np.float32)  # (F, h, w)
     for f0, f1 in frame_blocks(np.full(len(grad), grad[0].size)):
-        left, right, up, down = (d.astype(np.int16) for d in _neighbours(rgb[f0:f1], stride))
-        grad[f0:f1] = np.hypot((right - left).astype(np.float32) @ LUMA, (down - up).astype(np.float32) @ LUMA)
+        left, right, up, down = _neighbours(rgb[f0:f1], stride)
+        across = np.subtract(right, left, dtype=np.float32) @ LUMA  # exact differences of the channels
+        grad[f0:f1] = np.hypot(across, np.subtract(down, up, dtype=np.float32) @ LUMA)
     flat = grad.reshape(len(grad), -1)
     edges = (flat > np.quantile(flat, 1 - EDGE_IMAGE_SHARE, axis=1, keepdims=True)).reshape(grad.shape)
-    return np.broadcast_to(binary_dilation(edges, structure=np.ones((1, 3, 3), bool)), (frames, *edges.shape[1:]))
+    for axis in (1, 2):  # widened by one pixel each way: rows, then columns
+        edges = _widened(edges, axis)
+    return np.broadcast_to(edges, (frames, *edges.shape[1:]))
+
+
+def _widened(mask: np.ndarray, axis: int) -> np.ndarray:
+    """``mask (F, h, w)`` bool or-ed with its neighbours one step before and after along ``axis``."""
+    out = mask.copy()
+    before, after = (slice(None),) * axis + (slice(None, -1),), (slice(None),) * axis + (slice(1, None),)
+    out[after] |= mask[before]
+    out[before] |= mask[after]
+    return out
 
 
 def edge_agreement(depth: np.ndarray, near: np.ndarray, stride: int) -> np.ndarray:
@@ -455,11 +492,15 @@ def temporal_stability(
     that land inside frame f+1 (in front of its camera) whose point moves less than :data:`STATIC_MOTION` of the
     scene extent (the static share: all of them for a static scene with exact geometry), and their median motion as
     a share of the extent; NaN for a pair where none lands inside. ``depth (F, H, W)``, ``K (F, 3, 3)``,
-    ``cam2world (F, 4, 4)``.
+    ``cam2world (F, 4, 4)``; a held prediction (one depth map, broadcast, and one camera) is computed once.
     """
     frames, height, width = depth.shape
-    stride = point_stride(height, width)
     K, cam2world = np.asarray(K, np.float64), np.asarray(cam2world, np.float64)
+    one_camera = all(np.array_equal(x, np.broadcast_to(x[0], x.shape)) for x in (K, cam2world))
+    if frames > 2 and depth.strides[0] == 0 and one_camera:
+        once = temporal_stability(depth[:2], K[:2], cam2world[:2], scene_extent)  # held: every pair is the first
+        return tuple(np.broadcast_to(x, (frames - 1,)) for x in once)
+    stride = point_stride(height, width)
     points = grid_points(
         on_grid(depth[:-1], stride).astype(np.float64), grid_uv(height, width, stride), K[:-1], cam2world[:-1]
     ).reshape(frames - 1, -1, 3)  # (F - 1, n, 3) world points of frames 0..F-2

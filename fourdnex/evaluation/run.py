@@ -56,6 +56,7 @@ from fourdnex.geometry.results import (
 if TYPE_CHECKING:
     from fourdnex.data.sources import ClipSource
 
+
 @dataclass
 class Sample:
     """One result and what the evaluation found for it."""
