@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -365,7 +364,7 @@ def test_first_frame_floor_by_hand():
 
 
 def test_mean_depth_floor_by_hand():
-    # clip A: depth 1 2 / 3 4 (median 2.5); clip B: 2 2 / 2 undefined, then 4 4 / 4 4 (median 4). Over the median:
+    # clip A: depth 1 2 / 3 4 (unit 2.5); clip B: 2 2 / 2 undefined, then 4 4 / 4 4 (unit 4). Over the unit:
     # A 0.4 0.8 / 1.2 1.6; B 0.5 0.5 / 0.5 -, then 1 1 / 1 1. Per pixel means: 1.9/3, 2.3/3, 2.7/3, 2.6/2.
     def truth(depth, fx, fy):
         K = np.tile(np.array([[fx, 0, 1], [0, fy, 1], [0, 0, 1]]), (len(depth), 1, 1))
@@ -378,8 +377,8 @@ def test_mean_depth_floor_by_hand():
         )
 
     mean = MeanDepth()
-    mean.add(truth([[[1, 2], [3, 4]]], 10, 12))
-    mean.add(truth([[[2, 2], [2, 0]], [[4, 4], [4, 4]]], 20, 20))
+    mean.add(truth([[[1, 2], [3, 4]]], 10, 12), 2.5)
+    mean.add(truth([[[2, 2], [2, 0]], [[4, 4], [4, 4]]], 20, 20), 4.0)
     np.testing.assert_allclose(mean.depth((2, 2)), [[1.9 / 3, 2.3 / 3], [2.7 / 3, 1.3]], rtol=1e-6)
     assert mean.focal((2, 2)) == 20  # median of 10, 12, 20, 20, 20, 20
 
@@ -390,7 +389,7 @@ def test_floors_scored_by_hand():
     rgb = np.zeros((2, 24, 32, 3), np.uint8)
     depth = np.stack([np.ones((24, 32)), np.full((24, 32), 2.0)]).astype(np.float32)
     truth = Truth("toy", rgb, depth, K, np.tile(np.eye(4), (2, 1, 1)))
-    reference = Reference(truth)
+    reference = Reference.of(truth)
     # first frame held: d = 1 everywhere. Median alignment s = median(1, 2) / 1 = 1.5: errors 0.5 and 0.25.
     # Least squares on a constant prediction takes the least-norm solution s = t = 0.75: the same d = 1.5.
     held = Prediction(rgb[:1], K[:1], np.eye(4)[None], depth[:1], np.zeros((1, 24, 32))).held(2)
@@ -405,7 +404,7 @@ def test_floors_scored_by_hand():
     doubled = K[:1].copy()
     doubled[0, [0, 1], [0, 1]] *= 2
     still = Prediction(None, doubled, np.eye(4)[None]).held(2)
-    values = score(still, Reference(truth)).values
+    values = score(still, Reference.of(truth)).values
     assert values["camera.ate"] == pytest.approx(0.5 / 1.5)
     assert values["camera.rpe_trans"] == pytest.approx(1 / 1.5)
     assert values["camera.rpe_rot"] == pytest.approx(0, abs=1e-9) and values["camera.focal"] == pytest.approx(1)
@@ -417,7 +416,7 @@ def test_registered_first_frame_floor_keeps_frame_0():
     true = Truth("toy", truth.rgb.numpy(), truth.depth.float().numpy(), truth.K.numpy(), truth.cam2world.numpy())
     floor = register_frame(first_frame_xyz(true), RegistrationConfig())
     held = Prediction(true.rgb[:1], floor.K, floor.cam2world, floor.depth, floor.residual).held(3)
-    values = score(held, Reference(true)).values
+    values = score(held, Reference.of(true)).values
     assert values["depth0.median.absrel"] < 1e-5 and values["camera.focal"] < 1e-5
     assert values["depth.median.absrel"] > 0.01  # later frames see other depths
 
@@ -456,23 +455,28 @@ def synthetic(tmp_path_factory):
     return root, data, exact[0].parent
 
 
-def test_truth_saved_and_mapped_back(tmp_path):
+def test_reference_saved_and_read_back_scores_the_same(tmp_path):
+    # a reduced truth read back from disk scores every number but the RGB ones exactly as the truth in memory
+    scene = make_truth(frames=4, height=96, width=144)  # grids of stride 1 (evaluation) and 3 (points)
+    truth = Truth("toy", scene.rgb.numpy(), scene.depth.float().numpy(), scene.K.numpy(), scene.cam2world.numpy())
+    truth.depth[1, :10] = 0  # undefined depths
     rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (3, 6, 8, 3), dtype=np.uint8)
-    K, cam2world = np.tile(np.eye(3), (3, 1, 1)), np.tile(np.eye(4), (3, 1, 1))
-    truth = Truth("dynamic/a/1", rgb, rng.random((3, 6, 8), dtype=np.float32), K, cam2world)
-    truth.save(tmp_path / "truth")
-    back = Truth.load(tmp_path / "truth")
-    assert back.clip_id == truth.clip_id
-    for name in ("rgb", "depth", "K", "cam2world"):
-        assert getattr(back, name).dtype == getattr(truth, name).dtype
-        np.testing.assert_array_equal(getattr(back, name), getattr(truth, name))
-    # Writable, so torch takes the arrays without its read-only warning; a write stays in memory, not in the file.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        torch.from_numpy(back.depth)
-    back.depth[0, 0, 0] = -1.0
-    assert Truth.load(tmp_path / "truth").depth[0, 0, 0] == truth.depth[0, 0, 0]
+    rgb = np.clip(truth.rgb + rng.normal(0, 20, truth.rgb.shape), 0, 255).astype(np.uint8)
+    depth = truth.depth * rng.uniform(0.9, 1.1, truth.depth.shape).astype(np.float32) + 0.05
+    pred = Prediction(rgb, truth.K * 1.05, truth.cam2world, depth, rng.random(depth.shape, np.float32))
+    memory = Reference.of(truth)
+    memory.save(tmp_path / "reference")
+    back = Reference.load(tmp_path / "reference")
+    assert back.rgb is None and back.ssim_terms is None
+    np.testing.assert_array_equal(back.image, truth.rgb[:1])
+    expected, got = score(pred, memory), score(pred, back)
+    rgb_metrics = {name for name in expected.values if name.startswith("rgb.")}
+    assert rgb_metrics == {"rgb.psnr0", "rgb.ssim0", "rgb.psnr", "rgb.ssim"} and not rgb_metrics & set(got.values)
+    assert got.values == {k: v for k, v in expected.values.items() if k not in rgb_metrics}
+    for name, curve in got.frames.items():
+        np.testing.assert_array_equal(curve, expected.frames[name])
+    for name in ("true", "pred", "rgb"):
+        np.testing.assert_array_equal(got.worst[name], expected.worst[name])
 
 
 def test_exact_results_score_zero_error(synthetic, tmp_path):
@@ -608,7 +612,7 @@ def test_a_one_frame_video_has_no_pairs():
     rgb = np.zeros((1, 24, 32, 3), np.uint8)
     depth = np.ones((1, 24, 32), np.float32)
     truth = Truth("toy", rgb, depth, K, np.eye(4)[None])
-    values = score(Prediction(rgb, K, np.eye(4)[None], depth, np.zeros((1, 24, 32))), Reference(truth)).values
+    values = score(Prediction(rgb, K, np.eye(4)[None], depth, np.zeros((1, 24, 32))), Reference.of(truth)).values
     assert values["depth.median.absrel"] == 0 and values["camera.ate"] == 0
     assert all(math.isnan(values[k]) for k in ("camera.rpe_trans", "camera.rpe_rot", "rgb.psnr", "path.jerk"))
     assert "stability.static" not in values

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fourdnex.evaluation.metrics import bounds, grid_depths
+from fourdnex.evaluation.metrics import bounds
 from fourdnex.evaluation.truth import Truth
 from fourdnex.geometry.cameras import unproject_depth
 from fourdnex.model.fusion import sloped_plane
@@ -64,16 +64,16 @@ class MeanDepth:
         self.counts: dict[tuple[int, int], np.ndarray] = {}
         self.focals: dict[tuple[int, int], list[float]] = {}
 
-    def add(self, truth: Truth) -> None:
-        """Add one clip: its depth over its unit (the median true depth on the evaluation grid), summed per pixel
-        over frames; its focal lengths (fx and fy)."""
+    def add(self, truth: Truth, unit: float) -> None:
+        """Add one clip: its depth over its ``unit`` (the clip's unit as scored:
+        :attr:`fourdnex.evaluation.scoring.Reference.unit`), summed per pixel over frames; its focal lengths (fx and
+        fy)."""
         size = truth.depth.shape[1:]
         sums, counts = np.zeros(size, truth.depth.dtype), np.zeros(size, np.int64)
         for depth in truth.depth:  # frame by frame, so that the temporaries stay in cache; undefined depths are 0
             sums += depth
             counts += depth > 0
-        unit = np.median(grid_depths(truth.depth)[1])  # the clip's unit, as the scores use it
-        self.sums[size] = self.sums.get(size, 0.0) + sums / unit
+        self.sums[size] = self.sums.get(size, 0.0) + sums.astype(np.float64) / unit  # summed over clips in float64
         self.counts[size] = self.counts.get(size, 0) + counts
         self.focals.setdefault(size, []).extend(truth.K[:, [0, 1], [0, 1]].ravel().tolist())
 

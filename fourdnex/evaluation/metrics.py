@@ -69,10 +69,9 @@ def on_grid(x: np.ndarray, stride: int) -> np.ndarray:
     return x[:, stride // 2 :: stride, stride // 2 :: stride]
 
 
-def grid_depths(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The true depths the depth metrics read: where ``depth (F, H, W)`` is defined on the evaluation grid ``(F, h,
-    w)`` bool, and those depths frame by frame ``(N,)`` float64 (their median is the clip's unit)."""
-    grid = on_grid(depth, grid_stride(*depth.shape[1:]))
+def grid_depths(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The true depths the depth metrics read, of a truth's depth on the evaluation grid ``(F, h, w)``: where it is
+    defined ``(F, h, w)`` bool, and those depths frame by frame ``(N,)`` float64 (their median is the clip's unit)."""
     valid = grid > 0
     return valid, grid[valid].astype(np.float64)
 
@@ -95,12 +94,15 @@ def grid_points(depth: np.ndarray, uv: np.ndarray, K: np.ndarray, cam2world: np.
 # Depth
 
 
-def align_depth(pred: np.ndarray, true: np.ndarray, rule: str, true_median: float | None = None) -> tuple[float, float]:
+def align_depth(
+    pred: np.ndarray, true: np.ndarray, rule: str, true_median: float | None = None, pred_median: float | None = None
+) -> tuple[float, float]:
     """Scale and shift ``(s, t)`` of the alignment ``rule`` (a key of :data:`ALIGNMENTS`) mapping predicted depths
-    onto true ones, over corresponding depths ``(N,)`` (the pixels where the truth is defined); ``true_median``:
-    ``np.median(true)`` when already computed."""
+    onto true ones, over corresponding depths ``(N,)`` (the pixels where the truth is defined); ``true_median`` and
+    ``pred_median``: ``np.median(true)`` and ``np.median(pred)`` when already known."""
     if rule == "median":
-        return float((np.median(true) if true_median is None else true_median) / np.median(pred)), 0.0
+        true_median = np.median(true) if true_median is None else true_median
+        return float(true_median / (np.median(pred) if pred_median is None else pred_median)), 0.0
     if rule != "lstsq":
         raise ValueError(f"rule must be one of {list(ALIGNMENTS)}, got {rule!r}")
     total = pred.sum()

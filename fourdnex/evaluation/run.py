@@ -2,20 +2,20 @@
 
 1. Check every input before any work: the result files (shapes read from their headers), which clip each result
    shows and that the clip exists.
-2. With ground truth: prepare each result's clip once (the slow part of a run), keep it in a temporary folder under
-   the output folder (raw ``.npy`` files, memory-mapped when scored), and collect the mean depth map and focal length
-   of the set.
-3. Register the floors that are the same for every sample of a size (plane, mean depth), once per size.
-4. For every result: read its registration (compute and save it beside the result when missing, as
-   pm_registration.py does with its defaults); score the model and the floors of the sample. A result that cannot be
-   registered is reported as not scored, with the reason.
-5. Average over the scored samples; the caller writes the report.
+2. Register the plane floor once per size.
+3. For every result: with ground truth, prepare its clip (read and cropped as training does), add it to the set's mean
+   depth map and focal lengths, and keep a reduced copy in a temporary folder under the output folder (the grids the
+   metrics read, about a tenth of the clip's bytes); read the result's registration (compute and save it beside the
+   result when missing, as pm_registration.py does with its defaults); score the model, the plane and, with ground
+   truth, the first frame. A result that cannot be registered is reported as not scored, with the reason.
+4. With ground truth: register the mean depth map once per size, then score each sample's floors made of the whole
+   set (mean depth, still camera) against its reduced truth.
+5. The caller averages over the scored samples and writes the report.
 
-Steps 2 and 4 run on a pool of threads, one per CPU this process may use and at most one per task, with torch on
-one thread each (the work is numpy, scipy and torch calls on whole arrays, which release the GIL): one task per
-sample prepares its truth; with ground truth the model and the floors of a sample are two scoring tasks (they share
-the truth, reduced once), so that a few samples keep every thread busy too. Results come back in sample order and are
-the same numbers as in one thread.
+Steps 3 and 4 run on a pool of threads, one per CPU this process may use and at most one per sample, with torch on
+one thread each (the work is numpy, scipy and torch calls on whole arrays, which release the GIL): one task per sample
+in each step. Each clip is read and decoded once and scored while it is in memory. Results come back in sample order
+and are the same numbers as in one thread.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ from tqdm import tqdm
 from fourdnex.config import RegistrationConfig
 from fourdnex.evaluation.floors import FLOORS, MeanDepth, camera_matrix, first_frame_xyz, plane_xyz
 from fourdnex.evaluation.scoring import Prediction, Reference, Score, register_frame, score
-from fourdnex.evaluation.truth import EvaluationError, Truth, clip_of, clip_sources, load_truth, read_mapping
+from fourdnex.evaluation.truth import EvaluationError, clip_of, clip_sources, load_truth, read_mapping
 from fourdnex.geometry.registration import RegistrationError, register_result, single_thread
 from fourdnex.geometry.results import (
     ResultError,
@@ -147,8 +146,8 @@ def evaluate(
     workers: int | None = None,
 ) -> Evaluation:
     """Score every result in ``results`` (with ground truth from the 4DNeX-10M tree ``gt`` when given) beside its
-    floors; ``out`` holds the temporary ground-truth cache while this runs. ``workers`` threads share the work
-    (default: the CPUs this process may use, at most one per scoring task; 1: all in the calling thread)."""
+    floors; ``out`` holds the temporary reduced truths while this runs. ``workers`` threads share the work (default:
+    the CPUs this process may use, at most one per sample; 1: all in the calling thread)."""
     results, out = Path(results), Path(out)
     gt, mapping = (Path(gt) if gt is not None else None), (Path(mapping) if mapping is not None else None)
     config = config or RegistrationConfig()
@@ -156,41 +155,54 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     predictors = ["model", *(FLOORS if gt is not None else ["plane"])]
     evaluation = Evaluation(results, gt, samples, predictors)
-    sizes = sorted({s.size for s in samples})
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cpus, len(samples) * (2 if gt is not None else 1))  # scoring tasks
-    with tempfile.TemporaryDirectory(dir=out, prefix=".truth-") as cache, _pool(workers) as pool:
-        cache = Path(cache)
-        mean = MeanDepth()
-        if gt is not None:
-            sources = clip_sources(gt)
-            tasks = [(_prepare_truth, sample, sources[sample.clip_id], gt, cache) for sample in samples]
-            for sample, (depth, path, seconds) in zip(samples, _map(pool, tasks, "ground truth"), strict=True):
-                mean.merge(depth)
-                evaluation.truth_paths[sample.name] = path
-                sample.seconds["truth"] = seconds
-        held = {size: {"plane": register_frame(plane_xyz(*size), config)} for size in sizes}
-        focals = {}
-        if gt is not None:
-            for size in sizes:
-                held[size]["mean_depth"] = register_frame(mean.xyz(size), config)
-                focals[size] = mean.focal(size)
-        references = {s.name: _SharedReference(cache / s.name if gt is not None else None) for s in samples}
-        per_sample, tasks = (2 if gt is not None else 1), []
-        for sample in samples:  # with ground truth the model and the floors are two tasks: few samples keep every
-            # thread busy too
-            floors = (sample, references[sample.name], held[sample.size], focals.get(sample.size), config)
-            tasks.append((_score_model, sample, references[sample.name], config, None if gt is not None else floors))
-            tasks += [(_score_floors, *floors)] if gt is not None else []
-        parts = _map(pool, tasks, "scoring", per_sample)
-        for sample in samples:
-            found = [next(parts) for _ in range(per_sample)]
-            sample.status, sample.registration = found[0].status or sample.status, found[0].registration
-            for part in found if found[0].status is None else found[:1]:  # no floors beside an unscored model
-                sample.scores |= part.scores
-                sample.seconds |= part.seconds
+        workers = min(cpus, len(samples))
+    plane = {size: register_frame(plane_xyz(*size), config) for size in {s.size for s in samples}}
+    with contextlib.ExitStack() as stack:  # left in reverse: the threads end before the reduced truths go
+        cache = (
+            None if gt is None else Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out, prefix=".truth-")))
+        )
+        pool = stack.enter_context(_pool(workers))
+        if gt is None:
+            tasks = [(_score_sample, sample, plane[sample.size], config) for sample in samples]
+            for sample, part in zip(samples, _map(pool, tasks, "scoring"), strict=True):
+                part.add_to(sample)
+        else:
+            _score_with_truth(evaluation, pool, gt, cache, plane, config)
+    for sample in samples:  # in the order of the predictors
+        sample.scores = {name: sample.scores[name] for name in predictors if name in sample.scores}
     return evaluation
+
+
+def _score_with_truth(
+    evaluation: Evaluation,
+    pool: ThreadPoolExecutor | None,
+    gt: Path,
+    cache: Path,
+    plane: dict[tuple[int, int], Prediction],
+    config: RegistrationConfig,
+) -> None:
+    """Two passes over the samples: the first prepares each truth, scores the model and the floors made of it alone
+    (plane, first frame) and keeps a reduced truth in ``cache``; the second scores the floors made of the whole set
+    (mean depth map, still camera with the median focal length)."""
+    sources, samples = clip_sources(gt), evaluation.samples
+    truths = [_TruthTask(sources[s.clip_id], gt, cache / s.name) for s in samples]
+    tasks = [(_score_sample, s, plane[s.size], config, t) for s, t in zip(samples, truths, strict=True)]
+    mean, parts = MeanDepth(), {}
+    for sample, part in zip(samples, _map(pool, tasks, "scoring"), strict=True):
+        part.add_to(sample)
+        mean.merge(part.mean_depth)
+        evaluation.truth_paths[sample.name] = part.truth_path
+        parts[sample.name] = part
+    held = {size: register_frame(mean.xyz(size), config) for size in mean.sums}
+    scored = evaluation.scored
+    tasks = [
+        (_score_set_floors, s, cache / s.name, held[s.size], mean.focal(s.size), parts[s.name].image_scores)
+        for s in scored
+    ]
+    for sample, part in zip(scored, _map(pool, tasks, "floors of the set"), strict=True):
+        part.add_to(sample)
 
 
 @contextlib.contextmanager
@@ -209,15 +221,11 @@ def _pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
         torch.set_num_threads(threads)
 
 
-def _map(pool: ThreadPoolExecutor | None, tasks: Iterable[tuple], desc: str, per_sample: int = 1) -> Iterator:
-    """``task[0](*task[1:])`` for every task, in order, on the pool or here, counted by a progress bar over the
-    samples (``per_sample`` consecutive tasks each)."""
+def _map(pool: ThreadPoolExecutor | None, tasks: Iterable[tuple], desc: str) -> Iterator:
+    """``task[0](*task[1:])`` for every task, in order, on the pool or here, counted by a progress bar."""
     tasks = list(tasks)
     done = pool.map(_call, tasks) if pool is not None else map(_call, tasks)
-    with tqdm(desc=desc, total=len(tasks) // per_sample, unit="sample", leave=False) as bar:
-        for i, result in enumerate(done, 1):
-            bar.update(i % per_sample == 0)
-            yield result
+    yield from tqdm(done, desc=desc, total=len(tasks), unit="sample", leave=False)
 
 
 def _call(task: tuple):
@@ -225,57 +233,57 @@ def _call(task: tuple):
     return task[0](*task[1:])
 
 
-def _prepare_truth(sample: Sample, source: ClipSource, gt: Path, cache: Path) -> tuple[MeanDepth, np.ndarray, float]:
-    """Prepare one sample's truth and save it in ``cache``; its share of the set's mean depth, its true camera centres
-    and the seconds it took."""
-    start = time.perf_counter()
-    truth = load_truth(gt, source, sample.frames, *sample.size)
-    truth.save(cache / sample.name)
-    depth = MeanDepth()
-    depth.add(truth)
-    return depth, truth.cam2world[:, :3, 3], time.perf_counter() - start
+@dataclass
+class _TruthTask:
+    """Where a sample's truth comes from (its clip in the tree ``gt``) and where its reduced copy goes."""
+
+    source: ClipSource
+    gt: Path
+    folder: Path
 
 
 @dataclass
 class _Part:
-    """What one scoring task found for a sample, merged into it in sample order."""
+    """What one task found for a sample, added to it in sample order."""
 
     scores: dict[str, Score] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     status: str | None = None  # "not scored: <reason>"
     registration: str = ""
+    mean_depth: MeanDepth = field(default_factory=MeanDepth)  # the sample's share of the set's mean depth map
+    truth_path: np.ndarray | None = None  # (F, 3) true camera centres
+    image_scores: tuple[dict, dict] = ({}, {})  # the floors' RGB numbers and curves: their held input image's
+
+    def time(self, stage: str, start: float) -> None:
+        """Add the seconds since ``start`` to ``stage``."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def add_to(self, sample: Sample) -> None:
+        """Its scores, seconds and status into ``sample``."""
+        sample.status = self.status or sample.status
+        sample.registration = self.registration or sample.registration
+        sample.scores |= self.scores
+        for stage, seconds in self.seconds.items():
+            sample.seconds[stage] = sample.seconds.get(stage, 0.0) + seconds
 
 
-class _SharedReference:
-    """One sample's truth reduced for scoring (:class:`Reference`), built from its saved truth (``folder``) by the
-    first of its two scorings (the model's, the floors') that asks, and dropped when both have finished with it (None
-    without ground truth)."""
-
-    def __init__(self, folder: Path | None) -> None:
-        self.folder, self.lock, self.reference, self.finished = folder, threading.Lock(), None, 0
-
-    def get(self) -> Reference | None:
-        """The reference (built on the first call)."""
-        with self.lock:
-            if self.reference is None and self.folder is not None:
-                with single_thread(torch.device("cpu")):  # the metrics' torch calls are on small arrays
-                    self.reference = Reference(Truth.load(self.folder))
-            return self.reference
-
-    def finish(self) -> None:
-        """One of the sample's two scorings is done with the reference."""
-        with self.lock:
-            self.finished += 1
-            if self.finished == 2:
-                self.reference = None
-
-
-def _score_model(
-    sample: Sample, shared: _SharedReference, config: RegistrationConfig, floors: tuple | None = None
+def _score_sample(
+    sample: Sample, plane: Prediction, config: RegistrationConfig, truth: _TruthTask | None = None
 ) -> _Part:
-    """Register (or read the registration of) one result and score it; with ``floors`` (the arguments of
-    :func:`_score_floors`, without ground truth) its floors too."""
-    part = _Part()
+    """Score one result and the floors that need nothing of the other samples: the plane, and with ground truth the
+    first frame. With ground truth the clip is prepared first: its share of the set's mean depth map is kept, and its
+    reduced truth is saved for :func:`_score_set_floors`. A result that cannot be registered is not scored (its floors
+    neither), with the reason."""
+    part, reference = _Part(), None
+    if truth is not None:
+        start = time.perf_counter()
+        clip = load_truth(truth.gt, truth.source, sample.frames, *sample.size)
+        with single_thread(torch.device("cpu")):  # the metrics' torch calls are on small arrays
+            reference = Reference.of(clip)
+        part.mean_depth.add(clip, reference.unit)
+        part.truth_path = clip.cam2world[:, :3, 3]
+        reference.save(truth.folder)
+        part.time("truth", start)
     start = time.perf_counter()
     try:
         rgb, reg = _registration(sample, config)
@@ -283,49 +291,52 @@ def _score_model(
     except (ResultError, RegistrationError, torch.linalg.LinAlgError) as err:  # the file's shape was checked
         stage = "registration failed: " if not isinstance(err, ResultError) else ""
         part.status = f"not scored: {stage}{str(err).splitlines()[0]}"
-    else:
-        part.seconds["registration"] = time.perf_counter() - start
-        if not all(np.isfinite(reg[k]).all() for k in ("K", "cam2world", "depth")):
-            part.status = "not scored: the registration holds NaN or infinite cameras or depths"
-    if part.status is None:
+        return part
+    part.time("registration", start)
+    if not all(np.isfinite(reg[k]).all() for k in ("K", "cam2world", "depth")):
+        part.status = "not scored: the registration holds NaN or infinite cameras or depths"
+        return part
+    start = time.perf_counter()
+    with single_thread(torch.device("cpu")):
+        part.scores["model"] = score(Prediction.from_registration(rgb, reg), reference)
+        part.time("score", start)
         start = time.perf_counter()
-        reference = shared.get()
-        with single_thread(torch.device("cpu")):
-            part.scores["model"] = score(Prediction.from_registration(rgb, reg), reference)
-        part.seconds["score"] = time.perf_counter() - start
-        if floors is not None:
-            other = _score_floors(*floors, image=rgb[:1])
-            part.scores |= other.scores
-            part.seconds |= other.seconds
-    shared.finish()
+        image = reference.image if reference is not None else rgb[:1]  # the input image, every floor holds it
+        floors = {"plane": dataclasses.replace(plane, rgb=image).held(sample.frames)}
+        if reference is not None:
+            first = dataclasses.replace(register_frame(first_frame_xyz(clip), config), rgb=image)
+            floors["first_frame"] = first.held(sample.frames)
+        memo: dict = {}  # what the floors' shared RGB video gives, computed once
+        for name, prediction in floors.items():
+            part.scores[name] = score(prediction, reference, memo)
+    rgb_numbers = part.scores["plane"]
+    part.image_scores = (
+        {k: v for k, v in rgb_numbers.values.items() if k.startswith("rgb.")},
+        {k: v for k, v in rgb_numbers.frames.items() if k.startswith("rgb.")},
+    )
+    part.time("floors", start)
     return part
 
 
-def _score_floors(
+def _score_set_floors(
     sample: Sample,
-    shared: _SharedReference,
-    held: dict[str, Prediction],
-    focal: float | None,
-    config: RegistrationConfig,
-    image: np.ndarray | None = None,
+    folder: Path,
+    mean_depth: Prediction,
+    focal: float,
+    image_scores: tuple[dict, dict],
 ) -> _Part:
-    """Score the floors of one sample: those held for its size, and with ground truth the first frame and the static
-    camera (``focal``: the set's median focal length at its size); ``image`` is the input image every floor holds
-    (frame 0 of the truth when there is one)."""
+    """Score the floors of one sample that are made of the whole set: the mean depth map (``mean_depth``, registered
+    once for the size) and the still camera with the set's median focal length ``focal``, against the reduced truth
+    in ``folder``. The reduced truth has no video: the mean-depth floor holds the same input image as the other
+    floors, so it takes their RGB numbers (``image_scores``)."""
     part, start = _Part(), time.perf_counter()
-    reference = shared.get()
-    truth = reference.truth if reference is not None else None
-    image = truth.rgb[:1] if truth is not None else image
-    floors = {name: dataclasses.replace(p, rgb=image).held(sample.frames) for name, p in held.items()}
-    if truth is not None:
-        first = dataclasses.replace(register_frame(first_frame_xyz(truth), config), rgb=image)
-        K = camera_matrix(focal, *sample.size)
-        floors["first_frame"] = first.held(sample.frames)
-        floors["static_camera"] = Prediction(None, K[None], np.eye(4)[None]).held(sample.frames)
-    memo: dict = {}  # what the floors' shared RGB video gives, computed once
     with single_thread(torch.device("cpu")):
-        for name, prediction in floors.items():
-            part.scores[name] = score(prediction, reference, memo)
-    part.seconds["floors"] = time.perf_counter() - start
-    shared.finish()
+        reference = Reference.load(folder)
+        held = dataclasses.replace(mean_depth, rgb=reference.image).held(sample.frames)
+        part.scores["mean_depth"] = score(held, reference)
+        K = camera_matrix(focal, *sample.size)
+        part.scores["static_camera"] = score(Prediction(None, K[None], np.eye(4)[None]).held(sample.frames), reference)
+    part.scores["mean_depth"].values |= image_scores[0]
+    part.scores["mean_depth"].frames |= image_scores[1]
+    part.time("floors", start)
     return part

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch
 from fourdnex.config import RegistrationConfig
 from fourdnex.evaluation import metrics as m
 from fourdnex.evaluation.truth import Truth
+from fourdnex.files import write_npy
 from fourdnex.geometry.registration import register_result
 
 _DEPTH = (
@@ -164,25 +166,73 @@ def register_frame(xyz: np.ndarray, config: RegistrationConfig) -> Prediction:
 
 
 class Reference:
-    """A truth reduced once for every predictor scored against it: the evaluation grid's defined depths (compressed,
-    frame by frame), the sparse grid's true points (unprojected at the pixel centres) and their nearest-neighbour
-    trees (:func:`fourdnex.evaluation.metrics.point_trees`), the clip's unit (median true depth; frame 0's too) and
-    the true video's share of SSIM (:func:`fourdnex.evaluation.metrics.ssim_terms`)."""
+    """A truth reduced once for every predictor scored against it: the evaluation grid's true depths (as a grid, and
+    those defined, frame by frame) and RGB, the sparse grid's true points (unprojected at the pixel centres) and their
+    nearest-neighbour trees (:func:`fourdnex.evaluation.metrics.point_trees`), the clip's unit (median true depth;
+    frame 0's too), the cameras, the input image (frame 0) and, when it has one, the true video and its share of SSIM
+    (:func:`fourdnex.evaluation.metrics.ssim_terms`).
 
-    def __init__(self, truth: Truth) -> None:
-        frames, height, width = truth.depth.shape
-        self.truth = truth
-        self.stride, self.point_stride = m.grid_stride(height, width), m.point_stride(height, width)
-        self.valid, self.depth = m.grid_depths(truth.depth)  # (F, h, w), (N,) frame by frame
+    :meth:`save` writes all but the video (about a tenth of a truth's bytes) and :meth:`load` reads it back: such a
+    reference scores every metric but the RGB ones, to the same numbers."""
+
+    def __init__(
+        self,
+        grid_depth: np.ndarray,
+        sparse_depth: np.ndarray,
+        grid_rgb: np.ndarray,
+        image: np.ndarray,
+        K: np.ndarray,
+        cam2world: np.ndarray,
+        rgb: np.ndarray | None = None,
+    ) -> None:
+        """From the true depth on the evaluation grid ``(F, h, w)`` and on the sparse grid, the true RGB on the
+        evaluation grid ``(F, h, w, 3)``, frame 0 ``(1, H, W, 3)``, the cameras and optionally the video ``(F, H, W,
+        3)`` (see :meth:`of`)."""
+        frames, size = len(grid_depth), image.shape[1:3]
+        self.grid_depth, self.sparse_depth, self.grid_rgb, self.image = grid_depth, sparse_depth, grid_rgb, image
+        self.K, self.cam2world, self.rgb = K, cam2world, rgb
+        self.stride, self.point_stride = m.grid_stride(*size), m.point_stride(*size)
+        self.valid, self.depth = m.grid_depths(grid_depth)  # (F, h, w), (N,) frame by frame
+        self.one_mask = bool((self.valid == self.valid[:1]).all())  # the same pixels defined in every frame
         self.frame = np.repeat(np.arange(frames), self.valid.reshape(frames, -1).sum(1))  # (N,)
         self.first = int((self.frame == 0).sum())  # frame 0's entries come first
         self.unit = float(np.median(self.depth))
         self.unit0 = float(np.median(self.depth[: self.first])) if self.first else float("nan")  # frame 0's
-        sparse = m.on_grid(truth.depth, self.point_stride).astype(np.float64)
-        self.points = m.grid_points(sparse, m.grid_uv(height, width, self.point_stride), truth.K, truth.cam2world)
+        sparse = sparse_depth.astype(np.float64)
+        self.points = m.grid_points(sparse, m.grid_uv(*size, self.point_stride), K, cam2world)
         self.points_valid = sparse > 0
         self.point_trees = m.point_trees(self.points.reshape(frames, -1, 3), self.points_valid.reshape(frames, -1))
-        self.ssim_terms = m.ssim_terms(truth.rgb)
+        self.ssim_terms = m.ssim_terms(rgb) if rgb is not None else None
+
+    @classmethod
+    def of(cls, truth: Truth) -> Reference:
+        """The reference of a truth, its video included."""
+        stride, sparse = m.grid_stride(*truth.depth.shape[1:]), m.point_stride(*truth.depth.shape[1:])
+        return cls(
+            m.on_grid(truth.depth, stride),
+            m.on_grid(truth.depth, sparse),
+            m.on_grid(truth.rgb, stride),
+            truth.rgb[:1],
+            truth.K,
+            truth.cam2world,
+            truth.rgb,
+        )
+
+    def save(self, folder: str | Path) -> None:
+        """Write all but the video into ``folder`` (created), one ``.npy`` each."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in _SAVED:  # grids are views: numpy writes a copy many times faster
+            write_npy(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Reference:
+        """What :meth:`save` wrote (no video)."""
+        return cls(*(np.load(Path(folder) / f"{name}.npy") for name in _SAVED))
+
+
+#: The arrays :meth:`Reference.save` writes, in the order of its arguments.
+_SAVED = ("grid_depth", "sparse_depth", "grid_rgb", "image", "K", "cam2world")
 
 
 @dataclass
@@ -255,8 +305,12 @@ def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, scor
     frames = len(points)
     depth = m.on_grid(pred.depth, ref.stride)[ref.valid].astype(np.float64)  # (N,) as ref.depth
     first = slice(0, ref.first)
+    if pred.depth.strides[0] == 0 and ref.one_mask:  # a held map on the same pixels of every frame: frame 0's, F times
+        median = float(m.repeated_quantiles(depth[first], [0.5], frames)[0])
+    else:
+        median = float(np.median(depth))
     for rule in m.ALIGNMENTS:
-        scale, shift = m.align_depth(depth, ref.depth, rule, ref.unit)
+        scale, shift = m.align_depth(depth, ref.depth, rule, ref.unit, median)
         per_frame, clip = m.depth_errors(depth, ref.depth, ref.frame, frames, scale, shift)
         scale0, shift0 = m.align_depth(depth[first], ref.depth[first], rule, ref.unit0)
         _, clip0 = m.depth_errors(depth[first], ref.depth[first], ref.frame[first], 1, scale0, shift0)
@@ -269,9 +323,9 @@ def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, scor
                 "metric": "depth.median.absrel",
                 "frame": worst,
                 "value": float(per_frame["absrel"][worst]),
-                "true": m.on_grid(ref.truth.depth, ref.stride)[worst],
+                "true": ref.grid_depth[worst],
                 "pred": scale * m.on_grid(pred.depth, ref.stride)[worst] + shift,
-                "rgb": m.on_grid(ref.truth.rgb, ref.stride)[worst],
+                "rgb": ref.grid_rgb[worst],
             }
     valid = ref.points_valid
     aligned = m.apply_sim3(points, *m.sim3_align(points[valid], ref.points[valid]))
@@ -296,12 +350,12 @@ def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> 
     points = _geometry_without_truth(pred, result, memo) if pred.depth is not None else None
     if ref is None:
         return result
-    cams = m.camera_errors(pred.cam2world, ref.truth.cam2world)
+    cams = m.camera_errors(pred.cam2world, ref.cam2world)
     result.path = cams["centres"]
     result.values["camera.ate"] = _rms(cams["ate"]) / ref.unit
     result.values["camera.rpe_trans"] = _rms(cams["rpe_trans"]) / ref.unit  # no pairs in a one-frame video: NaN
     result.values["camera.rpe_rot"] = _nanmean(cams["rpe_rot"])
-    focal = m.focal_error(pred.K, ref.truth.K)
+    focal = m.focal_error(pred.K, ref.K)
     result.values["camera.focal"] = float(focal.mean())
     result.frames |= {
         "camera.ate": cams["ate"] / ref.unit,
@@ -311,7 +365,7 @@ def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> 
     }
     if points is not None:
         _depth_with_truth(pred, points, ref, result)
-    if pred.rgb is not None:
+    if pred.rgb is not None and ref.rgb is not None:
         values, frames = _of_video(memo, pred.rgb, "rgb metrics", lambda: _rgb(pred.rgb, ref))
         result.values |= values
         result.frames |= frames
@@ -320,7 +374,7 @@ def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> 
 
 def _rgb(pred: np.ndarray, ref: Reference) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """PSNR and SSIM of frame 0 and of the later frames, and their per-frame curves."""
-    psnr, ssim = m.psnr(pred, ref.truth.rgb), m.ssim(pred, ref.truth.rgb, true_terms=ref.ssim_terms)
+    psnr, ssim = m.psnr(pred, ref.rgb), m.ssim(pred, ref.rgb, true_terms=ref.ssim_terms)
     values = {
         "rgb.psnr0": float(psnr[0]),
         "rgb.ssim0": float(ssim[0]),

@@ -28,7 +28,6 @@ import numpy as np
 from fourdnex.data.prepare import crop_geometry, prepare_frames
 from fourdnex.data.sources import Captions, ClipSource, find_clips, read_clip
 from fourdnex.errors import FourDNeXError
-from fourdnex.files import write_npy
 from fourdnex.geometry.cameras import invert_rigid
 
 
@@ -50,25 +49,6 @@ class Truth:
     def valid(self) -> np.ndarray:
         """``(F, H, W)`` bool: where the depth is defined."""
         return self.depth > 0
-
-    def save(self, folder: str | Path) -> None:
-        """Write the arrays into ``folder`` (created), one ``.npy`` each: :meth:`load` maps them without a copy."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in ("clip_id", *_ARRAYS):
-            write_npy(folder / f"{name}.npy", np.array(self.clip_id) if name == "clip_id" else getattr(self, name))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Truth:
-        """Read what :meth:`save` wrote, the arrays memory-mapped copy-on-write: nothing is read before it is used,
-        torch takes them as they are (it warns on read-only arrays), and a write never reaches the files."""
-        folder = Path(folder)
-        arrays = [np.asarray(np.load(folder / f"{name}.npy", mmap_mode="c")) for name in _ARRAYS]
-        return cls(str(np.load(folder / "clip_id.npy")), *arrays)
-
-
-#: The arrays of a :class:`Truth`, in the order of its fields.
-_ARRAYS = ("rgb", "depth", "K", "cam2world")
 
 
 def read_mapping(path: str | Path) -> dict[str, str]:
