@@ -563,7 +563,7 @@ def _scores(sample) -> dict:
     return {name: dataclasses.asdict(score) for name, score in sample.scores.items()}
 
 
-def test_worker_threads_score_as_one_thread(synthetic, tmp_path, monkeypatch):
+def test_worker_processes_score_as_one_thread(synthetic, tmp_path, monkeypatch):
     _, data, _ = synthetic
     noisy = write_corrupted(data, tmp_path / "noisy", 9, 32, 48)[0].parent
     results = tmp_path / "results"
@@ -577,18 +577,18 @@ def test_worker_threads_score_as_one_thread(synthetic, tmp_path, monkeypatch):
         np.savez(results / "00001.npz", rgb=arrays["rgb"], xyz=xyz)
     pools = []
 
-    class Recorded(evaluation_run.ThreadPoolExecutor):
+    class Recorded(evaluation_run.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(evaluation_run, "ThreadPoolExecutor", Recorded)
+    monkeypatch.setattr(evaluation_run, "ProcessPoolExecutor", Recorded)
     runs, threads = {}, torch.get_num_threads()
     for workers in (1, 2):
         shutil.copytree(results, tmp_path / f"results{workers}")  # each run computes the registrations
         runs[workers] = evaluation_run.evaluate(tmp_path / f"results{workers}", tmp_path / f"out{workers}", data,
                                                 workers=workers)  # fmt: skip
-        assert torch.get_num_threads() == threads  # one torch thread per worker only while they run
+        assert torch.get_num_threads() == threads  # one torch thread in each worker, not here
     assert len(pools) == 1 and pools[0]._max_workers == 2
     alone, pooled = runs[1], runs[2]
     assert [s.name for s in pooled.samples] == ["00000", "00001", "00002"]

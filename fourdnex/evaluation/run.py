@@ -5,17 +5,19 @@
 2. Register the plane floor once per size.
 3. For every result: with ground truth, prepare its clip (read and cropped as training does), add it to the set's mean
    depth map and focal lengths, and keep a reduced copy in a temporary folder under the output folder (the grids the
-   metrics read, about a tenth of the clip's bytes); read the result's registration (compute and save it beside the
-   result when missing, as pm_registration.py does with its defaults); score the model, the plane and, with ground
-   truth, the first frame. A result that cannot be registered is reported as not scored, with the reason.
+   metrics read: an eighth of the clip's bytes at 480 x 720); read the result's registration (compute and save it
+   beside the result when missing, as pm_registration.py does with its defaults); score the model, the plane and,
+   with ground truth, the first frame. A result that cannot be registered is reported as not scored, with the
+   reason.
 4. With ground truth: register the mean depth map once per size, then score each sample's floors made of the whole
    set (mean depth, still camera) against its reduced truth.
 5. The caller averages over the scored samples and writes the report.
 
-Steps 3 and 4 run on a pool of threads, one per CPU this process may use and at most one per sample, with torch on
-one thread each (the work is numpy, scipy and torch calls on whole arrays, which release the GIL): one task per sample
-in each step. Each clip is read and decoded once and scored while it is in memory. Results come back in sample order
-and are the same numbers as in one thread.
+Steps 3 and 4 run on worker processes forked from this one, one per CPU this process may use and at most one per
+sample, with torch on one thread each (threads would share Python's lock: on 16 CPUs one process with a thread each
+scored small samples no faster than on 2): one task per sample in each step. Each clip is read and decoded once and
+scored while it is in memory. Results come back in sample order and are the same numbers as in one process. Where
+processes cannot be forked, everything runs in the calling thread.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -146,8 +149,8 @@ def evaluate(
     workers: int | None = None,
 ) -> Evaluation:
     """Score every result in ``results`` (with ground truth from the 4DNeX-10M tree ``gt`` when given) beside its
-    floors; ``out`` holds the temporary reduced truths while this runs. ``workers`` threads share the work (default:
-    the CPUs this process may use, at most one per sample; 1: all in the calling thread)."""
+    floors; ``out`` holds the temporary reduced truths while this runs. ``workers`` processes share the work
+    (default: the CPUs this process may use, at most one per sample; 1: all in the calling thread)."""
     results, out = Path(results), Path(out)
     gt, mapping = (Path(gt) if gt is not None else None), (Path(mapping) if mapping is not None else None)
     config = config or RegistrationConfig()
@@ -159,7 +162,7 @@ def evaluate(
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = min(cpus, len(samples))
     plane = {size: register_frame(plane_xyz(*size), config) for size in {s.size for s in samples}}
-    with contextlib.ExitStack() as stack:  # left in reverse: the threads end before the reduced truths go
+    with contextlib.ExitStack() as stack:  # left in reverse: the workers end before the reduced truths go
         cache = (
             None if gt is None else Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out, prefix=".truth-")))
         )
@@ -177,7 +180,7 @@ def evaluate(
 
 def _score_with_truth(
     evaluation: Evaluation,
-    pool: ThreadPoolExecutor | None,
+    pool: Executor | None,
     gt: Path,
     cache: Path,
     plane: dict[tuple[int, int], Prediction],
@@ -206,22 +209,22 @@ def _score_with_truth(
 
 
 @contextlib.contextmanager
-def _pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
-    """``workers`` threads, torch on one thread meanwhile (None for fewer than 2: the work stays in the calling
-    thread); on leaving, the tasks not yet started are dropped (an error ends the run without waiting for them)."""
-    if workers < 2:
+def _pool(workers: int) -> Iterator[Executor | None]:
+    """``workers`` worker processes, forked from this one, torch on one thread in each (None for fewer than 2, or
+    where processes cannot be forked: the work stays in the calling thread); on leaving, the tasks not yet started are
+    dropped (an error ends the run without waiting for them)."""
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         yield None
         return
-    pool, threads = ThreadPoolExecutor(workers), torch.get_num_threads()
-    torch.set_num_threads(1)
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
+                               initargs=(1,))  # fmt: skip
     try:
         yield pool
     finally:
         pool.shutdown(cancel_futures=True)
-        torch.set_num_threads(threads)
 
 
-def _map(pool: ThreadPoolExecutor | None, tasks: Iterable[tuple], desc: str) -> Iterator:
+def _map(pool: Executor | None, tasks: Iterable[tuple], desc: str) -> Iterator:
     """``task[0](*task[1:])`` for every task, in order, on the pool or here, counted by a progress bar."""
     tasks = list(tasks)
     done = pool.map(_call, tasks) if pool is not None else map(_call, tasks)
