@@ -4,8 +4,8 @@ Writes synthetic ground truth (fourdnex.data.synthetic, one clip per layout in t
 (the truth corrupted by fourdnex.testing.corrupted), then evaluates them three times: with ground truth and no
 registration files (they are computed and saved), with ground truth and the registrations present, and without
 ground truth. Prints a markdown table of the mean seconds per sample of each stage (wall clock, from the report's
-records: the samples' stages overlap when evaluate() runs them on several threads), the wall seconds per sample of
-the whole run and its CPU seconds per sample (all threads).
+records: the samples' stages overlap when evaluate() runs them in several worker processes), the wall seconds per
+sample of the whole run and its CPU seconds per sample (all processes and threads).
 
 Example (the BENCHMARKS.md run):
     python bench/bench_evaluation.py --samples 3 --frames 49 --height 480 --width 720
@@ -43,9 +43,9 @@ def row(cells) -> str:
 
 
 def cpu_seconds() -> float:
-    """CPU seconds of this process, all its threads."""
+    """CPU seconds of this process and of its ended children (evaluate()'s workers), all their threads."""
     times = os.times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def timed_run(label: str, results: Path, out: Path, gt: Path | None) -> str:
