@@ -144,9 +144,8 @@ stage_evaluate() {
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
-    # All at once, each on its share of the CPUs this script may use (its threads follow them): on small samples one
-    # evaluate.py gains little from more threads (Python's lock), so six of them share the machine better than one at
-    # a time.
+    # All at once, each on its share of the CPUs this script may use (its worker processes follow them): each run's
+    # start and report overlap the others' work (on 16 CPUs the six took 54 s at once, one took 11-15 s alone).
     local cpus
     read -ra cpus <<< "$("$PY" -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
     local share=$(( ${#cpus[@]} / ${#runs[@]} > 1 ? ${#cpus[@]} / ${#runs[@]} : 1 ))
