@@ -264,7 +264,7 @@ class _Part:
     registration: str = ""
     mean_depth: MeanDepth = field(default_factory=MeanDepth)  # the sample's share of the set's mean depth map
     truth_path: np.ndarray | None = None  # (F, 3) true camera centres
-    image_scores: tuple[dict, dict] = ({}, {})  # the floors' RGB numbers and curves: their held input image's
+    image_scores: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))  # the floors' RGB numbers, curves
 
     def time(self, stage: str, start: float) -> None:
         """Add the seconds since ``start`` to ``stage``."""
@@ -321,10 +321,10 @@ def _score_sample(
         memo: dict = {}  # what the floors' shared RGB video gives, computed once
         for name, prediction in floors.items():
             part.scores[name] = score(prediction, reference, memo)
-    rgb_numbers = part.scores["plane"]
+    plane_score = part.scores["plane"]  # its RGB numbers are every floor's: they all hold the input image
     part.image_scores = (
-        {k: v for k, v in rgb_numbers.values.items() if k.startswith("rgb.")},
-        {k: v for k, v in rgb_numbers.frames.items() if k.startswith("rgb.")},
+        {k: v for k, v in plane_score.values.items() if k.startswith("rgb.")},
+        {k: v for k, v in plane_score.frames.items() if k.startswith("rgb.")},
     )
     part.time("floors", start)
     return part
