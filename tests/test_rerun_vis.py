@@ -70,12 +70,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _interruptible() -> None:
+    """In the child, before Python starts: Ctrl-C's signal as in a terminal, also where these tests run with it
+    ignored (started in the background by a script), so that SIGINT stops the server."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _serve(folder: Path, *extra: str) -> tuple[set[str], str]:
     """Start rerun_vis.py --serve, wait until its scene port listens, stop it; returns the addresses and output."""
     grpc, web = _free_port(), _free_port()
     cmd = [sys.executable, str(ROOT / "rerun_vis.py"), "--pkl_dir", str(folder), "--serve"]
     cmd += ["--grpc_port", str(grpc), "--web_port", str(web), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible)
     try:
         deadline = time.monotonic() + 60
         while not _listening(grpc) and time.monotonic() < deadline and proc.poll() is None:
