@@ -321,11 +321,12 @@ def _score_sample(
         memo: dict = {}  # what the floors' shared RGB video gives, computed once
         for name, prediction in floors.items():
             part.scores[name] = score(prediction, reference, memo)
-    plane_score = part.scores["plane"]  # its RGB numbers are every floor's: they all hold the input image
-    part.image_scores = (
-        {k: v for k, v in plane_score.values.items() if k.startswith("rgb.")},
-        {k: v for k, v in plane_score.frames.items() if k.startswith("rgb.")},
-    )
+    if reference is not None:  # the plane's RGB numbers are every floor's: they all hold the input image
+        plane_score = part.scores["plane"]
+        part.image_scores = (
+            {k: v for k, v in plane_score.values.items() if k.startswith("rgb.")},
+            {k: v for k, v in plane_score.frames.items() if k.startswith("rgb.")},
+        )
     part.time("floors", start)
     return part
 
