@@ -59,8 +59,9 @@ from bench.common import building_on
 from fourdnex.model.transformer import FourDNeXTransformer
 from fourdnex.train.activation_memory import BlockRecompute, HostCopier, block_recompute
 from fourdnex.train.config import ACTIVATION_MEMORY_CHOICES, TrainConfig, TrainingError
+from fourdnex.train.data import SampleStream
 from fourdnex.train.engine import Trainer, deepspeed_config, make_accelerator, trainable_parameters, zero_stage
-from fourdnex.train.loop import build_transformer, stream_positions
+from fourdnex.train.loop import build_transformer
 from fourdnex.train.loss import Batch, LossWeights, batch_loss
 from fourdnex.train.memory_policy import RecomputePlan, choose_activation_memory
 
@@ -89,6 +90,13 @@ def random_batch(position: int, shape: tuple[int, int, int, int], text_dim: int,
         noise=torch.randn(latent, generator=g),
         sigmas=torch.rand(1, generator=g),
     )
+
+
+def position(cfg: TrainConfig, step: int, micro: int, rank: int, world: int) -> int:
+    """The global stream position of the one sample that process ``rank`` trains on in micro-step ``micro`` of step
+    ``step`` (batch 1 per process): the trainer's own split of a step's global batch."""
+    stream = SampleStream(cfg, 1, world)
+    return step * stream.global_batch + stream.rows(micro, rank)[0]
 
 
 def peak_gib(device: torch.device) -> tuple[float, float]:
@@ -225,7 +233,7 @@ def run_trainer(args, cfg: TrainConfig, setting: str, config: dict, shape) -> No
     rows, timings, copies = [], [], []
     for step in range(args.warmup + args.steps):
         batches = [
-            random_batch(stream_positions(cfg, step, m, rank, world)[0], shape, config["text_dim"], config["image_dim"])
+            random_batch(position(cfg, step, m, rank, world), shape, config["text_dim"], config["image_dim"])
             for m in range(cfg.gradient_accumulation_steps)
         ]
         synchronize(device)
@@ -277,7 +285,7 @@ def profile_step(trainer: Trainer, cfg: TrainConfig, config: dict, shape, step: 
     from torch.profiler import ProfilerActivity, profile
 
     batches = [
-        random_batch(stream_positions(cfg, step, m, rank, world)[0], shape, config["text_dim"], config["image_dim"])
+        random_batch(position(cfg, step, m, rank, world), shape, config["text_dim"], config["image_dim"])
         for m in range(cfg.gradient_accumulation_steps)
     ]
     on_gpu = trainer.accelerator.device.type == "cuda"

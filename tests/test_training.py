@@ -34,8 +34,9 @@ from fourdnex.model.transformer import FourDNeXTransformer
 from fourdnex.train import memory_policy
 from fourdnex.train.checkpoints import export_adapter, list_checkpoints
 from fourdnex.train.config import TrainConfig, TrainingError
+from fourdnex.train.data import HeldCache, SampleStream, VaeConditionEncoder, batch_of_samples, read_batch
 from fourdnex.train.engine import deepspeed_config, lr_factor, trainable_parameters
-from fourdnex.train.loop import build_transformer, make_batch, sample_generator, stream_positions
+from fourdnex.train.loop import build_transformer
 from fourdnex.train.loss import LossWeights, batch_loss, flow_matching_loss, sample_sigmas, transformer_inputs
 from fourdnex.train.memory_policy import Machine, RecomputePlan, choose_activation_memory
 
@@ -95,11 +96,21 @@ def overfit_run(cache_dir, tmp_path_factory) -> Path:
     return out
 
 
+def step_batch(cache: LatentCache, cfg: TrainConfig, step: int, world: int = 1, micro: int = 0, rank: int = 0):
+    """The micro-batch ``micro`` of process ``rank`` at optimizer step ``step``, read from the cache's files."""
+    stream = SampleStream(cfg, len(cache), world)
+    draws = stream.draws(step).rows(*stream.rows(micro, rank))
+    frames, h, w = cache.latent_shape
+    noise = stream.noise(step, (16, frames, h, 2 * w if cfg.layout == "rgbxyz" else w), torch.device("cpu"))
+    first, stop = stream.rows(micro, rank)
+    return batch_of_samples(read_batch(cache, draws), draws, noise[first:stop], None, torch.device("cpu"))
+
+
 def fixed_batches(cache_dir: Path, n: int = 4):
-    """Held-fixed noisy samples of the training clips (positions no training step uses)."""
-    cfg = TrainConfig(cache_dir=str(cache_dir), height=32, width=32, num_frames=9)
+    """Held-fixed noisy samples of the training clips (steps no training run of the tests reaches)."""
+    cfg = TrainConfig(cache_dir=str(cache_dir), height=32, width=32, num_frames=9, train_batch_size=8)
     cache = LatentCache(cache_dir, cfg.num_latent_frames, 32, 32)
-    return [make_batch(cache, cfg, list(range(10_000 + 8 * i, 10_008 + 8 * i))) for i in range(n)]
+    return [step_batch(cache, cfg, 10_000 + i) for i in range(n)]
 
 
 def eval_loss(batches, adapter: Path | None) -> float:
@@ -387,9 +398,9 @@ def test_loss_weights_and_first_frame():
 
 def test_sample_is_the_inference_input(cache_dir):
     """x0, mask and condition are laid out as the pipeline builds them; timestep = 1000 s."""
-    cfg = TrainConfig(cache_dir=str(cache_dir), height=32, width=32, num_frames=9)
+    cfg = TrainConfig(cache_dir=str(cache_dir), height=32, width=32, num_frames=9, train_batch_size=2)
     cache = LatentCache(cache_dir, cfg.num_latent_frames, 32, 32)
-    batch = make_batch(cache, cfg, [0, 1])
+    batch = step_batch(cache, cfg, 3)
     inputs = transformer_inputs(batch, torch.float32)
     hidden = inputs["hidden_states"]
     assert hidden.shape == (2, 36, 3, 4, 8)
@@ -397,20 +408,24 @@ def test_sample_is_the_inference_input(cache_dir):
     torch.testing.assert_close(hidden[:, :16], (1 - s) * batch.x0 + s * batch.noise)
     torch.testing.assert_close(hidden[:, 16:20], soft_mask(2, 3, 4, 8, "rgbxyz"))
     torch.testing.assert_close(inputs["timestep"], batch.sigmas * 1000)
-    # the same positions give the same noise and clips however they are grouped
-    again = make_batch(cache, cfg, [1])
-    assert torch.equal(again.noise[0], batch.noise[1]) and torch.equal(again.x0[0], batch.x0[1])
-    one = TrainConfig(train_batch_size=2)
-    two = TrainConfig(train_batch_size=1)
-    assert stream_positions(one, 3, 0, 0, 1) == stream_positions(two, 3, 0, 0, 2) + stream_positions(two, 3, 0, 1, 2)
+    # The same global batch gives the same samples however it is split over processes and micro-steps.
+    one = TrainConfig(**{**vars(cfg), "train_batch_size": 1})
+    two_processes = [step_batch(cache, one, 3, world=2, rank=r) for r in (0, 1)]
+    one_process = TrainConfig(**{**vars(one), "gradient_accumulation_steps": 2})
+    two_micro_steps = [step_batch(cache, one_process, 3, micro=m) for m in (0, 1)]
+    for split in (two_processes, two_micro_steps):
+        for name in ("x0", "condition", "noise", "sigmas", "prompt_embeds", "image_embeds"):
+            assert torch.equal(torch.cat([getattr(b, name) for b in split]), getattr(batch, name)), name
+    # Every clip once per epoch, in a new order each epoch.
+    stream = SampleStream(cfg, len(cache), 1)
+    epochs = [stream.draws(step).clips.tolist() for step in range(3)]
+    assert all(sorted(e) == [0, 1] for e in epochs)
 
 
 def test_condition_cut_and_encoded(cache_dir, tmp_path):
     """Causal VAE: the first latent frames of a longer condition encoding are the shorter clip's encoding; a cache
     whose condition is too short gets it encoded from the first frame, to the same values."""
     from diffusers import AutoencoderKLWan
-
-    from fourdnex.data.cache import VaeConditionEncoder
 
     vae = AutoencoderKLWan.from_pretrained(TINY_MODEL, subfolder="vae", dtype=torch.float32)
     with torch.no_grad():
@@ -915,7 +930,7 @@ def test_any_frame_tasks_and_the_rgb_layout_read_hand_built_conditions(cache_dir
     from fourdnex.files import read_video
     from fourdnex.model.fusion import condition_frames, condition_mask
     from fourdnex.train.config import CONDITION_TASKS
-    from fourdnex.train.loop import draw_given
+    from fourdnex.train.data import draw_given
 
     cache = LatentCache(cache_dir, 3, 32, 32)
     record = json.loads((cache_dir / "manifest.jsonl").read_text().splitlines()[0])
@@ -947,15 +962,15 @@ def test_any_frame_tasks_and_the_rgb_layout_read_hand_built_conditions(cache_dir
     std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
     assert rgb.cond_video is None
     torch.testing.assert_close(rgb.cond, ((z - mean) / std)[0], atol=1e-5, rtol=1e-5)
-    # The task shares: drawn from the sample's own generator, close to the preset over many draws.
+    # The task shares: close to the preset over many draws; keyframes are frame 0 and 2-4 others.
     counts = {"image": 0, "first_last": 0, "keyframes": 0, "video": 0}
-    for position in range(2000):
-        g = sample_generator(0, position)
-        drawn = draw_given(CONDITION_TASKS["any"], 9, g)
+    for drawn in draw_given(CONDITION_TASKS["any"], 9, 2000, torch.Generator().manual_seed(0)):
         kind = ("video" if drawn.all() else "first_last" if drawn.tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 1]
                 else "image" if drawn.sum() == 1 else "keyframes")  # fmt: skip
         counts[kind] += 1
         assert drawn[0]
+        if kind == "keyframes":
+            assert 3 <= int(drawn.sum()) <= 5
     for kind, share in CONDITION_TASKS["any"].items():
         assert abs(counts[kind] / 2000 - share) < 0.04, counts  # binomial std 0.011
 
@@ -1041,26 +1056,34 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
-def test_a_cache_in_memory_gives_the_samples_of_its_files(cache_dir, tmp_path):
-    """--cache_in_memory reads every file a run uses once: the samples equal those read from the files, and the
-    run no longer needs the files."""
-    import shutil
+@pytest.mark.parametrize(("layout", "tasks"), [("rgbxyz", "image"), ("rgb", "image"), ("rgbxyz", "any")])
+def test_a_cache_held_in_memory_gives_the_batches_of_its_files(layout, tasks, cache_dir, tmp_path):
+    """--cache_in_memory reads every file a run uses once: its batches equal those read from the files for the same
+    draws (conditions encoded from the held frames included), and the run no longer needs the files."""
+    from fourdnex.model.loading import load_vae
 
     copy = tmp_path / "cache"
     shutil.copytree(cache_dir, copy)
-    for layout in ("rgbxyz", "rgb"):
-        on_disk = LatentCache(copy, 3, 32, 32, layout)
-        held = LatentCache(copy, 3, 32, 32, layout, in_memory=True)
-        assert len(held.memory) == 2 + 2 + len({item["files"]["prompt"] for item in held.items})
-        expected = [on_disk.sample(i) for i in range(2)]
-        for folder in ("latents", "clip", "prompt"):
-            shutil.rmtree(copy / folder)
-        for i, sample in enumerate(expected):
-            again = held.sample(i)
-            for name in ("x0", "mask", "cond", "prompt_embeds", "image_embeds"):
-                assert torch.equal(getattr(again, name), getattr(sample, name)), (layout, name)
-        shutil.rmtree(copy)
-        shutil.copytree(cache_dir, copy)
+    cfg = TrainConfig(cache_dir=str(copy), height=32, width=32, num_frames=9, layout=layout, condition_tasks=tasks)
+    cfg.train_batch_size = 6
+    on_disk = LatentCache(copy, 3, 32, 32, layout)
+    encoder = VaeConditionEncoder(load_vae(TINY_MODEL), torch.device("cpu"))
+    stream = SampleStream(cfg, len(on_disk), 1)
+    steps = range(4)
+    noise = [stream.noise(step, (16, 3, 4, 8 if layout == "rgbxyz" else 4), torch.device("cpu")) for step in steps]
+    cpu = torch.device("cpu")
+    expected = [batch_of_samples(read_batch(on_disk, stream.draws(s)), stream.draws(s), noise[s], encoder, cpu)
+                for s in steps]  # fmt: skip
+    held = HeldCache(on_disk, cpu, frames=tasks == "any")
+    assert held.x0.shape == (2, 16, 3, 4, 8 if layout == "rgbxyz" else 4)
+    if tasks == "any":
+        assert not all(stream.draws(s).image_only for s in steps)  # some samples are given other frames
+    for folder in ("latents", "clip", "prompt", "videos", "first_frames"):
+        shutil.rmtree(copy / folder)
+    for step in steps:
+        again = held.batch(stream.draws(step), noise[step], encoder)
+        for name in ("x0", "condition", "noise", "sigmas", "prompt_embeds", "image_embeds"):
+            torch.testing.assert_close(getattr(again, name), getattr(expected[step], name), rtol=0, atol=1e-6)
 
 
 def test_a_cache_without_the_rgb_condition_encodes_it(cache_dir, tmp_path):
@@ -1068,7 +1091,6 @@ def test_a_cache_without_the_rgb_condition_encodes_it(cache_dir, tmp_path):
     first frame, to the values the cache would hold."""
     from safetensors.torch import save_file
 
-    from fourdnex.data.cache import VaeConditionEncoder
     from fourdnex.model.loading import load_vae
 
     old = tmp_path / "old"

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -532,11 +531,11 @@ class CacheStats:
 
 
 @dataclass
-class Sample:
+class CachedSample:
     """One training sample (``T`` latent frames of a ``h x w'`` latent grid: ``w' = 2w`` fused, ``w`` for RGB alone).
 
     The condition latent is either read from the cache (``cond``) or still to be encoded from ``cond_video``, which
-    the caller encodes for a whole batch at once (:class:`VaeConditionEncoder`): exactly one of them is set.
+    the caller encodes for a whole batch at once (:class:`fourdnex.train.data.VaeConditionEncoder`): exactly one of them is set.
     """
 
     x0: torch.Tensor  # (16, T, h, w') clean latent: RGB | XYZ-normalized XYZ, or RGB alone
@@ -604,7 +603,6 @@ class LatentCache:
         height: int,
         width: int,
         layout: Layout = "rgbxyz",
-        in_memory: bool = False,
     ) -> None:
         self.root = Path(cache_dir)
         self.stats = read_stats(self.root)
@@ -634,10 +632,6 @@ class LatentCache:
         self.cached_condition = latent_frames(self.stats.cond_num_frames) >= num_latent_frames and (
             layout == "rgbxyz" or self._holds(self.items[0]["files"]["latents"], self.condition_key)
         )
-        #: file -> its tensors, for every file :meth:`sample` reads, when the cache is held in memory
-        self.memory: dict[str, dict[str, torch.Tensor]] = {}
-        if in_memory:
-            self._read_into_memory()
 
     def _holds(self, relative: str, key: str) -> bool:
         """Whether the safetensors file at ``relative`` holds a tensor named ``key``."""
@@ -648,27 +642,6 @@ class LatentCache:
         except (SafetensorError, OSError) as err:
             raise CacheError(f"{path}: unreadable ({err})") from err
         return key in names
-
-    def _read_into_memory(self) -> None:
-        """Read every tensor that :meth:`sample` reads (each prompt once) into :attr:`memory`, with threads."""
-        from tqdm.auto import tqdm
-
-        latent_keys = ("rgb", "xyz", self.condition_key) if self.cached_condition else ("rgb", "xyz")
-        wanted = {item["files"]["latents"]: latent_keys for item in self.items}
-        for item in self.items:
-            wanted[item["files"]["prompt"]] = ("prompt_embeds",)
-            wanted[item["files"]["clip"]] = ("clip_embeds",)
-        with ThreadPoolExecutor(8) as pool:
-            loaded = pool.map(lambda entry: _load(self.root / entry[0], entry[1]), wanted.items())
-            bar = tqdm(loaded, total=len(wanted), desc="cache into memory", unit="file")
-            self.memory = dict(zip(wanted, bar, strict=True))
-
-    def _tensors(self, relative: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The named tensors of the file at ``relative``, from memory when held there."""
-        held = self.memory.get(relative)
-        if held is not None and all(key in held for key in keys):
-            return held
-        return _load(self.root / relative, keys)
 
     def _read_manifest(self) -> list[dict]:
         """The manifest's clips (id and the files training reads); a bad line is named."""
@@ -697,8 +670,8 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.items)
 
-    def sample(self, index: int, given: torch.Tensor | None = None) -> Sample:
-        """Read clip ``index`` as a :class:`Sample` (float32) conditioned on the pixel frames ``given`` ``(F,)`` bool
+    def sample(self, index: int, given: torch.Tensor | None = None) -> CachedSample:
+        """Read clip ``index`` as a :class:`CachedSample` (float32) conditioned on the pixel frames ``given`` ``(F,)`` bool
         (default: frame 0 alone, image-to-4D)."""
         item = self.items[index]
         files = item["files"]
@@ -710,7 +683,7 @@ class LatentCache:
         image_task = bool(given[0]) and not given[1:].any()
         from_cache = self.cached_condition and image_task
         cond_key = self.condition_key
-        latents = self._tensors(files["latents"], ("rgb", "xyz", cond_key) if from_cache else ("rgb", "xyz"))
+        latents = _load(latents_path, ("rgb", "xyz", cond_key) if from_cache else ("rgb", "xyz"))
         expected = {"rgb": (16, h, w), "xyz": (16, h, w), "cond": (16, h, 2 * w), "cond_rgb": (16, h, w)}
         for key, tensor in latents.items():
             channels, hh, ww = expected[key]
@@ -728,53 +701,46 @@ class LatentCache:
             x0 = rgb  # (16, T, h, w)
         mask = condition_mask(given[None], h, x0.shape[-1], self.layout)[0]  # (4, T, h, w')
         cond = latents[cond_key][:, :frames].float() if from_cache else None
-        cond_video = None if from_cache else self._condition_video(files, given)
-        prompt = self._tensors(files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
-        image = self._tensors(files["clip"], ("clip_embeds",))["clip_embeds"].float()
+        cond_video = None if from_cache else self._condition_video(index, given)
+        prompt = _load(self.root / files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
+        image = _load(self.root / files["clip"], ("clip_embeds",))["clip_embeds"].float()
         for name, tensor, path in (("prompt_embeds", prompt, files["prompt"]), ("clip_embeds", image, files["clip"])):
             if tensor.ndim != 2:
                 raise CacheError(f"{self.root / path}: {name} has shape {tuple(tensor.shape)}, expected (tokens, dim)")
         if not (torch.isfinite(x0).all() and (cond is None or torch.isfinite(cond).all())):
             raise CacheError(f"{latents_path}: holds NaN or infinite values")
-        return Sample(x0, mask, cond, cond_video, prompt, image, str(item["id"]))
+        return CachedSample(x0, mask, cond, cond_video, prompt, image, str(item["id"]))
 
-    def _condition_video(self, files: dict[str, str], given: torch.Tensor) -> torch.Tensor:
-        """The condition video ``(3, F, H, W')`` of the given frames: the cached first frame (a lossless PNG) when it
-        is the only one, else the given frames of the cached video."""
-        import av
+    def first_frame(self, index: int) -> np.ndarray:
+        """The cached first frame of clip ``index`` (a lossless PNG), ``(1, H, W, 3)`` uint8."""
         from PIL import Image
 
+        path = self.root / self.items[index]["files"]["first_frame"]
+        if not path.is_file():
+            raise CacheError(f"{path}: missing (needed to encode the condition)")
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))[None]
+
+    def frames(self, index: int, indices: list[int] | None = None) -> np.ndarray:
+        """Frames ``indices`` (default: the first ``video_frames(num_latent_frames)``) of clip ``index``'s cached
+        video, ``(n, H, W, 3)`` uint8."""
+        import av
+
+        path = self.root / self.items[index]["files"]["video"]
+        indices = list(range(video_frames(self.num_latent_frames))) if indices is None else indices
+        try:
+            return read_video(path, indices)
+        except (av.FFmpegError, ValueError, FileNotFoundError) as err:
+            raise CacheError(f"{path}: cannot read frames {indices} of the condition ({err})") from err
+
+    def _condition_video(self, index: int, given: torch.Tensor) -> torch.Tensor:
+        """The condition video ``(3, F, H, W')`` of the given frames: the cached first frame (a lossless PNG) when it
+        is the only one, else the given frames of the cached video."""
         indices = given.nonzero()[:, 0].tolist()
-        if indices == [0]:
-            path = self.root / files["first_frame"]
-            if not path.is_file():
-                raise CacheError(f"{path}: missing (needed to encode the condition)")
-            with Image.open(path) as image:
-                pixels = np.array(image.convert("RGB"))[None]
-        else:
-            path = self.root / files["video"]
-            try:
-                pixels = read_video(path, indices)
-            except (av.FFmpegError, ValueError, FileNotFoundError) as err:
-                raise CacheError(f"{path}: cannot read frames {indices} of the condition ({err})") from err
+        pixels = self.first_frame(index) if indices == [0] else self.frames(index, indices)
         video = torch.zeros(3, len(given), *pixels.shape[1:3])
         video[:, given] = torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 127.5 - 1.0
         return condition_frames(video[None], given[None], self.layout)[0]
-
-
-class VaeConditionEncoder:
-    """Encodes condition videos with the VAE on the training device, a batch at a time."""
-
-    def __init__(self, vae, device: torch.device) -> None:
-        self.vae = vae.to(device).eval()
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, videos: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, F, H, W')`` in [-1, 1] -> the VAE-normalized condition latents ``(B, 16, T, h, w')`` on the CPU."""
-        from fourdnex.model.fusion import encode_latents
-
-        return encode_latents(self.vae, videos.to(self.device)).cpu()
 
 
 if __name__ == "__main__":

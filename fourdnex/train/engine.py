@@ -10,7 +10,6 @@ import json
 import math
 import os
 import socket
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -119,14 +118,10 @@ def make_accelerator(cfg: TrainConfig, log_dir: Path | None = None) -> Accelerat
 
 @dataclass
 class StepMetrics:
-    """What one optimizer step reports (losses averaged over the global batch)."""
+    """What one optimizer step reports, left on the device so that the step does not wait for it."""
 
-    loss: float
-    loss_rgb: float
-    loss_xyz: float
+    values: torch.Tensor  # (4,) float32: loss, RGB loss, XYZ loss (averaged over the micro-batches), grad norm
     lr: float
-    grad_norm: float
-    seconds: float
 
 
 class Trainer:
@@ -174,11 +169,11 @@ class Trainer:
         return self.engine.module
 
     def train_step(self, micro_batches: list[Batch]) -> StepMetrics:
-        """One optimizer step: forward and backward on each micro-batch, then clip, AdamW, schedule."""
+        """One optimizer step: forward and backward on each micro-batch, then clip, AdamW, schedule. Nothing here
+        waits for the device."""
         device = self.accelerator.device
         lr = self.optimizer.param_groups[0]["lr"]
         totals = torch.zeros(3, device=device)  # loss, rgb, xyz
-        start = time.perf_counter()
         for i, batch in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss, parts = batch_loss(self.engine, batch.to(device), self.weights, self.dtype)
@@ -187,12 +182,10 @@ class Trainer:
             totals += torch.stack([loss.detach(), parts["rgb"], parts["xyz"]]) / len(micro_batches)
         self.scheduler.step()
         self.step += 1
-        totals = self.accelerator.reduce(totals, reduction="mean")
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        seconds = time.perf_counter() - start
-        loss, rgb, xyz = totals.tolist()
-        return StepMetrics(loss, rgb, xyz, lr, grad_norm, seconds)
+        grad_norm = self.engine.get_global_grad_norm()  # a device tensor, or a float where DeepSpeed has one
+        if not isinstance(grad_norm, torch.Tensor):  # a fill on the device: no copy from the host
+            grad_norm = torch.full((), float("nan") if grad_norm is None else grad_norm, device=device)
+        return StepMetrics(torch.cat([totals, grad_norm.detach().float().reshape(1).to(device)]), lr)
 
     def full_fp32_state(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter in fp32 on the CPU, from the optimizer's master weights (assembled from their

@@ -1,10 +1,12 @@
-"""The fine-tuning run ``finetune.py`` starts: the sample stream, the model, the loop, validation samples.
+"""The fine-tuning run ``finetune.py`` starts: the model, the loop, validation samples.
 
-Randomness is a pure function of (seed, global sample position): which clip, its noise and its ``s`` depend only on
-where a sample sits in the run's sample stream, so a resumed run, or the same global batch split over another
-number of processes, sees exactly the same samples.
+The loop keeps the accelerator busy: the samples are drawn per step (:mod:`fourdnex.train.data`: one generator call
+for the whole global batch, the noise drawn on the device, the micro-batches gathered on the device where the cache is
+held there), and the step's numbers stay on the device until they are logged, which reads them back in one go every
+:data:`METRICS_READ_STEPS` steps, at checkpoints and at the end.
 
-The other pieces: :mod:`fourdnex.train.config` (the settings), :mod:`fourdnex.train.loss` (the objective),
+The other pieces: :mod:`fourdnex.train.data` (what each step trains on), :mod:`fourdnex.train.config` (the settings),
+:mod:`fourdnex.train.loss` (the objective),
 :mod:`fourdnex.train.engine` (the optimizer step under DeepSpeed), :mod:`fourdnex.train.checkpoints` (training
 checkpoints), :mod:`fourdnex.train.memory_policy` and :mod:`fourdnex.train.activation_memory` (what gradient
 checkpointing keeps).
@@ -13,6 +15,7 @@ checkpointing keeps).
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -22,109 +25,28 @@ import torch
 from torch import nn
 
 from fourdnex.config import DEFAULT_MODEL_PATH, MODEL_TYPES
-from fourdnex.data.cache import LatentCache, Sample, VaeConditionEncoder
+from fourdnex.data.cache import LatentCache
 from fourdnex.train.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from fourdnex.train.config import CONDITION_TASKS, TrainConfig, TrainingError
+from fourdnex.train.config import TrainConfig, TrainingError
+from fourdnex.train.data import HeldCache, SampleStream, VaeConditionEncoder, batch_of_samples, read_batch
 from fourdnex.train.engine import (
     LORA_ADAPTER_NAME,
+    StepMetrics,
     Trainer,
     deepspeed_config,
     make_accelerator,
     trainable_parameters,
     zero_stage,
 )
-from fourdnex.train.loss import Batch, sample_sigmas
+from fourdnex.train.loss import Batch
 from fourdnex.train.memory_policy import RecomputePlan, choose_activation_memory
 
 if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: loaded when used
     from fourdnex.model.adapters import AdapterMeta
 
 logger = logging.getLogger("fourdnex.train.loop")
-#: Threads reading the samples of a batch (files and video frames) at once.
-READ_THREADS = 8
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The sample stream: which clip, noise and noise level each global sample position gets.
-
-
-def sample_generator(seed: int, position: int) -> torch.Generator:
-    """The generator of the sample at global position ``position`` of a run seeded with ``seed``."""
-    return torch.Generator().manual_seed((seed << 40) + position)
-
-
-def clip_index(seed: int, position: int, num_clips: int) -> int:
-    """Which clip the sample at ``position`` reads: a fresh permutation of the clips every epoch."""
-    epoch, offset = divmod(position, num_clips)
-    order = torch.randperm(num_clips, generator=torch.Generator().manual_seed(seed + epoch))
-    return int(order[offset])
-
-
-def draw_given(tasks: dict[str, float], num_frames: int, generator: torch.Generator) -> torch.Tensor:
-    """The given RGB pixel frames ``(F,)`` bool of one sample: a task drawn with the shares ``tasks`` (nothing is
-    drawn when there is one task), then its frames: ``image`` frame 0; ``first_last`` frames 0 and F-1;
-    ``keyframes`` frame 0 and 2-4 other random frames; ``video`` every frame."""
-    names = list(tasks)
-    task = names[0]
-    if len(names) > 1:
-        task = names[int(torch.multinomial(torch.tensor(list(tasks.values())), 1, generator=generator))]
-    given = torch.zeros(num_frames, dtype=torch.bool)
-    given[0] = True
-    if task == "first_last":
-        given[-1] = True
-    elif task == "keyframes":
-        count = min(int(torch.randint(2, 5, (), generator=generator)), num_frames - 1)
-        given[1 + torch.randperm(num_frames - 1, generator=generator)[:count]] = True
-    elif task == "video":
-        given[:] = True
-    return given
-
-
-def make_batch(
-    cache: LatentCache, cfg: TrainConfig, positions: list[int], encoder: VaeConditionEncoder | None = None
-) -> Batch:
-    """Read and noise the samples at the given global stream positions: a Batch of ``B = len(positions)``.
-
-    Each sample's given frames come from :func:`draw_given` with ``cfg.condition_tasks``; conditions the cache does
-    not hold are encoded by ``encoder``, all of the batch's in one call.
-    """
-    tasks = CONDITION_TASKS[cfg.condition_tasks]
-
-    def read(position: int) -> tuple[torch.Tensor, Sample, torch.Tensor]:
-        generator = sample_generator(cfg.seed, position)
-        sigma = sample_sigmas(1, cfg.timestep_sampling, generator, cfg.shift)
-        index = clip_index(cfg.seed, position, len(cache))
-        sample = cache.sample(index, draw_given(tasks, cfg.num_frames, generator))
-        return sigma, sample, torch.randn(sample.x0.shape, generator=generator)
-
-    with ThreadPoolExecutor(min(READ_THREADS, len(positions))) as pool:  # file reads and decoding release the GIL
-        sigmas, samples, noises = zip(*pool.map(read, positions), strict=True)
-    pending = [s for s in samples if s.cond is None]
-    if pending:
-        if encoder is None:
-            raise TrainingError("these samples' conditions are not in the cache and no VAE encodes them")
-        encoded = encoder(torch.stack([s.cond_video for s in pending]))  # (P, 16, T, h, w')
-        for sample, cond in zip(pending, encoded, strict=True):
-            sample.cond = cond
-    return Batch(
-        x0=torch.stack([s.x0 for s in samples]),
-        condition=torch.stack([torch.cat([s.mask, s.cond]) for s in samples]),
-        prompt_embeds=torch.stack([s.prompt_embeds for s in samples]),
-        image_embeds=torch.stack([s.image_embeds for s in samples]),
-        noise=torch.stack(noises),
-        sigmas=torch.cat(sigmas),
-    )
-
-
-def stream_positions(cfg: TrainConfig, step: int, micro: int, rank: int, world: int) -> list[int]:
-    """Global positions of the samples that process ``rank`` uses in micro-step ``micro`` of optimizer step ``step``.
-
-    A global batch of ``train_batch_size * world * gradient_accumulation_steps`` samples covers consecutive
-    positions; one process with a larger batch and several with smaller ones cover the same positions.
-    """
-    per_step = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
-    first = step * per_step + (micro * world + rank) * cfg.train_batch_size
-    return list(range(first, first + cfg.train_batch_size))
+#: Steps between two reads of the logged numbers from the device (each read waits for the queued steps to finish).
+METRICS_READ_STEPS = 50
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,7 +146,7 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
     from tqdm.auto import tqdm
 
     cfg.validate()
-    cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout, cfg.cache_in_memory)
+    cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout)
     model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
     if not (Path(model_path) / "transformer" / "config.json").is_file():
         raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
@@ -240,65 +162,116 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
     torch.manual_seed(cfg.seed)
     transformer = build_transformer(cfg, model_path, plan=plan)
     accelerator = make_accelerator(cfg, output_dir / "logs")
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
     encoder = None
     if not cache.cached_condition or cfg.condition_tasks != "image":
         from fourdnex.model.loading import load_vae
 
         logger.info("encoding conditions the cache does not hold with the VAE of %s, a batch at a time", model_path)
-        encoder = VaeConditionEncoder(load_vae(model_path), accelerator.device)
+        encoder = VaeConditionEncoder(load_vae(model_path), device)
+    held = HeldCache(cache, device, frames=cfg.condition_tasks != "image") if cfg.cache_in_memory else None
     trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
     if resume is not None:
         load_checkpoint(trainer, resume)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         logger.info(
-            "training %d trainable parameters on %d clips, %d processes, from step %d",
+            "training %d trainable parameters on %d clips%s, %d processes, from step %d",
             sum(p.numel() for p in trainable_parameters(trainer.module).values()),
             len(cache),
+            f" held on {device} ({held.nbytes / 2**30:.2f} GiB)" if held is not None else "",
             accelerator.num_processes,
             trainer.step,
         )
     accelerator.init_trackers("finetune", config=_tracker_config(cfg))
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
+    stream = SampleStream(cfg, len(cache), world)
+    frames, h, w = cache.latent_shape
+    noise_shape = (16, frames, h, 2 * w if cfg.layout == "rgbxyz" else w)  # one sample's x0
     bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="finetune", disable=not accelerator.is_main_process)
 
-    def read(step: int) -> list[Batch]:
-        return [
-            make_batch(cache, cfg, stream_positions(cfg, step, micro, rank, world), encoder)
-            for micro in range(cfg.gradient_accumulation_steps)
-        ]
+    def read(step: int) -> list:  # the files of this process's samples of step ``step`` (the reader thread)
+        draws = stream.draws(step)
+        return [read_batch(cache, draws.rows(*stream.rows(m, rank))) for m in range(cfg.gradient_accumulation_steps)]
 
-    reader = ThreadPoolExecutor(max_workers=1)  # reads step n + 1 while step n trains
-    upcoming = reader.submit(read, trainer.step)
+    def micro_batches(step: int, samples: list | None) -> list[Batch]:
+        draws = stream.draws(step)
+        noise = stream.noise(step, noise_shape, device)  # (G, 16, T, h, w'): the whole global batch's
+        batches = []
+        for micro in range(cfg.gradient_accumulation_steps):
+            first, stop = stream.rows(micro, rank)
+            rows = draws.rows(first, stop)
+            if held is not None:
+                batches.append(held.batch(rows, noise[first:stop], encoder))
+            else:
+                batches.append(batch_of_samples(samples[micro], rows, noise[first:stop], encoder, device))
+        return batches
+
+    logged = MetricsLog(accelerator, stream.global_batch, bar)
+    reader = ThreadPoolExecutor(max_workers=1)  # reads step n + 1's files while step n trains
+    upcoming = reader.submit(read, trainer.step) if held is None else None
     while trainer.step < cfg.max_steps:
-        micro_batches = upcoming.result()
-        if trainer.step + 1 < cfg.max_steps:
+        samples = upcoming.result() if upcoming is not None else None
+        if held is None and trainer.step + 1 < cfg.max_steps:
             upcoming = reader.submit(read, trainer.step + 1)
-        metrics = trainer.train_step(micro_batches)
+        metrics = trainer.train_step(micro_batches(trainer.step, samples))
         bar.update()
-        bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.lr:.2e}")
-        if trainer.step % cfg.logging_steps == 0 or trainer.step == cfg.max_steps:
-            accelerator.log(
-                {
-                    "loss/total": metrics.loss,
-                    "loss/rgb": metrics.loss_rgb,
-                    "loss/xyz": metrics.loss_xyz,
-                    "lr": metrics.lr,
-                    "grad_norm": metrics.grad_norm,
-                    "samples_per_second": global_batch / metrics.seconds,
-                },
-                step=trainer.step,
-            )
-        if trainer.step % cfg.checkpointing_steps == 0 or trainer.step == cfg.max_steps:
-            save_checkpoint(trainer, trainer.step)
-        if cfg.validation_steps and trainer.step % cfg.validation_steps == 0:
-            run_validation(trainer, model_path, cache, output_dir / "validation" / f"step-{trainer.step:06d}")
+        step = trainer.step
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            logged.add(step, metrics)
+        checkpoint = step % cfg.checkpointing_steps == 0 or step == cfg.max_steps
+        if checkpoint or step % METRICS_READ_STEPS == 0:
+            logged.write()
+        if checkpoint:
+            save_checkpoint(trainer, step)
+        if cfg.validation_steps and step % cfg.validation_steps == 0:
+            run_validation(trainer, model_path, cache, output_dir / "validation" / f"step-{step:06d}")
     bar.close()
     reader.shutdown()
+    logged.write()
     final = trainer.save_weights(output_dir, trainer.step)
     accelerator.end_training()
     return final
+
+
+class MetricsLog:
+    """The logged steps' numbers, kept on the device until :meth:`write` reads them all back (one wait for the queued
+    work) and writes them to the trackers; the samples per second are those of the steps since the last write."""
+
+    def __init__(self, accelerator, global_batch: int, bar) -> None:
+        self.accelerator = accelerator
+        self.global_batch = global_batch
+        self.bar = bar
+        self.pending: list[tuple[int, StepMetrics]] = []
+        self.since = (bar.n, time.perf_counter())  # (step, time) of the last write
+
+    def add(self, step: int, metrics: StepMetrics) -> None:
+        """Keep step ``step``'s numbers until the next write."""
+        self.pending.append((step, metrics))
+
+    def write(self) -> None:
+        """Read the kept numbers back (averaged over the processes) and log them; every process must call."""
+        if not self.pending:
+            return
+        values = self.accelerator.reduce(torch.stack([m.values for _, m in self.pending]), reduction="mean").tolist()
+        now, (last_step, last_time) = time.perf_counter(), self.since
+        step = self.pending[-1][0]
+        rate = (step - last_step) * self.global_batch / max(now - last_time, 1e-9)
+        for (step, metrics), (loss, rgb, xyz, grad_norm) in zip(self.pending, values, strict=True):
+            self.accelerator.log(
+                {
+                    "loss/total": loss,
+                    "loss/rgb": rgb,
+                    "loss/xyz": xyz,
+                    "lr": metrics.lr,
+                    "grad_norm": grad_norm,
+                    "samples_per_second": rate,
+                },
+                step=step,
+            )
+        self.bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{self.pending[-1][1].lr:.2e}")
+        self.pending = []
+        self.since = (step, now)
 
 
 def _tracker_config(cfg: TrainConfig) -> dict:

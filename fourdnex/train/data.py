@@ -1,0 +1,304 @@
+"""What a fine-tuning run trains on: the samples each optimizer step draws, and its micro-batches, read from the
+cache's files or from the cache held on the training device.
+
+Randomness is a function of (seed, optimizer step): step ``n`` draws its whole global batch (``train_batch_size x
+processes x gradient_accumulation_steps`` samples) from generators seeded with ``(seed, n)``, and each process takes
+its rows of it. A resumed run, or the same global batch split over another number of processes, therefore sees
+exactly the same clips, noise levels, given frames and noise. Clips are visited in a fresh permutation every epoch.
+The noise is drawn on the training device (one call per step), so a run on a CPU and one on a GPU see different noise.
+
+Two ways to read the samples, one result: :func:`read_batch` reads the files of each sample (threads; any cache size);
+:class:`HeldCache` reads every file once into stacked tensors on the training device (``--cache_in_memory``), after
+which a micro-batch is a few gathers with no host work; a test holds the two equal.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from fourdnex.config import video_frames
+from fourdnex.data.cache import CachedSample, LatentCache
+from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents
+from fourdnex.train.config import TrainConfig, TrainingError
+from fourdnex.train.loss import Batch, sample_sigmas
+
+#: Threads reading the samples of a batch (file reads and decoding release the GIL).
+READ_THREADS = 8
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of every generator of optimizer step ``step`` of a run seeded with ``seed``."""
+    return (seed << 40) + step
+
+
+@dataclass
+class Draws:
+    """The random choices of ``G`` samples: which clip, which RGB frames are given, which noise level."""
+
+    clips: torch.Tensor  # (G,) int64 clip indices
+    given: torch.Tensor  # (G, F) bool: the given RGB pixel frames (frame 0 always)
+    sigmas: torch.Tensor  # (G,) float32 noise levels in (0, 1)
+
+    def rows(self, start: int, stop: int) -> Draws:
+        """The draws of samples ``start .. stop - 1``."""
+        return Draws(self.clips[start:stop], self.given[start:stop], self.sigmas[start:stop])
+
+    def to(self, device: torch.device) -> Draws:
+        """The draws on ``device`` (see :func:`to_device`)."""
+        return Draws(*(to_device(t, device) for t in (self.clips, self.given, self.sigmas)))
+
+    @property
+    def image_only(self) -> bool:
+        """Whether every sample is given frame 0 alone (image-to-4D)."""
+        return not bool(self.given[:, 1:].any())
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through page-locked memory, so that the copy does not wait for the work
+    queued on the device (a copy from pageable memory waits for it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def draw_given(tasks: dict[str, float], num_frames: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """The given RGB pixel frames ``(count, F)`` bool of ``count`` samples: a task per sample drawn with the shares
+    ``tasks`` (nothing is drawn when there is one task), then its frames: ``image`` frame 0; ``first_last`` frames 0
+    and F-1; ``keyframes`` frame 0 and 2-4 other random frames; ``video`` every frame."""
+    names = list(tasks)
+    given = torch.zeros(count, num_frames, dtype=torch.bool)
+    given[:, 0] = True
+    if len(names) == 1 and names[0] == "image":
+        return given
+    shares = torch.tensor(list(tasks.values()), dtype=torch.float64)
+    task = torch.multinomial(shares, count, replacement=True, generator=generator)  # (count,)
+    is_task = {name: task == i for i, name in enumerate(names)}
+    extra = torch.randint(2, 5, (count,), generator=generator).clamp(max=num_frames - 1)  # keyframes besides frame 0
+    rank = torch.rand(count, num_frames - 1, generator=generator).argsort(dim=1).argsort(dim=1)  # a random order
+    keyframes = torch.cat([torch.ones(count, 1, dtype=torch.bool), rank < extra[:, None]], dim=1)
+    last = torch.zeros(num_frames, dtype=torch.bool)
+    last[-1] = True
+    if "first_last" in is_task:
+        given |= is_task["first_last"][:, None] & last
+    if "keyframes" in is_task:
+        given |= is_task["keyframes"][:, None] & keyframes
+    if "video" in is_task:
+        given |= is_task["video"][:, None]
+    return given
+
+
+class SampleStream:
+    """The draws of every optimizer step of a run: see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, num_clips: int, world: int) -> None:
+        from fourdnex.train.config import CONDITION_TASKS
+
+        self.cfg = cfg
+        self.num_clips = num_clips
+        self.tasks = CONDITION_TASKS[cfg.condition_tasks]
+        self.world = world
+        #: samples per optimizer step over all processes and micro-steps
+        self.global_batch = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - one stream per run, whose steps visit the epochs in order
+    def order(self, epoch: int) -> torch.Tensor:
+        """The clips in the order epoch ``epoch`` visits them, ``(num_clips,)`` int64."""
+        return torch.randperm(self.num_clips, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+
+    def draws(self, step: int) -> Draws:
+        """The draws of the global batch of optimizer step ``step`` (CPU tensors)."""
+        positions = step * self.global_batch + torch.arange(self.global_batch)
+        epochs, offsets = positions // self.num_clips, positions % self.num_clips
+        clips = torch.empty(self.global_batch, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            here = epochs == epoch
+            clips[here] = self.order(epoch)[offsets[here]]
+        generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step))
+        sigmas = sample_sigmas(self.global_batch, self.cfg.timestep_sampling, generator, self.cfg.shift)
+        given = draw_given(self.tasks, self.cfg.num_frames, self.global_batch, generator)
+        return Draws(clips, given, sigmas)
+
+    def rows(self, micro: int, rank: int) -> tuple[int, int]:
+        """The rows of the global batch that process ``rank`` trains on in micro-step ``micro``: consecutive blocks
+        of ``train_batch_size``, micro-step by micro-step, process by process."""
+        first = (micro * self.world + rank) * self.cfg.train_batch_size
+        return first, first + self.cfg.train_batch_size
+
+    def noise(self, step: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The noise of the global batch of step ``step``, ``(G, *shape)`` float32 on ``device``."""
+        generator = torch.Generator(device).manual_seed(step_seed(self.cfg.seed, step))
+        return torch.randn((self.global_batch, *shape), generator=generator, device=device)
+
+
+class VaeConditionEncoder:
+    """Encodes condition videos with the VAE on the training device, a batch at a time."""
+
+    def __init__(self, vae, device: torch.device) -> None:
+        self.vae = vae.to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W')`` in [-1, 1] -> the VAE-normalized condition latents ``(B, 16, T, h, w')`` on the
+        training device."""
+        return encode_latents(self.vae, videos.to(self.device))
+
+
+def read_batch(cache: LatentCache, draws: Draws) -> list[CachedSample]:
+    """The samples of ``draws`` read from the cache's files (threads), in order."""
+    with ThreadPoolExecutor(min(READ_THREADS, len(draws.clips))) as pool:
+        return list(pool.map(cache.sample, draws.clips.tolist(), draws.given))
+
+
+def batch_of_samples(
+    samples: list[CachedSample], draws: Draws, noise: torch.Tensor, encoder: VaeConditionEncoder | None, device
+) -> Batch:
+    """A micro-batch on ``device`` from samples read by :func:`read_batch`, their draws and their noise."""
+    pending = [i for i, s in enumerate(samples) if s.cond is None]
+    conds = [to_device(s.cond, device) if s.cond is not None else None for s in samples]
+    if pending:
+        if encoder is None:
+            raise TrainingError("these samples' conditions are not in the cache and no VAE encodes them")
+        encoded = encoder(torch.stack([samples[i].cond_video for i in pending]))  # (P, 16, T, h, w')
+        for i, cond in zip(pending, encoded, strict=True):
+            conds[i] = cond
+    return Batch(
+        x0=to_device(torch.stack([s.x0 for s in samples]), device),
+        condition=torch.cat([to_device(torch.stack([s.mask for s in samples]), device), torch.stack(conds)], dim=1),
+        prompt_embeds=to_device(torch.stack([s.prompt_embeds for s in samples]), device),
+        image_embeds=to_device(torch.stack([s.image_embeds for s in samples]), device),
+        noise=noise,
+        sigmas=to_device(draws.sigmas, device),
+    )
+
+
+#: The share of a GPU's free memory a held cache may take; a larger one is held in host memory and gathered there.
+HOLD_SHARE = 0.5
+
+
+def _holding_device(device: torch.device, nbytes: int) -> torch.device:
+    """Where a held cache of ``nbytes`` goes: ``device``, or the CPU where it would take more than
+    :data:`HOLD_SHARE` of a GPU's free memory."""
+    if device.type == "cuda" and nbytes > HOLD_SHARE * torch.cuda.mem_get_info(device)[0]:
+        return torch.device("cpu")
+    return device
+
+
+class HeldCache:
+    """Every sample of a cache as stacked tensors on one device, read once, so that a micro-batch is a few gathers:
+    exactly what :func:`read_batch` and :func:`batch_of_samples` give for the same draws.
+
+    Holds the clean latents ``x0 (N, 16, T, h, w')``, the CLIP embeddings ``image (N, 257, D)``, each distinct prompt
+    embedding once ``prompts (P, L, D)`` with ``prompt_of (N,)``, and the image condition ``cond (N, 16, T, h, w')``
+    where the cache holds it (else the cached first frames ``first (N, 1, H, W, 3)`` uint8 it is encoded from). With
+    ``frames`` (runs that give other frames than the first), also every clip's video ``(N, F, H, W, 3)`` uint8, the
+    frames those conditions are encoded from.
+    """
+
+    def __init__(self, cache: LatentCache, device: torch.device, frames: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self.layout = cache.layout
+        first = torch.zeros(video_frames(cache.num_latent_frames), dtype=torch.bool)
+        first[0] = True
+        prompts: dict[str, int] = {}
+        prompt_rows: list[torch.Tensor] = []
+        prompt_of = torch.empty(len(cache), dtype=torch.long)
+        held: dict[str, torch.Tensor] = {}
+
+        def read(index: int) -> dict[str, torch.Tensor]:
+            sample = cache.sample(index, first)
+            row = {"x0": sample.x0, "image": sample.image_embeds, "prompt": sample.prompt_embeds}
+            if sample.cond is not None:
+                row["cond"] = sample.cond
+            else:
+                row["first"] = torch.from_numpy(cache.first_frame(index))
+            if frames:
+                row["frames"] = torch.from_numpy(cache.frames(index))
+            return row
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            rows = pool.map(read, range(len(cache)))
+            for i, row in enumerate(tqdm(rows, total=len(cache), desc="cache into memory", unit="clip")):
+                key = cache.items[i]["files"]["prompt"]
+                if key not in prompts:
+                    prompts[key] = len(prompt_rows)
+                    prompt_rows.append(row["prompt"])
+                prompt_of[i] = prompts[key]
+                del row["prompt"]
+                if i == 0:  # the first clip fixes the shapes and the place
+                    per_clip = sum(t.numel() * t.element_size() for t in row.values())
+                    device = _holding_device(device, per_clip * len(cache))
+                    for name, tensor in row.items():
+                        held[name] = torch.empty((len(cache), *tensor.shape), dtype=tensor.dtype, device=device)
+                for name, tensor in row.items():
+                    held[name][i] = tensor
+        self.device = device
+        self.x0: torch.Tensor = held["x0"]
+        self.image: torch.Tensor = held["image"]
+        self.cond: torch.Tensor | None = held.get("cond")
+        self.first: torch.Tensor | None = held.get("first")
+        self.frames: torch.Tensor | None = held.get("frames")
+        self.prompts = torch.stack(prompt_rows).to(device)
+        self.prompt_of = prompt_of.to(device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the held tensors take on the device."""
+        held = (self.x0, self.image, self.cond, self.first, self.frames, self.prompts, self.prompt_of)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def batch(self, draws: Draws, noise: torch.Tensor, encoder: VaeConditionEncoder | None) -> Batch:
+        """The micro-batch of ``draws`` (on the CPU) with ``noise`` ``(B, 16, T, h, w')``, on the held device."""
+        on_device = draws.to(self.device)
+        clips = on_device.clips
+        h, w = self.x0.shape[-2:]
+        mask = condition_mask(on_device.given, h, w, self.layout)  # (B, 4, T, h, w')
+        held = draws.image_only and self.cond is not None
+        cond = self.cond[clips] if held else self._conditions(draws, encoder)  # (B, 16, T, h, w')
+        return Batch(
+            x0=self.x0[clips],
+            condition=torch.cat([mask, cond], dim=1),
+            prompt_embeds=self.prompts[self.prompt_of[clips]],
+            image_embeds=self.image[clips],
+            noise=noise,
+            sigmas=on_device.sigmas,
+        )
+
+    def _conditions(self, draws: Draws, encoder: VaeConditionEncoder | None) -> torch.Tensor:
+        """The condition latents ``(B, 16, T, h, w')`` of ``draws`` where some are not held: image samples take the
+        held condition (or are encoded from the held first frame), the others are encoded from the given frames of
+        the held videos. The rows are split on the CPU, so the split costs no device sync."""
+        if encoder is None:
+            raise TrainingError("these samples' conditions are not in the cache and no VAE encodes them")
+        image_rows = ~draws.given[:, 1:].any(dim=1)  # (B,)
+        if not image_rows.all() and self.frames is None:
+            raise TrainingError("frames other than the first are given: hold the cache with its videos")
+        held_rows = image_rows if self.cond is not None else torch.zeros_like(image_rows)
+        encoded_rows = (~held_rows).nonzero()[:, 0]  # (P,)
+        from_video = (~image_rows[encoded_rows]).nonzero()[:, 0]  # rows of the P encoded ones
+        from_first = image_rows[encoded_rows].nonzero()[:, 0]
+        clips = to_device(draws.clips[encoded_rows], self.device)
+        source = self.frames if self.frames is not None else self.first
+        frames = torch.zeros(
+            (len(encoded_rows), draws.given.shape[1], *source.shape[2:]), dtype=torch.uint8, device=self.device
+        )  # (P, F, H, W, 3)
+        if len(from_video):
+            rows = to_device(from_video, self.device)
+            frames[rows] = self.frames[clips[rows]]
+        if len(from_first):
+            rows = to_device(from_first, self.device)
+            frames[rows, :1] = self.first[clips[rows]]
+        pixels = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (P, 3, F, H, W)
+        given = to_device(draws.given[encoded_rows], self.device)
+        encoded = encoder(condition_frames(pixels, given, self.layout))  # (P, 16, T, h, w')
+        cond = encoded.new_empty((len(draws.clips), *encoded.shape[1:]))
+        cond[to_device(encoded_rows, self.device)] = encoded
+        if held_rows.any():
+            rows = held_rows.nonzero()[:, 0]
+            cond[to_device(rows, self.device)] = self.cond[to_device(draws.clips[rows], self.device)]
+        return cond
