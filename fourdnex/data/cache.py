@@ -535,7 +535,8 @@ class CachedSample:
     """One training sample (``T`` latent frames of a ``h x w'`` latent grid: ``w' = 2w`` fused, ``w`` for RGB alone).
 
     The condition latent is either read from the cache (``cond``) or still to be encoded from ``cond_video``, which
-    the caller encodes for a whole batch at once (:class:`fourdnex.train.data.VaeConditionEncoder`): exactly one of them is set.
+    the trainer encodes for a whole batch at once (:class:`fourdnex.train.data.VaeConditionEncoder`): exactly one
+    of them is set.
     """
 
     x0: torch.Tensor  # (16, T, h, w') clean latent: RGB | XYZ-normalized XYZ, or RGB alone
@@ -671,8 +672,8 @@ class LatentCache:
         return len(self.items)
 
     def sample(self, index: int, given: torch.Tensor | None = None) -> CachedSample:
-        """Read clip ``index`` as a :class:`CachedSample` (float32) conditioned on the pixel frames ``given`` ``(F,)`` bool
-        (default: frame 0 alone, image-to-4D)."""
+        """Read clip ``index`` as a :class:`CachedSample` (float32) conditioned on the pixel frames ``given``
+        ``(F,)`` bool (default: frame 0 alone, image-to-4D)."""
         item = self.items[index]
         files = item["files"]
         latents_path = self.root / files["latents"]

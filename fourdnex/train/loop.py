@@ -143,95 +143,120 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
 
     ``plan`` replaces what ``cfg.activation_memory`` chooses for this machine (the tests park on a CPU with it).
     """
-    from tqdm.auto import tqdm
+    run = Run(cfg, plan)
+    run.loop(cfg.max_steps)
+    return run.finish()
 
-    cfg.validate()
-    cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout)
-    model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
-    if not (Path(model_path) / "transformer" / "config.json").is_file():
-        raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
-    if cfg.validation_steps and not Path(cfg.validation_image).is_file():
-        raise TrainingError(f"validation image {cfg.validation_image} does not exist")
-    stage = zero_stage(deepspeed_config(cfg))  # refuse a bad DeepSpeed json before loading anything
-    if plan is None:  # before loading the model, which takes host memory for a while
-        plan = RecomputePlan.for_setting(choose_activation_memory(cfg, stage), park=torch.cuda.is_available())
-    output_dir = Path(cfg.output_dir)
-    resume = None
-    if cfg.resume_from_checkpoint:
-        resume = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
-    torch.manual_seed(cfg.seed)
-    transformer = build_transformer(cfg, model_path, plan=plan)
-    accelerator = make_accelerator(cfg, output_dir / "logs")
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    encoder = None
-    if not cache.cached_condition or cfg.condition_tasks != "image":
-        from fourdnex.model.loading import load_vae
 
-        logger.info("encoding conditions the cache does not hold with the VAE of %s, a batch at a time", model_path)
-        encoder = VaeConditionEncoder(load_vae(model_path), device)
-    held = HeldCache(cache, device, frames=cfg.condition_tasks != "image") if cfg.cache_in_memory else None
-    trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
-    if resume is not None:
-        load_checkpoint(trainer, resume)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        logger.info(
-            "training %d trainable parameters on %d clips%s, %d processes, from step %d",
-            sum(p.numel() for p in trainable_parameters(trainer.module).values()),
-            len(cache),
-            f" held on {device} ({held.nbytes / 2**30:.2f} GiB)" if held is not None else "",
-            accelerator.num_processes,
-            trainer.step,
+class Run:
+    """A fine-tuning run, ready to step: the model in its engine, the cache (held on the device or read from its
+    files), the sample stream, the logs. :meth:`loop` trains, :meth:`finish` writes the trained weights."""
+
+    def __init__(self, cfg: TrainConfig, plan: RecomputePlan | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        cfg.validate()
+        self.cfg = cfg
+        self.cache = cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout)
+        self.model_path = model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
+        if not (Path(model_path) / "transformer" / "config.json").is_file():
+            raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
+        if cfg.validation_steps and not Path(cfg.validation_image).is_file():
+            raise TrainingError(f"validation image {cfg.validation_image} does not exist")
+        stage = zero_stage(deepspeed_config(cfg))  # refuse a bad DeepSpeed json before loading anything
+        if plan is None:  # before loading the model, which takes host memory for a while
+            plan = RecomputePlan.for_setting(choose_activation_memory(cfg, stage), park=torch.cuda.is_available())
+        self.output_dir = Path(cfg.output_dir)
+        resume = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir) if cfg.resume_from_checkpoint else None
+        torch.manual_seed(cfg.seed)
+        transformer = build_transformer(cfg, model_path, plan=plan)
+        self.accelerator = accelerator = make_accelerator(cfg, self.output_dir / "logs")
+        self.device = accelerator.device
+        self.rank = accelerator.process_index
+        self.encoder = None
+        if not cache.cached_condition or cfg.condition_tasks != "image":
+            from fourdnex.model.loading import load_vae
+
+            logger.info("encoding conditions the cache does not hold with the VAE of %s, a batch at a time", model_path)
+            self.encoder = VaeConditionEncoder(load_vae(model_path), self.device)
+        frames = cfg.condition_tasks != "image"
+        self.held = HeldCache(cache, self.device, frames=frames) if cfg.cache_in_memory else None
+        self.trainer = trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
+        if resume is not None:
+            load_checkpoint(trainer, resume)
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            held = f" held on {self.held.device} ({self.held.nbytes / 2**30:.2f} GiB)" if self.held else ""
+            logger.info(
+                "training %d trainable parameters on %d clips%s, %d processes, from step %d",
+                sum(p.numel() for p in trainable_parameters(trainer.module).values()),
+                len(cache),
+                held,
+                accelerator.num_processes,
+                trainer.step,
+            )
+        accelerator.init_trackers("finetune", config=_tracker_config(cfg))
+        self.stream = SampleStream(cfg, len(cache), accelerator.num_processes)
+        t, h, w = cache.latent_shape
+        self.noise_shape = (16, t, h, 2 * w if cfg.layout == "rgbxyz" else w)  # one sample's x0
+        self.bar = tqdm(
+            total=cfg.max_steps, initial=trainer.step, desc="finetune", disable=not accelerator.is_main_process
         )
-    accelerator.init_trackers("finetune", config=_tracker_config(cfg))
-    stream = SampleStream(cfg, len(cache), world)
-    frames, h, w = cache.latent_shape
-    noise_shape = (16, frames, h, 2 * w if cfg.layout == "rgbxyz" else w)  # one sample's x0
-    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="finetune", disable=not accelerator.is_main_process)
+        self.logged = MetricsLog(accelerator, self.stream.global_batch, self.bar)
+        self.reader = ThreadPoolExecutor(max_workers=1)  # reads step n + 1's files while step n trains
+        self.upcoming = None
 
-    def read(step: int) -> list:  # the files of this process's samples of step ``step`` (the reader thread)
-        draws = stream.draws(step)
-        return [read_batch(cache, draws.rows(*stream.rows(m, rank))) for m in range(cfg.gradient_accumulation_steps)]
+    def _read(self, step: int) -> list:
+        """The files of this process's samples of step ``step``, per micro-step (runs in the reader thread)."""
+        draws = self.stream.draws(step)
+        micro_steps = range(self.cfg.gradient_accumulation_steps)
+        return [read_batch(self.cache, draws.rows(*self.stream.rows(m, self.rank))) for m in micro_steps]
 
-    def micro_batches(step: int, samples: list | None) -> list[Batch]:
-        draws = stream.draws(step)
-        noise = stream.noise(step, noise_shape, device)  # (G, 16, T, h, w'): the whole global batch's
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This process's micro-batches of step ``step``, on the training device."""
+        samples = None
+        if self.held is None:
+            samples = (self.upcoming or self.reader.submit(self._read, step)).result()
+            self.upcoming = self.reader.submit(self._read, step + 1) if step + 1 < self.cfg.max_steps else None
+        draws = self.stream.draws(step)
+        noise = self.stream.noise(step, self.noise_shape, self.device)  # (G, 16, T, h, w'): the global batch's
         batches = []
-        for micro in range(cfg.gradient_accumulation_steps):
-            first, stop = stream.rows(micro, rank)
+        for micro in range(self.cfg.gradient_accumulation_steps):
+            first, stop = self.stream.rows(micro, self.rank)
             rows = draws.rows(first, stop)
-            if held is not None:
-                batches.append(held.batch(rows, noise[first:stop], encoder))
+            if self.held is not None:
+                batches.append(self.held.batch(rows, noise[first:stop], self.encoder))
             else:
-                batches.append(batch_of_samples(samples[micro], rows, noise[first:stop], encoder, device))
+                batches.append(batch_of_samples(samples[micro], rows, noise[first:stop], self.encoder, self.device))
         return batches
 
-    logged = MetricsLog(accelerator, stream.global_batch, bar)
-    reader = ThreadPoolExecutor(max_workers=1)  # reads step n + 1's files while step n trains
-    upcoming = reader.submit(read, trainer.step) if held is None else None
-    while trainer.step < cfg.max_steps:
-        samples = upcoming.result() if upcoming is not None else None
-        if held is None and trainer.step + 1 < cfg.max_steps:
-            upcoming = reader.submit(read, trainer.step + 1)
-        metrics = trainer.train_step(micro_batches(trainer.step, samples))
-        bar.update()
-        step = trainer.step
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            logged.add(step, metrics)
-        checkpoint = step % cfg.checkpointing_steps == 0 or step == cfg.max_steps
-        if checkpoint or step % METRICS_READ_STEPS == 0:
-            logged.write()
-        if checkpoint:
-            save_checkpoint(trainer, step)
-        if cfg.validation_steps and step % cfg.validation_steps == 0:
-            run_validation(trainer, model_path, cache, output_dir / "validation" / f"step-{step:06d}")
-    bar.close()
-    reader.shutdown()
-    logged.write()
-    final = trainer.save_weights(output_dir, trainer.step)
-    accelerator.end_training()
-    return final
+    def loop(self, stop: int) -> None:
+        """Train until optimizer step ``stop``: log, checkpoint and validate on the way."""
+        cfg, trainer = self.cfg, self.trainer
+        while trainer.step < stop:
+            metrics = trainer.train_step(self.micro_batches(trainer.step))
+            self.bar.update()
+            step = trainer.step
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                self.logged.add(step, metrics)
+            checkpoint = step % cfg.checkpointing_steps == 0 or step == cfg.max_steps
+            if checkpoint or step % METRICS_READ_STEPS == 0:
+                self.logged.write()
+            if checkpoint:
+                save_checkpoint(trainer, step)
+            if cfg.validation_steps and step % cfg.validation_steps == 0:
+                run_validation(
+                    trainer, self.model_path, self.cache, self.output_dir / "validation" / f"step-{step:06d}"
+                )
+
+    def finish(self) -> Path | None:
+        """Write the trained weights (see :meth:`Trainer.save_weights`) and close the logs; every process must call."""
+        self.bar.close()
+        self.reader.shutdown()
+        self.logged.write()
+        final = self.trainer.save_weights(self.output_dir, self.trainer.step)
+        self.accelerator.end_training()
+        return final
 
 
 class MetricsLog:
