@@ -180,7 +180,7 @@ def batch_of_samples(
 HOLD_SHARE = 0.5
 
 
-def _holding_device(device: torch.device, nbytes: int) -> torch.device:
+def holding_device(device: torch.device, nbytes: int) -> torch.device:
     """Where a held cache of ``nbytes`` goes: ``device``, or the CPU where it would take more than
     :data:`HOLD_SHARE` of a GPU's free memory."""
     if device.type == "cuda" and nbytes > HOLD_SHARE * torch.cuda.mem_get_info(device)[0]:
@@ -232,7 +232,7 @@ class HeldCache:
                 del row["prompt"]
                 if i == 0:  # the first clip fixes the shapes and the place
                     per_clip = sum(t.numel() * t.element_size() for t in row.values())
-                    device = _holding_device(device, per_clip * len(cache))
+                    device = holding_device(device, per_clip * len(cache))
                     for name, tensor in row.items():
                         held[name] = torch.empty((len(cache), *tensor.shape), dtype=tensor.dtype, device=device)
                 for name, tensor in row.items():

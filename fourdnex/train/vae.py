@@ -184,55 +184,150 @@ def _load_checkpoint(folder: Path, vae, optimizer) -> int:
     return json.loads((folder / "step.json").read_text())["step"]
 
 
-def train_vae(cfg: VaeTrainConfig) -> dict:
-    """Train the VAE of ``cfg.model_path`` on ``cfg.data_dir``; returns the metrics written to ``OUT/metrics.json``."""
-    from diffusers import AutoencoderKLWan
-    from tqdm.auto import tqdm
+def _vae_folder(cfg: VaeTrainConfig) -> Path:
+    """The VAE folder of ``cfg.model_path``; UsageError if it has no config."""
+    folder = Path(cfg.model_path) / "vae"
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder}: no VAE config (build the model first: python -m fourdnex.model.presets)")
+    return folder
 
-    cfg.validate()
-    out = Path(cfg.out)
-    device = torch.device(cfg.device)
-    vae_folder = Path(cfg.model_path) / "vae"
-    if not (vae_folder / "config.json").is_file():
-        raise UsageError(f"{vae_folder}: no VAE config (build the model first: python -m fourdnex.model.presets)")
-    torch.manual_seed(cfg.seed)
-    vae = AutoencoderKLWan.from_pretrained(vae_folder, dtype=torch.float32).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=1e-4)
-    step = _load_checkpoint(out / CHECKPOINT_DIR, vae, optimizer)
-    clips = load_clips(cfg.data_dir, cfg.num_frames, cfg.height, cfg.width, cfg.limit, cfg.workers)
-    if len(clips) < cfg.batch_size:
-        raise UsageError(f"{cfg.data_dir} holds {len(clips)} clips, fewer than --batch_size {cfg.batch_size}")
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to a tenth
+#: Steps between two reads of the logged losses from the device (each read waits for the queued steps to finish).
+METRICS_READ_STEPS = 50
+
+
+class VaeTrainer:
+    """The VAE of ``cfg.model_path``, its AdamW and the training clips held on the training device (in host memory
+    where they would take more than half of a GPU's free memory); :meth:`train_until` steps it.
+
+    Step ``n`` trains on the clips ``numpy.random.default_rng([seed, n])`` picks and the latent sample of a generator
+    seeded from ``(seed, n)``, so a resumed run trains exactly as an uninterrupted one. Nothing in a step waits for
+    the device; the losses are read back every :data:`METRICS_READ_STEPS` steps.
+    """
+
+    def __init__(self, cfg: VaeTrainConfig, clips: Clips) -> None:
+        from diffusers import AutoencoderKLWan
+        from tqdm.auto import tqdm
+
+        from fourdnex.train.data import holding_device
+
+        self.cfg = cfg
+        self.device = device = torch.device(cfg.device)
+        vae_folder = _vae_folder(cfg)
+        if len(clips) < cfg.batch_size:
+            raise UsageError(f"{cfg.data_dir} holds {len(clips)} clips, fewer than --batch_size {cfg.batch_size}")
+        torch.manual_seed(cfg.seed)
+        self.vae = AutoencoderKLWan.from_pretrained(vae_folder, dtype=torch.float32).to(device).train()
+        self.optimizer = torch.optim.AdamW(
+            self.vae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=1e-4,
+            fused=device.type == "cuda",
+        )  # fmt: skip
+        self.step = _load_checkpoint(Path(cfg.out) / CHECKPOINT_DIR, self.vae, self.optimizer)
+        self.clips = clips
+        held = holding_device(device, clips.rgb.nbytes + clips.xyz.nbytes)
+        self.rgb = torch.from_numpy(clips.rgb).to(held)  # (N, F, H, W, 3) uint8
+        self.xyz = torch.from_numpy(clips.xyz).to(held)  # (N, F, H, W, 3) float16
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="vae", unit="step")
+        self.pending: list[torch.Tensor] = []  # (2,) mse, kl of the steps since the last read
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay to a tenth."""
+        cfg = self.cfg
         if step < cfg.warmup_steps:
             return cfg.learning_rate * (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return cfg.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
-    start, bar = time.perf_counter(), tqdm(total=cfg.max_steps, initial=step, desc="vae", unit="step")
-    while step < cfg.max_steps:
-        rng = np.random.default_rng([cfg.seed, step])  # the batch of step n, whether resumed or not
-        generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        index = rng.choice(len(clips), cfg.batch_size, replace=False)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, parts = vae_loss(vae, clips.videos(index, device), cfg.kl_weight, generator)
-        optimizer.zero_grad(set_to_none=True)
+    def videos(self, step: int) -> torch.Tensor:
+        """Step ``step``'s RGB videos then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1] on the device."""
+        from fourdnex.train.data import to_device
+
+        rng = np.random.default_rng([self.cfg.seed, step])
+        index = torch.from_numpy(rng.choice(len(self.clips), self.cfg.batch_size, replace=False))
+        index = index if self.rgb.device.type == "cpu" else to_device(index, self.rgb.device)
+        rgb = to_device(self.rgb[index], self.device) if self.rgb.is_cpu else self.rgb[index]
+        xyz = to_device(self.xyz[index], self.device) if self.xyz.is_cpu else self.xyz[index]
+        rgb = rgb.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        return torch.cat([rgb, xyz.permute(0, 4, 1, 2, 3).float()])
+
+    def train_until(self, stop: int) -> None:
+        """Train until step ``stop``, writing a checkpoint every ``checkpointing_steps`` and at ``max_steps``."""
+        cfg, device = self.cfg, self.device
+        while self.step < stop:
+            generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, parts = vae_loss(self.vae, self.videos(self.step), cfg.kl_weight, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+            self.optimizer.step()
+            self.step += 1
+            self.bar.update()
+            self.pending.append(torch.stack([parts["mse"], parts["kl"]]))
+            checkpoint = self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_steps
+            if checkpoint or self.step % METRICS_READ_STEPS == 0:
+                mse, kl = torch.stack(self.pending)[-1].tolist()
+                self.bar.set_postfix(mse=f"{mse:.5f}", kl=f"{kl:.3f}")
+                self.pending = []
+            if checkpoint:
+                _save_checkpoint(Path(cfg.out) / CHECKPOINT_DIR, self.vae, self.optimizer, self.step)
+
+
+def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int, compiled: bool = False) -> float:
+    """Seconds per step of a plain PyTorch step of the same VAE, batch and loss (fp32 weights, bf16 autocast, fused
+    AdamW, gradient clipping; ``compiled``: the loss under ``torch.compile``), random clips already on the GPU."""
+    from diffusers import AutoencoderKLWan
+
+    device = torch.device(cfg.device)
+    vae = AutoencoderKLWan.from_pretrained(Path(cfg.model_path) / "vae", dtype=torch.float32).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
+    index = np.arange(cfg.batch_size)
+    rgb = torch.from_numpy(clips.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    videos = torch.cat([rgb, torch.from_numpy(clips.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()])
+    generator = torch.Generator(device).manual_seed(0)
+    loss_fn = torch.compile(vae_loss) if compiled else vae_loss
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = loss_fn(vae, videos, cfg.kl_weight, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        bar.update()
-        bar.set_postfix(mse=f"{parts['mse']:.5f}", kl=f"{parts['kl']:.3f}")
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
-            _save_checkpoint(out / CHECKPOINT_DIR, vae, optimizer, step)
-    bar.close()
+        optimizer.zero_grad(set_to_none=True)
 
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - tic) / steps
+
+
+def train_vae(cfg: VaeTrainConfig) -> dict:
+    """Train the VAE of ``cfg.model_path`` on ``cfg.data_dir``; returns the metrics written to ``OUT/metrics.json``."""
+    cfg.validate()
+    out = Path(cfg.out)
+    _vae_folder(cfg)  # before the clips are read
+    clips = load_clips(cfg.data_dir, cfg.num_frames, cfg.height, cfg.width, cfg.limit, cfg.workers)
+    trainer = VaeTrainer(cfg, clips)
+    start = time.perf_counter()
+    trainer.train_until(cfg.max_steps)
+    trainer.bar.close()
+
+    vae, device = trainer.vae, trainer.device
     vae.eval()
     mean, std = latent_statistics(vae, Clips(clips.rgb[:256], clips.xyz[:256]), device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    metrics = {"config": asdict(cfg), "steps": step, "seconds": time.perf_counter() - start, "train_clips": len(clips)}
+    metrics = {
+        "config": asdict(cfg),
+        "steps": trainer.step,
+        "seconds": time.perf_counter() - start,
+        "train_clips": len(clips),
+    }
     metrics["train_psnr"] = reconstruction_psnr(
         vae, Clips(clips.rgb[: cfg.eval_limit], clips.xyz[: cfg.eval_limit]), device
     )
