@@ -1,8 +1,12 @@
 """Procedural 4D scenes with exact ground truth, and writers for every clip format of the 4DNeX-10M layout.
 
-A scene is ray-cast analytically: a textured ground plane (y = 0), a background (a room of textured walls or a sky
-dome), a few objects (rolling spheres, sliding and turning boxes, one squashing-and-stretching ellipsoid) and a
-pinhole camera that orbits, dollies, trucks or hovers with a little shake. Everything is deterministic from a seed.
+A scene is ray-cast analytically (:mod:`fourdnex.data.raycast`): a ground plane (y = 0), a background (a room of
+walls or a sky dome), two to five objects of several sizes (rolling or bouncing balls, sliding and turning boxes and
+pillars, a squashing-and-stretching blob), a directional light of varying strength and tint, and a pinhole camera
+of varying height, pitch and field of view that orbits, dollies, trucks or hovers with a little shake. Every surface
+is textured by one of the texture families (checkers, stripes, mottled noise, plain, gradients) in its own colours;
+leaving one family out of the training clips gives a held-out set of appearances the model never saw. Everything is
+deterministic from a seed and the families allowed.
 
 Conventions (those of :mod:`fourdnex.geometry.cameras`):
     world      y up, ground plane y = 0, metres
@@ -36,15 +40,9 @@ import numpy as np
 import torch
 
 from fourdnex.cli import run
+from fourdnex.data.raycast import TEXTURE_FAMILIES, Lighting, SceneLayout, SceneObject, Texture, render_frame
 from fourdnex.files import atomic_path, write_json, write_npy, write_npz, write_png, write_text, write_video
-from fourdnex.geometry.cameras import (
-    camera_rays,
-    intrinsics_to_integer_centres,
-    look_at,
-    pixel_grid,
-    rotation_to_quaternion,
-    so3_exp,
-)
+from fourdnex.geometry.cameras import intrinsics_to_integer_centres, look_at, rotation_to_quaternion, so3_exp
 
 FPS = 24
 #: The subsets of the 4DNeX-10M layout and the clip format each one uses.
@@ -70,18 +68,29 @@ _COLORS: dict[str, tuple[float, float, float]] = {
     "white": (0.90, 0.90, 0.88),
     "black": (0.12, 0.12, 0.13),
 }
+#: Ground and wall materials: two colours each, which the surface's texture family mixes.
 _GROUNDS = {
-    "checkered": ((0.85, 0.85, 0.82), (0.25, 0.25, 0.28)),
     "grassy": ((0.30, 0.55, 0.20), (0.22, 0.42, 0.14)),
-    "sandy": ((0.85, 0.75, 0.55), (0.75, 0.64, 0.45)),
-    "wooden": ((0.60, 0.40, 0.22), (0.48, 0.30, 0.16)),
-    "tiled": ((0.65, 0.70, 0.75), (0.45, 0.50, 0.58)),
+    "sandy": ((0.85, 0.75, 0.55), (0.70, 0.58, 0.40)),
+    "wooden": ((0.60, 0.40, 0.22), (0.42, 0.26, 0.13)),
+    "tiled": ((0.65, 0.70, 0.75), (0.40, 0.45, 0.55)),
+    "stony": ((0.55, 0.55, 0.52), (0.32, 0.32, 0.30)),
+    "chalky": ((0.88, 0.88, 0.84), (0.25, 0.25, 0.28)),
 }
 _WALLS = {
-    "striped": ((0.85, 0.82, 0.75), (0.60, 0.55, 0.50)),
+    "cream": ((0.85, 0.82, 0.75), (0.60, 0.55, 0.50)),
     "brick": ((0.62, 0.28, 0.20), (0.80, 0.78, 0.72)),
-    "blue": ((0.55, 0.65, 0.85), (0.40, 0.48, 0.70)),
-    "green": ((0.55, 0.70, 0.55), (0.40, 0.55, 0.42)),
+    "blue": ((0.55, 0.65, 0.85), (0.35, 0.42, 0.66)),
+    "green": ((0.55, 0.70, 0.55), (0.36, 0.52, 0.38)),
+    "grey": ((0.70, 0.70, 0.72), (0.40, 0.40, 0.44)),
+}
+#: The word each texture family gives its surface in a caption.
+_PATTERN_WORDS = {
+    "checkers": "checkered",
+    "stripes": "striped",
+    "noise": "mottled",
+    "plain": "plain",
+    "gradients": "shaded",
 }
 _CAMERA_WORDS = {
     "orbit": "slowly orbits the scene",
@@ -108,112 +117,85 @@ class Scene:
 
 
 @dataclass
-class _Object:
-    """One primitive; its pose and size are functions of time in seconds."""
+class _Draw:
+    """A scene drawn from a seed: its layout, the camera's path and the words that describe them."""
 
-    kind: str  # "sphere" | "box" | "ellipsoid"
-    color_name: str
-    color: np.ndarray  # (3,)
-    color2: np.ndarray  # (3,) second texture colour
-    texture_freq: float
-    size: np.ndarray  # sphere: (r,), box: half extents (3,), ellipsoid: radii (3,)
-    start: np.ndarray  # (3,) position at t = 0 (x, z on the ground)
-    velocity: np.ndarray  # (3,) ground velocity in m/s (y = 0)
-    spin: float  # rad/s about y (box, ellipsoid)
-    bounce: float  # sphere: bounce height in m
-    pulse: float  # ellipsoid: squash-and-stretch amplitude
-    phase: float
-    moving: bool
-
-    def pose(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(center (3,), local-to-world rotation (3, 3), size (3,)) at time ``t``."""
-        if not self.moving:
-            t = 0.0
-        pos = self.start + self.velocity * t
-        size = np.broadcast_to(self.size, (3,)).astype(np.float64).copy()
-        if self.kind == "sphere":
-            # Rolling without slipping: rotate about the horizontal axis perpendicular to the motion.
-            speed = float(np.linalg.norm(self.velocity))
-            axis = np.array([self.velocity[2], 0.0, -self.velocity[0]]) / max(speed, 1e-9)
-            rot = _axis_angle(axis, speed * t / size[0]) if speed > 1e-9 else np.eye(3)
-            pos[1] = size[0] + self.bounce * abs(math.sin(2.0 * math.pi * 0.8 * t + self.phase))
-        elif self.kind == "box":
-            rot = _axis_angle(np.array([0.0, 1.0, 0.0]), self.phase + self.spin * t)
-            pos[1] = size[1]
-        else:
-            s = self.pulse * math.sin(2.0 * math.pi * 1.1 * t + self.phase)
-            size = size * np.array([1.0 + 0.6 * s, 1.0 - s, 1.0 + 0.6 * s])
-            rot = _axis_angle(np.array([0.0, 1.0, 0.0]), self.phase + self.spin * t)
-            pos[1] = size[1]
-        return pos, rot, size
-
-
-def _axis_angle(axis: np.ndarray, angle: float) -> np.ndarray:
-    """Rotation matrix (3, 3) of ``angle`` radians about the unit ``axis``."""
-    return so3_exp(np.asarray(axis, np.float64) * angle)
-
-
-@dataclass
-class _Layout:
-    """Everything random about a scene, drawn once from the seed."""
-
-    room: bool
-    room_half: float
-    room_height: float
-    ground_name: str
-    ground_colors: tuple
-    ground_tile: float
-    ground_angle: float
-    wall_name: str
-    wall_colors: tuple
-    sky_top: np.ndarray
-    sky_horizon: np.ndarray
-    mountain_freqs: np.ndarray
-    mountain_phases: np.ndarray
-    light: np.ndarray
-    objects: list[_Object]
+    layout: SceneLayout
     camera_kind: str
     camera: dict
-    focal_ratio: float
+    ground_name: str
+    wall_name: str
 
 
-def _sample_layout(seed: int, dynamic: bool) -> _Layout:
-    """Draw a scene description from ``seed``."""
+def _texture(rng: np.random.Generator, families: tuple[str, ...], colors, scale: tuple[float, float],
+             upright: bool) -> Texture:  # fmt: skip
+    """A texture of a family drawn from ``families`` mixing ``colors``; ``upright`` turns its pattern about the
+    vertical only (ground and walls), else about any axis (objects)."""
+    family = str(rng.choice(families))
+    axis = np.array([0.0, 1.0, 0.0]) if upright else rng.normal(size=3)
+    axis = axis / np.linalg.norm(axis)
+    return Texture(
+        family=family,
+        color1=np.asarray(colors[0], np.float64),
+        color2=np.asarray(colors[1], np.float64),
+        scale=float(rng.uniform(*scale)),
+        rotation=so3_exp(axis * rng.uniform(0, 2 * math.pi)),
+        offset=rng.uniform(0, 1, size=3),
+    )
+
+
+def _sample_scene(seed: int, dynamic: bool, families: tuple[str, ...] = TEXTURE_FAMILIES) -> _Draw:
+    """Draw a scene description from ``seed``, every surface textured with a family of ``families``."""
+    unknown = sorted(set(families) - set(TEXTURE_FAMILIES))
+    if unknown or not families:
+        raise ValueError(f"texture families must be among {TEXTURE_FAMILIES}, got {families}")
     rng = np.random.default_rng(seed)
     room = bool(rng.random() < 0.5)
     ground_name = str(rng.choice(list(_GROUNDS)))
     wall_name = str(rng.choice(list(_WALLS)))
-    light = np.array([rng.uniform(-1, 1), rng.uniform(1.0, 2.0), rng.uniform(-1, 1)])
-    color_names = rng.choice(list(_COLORS), size=6, replace=False)
-    num_objects = int(rng.integers(2, 5))
-    kinds = list(rng.choice(["sphere", "box", "sphere", "box"], size=num_objects))
+    ground = _texture(rng, families, _GROUNDS[ground_name], (0.3, 1.4), upright=True)
+    walls = _texture(rng, families, _WALLS[wall_name], (0.3, 1.2), upright=True)
+    direction = np.array([rng.uniform(-1, 1), rng.uniform(0.6, 2.0), rng.uniform(-1, 1)])
+    warmth = rng.uniform(-0.12, 0.12)
+    light = Lighting(
+        direction=direction / np.linalg.norm(direction),
+        ambient=float(rng.uniform(0.3, 0.6)),
+        diffuse=float(rng.uniform(0.35, 0.8)),
+        tint=np.array([1.0 + warmth, 1.0, 1.0 - warmth]),
+    )
+    color_names = rng.choice(list(_COLORS), size=7, replace=False)
+    num_objects = int(rng.integers(2, 6))
+    shapes = list(rng.choice(["sphere", "box", "cylinder", "sphere", "box"], size=num_objects))
     if dynamic or rng.random() < 0.5:
-        kinds[int(rng.integers(num_objects))] = "ellipsoid"
-    objects: list[_Object] = []
+        shapes[int(rng.integers(num_objects))] = "ellipsoid"
+    objects: list[SceneObject] = []
     positions: list[np.ndarray] = []
-    for i, kind in enumerate(kinds):
+    for i, shape in enumerate(shapes):
         for _ in range(20):  # keep objects apart at t = 0
-            pos = np.array([rng.uniform(-2.2, 2.2), 0.0, rng.uniform(-2.2, 2.2)])
+            pos = np.array([rng.uniform(-2.4, 2.4), 0.0, rng.uniform(-2.4, 2.4)])
             if all(np.linalg.norm(pos - p) > 1.4 for p in positions):
                 break
         positions.append(pos)
-        if kind == "sphere":
-            size = np.array([rng.uniform(0.3, 0.6)])
-        elif kind == "box":
-            size = rng.uniform(0.2, 0.55, size=3)
+        grow = rng.uniform(0.7, 1.5)  # small and large objects
+        if shape == "sphere":
+            size = np.array([rng.uniform(0.25, 0.55)]) * grow
+        elif shape == "box":
+            size = rng.uniform(0.15, 0.55, size=3) * grow
+        elif shape == "cylinder":
+            radius = rng.uniform(0.15, 0.4)
+            size = np.array([radius, rng.uniform(0.3, 0.9), radius]) * grow
         else:
-            size = np.array([rng.uniform(0.3, 0.5), rng.uniform(0.45, 0.75), rng.uniform(0.3, 0.5)])
+            size = np.array([rng.uniform(0.3, 0.5), rng.uniform(0.45, 0.75), rng.uniform(0.3, 0.5)]) * grow
         heading = rng.uniform(0, 2 * math.pi)
-        speed = rng.uniform(0.3, 1.1) if kind != "ellipsoid" else rng.uniform(0.0, 0.4)
+        speed = rng.uniform(0.3, 1.1) if shape != "ellipsoid" else rng.uniform(0.0, 0.4)
         moving = dynamic and (i == 0 or rng.random() < 0.75)
         color = np.array(_COLORS[str(color_names[i])])
+        second = np.clip(color * 0.5 + rng.uniform(0.0, 0.35), 0, 1)
         objects.append(
-            _Object(
-                kind=kind,
+            SceneObject(
+                shape=shape,
                 color_name=str(color_names[i]),
-                color=color,
-                color2=np.clip(color * 0.55 + rng.uniform(0.0, 0.3), 0, 1),
-                texture_freq=float(rng.uniform(4.0, 9.0)),
+                texture=_texture(rng, families, (color, second), (0.12, 0.45), upright=False),
                 size=size,
                 start=pos,
                 velocity=speed * np.array([math.cos(heading), 0.0, math.sin(heading)]),
@@ -226,40 +208,35 @@ def _sample_layout(seed: int, dynamic: bool) -> _Layout:
         )
     camera_kind = str(rng.choice(list(_CAMERA_WORDS)))
     camera = {
-        "radius": rng.uniform(4.5, 7.0),
-        "height": rng.uniform(1.2, 3.2),
+        "radius": rng.uniform(3.8, 7.5),
+        "height": rng.uniform(0.5, 4.0),  # low and high viewpoints: a range of pitches
         "azimuth": rng.uniform(0, 2 * math.pi),
         "rate": rng.choice([-1, 1]) * rng.uniform(0.15, 0.35),  # rad/s (orbit) or m/s scale
-        "target": np.array([rng.uniform(-0.5, 0.5), rng.uniform(0.2, 0.6), rng.uniform(-0.5, 0.5)]),
+        "target": np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.0, 0.9), rng.uniform(-0.6, 0.6)]),
         "shake_freq": rng.uniform(0.5, 1.5, size=3),
         "shake_phase": rng.uniform(0, 2 * math.pi, size=3),
     }
-    return _Layout(
+    layout = SceneLayout(
         room=room,
         room_half=float(rng.uniform(7.0, 10.0)),
         room_height=float(rng.uniform(4.0, 6.0)),
-        ground_name=ground_name,
-        ground_colors=_GROUNDS[ground_name],
-        ground_tile=float(rng.uniform(0.4, 1.1)),
-        ground_angle=float(rng.uniform(0, math.pi / 2)),
-        wall_name=wall_name,
-        wall_colors=_WALLS[wall_name],
+        ground=ground,
+        walls=walls,
         sky_top=np.array([rng.uniform(0.2, 0.4), rng.uniform(0.4, 0.6), rng.uniform(0.8, 1.0)]),
         sky_horizon=np.array([rng.uniform(0.8, 0.95), rng.uniform(0.8, 0.95), rng.uniform(0.85, 1.0)]),
         mountain_freqs=rng.integers(2, 9, size=3).astype(np.float64),
         mountain_phases=rng.uniform(0, 2 * math.pi, size=3),
-        light=light / np.linalg.norm(light),
+        light=light,
         objects=objects,
-        camera_kind=camera_kind,
-        camera=camera,
-        focal_ratio=float(rng.uniform(0.75, 1.25)),
+        focal_ratio=float(rng.uniform(0.55, 1.6)),  # horizontal fields of view from 35 to 85 degrees
     )
+    return _Draw(layout, camera_kind, camera, ground_name, wall_name)
 
 
-def _camera_pose(layout: _Layout, t: float) -> np.ndarray:
+def _camera_pose(draw: _Draw, t: float) -> np.ndarray:
     """Camera-to-world (4, 4) at time ``t``."""
-    cam = layout.camera
-    kind = layout.camera_kind
+    cam = draw.camera
+    kind = draw.camera_kind
     azimuth, radius, target = cam["azimuth"], cam["radius"], cam["target"].copy()
     if kind == "orbit":
         azimuth = azimuth + cam["rate"] * t
@@ -275,221 +252,51 @@ def _camera_pose(layout: _Layout, t: float) -> np.ndarray:
     return look_at(eye, np.asarray(target, np.float64))
 
 
-def _caption(layout: _Layout, dynamic: bool) -> str:
+def _caption(draw: _Draw, dynamic: bool) -> str:
     """A one-sentence description of the scene."""
+    layout = draw.layout
     parts = []
     for obj in layout.objects:
-        noun = {"sphere": "ball", "box": "box", "ellipsoid": "soft blob"}[obj.kind]
         if obj.moving:
             verb = {
                 "sphere": "bounces along" if obj.bounce > 0 else "rolls along",
                 "box": "slides and turns",
+                "cylinder": "slides and turns",
                 "ellipsoid": "squashes and stretches" if obj.velocity.any() else "squashes and stretches in place",
-            }[obj.kind]
+            }[obj.shape]
         else:
             verb = "stands still"
-        article = "an" if obj.color_name[0] in "aeiou" else "a"
-        parts.append(f"{article} {obj.color_name} {noun} {verb}")
+        pattern = _PATTERN_WORDS[obj.texture.family]
+        parts.append(f"a {pattern} {obj.color_name} {obj.noun} {verb}")
     subjects = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
-    place = f"in a room with {layout.wall_name} walls" if layout.room else "in an open field under a blue sky"
+    walls = f"{_PATTERN_WORDS[layout.walls.family]} {draw.wall_name}"
+    place = f"in a room with {walls} walls" if layout.room else "in an open field under a blue sky"
     prefix = "A still scene. " if not dynamic else ""
-    camera = _CAMERA_WORDS[layout.camera_kind]
-    return f"{prefix}On {layout.ground_name} ground {place}, {subjects}, while the camera {camera}."
+    ground = f"{_PATTERN_WORDS[layout.ground.family]} {draw.ground_name}"
+    return f"{prefix}On {ground} ground {place}, {subjects}, while the camera {_CAMERA_WORDS[draw.camera_kind]}."
 
 
-def scene_caption(seed: int, dynamic: bool = True) -> str:
+def scene_caption(seed: int, dynamic: bool = True, families: tuple[str, ...] = TEXTURE_FAMILIES) -> str:
     """The caption of the scene drawn from ``seed`` (what :func:`render_scene` gives it), without rendering."""
-    return _caption(_sample_layout(seed, dynamic), dynamic)
-
-
-def _noise(x: torch.Tensor, y: torch.Tensor, seed: float) -> torch.Tensor:
-    """Cheap smooth procedural noise in [-1, 1] from a few sinusoids."""
-    return (
-        torch.sin(1.7 * x + 2.3 * seed) * torch.sin(1.3 * y + 0.7 * seed)
-        + 0.5 * torch.sin(4.1 * x - 3.1 * y + seed)
-        + 0.25 * torch.sin(9.3 * x + 7.7 * y - 1.9 * seed)
-    ) / 1.75
-
-
-def _intersect_sphere_local(o: torch.Tensor, d: torch.Tensor, inside: bool = False) -> torch.Tensor:
-    """Ray parameter of the unit sphere at the origin for rays ``o + t d`` ``(..., 3)``; inf where missed."""
-    a = (d * d).sum(-1)
-    b = (o * d).sum(-1)
-    c = (o * o).sum(-1) - 1.0
-    disc = b * b - a * c
-    root = torch.sqrt(disc.clamp_min(0.0))
-    t = (-b + root) / a if inside else (-b - root) / a
-    return torch.where((disc > 0) & (t > 1e-4), t, math.inf)
-
-
-def _intersect_box_local(o: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slab test against the box ``|p| <= half`` for rays ``(..., 3)``: (t (...), entry axis (...))."""
-    inv = 1.0 / torch.where(d.abs() < 1e-9, 1e-9, d)
-    t0 = (-half - o) * inv
-    t1 = (half - o) * inv
-    t_near, axis = torch.minimum(t0, t1).max(-1)
-    t_far = torch.maximum(t0, t1).min(-1).values
-    hit = (t_near <= t_far) & (t_near > 1e-4)
-    return torch.where(hit, t_near, math.inf), axis
-
-
-def _screen_box(center: np.ndarray, radius: float, c2w: np.ndarray, K: np.ndarray, height: int, width: int):
-    """Pixel rectangle (v0, v1, u0, u1) that surely holds the projection of a sphere; None if it is off screen."""
-    p = c2w[:3, :3].T @ (center - c2w[:3, 3])
-    if p[2] - radius <= 1e-3:  # the sphere reaches behind the image plane: test every pixel
-        return 0, height, 0, width
-    xs = [(p[0] + a) / (p[2] + b) for a in (-radius, radius) for b in (-radius, radius)]
-    ys = [(p[1] + a) / (p[2] + b) for a in (-radius, radius) for b in (-radius, radius)]
-    u0 = max(0, math.floor(K[0, 0] * min(xs) + K[0, 2]))
-    u1 = min(width, math.ceil(K[0, 0] * max(xs) + K[0, 2]) + 1)
-    v0 = max(0, math.floor(K[1, 1] * min(ys) + K[1, 2]))
-    v1 = min(height, math.ceil(K[1, 1] * max(ys) + K[1, 2]) + 1)
-    return (v0, v1, u0, u1) if u0 < u1 and v0 < v1 else None
-
-
-def _render_frame(layout: _Layout, t: float, c2w: np.ndarray, K: np.ndarray, height: int, width: int, dynamic: bool):
-    """Ray-cast one frame: (rgb (H, W, 3) float, depth (H, W), points (H, W, 3), labels (H, W), moving (H, W)).
-
-    Every surface is shaded over whole (sub-)images and picked with ``torch.where``: boolean-mask indexing is many
-    times slower on a CPU.
-    """
-    f32 = torch.float32
-    dirs_cam = camera_rays(pixel_grid(height, width, f32), torch.from_numpy(K[None]).to(f32))[0]  # (H, W, 3), z = 1
-    rot = torch.from_numpy(c2w[:3, :3]).to(f32)
-    origin = torch.from_numpy(c2w[:3, 3]).to(f32)
-    d = dirs_cam @ rot.T  # (H, W, 3) world directions with camera-frame z = 1: the ray parameter is the depth
-    inf = math.inf
-
-    # Background: room walls/ceiling (seen from inside a box) or a sky dome (from inside a sphere).
-    if layout.room:
-        half = torch.tensor([layout.room_half, layout.room_height, layout.room_half], dtype=f32)
-        bound = torch.where(d > 0, half, -half)
-        bound[..., 1] = torch.where(d[..., 1] > 0, half[1], -1.0)  # below is the ground plane, nearer
-        ts = (bound - origin) / torch.where(d.abs() < 1e-9, 1e-9, d)
-        t_best, bg_axis = torch.where(ts > 0, ts, inf).min(-1)
-    else:
-        dome = 25.0
-        t_best = _intersect_sphere_local(origin / dome, d / dome, inside=True)
-        bg_axis = torch.zeros(height, width, dtype=torch.long)
-    t_ground = torch.where(d[..., 1] < -1e-9, -origin[1] / d[..., 1], inf)
-    labels = (t_ground < t_best).long()  # 0 background, 1 ground
-    t_best = torch.minimum(t_ground, t_best)
-
-    # Objects, each only over the pixels its bounding sphere can cover.
-    poses = [obj.pose(t) for obj in layout.objects]
-    regions, box_axes = [], {}
-    for k, (obj, (center, orot, size)) in enumerate(zip(layout.objects, poses, strict=True)):
-        radius = float(np.linalg.norm(size)) if obj.kind == "box" else float(size.max())
-        region = _screen_box(center, radius * 1.01 + 1e-3, c2w, K, height, width)
-        regions.append(region)
-        if region is None:
-            continue
-        v0, v1, u0, u1 = region
-        c = torch.from_numpy(center).to(f32)
-        r = torch.from_numpy(orot).to(f32)
-        d_l = d[v0:v1, u0:u1] @ r  # world -> local: R^T d
-        o_l = ((origin - c) @ r).expand_as(d_l)
-        if obj.kind == "box":
-            t_obj, axis = _intersect_box_local(o_l, d_l, torch.from_numpy(size).to(f32))
-            box_axes[k] = axis
-        else:
-            s = torch.from_numpy(size).to(f32)
-            t_obj = _intersect_sphere_local(o_l / s, d_l / s)
-        tb = t_best[v0:v1, u0:u1]
-        closer = t_obj < tb
-        t_best[v0:v1, u0:u1] = torch.where(closer, t_obj, tb)
-        labels[v0:v1, u0:u1] = torch.where(closer, 2 + k, labels[v0:v1, u0:u1])
-
-    points = origin + t_best[..., None] * d  # (H, W, 3)
-    light = torch.from_numpy(layout.light).to(f32)
-
-    # Background colour and normal, for every pixel.
-    if layout.room:
-        normal_bg = -torch.nn.functional.one_hot(bg_axis, 3).to(f32) * torch.sign(d)
-        horizontal = torch.where(bg_axis == 0, points[..., 2], points[..., 0])
-        height_w = points[..., 1]
-        c1, c2 = (torch.tensor(c, dtype=f32) for c in layout.wall_colors)
-        if layout.wall_name == "brick":
-            row = torch.floor(height_w / 0.25)
-            mortar = torch.remainder(height_w, 0.25) > 0.02
-            pattern = (torch.remainder(horizontal / 0.5 + 0.5 * row, 1.0) < 0.92) & mortar
-        else:
-            pattern = torch.remainder(horizontal / 0.6, 1.0) < 0.5
-        shade = 0.9 + 0.1 * _noise(horizontal, height_w, 3.0)
-        color_bg = torch.where(pattern[..., None], c1, c2) * shade[..., None]
-        color_bg = torch.where((bg_axis == 1)[..., None], torch.tensor([0.92, 0.92, 0.9], dtype=f32), color_bg)
-        lit_bg = torch.ones(height, width, dtype=torch.bool)
-    else:
-        dirn = points / points.norm(dim=-1, keepdim=True)
-        elevation = dirn[..., 1].clamp(0, 1)
-        azimuth = torch.atan2(dirn[..., 2], dirn[..., 0])
-        horizon, top = (torch.from_numpy(c).to(f32) for c in (layout.sky_horizon, layout.sky_top))
-        sky = horizon + (top - horizon) * elevation[..., None] ** 0.6
-        ridge = 0.06 + 0.04 * sum(
-            torch.sin(f * azimuth + ph) / (i + 1)
-            for i, (f, ph) in enumerate(zip(layout.mountain_freqs, layout.mountain_phases, strict=True))
-        )
-        rock = torch.tensor([0.35, 0.42, 0.38], dtype=f32) * (0.8 + 2.0 * elevation)[..., None]
-        color_bg = torch.where((elevation < ridge)[..., None], rock, sky)
-        normal_bg = torch.zeros_like(points)
-        lit_bg = torch.zeros(height, width, dtype=torch.bool)  # the sky is not shaded
-
-    # Ground colour, for every pixel; then pick per pixel.
-    ca, sa = math.cos(layout.ground_angle), math.sin(layout.ground_angle)
-    gx = ca * points[..., 0] + sa * points[..., 2]
-    gz = -sa * points[..., 0] + ca * points[..., 2]
-    checker = (torch.floor(gx / layout.ground_tile) + torch.floor(gz / layout.ground_tile)) % 2 == 0
-    c1, c2 = (torch.tensor(c, dtype=f32) for c in layout.ground_colors)
-    grain = 0.85 + 0.15 * _noise(gx * 2.0, gz * 2.0, 1.0)
-    color_ground = torch.where(checker[..., None], c1, c2) * grain[..., None]
-    on_ground = (labels == 1)[..., None]
-    albedo = torch.where(on_ground, color_ground, color_bg)
-    normals = torch.where(on_ground, torch.tensor([0.0, 1.0, 0.0], dtype=f32), normal_bg)
-    lit = lit_bg | (labels >= 1)
-
-    moving = torch.zeros(height, width, dtype=torch.bool)
-    for k, (obj, (center, orot, size)) in enumerate(zip(layout.objects, poses, strict=True)):
-        if regions[k] is None:
-            continue
-        v0, v1, u0, u1 = regions[k]
-        sel = labels[v0:v1, u0:u1] == 2 + k
-        if not sel.any():
-            continue
-        c = torch.from_numpy(center).to(f32)
-        r = torch.from_numpy(orot).to(f32)
-        s = torch.from_numpy(size).to(f32)
-        p_l = (points[v0:v1, u0:u1] - c) @ r
-        q = p_l / s
-        # Local normal: the box face the ray entered through, or the sphere/ellipsoid gradient.
-        n_l = torch.nn.functional.one_hot(box_axes[k], 3).to(f32) * torch.sign(p_l) if k in box_axes else q / s
-        freq = obj.texture_freq
-        pattern = torch.sin(freq * q[..., 0]) * torch.sin(freq * q[..., 1]) * torch.sin(freq * q[..., 2])
-        color1, color2 = (torch.from_numpy(c).to(f32) for c in (obj.color, obj.color2))
-        sel3 = sel[..., None]
-        albedo[v0:v1, u0:u1] = torch.where(
-            sel3, torch.where((pattern > 0)[..., None], color1, color2), albedo[v0:v1, u0:u1]
-        )
-        n_w = torch.nn.functional.normalize(n_l @ r.T, dim=-1)
-        normals[v0:v1, u0:u1] = torch.where(sel3, n_w, normals[v0:v1, u0:u1])
-        if dynamic and obj.moving:
-            moving[v0:v1, u0:u1] |= sel
-
-    diffuse = (normals * light).sum(-1).clamp_min(0.0)
-    shading = torch.where(lit, 0.45 + 0.6 * diffuse, 1.0)
-    rgb = (albedo * shading[..., None]).clamp(0, 1)
-    return rgb, t_best, points, labels, moving
+    return _caption(_sample_scene(seed, dynamic, families), dynamic)
 
 
 def render_scene(
-    seed: int, num_frames: int, height: int, width: int, dynamic: bool = True, num_threads: int | None = 1
+    seed: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    dynamic: bool = True,
+    num_threads: int | None = 1,
+    families: tuple[str, ...] = TEXTURE_FAMILIES,
 ) -> Scene:
-    """Render ``num_frames`` frames of the scene drawn from ``seed`` at ``height x width`` (24 fps).
+    """Render ``num_frames`` frames of the scene drawn from ``seed`` at ``height x width`` (24 fps), every surface
+    textured with a family of ``families`` (:data:`fourdnex.data.raycast.TEXTURE_FAMILIES`).
 
     With ``dynamic=False`` the objects stand still (only the camera moves) and the dynamic mask is all False.
-    The same seed always gives the same scene; a longer clip extends a shorter one frame for frame.
+    The same seed and families always give the same scene; a longer clip extends a shorter one frame for frame.
     ``num_threads``: torch CPU threads while rendering (restored afterwards; None keeps the current setting). One
-    thread is the default because the work per operation is small: on a busy 2-core machine two threads were 18x
-    slower than one (0.17 s per 480 x 720 frame).
+    thread is the default because the work per operation is small (BENCHMARKS.md, "Synthetic scenes").
     """
     if num_frames < 1 or height < 2 or width < 2:
         raise ValueError(f"need at least 1 frame of 2x2 pixels, got {num_frames} frames of {height}x{width}")
@@ -497,15 +304,15 @@ def render_scene(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _render(seed, num_frames, height, width, dynamic)
+        return _render(seed, num_frames, height, width, dynamic, families)
     finally:
         torch.set_num_threads(previous)
 
 
-def _render(seed: int, num_frames: int, height: int, width: int, dynamic: bool) -> Scene:
+def _render(seed: int, num_frames: int, height: int, width: int, dynamic: bool, families: tuple[str, ...]) -> Scene:
     """:func:`render_scene` without the thread setting."""
-    layout = _sample_layout(seed, dynamic)
-    fx = layout.focal_ratio * width
+    draw = _sample_scene(seed, dynamic, families)
+    fx = draw.layout.focal_ratio * width
     K = np.array([[fx, 0.0, width / 2.0], [0.0, fx, height / 2.0], [0.0, 0.0, 1.0]])
     rgb = np.empty((num_frames, height, width, 3), np.uint8)
     depth = np.empty((num_frames, height, width), np.float32)
@@ -515,8 +322,8 @@ def _render(seed: int, num_frames: int, height: int, width: int, dynamic: bool) 
     c2ws = np.empty((num_frames, 4, 4), np.float64)
     for f in range(num_frames):
         t = f / FPS
-        c2ws[f] = _camera_pose(layout, t)
-        frame = _render_frame(layout, t, c2ws[f], K, height, width, dynamic)
+        c2ws[f] = _camera_pose(draw, t)
+        frame = render_frame(draw.layout, t, c2ws[f], K, height, width, dynamic)
         rgb[f] = (frame[0].numpy() * 255.0 + 0.5).astype(np.uint8)
         depth[f], points[f], labels[f], mask[f] = (x.numpy() for x in frame[1:])
     return Scene(
@@ -526,7 +333,7 @@ def _render(seed: int, num_frames: int, height: int, width: int, dynamic: bool) 
         K=np.repeat(K[None], num_frames, 0).astype(np.float32),
         cam2world=c2ws.astype(np.float32),
         dynamic_mask=mask,
-        caption=_caption(layout, dynamic),
+        caption=_caption(draw, dynamic),
         labels=labels,
         seed=seed,
         dynamic=dynamic,
@@ -645,6 +452,7 @@ def write_tree(
     progress: Callable[[str], None] | None = None,
     layout: str = "flat",
     workers: int = 1,
+    families: tuple[str, ...] = TEXTURE_FAMILIES,
 ) -> Path:
     """Write ``num_clips`` synthetic clips as a 4DNeX-10M tree under ``<out>/data``; returns that data folder.
 
@@ -668,8 +476,9 @@ def write_tree(
                                                                  + data/raw/static/static_2/<number>.mp4
 
     and in both: ``data/caption/<subset>_with_caption_upload.csv`` (number,caption), written once every clip is.
-    ``workers`` processes render in parallel. A clip's files are written atomically and then its record in
-    ``<out>/clips/<i>.json`` (subset, number, caption), so a re-run renders only the clips without a record.
+    Every surface is textured with a family of ``families``. ``workers`` processes render in parallel. A clip's
+    files are written atomically and then its record in ``<out>/clips/<i>.json`` (subset, number, caption), so a
+    re-run renders only the clips without a record.
     """
     if layout not in TREE_LAYOUTS:
         raise ValueError(f"layout must be one of {TREE_LAYOUTS}, got {layout!r}")
@@ -677,7 +486,7 @@ def write_tree(
     records.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(num_clips) if not (records / f"{i}.json").is_file()]
     job = functools.partial(_write_clip, Path(out), num_frames=num_frames, height=height, width=width, seed=seed,
-                            layout=layout)  # fmt: skip
+                            layout=layout, families=tuple(families))  # fmt: skip
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for name in pool.map(job, todo, chunksize=8) if pool else map(job, todo):
             if progress is not None:
@@ -693,7 +502,9 @@ def write_tree(
     return data
 
 
-def _write_clip(out: Path, i: int, num_frames: int, height: int, width: int, seed: int, layout: str) -> str:
+def _write_clip(
+    out: Path, i: int, num_frames: int, height: int, width: int, seed: int, layout: str, families: tuple[str, ...]
+) -> str:
     """Render clip ``i`` of :func:`write_tree`, write its files, then its record; returns ``<subset>/<number>``."""
     data = out / "data"
     raw = data / "raw"
@@ -706,7 +517,7 @@ def _write_clip(out: Path, i: int, num_frames: int, height: int, width: int, see
     start = 1 + i % 3 if nested else (i % 3 if fmt == "monst3r" else 0)
     end = start + num_frames - 1
     tail = (i // 5) % 2 if fmt == "monst3r" else 0
-    scene = render_scene(seed * 100003 + i, end + 1 + tail, height, width, dynamic=fmt != "static_npz")
+    scene = render_scene(seed * 100003 + i, end + 1 + tail, height, width, fmt != "static_npz", families=families)
     ranged = f"frame_{start}-frame_{end}.npz"
     if fmt == "monst3r":
         folder = f"{number}/part_{start}-{end}" if nested else f"{number}_{start}-{end}"
@@ -745,6 +556,7 @@ def main(args: argparse.Namespace) -> None:
             lambda _: bar.update(),
             args.layout,
             args.workers,
+            tuple(args.texture_families),
         )
     print(f"wrote {args.num_clips} clips to {data}")
 
@@ -762,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="clip i renders seed * 100003 + i")
     parser.add_argument("--layout", choices=TREE_LAYOUTS, default="flat", help="flat ids or the nested layouts")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering clips in parallel")
+    parser.add_argument(
+        "--texture_families",
+        nargs="+",
+        default=list(TEXTURE_FAMILIES),
+        choices=TEXTURE_FAMILIES,
+        help="the patterns the surfaces are textured with (leave one out of training clips, keep it for a held-out "
+        "set: scenes of a texture family the model never saw)",
+    )
     return parser
 
 
