@@ -35,6 +35,7 @@ import torch
 
 from fourdnex.cli import run
 from fourdnex.config import check_video_shape
+from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
 from fourdnex.files import atomic_path, write_json, write_safetensors
 
@@ -45,10 +46,17 @@ CHECKPOINT_DIR = "checkpoint"
 class VaeTrainConfig:
     """Settings of one VAE training run (the command line's flags)."""
 
-    data_dir: str
+    data_dir: str | None  # a 4DNeX-10M tree of training clips, or None with synthetic_clips
     model_path: str  # a Wan2.1-I2V folder whose vae/ (config and initial weights) is trained
     out: str
     eval_data_dir: str | None = None
+    synthetic_clips: int = 0  # train on this many generator clips rendered in memory instead of data_dir
+    synthetic_seed: int = 3  # clip i renders scene synthetic_seed * 100003 + i (fourdnex.data.synthetic)
+    texture_families: tuple[str, ...] = TEXTURE_FAMILIES  # of the synthetic training clips
+    eval_synthetic_clips: int = 0  # held-out generator clips: of the training families and of the others
+    eval_synthetic_seed: int = 2
+    eval_steps: int = 0  # held-out PSNR every N steps into curve.json (0: at the end only)
+    stop_after_minutes: float = 0.0  # checkpoint and stop after this long (0: run to max_steps); rerun to resume
     num_frames: int = 25
     height: int = 96
     width: int = 144
@@ -67,9 +75,17 @@ class VaeTrainConfig:
     def validate(self) -> None:
         """Raise UsageError naming the first setting that cannot be trained with."""
         check_video_shape(self.num_frames, self.height, self.width)
+        if bool(self.data_dir) == bool(self.synthetic_clips):
+            raise UsageError("give the training clips as --data_dir or as --synthetic_clips N, one of the two")
+        unknown = sorted(set(self.texture_families) - set(TEXTURE_FAMILIES))
+        if unknown or not self.texture_families:
+            raise UsageError(f"texture families must be among {', '.join(TEXTURE_FAMILIES)}, got {unknown or 'none'}")
         for name in ("max_steps", "batch_size", "checkpointing_steps", "workers", "eval_limit"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("synthetic_clips", "eval_synthetic_clips", "eval_steps", "stop_after_minutes"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.kl_weight < 0:
             raise UsageError(
                 f"learning_rate must be > 0 and kl_weight >= 0, got {self.learning_rate}, {self.kl_weight}"
@@ -116,6 +132,39 @@ def load_clips(
     xyz = np.empty((len(sources), num_frames, height, width, 3), np.float16)
     with ThreadPoolExecutor(workers) as pool:
         for i, (r, x) in enumerate(tqdm(pool.map(prepare, sources), total=len(sources), desc="clips", unit="clip")):
+            rgb[i], xyz[i] = r, x
+    return Clips(rgb, xyz)
+
+
+def _render_clip(i: int, seed: int, num_frames: int, height: int, width: int, families: tuple[str, ...]):
+    """Clip ``i`` of a synthetic set as the cache build would prepare it: RGB and normalized pointmap (float16)."""
+    from fourdnex.data.prepare import fit_normalization, normalize_pointmap
+    from fourdnex.data.synthetic import SUBSETS, render_scene
+
+    static = list(SUBSETS.values())[i % len(SUBSETS)] == "static_npz"  # the share write_tree renders static
+    scene = render_scene(seed * 100003 + i, num_frames, height, width, dynamic=not static, families=families)
+    world_to_cam0 = np.linalg.inv(scene.cam2world[0].astype(np.float64))
+    cam0 = scene.points @ world_to_cam0[:3, :3].T + world_to_cam0[:3, 3]  # (F, H, W, 3) first camera's frame
+    return scene.rgb, normalize_pointmap(cam0, fit_normalization(cam0)).astype(np.float16)
+
+
+def synthetic_clips(
+    count: int, seed: int, num_frames: int, height: int, width: int, families: tuple[str, ...], workers: int
+) -> Clips:
+    """``count`` clips of the synthetic generator rendered in memory (processes), prepared as the cache build
+    prepares clips (one centre per clip); clip ``i`` is the scene ``seed * 100003 + i`` at ``height x width``."""
+    import functools
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    job = functools.partial(_render_clip, seed=seed, num_frames=num_frames, height=height, width=width,
+                            families=tuple(families))  # fmt: skip
+    rgb = np.empty((count, num_frames, height, width, 3), np.uint8)
+    xyz = np.empty((count, num_frames, height, width, 3), np.float16)
+    with ProcessPoolExecutor(workers) as pool:
+        done = pool.map(job, range(count), chunksize=8)
+        for i, (r, x) in enumerate(tqdm(done, total=count, desc=f"synthetic clips (seed {seed})", unit="clip")):
             rgb[i], xyz[i] = r, x
     return Clips(rgb, xyz)
 
@@ -272,12 +321,16 @@ class VaeTrainer:
                 self.bar.set_postfix(mse=f"{mse:.5f}", kl=f"{kl:.3f}")
                 self.pending = []
             if checkpoint:
-                _save_checkpoint(Path(cfg.out) / CHECKPOINT_DIR, self.vae, self.optimizer, self.step)
+                self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """Write the weights, optimizer state and step to ``OUT/checkpoint`` (a re-run resumes from it)."""
+        _save_checkpoint(Path(self.cfg.out) / CHECKPOINT_DIR, self.vae, self.optimizer, self.step)
 
 
-def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int, compiled: bool = False) -> float:
+def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int) -> float:
     """Seconds per step of a plain PyTorch step of the same VAE, batch and loss (fp32 weights, bf16 autocast, fused
-    AdamW, gradient clipping; ``compiled``: the loss under ``torch.compile``), random clips already on the GPU."""
+    AdamW, gradient clipping), the batch already on the GPU."""
     from diffusers import AutoencoderKLWan
 
     device = torch.device(cfg.device)
@@ -287,11 +340,10 @@ def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int
     rgb = torch.from_numpy(clips.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
     videos = torch.cat([rgb, torch.from_numpy(clips.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()])
     generator = torch.Generator(device).manual_seed(0)
-    loss_fn = torch.compile(vae_loss) if compiled else vae_loss
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = loss_fn(vae, videos, cfg.kl_weight, generator)
+            loss, _ = vae_loss(vae, videos, cfg.kl_weight, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
@@ -307,34 +359,75 @@ def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int
     return (time.perf_counter() - tic) / steps
 
 
+def held_out_sets(cfg: VaeTrainConfig) -> dict[str, Clips]:
+    """The held-out clips the PSNR is measured on: ``held_out`` (``--eval_data_dir``, or generator clips of the
+    training families) and ``held_out_family`` (generator clips of the families left out of training, if any)."""
+    sets = {}
+    if cfg.eval_data_dir:
+        sets["held_out"] = load_clips(cfg.eval_data_dir, cfg.num_frames, cfg.height, cfg.width, cfg.eval_limit,
+                                      cfg.workers)  # fmt: skip
+    if cfg.eval_synthetic_clips:
+        others = tuple(f for f in TEXTURE_FAMILIES if f not in cfg.texture_families)
+        named = {"held_out": tuple(cfg.texture_families), "held_out_family": others}
+        for name, families in named.items():
+            if families and name not in sets:
+                sets[name] = synthetic_clips(cfg.eval_synthetic_clips, cfg.eval_synthetic_seed, cfg.num_frames,
+                                             cfg.height, cfg.width, families, cfg.workers)  # fmt: skip
+    return sets
+
+
 def train_vae(cfg: VaeTrainConfig) -> dict:
-    """Train the VAE of ``cfg.model_path`` on ``cfg.data_dir``; returns the metrics written to ``OUT/metrics.json``."""
+    """Train the VAE of ``cfg.model_path`` on ``cfg.data_dir`` (or generator clips); returns the metrics written to
+    ``OUT/metrics.json``. With ``stop_after_minutes`` it stops at a checkpoint once that time has passed, writes
+    what it has (``finished`` false) and a re-run of the same command resumes."""
     cfg.validate()
     out = Path(cfg.out)
     _vae_folder(cfg)  # before the clips are read
-    clips = load_clips(cfg.data_dir, cfg.num_frames, cfg.height, cfg.width, cfg.limit, cfg.workers)
-    trainer = VaeTrainer(cfg, clips)
     start = time.perf_counter()
-    trainer.train_until(cfg.max_steps)
+    if cfg.synthetic_clips:
+        clips = synthetic_clips(cfg.synthetic_clips, cfg.synthetic_seed, cfg.num_frames, cfg.height, cfg.width,
+                                cfg.texture_families, cfg.workers)  # fmt: skip
+    else:
+        clips = load_clips(cfg.data_dir, cfg.num_frames, cfg.height, cfg.width, cfg.limit, cfg.workers)
+    held_out = held_out_sets(cfg)
+    trainer = VaeTrainer(cfg, clips)
+    vae, device = trainer.vae, trainer.device
+    out.mkdir(parents=True, exist_ok=True)
+    curve_file = out / "curve.json"
+    curve = json.loads(curve_file.read_text()) if curve_file.is_file() and trainer.step else []
+    every = cfg.eval_steps or cfg.max_steps
+    while trainer.step < cfg.max_steps:
+        trainer.train_until(min(cfg.max_steps, (trainer.step // every + 1) * every))
+        if cfg.eval_steps and held_out:
+            vae.eval()
+            point = {"step": trainer.step, "clips_seen": trainer.step * cfg.batch_size}
+            for name, clipset in held_out.items():
+                point.update({f"{name}_{k}": v for k, v in reconstruction_psnr(vae, clipset, device).items()})
+            vae.train()
+            curve.append(point)
+            write_json(curve_file, curve)
+        if cfg.stop_after_minutes and time.perf_counter() - start > 60 * cfg.stop_after_minutes:
+            trainer.save_checkpoint()
+            break
     trainer.bar.close()
 
-    vae, device = trainer.vae, trainer.device
     vae.eval()
     mean, std = latent_statistics(vae, Clips(clips.rgb[:256], clips.xyz[:256]), device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     metrics = {
         "config": asdict(cfg),
         "steps": trainer.step,
+        "finished": trainer.step >= cfg.max_steps,
         "seconds": time.perf_counter() - start,
         "train_clips": len(clips),
+        "curve": curve,
     }
     metrics["train_psnr"] = reconstruction_psnr(
         vae, Clips(clips.rgb[: cfg.eval_limit], clips.xyz[: cfg.eval_limit]), device
     )
-    if cfg.eval_data_dir:
-        held_out = load_clips(cfg.eval_data_dir, cfg.num_frames, cfg.height, cfg.width, cfg.eval_limit, cfg.workers)
-        metrics["held_out_psnr"] = reconstruction_psnr(vae, held_out, device)
-        metrics["held_out_clips"] = len(held_out)
+    for name, clipset in held_out.items():
+        metrics[f"{name}_psnr"] = reconstruction_psnr(vae, clipset, device)
+        metrics[f"{name}_clips"] = len(clipset)
     vae.save_pretrained(out / "vae")
     write_json(out / "metrics.json", metrics)
     return metrics
@@ -342,8 +435,9 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     """Train as the flags say and print the reconstruction PSNRs."""
-    metrics = train_vae(VaeTrainConfig(**vars(args)))
-    print(json.dumps({k: metrics[k] for k in ("train_psnr", "held_out_psnr") if k in metrics}))
+    metrics = train_vae(VaeTrainConfig(**{**vars(args), "texture_families": tuple(args.texture_families)}))
+    names = ("steps", "finished", "train_psnr", "held_out_psnr", "held_out_family_psnr")
+    print(json.dumps({k: metrics[k] for k in names if k in metrics}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,10 +446,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fourdnex.train.vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data_dir", required=True, help="4DNeX-10M tree of training clips")
+    p.add_argument("--data_dir", default=None, help="4DNeX-10M tree of training clips (or --synthetic_clips)")
     p.add_argument("--model_path", required=True, help="the model whose vae/ is trained (its config and start)")
     p.add_argument("--out", required=True, help="where the trained vae/, metrics.json and the checkpoint go")
     p.add_argument("--eval_data_dir", default=None, help="4DNeX-10M tree of held-out clips for the PSNR")
+    p.add_argument(
+        "--synthetic_clips",
+        type=int,
+        default=d.synthetic_clips,
+        help="train on N clips of the synthetic generator rendered in memory (no files) instead",
+    )
+    p.add_argument("--synthetic_seed", type=int, default=d.synthetic_seed, help="clip i renders seed * 100003 + i")
+    p.add_argument(
+        "--texture_families",
+        nargs="+",
+        default=list(d.texture_families),
+        choices=TEXTURE_FAMILIES,
+        help="the texture families of the synthetic training clips",
+    )
+    p.add_argument(
+        "--eval_synthetic_clips",
+        type=int,
+        default=d.eval_synthetic_clips,
+        help="held-out generator clips (seed --eval_synthetic_seed) of the training families, and as many "
+        "of the families left out, for the PSNR",
+    )
+    p.add_argument("--eval_synthetic_seed", type=int, default=d.eval_synthetic_seed)
+    p.add_argument(
+        "--eval_steps",
+        type=int,
+        default=d.eval_steps,
+        help="measure the held-out PSNR every N steps into OUT/curve.json (0: at the end only)",
+    )
+    p.add_argument(
+        "--stop_after_minutes",
+        type=float,
+        default=d.stop_after_minutes,
+        help="checkpoint and stop after this many minutes (0: never); the same command resumes",
+    )
     for name in ("num_frames", "height", "width", "eval_limit", "max_steps", "batch_size", "warmup_steps",
                  "checkpointing_steps", "seed", "workers"):  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=getattr(d, name))
