@@ -16,7 +16,7 @@
 
 Steps 3 and 4 run on worker processes forked from this one, one per CPU this process may use and at most one per
 sample: one task per sample in each step, each task with torch and the BLAS libraries on one thread (threads would
-share Python's lock: on 16 CPUs one process with a thread each scored small samples no faster than on 2). Each clip
+share Python's lock: BENCHMARKS.md, Evaluation, measures both on 16 CPUs). Each clip
 is read and decoded once and scored while it is in memory. Results come back in sample order and are the same
 numbers as in one process. Where processes cannot be forked, the tasks run in the calling thread, on one thread too.
 """
@@ -233,9 +233,9 @@ def _map(pool: Executor | None, tasks: Iterable[tuple], desc: str) -> Iterator:
 
 def _call(task: tuple):
     """``task[0](*task[1:])`` with torch and the BLAS libraries numpy and scipy call on one thread, in a worker
-    process or here, so that the numbers are the same bit for bit (every worker has a CPU: on 16 CPUs, 16 workers
-    each with 16 BLAS threads took 5-10 times longer per sample than on a 2-core machine); the thread counts are
-    restored after."""
+    process or here, so that the numbers are the same bit for bit (every worker has a CPU: workers each on the BLAS
+    libraries' default threads ran several times slower, BENCHMARKS.md, Evaluation); the thread counts are restored
+    after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
