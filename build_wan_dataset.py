@@ -7,23 +7,28 @@ fourdnex/data/cache.py (``python -m fourdnex.data.cache`` prints it); the README
         --model_path ./pretrained/Wan2.1-I2V-14B-480P-Diffusers --num_frames 49
 
 Shards: run with --num_tasks N --task_idx i (i = 0 .. N-1), e.g. one per GPU; the last shard to finish writes the
-lists and statistics (or run once more with --merge). A re-run skips finished clips.
+lists and statistics (or run once more with --merge). A re-run skips finished clips. A run that tried clips and
+cached none of them exits non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from fourdnex.cli import run
 from fourdnex.config import DEFAULT_MODEL_PATH
 from fourdnex.data.build import BuildConfig, build, merge_shards
+from fourdnex.data.cache import FAILURE_FILE, FAILURES_FILE
 from fourdnex.data.prepare import CENTER_MODES
+from fourdnex.data.sources import ClipError
 
 
 def main(args: argparse.Namespace) -> None:
-    """Build (one shard of) the cache, or only merge the shards' outputs with ``--merge``."""
+    """Build (one shard of) the cache, or only merge the shards' outputs with ``--merge``; a run whose every clip
+    failed exits non-zero after its summary."""
     options = {k: v for k, v in vars(args).items() if k != "merge"}
     cfg = BuildConfig(**options)
     cfg.validate()
@@ -33,6 +38,9 @@ def main(args: argparse.Namespace) -> None:
         return
     summary = build(cfg)
     print(summary.line())
+    if summary.failed_now and not summary.processed:
+        reasons = Path(cfg.out) / (FAILURES_FILE if summary.merged else FAILURE_FILE)
+        raise ClipError(f"none of the {summary.failed_now} clips this run tried could be cached (reasons: {reasons})")
     if not summary.merged:
         print("lists and stats.json are written when every clip is done (by the last shard, or with --merge)")
 

@@ -9,7 +9,8 @@ clip each result shows comes from ``--mapping FILE.json`` (``{"00000": "dynamic/
 ``clip_id`` in the result's ``.json``. Without ``--gt`` only the metrics that need no ground truth are computed.
 
 Writes ``metrics.json`` (every number, per sample and in summary, with the rules and definitions), ``summary.md``
-(the model against the floors, every sample) and PNG plots into ``--out``.
+(the model against the floors, every sample) and PNG plots into ``--out``; exits non-zero when no sample could be
+scored (the report says why).
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ from fourdnex.cli import run
 from fourdnex.evaluation.plots import write_plots
 from fourdnex.evaluation.report import write_report
 from fourdnex.evaluation.run import evaluate
+from fourdnex.evaluation.truth import EvaluationError
 
 
 def main(args: argparse.Namespace) -> None:
-    """Evaluate, then write the report."""
+    """Evaluate, then write the report; a run that scored no sample fails after writing it (it says why)."""
     start = time.perf_counter()
     evaluation = evaluate(args.results, args.out, args.gt, args.mapping)
     write_report(evaluation, args.out, write_plots(evaluation, args.out))
+    if not evaluation.scored:
+        raise EvaluationError(
+            f"none of the {len(evaluation.samples)} samples could be scored (the reasons: {args.out}/summary.md)"
+        )
     print(
         f"scored {len(evaluation.scored)} of {len(evaluation.samples)} samples in {time.perf_counter() - start:.1f} s;"
         f" report in {args.out}/summary.md"

@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--condition_tasks",
         default=d.condition_tasks,
         choices=sorted(CONDITION_TASKS),
-        help="the given frames of each sample: image (frame 0, default, the paper) or any (image "
-        f"{CONDITION_TASKS['any']['image']:.0%}, first+last {CONDITION_TASKS['any']['first_last']:.0%}, keyframes "
-        f"{CONDITION_TASKS['any']['keyframes']:.0%}, every frame {CONDITION_TASKS['any']['video']:.0%})",
+        help="the given frames of each sample: image (frame 0, default, the paper) or any (image "  # %% for argparse
+        f"{CONDITION_TASKS['any']['image']:.0%}%, first+last {CONDITION_TASKS['any']['first_last']:.0%}%, keyframes "
+        f"{CONDITION_TASKS['any']['keyframes']:.0%}%, every frame {CONDITION_TASKS['any']['video']:.0%}%)",
     )
     g.add_argument(
         "--cache_in_memory",

@@ -132,7 +132,7 @@ def ours(xyz: torch.Tensor):
 ERROR_HEADER = ["focal err %", "pp err px", "rot err deg", "center err % extent", "depth err %"]
 
 
-def corrupt(truth: toy_scene.Truth, corruption: str) -> torch.Tensor:
+def corrupt(truth: toy_scene.ToyTruth, corruption: str) -> torch.Tensor:
     """The truth's pointmap with Gaussian noise and a smooth warp of ``"NOISE/WARP"`` % of the extent (2) each."""
     noise, warp = (float(x) for x in corruption.split("/"))
     return toy_scene.perturb(truth.xyz.double(), noise / 50, warp / 50, seed=1).float()
@@ -178,7 +178,7 @@ def main(args: argparse.Namespace) -> None:
         for noise in args.corruptions:
             xyz = corrupt(truths[focal], noise).to(device)
             reg, seconds, cpu = ours(xyz)
-            errs = toy_scene.camera_errors(truths[focal], reg.K, reg.cam2world, reg.depth)
+            errs = toy_scene.registration_errors(truths[focal], reg.K, reg.cam2world, reg.depth)
             residual = float(reg.residual.mean())
             table.append(row([focal, noise, *error_cells(errs), f"{residual:.3g}", f"{seconds:.2f}", f"{cpu:.2f}",
                               f"{ours_floor:.3g}"]))  # fmt: skip
@@ -192,10 +192,10 @@ def main(args: argparse.Namespace) -> None:
     for noise in args.baseline_corruptions:
         xyz = corrupt(truth, noise).to(device)
         reg, seconds, cpu = ours(xyz)
-        errs = toy_scene.camera_errors(truth, reg.K, reg.cam2world, reg.depth)
+        errs = toy_scene.registration_errors(truth, reg.K, reg.cam2world, reg.depth)
         K, cam2world, depth, per_iter, cpu_per_iter, _ = reference_procedure((xyz + 1) / 2, args.baseline_iters)
         cam2world[:, :3, 3] = 2 * cam2world[:, :3, 3] - 1  # [0, 1] -> the pointmap's [-1, 1]
-        ref_errs = toy_scene.camera_errors(truth, K, cam2world, 2 * depth)
+        ref_errs = toy_scene.registration_errors(truth, K, cam2world, 2 * depth)
         ref_seconds, ref_cpu = per_iter * REFERENCE_ITERS, cpu_per_iter * REFERENCE_ITERS
         mark = " (extrapolated)" if args.baseline_iters < REFERENCE_ITERS else ""
         label = f"focal {args.focals[0]} W, noise / warp {noise} %"

@@ -19,7 +19,7 @@ from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_
 from fourdnex.evaluation import metrics as m
 from fourdnex.evaluation import run as evaluation_run
 from fourdnex.evaluation.floors import MeanDepth, first_frame_xyz, plane_xyz, to_unit_box
-from fourdnex.evaluation.scoring import Prediction, Reference, register_frame, score
+from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, Truth, clip_sources, load_truth
 from fourdnex.geometry.cameras import so3_exp
 from fourdnex.geometry.results import save_result
@@ -477,6 +477,33 @@ def test_reference_saved_and_read_back_scores_the_same(tmp_path):
         np.testing.assert_array_equal(curve, expected.frames[name])
     for name in ("true", "pred", "rgb"):
         np.testing.assert_array_equal(got.worst[name], expected.worst[name])
+
+
+def test_every_floor_scores_the_input_image_held(tmp_path):
+    # a floor's RGB numbers and edges are those of the input image repeated F times (a copy, not a view), against
+    # the truth in memory and against the reduced truth read back without its video alike
+    scene = make_truth(frames=4, height=96, width=144)
+    truth = Truth("toy", scene.rgb.numpy(), scene.depth.float().numpy(), scene.K.numpy(), scene.cam2world.numpy())
+    memory = Reference.of(truth)
+    memory.save(tmp_path / "reference")
+    back = Reference.load(tmp_path / "reference")
+    image = FloorImage.of(truth.rgb[:1], 4, memory)
+    floor = register_frame(plane_xyz(96, 144), RegistrationConfig()).held(4)
+    repeated = np.repeat(truth.rgb[:1], 4, axis=0)
+    psnr, ssim = m.psnr(repeated, truth.rgb), m.ssim(repeated, truth.rgb)
+    stride = m.grid_stride(96, 144)
+    edges = m.edge_agreement(np.repeat(floor.depth[:1], 4, 0), m.image_edges(repeated, stride), stride)
+    for ref in (memory, back):
+        got = score(floor, ref, image)
+        assert got.values["rgb.psnr0"] == pytest.approx(psnr[0], rel=1e-12)
+        assert got.values["rgb.psnr"] == pytest.approx(psnr[1:].mean(), rel=1e-12)
+        assert got.values["rgb.ssim0"] == pytest.approx(ssim[0], rel=1e-6)
+        assert got.values["rgb.ssim"] == pytest.approx(ssim[1:].mean(), rel=1e-6)
+        np.testing.assert_allclose(got.frames["rgb.ssim"], ssim, rtol=1e-6)
+        np.testing.assert_allclose(got.frames["edges"], edges, rtol=1e-12)
+    assert image.image.shape == (1, 96, 144, 3) and image.edges.shape[0] == 1  # one frame kept of each
+    with pytest.raises(ValueError, match="its own rgb must be None"):
+        score(dataclasses.replace(floor, rgb=repeated), memory, image)
 
 
 def test_exact_results_score_zero_error(synthetic, tmp_path):

@@ -11,7 +11,7 @@ from fourdnex.geometry import cameras as geometry
 from fourdnex.geometry.registration import register
 from fourdnex.model.fusion import sloped_plane
 from fourdnex.testing import scenes as toy_scene
-from fourdnex.testing.scenes import camera_errors, make_truth, truth_of
+from fourdnex.testing.scenes import make_truth, registration_errors, truth_of
 
 EXACT = {"focal": 1e-5, "principal": 1e-3, "rotation": 1e-3, "center": 1e-5, "depth": 1e-5}
 
@@ -41,7 +41,7 @@ def looking_down(eye: tuple, target: tuple) -> torch.Tensor:
 def test_noiseless_recovers_cameras_and_depth(focal):
     truth = make_truth(focal=focal)
     reg = register(truth.xyz)
-    assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
+    assert_within(registration_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
     assert reg.residual.max() < 1e-5
     torch.testing.assert_close(reg.points, truth.xyz, atol=1e-5, rtol=0)
     frames, height, width, _ = truth.xyz.shape
@@ -53,7 +53,7 @@ def test_noisy_degrades_gracefully():
     truth = make_truth()
     noisy = toy_scene.perturb(truth.xyz.double(), noise=0.01, warp=0.01).float()  # 0.5 % of the extent each
     reg = register(noisy)
-    errs = camera_errors(truth, reg.K, reg.cam2world, reg.depth)
+    errs = registration_errors(truth, reg.K, reg.cam2world, reg.depth)
     assert_within(errs, {"focal": 0.01, "principal": 1.0, "rotation": 1.0, "center": 0.005, "depth": 0.03})
 
 
@@ -76,9 +76,10 @@ def test_invariant_to_a_similarity_of_the_pointmap():
 def test_per_frame_intrinsics_follow_a_zoom():
     truth = make_truth(zoom=0.3)
     per_frame = register(truth.xyz, RegistrationConfig(shared_intrinsics=False))
-    assert_within(camera_errors(truth, per_frame.K, per_frame.cam2world, per_frame.depth), EXACT)
+    assert_within(registration_errors(truth, per_frame.K, per_frame.cam2world, per_frame.depth), EXACT)
     shared = register(truth.xyz)
-    assert camera_errors(truth, shared.K, shared.cam2world, shared.depth)["focal"] > 0.05  # one K cannot fit a zoom
+    errors = registration_errors(truth, shared.K, shared.cam2world, shared.depth)
+    assert errors["focal"] > 0.05  # one K cannot fit a zoom
 
 
 def test_planar_first_frame_is_posed_from_the_others():
@@ -92,7 +93,7 @@ def test_planar_first_frame_is_posed_from_the_others():
     assert geometry.planarity(truth.xyz[:1].reshape(1, -1, 3).double())[0] < 1e-6
     reg = register(truth.xyz)
     assert reg.planar.tolist() == [True] + [False] * (frames - 1)
-    assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
+    assert_within(registration_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
 
 
 def test_sloped_plane_first_frame_does_not_disturb_the_others():
@@ -102,7 +103,7 @@ def test_sloped_plane_first_frame_does_not_disturb_the_others():
     reg = register(xyz)
     assert reg.planar[0] and not reg.planar[1:].any()
     rest = truth.frames(slice(1, None))
-    assert_within(camera_errors(rest, reg.K[1:], reg.cam2world[1:], reg.depth[1:]), EXACT)
+    assert_within(registration_errors(rest, reg.K[1:], reg.cam2world[1:], reg.depth[1:]), EXACT)
     assert torch.isfinite(reg.cam2world[0]).all()
 
 
@@ -116,7 +117,7 @@ def test_all_planar_frames_get_a_focal_from_the_plane():
     truth = truth_of(toy_scene.ToyScene(K, cam2world, depth, points, torch.zeros(*depth.shape, 3, dtype=torch.uint8)))
     reg = register(truth.xyz)
     assert reg.planar.all()
-    assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
+    assert_within(registration_errors(truth, reg.K, reg.cam2world, reg.depth), EXACT)
 
 
 def test_geometry_round_trips():
@@ -169,7 +170,7 @@ def test_point_noise_does_not_bias_the_intrinsics():
     noisy = toy_scene.perturb(truth.xyz.double(), noise=0.02, warp=0.0, seed=0).float()  # 1 % of the extent
     reg = register(noisy)
     # without the noise-bias correction of the K equations: focal 0.6 %, rotation 0.36 deg
-    assert_within(camera_errors(truth, reg.K, reg.cam2world, reg.depth), {"focal": 0.003, "rotation": 0.3})
+    assert_within(registration_errors(truth, reg.K, reg.cam2world, reg.depth), {"focal": 0.003, "rotation": 0.3})
 
 
 def test_umeyama_recovers_a_known_similarity_and_rigid_motion():

@@ -16,6 +16,7 @@ clips are processed in the sorted order of their ids. Captions: ``caption/<subse
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fourdnex.cli import run
 from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.files import read_npz, read_video
 from fourdnex.geometry.cameras import intrinsics_from_integer_centres, quaternion_to_rotation, unproject_depth
@@ -596,5 +598,13 @@ def read_clip(source: ClipSource, captions: Captions) -> RawClip:
     return RawClip(rgb, c2w, K, caption, number, reader, depth=depth, stored_points=points)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fourdnex.data.sources``: it takes no flags."""
+    return argparse.ArgumentParser(
+        prog="fourdnex.data.sources",
+        description="Print the clip layouts a 4DNeX-10M tree may hold, as the README's markdown table.",
+    )
+
+
 if __name__ == "__main__":
-    print(layouts_markdown())
+    run(lambda args: print(layouts_markdown()), build_parser())

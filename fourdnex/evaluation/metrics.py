@@ -50,7 +50,7 @@ EDGE_DEPTH_SHARE, EDGE_IMAGE_SHARE = 0.05, 0.10
 STATIC_MOTION = 0.01
 #: Element-wise work on a clip's pixels runs over groups of whole frames of about this many entries
 #: (:func:`frame_blocks`), so that its temporaries stay in a core's cache: on whole-clip arrays, element-wise numpy
-#: on two workers ran only 1.2x faster than on one on a 2-core machine, memory being the bottleneck (BENCHMARKS.md).
+#: gained little from a second worker on a 2-core machine, memory being the bottleneck (BENCHMARKS.md, Evaluation).
 BLOCK_ENTRIES = 1 << 16
 
 

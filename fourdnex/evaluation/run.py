@@ -6,24 +6,24 @@
 3. For every result: with ground truth, prepare its clip (read and cropped as training does), add it to the set's mean
    depth map and focal lengths, and keep a reduced copy in a temporary folder under the output folder (the grids the
    metrics read: an eighth of the clip's bytes at 480 x 720); read the result's registration (compute and save it
-   beside the result when missing, as pm_registration.py does with its defaults); score the model, the plane and,
-   with ground truth, the first frame. A result that cannot be registered is reported as not scored, with the
+   beside the result when missing, as pm_registration.py does with its defaults); score the model; make the floors'
+   RGB video, the input image held (:class:`fourdnex.evaluation.scoring.FloorImage`), and score the plane and, with
+   ground truth, the first frame with it. A result that cannot be registered is reported as not scored, with the
    reason.
 4. With ground truth: register the mean depth map once per size, then score each sample's floors made of the whole
-   set (mean depth, still camera) against its reduced truth.
+   set (mean depth, still camera) against its reduced truth, the mean depth with the sample's floor image of step 3.
 5. The caller averages over the scored samples and writes the report.
 
 Steps 3 and 4 run on worker processes forked from this one, one per CPU this process may use and at most one per
-sample, with torch on one thread each (threads would share Python's lock: on 16 CPUs one process with a thread each
-scored small samples no faster than on 2): one task per sample in each step. Each clip is read and decoded once and
-scored while it is in memory. Results come back in sample order and are the same numbers as in one process. Where
-processes cannot be forked, everything runs in the calling thread.
+sample: one task per sample in each step, each task with torch and the BLAS libraries on one thread (threads would
+share Python's lock: BENCHMARKS.md, Evaluation, measures both on 16 CPUs). Each clip
+is read and decoded once and scored while it is in memory. Results come back in sample order and are the same
+numbers as in one process. Where processes cannot be forked, the tasks run in the calling thread, on one thread too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -42,9 +42,9 @@ from tqdm import tqdm
 
 from fourdnex.config import RegistrationConfig
 from fourdnex.evaluation.floors import FLOORS, MeanDepth, camera_matrix, first_frame_xyz, plane_xyz
-from fourdnex.evaluation.scoring import Prediction, Reference, Score, register_frame, score
+from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, Score, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, clip_of, clip_sources, load_truth, read_mapping
-from fourdnex.geometry.registration import RegistrationError, register_result, single_thread
+from fourdnex.geometry.registration import RegistrationError, register_result
 from fourdnex.geometry.results import (
     ResultError,
     find_results,
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Sample:
+class EvaluatedSample:
     """One result and what the evaluation found for it."""
 
     path: Path
@@ -85,22 +85,22 @@ class Evaluation:
 
     results: Path
     ground_truth: Path | None
-    samples: list[Sample]
+    samples: list[EvaluatedSample]
     predictors: list[str]  # "model" then the floors that apply
     truth_paths: dict[str, np.ndarray] = field(default_factory=dict)  # true camera centres by sample name
 
     @property
-    def scored(self) -> list[Sample]:
+    def scored(self) -> list[EvaluatedSample]:
         """The samples that were scored."""
         return [s for s in self.samples if s.status == "scored"]
 
 
-def check_inputs(results: Path, gt: Path | None, mapping: Path | None) -> list[Sample]:
+def check_inputs(results: Path, gt: Path | None, mapping: Path | None) -> list[EvaluatedSample]:
     """The samples of a results folder (or file), every input checked; EvaluationError names the first bad one."""
     samples = []
     for path in find_results(results):
         frames, height, width = result_shape(path)
-        samples.append(Sample(path, frames, (height, width)))
+        samples.append(EvaluatedSample(path, frames, (height, width)))
     if mapping is not None and gt is None:
         raise EvaluationError("--mapping names clips of a ground truth: give --gt too")
     if gt is None:
@@ -117,7 +117,7 @@ def check_inputs(results: Path, gt: Path | None, mapping: Path | None) -> list[S
     return samples
 
 
-def _registration(sample: Sample, config: RegistrationConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _registration(sample: EvaluatedSample, config: RegistrationConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The result's RGB video and its registration: read (the registration without its points, which scoring does
     not need), or registered on the CPU and saved beside the result."""
     path = registration_path(sample.path)
@@ -202,7 +202,7 @@ def _score_with_truth(
     held = {size: register_frame(mean.xyz(size), config) for size in mean.sums}
     scored = evaluation.scored
     tasks = [
-        (_score_set_floors, s, cache / s.name, held[s.size], mean.focal(s.size), parts[s.name].image_scores)
+        (_score_set_floors, s, cache / s.name, held[s.size], mean.focal(s.size), parts[s.name].floor_image)
         for s in scored
     ]
     for sample, part in zip(scored, _map(pool, tasks, "floors of the set"), strict=True):
@@ -211,26 +211,17 @@ def _score_with_truth(
 
 @contextlib.contextmanager
 def _pool(workers: int) -> Iterator[Executor | None]:
-    """``workers`` worker processes forked from this one, each on one thread (:func:`_one_thread`); None for fewer
-    than 2, or where processes cannot be forked: the work stays in the calling thread, its BLAS libraries on one
-    thread meanwhile too, so that the numbers are the same bit for bit. On leaving, the tasks not yet started are
-    dropped (an error ends the run without waiting for them)."""
+    """``workers`` worker processes forked from this one; None for fewer than 2, or where processes cannot be
+    forked: the work stays in the calling thread. On leaving, the tasks not yet started are dropped (an error ends the
+    run without waiting for them)."""
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        with threadpool_limits(1):
-            yield None
+        yield None
         return
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_one_thread)
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"))
     try:
         yield pool
     finally:
         pool.shutdown(cancel_futures=True)
-
-
-def _one_thread() -> None:
-    """A worker's start: torch and the BLAS libraries numpy and scipy call on one thread (every worker has a CPU; on
-    16 CPUs, 16 workers each with 16 BLAS threads took 5-10 times longer per sample than on a 2-core machine)."""
-    torch.set_num_threads(1)
-    threadpool_limits(1)
 
 
 def _map(pool: Executor | None, tasks: Iterable[tuple], desc: str) -> Iterator:
@@ -241,8 +232,17 @@ def _map(pool: Executor | None, tasks: Iterable[tuple], desc: str) -> Iterator:
 
 
 def _call(task: tuple):
-    """``task[0](*task[1:])``."""
-    return task[0](*task[1:])
+    """``task[0](*task[1:])`` with torch and the BLAS libraries numpy and scipy call on one thread, in a worker
+    process or here, so that the numbers are the same bit for bit (every worker has a CPU: workers each on the BLAS
+    libraries' default threads ran several times slower, BENCHMARKS.md, Evaluation); the thread counts are restored
+    after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return task[0](*task[1:])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -264,13 +264,13 @@ class _Part:
     registration: str = ""
     mean_depth: MeanDepth = field(default_factory=MeanDepth)  # the sample's share of the set's mean depth map
     truth_path: np.ndarray | None = None  # (F, 3) true camera centres
-    image_scores: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))  # the floors' RGB numbers, curves
+    floor_image: FloorImage | None = None  # with ground truth: the floors' RGB video, for the floors of the set
 
     def time(self, stage: str, start: float) -> None:
         """Add the seconds since ``start`` to ``stage``."""
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
-    def add_to(self, sample: Sample) -> None:
+    def add_to(self, sample: EvaluatedSample) -> None:
         """Its scores, seconds and status into ``sample``."""
         sample.status = self.status or sample.status
         sample.registration = self.registration or sample.registration
@@ -280,18 +280,17 @@ class _Part:
 
 
 def _score_sample(
-    sample: Sample, plane: Prediction, config: RegistrationConfig, truth: _TruthTask | None = None
+    sample: EvaluatedSample, plane: Prediction, config: RegistrationConfig, truth: _TruthTask | None = None
 ) -> _Part:
     """Score one result and the floors that need nothing of the other samples: the plane, and with ground truth the
     first frame. With ground truth the clip is prepared first: its share of the set's mean depth map is kept, and its
-    reduced truth is saved for :func:`_score_set_floors`. A result that cannot be registered is not scored (its floors
-    neither), with the reason."""
+    reduced truth and the floors' RGB video are kept for :func:`_score_set_floors`. A result that cannot be
+    registered is not scored (its floors neither), with the reason."""
     part, reference = _Part(), None
     if truth is not None:
         start = time.perf_counter()
         clip = load_truth(truth.gt, truth.source, sample.frames, *sample.size)
-        with single_thread(torch.device("cpu")):  # the metrics' torch calls are on small arrays
-            reference = Reference.of(clip)
+        reference = Reference.of(clip)
         part.mean_depth.add(clip, reference.unit)
         part.truth_path = clip.cam2world[:, :3, 3]
         reference.save(truth.folder)
@@ -309,47 +308,31 @@ def _score_sample(
         part.status = "not scored: the registration holds NaN or infinite cameras or depths"
         return part
     start = time.perf_counter()
-    with single_thread(torch.device("cpu")):
-        part.scores["model"] = score(Prediction.from_registration(rgb, reg), reference)
-        part.time("score", start)
-        start = time.perf_counter()
-        image = reference.image if reference is not None else rgb[:1]  # the input image, every floor holds it
-        floors = {"plane": dataclasses.replace(plane, rgb=image).held(sample.frames)}
-        if reference is not None:
-            first = dataclasses.replace(register_frame(first_frame_xyz(clip), config), rgb=image)
-            floors["first_frame"] = first.held(sample.frames)
-        memo: dict = {}  # what the floors' shared RGB video gives, computed once
-        for name, prediction in floors.items():
-            part.scores[name] = score(prediction, reference, memo)
-    if reference is not None:  # the plane's RGB numbers are every floor's: they all hold the input image
-        plane_score = part.scores["plane"]
-        part.image_scores = (
-            {k: v for k, v in plane_score.values.items() if k.startswith("rgb.")},
-            {k: v for k, v in plane_score.frames.items() if k.startswith("rgb.")},
-        )
+    part.scores["model"] = score(Prediction.from_registration(rgb, reg), reference)
+    part.time("score", start)
+    start = time.perf_counter()
+    image = FloorImage.of(reference.image if reference is not None else rgb[:1], sample.frames, reference)
+    floors = {"plane": plane}
+    if reference is not None:
+        floors["first_frame"] = register_frame(first_frame_xyz(clip), config)
+        part.floor_image = image
+    for name, prediction in floors.items():
+        part.scores[name] = score(prediction.held(sample.frames), reference, image)
     part.time("floors", start)
     return part
 
 
 def _score_set_floors(
-    sample: Sample,
-    folder: Path,
-    mean_depth: Prediction,
-    focal: float,
-    image_scores: tuple[dict, dict],
+    sample: EvaluatedSample, folder: Path, mean_depth: Prediction, focal: float, image: FloorImage
 ) -> _Part:
     """Score the floors of one sample that are made of the whole set: the mean depth map (``mean_depth``, registered
-    once for the size) and the still camera with the set's median focal length ``focal``, against the reduced truth
-    in ``folder``. The reduced truth has no video: the mean-depth floor holds the same input image as the other
-    floors, so it takes their RGB numbers (``image_scores``)."""
+    once for the size) with the sample's floor ``image`` as its RGB video, and the still camera with the set's median
+    focal length ``focal``, against the reduced truth in ``folder`` (which has no video: ``image`` was scored against
+    it in the first pass)."""
     part, start = _Part(), time.perf_counter()
-    with single_thread(torch.device("cpu")):
-        reference = Reference.load(folder)
-        held = dataclasses.replace(mean_depth, rgb=reference.image).held(sample.frames)
-        part.scores["mean_depth"] = score(held, reference)
-        K = camera_matrix(focal, *sample.size)
-        part.scores["static_camera"] = score(Prediction(None, K[None], np.eye(4)[None]).held(sample.frames), reference)
-    part.scores["mean_depth"].values |= image_scores[0]
-    part.scores["mean_depth"].frames |= image_scores[1]
+    reference = Reference.load(folder)
+    part.scores["mean_depth"] = score(mean_depth.held(sample.frames), reference, image)
+    K = camera_matrix(focal, *sample.size)
+    part.scores["static_camera"] = score(Prediction(None, K[None], np.eye(4)[None]).held(sample.frames), reference)
     part.time("floors", start)
     return part

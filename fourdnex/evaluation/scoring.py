@@ -2,12 +2,13 @@
 with and without ground truth, under the names the reports use (:data:`METRICS`).
 
 A predictor is what registration makes of a result (cameras and depth per frame, the residual) plus its RGB video;
-the truth is reduced once per sample (:class:`Reference`) and shared by every predictor scored against it.
+the truth is reduced once per sample (:class:`Reference`) and shared by every predictor scored against it. Every
+floor's RGB video is the sample's input image held: what the metrics make of it is computed once per sample
+(:class:`FloorImage`) and shared by every floor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,19 +246,45 @@ class Score:
     worst: dict | None = None  # the worst frame: its index, value and maps on the evaluation grid
 
 
-def _of_video(memo: dict, rgb: np.ndarray, what: str, compute: Callable[[], object]):
-    """``compute()``, remembered in ``memo`` for the video ``rgb`` (by its memory and layout: the floors of a sample
-    share one held input image)."""
-    key = (what, rgb.__array_interface__["data"][0], rgb.shape, rgb.strides)
-    if key not in memo:
-        memo[key] = compute()
-    return memo[key]
+@dataclass
+class FloorImage:
+    """The RGB video of every floor of a sample, its input image held for all F frames (frame 0 of the truth; of the
+    result without ground truth), and what the metrics make of it: made once per sample (:meth:`of`) and shared by
+    every floor. One frame of each is kept (sent between processes as such)."""
+
+    image: np.ndarray  # (1, H, W, 3) uint8
+    num_frames: int
+    edges: np.ndarray  # (1, h, w) bool, its image edges on the evaluation grid (every frame's)
+    rgb: dict[str, float]  # the RGB metrics against the true video; empty without one
+    rgb_frames: dict[str, np.ndarray]  # their per-frame curves
+
+    @classmethod
+    def of(cls, image: np.ndarray, num_frames: int, ref: Reference | None) -> FloorImage:
+        """The floors' video of the input image ``(1, H, W, 3)`` held for ``num_frames`` frames, scored against
+        ``ref``'s video where it has one."""
+        video = np.broadcast_to(image, (num_frames, *image.shape[1:]))
+        edges = m.image_edges(video, m.grid_stride(*image.shape[1:3]))[:1]
+        values, frames = _rgb(video, ref) if ref is not None and ref.rgb is not None else ({}, {})
+        return cls(image, num_frames, edges, values, frames)
+
+    @property
+    def video(self) -> np.ndarray:
+        """``(F, H, W, 3)``: the image held (a view)."""
+        return np.broadcast_to(self.image, (self.num_frames, *self.image.shape[1:]))
+
+    @property
+    def near(self) -> np.ndarray:
+        """``(F, h, w)``: its image edges in every frame (a view), as :func:`fourdnex.evaluation.metrics.image_edges`
+        gives them."""
+        return np.broadcast_to(self.edges, (self.num_frames, *self.edges.shape[1:]))
 
 
-def _geometry_without_truth(pred: Prediction, score: Score, memo: dict) -> np.ndarray:
-    """Residual, edge and stability metrics into ``score``; returns the sparse grid's registered points."""
+def _geometry_without_truth(pred: Prediction, score: Score, image: FloorImage | None) -> np.ndarray:
+    """Residual, edge and stability metrics into ``score``, the edges those of ``pred.rgb`` or of a floor's
+    ``image``; returns the sparse grid's registered points."""
     frames, height, width = pred.depth.shape
     stride, sparse = m.grid_stride(height, width), m.point_stride(height, width)
+    rgb = image.video if image is not None else pred.rgb
     depth = m.on_grid(pred.depth, sparse).astype(np.float64)
     points = m.grid_points(depth, m.grid_uv(height, width, sparse), pred.K, pred.cam2world)  # (F, h, w, 3)
     scene = m.extent(points)
@@ -276,10 +303,10 @@ def _geometry_without_truth(pred: Prediction, score: Score, memo: dict) -> np.nd
         "frame": worst,
         "value": float(per_frame[1, worst]),
         "residual": m.on_grid(pred.residual, stride)[worst] / scene,
-        "rgb": None if pred.rgb is None else m.on_grid(pred.rgb, stride)[worst],
+        "rgb": None if rgb is None else m.on_grid(rgb, stride)[worst],
     }
-    if pred.rgb is not None:
-        near = _of_video(memo, pred.rgb, "image edges", lambda: m.image_edges(pred.rgb, stride))
+    if rgb is not None:
+        near = image.near if image is not None else m.image_edges(rgb, stride)
         edges = m.edge_agreement(pred.depth, near, stride)
         score.values["edges"], score.frames["edges"] = _nanmean(edges), edges
     if frames > 1:
@@ -337,17 +364,19 @@ def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, scor
         score.frames[f"points.{name}"] = per_frame[name] / ref.unit
 
 
-def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> Score:
+def score(pred: Prediction, ref: Reference | None, image: FloorImage | None = None) -> Score:
     """Every metric that applies to ``pred``: those without ground truth, and with ``ref`` those against it.
 
-    ``memo`` keeps what depends only on an RGB video (image edges, RGB metrics) across the calls for one sample.
+    A floor's prediction has no RGB video of its own (``pred.rgb`` is None): it holds the sample's input image, whose
+    metrics ``image`` brings (:class:`FloorImage`, made once per sample).
     """
-    memo = {} if memo is None else memo
+    if image is not None and pred.rgb is not None:
+        raise ValueError("a floor's prediction takes its RGB video from image: its own rgb must be None")
     result = Score({})
     jerk, turn = m.path_smoothness(pred.cam2world)
     result.values["path.jerk"], result.values["path.turn"] = jerk, turn
     result.path = pred.cam2world[:, :3, 3].astype(np.float64)
-    points = _geometry_without_truth(pred, result, memo) if pred.depth is not None else None
+    points = _geometry_without_truth(pred, result, image) if pred.depth is not None else None
     if ref is None:
         return result
     cams = m.camera_errors(pred.cam2world, ref.cam2world)
@@ -365,8 +394,11 @@ def score(pred: Prediction, ref: Reference | None, memo: dict | None = None) -> 
     }
     if points is not None:
         _depth_with_truth(pred, points, ref, result)
-    if pred.rgb is not None and ref.rgb is not None:
-        values, frames = _of_video(memo, pred.rgb, "rgb metrics", lambda: _rgb(pred.rgb, ref))
+    if image is not None:
+        result.values |= image.rgb
+        result.frames |= image.rgb_frames
+    elif pred.rgb is not None and ref.rgb is not None:
+        values, frames = _rgb(pred.rgb, ref)
         result.values |= values
         result.frames |= frames
     return result

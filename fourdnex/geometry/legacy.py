@@ -3,17 +3,15 @@
 Such a file is a pickled class instance holding ``pcd`` (F, H*W, 3) in [0, 1], ``colors`` and ``rgb`` (F, H, W, 3) in
 [0, 1]. :class:`SafeUnpickler` rebuilds only numpy arrays, numpy scalars and plain containers; any other global
 becomes a stand-in that refuses to be called, so a pickle that would run code fails before anything runs.
+:func:`fourdnex.geometry.results.load_result` reads such files through :func:`read_legacy`.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
-from pathlib import Path
 
 import numpy as np
-
-from fourdnex.geometry.results import Result, ResultError
 
 
 class PickledObject:
@@ -98,27 +96,26 @@ def safe_unpickle(data: bytes) -> object:
     return SafeUnpickler(io.BytesIO(data)).load()
 
 
-def load_legacy(path: Path) -> Result:
-    """Read a reference ``.pkl``: pcd (F, H*W, 3) in [0, 1] -> xyz in [-1, 1], rgb (F, H, W, 3) in [0, 1] -> uint8."""
+def read_legacy(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The RGB ``(F, H, W, 3)`` uint8 and XYZ ``(F, H, W, 3)`` float32 in [-1, 1] of a reference ``.pkl``'s bytes:
+    pcd (F, H*W, 3) in [0, 1] -> xyz in [-1, 1], rgb (F, H, W, 3) in [0, 1] -> uint8. ValueError names what is
+    wrong with an unsafe, unreadable or unexpected pickle."""
     try:
-        obj = safe_unpickle(path.read_bytes())
-    except OSError as err:
-        raise ResultError(f"{path}: not readable ({err})") from err
+        obj = safe_unpickle(data)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise ResultError(f"{path}: unsafe or unreadable pickle ({err})") from err
+        raise ValueError(f"unsafe or unreadable pickle ({err})") from err
     state = getattr(obj, "state", obj)
     if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
         state = {**(state[0] or {}), **state[1]}
     if not isinstance(state, dict) or "pcd" not in state or not ({"rgb", "colors"} & set(state)):
-        raise ResultError(f"{path}: a pickle without the reference's pcd and rgb/colors")
+        raise ValueError("a pickle without the reference's pcd and rgb/colors")
     pcd = np.asarray(state["pcd"], dtype=np.float32)
     rgb = state.get("rgb")
     if rgb is None or np.ndim(rgb) != 4:
-        raise ResultError(f"{path}: rgb must be (F, H, W, 3), got {np.shape(rgb)}")
+        raise ValueError(f"rgb must be (F, H, W, 3), got {np.shape(rgb)}")
     rgb = np.asarray(rgb, dtype=np.float32)
     frames, height, width, _ = rgb.shape
     if pcd.size != frames * height * width * 3:
-        raise ResultError(f"{path}: pcd {pcd.shape} does not match rgb {rgb.shape}")
+        raise ValueError(f"pcd {pcd.shape} does not match rgb {rgb.shape}")
     xyz = pcd.reshape(frames, height, width, 3) * 2 - 1
-    rgb8 = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
-    return Result(rgb8, xyz, path=path)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8), xyz

@@ -64,8 +64,8 @@ def check_pointmap(xyz: torch.Tensor | np.ndarray) -> None:
 @contextlib.contextmanager
 def single_thread(device: torch.device | str) -> Iterator[None]:
     """One CPU thread inside when ``device`` is the CPU, restored on exit: on work made of small or memory-bound tensor
-    operations torch's intra-op threads cost more than they save on a busy 2-core machine (measured: 5x the CPU
-    time of the registration fit, 1.5-9x the wall time of render.py's splatting)."""
+    operations torch's intra-op threads cost more than they save on a busy 2-core machine (the registration fit and
+    render.py's splatting: BENCHMARKS.md, Registration and Novel views)."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)

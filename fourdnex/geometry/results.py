@@ -23,6 +23,7 @@ import numpy as np
 
 from fourdnex.errors import FourDNeXError
 from fourdnex.files import read_npz, write_json, write_npz, write_video
+from fourdnex.geometry.legacy import read_legacy
 
 RESULT_NAME = re.compile(r"^\d{5}\.(npz|pkl)$")
 #: The arrays of a result ``NNNNN.npz``, with their shapes, dtypes and meaning.
@@ -88,12 +89,15 @@ def write_sample(out_dir: str | Path, index: int, rgb: np.ndarray, xyz: np.ndarr
 
 def load_result(path: str | Path) -> Result:
     """Read a result ``.npz`` (and its ``.json`` when present) without unpickling anything, or a reference ``.pkl``
-    through :class:`SafeUnpickler`."""
+    through :class:`fourdnex.geometry.legacy.SafeUnpickler`."""
     path = Path(path)
     if path.suffix == ".pkl":
-        from fourdnex.geometry.legacy import load_legacy
-
-        result = load_legacy(path)
+        try:
+            result = Result(*read_legacy(path.read_bytes()), path=path)
+        except OSError as err:
+            raise ResultError(f"{path}: not readable ({err})") from err
+        except ValueError as err:
+            raise ResultError(f"{path}: {err}") from err
     else:
         try:
             with np.load(path, allow_pickle=False) as data:

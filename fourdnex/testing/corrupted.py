@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fourdnex.cli import run
 from fourdnex.evaluation.floors import to_unit_box
 from fourdnex.evaluation.truth import clip_sources, load_truth
 from fourdnex.geometry.cameras import unproject_depth
@@ -56,19 +57,28 @@ def write_corrupted(
     return paths
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gt", required=True, help="a 4DNeX-10M data folder")
-    parser.add_argument("--out", required=True, help="results folder to write")
-    parser.add_argument("--num_frames", type=int, default=49)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=720)
-    parser.add_argument("--noise", type=float, default=0.01, help="Gaussian noise on the pointmap (extent 2)")
-    parser.add_argument("--warp", type=float, default=0.02, help="smooth warp of the pointmap (extent 2)")
-    parser.add_argument("--rgb_noise", type=float, default=4.0, help="Gaussian noise on the RGB video (8-bit levels)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
+    """Write the results and say where."""
     files = write_corrupted(
         args.gt, args.out, args.num_frames, args.height, args.width, args.noise, args.warp, args.rgb_noise, args.seed
     )
     print(f"wrote {len(files)} results to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fourdnex.testing.corrupted``."""
+    p = argparse.ArgumentParser(prog="fourdnex.testing.corrupted", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gt", required=True, help="a 4DNeX-10M data folder")
+    p.add_argument("--out", required=True, help="results folder to write")
+    p.add_argument("--num_frames", type=int, default=49)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--noise", type=float, default=0.01, help="Gaussian noise on the pointmap (extent 2)")
+    p.add_argument("--warp", type=float, default=0.02, help="smooth warp of the pointmap (extent 2)")
+    p.add_argument("--rgb_noise", type=float, default=4.0, help="Gaussian noise on the RGB video (8-bit levels)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+if __name__ == "__main__":
+    run(main, build_parser())

@@ -39,7 +39,6 @@ class ToyScene:
     rgb: torch.Tensor  # (F, H, W, 3) uint8
 
 
-
 def trajectory(num_frames: int, arc_deg: float = 40.0, radius: float = 4.5, seed: int = 0) -> torch.Tensor:
     """A smooth camera path ``(F, 4, 4)``: an arc around the objects with a bobbing height, drifting target and roll."""
     g = torch.Generator().manual_seed(seed)
@@ -180,7 +179,7 @@ def perturb(xyz: torch.Tensor, noise: float, warp: float, seed: int = 0) -> torc
 
 
 @dataclass
-class Truth:
+class ToyTruth:
     """A pointmap as inference writes it and its ground-truth cameras, moved into the pointmap's frame."""
 
     xyz: torch.Tensor  # (F, H, W, 3) float32 in [-1, 1]
@@ -189,29 +188,31 @@ class Truth:
     depth: torch.Tensor  # (F, H, W) in pointmap units
     rgb: torch.Tensor  # (F, H, W, 3) uint8
 
-    def frames(self, index) -> Truth:
+    def frames(self, index) -> ToyTruth:
         """The truth of some frames only."""
-        return Truth(self.xyz[index], self.K[index], self.cam2world[index], self.depth[index], self.rgb[index])
+        return ToyTruth(self.xyz[index], self.K[index], self.cam2world[index], self.depth[index], self.rgb[index])
 
 
-def truth_of(scene: ToyScene) -> Truth:
+def truth_of(scene: ToyScene) -> ToyTruth:
     """Normalize a rendered scene like inference does and move its cameras into the same frame."""
     xyz, similarity = normalize_like_inference(scene.points, scene.cam2world)
     scale = similarity[:3, :3].norm(dim=0)[0]
     cam2world = similarity[None] @ scene.cam2world
     cam2world[:, :3, :3] /= scale
-    return Truth(xyz.float(), scene.K, cam2world, scene.depth * scale, scene.rgb)
+    return ToyTruth(xyz.float(), scene.K, cam2world, scene.depth * scale, scene.rgb)
 
 
 def make_truth(
     frames: int = 5, height: int = 48, width: int = 64, focal: float = 1.0, zoom: float = 0.0, seed: int = 0, **kwargs
-) -> Truth:
+) -> ToyTruth:
     """The toy scene along its default trajectory (``kwargs`` go to :func:`camera_intrinsics`), normalized."""
     K = camera_intrinsics(frames, height, width, focal, zoom, **kwargs)
     return truth_of(render(K, trajectory(frames, seed=seed), height, width))
 
 
-def camera_errors(truth: Truth, K: torch.Tensor, cam2world: torch.Tensor, depth: torch.Tensor) -> dict[str, float]:
+def registration_errors(
+    truth: ToyTruth, K: torch.Tensor, cam2world: torch.Tensor, depth: torch.Tensor
+) -> dict[str, float]:
     """Errors of fitted cameras against the truth, worst over frames: ``focal`` (relative, fx and fy), ``principal``
     (pixels), ``rotation`` (degrees), ``center`` (fraction of the pointmap's extent, 2); and ``depth``, the mean
     relative depth error over all pixels."""
