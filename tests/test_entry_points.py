@@ -51,8 +51,6 @@ def shown(stream: str) -> list[str]:
 
 
 ENTRY_POINTS = entry_points()
-#: The data cache's layout printer ignores its arguments; its module belongs to the training-data work under way.
-IGNORES_HELP = {"fourdnex.data.cache"}
 #: Runs each command of ``sys.argv[1]`` (JSON: name -> arguments to Python) as ``python ARGS --help`` would, one
 #: after the other in this one process (they share the imports: the whole set takes seconds, not a minute), and
 #: prints JSON: name -> [exit status, stdout, stderr], the status "returned" when it ended without exiting.
@@ -97,15 +95,7 @@ def test_every_script_of_the_readme_has_a_command_line():
     assert scripts | modules <= set(ENTRY_POINTS)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="prints the cache layout whatever it is given"))
-        if name in IGNORES_HELP
-        else name
-        for name in ENTRY_POINTS
-    ],
-)
+@pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_help_prints_the_usage(helps, name):
     status, stdout, stderr = helps[name]
     assert status == 0, stderr

@@ -744,7 +744,21 @@ class LatentCache:
         return condition_frames(video[None], given[None], self.layout)[0]
 
 
-if __name__ == "__main__":
-    import sys
+def main(args) -> None:
+    """Print the layout (or the README's table)."""
+    print(markdown_table() if args.markdown else describe())
 
-    print(markdown_table() if "--markdown" in sys.argv[1:] else describe())
+
+def build_parser():
+    """The command line of ``python -m fourdnex.data.cache``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fourdnex.data.cache", description="Print the training cache's layout.")
+    parser.add_argument("--markdown", action="store_true", help="as the README's table")
+    return parser
+
+
+if __name__ == "__main__":
+    from fourdnex.cli import run
+
+    run(main, build_parser())

@@ -179,7 +179,7 @@ def vae_loss(vae, videos: torch.Tensor, kl_weight: float, generator: torch.Gener
     return mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 
 
-def psnr(mse: float) -> float:
+def psnr_of_mse(mse: float) -> float:
     """PSNR in dB of a mean squared error on values in [-1, 1] (peak-to-peak 2)."""
     return 10 * math.log10(4.0 / max(mse, 1e-20))
 
@@ -195,7 +195,7 @@ def reconstruction_psnr(vae, clips: Clips, device: torch.device, batch: int = 4)
         error = (recon - videos).square().flatten(1).mean(1)  # (2B,)
         sums["rgb"] += float(error[: len(index)].sum())
         sums["xyz"] += float(error[len(index) :].sum())
-    return {name: psnr(total / len(clips)) for name, total in sums.items()}
+    return {name: psnr_of_mse(total / len(clips)) for name, total in sums.items()}
 
 
 @torch.no_grad()
