@@ -475,7 +475,8 @@ def write_tree(
         data/static/static_2/group_<i%2>/<number>/frame_<start>-frame_<end>.npz
                                                                  + data/raw/static/static_2/<number>.mp4
 
-    and in both: ``data/caption/<subset>_with_caption_upload.csv`` (number,caption), written once every clip is.
+    and in both: ``data/caption/<subset>_with_caption_upload.csv`` (number,caption), written once every clip is, and
+    ``<out>/captions.txt``, every caption in clip order, one a line (a tokenizer's corpus).
     Every surface is textured with a family of ``families``. ``workers`` processes render in parallel. A clip's
     files are written atomically and then its record in ``<out>/clips/<i>.json`` (subset, number, caption), so a
     re-run renders only the clips without a record.
@@ -499,6 +500,8 @@ def write_tree(
     for subset, caps in captions.items():
         if caps:
             write_captions(data / "caption" / f"{subset}_with_caption_upload.csv", caps)
+    lines = [json.loads((records / f"{i}.json").read_text())["caption"] for i in range(num_clips)]
+    write_text(Path(out) / "captions.txt", "\n".join(lines) + "\n")
     return data
 
 

@@ -21,8 +21,7 @@ import json
 import math
 import shutil
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from transformers import (
 )
 
 from fourdnex.cli import run
+from fourdnex.errors import UsageError
 
 #: Marker written into model_index.json while the VAE or the transformer has random weights.
 RANDOM_MARKER = "_fourdnex_tiny_random"
@@ -56,14 +56,6 @@ _TINY_CORPUS = [
 ]
 
 
-def _synthetic_corpus() -> list[str]:
-    """Captions of synthetic scenes (every word the generator uses, with the prompt suffix)."""
-    from fourdnex.config import PROMPT_SUFFIX
-    from fourdnex.data.synthetic import scene_caption
-
-    return [scene_caption(seed, dynamic) + PROMPT_SUFFIX for seed in range(200) for dynamic in (True, False)]
-
-
 @dataclass(frozen=True)
 class Preset:
     """Component sizes of a small Wan2.1-I2V model (diffusers / transformers config keyword arguments)."""
@@ -73,7 +65,6 @@ class Preset:
     text_encoder: dict
     image_encoder: dict
     image_size: int
-    corpus: Callable[[], list[str]] = field(default=lambda: _TINY_CORPUS)
 
 
 PRESETS: dict[str, Preset] = {
@@ -126,7 +117,6 @@ PRESETS: dict[str, Preset] = {
             "patch_size": 16,
         },
         image_size=64,
-        corpus=_synthetic_corpus,
     ),
 }
 
@@ -144,10 +134,13 @@ def build_tokenizer(corpus: list[str]) -> T5Tokenizer:
     return T5Tokenizer(vocab=specials + pieces, extra_ids=0)
 
 
-def build_pipeline(preset: str = "tiny", seed: int = SEED) -> WanImageToVideoPipeline:
-    """Every component of a Wan2.1-I2V pipeline at a preset's size, deterministically from ``seed``."""
+def build_pipeline(
+    preset: str = "tiny", seed: int = SEED, corpus: list[str] | None = None
+) -> WanImageToVideoPipeline:
+    """Every component of a Wan2.1-I2V pipeline at a preset's size, deterministically from ``seed``; the tokenizer's
+    vocabulary is the words and characters of ``corpus`` (default: a few toy captions)."""
     sizes = PRESETS[preset]
-    tokenizer = build_tokenizer(sizes.corpus())
+    tokenizer = build_tokenizer(corpus or _TINY_CORPUS)
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), in_channels=36, out_channels=16, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -179,18 +172,23 @@ def build_pipeline(preset: str = "tiny", seed: int = SEED) -> WanImageToVideoPip
 
 
 def save_model(
-    path: str | Path, preset: str = "tiny", seed: int = SEED, trained: dict[str, Path] | None = None
+    path: str | Path,
+    preset: str = "tiny",
+    seed: int = SEED,
+    trained: dict[str, Path] | None = None,
+    corpus: list[str] | None = None,
 ) -> Path:
     """Write a preset's model to ``path`` (a diffusers folder); ``trained`` maps component names (``vae``,
     ``transformer``) to trained folders put in place of the random ones, their weights stored in float16 (half the
-    bytes; pipelines load them at their own dtype). Marked random unless both are trained."""
+    bytes; pipelines load them at their own dtype). Marked random unless both are trained. ``corpus``: captions whose
+    words the tokenizer knows (every folder of one model must be given the same)."""
     from safetensors.torch import load_file
 
     from fourdnex.files import write_safetensors
 
     path = Path(path)
     trained = trained or {}
-    build_pipeline(preset, seed).save_pretrained(path)
+    build_pipeline(preset, seed, corpus).save_pretrained(path)
     for name, folder in trained.items():
         weights = "diffusion_pytorch_model.safetensors"
         shutil.rmtree(path / name)
@@ -209,7 +207,12 @@ def save_model(
 def main(args: argparse.Namespace) -> None:
     """Write the model ``args`` describe."""
     trained = {name: Path(value) for name in ("vae", "transformer") if (value := getattr(args, name))}
-    print(f"wrote the {args.preset} model to {save_model(args.out, args.preset, args.seed, trained)}")
+    corpus = None
+    if args.corpus:
+        if not Path(args.corpus).is_file():
+            raise UsageError(f"corpus file {args.corpus} does not exist")
+        corpus = [line for line in Path(args.corpus).read_text().splitlines() if line.strip()]
+    print(f"wrote the {args.preset} model to {save_model(args.out, args.preset, args.seed, trained, corpus)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--vae", default=None, help="a trained VAE folder to use instead of a random one")
     parser.add_argument("--transformer", default=None, help="a trained transformer folder to use instead")
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="a text file of captions, one a line, whose words the tokenizer knows (the training captions; "
+        "default: a few toy captions)",
+    )
     return parser
 
 
