@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def build_page(engine, sample: SampleConfig, examples):
                     headers=["metric", "model", "sloped plane (floor)", "better", "definition"],
                     label="consistency metrics (no ground truth needed)",
                     wrap=True,
+                    column_widths=["19%", "11%", "13%", "11%", "46%"],
                     elem_id="metrics",
                 )
                 archive = gr.File(
@@ -175,6 +177,7 @@ def main(args: argparse.Namespace) -> None:
         speed=speed,
     )
     jobs = JobFolders()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a stop by `kill` removes the jobs too
     os.environ["GRADIO_TEMP_DIR"] = str(jobs.root / "gradio")  # uploads and Gradio's copies, removed with the jobs
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:

@@ -289,3 +289,44 @@ def test_an_any_frame_adapter_offers_first_and_last_frames(tmp_path):
         assert {"input/image.png", "input/last.png"} <= set(zf.namelist())
     assert meta["given_frames"] == [0, 4] and meta["image"] == "input/image.png,input/last.png"
     jobs.close()
+
+
+# --- app.py itself: its flags as the README tells them, its first settings ---------------------------------------
+
+
+def _app_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_script", ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_documents_every_flag_of_app_py():
+    import re
+
+    flags = {o for a in _app_module().build_parser()._actions for o in a.option_strings if o != "--help"}
+    flags = {f for f in flags if f.startswith("--")}
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The web page (app.py)") :]
+    section = section[: section.index("\n## ", 1)]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `--"))
+    assert set(re.findall(r"`(--\w+)", table)) == flags
+    assert "python app.py" in section and "docs/app.png" in section and (ROOT / "docs" / "app.png").is_file()
+    assert (ROOT / "docs" / "app.png").stat().st_size < 300_000
+
+
+def test_the_first_settings_are_the_demos_the_papers_or_the_flags():
+    app = _app_module()
+    parser = app.build_parser()
+    assert app.initial_sample(parser.parse_args([])) == app.DEMO_SAMPLE
+    other = parser.parse_args(["--model_path", "./pretrained/Wan2.1-I2V-14B-480P-Diffusers"])
+    assert app.initial_sample(other) == app.PAPER_SAMPLE
+    assert app.initial_sample(parser.parse_args(["--steps", "4", "--seed", "7"])) == SampleConfig(
+        25, 96, 144, 4, 1.0, seed=7
+    )
+    from fourdnex.errors import UsageError
+
+    with pytest.raises(UsageError, match="num_frames must be 4k\\+1"):
+        app.initial_sample(parser.parse_args(["--num_frames", "24"]))

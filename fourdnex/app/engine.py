@@ -200,12 +200,15 @@ class Engine:
             except Exception as err:  # the job ends; the engine serves the next one
                 if folder is not None:
                     shutil.rmtree(folder, ignore_errors=True)
-                if isinstance(err, FourDNeXError):
-                    message = str(err).splitlines()[0]
+                line = str(err).splitlines()[0] if str(err) else ""
+                refused = isinstance(err, UsageError) and stage == "checking the inputs"
+                if refused:
+                    message = line
+                elif isinstance(err, FourDNeXError):  # a known limit (out of GPU memory, a degenerate pointmap)
+                    message = f"{stage} failed: {line}"
                 else:
                     log.exception("job failed during %s", stage)
-                    message = f"{stage} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                refused = isinstance(err, UsageError) and stage == "checking the inputs"
+                    message = f"{stage} failed ({type(err).__name__}: {line})"
                 status = f"**{'refused' if refused else 'failed'}:** {message}"
                 yield JobUpdate("failed", status, error=message)
 

@@ -120,8 +120,21 @@ def write_recording(path: Path, rgb: np.ndarray, xyz: np.ndarray, reg: dict[str,
 
     from fourdnex.geometry.viewer import log_result
 
+    pose, depth = reg["cam2world"][0].astype(np.float64), float(np.median(reg["depth"][0]))
+    centre, right, down, forward = pose[:3, 3], pose[:3, 0], pose[:3, 1], pose[:3, 2]
+    target = centre + depth * forward  # the scene centre on the first camera's axis
+    eye = rrb.EyeControls3D(  # behind the first camera, a little above and to its right: depth shows at once
+        position=centre + depth * (-1.2 * forward - 0.5 * down + 0.5 * right),
+        look_target=target,
+        eye_up=-down,
+    )
     blueprint = rrb.Blueprint(
-        rrb.Spatial3DView(origin="world", name="registered point cloud and cameras"),
+        rrb.Spatial3DView(  # the depth image stays in the camera's frustum, not as a second (colour-mapped) cloud
+            origin="world",
+            name="registered point cloud and cameras",
+            contents=["+ $origin/**", f"- $origin/{name}/camera/image/depth"],
+            eye_controls=eye,
+        ),
         rrb.BlueprintPanel(state="collapsed"),
         rrb.SelectionPanel(state="collapsed"),
         rrb.TimePanel(state="collapsed", timeline="frame", play_state="playing", loop_mode="all", fps=8),
