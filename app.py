@@ -189,7 +189,10 @@ def main(args: argparse.Namespace) -> None:
 
         print(f"loading {args.model_path} (adapter {lora_path}) ...", flush=True)
         engine = Engine.load(config, jobs, sample)
-        examples = find_examples(args.examples if args.examples is not None else Path(args.model_path).parent)
+        if args.examples is not None:
+            examples = find_examples(args.examples)
+        else:
+            examples = find_examples(Path(args.model_path).parent) or find_examples(ROOT / "example")
         page = build_page(engine, sample, examples)
         app = build_app(page, jobs, web_viewer_files(jobs.root), jobs.ttl_s)
         jobs.start_sweeping()
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples",
         default=None,
         help="folder with prompt.txt and image.txt (inference.py's lists) whose lines the page offers as examples "
-        "(default: the model folder's parent, e.g. example/demo)",
+        "(default: the model folder's parent where it has them, e.g. example/demo, else example/)",
     )
     p.add_argument(
         "--host",
