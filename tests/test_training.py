@@ -981,11 +981,8 @@ def test_full_training_of_a_plain_image_to_video_base(cache_dir, tmp_path):
     assert not saved["patch_embedding.domain_embedding"].any()  # i2vwbw: no domain embedding, kept at zero
     assert not (out / "adapter").exists()
     with pytest.raises(SystemExit, match="attention\\+ffn replays a frozen feed-forward, which --train_mode full"):
-        run(
-            load_script("finetune.py").main,
-            load_script("finetune.py").build_parser(),
-            ["--cache_dir", str(cache_dir), "--train_mode", "full", "--activation_memory", "attention+ffn", *SIZE],
-        )
+        run(load_script("finetune.py").main, load_script("finetune.py").build_parser(),
+            ["--cache_dir", str(cache_dir), "--train_mode", "full", "--activation_memory", "attention+ffn", *SIZE])
 
 
 def test_the_training_target_is_what_the_inference_sampler_steps_with():
