@@ -9,7 +9,7 @@ parallelism (every process of a torchrun launch runs the whole pipeline, see :mo
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +99,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         prompt_suffix: str = PROMPT_SUFFIX,
         max_sequence_length: int = 512,
         given_frames: Sequence[int] = (0,),
+        callback_on_step_end: Callable[[FourDNeXPipeline, int, torch.Tensor, dict], dict] | None = None,
     ) -> FourDNeXOutput:
         """Generate one sample. ``height`` and ``width`` are per modality (the fused frame is twice as wide).
 
@@ -107,6 +108,9 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         video). CLIP sees the first of them. ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1
         image-to-video, step for step. After :meth:`enable_split_decoding`, only the first process returns the
         videos (see :class:`FourDNeXOutput`).
+
+        ``callback_on_step_end(pipe, step, timestep, {"latents": latents})`` is called after every denoising step, as
+        in diffusers (a progress bar, a preview); a ``"latents"`` entry of the dict it returns replaces the latents.
         """
         check_video_shape(num_frames, height, width)
         images = [image] if isinstance(image, PIL.Image.Image) else list(image)
@@ -163,7 +167,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         tic = time.perf_counter()
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+            for step, t in enumerate(timesteps):
                 # 5a. The model input: the noisy latents beside the mask and the condition.
                 model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)  # (1, 36, T, h, w')
                 # 5b. Velocity, guided: v_uncond + scale * (v_cond - v_uncond).
@@ -179,6 +183,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
                     velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
                 # 5c. One solver step on the float32 latents.
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    latents = callback_on_step_end(self, step, t, {"latents": latents}).get("latents", latents)
                 progress.update()
         timings["denoise"] = time.perf_counter() - tic
 

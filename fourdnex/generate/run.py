@@ -251,17 +251,154 @@ def result_done(out: Path, index: int) -> bool:
     return (out / f"{index:05d}.json").is_file() and (out / f"{index:05d}.npz").is_file()
 
 
-def generate(config: RunConfig) -> list[Path]:
-    """Run inference as :class:`RunConfig` says; returns the result files this process wrote."""
-    import torch
-    from tqdm.auto import tqdm
+@dataclass
+class LoadedModel:
+    """A pipeline loaded once and set up on its device (:func:`load_model`), ready to sample jobs one at a time
+    (:func:`sample_job`): what inference.py loads before its first line and what app.py serves."""
 
+    pipe: object  # a fourdnex.generate.pipeline.FourDNeXPipeline
+    adapter: object | None  # a fourdnex.model.adapters.Adapter
+    model_type: str
+    layout: str  # the pipeline layout of config.mode
+    lora_scale: float | None
+    xyz_mean: float
+    xyz_std: float
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+    speed: AccelerationConfig  # resolved for the device
+    load_seconds: float
+    random_weights: bool  # the tiny test model's marker: its outputs are noise
+
+    @property
+    def condition_tasks(self) -> str:
+        """The given frames the adapter was trained for: ``"image"`` (frame 0), or ``"any"`` (first and last frames,
+        keyframes, a whole video; ``fourdnex.train.config.CONDITION_TASKS``). A released adapter records none."""
+        return self.adapter.meta.extra.get("condition_tasks", "image") if self.adapter is not None else "image"
+
+
+def load_model(
+    config: RunConfig,
+    tokens: int,
+    pixels: int,
+    device=None,
+    dtype=None,
+    adapter=None,
+    model_type: str | None = None,
+    world_size: int = 1,
+) -> LoadedModel:
+    """Load ``config``'s model, adapter and acceleration once, on ``device`` (default: ``config.device``).
+
+    ``tokens`` and ``pixels`` are the largest job's transformer sequence and video size: ``--memory auto`` picks the
+    fastest offload that fits them. ``adapter`` and ``model_type`` are read from ``config`` unless given (already
+    read and checked); ``world_size > 1`` splits the transformer's sequence over a context-parallel group.
+    """
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import apply_acceleration, check_machine, resolve
     from fourdnex.generate.pipeline import load_pipeline
-    from fourdnex.geometry.results import write_sample
     from fourdnex.model.adapters import apply_adapter, read_adapter, resolve_model_type
     from fourdnex.model.presets import RANDOM_MARKER
+
+    if device is None or dtype is None:
+        device, dtype = resolve_device_dtype(config.device, config.dtype)
+    speed = config.speed
+    check_machine(speed, device)
+    if adapter is None and config.lora_path:
+        adapter = read_adapter(config.lora_path)
+    if model_type is None:
+        model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding)
+    tic = time.perf_counter()
+    pipe = load_pipeline(config.model_path, dtype=dtype, transformer_path=config.sft_path)
+    pipe.transformer.set_model_type(MODEL_TYPES[model_type])
+    lora_scale, xyz_mean, xyz_std = None, XYZ_LATENT_MEAN, XYZ_LATENT_STD
+    if adapter is not None:
+        lora_scale = apply_adapter(pipe.transformer, adapter, scale=config.lora_scale, lora_rank=config.lora_rank)
+        if adapter.meta.xyz_latent_mean is not None:
+            xyz_mean, xyz_std = adapter.meta.xyz_latent_mean, adapter.meta.xyz_latent_std
+    if speed.cp != "none":
+        parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
+        pipe.enable_split_decoding()
+    speed = resolve(speed, device, pipe, tokens=tokens, pixels=pixels)
+    apply_acceleration(pipe, speed, device)
+    load_seconds = time.perf_counter() - tic
+    random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(RANDOM_MARKER, False)
+    return LoadedModel(
+        pipe, adapter, model_type, MODES[config.mode], lora_scale, xyz_mean, xyz_std, device, dtype, speed,
+        load_seconds, random_weights,
+    )  # fmt: skip
+
+
+def sample_job(model: LoadedModel, job: Job, sample: SampleConfig, callback_on_step_end=None):
+    """Sample one job with ``model`` (a :class:`~fourdnex.generate.pipeline.FourDNeXOutput`); running out of GPU
+    memory is a UsageError naming what to change. ``callback_on_step_end(pipe, step, timestep, kwargs)`` is called
+    after every denoising step (diffusers' convention; see the pipeline)."""
+    import torch
+
+    try:
+        return model.pipe(
+            job.condition(),
+            job.prompt,
+            negative_prompt=sample.negative_prompt,
+            height=job.height,
+            width=job.width,
+            num_frames=sample.num_frames,
+            num_inference_steps=sample.steps,
+            guidance_scale=sample.guidance_scale,
+            generator=torch.Generator(device="cpu").manual_seed(sample.seed),
+            layout=model.layout,
+            xyz_mean=model.xyz_mean,
+            xyz_std=model.xyz_std,
+            given_frames=job.given_frames,
+            callback_on_step_end=callback_on_step_end,
+        )
+    except torch.OutOfMemoryError as err:
+        raise UsageError(
+            "out of GPU memory: try --dtype bfloat16, --memory model or group (or sequential), --fp8, "
+            "fewer --num_frames, a smaller --height/--width, or run on a GPU with more memory"
+        ) from err
+
+
+def job_meta(
+    model: LoadedModel, config: RunConfig, job: Job, sample: SampleConfig, timings: dict, processes: int = 1
+) -> dict:
+    """The ``.json`` record of one sampled job (README.md, "Output files")."""
+    adapter = model.adapter
+    return {
+        "prompt": job.prompt,
+        "image": ",".join(map(str, job.images)) or None,
+        "video": str(job.video) if job.video else None,
+        "given_frames": list(job.given_frames),
+        "index": job.index,
+        **dataclasses.asdict(sample),
+        "height": job.height,
+        "width": job.width,
+        "mode": config.mode,
+        "type": model.model_type,
+        "model_path": str(config.model_path),
+        "sft_path": config.sft_path,
+        "random_weights": model.random_weights,
+        "lora_path": config.lora_path,
+        "adapter_format": adapter.format if adapter else None,
+        "lora_scale": model.lora_scale,
+        "center": adapter.meta.extra.get("center") if adapter else None,
+        "xyz_latent_mean": model.xyz_mean,
+        "xyz_latent_std": model.xyz_std,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "acceleration": dataclasses.asdict(model.speed),
+        "processes": processes,
+        "versions": versions(),
+        "timings": {"load": model.load_seconds, **timings},
+    }
+
+
+def generate(config: RunConfig) -> list[Path]:
+    """Run inference as :class:`RunConfig` says; returns the result files this process wrote."""
+    from tqdm.auto import tqdm
+
+    from fourdnex.generate import parallel
+    from fourdnex.generate.acceleration import check_machine
+    from fourdnex.geometry.results import write_sample
+    from fourdnex.model.adapters import read_adapter, resolve_model_type
 
     check_config(config)
     sample, speed = config.sample, config.speed
@@ -293,80 +430,21 @@ def generate(config: RunConfig) -> list[Path]:
     if not jobs:
         return []
 
-    tic = time.perf_counter()
-    pipe = load_pipeline(config.model_path, dtype=dtype, transformer_path=config.sft_path)
-    pipe.transformer.set_model_type(MODEL_TYPES[model_type])
-    lora_scale, xyz_mean, xyz_std = None, XYZ_LATENT_MEAN, XYZ_LATENT_STD
-    if adapter is not None:
-        lora_scale = apply_adapter(pipe.transformer, adapter, scale=config.lora_scale, lora_rank=config.lora_rank)
-        if adapter.meta.xyz_latent_mean is not None:
-            xyz_mean, xyz_std = adapter.meta.xyz_latent_mean, adapter.meta.xyz_latent_std
     largest = max(jobs, key=lambda job: job.height * job.width)
-    if speed.cp != "none":
-        parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
-        pipe.enable_split_decoding()
-    speed = resolve(speed, device, pipe, tokens=max(tokens), pixels=sample.num_frames * largest.height * largest.width)
-    apply_acceleration(pipe, speed, device)
-    pipe.set_progress_bar_config(disable=not writes)
-    load_seconds = time.perf_counter() - tic
-    random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(RANDOM_MARKER, False)
-    if random_weights and writes:
+    pixels = sample.num_frames * largest.height * largest.width
+    model = load_model(config, max(tokens), pixels, device, dtype, adapter, model_type, world_size)
+    model.pipe.set_progress_bar_config(disable=not writes)
+    if model.random_weights and writes:
         print(f"note: {config.model_path} is the tiny test model with random weights: its outputs are noise")
     if adapter is None and config.sft_path is None and writes:
         print("note: no --lora_path given: sampling the base Wan2.1 model, which was not trained for pointmaps")
 
     written = []
     for job in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1 or not writes):
-        try:
-            result = pipe(
-                job.condition(),
-                job.prompt,
-                negative_prompt=sample.negative_prompt,
-                height=job.height,
-                width=job.width,
-                num_frames=sample.num_frames,
-                num_inference_steps=sample.steps,
-                guidance_scale=sample.guidance_scale,
-                generator=torch.Generator(device="cpu").manual_seed(sample.seed),
-                layout=layout,
-                xyz_mean=xyz_mean,
-                xyz_std=xyz_std,
-                given_frames=job.given_frames,
-            )
-        except torch.OutOfMemoryError as err:
-            raise UsageError(
-                "out of GPU memory: try --dtype bfloat16, --memory model or group (or sequential), --fp8, "
-                "fewer --num_frames, a smaller --height/--width, or run on a GPU with more memory"
-            ) from err
+        result = sample_job(model, job, sample)
         if not writes:
             continue
-        meta = {
-            "prompt": job.prompt,
-            "image": ",".join(map(str, job.images)) or None,
-            "video": str(job.video) if job.video else None,
-            "given_frames": list(job.given_frames),
-            "index": job.index,
-            **dataclasses.asdict(sample),
-            "height": job.height,
-            "width": job.width,
-            "mode": config.mode,
-            "type": model_type,
-            "model_path": str(config.model_path),
-            "sft_path": config.sft_path,
-            "random_weights": random_weights,
-            "lora_path": config.lora_path,
-            "adapter_format": adapter.format if adapter else None,
-            "lora_scale": lora_scale,
-            "center": adapter.meta.extra.get("center") if adapter else None,
-            "xyz_latent_mean": xyz_mean,
-            "xyz_latent_std": xyz_std,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "acceleration": dataclasses.asdict(speed),
-            "processes": world_size,
-            "versions": versions(),
-            "timings": {"load": load_seconds, **result.timings},
-        }
+        meta = job_meta(model, config, job, sample, result.timings, world_size)
         written.append(write_sample(out, job.index, result.rgb[0].numpy(), result.xyz[0].numpy(), meta))
         print(f"wrote {out / f'{job.index:05d}'}.{{mp4,npz,json}} ({sum(result.timings.values()):.1f} s)")
     return written
