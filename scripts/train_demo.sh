@@ -1,43 +1,48 @@
 #!/usr/bin/env bash
 # Train the small fourdnex demo model end to end, with the project's own tools only: synthetic 4D scenes in the
 # 4DNeX-10M layout, a small Wan VAE, a plain image-to-video base model (stage 1), then the 4DNeX adapter (stage 2),
-# its ablations and the any-frame adapter, all evaluated on held-out scenes.
+# its variants (LoRA rank, full fine-tuning, the two ablations, the any-frame adapter), each evaluated on held-out
+# scenes of the training texture families and of one family no training clip has.
 #
 #   WORK=runs/demo bash scripts/train_demo.sh                    # every stage, in order
 #   WORK=runs/demo bash scripts/train_demo.sh adapters evaluate    # some stages (each resumes where it stopped)
-#   WORK=runs/demo bash scripts/train_demo.sh "vae clips"          # stages named in one word run at the same time
+#   WORK=runs/demo bash scripts/train_demo.sh "data vae"           # stages named in one word run at the same time
 #
 # Stages (each one command or a few, resumable; times measured in BENCHMARKS.md):
-#   data      100 held-out clips and the VAE's 2,000 clips (25 frames, 96x144; three seed ranges that never meet)
-#   vae       the small Wan VAE on those clips (RGB and XYZ videos), then the model folder around it
-#   clips     the transformer's 10,000 training clips (CPU only: by default it runs while the VAE trains)
-#   cache     build_wan_dataset.py over the training clips with that model's encoders
+#   data      held-out clips (in distribution, and the same scenes in the held-out texture family) and the
+#             training clips (25 frames, 96x144; CPU only: by default it runs while the VAE trains)
+#   vae       the small Wan VAE on generator clips rendered in memory, with its held-out learning curve
+#   encoders  the model folder around that VAE, its tokenizer knowing the training captions' words
+#   cache     build_wan_dataset.py over the training clips with those encoders
 #   base      stage 1: finetune.py --train_mode full --layout rgb (plain image-to-video on the RGB clips)
-#   adapters  stage 2, all at once over the GPUs: LoRA + domain embedding (4DNeX), the two ablations (no domain
-#             embedding; stock RoPE) and the any-frame adapter (--condition_tasks any)
-#   evaluate  inference.py + evaluate.py on the held-out clips, for every adapter
-# Sizes: override CLIPS, HELD_OUT, VAE_CLIPS, VAE_STEPS, VAE_BATCH, BASE_STEPS, ADAPTER_STEPS, ANY_FRAME_STEPS,
-# BATCH (a smoke run uses tiny values).
+#   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
+#             fine-tuning of the fused model, the ablations (no domain embedding; stock RoPE) and the any-frame adapter
+#   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets
+# Sizes: override CLIPS, HELD_OUT, VAE_CLIPS, VAE_STEPS, VAE_BATCH, BATCH, BASE_STEPS, ADAPTER_STEPS, CURVE_POINTS,
+# RUNS (the stage-2 runs), TRAIN_FAMILIES, HELD_OUT_FAMILY (a smoke run uses tiny values).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK=${WORK:-runs/demo}
-CLIPS=${CLIPS:-10000}
+CLIPS=${CLIPS:-20000}
 HELD_OUT=${HELD_OUT:-100}
 VAE_CLIPS=${VAE_CLIPS:-2000}
-VAE_STEPS=${VAE_STEPS:-1500}
-VAE_BATCH=${VAE_BATCH:-8}
-BASE_STEPS=${BASE_STEPS:-2000}
-ADAPTER_STEPS=${ADAPTER_STEPS:-1500}
-# The any-frame adapter VAE-encodes most of its conditions every step (1.9 steps/s against 7.6 on two H200s): fewer
-# steps, so that it ends with the others.
-ANY_FRAME_STEPS=${ANY_FRAME_STEPS:-500}
-BATCH=${BATCH:-32}
+VAE_STEPS=${VAE_STEPS:-3000}
+VAE_BATCH=${VAE_BATCH:-16}
+BATCH=${BATCH:-256}
+BASE_STEPS=${BASE_STEPS:-4000}
+ADAPTER_STEPS=${ADAPTER_STEPS:-3000}
+CURVE_POINTS=${CURVE_POINTS:-4}
+RUNS=${RUNS:-4dnex lora64 full no-domain-embedding stock-rope any-frame}
+TRAIN_FAMILIES=${TRAIN_FAMILIES:-checkers noise plain gradients}
+HELD_OUT_FAMILY=${HELD_OUT_FAMILY:-stripes}
 CPUS=${CPUS:-$(nproc)}
 GPUS=${GPUS:-$({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l)}
 PY=${PYTHON:-python}
 # 25 frames (7 latent frames) of 96 x 144 per modality: 756 transformer tokens fused.
 SIZE=(--num_frames 25 --height 96 --width 144)
+# shellcheck disable=SC2206  # the families are words
+FAMILIES=($TRAIN_FAMILIES)
 mkdir -p "$WORK"
 
 log() { echo "[train_demo $(date +%H:%M:%S)] $*" >&2; }
@@ -50,27 +55,30 @@ on_gpu() {
 }
 
 stage_data() {
-    log "data: $HELD_OUT held-out clips, $VAE_CLIPS clips for the VAE"
-    # Clip i of seed s is scene s * 100003 + i: the held-out (2), VAE (3) and training (1) ranges never meet.
+    log "data: $HELD_OUT held-out clips in each set, $CLIPS training clips"
+    # Clip i of seed s is scene s * 100003 + i: the held-out (2), VAE (3) and training (1) ranges never meet. The
+    # held-out family's set has the same scenes as the in-distribution one, in another texture family.
     "$PY" -m fourdnex.data.synthetic --out "$WORK/held-out" --num_clips "$HELD_OUT" --seed 2 --workers "$CPUS" \
-        --num_frames 25 --height 96 --width 144
-    "$PY" -m fourdnex.data.synthetic --out "$WORK/vae-clips" --num_clips "$VAE_CLIPS" --seed 3 --workers "$CPUS" \
-        --num_frames 25 --height 96 --width 144
-}
-
-stage_clips() {
-    log "clips: $CLIPS training clips"
+        --texture_families "${FAMILIES[@]}" "${SIZE[@]}"
+    "$PY" -m fourdnex.data.synthetic --out "$WORK/held-out-family" --num_clips "$HELD_OUT" --seed 2 \
+        --workers "$CPUS" --texture_families "$HELD_OUT_FAMILY" "${SIZE[@]}"
     "$PY" -m fourdnex.data.synthetic --out "$WORK/train" --num_clips "$CLIPS" --seed 1 --workers "$CPUS" \
-        --num_frames 25 --height 96 --width 144
+        --texture_families "${FAMILIES[@]}" "${SIZE[@]}"
 }
 
 stage_vae() {
     log "vae: $VAE_STEPS steps of $VAE_BATCH clips"
     "$PY" -m fourdnex.model.presets "$WORK/init" --preset demo
-    on_gpu 0 "$PY" -m fourdnex.train.vae --data_dir "$WORK/vae-clips/data" --eval_data_dir "$WORK/held-out/data" \
+    on_gpu 0 "$PY" -m fourdnex.train.vae --synthetic_clips "$VAE_CLIPS" --synthetic_seed 3 \
+        --texture_families "${FAMILIES[@]}" --eval_synthetic_clips 64 --eval_steps $(( VAE_STEPS / 10 > 0 ? VAE_STEPS / 10 : 1 )) \
         --model_path "$WORK/init" --out "$WORK/vae" --max_steps "$VAE_STEPS" --batch_size "$VAE_BATCH" \
-        --workers "$CPUS" "${SIZE[@]}"
-    "$PY" -m fourdnex.model.presets "$WORK/encoders" --preset demo --vae "$WORK/vae/vae"
+        --workers $(( CPUS / 2 > 0 ? CPUS / 2 : 1 )) "${SIZE[@]}"
+}
+
+stage_encoders() {
+    log "encoders: the trained VAE, the training captions' tokenizer"
+    "$PY" -m fourdnex.model.presets "$WORK/encoders" --preset demo --vae "$WORK/vae/vae" \
+        --corpus "$WORK/train/captions.txt"
 }
 
 stage_cache() {
@@ -88,81 +96,113 @@ stage_cache() {
         --num_frames 25 --resolution_h 96 --resolution_w 144 --merge
 }
 
-# finetune.py on the demo cache; $1: GPU, $2: output folder, then extra flags.
+# finetune.py on the demo cache; $1: GPU, $2: output folder, $3: steps, then extra flags. A checkpoint at each of the
+# CURVE_POINTS points of the learning curve, all kept.
 finetune() {
-    local gpu=$1 out=$2
-    shift 2
-    on_gpu "$gpu" "$PY" finetune.py --cache_dir "$WORK/cache" --output_dir "$out" "${SIZE[@]}" \
+    local gpu=$1 out=$2 steps=$3
+    shift 3
+    on_gpu "$gpu" "$PY" finetune.py --cache_dir "$WORK/cache" --output_dir "$out" "${SIZE[@]}" --max_steps "$steps" \
         --train_batch_size "$BATCH" --no_gradient_checkpointing --timestep_sampling shifted --cache_in_memory \
-        --lr_warmup_steps 200 --checkpointing_steps 500 --resume_from_checkpoint latest "$@"
+        --compile_blocks --lr_warmup_steps 200 --min_lr_ratio 0.1 --logging_steps 10 \
+        --checkpointing_steps $(( steps / CURVE_POINTS )) --checkpoints_total_limit "$CURVE_POINTS" \
+        --resume_from_checkpoint latest "$@"
 }
 
 stage_base() {
     log "base: $BASE_STEPS steps of full training on the RGB clips"
-    finetune 0 "$WORK/base" --model_path "$WORK/encoders" --train_mode full --layout rgb --type i2vwbw \
-        --learning_rate 5e-4 --max_steps "$BASE_STEPS"
+    finetune 0 "$WORK/base" "$BASE_STEPS" --model_path "$WORK/encoders" --train_mode full --layout rgb \
+        --type i2vwbw --learning_rate 1e-3
     "$PY" -m fourdnex.model.presets "$WORK/model" --preset demo --vae "$WORK/vae/vae" \
-        --transformer "$WORK/base/transformer"
+        --transformer "$WORK/base/transformer" --corpus "$WORK/train/captions.txt"
 }
 
+# The flags of each stage-2 run.
+declare -A RUN_FLAGS=(
+    [4dnex]="--type i2vwbw-demb-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
+    [lora64]="--type i2vwbw-demb-samerope --lora_rank 64 --lora_alpha 64 --learning_rate 2e-3"
+    [full]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
+    [no-domain-embedding]="--type i2vwbw-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
+    [stock-rope]="--type i2vwbw-demb --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
+    [any-frame]="--type i2vwbw-demb-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3 --condition_tasks any"
+)
+
 stage_adapters() {
-    log "adapters: $ADAPTER_STEPS steps each ($ANY_FRAME_STEPS any-frame), at once on $(( GPUS > 0 ? GPUS : 1 )) devices"
-    local names=(4dnex no-domain-embedding stock-rope any-frame)
-    local flags=("--type i2vwbw-demb-samerope" "--type i2vwbw-samerope" "--type i2vwbw-demb"
-                 "--type i2vwbw-demb-samerope --condition_tasks any")
-    local steps=("$ADAPTER_STEPS" "$ADAPTER_STEPS" "$ADAPTER_STEPS" "$ANY_FRAME_STEPS")
-    local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=()
-    for i in "${!names[@]}"; do  # the small model leaves a GPU mostly idle: several runs share one well
+    log "adapters: $RUNS, $ADAPTER_STEPS steps each, at once on $(( GPUS > 0 ? GPUS : 1 )) devices"
+    local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=() i=0
+    for name in $RUNS; do  # the small model leaves a GPU idle between its kernels: several runs share one well
         # shellcheck disable=SC2086  # the flags are words
-        finetune $(( i % slots )) "$WORK/${names[$i]}" --model_path "$WORK/model" --lora_rank 16 --lora_alpha 16 \
-            --learning_rate 1e-3 --max_steps "${steps[$i]}" ${flags[$i]} > "$WORK/${names[$i]}.log" 2>&1 &
+        finetune $(( i % slots )) "$WORK/$name" "$ADAPTER_STEPS" --model_path "$WORK/model" ${RUN_FLAGS[$name]} \
+            > "$WORK/$name.log" 2>&1 &
         pids+=($!)
+        i=$(( i + 1 ))
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
-# inference.py for adapter $1 in condition mode $2 (image, video, first_last), on GPU $3.
-generate_one() {
-    local name=$1 mode=$2 gpu=$3 inputs=$WORK/held-out/inputs
+# The weights a run wrote at a point of its learning curve: the adapter, or with --train_mode full a model folder.
+# $1: run, $2: checkpoint folder; prints inference.py's model flags.
+weights() {
+    local run=$1 checkpoint=$2
+    if [[ -d $checkpoint/transformer ]]; then
+        echo "--model_path $WORK/model --sft_path $checkpoint/transformer"
+    else
+        echo "--model_path $WORK/model --lora_path $checkpoint/adapter"
+    fi
+}
+
+# inference.py + evaluate.py for one run's weights; $1: run, $2: checkpoint, $3: held-out set, $4: condition mode
+# (image, video, first_last), $5: GPU, $6: CPUs for evaluate.py.
+evaluate_one() {
+    local run=$1 checkpoint=$2 set=$3 mode=$4 gpu=$5 cpus=$6 inputs=$WORK/$3/inputs
+    local out=$WORK/results/$run/$(basename "$checkpoint")/$set-$mode
     local condition=(--image "$inputs/images.txt")
     [[ $mode == video ]] && condition=(--video "$inputs/videos.txt")
     [[ $mode == first_last ]] && condition=(--video "$inputs/videos.txt" --frames 0,24)
-    on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$WORK/results/$name-$mode" \
-        --model_path "$WORK/model" --lora_path "$WORK/$name/adapter" "${SIZE[@]}" --steps 30 --guidance_scale 1 \
-        --compile off --skip_existing
+    # shellcheck disable=SC2046  # the model flags are words
+    on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$out" \
+        $(weights "$run" "$checkpoint") "${SIZE[@]}" --steps 30 --guidance_scale 1 --compile off --skip_existing
+    taskset -c "$cpus" "$PY" evaluate.py --results "$out" --gt "$WORK/$set/data" --mapping "$inputs/mapping.json" \
+        --out "$WORK/reports/$run/$(basename "$checkpoint")/$set-$mode"
 }
 
 stage_evaluate() {
-    log "evaluate: every adapter on the held-out clips"
-    "$PY" -m fourdnex.evaluation.inputs --gt "$WORK/held-out/data" --out "$WORK/held-out/inputs" "${SIZE[@]}"
-    local runs=("4dnex image" "no-domain-embedding image" "stock-rope image" "any-frame image" "any-frame video"
-                "any-frame first_last")
-    local pids=()
-    for i in "${!runs[@]}"; do  # all at once: the small model shares a GPU well
-        # shellcheck disable=SC2086  # name and mode
-        generate_one ${runs[$i]} $(( GPUS > 0 ? i % GPUS : 0 )) > "$WORK/generate-$i.log" 2>&1 &
-        pids+=($!)
+    log "evaluate: every run's checkpoints on both held-out sets"
+    for set in held-out held-out-family; do
+        "$PY" -m fourdnex.evaluation.inputs --gt "$WORK/$set/data" --out "$WORK/$set/inputs" "${SIZE[@]}"
     done
-    for pid in "${pids[@]}"; do wait "$pid"; done
-    # All at once, each on its share of the CPUs this script may use (its worker processes follow them): each run's
-    # start and report overlap the others' work (on 16 CPUs the six took 54 s at once, one took 11-15 s alone).
-    local cpus
+    local jobs=()
+    for name in $RUNS; do
+        for checkpoint in "$WORK/$name"/checkpoints/checkpoint-*; do
+            for set in held-out held-out-family; do
+                jobs+=("$name $checkpoint $set image")
+                if [[ $name == any-frame && $checkpoint == $(ls -d "$WORK/$name"/checkpoints/checkpoint-* | tail -1) ]]
+                then
+                    jobs+=("$name $checkpoint $set video" "$name $checkpoint $set first_last")
+                fi
+            done
+        done
+    done
+    # A few at once, each evaluate.py on its share of the CPUs this script may use (its worker processes follow).
+    local cpus at_once=6 pids=()
     read -ra cpus <<< "$("$PY" -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
-    local share=$(( ${#cpus[@]} / ${#runs[@]} > 1 ? ${#cpus[@]} / ${#runs[@]} : 1 ))
-    pids=()
-    for i in "${!runs[@]}"; do
-        local name=${runs[$i]% *} mode=${runs[$i]#* } first=$(( i * share % ${#cpus[@]} )) list
-        list=$(IFS=,; echo "${cpus[*]:first:share}")
-        taskset -c "$list" "$PY" evaluate.py --results "$WORK/results/$name-$mode" \
-            --gt "$WORK/held-out/data" --mapping "$WORK/held-out/inputs/mapping.json" \
-            --out "$WORK/reports/$name-$mode" > "$WORK/evaluate-$i.log" 2>&1 &
+    local share=$(( ${#cpus[@]} / at_once > 1 ? ${#cpus[@]} / at_once : 1 ))
+    for i in "${!jobs[@]}"; do
+        local slot=$(( i % at_once )) list
+        list=$(IFS=,; echo "${cpus[*]:$(( slot * share % ${#cpus[@]} )):share}")
+        # shellcheck disable=SC2086  # run, checkpoint, set and mode are words
+        evaluate_one ${jobs[$i]} $(( GPUS > 0 ? i % GPUS : 0 )) "$list" > "$WORK/evaluate-$i.log" 2>&1 &
         pids+=($!)
+        if (( ${#pids[@]} == at_once )); then
+            for pid in "${pids[@]}"; do wait "$pid"; done
+            pids=()
+        fi
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
+    "$PY" -m fourdnex.evaluation.curves --work "$WORK" --out "$WORK/curves"
 }
 
 stages=("$@")
-(( ${#stages[@]} )) || stages=(data "vae clips" cache base adapters evaluate)
+(( ${#stages[@]} )) || stages=("data vae" encoders cache base adapters evaluate)
 for group in "${stages[@]}"; do
     start=$SECONDS
     pids=()
