@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
+from transformers import T5Tokenizer
 
 from fourdnex.files import atomic_path, read_npz, read_video, write_json, write_npz, write_video
 from fourdnex.geometry.results import ResultError, find_results, load_result, save_result
@@ -119,6 +120,20 @@ def test_a_model_assembled_from_trained_components_stores_them_in_half_precision
     for name, value in pipe.transformer.state_dict().items():
         torch.testing.assert_close(loaded[name], value.half().float(), rtol=0, atol=0)
     assert load_vae(model).dtype == torch.float32
+
+
+def test_a_model_tokenizer_knows_the_words_of_its_corpus(tmp_path):
+    """--corpus: a caption's words are whole pieces of the tokenizer of a model built with it; elsewhere they fall
+    back to characters."""
+    from fourdnex.model.presets import build_parser, main
+
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("On striped sandy ground a mottled teal pillar slides and turns.\n")
+    main(build_parser().parse_args([str(tmp_path / "model"), "--corpus", str(corpus)]))
+    known = T5Tokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
+    toy = build_pipeline("tiny").tokenizer
+    assert known.tokenize("a mottled pillar") == ["\u2581a", "\u2581mottled", "\u2581pillar"]
+    assert len(toy.tokenize("mottled")) > 1 and "<unk>" not in toy.tokenize("mottled")
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -84,3 +84,68 @@ def test_scene_caption_is_the_rendered_scenes_caption():
     for seed in range(5):
         for dynamic in (True, False):
             assert scene_caption(seed, dynamic) == render_scene(seed, 1, 2, 2, dynamic=dynamic).caption
+
+
+def test_texture_families_retexture_the_same_scenes():
+    """A family left out never appears; with other families allowed, a seed keeps its geometry, cameras and motion
+    (the held-out family's set is the in-distribution set, retextured) and its caption changes only in texture
+    words."""
+    from fourdnex.data.raycast import TEXTURE_FAMILIES
+    from fourdnex.data.synthetic import _sample_scene
+
+    training = ("checkers", "noise", "plain", "gradients")
+    seen = set()
+    for seed in range(40):
+        draw = _sample_scene(seed, dynamic=True, families=training)
+        surfaces = [draw.layout.ground, draw.layout.walls, *(o.texture for o in draw.layout.objects)]
+        seen |= {t.family for t in surfaces}
+        assert "striped" not in render_scene(seed, 1, 2, 2, families=training).caption
+    assert seen == set(training)  # every allowed family is drawn, the held-out one never
+    for seed in range(3):
+        a = render_scene(seed, 5, 24, 32, families=training)
+        b = render_scene(seed, 5, 24, 32, families=("stripes",))
+        for name in ("depth", "points", "cam2world", "K", "dynamic_mask", "labels"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        assert not np.array_equal(a.rgb, b.rgb)
+        assert "striped" in b.caption and set(TEXTURE_FAMILIES) > set(training)
+    with pytest.raises(ValueError, match="texture families must be among"):
+        render_scene(0, 1, 2, 2, families=("bricks",))
+
+
+@pytest.mark.parametrize("family", ["checkers", "stripes", "noise", "plain", "gradients"])
+def test_each_texture_family_mixes_its_two_colours(family):
+    """A texture's colour lies between its two colours (plain is the first one); the patterns vary over a surface,
+    checkers and stripes take only the two colours."""
+    import torch
+
+    from fourdnex.data.raycast import Texture
+
+    texture = Texture(family, np.array([0.9, 0.1, 0.1]), np.array([0.1, 0.1, 0.9]), 0.5, np.eye(3), np.zeros(3))
+    points = torch.rand(4000, 3, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    albedo = texture.albedo(points).numpy()
+    share = (albedo[:, 2] - 0.1) / 0.8  # 0 at the first colour, 1 at the second
+    assert np.allclose(albedo[:, 1], 0.1) and (share >= -1e-6).all() and (share <= 1 + 1e-6).all()
+    if family == "plain":
+        assert np.allclose(share, 0)
+    else:
+        assert share.std() > 0.1
+    if family in ("checkers", "stripes"):
+        assert np.all(np.isclose(share, 0, atol=1e-6) | np.isclose(share, 1, atol=1e-6))
+    if family == "stripes":  # constant along the pattern's other two axes
+        flat = points.clone()
+        flat[:, 1:] = torch.rand(4000, 2) * 4 - 2
+        assert np.array_equal(texture.albedo(flat).numpy(), albedo)
+
+
+def test_pillars_are_hit_on_their_side_and_caps():
+    """A cylinder's depth is exact: rays into the side and onto the top cap of a unit pillar hit where the geometry
+    says."""
+    import torch
+
+    from fourdnex.data.raycast import _intersect_cylinder_local
+
+    o = torch.tensor([[0.0, 0.0, -5.0], [0.0, 5.0, 0.5], [0.0, 3.0, -5.0]])
+    d = torch.tensor([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    t, cap = _intersect_cylinder_local(o, d)
+    assert torch.allclose(t[:2], torch.tensor([4.0, 4.0])) and cap.tolist()[:2] == [False, True]
+    assert torch.isinf(t[2])  # above the pillar: missed

@@ -131,7 +131,9 @@ def _texture(rng: np.random.Generator, families: tuple[str, ...], colors, scale:
              upright: bool) -> Texture:  # fmt: skip
     """A texture of a family drawn from ``families`` mixing ``colors``; ``upright`` turns its pattern about the
     vertical only (ground and walls), else about any axis (objects)."""
-    family = str(rng.choice(families))
+    # One uniform draw whatever the number of families, so that a scene's geometry, colours and motion do not
+    # depend on which families are allowed: the held-out family's scenes are the in-distribution ones, retextured.
+    family = families[min(int(rng.random() * len(families)), len(families) - 1)]
     axis = np.array([0.0, 1.0, 0.0]) if upright else rng.normal(size=3)
     axis = axis / np.linalg.norm(axis)
     return Texture(
