@@ -34,3 +34,21 @@ def tiny_pipe():
     pipe = load_pipeline(TINY, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A tiny training cache of two clips, built by build_wan_dataset.py."""
+    from train_cache import build_cache
+
+    return build_cache(tmp_path_factory.mktemp("cache"), num_clips=2)
+
+
+@pytest.fixture(scope="session")
+def overfit_run(cache_dir, tmp_path_factory) -> Path:
+    """finetune.py's overfit run (training_support.overfit_args), shared by the tests that read what it wrote."""
+    from training_support import finetune, overfit_args
+
+    out = tmp_path_factory.mktemp("overfit")
+    finetune(*overfit_args(cache_dir, out))
+    return out

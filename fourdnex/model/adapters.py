@@ -180,6 +180,34 @@ def save_adapter(
     return path
 
 
+#: The metadata key under which a fully trained transformer's weights file (``finetune.py --train_mode full``) keeps
+#: what it was trained as: an :class:`AdapterMeta` as JSON (its LoRA fields unused), so that sampling it with
+#: ``--sft_path`` takes the model type and the XYZ latent statistics of its training data, as an adapter's do.
+TRANSFORMER_META_KEY = "fourdnex_training"
+TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def transformer_metadata(meta: AdapterMeta) -> dict[str, str]:
+    """The safetensors metadata a fully trained transformer's weights file carries."""
+    return {TRANSFORMER_META_KEY: json.dumps(asdict(meta))}
+
+
+def read_transformer_meta(folder: str | Path) -> AdapterMeta | None:
+    """What a transformer folder's weights say they were trained as (see :data:`TRANSFORMER_META_KEY`); None for a
+    folder without it (a base model, the reference's fine-tuned transformer)."""
+    path = Path(folder) / TRANSFORMER_WEIGHTS
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as f:
+        raw = (f.metadata() or {}).get(TRANSFORMER_META_KEY)
+    if raw is None:
+        return None
+    try:
+        return AdapterMeta(**json.loads(raw))
+    except (ValueError, TypeError) as err:
+        raise AdapterError(f"{path}: unreadable {TRANSFORMER_META_KEY} metadata ({err})") from err
+
+
 def resolve_model_type(adapter: Adapter | None, requested: str | None, zero_domain_embedding: bool = False) -> str:
     """The model type (a ``MODEL_TYPES`` key) to sample with: the one a fourdnex adapter was trained as, else
     ``requested``, else the default.

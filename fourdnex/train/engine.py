@@ -206,12 +206,14 @@ class Trainer:
         folder for ``inference.py --sft_path``). Every process must call; returns the path on the main process."""
         if self.cfg.train_mode == "lora":
             return self.save_adapter(Path(folder) / ADAPTER_DIR, step)
-        return self.save_transformer(Path(folder) / TRANSFORMER_DIR)
+        return self.save_transformer(Path(folder) / TRANSFORMER_DIR, step)
 
-    def save_transformer(self, folder: Path) -> Path | None:
-        """Write the fully trained transformer as a diffusers folder (config + fp32 safetensors); every process must
-        call (ZeRO-3 partitions the weights); returns the folder on the main process."""
+    def save_transformer(self, folder: Path, step: int) -> Path | None:
+        """Write the fully trained transformer as a diffusers folder (config + fp32 safetensors, whose metadata says
+        what it was trained as: :func:`fourdnex.model.adapters.transformer_metadata`); every process must call
+        (ZeRO-3 partitions the weights); returns the folder on the main process."""
         from fourdnex.files import write_safetensors
+        from fourdnex.model.adapters import TRANSFORMER_WEIGHTS, transformer_metadata
 
         trained = self.full_fp32_state()
         if not self.accelerator.is_main_process:
@@ -220,7 +222,7 @@ class Trainer:
         state.update(trained)
         folder.mkdir(parents=True, exist_ok=True)
         self.module.save_config(folder)
-        write_safetensors(folder / "diffusion_pytorch_model.safetensors", state)
+        write_safetensors(folder / TRANSFORMER_WEIGHTS, state, transformer_metadata(self.meta_at(step)))
         return folder
 
     def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
@@ -245,10 +247,15 @@ class Trainer:
     def save_adapter(self, path: str | Path, step: int) -> Path | None:
         """Write the inference-ready adapter (fourdnex format) to ``path``; every process must call. Returns the file
         on the main process, None elsewhere."""
-        from fourdnex.model.adapters import AdapterMeta, save_adapter
+        from fourdnex.model.adapters import save_adapter
 
         tensors = self.adapter_tensors()
         if tensors is None:
             return None
-        meta = AdapterMeta(**{**asdict(self.meta), "extra": {**self.meta.extra, "step": step}})
-        return save_adapter(path, tensors[0], tensors[1], meta)
+        return save_adapter(path, tensors[0], tensors[1], self.meta_at(step))
+
+    def meta_at(self, step: int) -> AdapterMeta:
+        """The run's metadata with the step its weights were saved at."""
+        from fourdnex.model.adapters import AdapterMeta
+
+        return AdapterMeta(**{**asdict(self.meta), "extra": {**self.meta.extra, "step": step}})
