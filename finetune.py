@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--cache_in_memory",
         action="store_true",
-        help="read every latent and embedding the run uses into host memory first (small caches: the demo model's "
-        "steps run without file reads; about 0.4 MB per clip at 25x96x144, BENCHMARKS.md)",
+        help="read every latent and embedding the run uses once, into stacked tensors on the training GPU (host "
+        "memory where they would take more than half of its free memory; the videos too with --condition_tasks any): "
+        "a step's batch is a few gathers, no file reads (about 0.5 MB per clip at 25x96x144, BENCHMARKS.md)",
     )
     g.add_argument("--height", type=int, default=d.height, help="per modality; must match the cache")
     g.add_argument("--width", type=int, default=d.width, help="per modality; must match the cache")

@@ -41,6 +41,9 @@ GPUS=${GPUS:-$({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l)}
 PY=${PYTHON:-python}
 # 25 frames (7 latent frames) of 96 x 144 per modality: 756 transformer tokens fused.
 SIZE=(--num_frames 25 --height 96 --width 144)
+# Compiled blocks pay on a GPU (BENCHMARKS.md, "The demo model's stages on one GPU"); on a CPU compiling costs minutes.
+COMPILE=()
+(( GPUS > 0 )) && COMPILE=(--compile_blocks)
 # shellcheck disable=SC2206  # the families are words
 FAMILIES=($TRAIN_FAMILIES)
 mkdir -p "$WORK"
@@ -103,7 +106,7 @@ finetune() {
     shift 3
     on_gpu "$gpu" "$PY" finetune.py --cache_dir "$WORK/cache" --output_dir "$out" "${SIZE[@]}" --max_steps "$steps" \
         --train_batch_size "$BATCH" --no_gradient_checkpointing --timestep_sampling shifted --cache_in_memory \
-        --compile_blocks --lr_warmup_steps 200 --min_lr_ratio 0.1 --logging_steps 10 \
+        "${COMPILE[@]}" --lr_warmup_steps 200 --min_lr_ratio 0.1 --logging_steps 10 \
         --checkpointing_steps $(( steps / CURVE_POINTS )) --checkpoints_total_limit "$CURVE_POINTS" \
         --resume_from_checkpoint latest "$@"
 }
