@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "attention+ffn (also its feed-forward pre-activation; not with LoRA on the feed-forward). attention and "
         "attention+ffn need ZeRO-2; on CUDA they park what they keep and the block inputs in page-locked host "
         "memory, 30 GB / 68 GB per process at 49x480x720. auto: recompute without CUDA or under ZeRO-3, else the "
-        "most the free host RAM per process allows (34 GB / 76 GB at 49x480x720, scaled with the tokens per step)",
+        "most the free host RAM per process allows (thresholds in fourdnex/train/memory_policy.py, scaled with the "
+        "tokens per step)",
     )
     g.add_argument("--attention_backend", default=None, help="diffusers attention backend, e.g. _native_cudnn")
     g.add_argument("--compile_blocks", action="store_true", help="torch.compile each transformer block")

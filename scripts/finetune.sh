@@ -62,13 +62,10 @@ train=(
 )
 
 # --- speed, ZeRO-2 on GPUs: compiled blocks. What gradient checkpointing keeps is finetune.py's
-# --activation_memory auto (fourdnex/train/memory_policy.py): every block's self-attention output and feed-forward
-# pre-activation kept instead of recomputed, parked with the block inputs in page-locked host memory. At 49x480x720
-# that takes 68 GB of host RAM per GPU (30 GB without the feed-forward), so it keeps both from 76 GB of free host
-# RAM per GPU, the attention from 34 GB, else recomputes; ZeRO-3, and a machine without GPUs, recompute. The free
-# host RAM is MemAvailable or what a cgroup memory limit leaves, whichever is less. One H100: 11.3 s/step at
-# 45 GiB (11.9 s at 43 GiB without the feed-forward kept); one H200: 11.0 s, against 15.3 s at 58 GiB for plain
-# diffusers + peft + checkpointing (BENCHMARKS.md).
+# --activation_memory auto (fourdnex/train/memory_policy.py, where its thresholds are): each block's self-attention
+# output and feed-forward pre-activation kept instead of recomputed, parked with the block inputs in page-locked host
+# memory, as much as the free host RAM per GPU allows; ZeRO-3, and a machine without GPUs, recompute. Step times and
+# memory: BENCHMARKS.md, "Training".
 SPEED=()
 if [[ "$ZERO" == 2 ]] && (( GPUS_FOUND > 0 )); then
     SPEED=(--compile_blocks)

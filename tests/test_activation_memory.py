@@ -438,3 +438,11 @@ def test_plan_of_each_setting():
     assert RecomputePlan.for_setting("attention+ffn", park=True) == ALL_KEPT_AND_PARKED
 
 
+
+
+def test_the_readme_states_the_thresholds_the_policy_uses():
+    """The README's --activation_memory table says the thresholds of fourdnex.train.memory_policy, where they live."""
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `auto` (default) |"))
+    assert f"from {memory_policy.ATTENTION_FFN_HOST_BYTES / 1e9:.0f} GB" in row
+    assert f"`attention` from {memory_policy.ATTENTION_HOST_BYTES / 1e9:.0f} GB" in row
