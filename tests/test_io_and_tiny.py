@@ -205,3 +205,10 @@ def test_read_npz_maps_stored_members_and_reads_compressed_ones(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "stored.npz").read_bytes()[:200])
     with pytest.raises(ValueError):
         read_npz(tmp_path / "cut.npz")
+
+
+def test_shipped_configs_name_no_machine_path():
+    """The bundled models' configs hold no path of the machine that built or trained them."""
+    for config in (ROOT / "example").rglob("*.json"):
+        text = config.read_text()
+        assert "_name_or_path" not in text and "/root/" not in text and "/tmp/" not in text, config

@@ -193,7 +193,9 @@ def save_model(
         weights = "diffusion_pytorch_model.safetensors"
         shutil.rmtree(path / name)
         (path / name).mkdir()
-        shutil.copy(Path(folder) / "config.json", path / name / "config.json")
+        config = json.loads((Path(folder) / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was trained: a path of another machine
+        (path / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = load_file(Path(folder) / weights)
         write_safetensors(path / name / weights, {key: value.half() for key, value in state.items()})
     index_file = path / "model_index.json"

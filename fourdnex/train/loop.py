@@ -125,7 +125,7 @@ def adapter_meta(cfg: TrainConfig, cache: LatentCache, model_path: str) -> Adapt
         model_type=cfg.model_type,
         xyz_latent_mean=cache.stats.xyz_latent_mean,
         xyz_latent_std=cache.stats.xyz_latent_std,
-        base_model=model_path,
+        base_model=Path(model_path).name,  # the folder's name: no path of the machine that trained it
         extra={
             "height": cfg.height,
             "width": cfg.width,
