@@ -27,6 +27,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/demo}
 CLIPS=${CLIPS:-10000}
 HELD_OUT=${HELD_OUT:-100}
+CURVE_CLIPS=${CURVE_CLIPS:-32}
 VAE_CLIPS=${VAE_CLIPS:-2000}
 VAE_STEPS=${VAE_STEPS:-1500}
 VAE_BATCH=${VAE_BATCH:-32}
@@ -63,11 +64,16 @@ on_gpu() {
 stage_data() {
     log "data: $HELD_OUT held-out clips in each set, $CLIPS training clips"
     # Clip i of seed s is scene s * 100003 + i: the held-out (2), VAE (3) and training (1) ranges never meet. The
-    # held-out family's set has the same scenes as the in-distribution one, in another texture family.
-    "$PY" -m fourdnex.data.synthetic --out "$WORK/held-out" --num_clips "$HELD_OUT" --seed 2 --workers "$CPUS" \
-        --texture_families "${FAMILIES[@]}" "${SIZE[@]}"
-    "$PY" -m fourdnex.data.synthetic --out "$WORK/held-out-family" --num_clips "$HELD_OUT" --seed 2 \
-        --workers "$CPUS" --texture_families "$HELD_OUT_FAMILY" "${SIZE[@]}"
+    # held-out family's sets have the same scenes as the in-distribution ones, in another texture family; the curve
+    # sets are their first CURVE_CLIPS clips, on which every checkpoint is scored.
+    local set count families
+    for set in held-out held-out-family curve curve-family; do
+        count=$HELD_OUT families=("${FAMILIES[@]}")
+        [[ $set == curve* ]] && count=$CURVE_CLIPS
+        [[ $set == *family ]] && families=("$HELD_OUT_FAMILY")
+        "$PY" -m fourdnex.data.synthetic --out "$WORK/$set" --num_clips "$count" --seed 2 --workers "$CPUS" \
+            --texture_families "${families[@]}" "${SIZE[@]}"
+    done
     "$PY" -m fourdnex.data.synthetic --out "$WORK/train" --num_clips "$CLIPS" --seed 1 --workers "$CPUS" \
         --texture_families "${FAMILIES[@]}" "${SIZE[@]}"
 }
@@ -172,21 +178,20 @@ evaluate_one() {
 }
 
 stage_evaluate() {
-    log "evaluate: every run's checkpoints on both held-out sets"
-    for set in held-out held-out-family; do
+    log "evaluate: every run's checkpoints on the curve sets, its last one on the held-out sets"
+    for set in held-out held-out-family curve curve-family; do
         "$PY" -m fourdnex.evaluation.inputs --gt "$WORK/$set/data" --out "$WORK/$set/inputs" "${SIZE[@]}"
     done
-    local jobs=()
+    local jobs=() last
     for name in $RUNS; do
+        last=$(ls -d "$WORK/$name"/checkpoints/checkpoint-* | tail -1)
         for checkpoint in "$WORK/$name"/checkpoints/checkpoint-*; do
-            for set in held-out held-out-family; do
-                jobs+=("$name $checkpoint $set image")
-                if [[ $name == any-frame && $checkpoint == $(ls -d "$WORK/$name"/checkpoints/checkpoint-* | tail -1) ]]
-                then
-                    jobs+=("$name $checkpoint $set video" "$name $checkpoint $set first_last")
-                fi
-            done
+            jobs+=("$name $checkpoint curve image" "$name $checkpoint curve-family image")
         done
+        jobs+=("$name $last held-out image" "$name $last held-out-family image")
+        if [[ $name == any-frame ]]; then
+            jobs+=("$name $last held-out video" "$name $last held-out first_last")
+        fi
     done
     # A few at once, each evaluate.py on its share of the CPUs this script may use (its worker processes follow).
     local cpus at_once=6 pids=()
