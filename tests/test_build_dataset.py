@@ -337,6 +337,48 @@ def test_a_pointmap_of_integers_is_refused(tree, tmp_path):
         sources.read_clip(clip, sources.Captions(data_dir))
 
 
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory) -> Path:
+    """Two MonST3R clips (frames 0-4 and 1-5 of their scenes) and a dynamic_3 clip, 5 frames of 24 x 32."""
+    return write_tree(tmp_path_factory.mktemp("masked"), num_clips=3, num_frames=5, height=24, width=32)
+
+
+def test_the_dynamic_mask_read_is_the_renderer_s(masked):
+    clips = {c.id: c for c in sources.find_clips(masked).clips}
+    captions = sources.Captions(masked)
+    for seed, (clip_id, start) in enumerate((("dynamic/dynamic_1/10000_0-4", 0), ("dynamic/dynamic_2/10001_1-5", 1))):
+        raw = sources.read_clip(clips[clip_id], captions)
+        expected = render_scene(seed, start + 5, 24, 32).dynamic_mask[start:]  # the clip's frames of its scene
+        assert raw.dynamic.dtype == bool and raw.dynamic.shape == (5, 24, 32)
+        np.testing.assert_array_equal(raw.dynamic, expected)
+        assert 0.01 < raw.dynamic.mean() < 0.5  # moving objects in view, not everywhere
+    assert sources.read_clip(clips["dynamic/dynamic_3/10002"], captions).dynamic is None  # npz clips carry none
+
+
+def test_a_bad_dynamic_mask_is_named_when_the_mask_is_read(masked, tmp_path):
+    # the cache reads no mask: a clip whose masks are broken reads as before; its mask is a ClipError naming the file
+    data_dir = tmp_path / "data"
+    shutil.copytree(masked, data_dir)
+    folder = data_dir / "dynamic" / "dynamic_1" / "10000_0-4"
+    clip = {c.id: c for c in sources.find_clips(data_dir).clips}["dynamic/dynamic_1/10000_0-4"]
+    before = sources.read_clip(clip, sources.Captions(masked))
+    (folder / "dynamic_mask_2.png").unlink()
+    cases = {
+        f"dynamic mask {folder / 'dynamic_mask_2.png'} is missing": None,
+        f"dynamic mask {folder / 'dynamic_mask_2.png'} is 10x12, the depth 24x32": np.zeros((10, 12), np.uint8),
+        f"cannot read dynamic mask {folder / 'dynamic_mask_2.png'}": b"not a png",
+    }
+    for message, content in cases.items():
+        if isinstance(content, bytes):
+            (folder / "dynamic_mask_2.png").write_bytes(content)
+        elif content is not None:
+            Image.fromarray(content).save(folder / "dynamic_mask_2.png")
+        raw = sources.read_clip(clip, sources.Captions(data_dir))
+        np.testing.assert_array_equal(raw.depth, before.depth)
+        with pytest.raises(sources.ClipError, match=re.escape(message)):
+            _ = raw.dynamic
+
+
 def test_cli_user_errors_are_one_line(single, tree):
     spec = importlib.util.spec_from_file_location("build_wan_dataset", ROOT / "build_wan_dataset.py")
     cli = importlib.util.module_from_spec(spec)

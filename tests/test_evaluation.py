@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fourdnex.config import RegistrationConfig
 from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_npz, write_tree
 from fourdnex.evaluation import metrics as m
+from fourdnex.evaluation import report as evaluation_report
 from fourdnex.evaluation import run as evaluation_run
 from fourdnex.evaluation.floors import MeanDepth, first_frame_xyz, plane_xyz, to_unit_box
 from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, register_frame, score
@@ -421,6 +423,53 @@ def test_registered_first_frame_floor_keeps_frame_0():
     assert values["depth.median.absrel"] > 0.01  # later frames see other depths
 
 
+def test_dynamic_depth_absrel_by_hand(tmp_path):
+    # 3 frames of 240 x 320: the evaluation grid is every 2nd row and column from the 2nd (32k of 77k pixels)
+    rng = np.random.default_rng(5)
+    frames, height, width = 3, 240, 320
+    true = rng.uniform(1, 4, (frames, height, width)).astype(np.float32)
+    true[:, :, :20] = 0  # undefined depths
+    moving = np.zeros(true.shape, bool)
+    moving[:, 100:150, 10:120] = True  # partly on undefined depths
+    moving[1] = False  # a frame without a moving object
+    pred = true * rng.uniform(0.9, 1.1, true.shape).astype(np.float32) + 0.5
+    pred[moving] *= 1.4  # worse on the moving objects than elsewhere
+    K = np.tile(np.array([[300.0, 0, 160], [0, 300, 120], [0, 0, 1]]), (frames, 1, 1))
+    c2w = np.tile(np.eye(4), (frames, 1, 1))
+    rgb = rng.integers(0, 256, (frames, height, width, 3), np.uint8)
+    truth = Truth("toy", rgb, true, K, c2w, moving)
+
+    def expected(depth: np.ndarray, mask: np.ndarray = moving) -> float:
+        g, d, mask = true[:, 1::2, 1::2], depth[:, 1::2, 1::2].astype(np.float64), mask[:, 1::2, 1::2]
+        defined = g > 0
+        scale = np.median(g[defined]) / np.median(d[defined])  # the clip's median alignment, over every pixel
+        g, d = g[defined & mask], d[defined & mask]
+        return float(np.mean(np.abs(scale * d - g) / g))
+
+    model = Prediction(rgb, K, c2w, pred, np.zeros(pred.shape, np.float32))
+    floor = Prediction(None, K[:1], c2w[:1], pred[:1], np.zeros((1, height, width))).held(frames)
+    memory = Reference.of(truth)
+    memory.save(tmp_path / "reference")
+    for ref in (memory, Reference.load(tmp_path / "reference")):
+        values = score(model, ref).values
+        assert values["depth.dynamic.absrel"] == pytest.approx(expected(pred), rel=1e-12)
+        assert values["depth.dynamic.absrel"] > 2 * values["depth.median.absrel"]
+        held = np.broadcast_to(pred[:1], pred.shape)
+        assert score(floor, ref).values["depth.dynamic.absrel"] == pytest.approx(expected(held), rel=1e-12)
+    unmasked = dataclasses.replace(truth, dynamic=None)
+    Reference.of(unmasked).save(tmp_path / "unmasked")
+    assert not (tmp_path / "unmasked/grid_dynamic.npy").exists()
+    on_undefined = np.zeros(true.shape, bool)
+    on_undefined[:, :, :20] = True
+    for ref in (
+        Reference.of(unmasked),
+        Reference.load(tmp_path / "unmasked"),
+        Reference.of(dataclasses.replace(truth, dynamic=on_undefined)),
+    ):
+        values = score(model, ref).values
+        assert math.isnan(values["depth.dynamic.absrel"]) and values["depth.median.absrel"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Ground truth
 
@@ -442,6 +491,18 @@ def test_truth_matches_the_scene_it_was_written_from(tmp_path):
         load_truth(tmp_path, source, 5, 64, 96)
 
 
+def test_truth_takes_the_mask_at_the_depth_s_pixels(tmp_path):
+    data = write_tree(tmp_path, 1, 5, 48, 64)  # one MonST3R clip: frames 0-4 of scene 0
+    scene = render_scene(0, 5, 48, 64)
+    source = clip_sources(data)["dynamic/dynamic_1/10000_0-4"]
+    half = load_truth(data, source, 4, 24, 32)  # halved, nearest: source pixel 2 i + 1
+    np.testing.assert_array_equal(half.dynamic, scene.dynamic_mask[:4, 1::2, 1::2])
+    np.testing.assert_array_equal(half.depth, scene.depth[:4, 1::2, 1::2])
+    cut = load_truth(data, source, 5, 48, 48)  # not resized, the centre 48 columns
+    np.testing.assert_array_equal(cut.dynamic, scene.dynamic_mask[:, :, 8:56])
+    np.testing.assert_array_equal(cut.depth, scene.depth[:, :, 8:56])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 
@@ -460,6 +521,8 @@ def test_reference_saved_and_read_back_scores_the_same(tmp_path):
     scene = make_truth(frames=4, height=96, width=144)  # grids of stride 1 (evaluation) and 3 (points)
     truth = Truth("toy", scene.rgb.numpy(), scene.depth.float().numpy(), scene.K.numpy(), scene.cam2world.numpy())
     truth.depth[1, :10] = 0  # undefined depths
+    truth.dynamic = np.zeros(truth.depth.shape, bool)
+    truth.dynamic[:, 5:40, 50:90] = True  # a moving object
     rng = np.random.default_rng(0)
     rgb = np.clip(truth.rgb + rng.normal(0, 20, truth.rgb.shape), 0, 255).astype(np.uint8)
     depth = truth.depth * rng.uniform(0.9, 1.1, truth.depth.shape).astype(np.float32) + 0.05
@@ -515,6 +578,7 @@ def test_exact_results_score_zero_error(synthetic, tmp_path):
     model = report["summary"]["model"]
     for key in ("depth.median.absrel", "depth.lstsq.absrel", "points.chamfer", "camera.ate", "camera.rpe_trans"):
         assert model[key] < 1e-4, key
+    assert model["depth.dynamic.absrel"] < 1e-4 and report["summary_samples"]["model"]["depth.dynamic.absrel"] == 2
     assert model["depth.median.delta1"] == 1 and model["rgb.psnr0"] == "inf"
     assert model["rgb.ssim"] == pytest.approx(1)
     assert report["summary"]["plane"]["depth.median.absrel"] > 0.1
@@ -550,6 +614,51 @@ def test_without_ground_truth_and_an_unscorable_sample(synthetic, tmp_path):
     assert "| 00001 | — | not scored: registration failed" in (tmp_path / "report/summary.md").read_text()
 
 
+def test_dynamic_depth_absrel_of_written_clips_and_its_summary(synthetic, tmp_path):
+    _, data, _ = synthetic
+    noisy = write_corrupted(data, tmp_path / "noisy", 9, 32, 48)[0].parent
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("00000", "00001", "00002"):  # two MonST3R clips (with masks), a dynamic_3 npz (without)
+        shutil.copy(noisy / f"{name}.npz", results)
+        shutil.copy(noisy / f"{name}.json", results)
+    evaluation = evaluation_run.evaluate(results, tmp_path / "out", data, workers=1)
+    assert [s.status for s in evaluation.samples] == ["scored"] * 3
+    with_mask = {"00000": "dynamic/dynamic_1/10000_0-8", "00001": "dynamic/dynamic_2/10001_1-9"}
+    for sample in evaluation.samples[:2]:  # the clip's own files, at the result's size (32 x 48: every pixel)
+        folder = data / with_mask[sample.name]
+        true = np.stack([np.load(folder / f"frame_{t:04d}.npy") for t in range(9)]).astype(np.float64)
+        moving = np.stack([np.asarray(Image.open(folder / f"dynamic_mask_{t}.png")) == 255 for t in range(9)])
+        with np.load(results / f"{sample.name}_reg.npz") as reg:
+            depth = reg["depth"].astype(np.float64)
+        defined = true > 0
+        scale = np.median(true[defined]) / np.median(depth[defined])
+        g, d = true[moving & defined], depth[moving & defined]
+        assert 0 < len(g) < 0.5 * true.size
+        expected = np.mean(np.abs(scale * d - g) / g)
+        assert sample.scores["model"].values["depth.dynamic.absrel"] == pytest.approx(expected, rel=1e-9)
+        for floor in ("plane", "mean_depth", "first_frame"):
+            assert sample.scores[floor].values["depth.dynamic.absrel"] > 0
+        assert "depth.dynamic.absrel" not in sample.scores["static_camera"].values
+    no_mask = evaluation.samples[2].scores
+    assert all(math.isnan(no_mask[name].values["depth.dynamic.absrel"]) for name in no_mask if name != "static_camera")
+    summary = evaluation_report.summarize(evaluation)
+    counts = evaluation_report.summary_samples(evaluation)
+    for name in ("model", "plane", "mean_depth", "first_frame"):
+        values = [s.scores[name].values["depth.dynamic.absrel"] for s in evaluation.samples[:2]]
+        assert summary[name]["depth.dynamic.absrel"] == pytest.approx(np.mean(values), rel=1e-12)
+        assert counts[name]["depth.dynamic.absrel"] == 2 and counts[name]["depth.median.absrel"] == 3
+    assert counts["static_camera"]["depth.dynamic.absrel"] == 0
+    assert math.isnan(summary["static_camera"]["depth.dynamic.absrel"])
+    report = evaluation_report.metrics_json(evaluation)
+    assert report["samples"][2]["scores"]["model"]["depth.dynamic.absrel"] is None
+    assert report["summary_samples"]["first_frame"] == counts["first_frame"]
+    lines = evaluation_report.summary_markdown(evaluation, []).splitlines()
+    row = next(line for line in lines if line.startswith("| dynamic depth AbsRel (median) | lower |"))
+    assert row.count(" (n=2) |") == 4 and row.endswith(" | — |")
+    assert "(n=" not in next(line for line in lines if line.startswith("| depth AbsRel (median) |"))
+
+
 def test_bad_input_stops_with_one_line(synthetic, tmp_path):
     _, data, exact = synthetic
     no_xyz = tmp_path / "no_xyz"
@@ -560,7 +669,12 @@ def test_bad_input_stops_with_one_line(synthetic, tmp_path):
     save_result(tmp_path / "longer", 0, np.zeros(xyz.shape, np.uint8), xyz, {"clip_id": "dynamic/dynamic_3/10002"})
     mapping = tmp_path / "mapping.json"
     mapping.write_text(json.dumps({"00000": "dynamic/dynamic_3/99999"}))
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    mask = broken / "dynamic/dynamic_1/10000_0-8/dynamic_mask_3.png"
+    mask.write_bytes(b"not a png")
     cases = {
+        f"cannot read dynamic mask {mask}": ["--results", exact, "--gt", broken],
         "00000.npz: missing arrays ['xyz']": ["--results", no_xyz],
         "ground truth dynamic/dynamic_3/10002 has 9 frames, the result 13": [
             "--results",

@@ -211,7 +211,8 @@ class Discovery:
 @dataclass
 class RawClip:
     """A clip as read, at source resolution (N frames). Its geometry is what the format stores: depth maps
-    (``depth``, with ``K``) or world points; :attr:`points` gives world points either way."""
+    (``depth``, with ``K``) or world points; :attr:`points` gives world points either way. :attr:`dynamic` is the
+    moving objects' mask where the format has one."""
 
     rgb: np.ndarray  # (N, Hs, Ws, 3) uint8
     cam2world: np.ndarray  # (N, 4, 4) float64, camera-to-world, OpenCV axes
@@ -221,6 +222,7 @@ class RawClip:
     reader: str = "decord"
     depth: np.ndarray | None = None  # (N, Hp, Wp) camera-frame z as stored (float32 mostly), where the format has it
     stored_points: np.ndarray | None = None  # (N, Hp, Wp, 3) world points in their stored float type, where stored
+    mask_files: tuple[Path, ...] = ()  # the dynamic mask of each frame (monst3r: dynamic_mask_<t>.png); () if none
 
     @property
     def geometry_shape(self) -> tuple[int, int, int]:
@@ -235,6 +237,15 @@ class RawClip:
         if self.depth is None:
             return self.stored_points
         return unproject_depth(self.depth.astype(np.float64), self.K, self.cam2world)
+
+    @functools.cached_property
+    def dynamic(self) -> np.ndarray | None:
+        """``(N, Hp, Wp)`` bool: the pixels on moving objects, from :attr:`mask_files` (on first use: the cache does
+        not read them); None for a format without masks (the npz formats). ClipError names a mask file that is
+        missing, unreadable or not of the geometry's size."""
+        if not self.mask_files:
+            return None
+        return _read_masks(self.mask_files, self.geometry_shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -524,6 +535,26 @@ def _read_table(path: Path, columns: int) -> np.ndarray:
     return table
 
 
+def _read_masks(files: tuple[Path, ...], size: tuple[int, int]) -> np.ndarray:
+    """The dynamic masks ``files`` (the monst3r format's, README "Clip layouts"; any colour mode is read as its
+    grey) of ``size`` ``(Hp, Wp)`` -> ``(N, Hp, Wp)`` bool."""
+    from PIL import Image
+
+    masks = np.empty((len(files), *size), bool)
+    for t, f in enumerate(files):
+        if not f.is_file():
+            raise ClipError(f"dynamic mask {f} is missing")
+        try:
+            with Image.open(f) as im:
+                grey = np.asarray(im.convert("L"))
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise ClipError(f"cannot read dynamic mask {f}: {err}") from err
+        if grey.shape != size:
+            raise ClipError(f"dynamic mask {f} is {grey.shape[0]}x{grey.shape[1]}, the depth {size[0]}x{size[1]}")
+        masks[t] = grey >= 128  # 255 moving, 0 static
+    return masks
+
+
 def _read_monst3r(source: ClipSource) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Depth ``(N, H, W)``, camera-to-world ``(N, 4, 4)`` and K ``(N, 3, 3)`` (pixel centres at +0.5) of a MonST3R
     folder; N is its range's length, and the depth files must be exactly frame_0000.npy .. frame_{N-1}.npy."""
@@ -595,7 +626,8 @@ def read_clip(source: ClipSource, captions: Captions) -> RawClip:
     _check_finite("cam2world", c2w, path)
     if len(rgb) != len(c2w):
         raise ClipError(f"{path}: {len(rgb)} RGB frames for {len(c2w)} geometry frames")
-    return RawClip(rgb, c2w, K, caption, number, reader, depth=depth, stored_points=points)
+    masks = tuple(path / f"dynamic_mask_{t}.png" for t in range(len(c2w))) if source.format == "monst3r" else ()
+    return RawClip(rgb, c2w, K, caption, number, reader, depth=depth, stored_points=points, mask_files=masks)
 
 
 def build_parser() -> argparse.ArgumentParser:

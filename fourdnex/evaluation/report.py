@@ -2,7 +2,8 @@
 metric definitions) and ``summary.md`` (the model against the floors, then every sample, scored or not).
 
 In ``metrics.json`` a value that does not apply or cannot be computed is ``null`` and an infinite one (the PSNR of
-identical images) is ``"inf"``; summaries are means over the scored samples of the values they have.
+identical images) is ``"inf"``; summaries are means over the scored samples that have a value (``null`` ones left
+out), and ``summary_samples`` says over how many.
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ RULES = {
     "centre-cropped), its geometry taken before the pointmap normalization; cameras in the first camera's frame",
     "registration": "results without NNNNN_reg.npz are registered with pm_registration.py's defaults and the file is "
     "saved beside them",
-    "summary": "means over the scored samples; per-frame curves are means over samples frame by frame",
+    "summary": "means over the scored samples that have a value (summary_samples: how many; a clip without a dynamic "
+    "mask has no dynamic depth AbsRel); per-frame curves are means over samples frame by frame",
     "values": 'null: does not apply or cannot be computed; "inf": the PSNR of identical images',
 }
 #: The columns of the per-sample table, with ground truth and without.
-SAMPLE_COLUMNS = ["depth.median.absrel", "depth.median.delta1", "points.chamfer", "camera.ate", "rgb.psnr0"]
+SAMPLE_COLUMNS = [
+    "depth.median.absrel",
+    "depth.median.delta1",
+    "depth.dynamic.absrel",
+    "points.chamfer",
+    "camera.ate",
+    "rgb.psnr0",
+]
 SAMPLE_COLUMNS_NO_TRUTH = ["residual.p90", "edges", "stability.static", "path.jerk"]
 
 
@@ -47,19 +56,29 @@ def _number(x: float) -> float | str | None:
     return float(f"{x:.6g}")
 
 
-def summarize(evaluation: Evaluation) -> dict[str, dict[str, float]]:
-    """Per predictor, the mean of every metric over the scored samples that have it (NaN if none has)."""
-    summary = {}
+def _summarized(evaluation: Evaluation) -> dict[str, dict[str, list[float]]]:
+    """Per predictor and metric, the values of the scored samples that have one (not NaN), in sample order."""
+    values: dict[str, dict[str, list[float]]] = {}
     for name in evaluation.predictors:
-        values: dict[str, list[float]] = {}
+        values[name] = {metric: [] for metric in METRICS}
         for sample in evaluation.scored:
             for metric, value in sample.scores[name].values.items():
-                values.setdefault(metric, []).append(value)
-        summary[name] = {}
-        for metric in METRICS:
-            finite = [v for v in values.get(metric, []) if not math.isnan(v)]
-            summary[name][metric] = float(np.mean(finite)) if finite else float("nan")
-    return summary
+                if not math.isnan(value):
+                    values[name][metric].append(value)
+    return values
+
+
+def summarize(evaluation: Evaluation) -> dict[str, dict[str, float]]:
+    """Per predictor, the mean of every metric over the scored samples that have it (NaN if none has)."""
+    return {
+        name: {metric: float(np.mean(v)) if v else float("nan") for metric, v in values.items()}
+        for name, values in _summarized(evaluation).items()
+    }
+
+
+def summary_samples(evaluation: Evaluation) -> dict[str, dict[str, int]]:
+    """Per predictor, how many scored samples each metric's mean in :func:`summarize` is over."""
+    return {name: {k: len(v) for k, v in values.items()} for name, values in _summarized(evaluation).items()}
 
 
 def mean_curves(evaluation: Evaluation) -> dict[str, dict[str, np.ndarray]]:
@@ -104,7 +123,7 @@ def metrics_json(evaluation: Evaluation) -> dict:
             if sample.name in evaluation.truth_paths:
                 entry["camera_path"]["truth"] = np.round(evaluation.truth_paths[sample.name], 6).tolist()
         samples.append(entry)
-    summary = summarize(evaluation)
+    summary, counts = summarize(evaluation), summary_samples(evaluation)
     return {
         "results": str(evaluation.results),
         "ground_truth": str(evaluation.ground_truth) if evaluation.ground_truth is not None else None,
@@ -116,6 +135,7 @@ def metrics_json(evaluation: Evaluation) -> dict:
         },
         "floors": {k: v for k, v in FLOORS.items() if k in evaluation.predictors},
         "summary": {name: {k: _number(summary[name][k]) for k in metrics} for name in evaluation.predictors},
+        "summary_samples": {name: {k: counts[name][k] for k in metrics} for name in evaluation.predictors},
         "samples": samples,
     }
 
@@ -127,11 +147,16 @@ def _cell(x: float | None) -> str:
     return "∞" if math.isinf(x) else f"{x:.3g}"
 
 
+def _mean_cell(x: float, samples: int, scored: int) -> str:
+    """A summary mean as the table shows it, with ``(n=...)`` when it is over fewer than the ``scored`` samples."""
+    return _cell(x) + (f" (n={samples})" if 0 < samples < scored else "")
+
+
 def summary_markdown(evaluation: Evaluation, plots: list[str]) -> str:
     """The content of ``summary.md``."""
     with_truth = evaluation.ground_truth is not None
     metrics = [k for k in METRICS if with_truth or k not in TRUTH_METRICS]
-    summary = summarize(evaluation)
+    summary, counts = summarize(evaluation), summary_samples(evaluation)
     names = evaluation.predictors
     scored = len(evaluation.scored)
     lines = [
@@ -142,15 +167,17 @@ def summary_markdown(evaluation: Evaluation, plots: list[str]) -> str:
         "",
         "## Model against the floors",
         "",
-        f"Means over the {scored} scored samples. The floors are trivial predictors scored by the same code "
-        "(defined below): a model should beat every one of them.",
+        f"Means over the {scored} scored samples, or over the n of them that have a value where a cell says (n=...) "
+        "(the dynamic depth AbsRel needs a clip with a dynamic mask). The floors are trivial predictors scored by the "
+        "same code (defined below): a model should beat every one of them.",
         "",
         "| metric | better | " + " | ".join(n.replace("_", " ") for n in names) + " |",
         "| --- | --- | " + " | ".join("---" for _ in names) + " |",
     ]
     for metric in metrics:
         label, better, _ = METRICS[metric]
-        lines.append(f"| {label} | {better} | " + " | ".join(_cell(summary[n][metric]) for n in names) + " |")
+        cells = (_mean_cell(summary[n][metric], counts[n][metric], scored) for n in names)
+        lines.append(f"| {label} | {better} | " + " | ".join(cells) + " |")
     columns = SAMPLE_COLUMNS if with_truth else SAMPLE_COLUMNS_NO_TRUTH
     lines += [
         "",

@@ -114,6 +114,12 @@ METRICS: dict[str, tuple[str, str, str]] = {
         for rule in m.ALIGNMENTS
         for name, label, better, text in _DEPTH
     },
+    "depth.dynamic.absrel": (
+        "dynamic depth AbsRel (median)",
+        "lower",
+        "mean |d - g| / g over all frames' pixels on moving objects (the clip's dynamic mask), median alignment (the "
+        "clip's scale, fitted over all its pixels); none for a clip without a mask or without such a pixel",
+    ),
     **{
         f"depth0.{rule}.{name}": (
             f"frame-0 depth {label} ({rule})",
@@ -170,8 +176,8 @@ class Reference:
     """A truth reduced once for every predictor scored against it: the evaluation grid's true depths (as a grid, and
     those defined, frame by frame) and RGB, the sparse grid's true points (unprojected at the pixel centres) and their
     nearest-neighbour trees (:func:`fourdnex.evaluation.metrics.point_trees`), the clip's unit (median true depth;
-    frame 0's too), the cameras, the input image (frame 0) and, when it has one, the true video and its share of SSIM
-    (:func:`fourdnex.evaluation.metrics.ssim_terms`).
+    frame 0's too), the cameras, the input image (frame 0), when it has them the dynamic mask on the evaluation grid,
+    and the true video and its share of SSIM (:func:`fourdnex.evaluation.metrics.ssim_terms`).
 
     :meth:`save` writes all but the video (an eighth of a truth's bytes at 480 x 720) and :meth:`load` reads it back:
     such a reference scores every metric but the RGB ones, to the same numbers."""
@@ -185,15 +191,17 @@ class Reference:
         K: np.ndarray,
         cam2world: np.ndarray,
         rgb: np.ndarray | None = None,
+        grid_dynamic: np.ndarray | None = None,
     ) -> None:
         """From the true depth on the evaluation grid ``(F, h, w)`` and on the sparse grid, the true RGB on the
         evaluation grid ``(F, h, w, 3)``, frame 0 ``(1, H, W, 3)``, the cameras and optionally the video ``(F, H, W,
-        3)`` (see :meth:`of`)."""
+        3)`` and the dynamic mask on the evaluation grid ``(F, h, w)`` bool (see :meth:`of`)."""
         frames, size = len(grid_depth), image.shape[1:3]
         self.grid_depth, self.sparse_depth, self.grid_rgb, self.image = grid_depth, sparse_depth, grid_rgb, image
-        self.K, self.cam2world, self.rgb = K, cam2world, rgb
+        self.K, self.cam2world, self.rgb, self.grid_dynamic = K, cam2world, rgb, grid_dynamic
         self.stride, self.point_stride = m.grid_stride(*size), m.point_stride(*size)
         self.valid, self.depth = m.grid_depths(grid_depth)  # (F, h, w), (N,) frame by frame
+        self.dynamic = None if grid_dynamic is None else grid_dynamic[self.valid]  # (N,) bool, as self.depth
         self.one_mask = bool((self.valid == self.valid[:1]).all())  # the same pixels defined in every frame
         self.frame = np.repeat(np.arange(frames), self.valid.reshape(frames, -1).sum(1))  # (N,)
         self.first = int((self.frame == 0).sum())  # frame 0's entries come first
@@ -217,22 +225,27 @@ class Reference:
             truth.K,
             truth.cam2world,
             truth.rgb,
+            None if truth.dynamic is None else m.on_grid(truth.dynamic, stride),
         )
 
     def save(self, folder: str | Path) -> None:
-        """Write all but the video into ``folder`` (created), one ``.npy`` each."""
+        """Write all but the video into ``folder`` (created), one ``.npy`` each (the dynamic mask where it has one)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in _SAVED:  # grids are views: numpy writes a copy many times faster
-            write_npy(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+        for name in (*_SAVED, "grid_dynamic"):  # grids are views: numpy writes a copy many times faster
+            if getattr(self, name) is not None:
+                write_npy(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
 
     @classmethod
     def load(cls, folder: str | Path) -> Reference:
         """What :meth:`save` wrote (no video)."""
-        return cls(*(np.load(Path(folder) / f"{name}.npy") for name in _SAVED))
+        folder = Path(folder)
+        mask = folder / "grid_dynamic.npy"
+        arrays = (np.load(folder / f"{name}.npy") for name in _SAVED)
+        return cls(*arrays, grid_dynamic=np.load(mask) if mask.is_file() else None)
 
 
-#: The arrays :meth:`Reference.save` writes, in the order of its arguments.
+#: The arrays :meth:`Reference.save` always writes, in the order of its arguments.
 _SAVED = ("grid_depth", "sparse_depth", "grid_rgb", "image", "K", "cam2world")
 
 
@@ -327,6 +340,15 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(x**2))) if len(x) else float("nan")
 
 
+def _dynamic_absrel(depth: np.ndarray, ref: Reference, frames: int, scale: float) -> float:
+    """AbsRel of the predicted depths ``(N,)`` (``ref.depth``'s pixels) times ``scale`` over the dynamic mask's
+    pixels; NaN without a mask or without a masked pixel."""
+    if ref.dynamic is None or not ref.dynamic.any():
+        return float("nan")
+    moving = ref.dynamic
+    return m.depth_errors(depth[moving], ref.depth[moving], ref.frame[moving], frames, scale)[1]["absrel"]
+
+
 def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, score: Score) -> None:
     """Depth and point metrics against the truth into ``score``."""
     frames = len(points)
@@ -345,6 +367,7 @@ def _depth_with_truth(pred: Prediction, points: np.ndarray, ref: Reference, scor
             score.values[f"depth.{rule}.{name}"], score.frames[f"depth.{rule}.{name}"] = clip[name], per_frame[name]
             score.values[f"depth0.{rule}.{name}"] = clip0[name]
         if rule == "median":
+            score.values["depth.dynamic.absrel"] = _dynamic_absrel(depth, ref, frames, scale)
             worst = int(np.nanargmax(per_frame["absrel"]))
             score.worst = {
                 "metric": "depth.median.absrel",

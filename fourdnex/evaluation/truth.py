@@ -8,7 +8,8 @@ A clip comes from a 4DNeX-10M tree (``--gt DATA_DIR``: any layout the dataset re
 first F frames, resized to cover H x W and centre-cropped, RGB bilinear, geometry nearest); its RGB video, cameras
 and cropped intrinsics are used as they come out. Its geometry is taken before the pointmap normalization, whose
 percentile clipping moves the outermost points, and cropped the same way (``crop_geometry``): each frame's depth is
-the stored depth where the clip holds depth maps, else the camera-frame z of its world points.
+the stored depth where the clip holds depth maps, else the camera-frame z of its world points. Where the clip has a
+dynamic mask (the moving objects' pixels; MonST3R folders), it is taken at the same frames and cropped the same way.
 
 Conventions (those of :mod:`fourdnex.geometry.cameras`): ``K`` in pixels of the H x W frames with pixel centres at
 +0.5, ``cam2world`` camera-to-world with OpenCV axes, expressed in the first camera's frame (``cam2world[0] = I``),
@@ -44,6 +45,7 @@ class Truth:
     depth: np.ndarray  # (F, H, W) float32 camera-frame z, 0 where undefined
     K: np.ndarray  # (F, 3, 3) float64
     cam2world: np.ndarray  # (F, 4, 4) float64, first camera's frame
+    dynamic: np.ndarray | None = None  # (F, H, W) bool, pixels on moving objects; None: the clip has no mask
 
     @property
     def valid(self) -> np.ndarray:
@@ -107,6 +109,7 @@ def load_truth(data_dir: str | Path, source: ClipSource, num_frames: int, height
             )
     clip = prepare_frames(raw, num_frames, height, width)
     depth = np.empty((num_frames, height, width), np.float32)
+    dynamic = None if raw.dynamic is None else np.empty((num_frames, height, width), bool)
     for f, i in enumerate(clip.frame_indices):  # frame by frame, so that the temporaries stay in cache
         if raw.depth is not None:  # the stored depth is the camera-frame z of the points it unprojects to
             stored = raw.depth[i]
@@ -115,7 +118,9 @@ def load_truth(data_dir: str | Path, source: ClipSource, num_frames: int, height
             stored = (raw.points[i] @ axis - axis @ centre).astype(np.float32)
         frame = crop_geometry(stored[None, ..., None], height, width)[0, ..., 0].astype(np.float32, copy=False)
         depth[f] = np.where(np.isfinite(frame) & (frame > 0), frame, np.float32(0))
+        if dynamic is not None:  # the same source pixels as the depth's (nearest)
+            dynamic[f] = crop_geometry(raw.dynamic[i, None, ..., None].view(np.uint8), height, width)[0, ..., 0]
     if not depth.any():
         raise EvaluationError(f"ground truth {source.id}: no pixel has a depth in front of its camera")
     cam2world = invert_rigid(clip.cam2world[:1]) @ clip.cam2world
-    return Truth(source.id, clip.rgb, depth, clip.intrinsics.astype(np.float64), cam2world)
+    return Truth(source.id, clip.rgb, depth, clip.intrinsics.astype(np.float64), cam2world, dynamic)
