@@ -603,13 +603,13 @@ def test_readme_tables_are_the_spec():
     assert "\n".join(_readme_table("### Clip layouts")) == sources.layouts_markdown()
 
 
-@pytest.mark.parametrize("seed", [0, 3])  # a field with the camera trucking sideways, a room with a dolly-in
+@pytest.mark.parametrize("seed", [0, 2])  # a field with the camera trucking sideways, a room with a dolly-in
 def test_one_centre_per_clip_keeps_the_camera_path(seed, encoders, tmp_path):
     """A static scene with known cameras goes through the build; pm_registration's fit on the cached pointmap
     recovers the camera centres (Sim(3)-aligned to the truth in the first camera's frame) within 1 % of the path
     with --center clip. With --center per_frame each frame's own centre shifts static points between frames, which
-    registration reads as camera motion: the error is many times larger (measured: 0.02 % vs 26.0 % for seed 0,
-    0.03 % vs 6.5 % for seed 3)."""
+    registration reads as camera motion: the error is many times larger (measured: 0.09 % vs 7.9 % for seed 0,
+    0.13 % vs 11.4 % for seed 2)."""
     frames, height, width = 17, 48, 64
     scene = render_scene(seed, frames, height, width, dynamic=False)
     data_dir = tmp_path / "data"

@@ -81,4 +81,4 @@ def test_the_wheel_requires_what_requirements_txt_installs(installed):
         reqs = [Requirement(line) for line in part if line and not line.startswith("#")]
         listed.append({canonicalize_name(r.name): r.specifier for r in reqs})
     assert listed == [runtime, dev]
-    assert {"torch", "diffusers", "numpy"} <= set(runtime) and set(dev) == {"pytest", "ruff"}
+    assert {"torch", "diffusers", "numpy"} <= set(runtime) and set(dev) == {"pytest", "ruff", "playwright"}

@@ -16,8 +16,8 @@ every point inside its clipping box (``|metric - center[f]| <= half_range[f]``):
     the reference's normalization: per frame and axis, clip to that frame's 2nd-98th percentile and subtract that
     frame's own centre; one scale (the largest half-range of any frame). Static points move between frames by each
     frame's centre offset, which a model learns and registration reads as camera motion: on two static synthetic
-    scenes built and registered by ``tests/test_build_dataset.py``, the recovered camera centres are off by 26.0 %
-    and 6.5 % of the path, against 0.02 % and 0.03 % with one centre per clip. It exists to train an adapter
+    scenes built and registered by ``tests/test_build_dataset.py``, the recovered camera centres are off by 7.9 %
+    and 11.4 % of the path, against 0.09 % and 0.13 % with one centre per clip. It exists to train an adapter
     compatible with the released one.
 
 Why the clip mode clips per clip: both ways clip the same share of points, because both cut 2 % per side and axis
