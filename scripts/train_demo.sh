@@ -18,7 +18,7 @@
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
 #             fine-tuning of the fused model, the ablations (no domain embedding; stock RoPE) and the any-frame adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets
-# Sizes: override CLIPS, HELD_OUT, VAE_CLIPS, VAE_STEPS, VAE_BATCH, VAE_MINUTES (a cap: the VAE stops there, a rerun
+# Sizes: override FRAMES, HEIGHT, WIDTH, CLIPS, HELD_OUT, CURVE_CLIPS, VAE_EVAL_CLIPS, VAE_CLIPS, VAE_STEPS, VAE_BATCH, VAE_MINUTES (a cap: the VAE stops there, a rerun
 # resumes it), BATCH, BASE_STEPS, ADAPTER_STEPS, CURVE_POINTS, RUNS (the stage-2 runs), TRAIN_FAMILIES, HELD_OUT_FAMILY
 # (a smoke run uses tiny values).
 set -euo pipefail
@@ -43,8 +43,12 @@ HELD_OUT_FAMILY=${HELD_OUT_FAMILY:-stripes}
 CPUS=${CPUS:-$(nproc)}
 GPUS=${GPUS:-$({ nvidia-smi --list-gpus 2>/dev/null || true; } | wc -l)}
 PY=${PYTHON:-python}
-# 25 frames (7 latent frames) of 96 x 144 per modality: 756 transformer tokens fused.
-SIZE=(--num_frames 25 --height 96 --width 144)
+# 25 frames (7 latent frames) of 96 x 144 per modality: 756 transformer tokens fused (a smoke run sets smaller ones).
+FRAMES=${FRAMES:-25}
+HEIGHT=${HEIGHT:-96}
+WIDTH=${WIDTH:-144}
+VAE_EVAL_CLIPS=${VAE_EVAL_CLIPS:-64}
+SIZE=(--num_frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH")
 # Compiled blocks pay on a GPU (BENCHMARKS.md, "The demo model's stages on one GPU"); on a CPU compiling costs minutes.
 COMPILE=()
 (( GPUS > 0 )) && COMPILE=(--compile_blocks)
@@ -82,7 +86,7 @@ stage_vae() {
     log "vae: $VAE_STEPS steps of $VAE_BATCH clips"
     "$PY" -m fourdnex.model.presets "$WORK/init" --preset demo
     on_gpu 0 "$PY" -m fourdnex.train.vae --synthetic_clips "$VAE_CLIPS" --synthetic_seed 3 \
-        --texture_families "${FAMILIES[@]}" --eval_synthetic_clips 64 --eval_steps $(( VAE_STEPS / 10 > 0 ? VAE_STEPS / 10 : 1 )) \
+        --texture_families "${FAMILIES[@]}" --eval_synthetic_clips "$VAE_EVAL_CLIPS" --eval_steps $(( VAE_STEPS / 10 > 0 ? VAE_STEPS / 10 : 1 )) \
         --model_path "$WORK/init" --out "$WORK/vae" --max_steps "$VAE_STEPS" --batch_size "$VAE_BATCH" \
         --stop_after_minutes "$VAE_MINUTES" --workers $(( CPUS / 2 > 0 ? CPUS / 2 : 1 )) "${SIZE[@]}"
 }
@@ -99,13 +103,13 @@ stage_cache() {
     local pids=()
     for (( i = 0; i < shards; i++ )); do
         on_gpu $(( GPUS > 0 ? i % GPUS : 0 )) "$PY" build_wan_dataset.py --data_dir "$WORK/train/data" \
-            --out "$WORK/cache" --model_path "$WORK/encoders" --num_frames 25 --resolution_h 96 --resolution_w 144 \
-            --num_tasks "$shards" --task_idx "$i" --batch_size 16 --num_workers 1 > "$WORK/cache-$i.log" 2>&1 &
+            --out "$WORK/cache" --model_path "$WORK/encoders" --num_frames "$FRAMES" --resolution_h "$HEIGHT" \
+            --resolution_w "$WIDTH" --num_tasks "$shards" --task_idx "$i" --batch_size 16 --num_workers 1 > "$WORK/cache-$i.log" 2>&1 &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
     "$PY" build_wan_dataset.py --data_dir "$WORK/train/data" --out "$WORK/cache" --model_path "$WORK/encoders" \
-        --num_frames 25 --resolution_h 96 --resolution_w 144 --merge
+        --num_frames "$FRAMES" --resolution_h "$HEIGHT" --resolution_w "$WIDTH" --merge
 }
 
 # finetune.py on the demo cache; $1: GPU, $2: output folder, $3: steps, then extra flags. A checkpoint at each of the
@@ -169,7 +173,7 @@ evaluate_one() {
     local out=$WORK/results/$run/$(basename "$checkpoint")/$set-$mode
     local condition=(--image "$inputs/images.txt")
     [[ $mode == video ]] && condition=(--video "$inputs/videos.txt")
-    [[ $mode == first_last ]] && condition=(--video "$inputs/videos.txt" --frames 0,24)
+    [[ $mode == first_last ]] && condition=(--video "$inputs/videos.txt" --frames "0,$(( FRAMES - 1 ))")
     # shellcheck disable=SC2046  # the model flags are words
     on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$out" \
         $(weights "$run" "$checkpoint") "${SIZE[@]}" --steps 30 --guidance_scale 1 --compile off --skip_existing
