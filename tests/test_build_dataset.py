@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,16 @@ def test_decord_fallback_reads_frames_by_index_through_pyav(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video" * 100)
     with pytest.raises(sources.ClipError, match=r"cannot decode video .*broken\.mp4"):
         sources._read_video_pyav(tmp_path / "broken.mp4", [0])
+
+
+def test_without_decord_videos_are_read_by_pyav(tmp_path, monkeypatch):
+    """Where decord is not installed, PyAV reads the frames (the same frames, recorded as the reader)."""
+    scene = render_scene(5, 9, 40, 64)
+    write_video(tmp_path / "clip.mp4", scene.rgb)
+    with_decord, reader = sources._read_video(tmp_path / "clip.mp4", [1, 5])
+    monkeypatch.setitem(sys.modules, "decord", None)  # import decord now fails
+    without, fallback = sources._read_video(tmp_path / "clip.mp4", [1, 5])
+    assert (reader, fallback) == ("decord", "pyav") and np.array_equal(without, with_decord)
 
 
 def test_saved_normalization_recovers_metric_points(single):

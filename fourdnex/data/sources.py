@@ -397,9 +397,13 @@ class Captions:
 
 
 def _read_video(path: Path, indices: list[int]) -> tuple[np.ndarray, str]:
-    """Frames ``indices`` of a video at full size, ``(N, H, W, 3)`` uint8 RGB, and the reader that decoded them."""
-    from decord import VideoReader, cpu
-    from decord._ffi.base import DECORDError
+    """Frames ``indices`` of a video at full size, ``(N, H, W, 3)`` uint8 RGB, and the reader that decoded them:
+    decord (the reference's reader), or PyAV where decord is not installed (it has no builds for some platforms)."""
+    try:
+        from decord import VideoReader, cpu
+        from decord._ffi.base import DECORDError
+    except ImportError:
+        return _read_video_pyav(path, indices), "pyav"
 
     try:
         reader = VideoReader(str(path), ctx=cpu(0))
