@@ -24,8 +24,11 @@ DEFAULT_MODEL_PATH = "./pretrained/Wan2.1-I2V-14B-480P-Diffusers"
 BASE_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 #: Where the released LoRA targets live inside every transformer block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-#: The diffusers attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels).
-REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn")
+#: The attention backend fourdnex registers with diffusers: FlashAttention-4 (fourdnex.model.attention), optional.
+FLASH_4_BACKEND = "flash_4"
+#: The attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels, and
+#: FlashAttention-4, whose forward returns the log-sum-exp its backward takes).
+REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", FLASH_4_BACKEND)
 
 Layout = Literal["rgb", "xyz", "rgbxyz"]
 

@@ -250,7 +250,7 @@ def load_script(name: str):
         (
             "kept_attention_backend",
             "--activation_memory attention replays the self-attention kernel: it needs attention_backend native, "
-            "_native_flash, _native_cudnn; got 'flex'",
+            "_native_flash, _native_cudnn, flash_4; got 'flex'",
         ),
         ("kept_under_zero3", "the DeepSpeed config is ZeRO-3, which partitions the LoRA weights"),
         ("kept_ffn_under_zero3", "--activation_memory attention+ffn needs ZeRO-2"),
@@ -518,7 +518,7 @@ def tiny_training_model(plan: RecomputePlan | None = None, **settings) -> torch.
     """The tiny transformer in fp32 prepared as for training (gradient checkpointing keeping what ``plan`` says), with
     random (not zero) LoRA B and domain embedding."""
     # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
-    cfg = TrainConfig(lora_rank=4, mixed_precision="no", attention_backend="native", **settings)
+    cfg = TrainConfig(**{"lora_rank": 4, "mixed_precision": "no", "attention_backend": "native", **settings})
     model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
     model = build_transformer(cfg, transformer=model, plan=plan)
     torch.manual_seed(0)

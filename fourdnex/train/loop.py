@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fourdnex.config import DEFAULT_MODEL_PATH, MODEL_TYPES
+from fourdnex.config import DEFAULT_MODEL_PATH, FLASH_4_BACKEND, MODEL_TYPES
 from fourdnex.data.cache import LatentCache, Sample, VaeConditionEncoder
 from fourdnex.train.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from fourdnex.train.config import CONDITION_TASKS, TrainConfig, TrainingError
@@ -224,6 +224,12 @@ def train(cfg: TrainConfig, plan: RecomputePlan | None = None) -> Path | None:
     from tqdm.auto import tqdm
 
     cfg.validate()
+    if cfg.attention_backend == FLASH_4_BACKEND:  # a kernel this machine lacks is refused before anything is read
+        from fourdnex.model.attention import flash4_problem
+
+        problem = flash4_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if problem is not None:
+            raise TrainingError(f"--attention_backend {FLASH_4_BACKEND}: {problem}")
     cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout, cfg.cache_in_memory)
     model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
     if not (Path(model_path) / "transformer" / "config.json").is_file():
