@@ -293,7 +293,8 @@ def test_rerun_does_no_repeated_work(single, tree, encoders, tmp_path):
     (out / "latents" / "dynamic" / ".x.partial.safetensors").write_bytes(b"half")
     summary = build(_config(tree, out), counting, show_progress=False)
     assert summary.processed == 1 and summary.skipped == 5 and summary.merged
-    assert counting.calls == 4  # VAE for RGB + XYZ, VAE for each condition, CLIP; the prompt embedding exists
+    # VAE for RGB + XYZ + the RGB condition (as many frames), VAE for the fused condition, CLIP; the prompt exists
+    assert counting.calls == 3
     assert (out / "manifest.jsonl").read_text() == (single / "manifest.jsonl").read_text()
 
 
