@@ -151,7 +151,8 @@ class AccelerationConfig:
     Every field but ``fp8``, ``cache`` and VAE tiling leaves the output unchanged (up to floating-point order).
     """
 
-    attention_backend: str = "auto"  # a diffusers AttentionBackendName value; auto: the fastest measured one
+    attention_backend: str = "auto"  # a diffusers AttentionBackendName value or flash_4; auto: flash_4 on Hopper
+    # where flash-attn-4 is installed, else the fastest measured one (fourdnex.generate.acceleration.resolve)
     compile: bool | None = None  # regional torch.compile of the transformer blocks; None: on for a resident GPU model
     memory: str = "auto"  # one of MEMORY_MODES or "auto" (from the GPU's free memory)
     fp8: bool = False  # store the transformer's weights in float8_e4m3fn, compute in the pipeline dtype
