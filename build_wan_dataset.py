@@ -20,7 +20,7 @@ import torch
 
 from fourdnex.cli import run
 from fourdnex.config import DEFAULT_MODEL_PATH
-from fourdnex.data.build import BuildConfig, build, merge_shards
+from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, build, merge_shards
 from fourdnex.data.cache import FAILURE_FILE, FAILURES_FILE
 from fourdnex.data.prepare import CENTER_MODES
 from fourdnex.data.sources import ClipError
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="build_wan_dataset.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    defaults = BuildConfig(data_dir="", out="", model_path="")
     parser.add_argument("--data_dir", required=True, help="4DNeX-10M root: dynamic/ static/ raw/ caption/")
     parser.add_argument("--out", required=True, help="the cache folder")
     parser.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="Wan2.1-I2V in diffusers layout")
@@ -63,9 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",
-        default="auto",
+        default=defaults.dtype,
         choices=["auto", "bf16", "fp16", "fp32"],
-        help="the text encoder's dtype (auto: bf16 on GPU); the VAE and CLIP always run in float32",
+        help="the text encoder's dtype (auto: bf16 on GPU, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--encoder_dtype",
+        default=defaults.encoder_dtype,
+        choices=list(ENCODER_DTYPES),
+        help="the VAE's and CLIP's dtype: fp32 (default: the latents inference's and training's float32 VAE computes) "
+        "or bf16 (faster on a GPU; latents 0.3-0.4 %% of their spread away, RMS)",
+    )
+    parser.add_argument(
+        "--compile_vae",
+        action="store_true",
+        help="torch.compile the VAE's encoder (pays on long builds; see BENCHMARKS.md)",
     )
     parser.add_argument(
         "--center",
@@ -74,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pointmap centring: clip (one centre, box and scale per clip: static points stay put) or per_frame "
         "(the reference's, for an adapter compatible with the released one)",
     )
-    parser.add_argument("--batch_size", type=int, default=1, help="clips per VAE call")
-    parser.add_argument("--num_workers", type=int, default=2, help="threads reading clips ahead")
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="clips per VAE call")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=defaults.num_workers,
+        help="processes that read, crop and write the videos of clips ahead of the encoders (0: in this process)",
+    )
     parser.add_argument("--retry_failed", action="store_true", help="try clips that failed before again")
     parser.add_argument("--merge", action="store_true", help="only combine the shards' records into lists and stats")
     return parser

@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "most the free host RAM per process allows (thresholds in fourdnex/train/memory_policy.py, scaled with the "
         "tokens per step)",
     )
-    g.add_argument("--attention_backend", default=None, help="diffusers attention backend, e.g. _native_cudnn")
+    g.add_argument(
+        "--attention_backend",
+        default=None,
+        help="diffusers attention backend, e.g. _native_cudnn, or flash_4 (FlashAttention-4, an optional package for "
+        "Hopper and Blackwell GPUs; see the README); default: native SDPA",
+    )
     g.add_argument("--compile_blocks", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed json (default: configs/deepspeed_zero2.json)")

@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument(
         "--attention_backend",
         default="auto",
-        help="a diffusers attention backend: native, _native_cudnn, _native_flash, flash, sage, ... "
-        "(default auto: native; _native_cudnn with --cp ring)",
+        help="a diffusers attention backend: native, _native_cudnn, _native_flash, flash, sage, ..., or flash_4 "
+        "(FlashAttention-4, an optional package for Hopper and Blackwell GPUs; see the README). Default auto: "
+        "flash_4 on a Hopper GPU where flash-attn-4 is installed, else native (_native_cudnn with --cp ring)",
     )
     hardware.add_argument(
         "--compile",

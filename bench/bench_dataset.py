@@ -8,7 +8,15 @@ over the matmul rate this machine reaches in the VAE's dtype (float32).
     python bench/bench_dataset.py --device cuda --real-size   # Wan2.1 VAE + UMT5-XXL + CLIP ViT-H/14, random
     python bench/bench_dataset.py --device cpu                # the tiny model of example/tiny-wan-i2v, fp32
 
-The encoders run as the build runs them: UMT5 in ``--dtype`` (bf16 on GPU), the VAE and CLIP in float32.
+The encoders run as the build runs them: UMT5 in ``--dtype`` (bf16 on GPU), the VAE and CLIP in ``--encoder_dtype``
+(float32 by default; ``--compile_vae`` compiles the VAE's encoder), the clips read, prepared and written by
+``--num_workers`` worker processes. The table gives the rate, the CPU seconds per clip of every process, each
+encoder's share, what the encoders did not hide, and the floor.
+
+``--stages`` instead times each step of the build (read, prepare, write each file, the VAE, CLIP, UMT5) one clip after
+another in this process (on one torch thread on a CPU, with CPU seconds beside the wall-clock ones): where the time
+goes. ``--vae_variants`` times one clip's VAE work (RGB + XYZ videos and both conditions) for each of ``--variants``
+(dtype, compiled, channels-last 3D convolution weights) with its FLOP rate and its deviation from the first variant.
 
 ``--encoder_precision`` instead encodes the RGB and XYZ videos of synthetic clips with the real-size Wan VAE (random
 weights; the latents' scale is set by the VAE's own normalization) in float32 and in bfloat16, and prints the latent
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -35,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common
-from fourdnex.data.build import BuildConfig, Encoders, build
+from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, Encoders, build
 from fourdnex.data.prepare import fit_normalization
 from fourdnex.data.synthetic import render_scene, write_tree
 from fourdnex.model.loading import ENCODER_DTYPE, load_components
@@ -51,8 +60,8 @@ def _sync(device: torch.device) -> None:
 class TimedEncoders(Encoders):
     """Encoders that add up the seconds spent in each encoder (synchronizing the GPU around every call)."""
 
-    def __init__(self, pipe, device):
-        super().__init__(pipe, device)
+    def __init__(self, pipe, device, compile_vae: bool = False):
+        super().__init__(pipe, device, compile_vae)
         self.seconds = {"vae": 0.0, "umt5": 0.0, "clip": 0.0}
         self.calls = {"vae": 0, "umt5": 0, "clip": 0}
 
@@ -75,10 +84,10 @@ class TimedEncoders(Encoders):
         return self._timed("clip", super().encode_image, image)
 
 
-def real_size_components(device: str, dtype: torch.dtype) -> dict:
+def real_size_components(device: str, dtype: torch.dtype, vision_dtype: torch.dtype = ENCODER_DTYPE) -> dict:
     """The Wan2.1-I2V-14B encoders at their real sizes with random weights, built on ``device``: UMT5 in ``dtype``,
-    the VAE and CLIP in ENCODER_DTYPE, as the build loads them."""
-    return common.build_components(False, torch.device(device), dtype, vision_dtype=ENCODER_DTYPE)
+    the VAE and CLIP in ``vision_dtype``, as the build loads them."""
+    return common.build_components(False, torch.device(device), dtype, vision_dtype=vision_dtype)
 
 
 def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_num_frames: int) -> dict[str, float]:
@@ -209,10 +218,178 @@ def print_encoder_precision(args: argparse.Namespace) -> None:
             vae.float()
 
 
+def load_pipe(args: argparse.Namespace, dtype: torch.dtype, vision_dtype: torch.dtype):
+    """The encoders' pipeline: the real-size random ones on the device, or a model folder's, in the build's dtypes."""
+    from diffusers import WanImageToVideoPipeline
+
+    if args.real_size:
+        return WanImageToVideoPipeline(**real_size_components(args.device, dtype, vision_dtype), transformer=None)
+    components = load_components(args.model_path, dtype, transformer=False)
+    if vision_dtype != ENCODER_DTYPE:
+        for name in ("vae", "image_encoder"):
+            components[name] = components[name].to(vision_dtype)
+    return WanImageToVideoPipeline(**components)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the build's worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def print_stages(args: argparse.Namespace) -> None:
+    """Print the --stages table: one clip after another in this process, each step of the build timed alone."""
+    from fourdnex.data import cache
+    from fourdnex.data.build import encode_batch, load_clip
+    from fourdnex.data.prepare import prepare_clip
+    from fourdnex.data.sources import Captions, find_clips, read_clip
+    from fourdnex.files import write_png, write_safetensors, write_video
+
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_dataset_"))
+    data_dir = work / "data"
+    if not (data_dir / "caption").is_dir():
+        write_tree(work, args.num_clips, args.num_frames, args.height, args.width, seed=args.seed)
+    encoders = Encoders(load_pipe(args, dtype, ENCODER_DTYPES[args.encoder_dtype]), device, args.compile_vae)
+    cfg = BuildConfig(
+        data_dir=str(data_dir),
+        out=str(work / f"stages-{time.time_ns()}"),
+        model_path=str(args.model_path),
+        num_frames=args.num_frames,
+        resolution_h=args.height,
+        resolution_w=args.width,
+        num_workers=0,
+    )
+    out, captions = Path(cfg.out), Captions(data_dir)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # CPU seconds are then the work, whatever else runs on the machine
+    seconds: dict[str, list[float]] = {}
+
+    def timed(name: str, fn, *fn_args):
+        _sync(device)
+        tic, cpu = time.perf_counter(), time.process_time()
+        result = fn(*fn_args)
+        _sync(device)
+        wall, cpu = time.perf_counter() - tic, time.process_time() - cpu
+        seconds.setdefault(name, [0.0, 0.0])
+        seconds[name] = [seconds[name][0] + wall, seconds[name][1] + cpu]
+        return result
+
+    sources = find_clips(data_dir).clips[: args.num_clips]
+    timed("warm-up clip (not counted)", encode_batch, encoders, [load_clip(cfg, captions, out, sources[0], False)], 1)
+    seconds.clear()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for source in sources:
+        raw = timed("read (decode video, npz, depth)", read_clip, source, captions)
+        clip = timed("prepare (crop, normalize the pointmap)", prepare_clip, source, raw, *cfg_size(cfg), cfg.center)
+        files = cache.clip_files(source.id, clip.prompt)
+        for key in ("video", "first_frame", "pointmap", "pointmap_preview"):
+            (out / files[key]).parent.mkdir(parents=True, exist_ok=True)
+        timed("write video (H.264)", write_video, out / files["video"], clip.rgb)
+        timed("write first frame (png)", write_png, out / files["first_frame"], clip.rgb[0])
+        preview = ((clip.pointmap + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+        timed("write pointmap preview (H.264)", write_video, out / files["pointmap_preview"], preview)
+        pointmap = {"pointmap": torch.from_numpy(clip.pointmap).half()}
+        timed("write pointmap (safetensors)", write_safetensors, out / files["pointmap"], pointmap)
+        loaded = timed("VAE input (float videos)", load_clip_from, clip)
+        latents = timed("VAE (RGB, XYZ and conditions)", encode_batch, encoders, [loaded], cfg.cond_num_frames)[0]
+        timed("write latents", cache.write_latents, out, files, latents, cfg.cache_config())
+        embeds = timed("CLIP", encoders.encode_image, clip.rgb[0])
+        timed("write CLIP embedding", cache.write_clip_embeds, out, files, embeds)
+        prompt = timed("UMT5", encoders.encode_prompt, clip.prompt)
+        timed("write UMT5 embedding", cache.write_prompt_embeds, out, files, clip.prompt, prompt)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    count = len(sources)
+    print(f"{count} clips of {args.num_frames} x {args.height} x {args.width}, {device.type}, one after another on "
+          f"{torch.get_num_threads()} torch threads: {wall / count:.3f} s per clip "
+          f"({cpu / count:.3f} s CPU)\n")  # fmt: skip
+    print("| step | ms per clip | CPU ms per clip | share of the CPU time |\n|---|---|---|---|")
+    for name, (total, total_cpu) in sorted(seconds.items(), key=lambda item: -item[1][1]):
+        print(f"| {name} | {total / count * 1e3:.1f} | {total_cpu / count * 1e3:.1f} | {total_cpu / cpu:.1%} |")
+    if args.json:
+        numbers = {"seconds_per_clip": wall / count, "cpu_seconds_per_clip": cpu / count, "steps": seconds}
+        Path(args.json).write_text(json.dumps({**numbers, "clips": count}, indent=2))
+
+
+def cfg_size(cfg: BuildConfig) -> tuple[int, int, int]:
+    return cfg.num_frames, cfg.resolution_h, cfg.resolution_w
+
+
+def load_clip_from(clip):
+    """What a worker hands the encoders, from a prepared clip (``fourdnex.data.build.load_clip``'s last steps)."""
+    from fourdnex.data.build import LoadedClip, _to_video
+
+    videos = torch.stack([_to_video(clip.rgb), torch.from_numpy(clip.pointmap).permute(3, 0, 1, 2)])
+    return LoadedClip(clip, videos)
+
+
+@torch.no_grad()
+def print_vae_variants(args: argparse.Namespace) -> None:
+    """Print the --vae_variants table: one clip's VAE work (RGB + XYZ videos, both conditions) per variant."""
+    from diffusers import AutoencoderKLWan
+
+    from fourdnex.model.fusion import condition_video, encode_latents
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if args.real_size:
+        vae = AutoencoderKLWan(**common.REAL_VAE, temperal_downsample=[False, True, True])
+    else:
+        vae = AutoencoderKLWan.from_pretrained(Path(args.model_path) / "vae")
+    vae = vae.to(device).eval()
+    cond_frames = min(49, args.num_frames)
+    g = torch.Generator().manual_seed(args.seed)
+    videos = (torch.rand(2, 3, args.num_frames, args.height, args.width, generator=g) * 2 - 1).to(device)
+    first = videos[:1, :, 0]
+    inputs = [videos, condition_video(first, cond_frames, "rgbxyz"), condition_video(first, cond_frames, "rgb")]
+    flops = vae_flops(dict(vae.config), args.num_frames, args.height, args.width, cond_frames)["clip"]
+    reference = None
+    rows = []
+    for name in args.variants.split(","):
+        dtype_name, *options = name.split("+")
+        model = vae.to(ENCODER_DTYPES[dtype_name])
+        if "channels_last" in options:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Conv3d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        encoder = model.encoder
+        if "compiled" in options:
+            model.encoder = torch.compile(encoder)
+        tic = time.perf_counter()
+        out = [encode_latents(model, x) for x in inputs]  # warm-up (compiles)
+        _sync(device)
+        first_s = time.perf_counter() - tic
+        tic = time.perf_counter()
+        for _ in range(args.repeats):
+            out = [encode_latents(model, x) for x in inputs]
+        _sync(device)
+        seconds = (time.perf_counter() - tic) / args.repeats
+        reference = out if reference is None else reference
+        deviation = max(((a - b).abs().max() / b.std()).item() for a, b in zip(out, reference, strict=True))
+        rows.append((name, seconds, flops / seconds, 60 / seconds, first_s, deviation))
+        model.encoder = encoder
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous()
+    print(f"\nVAE of one {args.num_frames} x {args.height} x {args.width} clip ({_tflop(flops)}: RGB + XYZ "
+          f"videos, fused and RGB conditions), {device.type}\n")  # fmt: skip
+    print("| variant | s per clip | rate | clips/min (VAE alone) | first call s | max abs dev / std vs first |")
+    print("|---|---|---|---|---|---|")
+    for name, seconds, rate, per_min, first_s, deviation in rows:
+        print(f"| {name} | {seconds:.2f} | {_tflop(rate)}/s | {per_min:.1f} | {first_s:.0f} | {deviation:.1e} |")
+    if args.json:
+        head = ("variant", "seconds", "flops_per_second", "clips_per_min", "first_call_seconds", "max_abs_dev_over_std")
+        Path(args.json).write_text(
+            json.dumps({"flops": flops, "rows": [dict(zip(head, r, strict=True)) for r in rows]}, indent=2)
+        )
+
+
 def main(args: argparse.Namespace) -> None:
     """Synthesize, warm up, time one build, print the table."""
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    vision_dtype = ENCODER_DTYPES[args.encoder_dtype]
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_dataset_"))
     cond_frames = min(49, args.num_frames)
 
@@ -223,13 +400,8 @@ def main(args: argparse.Namespace) -> None:
     synth_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    from diffusers import WanImageToVideoPipeline
-
-    if args.real_size:
-        pipe = WanImageToVideoPipeline(**real_size_components(args.device, dtype), transformer=None)
-    else:
-        pipe = WanImageToVideoPipeline(**load_components(TINY, dtype, transformer=False))
-    encoders = TimedEncoders(pipe, device)
+    pipe = load_pipe(args, dtype, vision_dtype)
+    encoders = TimedEncoders(pipe, device, args.compile_vae)
     _sync(device)
     load_s = time.perf_counter() - start
 
@@ -237,28 +409,33 @@ def main(args: argparse.Namespace) -> None:
         return BuildConfig(
             data_dir=str(data_dir),
             out=str(out),
-            model_path="random-real-size" if args.real_size else str(TINY),
+            model_path="random-real-size" if args.real_size else str(args.model_path),
             num_frames=args.num_frames,
             resolution_h=args.height,
             resolution_w=args.width,
             device=args.device,
             dtype=args.dtype or "auto",
+            encoder_dtype=args.encoder_dtype,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             limit=limit,
         )
 
     # Warm up on the first clip (in a cache of its own), so that the timed run measures the steady state.
+    tic = time.perf_counter()
     warm = build(config(work / f"warmup-{time.time_ns()}", 1), encoders, show_progress=False)
+    warm_s = time.perf_counter() - tic
     for key in encoders.seconds:
         encoders.seconds[key], encoders.calls[key] = 0.0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     out = work / f"cache-{time.time_ns()}"
+    cpu = cpu_seconds()
     start = time.perf_counter()
     summary = build(config(out, args.num_clips), encoders, show_progress=not args.quiet)
     total_s = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
     clips = summary.processed
     if summary.failed_now:  # e.g. random weights giving non-finite latents: the work was done, so it still counts
         reasons = [json.loads(p.read_text())["reason"] for p in sorted((out / "failures").rglob("*.json"))]
@@ -267,42 +444,52 @@ def main(args: argparse.Namespace) -> None:
 
     flops = vae_flops(dict(pipe.vae.config), args.num_frames, args.height, args.width, cond_frames)
     flops.update({f"{k}_encoder": v for k, v in encoder_flops(pipe).items()})
-    rate = matmul_rate(device, ENCODER_DTYPE)  # the VAE's and CLIP's dtype; the floor is theirs
+    rate = matmul_rate(device, vision_dtype)  # the VAE's and CLIP's dtype; the floor is theirs
     floor_s = flops["clip"] / rate
     all_floor_s = (flops["clip"] + flops["umt5_encoder"] + flops["clip_encoder"]) / rate
     per_clip = {k: v / clips for k, v in encoders.seconds.items()}
-    model = "real-size (random) Wan2.1 VAE + UMT5-XXL + CLIP ViT-H/14" if args.real_size else "tiny random model"
+    model = "real-size (random) Wan2.1 VAE + UMT5-XXL + CLIP ViT-H/14" if args.real_size else str(args.model_path)
+    vision = str(vision_dtype).removeprefix("torch.")
     rows = [
         (
             "device",
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
         ),
-        ("model / dtype", f"{model} / UMT5 {str(dtype).removeprefix('torch.')}, VAE + CLIP float32"),
+        (
+            "model / dtype",
+            f"{model} / UMT5 {str(dtype).removeprefix('torch.')}, VAE + CLIP {vision}"
+            + (", VAE encoder compiled" if args.compile_vae else ""),
+        ),
         (
             "clip",
             f"{args.num_frames} x {args.height} x {args.width}, condition {cond_frames} frames, "
-            f"batch {args.batch_size}",
+            f"batch {args.batch_size}, {args.num_workers} worker processes",
         ),
         (
             "clips timed",
-            f"{clips} (after {warm.processed + warm.failed_now} warm-up clip), {summary.failed_now} failed",
+            f"{clips} (after {warm.processed + warm.failed_now} warm-up clip, {warm_s:.0f} s), "
+            f"{summary.failed_now} failed",
         ),
         ("**throughput**", f"**{clips / total_s * 60:.2f} clips/min** ({total_s / clips:.2f} s/clip)"),
-        ("VAE encode per clip (RGB+XYZ, condition)", f"{per_clip['vae']:.2f} s"),
+        ("CPU time per clip (all processes)", f"{cpu / clips:.2f} s"),
+        (
+            "VAE encode per clip (RGB+XYZ, conditions)",
+            f"{per_clip['vae']:.2f} s ({_tflop(flops['clip'] / per_clip['vae'])}/s)",
+        ),
         (
             "UMT5 per prompt",
             f"{encoders.seconds['umt5'] / max(encoders.calls['umt5'], 1):.2f} s x {encoders.calls['umt5']}",
         ),
         ("CLIP per clip", f"{per_clip['clip']:.3f} s"),
         (
-            "read + crop + normalize + media (threads)",
+            "not in the encoders (reading, cropping, media in the workers; the main loop)",
             f"{total_s / clips - sum(per_clip.values()):.2f} s/clip not hidden",
         ),
         (
             "VAE encoder FLOPs per clip",
             f"{_tflop(flops['clip'])} (video {_tflop(flops['video'])} x 2, condition {_tflop(flops['cond'])})",
         ),
-        ("matmul rate measured", f"{_tflop(rate)}/s"),
+        (f"matmul rate measured ({vision})", f"{_tflop(rate)}/s"),
         ("**VAE floor**", f"**{floor_s:.2f} s/clip = {60 / floor_s:.1f} clips/min**"),
         (
             "UMT5 / CLIP FLOPs",
@@ -320,24 +507,37 @@ def main(args: argparse.Namespace) -> None:
     for key, value in rows:
         print(f"| {key} | {value} |")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "flops": flops, "rate": rate, "seconds": total_s}, indent=2)
-        )
+        numbers = {
+            "rows": rows,
+            "flops": flops,
+            "rate": rate,
+            "seconds": total_s,
+            "clips": clips,
+            "clips_per_min": clips / total_s * 60,
+            "cpu_seconds": cpu,
+            "encoder_seconds": encoders.seconds,
+            "floor_clips_per_min": 60 / floor_s,
+        }
+        Path(args.json).write_text(json.dumps(numbers, indent=2))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = BuildConfig(data_dir="", out="", model_path="")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--real-size", "--real_size", dest="real_size", action="store_true")
+    parser.add_argument("--model_path", default=str(TINY), help="a Wan2.1-I2V folder (default: the tiny model)")
     parser.add_argument("--num_clips", type=int, default=5, help="clips timed (the first also warms up, beforehand)")
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--num_workers", type=int, default=defaults.num_workers, help="the build's worker processes")
     parser.add_argument(
         "--dtype", choices=["bf16", "fp32"], default=None, help="UMT5's dtype; default: bf16 on GPU, fp32 on CPU"
     )
+    parser.add_argument("--encoder_dtype", choices=list(ENCODER_DTYPES), default=defaults.encoder_dtype)
+    parser.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE's encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder for the synthetic clips and caches (kept; reused)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -346,10 +546,22 @@ if __name__ == "__main__":
     parser.add_argument(
         "--encoder_precision", action="store_true", help="measure bfloat16 against float32 VAE latents instead"
     )
+    parser.add_argument("--stages", action="store_true", help="time each step of the build, one clip at a time")
+    parser.add_argument("--vae_variants", action="store_true", help="time one clip's VAE work per --variants")
+    parser.add_argument(
+        "--variants",
+        default="fp32,fp32+compiled,bf16,bf16+compiled,bf16+channels_last",
+        help="for --vae_variants: comma-separated dtype[+compiled][+channels_last]",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="for --vae_variants: timed clips per variant")
     arguments = parser.parse_args()
     if arguments.clipping:
         print_clipping(arguments)
     elif arguments.encoder_precision:
         print_encoder_precision(arguments)
+    elif arguments.stages:
+        print_stages(arguments)
+    elif arguments.vae_variants:
+        print_vae_variants(arguments)
     else:
         main(arguments)

@@ -33,18 +33,20 @@ import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
 from bench import common
-from fourdnex.config import AccelerationConfig
+from fourdnex.config import FLASH_4_BACKEND, AccelerationConfig
 from fourdnex.generate.acceleration import apply_acceleration, resolve
+from fourdnex.model import attention
 
 SECTIONS = ("forward", "profile", "cross", "sample", "approx", "vae", "memory", "batch")
 DEFAULT_SECTIONS = "forward,sample,approx,vae,memory"
-BACKENDS = ("_native_cudnn", "_native_flash", "flash", "_flash_3", "sage")
+BACKENDS = ("flash_4", "_native_cudnn", "_native_flash", "flash", "_flash_3", "sage")
 #: (memory mode, fp8, cap in GiB) measured in child processes, most wanted first.
 MEMORY_RUNS = (
     ("group", False, 24),
@@ -185,26 +187,39 @@ def main(args: argparse.Namespace) -> None:
     table = Table(budget=args.budget_seconds, tiny=tiny)
     flops = common.forward_flops(tiny, shape.tokens)
     floor = flops / (args.peak_tflops * 1e12)
+    results: dict[str, float] = {}
     try:
-        run_sections(args, sections, table, device, dtype, floor)
+        run_sections(args, sections, table, device, dtype, floor, results)
     except Exception as err:  # keep what was measured before the failure
         traceback.print_exc()
         table.add("error", type(err).__name__, note=(str(err).splitlines() or [""])[0][:150])
     finally:
-        print()
-        print(
+        summary = (
             f"Machine: {describe_machine(device)}. Shape: {shape.frames} frames, {shape.height}x{shape.width} per "
             f"modality ({shape.tokens} tokens), guidance 5.0. Forward = {flops / 1e15:.3f} PFLOP; floor "
             f"{floor:.3f} s at {args.peak_tflops:.0f} TFLOP/s. Total bench time {table.elapsed():.0f} s."
         )
         print()
+        print(summary)
+        print()
         print(table.markdown())
+        if args.json:
+            head = ("section", "setting", "seconds", "speedup", "peak_gib", "max_abs_dev", "note")
+            rows = [dict(zip(head, row, strict=True)) for row in table.rows]
+            numbers = {"machine": summary, "floor_seconds": floor, "results": results, "rows": rows}
+            Path(args.json).write_text(json.dumps(numbers, indent=2))
 
 
 def run_sections(
-    args: argparse.Namespace, sections: list[str], table: Table, device: torch.device, dtype: torch.dtype, floor: float
+    args: argparse.Namespace,
+    sections: list[str],
+    table: Table,
+    device: torch.device,
+    dtype: torch.dtype,
+    floor: float,
+    results: dict[str, float],
 ) -> None:
-    """Every selected section in order, adding rows to ``table``."""
+    """Every selected section in order, adding rows to ``table`` and the headline numbers to ``results``."""
     tiny = args.tiny
     shape = common.TINY_SHAPE if tiny else common.REAL_SHAPE
     calls = 2 * args.full_steps
@@ -214,7 +229,6 @@ def run_sections(
     needs_pipeline = {"sample", "approx", "vae"} & set(sections)
     components = common.build_components(tiny, device, dtype) if needs_pipeline else None
     inputs = common.transformer_inputs(tiny, shape, device, dtype)
-    results: dict[str, float] = {}
 
     # 1. Diffusers' stock transformer and pipeline, eager, native attention: the baseline.
     if ({"forward", "sample"} & set(sections)) and table.fits("stock", 60):
@@ -269,6 +283,10 @@ def run_sections(
         for backend in BACKENDS:
             if not table.fits(f"forward: {backend}", 12):
                 break
+            problem = attention.flash4_problem(device) if backend == FLASH_4_BACKEND else None
+            if problem is not None:
+                table.add("forward", f"ours eager, {backend}", note=f"unavailable: {problem[:150]}")
+                continue
             try:
                 ours.set_attention_backend(backend)
                 seconds, out = bench_forward(ours, inputs, device, args.repeats)
@@ -553,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated subset of the memory section: " + ",".join(memory_run_name(*run) for run in MEMORY_RUNS),
     )
+    parser.add_argument("--json", default=None, help="also write every row and the headline numbers to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--fp8", action="store_true", help=argparse.SUPPRESS)

@@ -277,7 +277,9 @@ def run_trainer(args, cfg: TrainConfig, setting: str, config: dict, shape) -> No
         torch.distributed.all_gather_object(gathered, result)
     if accelerator.is_main_process:
         print(table(gathered))
-        print(json.dumps({"trainable": sum(p.numel() for p in trainable_parameters(trainer.module).values())}))
+        trainable = sum(p.numel() for p in trainable_parameters(trainer.module).values())
+        print(json.dumps({"trainable": trainable}))
+        write_json(args, {"rows": gathered, "trainable": trainable})
 
 
 def profile_step(trainer: Trainer, cfg: TrainConfig, config: dict, shape, step: int, rank: int, world: int) -> None:
@@ -343,22 +345,23 @@ def run_baseline(args, cfg: TrainConfig, config: dict, shape) -> None:
         "losses": " ".join(f"{v:.5f}" for v in losses),
     }
     print(table([row]))
+    write_json(args, {"rows": [row]})
 
 
 def run_gradients(args, cfg: TrainConfig, setting: str, config: dict, shape) -> None:
-    """The gradients of one batch with plain checkpointing (twice: the run-to-run floor) and with the settings given
-    (``--activation_memory``, ``--compile``; with ``--compile`` also plain compiled and the settings without it):
-    relative difference and cosine against the first.
+    """The gradients of one batch with plain checkpointing on the default attention kernel (twice: the run-to-run
+    floor) and with the settings given (``--activation_memory``, ``--compile``, ``--attention_backend``; with
+    ``--compile`` also plain compiled and the settings without it): relative difference and cosine against the first.
 
     LoRA B starts from small seeded values instead of zero, so that the A matrices get gradients too.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = RecomputePlan.for_setting(setting, park=device.type == "cuda")
-    plain = dataclasses.replace(cfg, compile_blocks=False)
+    plain = dataclasses.replace(cfg, compile_blocks=False, attention_backend=None)  # the reference: the default kernel
     runs = [("plain checkpointing", plain, None), ("plain checkpointing, again", plain, None)]
     if cfg.compile_blocks:
-        runs.append(("plain checkpointing, compiled", cfg, None))
-        runs.append(("the settings given, not compiled", plain, plan))
+        runs.append(("plain checkpointing, compiled", dataclasses.replace(plain, compile_blocks=True), None))
+        runs.append(("the settings given, not compiled", dataclasses.replace(cfg, compile_blocks=False), plan))
     runs.append(("the settings given", cfg, plan))
     batch = random_batch(0, shape, config["text_dim"], config["image_dim"]).to(device)
     grads, rows = {}, []
@@ -393,6 +396,13 @@ def run_gradients(args, cfg: TrainConfig, setting: str, config: dict, shape) -> 
             }
         )
     print(table(rows))
+    write_json(args, {"rows": rows})
+
+
+def write_json(args, numbers: dict) -> None:
+    """Every number of the run to ``--json`` (when given)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=2))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -430,7 +440,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--attention_backend", default=None, help="diffusers backend, e.g. _native_cudnn")
+    parser.add_argument(
+        "--attention_backend", default=None, help="diffusers backend, e.g. _native_cudnn or flash_4 (FlashAttention-4)"
+    )
     parser.add_argument(
         "--activation_memory",
         default="recompute",
@@ -440,4 +452,5 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--deepspeed_config", default=None, help="default: configs/deepspeed_zero2.json")
     parser.add_argument("--profile", action="store_true", help="profile one more step: GPU time by kernel kind")
+    parser.add_argument("--json", default=None, help="also write the table's numbers to this file")
     main(parser.parse_args())

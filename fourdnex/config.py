@@ -24,8 +24,11 @@ DEFAULT_MODEL_PATH = "./pretrained/Wan2.1-I2V-14B-480P-Diffusers"
 BASE_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 #: Where the released LoRA targets live inside every transformer block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-#: The diffusers attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels).
-REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn")
+#: The attention backend fourdnex registers with diffusers: FlashAttention-4 (fourdnex.model.attention), optional.
+FLASH_4_BACKEND = "flash_4"
+#: The attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels, and
+#: FlashAttention-4, whose forward returns the log-sum-exp its backward takes).
+REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", FLASH_4_BACKEND)
 
 Layout = Literal["rgb", "xyz", "rgbxyz"]
 
@@ -148,7 +151,8 @@ class AccelerationConfig:
     Every field but ``fp8``, ``cache`` and VAE tiling leaves the output unchanged (up to floating-point order).
     """
 
-    attention_backend: str = "auto"  # a diffusers AttentionBackendName value; auto: the fastest measured one
+    attention_backend: str = "auto"  # a diffusers AttentionBackendName value or flash_4; auto: flash_4 on Hopper
+    # where flash-attn-4 is installed, else the fastest measured one (fourdnex.generate.acceleration.resolve)
     compile: bool | None = None  # regional torch.compile of the transformer blocks; None: on for a resident GPU model
     memory: str = "auto"  # one of MEMORY_MODES or "auto" (from the GPU's free memory)
     fp8: bool = False  # store the transformer's weights in float8_e4m3fn, compute in the pipeline dtype

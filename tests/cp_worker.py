@@ -1,11 +1,12 @@
 """Run under torchrun (2 CPU processes, gloo): one fused sample on one process, then split with context parallelism.
 
-    torchrun --nproc_per_node 2 tests/cp_worker.py RESULT.json [ulysses|ring]
+    torchrun --nproc_per_node 2 tests/cp_worker.py RESULT.json [ulysses|ring] [ATTENTION_BACKEND]
 
 Both runs decode with VAE slicing, as inference does; the split run also decodes the RGB and XYZ halves on two
 processes. Rank 0 writes the largest differences between the two runs (per layout), the largest difference between
 the split run's videos and one process's decoding of the same latents, which videos each process got back, and the
-sequence length each process saw.
+sequence length each process saw. With the attention backend ``flash_4`` both runs attend through FlashAttention-4's
+CPU stand-in (fourdnex.testing.flash4), whose calls are counted too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ SMALL = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2, "
 LAYOUTS = ("rgbxyz", "xyz")
 
 
-def main(result_path: str, mode: str) -> None:
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def main(result_path: str, mode: str, backend: str) -> None:
+    from fourdnex.testing.flash4 import installed
+
+    with installed() as calls:
+        run(result_path, mode, backend, calls)
+
+
+def run(result_path: str, mode: str, backend: str, calls: dict) -> None:
     from PIL import Image
 
     from fourdnex.config import XYZ_LATENT_MEAN, XYZ_LATENT_STD
@@ -32,6 +44,7 @@ def main(result_path: str, mode: str) -> None:
 
     process = parallel.init_processes(mode, "cpu")
     pipe = load_pipeline(ROOT / "example" / "tiny-wan-i2v", dtype=torch.float32)
+    pipe.transformer.set_attention_backend(backend)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_slicing()
     with torch.no_grad():
@@ -43,7 +56,26 @@ def main(result_path: str, mode: str) -> None:
     def sample(layout: str):
         return pipe(image, "a cat", generator=torch.Generator().manual_seed(3), layout=layout, **SMALL)
 
+    def gradients() -> list[torch.Tensor]:
+        """Gradients of a transformer loss w.r.t. its input and two weights, summed over the processes."""
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(1, 36, 2, 4, 12, generator=g, requires_grad=True)  # 24 tokens, fused layout
+        text, image_tokens = torch.randn(1, 16, 32, generator=g), torch.randn(1, 257, 32, generator=g)
+        weights = [pipe.transformer.domain_embedding, pipe.transformer.blocks[0].attn1.to_q.weight]
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            out = pipe.transformer(x, torch.tensor([500.0]), text, image_tokens, return_dict=False)[0]
+            grads = torch.autograd.grad(out.square().mean(), [x, *weights])
+        for w in weights:
+            w.requires_grad_(False)
+        grads = [grads[0], *(grad.contiguous() for grad in grads[1:])]
+        for grad in grads if dist.is_initialized() else []:
+            dist.all_reduce(grad)
+        return grads
+
     single = {layout: sample(layout) for layout in LAYOUTS}
+    single_grads = gradients()
     try:
         pipe.enable_split_decoding()
     except ValueError as err:
@@ -55,7 +87,13 @@ def main(result_path: str, mode: str) -> None:
     seen = []
     attention = pipe.transformer.blocks[0].attn1  # inside the split region
     attention.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0].shape[1]), with_kwargs=True)
+    single_calls = dict(calls)
     split = {layout: sample(layout) for layout in LAYOUTS}
+    split_grads = gradients()
+    native_split_grads = None
+    if mode == "ulysses":  # native SDPA returns no log-sum-exp, which ring attention needs
+        pipe.transformer.set_attention_backend("native")
+        native_split_grads = gradients()
     held = {layout: [name for name in ("rgb", "xyz") if getattr(split[layout], name) is not None] for layout in LAYOUTS}
     every_held = [None] * process.world_size
     dist.all_gather_object(every_held, held)
@@ -68,6 +106,15 @@ def main(result_path: str, mode: str) -> None:
             "refused_before_cp": refused,
             "videos_held": every_held,
             "decode_timed": all("decode" in out.timings for out in split.values()),
+            "backend": backend,
+            "flash4_calls": {"single": single_calls, "both": dict(calls)},
+            # The split run's gradients (summed over processes) against one process's, and against the split run's with
+            # native SDPA: diffusers' context-parallel backward leaves each process 1 / world_size of its share.
+            "grads_vs_single": [
+                max_rel(process.world_size * a, b) for a, b in zip(split_grads, single_grads, strict=True)
+            ],
+            "grads_vs_native_split": native_split_grads
+            and [max_rel(a, b) for a, b in zip(split_grads, native_split_grads, strict=True)],
         }
         for layout in LAYOUTS:
             out, reference = split[layout], single[layout]
@@ -86,4 +133,5 @@ def main(result_path: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ulysses")
+    arguments = sys.argv[1:]
+    main(arguments[0], *arguments[1:2] or ["ulysses"], *arguments[2:3] or ["native"])

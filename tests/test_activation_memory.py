@@ -106,7 +106,7 @@ def tiny_training_model(plan: RecomputePlan | None = None, **settings) -> torch.
     """The tiny transformer in fp32 prepared as for training (gradient checkpointing keeping what ``plan`` says), with
     random (not zero) LoRA B and domain embedding."""
     # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
-    cfg = TrainConfig(lora_rank=4, mixed_precision="no", attention_backend="native", **settings)
+    cfg = TrainConfig(**{"lora_rank": 4, "mixed_precision": "no", "attention_backend": "native", **settings})
     model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
     model = build_transformer(cfg, transformer=model, plan=plan)
     torch.manual_seed(0)

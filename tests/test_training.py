@@ -169,7 +169,7 @@ def test_zero3_two_processes_schedule_and_gathered_adapter(cache_dir, tmp_path):
         (
             "kept_attention_backend",
             "--activation_memory attention replays the self-attention kernel: it needs attention_backend native, "
-            "_native_flash, _native_cudnn; got 'flex'",
+            "_native_flash, _native_cudnn, flash_4; got 'flex'",
         ),
         ("kept_under_zero3", "the DeepSpeed config is ZeRO-3, which partitions the LoRA weights"),
         ("kept_ffn_under_zero3", "--activation_memory attention+ffn needs ZeRO-2"),

@@ -1,19 +1,33 @@
-"""Building the training cache: find the clips, load the encoders once, read and prepare clips ahead in threads,
-batch the VAE work, write through :mod:`fourdnex.data.cache` (where the layout is specified), merge the shards.
+"""Building the training cache: find the clips, load the encoders once, read and prepare clips ahead in worker
+processes, batch the VAE work, write through :mod:`fourdnex.data.cache` (where the layout is specified), merge the
+shards.
+
+Where the time goes (BENCHMARKS.md, "Dataset building"): the Wan VAE, then the CPU side of a clip (decoding its
+video, cropping, normalizing the pointmap, H.264-encoding the cropped video and the pointmap preview; with reader
+threads, 2.8 s per 81 x 480 x 720 clip of it was not hidden behind the encoders on the GPU machine). The CPU side
+runs in ``num_workers`` processes forked before the encoders load, each on one thread, so it shares no lock with the
+encoders' loop; a worker writes the clip's media and hands the VAE's input to the main process in shared memory,
+so the main process only encodes and writes the small files. The VAE encodes a batch's RGB and XYZ videos in one
+call and its conditions in others (:func:`encode_batch`).
 
 ``build_wan_dataset.py`` is the command line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import multiprocessing
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from fourdnex.config import check_video_shape
 from fourdnex.data import cache
@@ -41,10 +55,12 @@ class BuildConfig:
     task_idx: int = 0
     limit: int | None = None
     device: str = "cpu"
-    dtype: str = "auto"  # the text encoder's; "auto": bf16 on GPU, fp32 on CPU (VAE and CLIP: ENCODER_DTYPE)
+    dtype: str = "auto"  # the text encoder's; "auto": bf16 on GPU, fp32 on CPU
+    encoder_dtype: str = "fp32"  # the VAE's and CLIP's: fp32 (inference's and training's, ENCODER_DTYPE) or bf16
+    compile_vae: bool = False  # torch.compile the VAE's encoder (three graphs: the first chunk, the second, the rest)
     center: str = "clip"  # pointmap centring: one of prepare.CENTER_MODES
-    batch_size: int = 1
-    num_workers: int = 2
+    batch_size: int = 1  # clips per VAE call
+    num_workers: int = 2  # processes that read, prepare and write media ahead of the encoders; 0: in this process
     retry_failed: bool = False
 
     def __post_init__(self) -> None:
@@ -63,19 +79,28 @@ class BuildConfig:
             raise UsageError(f"task_idx must be in [0, num_tasks), got {self.task_idx} with num_tasks {self.num_tasks}")
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"limit must be positive, got {self.limit}")
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise UsageError(f"batch_size and num_workers must be positive, got {self.batch_size}, {self.num_workers}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise UsageError(
+                f"batch_size must be positive and num_workers at least 0, got {self.batch_size}, {self.num_workers}"
+            )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UsageError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.encoder_dtype not in ENCODER_DTYPES:
+            raise UsageError(f"encoder_dtype must be one of {list(ENCODER_DTYPES)}, got {self.encoder_dtype!r}")
         if self.center not in CENTER_MODES:
             raise UsageError(f"center must be one of {list(CENTER_MODES)}, got {self.center!r}")
 
     @property
     def text_encoder_dtype(self) -> torch.dtype:
-        """The UMT5 text encoder's dtype (the VAE and CLIP always run in ENCODER_DTYPE)."""
+        """The UMT5 text encoder's dtype."""
         if self.dtype == "auto":
             return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        """The VAE's and CLIP's dtype."""
+        return ENCODER_DTYPES[self.encoder_dtype]
 
     def cache_config(self) -> dict:
         """What a cache depends on (build_config.json, keys :data:`cache.BUILD_CONFIG_KEYS`); a cache built with
@@ -87,33 +112,52 @@ class BuildConfig:
             "num_frames": self.num_frames,
             "cond_num_frames": self.cond_num_frames,
             "text_encoder_dtype": str(self.text_encoder_dtype).removeprefix("torch."),
-            "encoder_dtype": str(ENCODER_DTYPE).removeprefix("torch."),
+            "encoder_dtype": str(self.vision_dtype).removeprefix("torch."),
             "center": self.center,
             "clipping": self.center,
         }
 
 
+#: ``--encoder_dtype`` choices: the VAE's and CLIP's dtype. float32 (the default) is the dtype inference decodes and
+#: training encodes conditions in, so the cache holds the latents they compute; bfloat16 moves the latents by 0.3-0.4 %
+#: of their spread (RMS, BENCHMARKS.md "Encoder precision") for a faster VAE on a GPU.
+ENCODER_DTYPES = {"fp32": ENCODER_DTYPE, "bf16": torch.bfloat16}
+
+
 class Encoders:
     """The frozen parts of a Wan2.1-I2V pipeline the cache needs: VAE, UMT5 text encoder, CLIP image encoder."""
 
-    def __init__(self, pipe, device: str | torch.device):
+    def __init__(self, pipe, device: str | torch.device, compile_vae: bool = False):
         self.pipe = pipe.to(device)
         self.device = torch.device(device)
         self.vae = pipe.vae
+        if compile_vae:
+            self.vae.encoder.compile()
 
     @classmethod
-    def load(cls, model_path: str | Path, device: str, text_encoder_dtype: torch.dtype) -> Encoders:
+    def load(
+        cls,
+        model_path: str | Path,
+        device: str,
+        text_encoder_dtype: torch.dtype,
+        vision_dtype: torch.dtype = ENCODER_DTYPE,
+        compile_vae: bool = False,
+    ) -> Encoders:
         """Load every component but the transformer from a diffusers Wan2.1-I2V folder: the text encoder in
-        ``text_encoder_dtype``, the VAE and image encoder in ENCODER_DTYPE (float32), as everywhere."""
+        ``text_encoder_dtype``, the VAE and image encoder in ``vision_dtype`` (float32 as everywhere, by default)."""
         from diffusers import WanImageToVideoPipeline
 
         components = load_components(model_path, text_encoder_dtype, transformer=False)
-        return cls(WanImageToVideoPipeline(**components), device)
+        if vision_dtype != ENCODER_DTYPE:
+            for name in ("vae", "image_encoder"):
+                components[name] = components[name].to(vision_dtype)
+        return cls(WanImageToVideoPipeline(**components), device, compile_vae)
 
     @torch.no_grad()
-    def encode_videos(self, videos: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, F, H, W)`` in [-1, 1] -> VAE-normalized posterior modes ``(B, 16, T, H/8, W/8)``."""
-        return encode_latents(self.vae, videos)
+    def encode_videos(self, videos: list[torch.Tensor]) -> torch.Tensor:
+        """Videos ``(B_i, 3, F, H, W)`` in [-1, 1], joined on the device into one batch -> VAE-normalized posterior
+        modes ``(sum B_i, 16, T, H/8, W/8)``."""
+        return encode_latents(self.vae, torch.cat([video.to(self.device) for video in videos]))
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -125,10 +169,10 @@ class Encoders:
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
-        """CLIP embedding (penultimate hidden layer) of an ``(H, W, 3)`` uint8 image, ``(257, 1280)``."""
+        """CLIP embedding (penultimate hidden layer) of an ``(H, W, 3)`` uint8 image, ``(257, 1280)`` float32."""
         from PIL import Image
 
-        return self.pipe.encode_image(Image.fromarray(image), self.device)[0]
+        return self.pipe.encode_image(Image.fromarray(image), self.device)[0].float()
 
 
 @dataclass
@@ -167,22 +211,96 @@ def _to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-def encode_batch(encoders: Encoders, clips: list[PreparedClip], cond_num_frames: int) -> list[dict[str, torch.Tensor]]:
-    """Latents of a batch of clips: RGB and XYZ in one VAE call, each condition in another.
+@dataclass
+class LoadedClip:
+    """A prepared clip as the encoders take it, its media written: the clip itself with its RGB cut to the first frame
+    and its pointmap dropped (the files hold them), and the VAE's input, its RGB and XYZ videos ``(2, 3, F, H, W)``
+    float32 in [-1, 1] (in shared memory when a worker process made it)."""
+
+    clip: PreparedClip
+    videos: torch.Tensor
+
+
+def load_clip(cfg: BuildConfig, captions: Captions, out: Path, source: ClipSource, shared: bool) -> LoadedClip:
+    """Read, prepare and write the media of one clip (ClipError where it cannot be used); ``shared``: its videos in
+    shared memory, for a worker process to hand them over without a copy."""
+    raw = read_clip(source, captions)
+    clip = prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w, cfg.center)
+    cache.write_clip_media(out, clip, cache.clip_files(source.id, clip.prompt))
+    videos = torch.empty((2, 3, *clip.rgb.shape[:3]))
+    if shared:
+        try:
+            videos.share_memory_()
+        except RuntimeError as err:
+            raise UsageError(
+                f"cannot hand a clip's videos to the encoders in shared memory ({err}): give /dev/shm more room "
+                "or build with --num_workers 0"
+            ) from err
+    videos[0] = _to_video(clip.rgb)
+    videos[1] = torch.from_numpy(clip.pointmap).permute(3, 0, 1, 2)
+    return LoadedClip(dataclasses.replace(clip, rgb=clip.rgb[:1], pointmap=clip.pointmap[:0]), videos)
+
+
+#: What a worker process needs besides its clip: the settings, the captions and the cache folder (set once per worker).
+_WORKER_STATE: tuple[BuildConfig, Captions, Path] | None = None
+
+
+def _start_worker(cfg: BuildConfig, captions: Captions, out: Path) -> None:
+    """A worker process computes on one thread (the cores are the encoders' and the other workers')."""
+    global _WORKER_STATE
+    _WORKER_STATE = (cfg, captions, out)
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+
+
+def _load_in_worker(source: ClipSource) -> LoadedClip:
+    return load_clip(*_WORKER_STATE, source, shared=True)
+
+
+class _InProcess(Executor):
+    """``num_workers=0``: each task runs in the calling process when it is submitted."""
+
+    def submit(self, fn, /, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # raised again by future.result(), where a worker's exception would be
+            future.set_exception(err)
+        return future
+
+
+def _loaders(cfg: BuildConfig, captions: Captions, out: Path) -> tuple[Executor, Callable[[ClipSource], LoadedClip]]:
+    """Where clips are loaded and the function that loads one: worker processes forked from this one (at the first
+    submit, before the encoders load where they are not given), or this process."""
+    if cfg.num_workers == 0 or "fork" not in multiprocessing.get_all_start_methods():
+        return _InProcess(), functools.partial(load_clip, cfg, captions, out, shared=False)
+    context = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(cfg.num_workers, context, initializer=_start_worker, initargs=(cfg, captions, out))
+    return pool, _load_in_worker
+
+
+def encode_batch(encoders: Encoders, loaded: list[LoadedClip], cond_num_frames: int) -> list[dict[str, torch.Tensor]]:
+    """Latents of a batch of clips: the RGB and XYZ videos in one VAE call, the fused conditions in another, the RGB
+    conditions in a third, or with the first where the batch is one clip and the condition has as many frames.
+
+    (Measured on the CPU, 25 x 96 x 144, one thread: a call of one video takes torch's slower convolution path, so
+    joining a lone clip's RGB condition to its videos saves 17-19 % of its VAE time; joined in batches of 4 clips the
+    larger call is 10-20 % slower than the two calls. BENCHMARKS.md, "Dataset building".)
 
     Returns per clip ``rgb``/``xyz`` ``(16, T, h, w)``, ``cond`` ``(16, Tc, h, 2w)`` and ``cond_rgb``
-    ``(16, Tc, h, w)``, VAE-normalized.
+    ``(16, Tc, h, w)``, VAE-normalized float32.
     """
-    videos = []
-    for clip in clips:
-        videos += [_to_video(clip.rgb), torch.from_numpy(clip.pointmap).permute(3, 0, 1, 2)]
-    latents = encoders.encode_videos(torch.stack(videos))  # (2B, 16, T, h, w): rgb, xyz, rgb, xyz, ...
-    first = torch.stack([_to_video(clip.rgb[:1])[:, 0] for clip in clips])  # (B, 3, H, W)
-    conds = encoders.encode_videos(condition_video(first, cond_num_frames, "rgbxyz"))  # (B, 16, Tc, h, 2w)
-    conds_rgb = encoders.encode_videos(condition_video(first, cond_num_frames, "rgb"))  # (B, 16, Tc, h, w)
+    count, num_frames = len(loaded), loaded[0].videos.shape[2]
+    first = torch.stack([item.videos[0, :, 0] for item in loaded])  # (B, 3, H, W): frame 0 of each RGB video
+    cond_rgb = condition_video(first, cond_num_frames, "rgb")  # (B, 3, Tc, H, W)
+    together = count == 1 and cond_num_frames == num_frames
+    videos = [item.videos for item in loaded] + [cond_rgb] * together
+    latents = encoders.encode_videos(videos)  # (2B [+ B], 16, T, h, w): rgb, xyz, rgb, xyz, ... [cond_rgb, ...]
+    conds = encoders.encode_videos([condition_video(first, cond_num_frames, "rgbxyz")])  # (B, 16, Tc, h, 2w)
+    conds_rgb = latents[2 * count :] if together else encoders.encode_videos([cond_rgb])  # (B, 16, Tc, h, w)
     return [
         {"rgb": latents[2 * i], "xyz": latents[2 * i + 1], "cond": conds[i], "cond_rgb": conds_rgb[i]}
-        for i in range(len(clips))
+        for i in range(count)
     ]
 
 
@@ -206,44 +324,41 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
     todo = [c for c in mine if not cache.is_done(out, c.id) and (cfg.retry_failed or not cache.has_failed(out, c.id))]
     captions = Captions(cfg.data_dir)
 
-    def load(source: ClipSource) -> PreparedClip:
-        raw = read_clip(source, captions)
-        clip = prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w, cfg.center)
-        cache.write_clip_media(out, clip, cache.clip_files(source.id, clip.prompt))  # video encoding, off the GPU
-        return clip
-
     processed = failed_now = 0
     bar = tqdm(total=len(todo), unit="clip", desc=f"shard {cfg.task_idx}/{cfg.num_tasks}", disable=not show_progress)
     if todo:
-        if encoders is None:
-            encoders = Encoders.load(cfg.model_path, cfg.device, cfg.text_encoder_dtype)
-        seen_prompts: set[str] = set()
-        with ThreadPoolExecutor(cfg.num_workers) as pool:
+        pool, load = _loaders(cfg, captions, out)
+        with pool:
             queue: deque[tuple[ClipSource, Future]] = deque()
             pending_sources = iter(todo)
-            batch: list[PreparedClip] = []
+            batch: list[LoadedClip] = []
+            seen_prompts: set[str] = set()
 
             def fill() -> None:
                 for source in pending_sources:
                     queue.append((source, pool.submit(load, source)))
-                    if len(queue) >= cfg.num_workers + cfg.batch_size:
+                    if len(queue) >= max(cfg.num_workers, 1) + cfg.batch_size:
                         break
 
             def flush() -> None:
                 nonlocal processed, failed_now
                 if not batch:
                     return
-                for clip, latents in zip(batch, encode_batch(encoders, batch, cfg.cond_num_frames), strict=True):
+                for item, latents in zip(batch, encode_batch(encoders, batch, cfg.cond_num_frames), strict=True):
                     try:
-                        _write_clip(out, clip, latents, encoders, config, seen_prompts)
+                        _write_clip(out, item.clip, latents, encoders, config, seen_prompts)
                         processed += 1
                     except ClipError as err:
-                        cache.write_failure(out, clip.source, str(err))
+                        cache.write_failure(out, item.clip.source, str(err))
                         failed_now += 1
                     bar.update()
                 batch.clear()
 
-            fill()
+            fill()  # the workers fork here, before the encoders take memory (and CUDA) in this process
+            if encoders is None:
+                encoders = Encoders.load(
+                    cfg.model_path, cfg.device, cfg.text_encoder_dtype, cfg.vision_dtype, cfg.compile_vae
+                )
             while queue:
                 source, future = queue.popleft()
                 fill()

@@ -81,7 +81,7 @@ BUILD_CONFIG_KEYS: tuple[Field, ...] = (
     Field("num_frames", "F, frames per clip"),
     Field("cond_num_frames", "frames the cached condition covers"),
     Field("text_encoder_dtype", "the UMT5 encoder's dtype (--dtype)"),
-    Field("encoder_dtype", "the VAE's and CLIP's dtype (float32 everywhere)"),
+    Field("encoder_dtype", "the VAE's and CLIP's dtype (--encoder_dtype; float32, inference's, by default)"),
     Field("center", "the pointmap centring: clip (one centre per clip) or per_frame (the reference's)"),
     Field("clipping", "the pointmap clipping boxes (2nd-98th percentile per axis): clip or per_frame"),
 )

@@ -28,6 +28,7 @@ import PIL.Image
 from fourdnex import __version__
 from fourdnex.config import (
     DEFAULT_MODEL_PATH,
+    FLASH_4_BACKEND,
     MODEL_TYPES,
     MODES,
     XYZ_LATENT_MEAN,
@@ -230,20 +231,25 @@ def transformer_heads(config: RunConfig) -> int:
         raise UsageError(f"cannot read the attention head count from {folder / 'config.json'} ({err})") from err
 
 
-def versions() -> dict[str, str]:
-    """The versions of the libraries a result depends on."""
+def versions(attention_backend: str = "native") -> dict[str, str]:
+    """The versions of the libraries a result depends on (FlashAttention-4's where it is the attention backend)."""
     import diffusers
     import peft
     import torch
     import transformers
 
-    return {
+    from fourdnex.model.attention import flash4_version
+
+    found = {
         "fourdnex": __version__,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
+    if attention_backend == FLASH_4_BACKEND:
+        found["flash-attn-4"] = flash4_version()
+    return found
 
 
 def result_done(out: Path, index: int) -> bool:
@@ -386,7 +392,7 @@ def job_meta(
         "dtype": str(model.dtype).removeprefix("torch."),
         "acceleration": dataclasses.asdict(model.speed),
         "processes": processes,
-        "versions": versions(),
+        "versions": versions(model.speed.attention_backend),
         "timings": {"load": model.load_seconds, **timings},
     }
 

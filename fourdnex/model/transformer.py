@@ -25,6 +25,7 @@ from torch import nn
 
 from fourdnex.config import Layout, ModelType
 from fourdnex.errors import UsageError
+from fourdnex.model import attention  # noqa: F401 - registers the flash_4 attention backend with diffusers
 
 
 class _DropMessagesNaming(logging.Filter):

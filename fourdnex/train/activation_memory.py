@@ -48,7 +48,8 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import nn
 from torch.nn.attention import SDPBackend
 
-from fourdnex.config import REPLAYABLE_ATTENTION_BACKENDS
+from fourdnex.config import FLASH_4_BACKEND, REPLAYABLE_ATTENTION_BACKENDS
+from fourdnex.model import attention
 from fourdnex.train.memory_policy import RecomputePlan
 
 aten = torch.ops.aten
@@ -119,20 +120,33 @@ def _native_cuda_backward(grad, q, k, v, out, lse, extra):
     return (_cudnn_backward if cudnn else _cuda_flash_backward)(grad, q, k, v, out, lse, tuple(extra))
 
 
+def _flash4_forward(q, k, v):
+    out, lse = attention.kept_forward(q, k, v)
+    return out, lse, ()
+
+
+def _flash4_backward(grad, q, k, v, out, lse, extra):
+    return attention.kept_backward(grad, q, k, v, out, lse)
+
+
 CPU_FLASH = AttentionKernel("flash (cpu)", _cpu_flash_forward, _cpu_flash_backward)
 CUDA_FLASH = AttentionKernel("flash", _cuda_flash_forward, _cuda_flash_backward)
 CUDNN = AttentionKernel("cudnn", _cudnn_forward, _cudnn_backward)
 #: What SDPA itself picks for these inputs (cuDNN on Hopper with this torch, FlashAttention elsewhere).
 CUDA_NATIVE = AttentionKernel("sdpa's choice", _native_cuda_forward, _native_cuda_backward)
+#: FlashAttention-4 (the ``flash_4`` backend): its forward's output and log-sum-exp are what its backward takes.
+FLASH_4 = AttentionKernel("flash_4", _flash4_forward, _flash4_backward)
 
 
 def attention_kernel(device: torch.device, backend: str | None) -> AttentionKernel:
     """The kernel a diffusers backend runs on ``device`` (None: diffusers' active backend); for "native" on CUDA, the
-    one SDPA itself would choose for the inputs (``torch._fused_sdp_choice``)."""
+    one SDPA itself would choose for the inputs (``torch._fused_sdp_choice``); for ``flash_4`` FlashAttention-4's."""
     backend = backend or _AttentionBackendRegistry.get_active_backend()[0]
     if backend not in REPLAYABLE_ATTENTION_BACKENDS:
         name = getattr(backend, "value", backend)
         raise ValueError(f"kept self-attention replays the backends {REPLAYABLE_ATTENTION_BACKENDS}, got {name!r}")
+    if backend == FLASH_4_BACKEND:  # its ops run where FlashAttention-4 does (the backend's choice checked that)
+        return FLASH_4
     if device.type == "cpu":
         return CPU_FLASH
     if device.type != "cuda":

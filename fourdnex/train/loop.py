@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fourdnex.config import DEFAULT_MODEL_PATH, MODEL_TYPES
+from fourdnex.config import DEFAULT_MODEL_PATH, FLASH_4_BACKEND, MODEL_TYPES
 from fourdnex.data.cache import LatentCache
 from fourdnex.train.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from fourdnex.train.config import TrainConfig, TrainingError
@@ -156,6 +156,12 @@ class Run:
         from tqdm.auto import tqdm
 
         cfg.validate()
+        if cfg.attention_backend == FLASH_4_BACKEND:  # a kernel this machine lacks is refused before anything is read
+            from fourdnex.model.attention import flash4_problem
+
+            problem = flash4_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            if problem is not None:
+                raise TrainingError(f"--attention_backend {FLASH_4_BACKEND}: {problem}")
         self.cfg = cfg
         self.cache = cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout)
         self.model_path = model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
