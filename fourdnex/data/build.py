@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
 import multiprocessing
 import time
 from collections import deque
@@ -34,6 +36,7 @@ from fourdnex.data import cache
 from fourdnex.data.prepare import CENTER_MODES, PreparedClip, prepare_clip
 from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, read_clip
 from fourdnex.errors import UsageError
+from fourdnex.files import write_text
 from fourdnex.model.fusion import condition_video, encode_latents
 from fourdnex.model.loading import ENCODER_DTYPE, load_components
 
@@ -206,6 +209,76 @@ class BuildSummary:
         return text
 
 
+def merge_stats(records: list[dict], config: dict) -> dict:
+    """Dataset statistics of the xyz latents from the clips' sums (population mean and std), with the build config
+    (keys: :data:`fourdnex.data.cache.STATS_KEYS`)."""
+    note = "over every element of the cached xyz latents, after the VAE's own normalization"
+    if not records:
+        empty = dict.fromkeys(
+            ("xyz_latent_mean", "xyz_latent_std", "xyz_latent_channel_mean", "xyz_latent_channel_std")
+        )
+        return {**empty, "count": 0, "num_clips": 0, "note": note, **config}
+    count = sum(r["xyz_latent_sums"]["count"] for r in records)
+    total = math.fsum(r["xyz_latent_sums"]["sum"] for r in records)
+    total_sq = math.fsum(r["xyz_latent_sums"]["sumsq"] for r in records)
+    mean = total / count
+    ch_count = sum(r["xyz_latent_sums"]["channel_count"] for r in records)
+    ch_sum = np.sum([r["xyz_latent_sums"]["channel_sum"] for r in records], 0)
+    ch_sumsq = np.sum([r["xyz_latent_sums"]["channel_sumsq"] for r in records], 0)
+    ch_mean = ch_sum / ch_count
+    return {
+        "xyz_latent_mean": mean,
+        "xyz_latent_std": math.sqrt(max(total_sq / count - mean * mean, 0.0)),
+        "xyz_latent_channel_mean": ch_mean.tolist(),
+        "xyz_latent_channel_std": np.sqrt(np.maximum(ch_sumsq / ch_count - ch_mean**2, 0.0)).tolist(),
+        "count": count,
+        "num_clips": len(records),
+        "note": note,
+        **config,
+    }
+
+
+@dataclass
+class MergeResult:
+    """What a merge found: clips done, failed and not yet processed (by any shard)."""
+
+    done: int
+    failed: int
+    pending: int
+    written: bool
+
+
+def merge(out: str | Path, clips: list[ClipSource], config: dict, show_progress: bool = False) -> MergeResult:
+    """Write manifest.jsonl, prompts.txt, videos.txt, failures.jsonl and stats.json once no clip is pending."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    records, failures, pending = [], [], 0
+    for clip in tqdm(clips, desc="merging", unit="clip", disable=not show_progress):
+        record_path, failure_path = cache.record_path(out, clip.id), cache.failure_path(out, clip.id)
+        if record_path.is_file():
+            records.append(json.loads(record_path.read_text()))
+        elif failure_path.is_file():
+            failures.append(json.loads(failure_path.read_text()))
+        else:
+            pending += 1
+    if pending:
+        return MergeResult(len(records), len(failures), pending, False)
+    lines = {
+        cache.MANIFEST_FILE: [json.dumps(r, sort_keys=True) for r in records],
+        cache.PROMPTS_FILE: [r["caption"] for r in records],
+        cache.VIDEOS_FILE: [r["files"]["video"] for r in records],
+        cache.FAILURES_FILE: [json.dumps(f, sort_keys=True) for f in failures],
+    }
+    texts = {name: "".join(line + "\n" for line in content) for name, content in lines.items()}
+    texts[cache.STATS_FILE] = json.dumps(merge_stats(records, config), indent=2) + "\n"
+    for name, text in texts.items():
+        path = out / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a re-run with nothing new touches nothing
+            write_text(path, text)
+    return MergeResult(len(records), len(failures), 0, True)
+
+
 def _to_video(frames: np.ndarray) -> torch.Tensor:
     """``(F, H, W, 3)`` uint8 -> ``(3, F, H, W)`` float in [-1, 1]."""
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
@@ -374,7 +447,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
             flush()
     bar.close()
 
-    result = cache.merge(out, clips, config, show_progress)
+    result = merge(out, clips, config, show_progress)
     return BuildSummary(
         total=len(clips),
         assigned=len(mine),
@@ -392,14 +465,14 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
 
 def merge_shards(
     data_dir: str | Path, out: str | Path, limit: int | None = None, show_progress: bool = True
-) -> cache.MergeResult:
+) -> MergeResult:
     """Combine the shards' records into the lists, manifest and statistics, with the cache's recorded config.
 
     Raises UsageError if the cache has no build_config.json or some clip has neither a record nor a failure.
     """
     config = cache.read_build_config(out)
     clips = find_clips(data_dir, show_progress).clips
-    result = cache.merge(out, clips[:limit] if limit is not None else clips, config, show_progress)
+    result = merge(out, clips[:limit] if limit is not None else clips, config, show_progress)
     if not result.written:
         raise UsageError(f"{result.pending} clips have neither a record nor a failure yet (other shards running?)")
     return result

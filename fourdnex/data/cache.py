@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from safetensors.torch import load_file
 
 from fourdnex.config import Layout, latent_frames, video_frames
 from fourdnex.errors import FourDNeXError, UsageError
-from fourdnex.files import read_video, write_json, write_png, write_safetensors, write_text, write_video
+from fourdnex.files import read_video, write_json, write_png, write_safetensors, write_video
 from fourdnex.model.fusion import condition_frames, condition_mask, fuse_width, normalize_xyz
 
 if TYPE_CHECKING:
@@ -277,12 +276,12 @@ def clip_files(clip_id: str, prompt: str) -> dict[str, str]:
     }
 
 
-def _record_path(out: Path, clip_id: str) -> Path:
+def record_path(out: Path, clip_id: str) -> Path:
     """Where a clip's record goes."""
     return out / RECORD_FILE.replace("<id>", clip_id)
 
 
-def _failure_path(out: Path, clip_id: str) -> Path:
+def failure_path(out: Path, clip_id: str) -> Path:
     """Where a clip's failure record goes."""
     return out / FAILURE_FILE.replace("<id>", clip_id)
 
@@ -390,30 +389,30 @@ def clip_record(clip: PreparedClip, files: dict[str, str], latents: dict[str, to
 
 def write_record(out: Path, record: dict) -> None:
     """Mark a clip done: its record, written after every file it names; a failure recorded before is removed."""
-    path = _record_path(out, record["id"])
+    path = record_path(out, record["id"])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
-    _failure_path(out, record["id"]).unlink(missing_ok=True)
+    failure_path(out, record["id"]).unlink(missing_ok=True)
 
 
 def write_failure(out: Path, source: ClipSource, reason: str) -> None:
     """Record why a clip (or an entry that fits no layout) could not be used (keys: :data:`FAILURE_KEYS`)."""
-    path = _failure_path(out, source.id)
+    path = failure_path(out, source.id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"id": source.id, "format": source.format, "layout": source.layout, "reason": reason})
 
 
 def has_failed(out: Path, clip_id: str) -> bool:
     """Whether a clip has a failure record."""
-    return _failure_path(out, clip_id).is_file()
+    return failure_path(out, clip_id).is_file()
 
 
 def is_done(out: Path, clip_id: str) -> bool:
     """Whether a clip's record and every file it names exist (files are written atomically, the record last)."""
-    record_path = _record_path(out, clip_id)
-    if not record_path.is_file():
+    path = record_path(out, clip_id)
+    if not path.is_file():
         return False
-    record = json.loads(record_path.read_text())
+    record = json.loads(path.read_text())
     return all((out / p).is_file() for p in record["files"].values())
 
 
@@ -435,76 +434,6 @@ def read_build_config(out: str | Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{out} holds no {BUILD_CONFIG_FILE}: nothing was built there")
     return json.loads(path.read_text())
-
-
-def merge_stats(records: list[dict], config: dict) -> dict:
-    """Dataset statistics of the xyz latents from the clips' sums (population mean and std), with the build config
-    (keys: :data:`STATS_KEYS`)."""
-    note = "over every element of the cached xyz latents, after the VAE's own normalization"
-    if not records:
-        empty = dict.fromkeys(
-            ("xyz_latent_mean", "xyz_latent_std", "xyz_latent_channel_mean", "xyz_latent_channel_std")
-        )
-        return {**empty, "count": 0, "num_clips": 0, "note": note, **config}
-    count = sum(r["xyz_latent_sums"]["count"] for r in records)
-    total = math.fsum(r["xyz_latent_sums"]["sum"] for r in records)
-    total_sq = math.fsum(r["xyz_latent_sums"]["sumsq"] for r in records)
-    mean = total / count
-    ch_count = sum(r["xyz_latent_sums"]["channel_count"] for r in records)
-    ch_sum = np.sum([r["xyz_latent_sums"]["channel_sum"] for r in records], 0)
-    ch_sumsq = np.sum([r["xyz_latent_sums"]["channel_sumsq"] for r in records], 0)
-    ch_mean = ch_sum / ch_count
-    return {
-        "xyz_latent_mean": mean,
-        "xyz_latent_std": math.sqrt(max(total_sq / count - mean * mean, 0.0)),
-        "xyz_latent_channel_mean": ch_mean.tolist(),
-        "xyz_latent_channel_std": np.sqrt(np.maximum(ch_sumsq / ch_count - ch_mean**2, 0.0)).tolist(),
-        "count": count,
-        "num_clips": len(records),
-        "note": note,
-        **config,
-    }
-
-
-@dataclass
-class MergeResult:
-    """What a merge found: clips done, failed and not yet processed (by any shard)."""
-
-    done: int
-    failed: int
-    pending: int
-    written: bool
-
-
-def merge(out: str | Path, clips: list[ClipSource], config: dict, show_progress: bool = False) -> MergeResult:
-    """Write manifest.jsonl, prompts.txt, videos.txt, failures.jsonl and stats.json once no clip is pending."""
-    from tqdm import tqdm
-
-    out = Path(out)
-    records, failures, pending = [], [], 0
-    for clip in tqdm(clips, desc="merging", unit="clip", disable=not show_progress):
-        record_path, failure_path = _record_path(out, clip.id), _failure_path(out, clip.id)
-        if record_path.is_file():
-            records.append(json.loads(record_path.read_text()))
-        elif failure_path.is_file():
-            failures.append(json.loads(failure_path.read_text()))
-        else:
-            pending += 1
-    if pending:
-        return MergeResult(len(records), len(failures), pending, False)
-    lines = {
-        MANIFEST_FILE: [json.dumps(r, sort_keys=True) for r in records],
-        PROMPTS_FILE: [r["caption"] for r in records],
-        VIDEOS_FILE: [r["files"]["video"] for r in records],
-        FAILURES_FILE: [json.dumps(f, sort_keys=True) for f in failures],
-    }
-    texts = {name: "".join(line + "\n" for line in content) for name, content in lines.items()}
-    texts[STATS_FILE] = json.dumps(merge_stats(records, config), indent=2) + "\n"
-    for name, text in texts.items():
-        path = out / name
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a re-run with nothing new touches nothing
-            write_text(path, text)
-    return MergeResult(len(records), len(failures), 0, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
