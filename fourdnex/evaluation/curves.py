@@ -8,7 +8,7 @@ The layout read (the one ``scripts/train_demo.sh`` writes)::
 
 and writes ``OUT/curves.json`` (every point: run, set, step, samples seen, the model's summary numbers, the
 floors'), ``OUT/curves.md`` (each run's last point beside the floors, per set) and ``OUT/curves.png`` (the model's
-numbers against samples seen, one panel per metric and set, the floors as lines).
+numbers against samples seen, one panel per metric and set scored at several checkpoints, the floors as lines).
 
     python -m fourdnex.evaluation.curves --work runs/demo --out runs/demo/curves
 """
@@ -92,11 +92,17 @@ def curves_markdown(points: list[dict]) -> str:
 
 
 def plot_curves(points: list[dict], path: Path) -> None:
-    """The model's numbers against samples seen, a panel per metric (rows) and set (columns), floors as lines."""
+    """The model's numbers against samples seen, a panel per metric (rows) and set scored at several checkpoints
+    (columns; every set where none is), floors as lines; one colour per run."""
     from matplotlib.figure import Figure
 
-    sets = sorted({p["set"] for p in points})
     runs = sorted({p["run"] for p in points})
+    colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # one colour per run in every panel
+    steps = {}
+    for p in points:
+        steps.setdefault((p["set"], p["run"]), set()).add(p["step"])
+    curved = sorted({s for (s, _), seen in steps.items() if len(seen) > 1})  # the sets with curves, not single points
+    sets = curved or sorted({p["set"] for p in points})
     figure = Figure(figsize=(4.0 * len(sets), 2.6 * len(CURVE_METRICS)), layout="constrained")
     axes = figure.subplots(len(CURVE_METRICS), len(sets), squeeze=False)
     for row, metric in enumerate(CURVE_METRICS):
@@ -106,7 +112,13 @@ def plot_curves(points: list[dict], path: Path) -> None:
             for name in runs:
                 mine = [p for p in here if p["run"] == name and p["model"][metric] is not None]
                 if mine:
-                    ax.plot([p["samples_seen"] for p in mine], [p["model"][metric] for p in mine], "o-", label=name)
+                    ax.plot(
+                        [p["samples_seen"] for p in mine],
+                        [p["model"][metric] for p in mine],
+                        "o-",
+                        label=name,
+                        color=colors[name],
+                    )
             for floor, values in (here[-1]["floors"] if here else {}).items():
                 if values.get(metric) is not None:
                     ax.axhline(values[metric], linestyle="--", linewidth=1, color="gray")
