@@ -153,7 +153,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         the images of ``given_frames``, which all samples share, as they share the size and the settings). With
         ``generator`` a list of ``B`` generators, sample ``i`` starts from the noise ``generator[i]`` draws alone,
         so it is the sample that generator gives at batch 1, up to the rounding of batched arithmetic; one generator
-        draws the whole batch's noise in turn. The videos decode one sample at a time.
+        draws the whole batch's noise in turn. The VAE takes the samples together, :data:`VAE_CALL_PIXELS` a call.
 
         ``callback_on_step_end(pipe, step, timestep, {"latents": latents})`` is called after every denoising step, as
         in diffusers (a progress bar, a preview); a ``"latents"`` entry of the dict it returns replaces the latents.
