@@ -19,6 +19,7 @@ it fits, else the fastest offload that does; see BENCHMARKS.md):
     python inference.py ... --cache fbc --steps 20  # approximate: fewer steps, First Block Cache
     torchrun --nproc_per_node 4 inference.py ... --cp ulysses   # one sample split over 4 GPUs
     torchrun --nproc_per_node 4 inference.py ... --skip_existing   # the lines shared out over 4 GPUs
+    python inference.py ... --batch_size 8          # 8 lines of one size sampled together (small models)
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
         "lora_rank",
         "lora_scale",
     )
-    names += ("model_type", "zero_domain_embedding", "mode", "device", "dtype", "skip_existing")
+    names += ("model_type", "zero_domain_embedding", "mode", "device", "dtype", "skip_existing", "batch_size")
     generate(RunConfig(**{name: getattr(args, name) for name in names}, sample=sample, speed=speed))
 
 
@@ -157,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
         help="transformer and text encoder dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    hardware.add_argument(
+        "--batch_size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sample up to N consecutive lines of the same size together, in one batch (default 1); each line starts "
+        "from the noise it gets alone, and its result equals its batch-1 result up to rounding",
     )
     hardware.add_argument(
         "--attention_backend",

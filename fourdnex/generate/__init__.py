@@ -1,3 +1,3 @@
 """Generation: ``pipeline`` (the sampling loop on the fused latent), ``acceleration`` (speed and memory settings),
 ``parallel`` (processes of a torchrun launch: context parallelism, lines shared out), ``run`` (what inference.py
-runs: inputs checked, the model loaded once, every line sampled and written)."""
+runs: inputs checked, the model loaded once, every line sampled, alone or in a batch of lines, and written)."""

@@ -1,8 +1,8 @@
 """Speed and memory settings for the sampling pipeline, all from diffusers' own machinery.
 
 * exact: the attention backend (``set_attention_backend``; ``auto`` runs FlashAttention-4 on Hopper GPUs where it
-  is installed, :mod:`fourdnex.model.attention`), regional ``torch.compile`` of the transformer blocks
-  (``compile_repeated_blocks``) and VAE slicing (the RGB and XYZ halves decode one after the other);
+  is installed, :mod:`fourdnex.model.attention`) and regional ``torch.compile`` of the transformer blocks
+  (``compile_repeated_blocks``); the pipeline itself decodes the RGB and XYZ halves one after the other;
 * memory modes: ``none`` (everything resident), ``model`` (``enable_model_cpu_offload``: one component at a time
   on the GPU), ``group`` (``enable_group_offload``: transformer blocks streamed in on a side CUDA stream while the
   previous one computes), ``sequential`` (``enable_sequential_cpu_offload``: leaf by leaf); ``auto`` picks the
@@ -51,11 +51,14 @@ def transformer_working_bytes(tokens: int, inner_dim: int, ffn_dim: int, batch: 
 
 
 def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = False) -> dict[str, int]:
-    """Estimated peak GPU bytes of one sample in each memory mode.
+    """Estimated peak GPU bytes of sampling in each memory mode.
 
     ``tokens`` is the transformer's sequence length, ``pixels`` the decoded frames x height x width of one
-    modality (the halves decode one after the other), ``batch`` 2 with guidance batching.
+    modality, ``batch`` the samples of one transformer call. The halves decode one after the other, the samples of
+    a batch together as far as :data:`~fourdnex.generate.pipeline.VAE_CALL_PIXELS` allows.
     """
+    from fourdnex.generate.pipeline import videos_per_vae_call
+
     config = pipe.transformer.config
     inner_dim = config.num_attention_heads * config.attention_head_dim
     transformer = module_bytes(pipe.transformer)
@@ -65,8 +68,9 @@ def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = Fal
     block = transformer // max(blocks, 1)
     work = transformer_working_bytes(tokens, inner_dim, config.ffn_dim, batch)
     text, image, vae = (module_bytes(m) for m in (pipe.text_encoder, pipe.image_encoder, pipe.vae))
-    decode = int(pixels * _DECODE_BYTES_PER_PIXEL)
-    tiled = min(decode, _TILED_DECODE_BYTES)
+    videos = min(batch, videos_per_vae_call(pixels))  # in one VAE call
+    decode = int(videos * pixels * _DECODE_BYTES_PER_PIXEL)
+    tiled = min(decode, videos * _TILED_DECODE_BYTES)
     largest_text_leaf = max(module_bytes(m) for m in pipe.text_encoder.modules() if not list(m.children()))
     return {
         "none": transformer + text + image + vae + max(work, decode),
@@ -124,14 +128,17 @@ def check_machine(config: AccelerationConfig, device: torch.device) -> None:
             raise AccelerationError(f"--attention_backend {FLASH_4_BACKEND}: {problem}")
 
 
-def resolve(config: AccelerationConfig, device: torch.device, pipe, tokens: int, pixels: int) -> AccelerationConfig:
-    """Replace every ``auto``/``None`` choice with a concrete one for ``device``; refuse what it cannot do."""
+def resolve(
+    config: AccelerationConfig, device: torch.device, pipe, tokens: int, pixels: int, batch: int = 1
+) -> AccelerationConfig:
+    """Replace every ``auto``/``None`` choice with a concrete one for ``device`` (``--memory auto``: for ``batch``
+    samples of ``tokens`` tokens and ``pixels`` pixels per call, see :func:`memory_needs`); refuse what it cannot do."""
     check_machine(config, device)
     cuda = device.type == "cuda"
     memory = config.memory
     if memory == "auto":
         if cuda and config.cp == "none":
-            needs = memory_needs(pipe, tokens, pixels, fp8=config.fp8)
+            needs = memory_needs(pipe, tokens, pixels, batch=batch, fp8=config.fp8)
             memory = choose_memory_mode(needs, available_memory(device))
         else:
             memory = "none"
@@ -191,8 +198,7 @@ def apply_acceleration(pipe, config: AccelerationConfig, device: torch.device) -
     else:
         raise AccelerationError(f"unknown memory mode {config.memory!r}")
 
-    # 4. VAE: decode the two halves one at a time; tile the frames when memory is tight.
-    pipe.vae.enable_slicing()
+    # 4. VAE: tile the frames when memory is tight (each call's videos: fourdnex.generate.pipeline.VAE_CALL_PIXELS).
     if config.vae_tiling:
         pipe.vae.enable_tiling()
 

@@ -37,6 +37,45 @@ from fourdnex.model.fusion import (
 )
 from fourdnex.model.loading import load_components
 
+#: The most pixels (frames x height x width) one VAE call encodes or decodes, unless one video is larger: one
+#: modality of a paper-size sample (49 x 480 x 720), which decodes alone. Smaller videos share a call (the samples of
+#: a batch: 8 of the demo model decode 2.7x faster per sample than one by one on a 2-core CPU, BENCHMARKS.md "Many
+#: lines at once"), so a batch never takes the VAE above the memory of a paper-size modality.
+VAE_CALL_PIXELS = 49 * 480 * 720
+
+
+def videos_per_vae_call(pixels: int) -> int:
+    """How many videos of ``pixels`` (frames x height x width) one VAE call takes: :data:`VAE_CALL_PIXELS` worth,
+    at least one."""
+    return max(1, VAE_CALL_PIXELS // pixels)
+
+
+#: The condition of one sample: an image (frame 0), or one image per given frame, in frame order.
+Condition = PIL.Image.Image | Sequence[PIL.Image.Image]
+
+
+def _batch_of(
+    image: Condition | Sequence[Condition], prompt: str | Sequence[str], given_frames: Sequence[int]
+) -> tuple[list[str], list[list[PIL.Image.Image]]]:
+    """The B captions and B conditions (``len(given_frames)`` images each) of one caption and its condition, or of
+    a list of captions and a list of as many conditions."""
+    if isinstance(prompt, str):
+        prompts, conditions = [prompt], [image]
+    else:
+        prompts, conditions = list(prompt), [image] if isinstance(image, PIL.Image.Image) else list(image)
+        if len(conditions) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(conditions)} conditions: give one condition per prompt")
+    conditions = [
+        [condition] if isinstance(condition, PIL.Image.Image) else list(condition) for condition in conditions
+    ]
+    for i, images in enumerate(conditions):
+        if len(images) != len(given_frames):
+            sample = f" (sample {i})" if len(conditions) > 1 else ""
+            raise ValueError(
+                f"{len(images)} images for the {len(given_frames)} given frames {list(given_frames)}{sample}"
+            )
+    return prompts, conditions
+
 
 @dataclass
 class FourDNeXOutput:
@@ -68,8 +107,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         Every process of the group must run the pipeline with the same inputs and seed (as under context
         parallelism, where all of them end with the same latents). The two halves then decode at the same time; the
         second process sends its XYZ video (a tensor of known shape, on the VAE's device) to the first, which returns
-        both. Every other process returns ``rgb=None, xyz=None``. The videos equal one process's with VAE slicing
-        (each half decoded on its own, as inference always does).
+        both. Every other process returns ``rgb=None, xyz=None``. The videos equal one process's (each modality
+        decodes in its own VAE call there too).
         """
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         if world_size < 2:
@@ -84,15 +123,15 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image: PIL.Image.Image | Sequence[PIL.Image.Image],
-        prompt: str,
+        image: Condition | Sequence[Condition],
+        prompt: str | Sequence[str],
         negative_prompt: str = "",
         height: int = 480,
         width: int = 720,
         num_frames: int = 49,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         layout: Layout = "rgbxyz",
         xyz_mean: float = XYZ_LATENT_MEAN,
         xyz_std: float = XYZ_LATENT_STD,
@@ -101,24 +140,34 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         given_frames: Sequence[int] = (0,),
         callback_on_step_end: Callable[[FourDNeXPipeline, int, torch.Tensor, dict], dict] | None = None,
     ) -> FourDNeXOutput:
-        """Generate one sample. ``height`` and ``width`` are per modality (the fused frame is twice as wide).
+        """Generate one sample, or a batch of ``B``. ``height`` and ``width`` are per modality (the fused frame is
+        twice as wide).
 
-        The condition is one image, frame 0 (image-to-4D), or one image per frame of ``given_frames`` (sorted frame
-        numbers below ``num_frames``): the first and the last frame, keyframes, or every frame (4D reconstruction of a
-        video). CLIP sees the first of them. ``layout="rgb"`` with an empty ``prompt_suffix`` is plain Wan2.1
-        image-to-video, step for step. After :meth:`enable_split_decoding`, only the first process returns the
-        videos (see :class:`FourDNeXOutput`).
+        The condition of a sample is one image, frame 0 (image-to-4D), or one image per frame of ``given_frames``
+        (sorted frame numbers below ``num_frames``): the first and the last frame, keyframes, or every frame (4D
+        reconstruction of a video). CLIP sees the first of them. ``layout="rgb"`` with an empty ``prompt_suffix`` is
+        plain Wan2.1 image-to-video, step for step. After :meth:`enable_split_decoding`, only the first process
+        returns the videos (see :class:`FourDNeXOutput`).
+
+        A batch: ``prompt`` is a list of ``B`` captions and ``image`` a list of ``B`` conditions (each an image or
+        the images of ``given_frames``, which all samples share, as they share the size and the settings). With
+        ``generator`` a list of ``B`` generators, sample ``i`` starts from the noise ``generator[i]`` draws alone,
+        so it is the sample that generator gives at batch 1, up to the rounding of batched arithmetic; one generator
+        draws the whole batch's noise in turn. The VAE takes the samples together, :data:`VAE_CALL_PIXELS` a call.
 
         ``callback_on_step_end(pipe, step, timestep, {"latents": latents})`` is called after every denoising step, as
         in diffusers (a progress bar, a preview); a ``"latents"`` entry of the dict it returns replaces the latents.
         """
         check_video_shape(num_frames, height, width)
-        images = [image] if isinstance(image, PIL.Image.Image) else list(image)
         given_frames = list(given_frames)
-        if len(images) != len(given_frames):
-            raise ValueError(f"{len(images)} images for the {len(given_frames)} given frames {given_frames}")
+        prompts, conditions = _batch_of(image, prompt, given_frames)
         if given_frames != sorted(set(given_frames)) or given_frames[0] < 0 or given_frames[-1] >= num_frames:
             raise ValueError(f"given_frames must be sorted, distinct frames below {num_frames}, got {given_frames}")
+        batch = len(prompts)
+        if isinstance(generator, Sequence):
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for {batch} samples: give one per sample, or one")
+            generator = list(generator)  # randn_tensor draws sample i from generator[i]
         self.transformer.set_layout(layout)
         device = self._execution_device
         transformer_dtype = self.transformer.dtype
@@ -126,18 +175,19 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         timings: dict[str, float] = {}
         tic = time.perf_counter()
 
-        # 1. Text and image conditions: UMT5 on the captioned prompt, CLIP's penultimate layer on the image.
+        # 1. Text and image conditions: UMT5 on the captioned prompts, CLIP's penultimate layer on each first image.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt + prompt_suffix,
+            prompt=[text + prompt_suffix for text in prompts],
             negative_prompt=negative_prompt,
             do_classifier_free_guidance=do_cfg,
             max_sequence_length=max_sequence_length,
             device=device,
         )
-        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        prompt_embeds = prompt_embeds.to(transformer_dtype)  # (B, 512, 4096)
         if do_cfg:
-            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
-        image_embeds = self.encode_image(images[0], device).to(transformer_dtype)  # (1, 257, 1280)
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)  # (B, 512, 4096)
+        first_images = [images[0] for images in conditions]
+        image_embeds = self.encode_image(first_images, device).to(transformer_dtype)  # (B, 257, 1280)
 
         # 2. Timesteps from the checkpoint's scheduler (UniPC, flow prediction, shift 3.0 for Wan2.1-I2V-480P).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -147,20 +197,24 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         num_latent_frames = latent_frames(num_frames)
         latent_h = height // self.vae_scale_factor_spatial
         latent_w = width // self.vae_scale_factor_spatial * (2 if layout == "rgbxyz" else 1)
-        shape = (1, self.vae.config.z_dim, num_latent_frames, latent_h, latent_w)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        shape = (batch, self.vae.config.z_dim, num_latent_frames, latent_h, latent_w)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # (B, 16, T, h, w')
 
         # 4. Condition: the given frames [RGB | sloped plane on frame 0], zeros elsewhere, VAE-encoded (mode) and
         #    VAE-normalized, after the mask of what is given.
+        images = [frame for frames in conditions for frame in frames]
         pixels = self.video_processor.preprocess(images, height=height, width=width).to(device, torch.float32)
-        frames = pixels.new_zeros(1, 3, num_frames, height, width)  # (1, 3, F, H, W)
-        frames[0, :, given_frames] = pixels.transpose(0, 1)
-        given = torch.zeros(1, num_frames, dtype=torch.bool, device=device)
-        given[0, given_frames] = True
-        video = condition_frames(frames, given, layout)  # (1, 3, F, H, W')
-        condition_latents = encode_latents(self.vae, video).to(device)  # (1, 16, T, h, w')
-        mask = condition_mask(given, latent_h, latent_w, layout)  # (1, 4, T, h, w')
-        condition = torch.cat([mask, condition_latents], dim=1)  # (1, 20, T, h, w')
+        pixels = pixels.unflatten(0, (batch, len(given_frames)))  # (B, G, 3, H, W)
+        frames = pixels.new_zeros(batch, 3, num_frames, height, width)  # (B, 3, F, H, W)
+        frames[:, :, given_frames] = pixels.transpose(1, 2)
+        given = torch.zeros(batch, num_frames, dtype=torch.bool, device=device)
+        given[:, given_frames] = True
+        video = condition_frames(frames, given, layout)  # (B, 3, F, H, W')
+        per_call = videos_per_vae_call(video[0, 0].numel())
+        condition_latents = torch.cat([encode_latents(self.vae, part) for part in video.split(per_call)])
+        condition_latents = condition_latents.to(device)  # (B, 16, T, h, w')
+        mask = condition_mask(given, latent_h, latent_w, layout)  # (B, 4, T, h, w')
+        condition = torch.cat([mask, condition_latents], dim=1)  # (B, 20, T, h, w')
         timings["encode"] = time.perf_counter() - tic
 
         # 5. Denoise: 16 noisy + 4 mask + 16 condition channels in; flow velocity out; classifier-free guidance.
@@ -169,44 +223,50 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         with self.progress_bar(total=len(timesteps)) as progress:
             for step, t in enumerate(timesteps):
                 # 5a. The model input: the noisy latents beside the mask and the condition.
-                model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)  # (1, 36, T, h, w')
+                model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)  # (B, 36, T, h, w')
                 # 5b. Velocity, guided: v_uncond + scale * (v_cond - v_uncond).
                 with self.transformer.cache_context("cond"):
                     velocity = self.transformer(
-                        model_input, t.expand(1), prompt_embeds, image_embeds, return_dict=False
-                    )[0]
+                        model_input, t.expand(batch), prompt_embeds, image_embeds, return_dict=False
+                    )[0]  # (B, 16, T, h, w')
                 if do_cfg:
                     with self.transformer.cache_context("uncond"):
                         velocity_uncond = self.transformer(
-                            model_input, t.expand(1), negative_prompt_embeds, image_embeds, return_dict=False
+                            model_input, t.expand(batch), negative_prompt_embeds, image_embeds, return_dict=False
                         )[0]
                     velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
                 # 5c. One solver step on the float32 latents.
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]  # (B, 16, T, h, w')
                 if callback_on_step_end is not None:
                     latents = callback_on_step_end(self, step, t, {"latents": latents}).get("latents", latents)
                 progress.update()
         timings["denoise"] = time.perf_counter() - tic
 
-        # 6. Decode each modality on its own (as each was encoded for training), after undoing the normalizations;
-        #    the stage ends with the videos in host memory (with split decoding: on the first process only).
+        # 6. Decode each modality on its own (as each was encoded for training), after undoing the normalizations,
+        #    the samples of a batch in parts of VAE_CALL_PIXELS: each part's videos reach host memory before the
+        #    next decodes (with split decoding: on the first process).
         tic = time.perf_counter()
-        rgb, xyz = self.decode_latents(latents, layout, xyz_mean, xyz_std)
-        if layout == "xyz" and xyz is not None:  # the first input image on every frame, beside the decoded XYZ
-            rgb = ((pixels[:1, :, None] + 1) / 2).clamp(0, 1).expand(-1, -1, num_frames, -1, -1)
 
         def channels_last(video: torch.Tensor | None) -> torch.Tensor | None:
-            return None if video is None else video.permute(0, 2, 3, 4, 1).float().cpu()  # (B, F, H, W, 3)
+            return None if video is None else video.permute(0, 2, 3, 4, 1).float().cpu()  # (b, F, H, W, 3)
 
-        rgb, xyz = channels_last(rgb), channels_last(xyz)
+        decoded, per_call = [], videos_per_vae_call(num_frames * height * width)
+        for first in range(0, batch, per_call):
+            part = slice(first, first + per_call)
+            rgb, xyz = self.decode_latents(latents[part], layout, xyz_mean, xyz_std)  # (b, 3, F, H, W) each
+            if layout == "xyz" and xyz is not None:  # the first input image on every frame, beside the decoded XYZ
+                rgb = ((pixels[part, 0, :, None] + 1) / 2).clamp(0, 1).expand(-1, -1, num_frames, -1, -1)
+            decoded.append((channels_last(rgb), channels_last(xyz)))
+        rgb, xyz = (None if videos[0] is None else torch.cat(videos) for videos in zip(*decoded, strict=True))
         timings["decode"] = time.perf_counter() - tic
         self.maybe_free_model_hooks()
-        return FourDNeXOutput(rgb=rgb, xyz=xyz, latents=latents, timings=timings)
+        return FourDNeXOutput(rgb=rgb, xyz=xyz, latents=latents, timings=timings)  # videos (B, F, H, W, 3)
 
     def decode_latents(
         self, latents: torch.Tensor, layout: Layout, xyz_mean: float, xyz_std: float
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1].
+        """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1], one VAE
+        call per modality.
 
         A modality the layout lacks is None; with split decoding, so is every video on processes other than the first.
         """
@@ -220,8 +280,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         if self._split_decoding:
             videos = self._decode_on_two_processes(halves)
         else:
-            decoded = self._vae_decode(torch.cat(list(halves.values()))).chunk(len(halves))
-            videos = dict(zip(halves, decoded, strict=True))
+            videos = {name: self._vae_decode(half) for name, half in halves.items()}
         rgb, xyz = videos.get("rgb"), videos.get("xyz")
         return (None if rgb is None else (rgb / 2 + 0.5).clamp(0, 1)), (None if xyz is None else xyz.clamp(-1, 1))
 

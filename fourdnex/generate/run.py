@@ -1,17 +1,21 @@
-"""The run ``inference.py`` makes: check every input, load the model once, sample each line, write its result files.
+"""The run ``inference.py`` makes: check every input, load the model once, sample the lines (one at a time, or
+``batch_size`` consecutive lines of one size and given frames at a time), write each line's result files.
 
 Every input is checked before any weight loads (prompt and image lists, sizes, the adapter against the model type,
 the output folder), so a bad input costs seconds and writes nothing. Processes:
 
 * one process samples every selected line;
 * under torchrun without ``--cp``, the lines are shared out: process ``r`` of ``N`` takes lines ``r, r + N, ...`` on
-  GPU ``LOCAL_RANK``, each seeded exactly as a single process seeds it, so every line's result is the same however
-  many processes run;
+  GPU ``LOCAL_RANK`` (and batches them within its share), each seeded exactly as a single process seeds it, so every
+  line starts from the same noise however many processes run;
 * under torchrun with ``--cp``, every process runs every line and the transformer's sequence is split among them
   (:mod:`fourdnex.generate.parallel`); the first process writes the results.
 
 With ``skip_existing`` a line whose result is complete (its ``.json``, written last, exists) is not sampled again,
 so an interrupted list resumes where it stopped.
+
+Every line of a batch starts from the noise it gets alone (one generator per line, seeded with ``--seed``), so its
+result is its result at batch 1 up to the rounding of batched arithmetic (README.md, "Speed and memory").
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     skip_existing: bool = False
+    batch_size: int = 1  # lines sampled together (consecutive lines of one size and given frames)
     sample: SampleConfig = field(default_factory=SampleConfig)
     speed: AccelerationConfig = field(default_factory=AccelerationConfig)
 
@@ -78,11 +83,28 @@ class Job:
     height: int
     width: int
 
+    @property
+    def shape(self) -> tuple[int, int, tuple[int, ...]]:
+        """What the lines of one batch share: the per-modality height and width, and the given frames."""
+        return self.height, self.width, self.given_frames
+
     def condition(self) -> list:
         """The given frames as PIL images, in frame order."""
         if self.video is None:
             return [load_image(path) for path in self.images]
         return [PIL.Image.fromarray(frame) for frame in read_frames(self.video, self.given_frames)]
+
+
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """The jobs in order, in batches of at most ``batch_size`` consecutive jobs of one :attr:`Job.shape`: a job of
+    another size or other given frames than the one before it starts a new batch."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0].shape == job.shape:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
 
 
 def read_lines_or_literal(value: str, what: str) -> tuple[list[str], Path | None]:
@@ -208,6 +230,8 @@ def check_config(config: RunConfig) -> None:
         raise UsageError(f"--type must be one of {sorted(MODEL_TYPES)}, got {config.model_type!r}")
     if config.mode not in MODES:
         raise UsageError(f"--mode must be one of {sorted(MODES)}, got {config.mode!r}")
+    if config.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {config.batch_size}")
 
 
 def resolve_device_dtype(device: str, dtype: str):
@@ -260,7 +284,8 @@ def result_done(out: Path, index: int) -> bool:
 @dataclass
 class LoadedModel:
     """A pipeline loaded once and set up on its device (:func:`load_model`), ready to sample jobs one at a time
-    (:func:`sample_job`): what inference.py loads before its first line and what app.py serves."""
+    (:func:`sample_job`) or in batches (:func:`sample_batch`): what inference.py loads before its first line and what
+    app.py serves."""
 
     pipe: object  # a fourdnex.generate.pipeline.FourDNeXPipeline
     adapter: object | None  # a fourdnex.model.adapters.Adapter
@@ -291,12 +316,14 @@ def load_model(
     adapter=None,
     model_type: str | None = None,
     world_size: int = 1,
+    batch: int = 1,
 ) -> LoadedModel:
     """Load ``config``'s model, adapter and acceleration once, on ``device`` (default: ``config.device``).
 
-    ``tokens`` and ``pixels`` are the largest job's transformer sequence and video size: ``--memory auto`` picks the
-    fastest offload that fits them. ``adapter`` and ``model_type`` are read from ``config`` unless given (already
-    read and checked); ``world_size > 1`` splits the transformer's sequence over a context-parallel group.
+    ``tokens`` and ``pixels`` are the largest job's transformer sequence and video size, ``batch`` the most jobs
+    sampled together: ``--memory auto`` picks the fastest offload that fits them. ``adapter`` and ``model_type`` are
+    read from ``config`` unless given (already read and checked); ``world_size > 1`` splits the transformer's
+    sequence over a context-parallel group.
     """
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import apply_acceleration, check_machine, resolve
@@ -323,7 +350,7 @@ def load_model(
     if speed.cp != "none":
         parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
         pipe.enable_split_decoding()
-    speed = resolve(speed, device, pipe, tokens=tokens, pixels=pixels)
+    speed = resolve(speed, device, pipe, tokens=tokens, pixels=pixels, batch=batch)
     apply_acceleration(pipe, speed, device)
     load_seconds = time.perf_counter() - tic
     random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(RANDOM_MARKER, False)
@@ -337,36 +364,55 @@ def sample_job(model: LoadedModel, job: Job, sample: SampleConfig, callback_on_s
     """Sample one job with ``model`` (a :class:`~fourdnex.generate.pipeline.FourDNeXOutput`); running out of GPU
     memory is a UsageError naming what to change. ``callback_on_step_end(pipe, step, timestep, kwargs)`` is called
     after every denoising step (diffusers' convention; see the pipeline)."""
+    return sample_batch(model, [job], sample, callback_on_step_end)
+
+
+def sample_batch(model: LoadedModel, jobs: list[Job], sample: SampleConfig, callback_on_step_end=None):
+    """Sample jobs of one :attr:`Job.shape` in one pipeline call (a
+    :class:`~fourdnex.generate.pipeline.FourDNeXOutput` with one row per job, in order), each from the noise its own
+    generator seeded with ``sample.seed`` draws, as at batch 1; running out of GPU memory is a UsageError naming
+    what to change."""
     import torch
 
+    first = jobs[0]
+    if any(job.shape != first.shape for job in jobs):
+        raise ValueError(f"one batch needs one size and one set of given frames, got {[job.shape for job in jobs]}")
     try:
         return model.pipe(
-            job.condition(),
-            job.prompt,
+            [job.condition() for job in jobs],
+            [job.prompt for job in jobs],
             negative_prompt=sample.negative_prompt,
-            height=job.height,
-            width=job.width,
+            height=first.height,
+            width=first.width,
             num_frames=sample.num_frames,
             num_inference_steps=sample.steps,
             guidance_scale=sample.guidance_scale,
-            generator=torch.Generator(device="cpu").manual_seed(sample.seed),
+            generator=[torch.Generator(device="cpu").manual_seed(sample.seed) for _ in jobs],
             layout=model.layout,
             xyz_mean=model.xyz_mean,
             xyz_std=model.xyz_std,
-            given_frames=job.given_frames,
+            given_frames=first.given_frames,
             callback_on_step_end=callback_on_step_end,
         )
     except torch.OutOfMemoryError as err:
+        smaller_batch = "a smaller --batch_size, " if len(jobs) > 1 else ""
         raise UsageError(
-            "out of GPU memory: try --dtype bfloat16, --memory model or group (or sequential), --fp8, "
+            f"out of GPU memory: try {smaller_batch}--dtype bfloat16, --memory model or group (or sequential), --fp8, "
             "fewer --num_frames, a smaller --height/--width, or run on a GPU with more memory"
         ) from err
 
 
 def job_meta(
-    model: LoadedModel, config: RunConfig, job: Job, sample: SampleConfig, timings: dict, processes: int = 1
+    model: LoadedModel,
+    config: RunConfig,
+    job: Job,
+    sample: SampleConfig,
+    timings: dict,
+    processes: int = 1,
+    batch_size: int = 1,
 ) -> dict:
-    """The ``.json`` record of one sampled job (README.md, "Output files")."""
+    """The ``.json`` record of one sampled job (README.md, "Output files"): ``timings`` are the job's seconds per
+    stage (its share of its batch's), ``batch_size`` the jobs sampled together with it, itself included."""
     adapter = model.adapter
     return {
         "prompt": job.prompt,
@@ -392,6 +438,7 @@ def job_meta(
         "dtype": str(model.dtype).removeprefix("torch."),
         "acceleration": dataclasses.asdict(model.speed),
         "processes": processes,
+        "batch_size": batch_size,
         "versions": versions(model.speed.attention_backend),
         "timings": {"load": model.load_seconds, **timings},
     }
@@ -436,9 +483,11 @@ def generate(config: RunConfig) -> list[Path]:
     if not jobs:
         return []
 
+    groups = batches(jobs, config.batch_size)
     largest = max(jobs, key=lambda job: job.height * job.width)
     pixels = sample.num_frames * largest.height * largest.width
-    model = load_model(config, max(tokens), pixels, device, dtype, adapter, model_type, world_size)
+    batch = max(len(group) for group in groups)
+    model = load_model(config, max(tokens), pixels, device, dtype, adapter, model_type, world_size, batch)
     model.pipe.set_progress_bar_config(disable=not writes)
     if model.random_weights and writes:
         print(f"note: {config.model_path} is the tiny test model with random weights: its outputs are noise")
@@ -446,11 +495,15 @@ def generate(config: RunConfig) -> list[Path]:
         print("note: no --lora_path given: sampling the base Wan2.1 model, which was not trained for pointmaps")
 
     written = []
-    for job in tqdm(jobs, desc="samples", unit="sample", disable=len(jobs) == 1 or not writes):
-        result = sample_job(model, job, sample)
-        if not writes:
-            continue
-        meta = job_meta(model, config, job, sample, result.timings, world_size)
-        written.append(write_sample(out, job.index, result.rgb[0].numpy(), result.xyz[0].numpy(), meta))
-        print(f"wrote {out / f'{job.index:05d}'}.{{mp4,npz,json}} ({sum(result.timings.values()):.1f} s)")
+    with tqdm(total=len(jobs), desc="samples", unit="sample", disable=len(jobs) == 1 or not writes) as progress:
+        for group in groups:
+            result = sample_batch(model, group, sample)
+            progress.update(len(group))
+            if not writes:
+                continue
+            share = {stage: seconds / len(group) for stage, seconds in result.timings.items()}  # per line
+            for row, job in enumerate(group):
+                meta = job_meta(model, config, job, sample, share, world_size, len(group))
+                written.append(write_sample(out, job.index, result.rgb[row].numpy(), result.xyz[row].numpy(), meta))
+                print(f"wrote {out / f'{job.index:05d}'}.{{mp4,npz,json}} ({sum(share.values()):.1f} s)")
     return written
