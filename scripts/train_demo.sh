@@ -28,6 +28,7 @@ WORK=${WORK:-runs/demo}
 CLIPS=${CLIPS:-10000}
 HELD_OUT=${HELD_OUT:-100}
 CURVE_CLIPS=${CURVE_CLIPS:-32}
+EVAL_BATCH=${EVAL_BATCH:-32}  # held-out lines inference.py samples at once
 VAE_CLIPS=${VAE_CLIPS:-2000}
 VAE_STEPS=${VAE_STEPS:-1500}
 VAE_BATCH=${VAE_BATCH:-32}
@@ -176,7 +177,8 @@ evaluate_one() {
     [[ $mode == first_last ]] && condition=(--video "$inputs/videos.txt" --frames "0,$(( FRAMES - 1 ))")
     # shellcheck disable=SC2046  # the model flags are words
     on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$out" \
-        $(weights "$run" "$checkpoint") "${SIZE[@]}" --steps 30 --guidance_scale 1 --compile off --skip_existing
+        $(weights "$run" "$checkpoint") "${SIZE[@]}" --steps 30 --guidance_scale 1 --compile off --skip_existing \
+        --batch_size "$EVAL_BATCH"
     taskset -c "$cpus" "$PY" evaluate.py --results "$out" --gt "$WORK/$set/data" --mapping "$inputs/mapping.json" \
         --out "$WORK/reports/$run/$(basename "$checkpoint")/$set-$mode"
 }

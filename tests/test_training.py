@@ -340,6 +340,33 @@ def test_full_training_of_a_plain_image_to_video_base(cache_dir, tmp_path):
             ["--cache_dir", str(cache_dir), "--train_mode", "full", "--activation_memory", "attention+ffn", *SIZE])
 
 
+def test_a_fully_trained_fused_model_samples_with_what_it_was_trained_as(cache_dir, tmp_path):
+    """--train_mode full on the fused latent: the transformer's weights say what it was trained as, so sampling it
+    with --sft_path takes its model type and the cache's XYZ latent statistics (not the defaults), and a --type
+    that contradicts them stops with one line."""
+    from fourdnex.data.cache import read_stats
+    from fourdnex.model.adapters import read_transformer_meta
+
+    out = tmp_path / "full"
+    finetune("--cache_dir", str(cache_dir), "--output_dir", str(out), *SIZE, "--train_mode", "full",
+             "--type", "i2vwbw-demb", "--max_steps", "2", "--checkpointing_steps", "2")  # fmt: skip
+    stats = read_stats(cache_dir)
+    meta = read_transformer_meta(out / "transformer")
+    assert (meta.model_type, meta.xyz_latent_mean, meta.xyz_latent_std, meta.extra["step"]) == (
+        "i2vwbw-demb", stats.xyz_latent_mean, stats.xyz_latent_std, 2)
+    assert read_transformer_meta(list_checkpoints(out)[-1] / "transformer") == meta
+    sample = [sys.executable, str(ROOT / "inference.py"), "--prompt", "a red ball", "--image",
+              str(ROOT / "example" / "scene.png"), "--model_path", str(TINY_MODEL), "--sft_path",
+              str(out / "transformer"), *SIZE, "--steps", "2", "--device", "cpu"]  # fmt: skip
+    subprocess.run([*sample, "--out", str(tmp_path / "results")], check=True, capture_output=True, cwd=ROOT)
+    written = json.loads((tmp_path / "results" / "00000.json").read_text())
+    assert (written["type"], written["xyz_latent_mean"], written["xyz_latent_std"]) == (
+        "i2vwbw-demb", stats.xyz_latent_mean, stats.xyz_latent_std)
+    refused = subprocess.run([*sample, "--out", str(tmp_path / "other"), "--type", "i2vwbw"], capture_output=True,
+                             text=True, cwd=ROOT)  # fmt: skip
+    assert refused.returncode != 0 and "contradicts the transformer" in refused.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
 def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tmp_path):
     """Whatever the model type, the transformer training built (LoRA and domain embedding set to random values) and

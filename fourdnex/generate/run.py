@@ -328,7 +328,7 @@ def load_model(
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import apply_acceleration, check_machine, resolve
     from fourdnex.generate.pipeline import load_pipeline
-    from fourdnex.model.adapters import apply_adapter, read_adapter, resolve_model_type
+    from fourdnex.model.adapters import apply_adapter, read_adapter, resolve_model_type, trained_meta
     from fourdnex.model.presets import RANDOM_MARKER
 
     if device is None or dtype is None:
@@ -338,15 +338,16 @@ def load_model(
     if adapter is None and config.lora_path:
         adapter = read_adapter(config.lora_path)
     if model_type is None:
-        model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding)
+        model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
     tic = time.perf_counter()
     pipe = load_pipeline(config.model_path, dtype=dtype, transformer_path=config.sft_path)
     pipe.transformer.set_model_type(MODEL_TYPES[model_type])
     lora_scale, xyz_mean, xyz_std = None, XYZ_LATENT_MEAN, XYZ_LATENT_STD
     if adapter is not None:
         lora_scale = apply_adapter(pipe.transformer, adapter, scale=config.lora_scale, lora_rank=config.lora_rank)
-        if adapter.meta.xyz_latent_mean is not None:
-            xyz_mean, xyz_std = adapter.meta.xyz_latent_mean, adapter.meta.xyz_latent_std
+    meta = trained_meta(adapter, config.sft_path)  # the XYZ statistics of the data the weights were trained on
+    if meta is not None and meta.xyz_latent_mean is not None:
+        xyz_mean, xyz_std = meta.xyz_latent_mean, meta.xyz_latent_std
     if speed.cp != "none":
         parallel.enable_context_parallel(pipe.transformer, speed.cp, world_size)
         pipe.enable_split_decoding()
@@ -460,7 +461,7 @@ def generate(config: RunConfig) -> list[Path]:
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     check_machine(speed, device)
     adapter = read_adapter(config.lora_path) if config.lora_path else None
-    model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding)
+    model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
     layout = MODES[config.mode]
     tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=layout == "rgbxyz") for job in jobs]
 

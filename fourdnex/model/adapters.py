@@ -208,18 +208,33 @@ def read_transformer_meta(folder: str | Path) -> AdapterMeta | None:
         raise AdapterError(f"{path}: unreadable {TRANSFORMER_META_KEY} metadata ({err})") from err
 
 
-def resolve_model_type(adapter: Adapter | None, requested: str | None, zero_domain_embedding: bool = False) -> str:
-    """The model type (a ``MODEL_TYPES`` key) to sample with: the one a fourdnex adapter was trained as, else
-    ``requested``, else the default.
+def trained_meta(adapter: Adapter | None, transformer: str | Path | None = None) -> AdapterMeta | None:
+    """What the weights to sample were trained as: a fourdnex adapter's metadata, else a fully trained transformer
+    folder's (:func:`read_transformer_meta`), else None (the released adapter, a base model)."""
+    if adapter is not None and adapter.format == "fourdnex":
+        return adapter.meta
+    return read_transformer_meta(transformer) if transformer is not None else None
 
-    Raises AdapterError when ``requested`` contradicts the adapter's metadata (its LoRA was trained for the other
-    RoPE or embedding, so sampling would silently differ), and when a released-format folder lacks the domain
-    embedding file its model type needs (the reference's trainer never writes it) unless ``zero_domain_embedding``.
+
+def resolve_model_type(
+    adapter: Adapter | None,
+    requested: str | None,
+    zero_domain_embedding: bool = False,
+    transformer: str | Path | None = None,
+) -> str:
+    """The model type (a ``MODEL_TYPES`` key) to sample with: the one the weights were trained as (a fourdnex adapter,
+    or a fully trained ``transformer`` folder: :func:`trained_meta`), else ``requested``, else the default.
+
+    Raises AdapterError when ``requested`` contradicts what the weights were trained as (for the other RoPE or
+    embedding, so sampling would silently differ), and when a released-format folder lacks the domain embedding file
+    its model type needs (the reference's trainer never writes it) unless ``zero_domain_embedding``.
     """
-    trained = adapter.meta.model_type if adapter is not None and adapter.format == "fourdnex" else None
+    meta = trained_meta(adapter, transformer)
+    trained = meta.model_type if meta is not None else None
     if requested is not None and trained is not None and requested != trained:
+        source = f"the adapter {adapter.path}" if adapter is not None else f"the transformer {transformer}"
         raise AdapterError(
-            f"--type {requested} contradicts the adapter {adapter.path}, which was trained as {trained}: "
+            f"--type {requested} contradicts {source}, which was trained as {trained}: "
             f"drop --type or pass --type {trained}"
         )
     model_type = trained or requested or DEFAULT_MODEL_TYPE
