@@ -160,7 +160,7 @@ def test_kept_attention_replays_flash4_and_keeps_plain_gradients(stand_in):
     """Fine-tuning with --activation_memory attention on flash_4: the kept self-attention is the kernel's own output,
     its backward FlashAttention-4's backward from the kept log-sum-exp; loss and every trainable gradient equal plain
     checkpointing on native SDPA, and the recompute skips the two self-attention kernels of a pass."""
-    from test_training import tiny_training_model, two_backwards
+    from test_activation_memory import tiny_training_model, two_backwards
 
     from fourdnex.train.activation_memory import FLASH_4, attention_kernel
     from fourdnex.train.memory_policy import RecomputePlan
@@ -266,7 +266,7 @@ def test_explicit_flash4_is_refused_where_it_cannot_run(capability, tmp_path):
 
 
 def test_finetune_refuses_flash4_where_it_cannot_run(tmp_path):
-    from test_training import load_script
+    from training_support import load_script
 
     from fourdnex.cli import run
 
