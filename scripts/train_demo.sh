@@ -20,7 +20,8 @@
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets
 # Sizes: override FRAMES, HEIGHT, WIDTH, CLIPS, HELD_OUT, CURVE_CLIPS, VAE_EVAL_CLIPS, VAE_CLIPS, VAE_STEPS, VAE_BATCH, VAE_MINUTES (a cap: the VAE stops there, a rerun
 # resumes it), BATCH, BASE_STEPS, ADAPTER_STEPS, CURVE_POINTS, RUNS (the stage-2 runs), TRAIN_FAMILIES, HELD_OUT_FAMILY
-# (a smoke run uses tiny values).
+# (a smoke run uses tiny values); VAE_FROM, a model folder whose VAE the training starts from (example/demo/model
+# continues the shipped one; a new VAE of the demo preset by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -84,11 +85,12 @@ stage_data() {
 }
 
 stage_vae() {
-    log "vae: $VAE_STEPS steps of $VAE_BATCH clips"
-    "$PY" -m fourdnex.model.presets "$WORK/init" --preset demo
+    log "vae: $VAE_STEPS steps of $VAE_BATCH clips, from ${VAE_FROM:-a new VAE}"
+    local init=${VAE_FROM:-$WORK/init}
+    [[ -n ${VAE_FROM:-} ]] || "$PY" -m fourdnex.model.presets "$WORK/init" --preset demo
     on_gpu 0 "$PY" -m fourdnex.train.vae --synthetic_clips "$VAE_CLIPS" --synthetic_seed 3 \
         --texture_families "${FAMILIES[@]}" --eval_synthetic_clips "$VAE_EVAL_CLIPS" --eval_steps $(( VAE_STEPS / 10 > 0 ? VAE_STEPS / 10 : 1 )) \
-        --model_path "$WORK/init" --out "$WORK/vae" --max_steps "$VAE_STEPS" --batch_size "$VAE_BATCH" \
+        --model_path "$init" --out "$WORK/vae" --max_steps "$VAE_STEPS" --batch_size "$VAE_BATCH" \
         --stop_after_minutes "$VAE_MINUTES" --workers $(( CPUS / 2 > 0 ? CPUS / 2 : 1 )) "${SIZE[@]}"
 }
 
