@@ -38,7 +38,7 @@ from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, r
 from fourdnex.errors import UsageError
 from fourdnex.files import write_text
 from fourdnex.model.fusion import condition_video, encode_latents
-from fourdnex.model.loading import ENCODER_DTYPE, load_components
+from fourdnex.model.loading import ENCODER_DTYPE, TEXT_TOKENS, load_components
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -150,10 +150,7 @@ class Encoders:
         ``text_encoder_dtype``, the VAE and image encoder in ``vision_dtype`` (float32 as everywhere, by default)."""
         from diffusers import WanImageToVideoPipeline
 
-        components = load_components(model_path, text_encoder_dtype, transformer=False)
-        if vision_dtype != ENCODER_DTYPE:
-            for name in ("vae", "image_encoder"):
-                components[name] = components[name].to(vision_dtype)
+        components = load_components(model_path, text_encoder_dtype, transformer=False, encoder_dtype=vision_dtype)
         return cls(WanImageToVideoPipeline(**components), device, compile_vae)
 
     @torch.no_grad()
@@ -166,7 +163,7 @@ class Encoders:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """UMT5 embedding of ``prompt``, ``(512, D)``, zero after its tokens."""
         embeds, _ = self.pipe.encode_prompt(
-            prompt, do_classifier_free_guidance=False, max_sequence_length=512, device=self.device
+            prompt, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS, device=self.device
         )
         return embeds[0]
 

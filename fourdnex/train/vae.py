@@ -233,12 +233,11 @@ def _load_checkpoint(folder: Path, vae, optimizer) -> int:
     return json.loads((folder / "step.json").read_text())["step"]
 
 
-def _vae_folder(cfg: VaeTrainConfig) -> Path:
-    """The VAE folder of ``cfg.model_path``; UsageError if it has no config."""
-    folder = Path(cfg.model_path) / "vae"
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{folder}: no VAE config (build the model first: python -m fourdnex.model.presets)")
-    return folder
+def _check_vae_folder(cfg: VaeTrainConfig) -> None:
+    """ModelFolderError unless ``cfg.model_path`` has a VAE to start from."""
+    from fourdnex.model.loading import check_model_folder
+
+    check_model_folder(cfg.model_path, ("vae",), how="build the model first: python -m fourdnex.model.presets")
 
 
 #: Steps between two reads of the logged losses from the device (each read waits for the queued steps to finish).
@@ -255,18 +254,18 @@ class VaeTrainer:
     """
 
     def __init__(self, cfg: VaeTrainConfig, clips: Clips) -> None:
-        from diffusers import AutoencoderKLWan
         from tqdm.auto import tqdm
 
+        from fourdnex.model.loading import load_vae
         from fourdnex.train.data import holding_device
 
         self.cfg = cfg
         self.device = device = torch.device(cfg.device)
-        vae_folder = _vae_folder(cfg)
+        _check_vae_folder(cfg)
         if len(clips) < cfg.batch_size:
             raise UsageError(f"{cfg.data_dir} holds {len(clips)} clips, fewer than --batch_size {cfg.batch_size}")
         torch.manual_seed(cfg.seed)
-        self.vae = AutoencoderKLWan.from_pretrained(vae_folder, dtype=torch.float32).to(device).train()
+        self.vae = load_vae(cfg.model_path, torch.float32).to(device).train()
         self.optimizer = torch.optim.AdamW(
             self.vae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=1e-4,
             fused=device.type == "cuda",
@@ -382,7 +381,7 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
     what it has (``finished`` false) and a re-run of the same command resumes."""
     cfg.validate()
     out = Path(cfg.out)
-    _vae_folder(cfg)  # before the clips are read
+    _check_vae_folder(cfg)  # before the clips are read
     start = time.perf_counter()
     if cfg.synthetic_clips:
         clips = synthetic_clips(cfg.synthetic_clips, cfg.synthetic_seed, cfg.num_frames, cfg.height, cfg.width,
