@@ -14,7 +14,7 @@ import torch
 from train_cache import TINY_MODEL
 from training_support import ROOT, finetune_env, overfit_args, scalars
 
-from fourdnex.model.adapters import read_adapter
+from fourdnex.model.adapters import load_adapter
 from fourdnex.model.transformer import FourDNeXTransformer
 from fourdnex.train import memory_policy
 from fourdnex.train.config import TrainConfig, TrainingError
@@ -259,7 +259,7 @@ def test_kept_and_parked_train_like_plain(overfit_run, cache_dir, tmp_path):
     plain_losses, kept_losses = scalars(overfit_run, "loss/total"), scalars(out, "loss/total")
     print("losses", plain_losses[-3:], kept_losses[-3:])
     assert len(plain_losses) == 30 and kept_losses == plain_losses
-    plain, kept = read_adapter(overfit_run / "adapter"), read_adapter(out / "adapter")
+    plain, kept = load_adapter(overfit_run / "adapter"), load_adapter(out / "adapter")
     assert all(torch.equal(kept.lora[k], plain.lora[k]) for k in plain.lora)
     assert torch.equal(kept.domain_embedding, plain.domain_embedding)
 

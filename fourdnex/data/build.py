@@ -416,7 +416,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
                     return
                 for item, latents in zip(batch, encode_batch(encoders, batch, cfg.cond_num_frames), strict=True):
                     try:
-                        _write_clip(out, item.clip, latents, encoders, config, seen_prompts)
+                        _write_cache_clip(out, item.clip, latents, encoders, config, seen_prompts)
                         processed += 1
                     except ClipError as err:
                         cache.write_failure(out, item.clip.source, str(err))
@@ -475,7 +475,7 @@ def merge_shards(
     return result
 
 
-def _write_clip(
+def _write_cache_clip(
     out: Path,
     clip: PreparedClip,
     latents: dict[str, torch.Tensor],

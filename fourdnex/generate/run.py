@@ -329,7 +329,7 @@ def load_model(
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import apply_acceleration, check_machine, resolve
     from fourdnex.generate.pipeline import load_pipeline
-    from fourdnex.model.adapters import apply_adapter, read_adapter, resolve_model_type, trained_meta
+    from fourdnex.model.adapters import apply_adapter, load_adapter, resolve_model_type, trained_meta
     from fourdnex.model.loading import has_random_weights
 
     if device is None or dtype is None:
@@ -337,7 +337,7 @@ def load_model(
     speed = config.speed
     check_machine(speed, device)
     if adapter is None and config.lora_path:
-        adapter = read_adapter(config.lora_path)
+        adapter = load_adapter(config.lora_path)
     if model_type is None:
         model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
     tic = time.perf_counter()
@@ -453,7 +453,7 @@ def generate(config: RunConfig) -> list[Path]:
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import check_machine
     from fourdnex.geometry.results import write_sample
-    from fourdnex.model.adapters import read_adapter, resolve_model_type
+    from fourdnex.model.adapters import load_adapter, resolve_model_type
 
     check_config(config)
     sample, speed = config.sample, config.speed
@@ -461,7 +461,7 @@ def generate(config: RunConfig) -> list[Path]:
     out = Path(config.out)
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     check_machine(speed, device)
-    adapter = read_adapter(config.lora_path) if config.lora_path else None
+    adapter = load_adapter(config.lora_path) if config.lora_path else None
     model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
     layout = MODES[config.mode]
     tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=layout == "rgbxyz") for job in jobs]

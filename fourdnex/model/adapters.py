@@ -107,7 +107,7 @@ def _target_modules(lora: dict[str, torch.Tensor]) -> list[str]:
     return sorted({name.split(".", 3)[3] if name.count(".") >= 3 else name for name in names})
 
 
-def read_adapter(path: str | Path) -> Adapter:
+def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter in either format from a folder or a ``.safetensors`` file."""
     path = Path(path)
     if path.is_dir():
