@@ -57,7 +57,7 @@ from bench.common import REAL_TRANSFORMER as REAL
 from bench.common import TINY_TRANSFORMER as TINY
 from bench.common import building_on
 from fourdnex.model.transformer import FourDNeXTransformer
-from fourdnex.train.activation_memory import BlockRecompute, HostCopier, block_recompute
+from fourdnex.train.block_recompute import BlockRecompute, HostCopier, block_recompute
 from fourdnex.train.config import ACTIVATION_MEMORY_CHOICES, TrainConfig, TrainingError
 from fourdnex.train.data import SampleStream
 from fourdnex.train.engine import Trainer, deepspeed_config, make_accelerator, trainable_parameters, zero_stage

@@ -14,7 +14,7 @@ diffusers feature that calls an attention backend uses it:
   attention drive the same two ops through diffusers' templated context-parallel functions (ring attention merges
   the partial outputs with the log-sum-exp and replays the backward per key/value chunk from the merged ones);
 * :func:`kept_forward` / :func:`kept_backward`, the same kernels for fine-tuning's kept self-attention
-  (``fourdnex.train.activation_memory``): the forward's output and log-sum-exp are what its backward takes.
+  (``fourdnex.train.block_recompute``): the forward's output and log-sum-exp are what its backward takes.
 
 Layouts: q, k, v and the output are ``(B, N, H, D)`` as diffusers hands them to a backend; the kernel's log-sum-exp is
 ``(B, H, N)`` float32 (natural log), diffusers' context parallelism takes it as ``(B, N, H)``.

@@ -4,7 +4,7 @@ Gradient checkpointing keeps each block's input and runs the block again in the 
 
 * ``recompute``: nothing more (diffusers' own gradient checkpointing);
 * ``attention``: every block also keeps its self-attention output, so the backward does not run the attention
-  kernel again (fourdnex.train.activation_memory);
+  kernel again (fourdnex.train.block_recompute);
 * ``attention+ffn``: every block also keeps its feed-forward pre-activation (needs the feed-forward without LoRA);
 * ``auto`` (the default): :func:`choose_activation_memory` picks one from the free host RAM.
 
@@ -47,7 +47,7 @@ REFERENCE_DTYPE_BYTES = 2
 
 #: The torch versions (lowest, first untested) whose private ops keeping the attention output is tested with.
 TESTED_TORCH = ((2, 11), (2, 14))
-#: The private torch ops and diffusers internals that fourdnex.train.activation_memory calls: (module, attribute).
+#: The private torch ops and diffusers internals that fourdnex.train.block_recompute calls: (module, attribute).
 PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch", "ops.aten._scaled_dot_product_flash_attention_for_cpu"),
     ("torch", "ops.aten._scaled_dot_product_flash_attention_for_cpu_backward"),
