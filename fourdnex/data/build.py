@@ -2,9 +2,9 @@
 processes, batch the VAE work, write through :mod:`fourdnex.data.cache` (where the layout is specified), merge the
 shards.
 
-Where the time goes (BENCHMARKS.md, "Dataset building"): the Wan VAE, then the CPU side of a clip (decoding its
-video, cropping, normalizing the pointmap, H.264-encoding the cropped video and the pointmap preview; with reader
-threads, 2.8 s per 81 x 480 x 720 clip of it was not hidden behind the encoders on the GPU machine). The CPU side
+Where the time goes (BENCHMARKS.md, "Dataset building", "Where the time goes, and the build now"): the Wan VAE,
+then the CPU side of a clip (decoding its video, cropping, normalizing the pointmap, H.264-encoding the cropped video
+and the pointmap preview), which reader threads did not hide behind the encoders on the GPU machine. The CPU side
 runs in ``num_workers`` processes forked before the encoders load, each on one thread, so it shares no lock with the
 encoders' loop; a worker writes the clip's media and hands the VAE's input to the main process in shared memory,
 so the main process only encodes and writes the small files. The VAE encodes a batch's RGB and XYZ videos in one
@@ -353,9 +353,9 @@ def encode_batch(encoders: Encoders, loaded: list[LoadedClip], cond_num_frames: 
     """Latents of a batch of clips: the RGB and XYZ videos in one VAE call, the fused conditions in another, the RGB
     conditions in a third, or with the first where the batch is one clip and the condition has as many frames.
 
-    (Measured on the CPU, 25 x 96 x 144, one thread: a call of one video takes torch's slower convolution path, so
-    joining a lone clip's RGB condition to its videos saves 17-19 % of its VAE time; joined in batches of 4 clips the
-    larger call is 10-20 % slower than the two calls. BENCHMARKS.md, "Dataset building".)
+    (A call of one video takes torch's slower convolution path, so joining a lone clip's RGB condition to its videos
+    saves VAE time, while in batches of 4 clips the larger call is slower than the two calls: BENCHMARKS.md, "Where
+    the time goes, and the build now".)
 
     Returns per clip ``rgb``/``xyz`` ``(16, T, h, w)``, ``cond`` ``(16, Tc, h, 2w)`` and ``cond_rgb``
     ``(16, Tc, h, w)``, VAE-normalized float32.

@@ -39,8 +39,8 @@ from fourdnex.model.loading import TEXT_TOKENS, load_components
 
 #: The most pixels (frames x height x width) one VAE call encodes or decodes, unless one video is larger: one
 #: modality of a paper-size sample (49 x 480 x 720), which decodes alone. Smaller videos share a call (the samples of
-#: a batch: 8 of the demo model decode 2.7x faster per sample than one by one on a 2-core CPU, BENCHMARKS.md "Many
-#: lines at once"), so a batch never takes the VAE above the memory of a paper-size modality.
+#: a batch, which decode faster per sample together than one by one: BENCHMARKS.md, "Many lines at once"), so a batch
+#: never takes the VAE above the memory of a paper-size modality.
 VAE_CALL_PIXELS = 49 * 480 * 720
 
 

@@ -2,8 +2,8 @@
 
 FlashAttention-4 (PyPI ``flash-attn-4``, module ``flash_attn.cute``: CuTeDSL kernels with a Hopper forward and
 backward) is an optional dependency, needed only on the GPU. It runs the 4DNeX self-attention (35,100 tokens x 40
-heads x 128, bf16) 1.20x faster than cuDNN's kernel on an H200 (BENCHMARKS.md). Here it is wrapped so that every
-diffusers feature that calls an attention backend uses it:
+heads x 128, bf16) faster than cuDNN's kernel on an H200 (BENCHMARKS.md, "FlashAttention-4 (`--attention_backend
+flash_4`)"). Here it is wrapped so that every diffusers feature that calls an attention backend uses it:
 
 * two ``torch.library`` custom ops, ``fourdnex::flash4_forward`` (q, k, v -> out, log-sum-exp) and
   ``fourdnex::flash4_backward`` (the gradients from out and the log-sum-exp, as FlashAttention's backward computes

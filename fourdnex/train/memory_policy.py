@@ -9,8 +9,8 @@ Gradient checkpointing keeps each block's input and runs the block again in the 
 * ``auto`` (the default): :func:`choose_activation_memory` picks one from the free host RAM.
 
 On CUDA the block inputs and the kept tensors are parked in page-locked host memory (copied out as they are written,
-back one block ahead of the backward): one step at 49x480x720 on an H200 takes 10.97 s at 45.3 GiB with
-``attention+ffn`` against 15.30 s at 58.2 GiB for plain diffusers + peft + checkpointing (BENCHMARKS.md). On a
+back one block ahead of the backward): with ``attention+ffn`` a step at 49x480x720 is faster and takes less GPU
+memory than plain diffusers + peft + checkpointing (BENCHMARKS.md, "Training (finetune.py)", "GPU results"). On a
 machine without CUDA nothing is parked (host memory is the device's).
 
 Keeping runs private attention ops of torch and internals of diffusers (:data:`PRIVATE_SYMBOLS`); outside the torch
