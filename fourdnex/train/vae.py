@@ -139,10 +139,11 @@ def load_clips(
 def _render_clip(i: int, seed: int, num_frames: int, height: int, width: int, families: tuple[str, ...]):
     """Clip ``i`` of a synthetic set as the cache build would prepare it: RGB and normalized pointmap (float16)."""
     from fourdnex.data.prepare import fit_normalization, normalize_pointmap
-    from fourdnex.data.synthetic import SUBSETS, render_scene
+    from fourdnex.data.synthetic import SUBSETS, clip_scene, render_scene
 
-    static = list(SUBSETS.values())[i % len(SUBSETS)] == "static_npz"  # the share write_tree renders static
-    scene = render_scene(seed * 100003 + i, num_frames, height, width, dynamic=not static, families=families)
+    scene_seed, subset = clip_scene(seed, i)
+    static = SUBSETS[subset] == "static_npz"  # the share write_tree renders static
+    scene = render_scene(scene_seed, num_frames, height, width, dynamic=not static, families=families)
     world_to_cam0 = np.linalg.inv(scene.cam2world[0].astype(np.float64))
     cam0 = scene.points @ world_to_cam0[:3, :3].T + world_to_cam0[:3, 3]  # (F, H, W, 3) first camera's frame
     return scene.rgb, normalize_pointmap(cam0, fit_normalization(cam0)).astype(np.float16)
