@@ -180,7 +180,6 @@ class BuildSummary:
     """What a run did; ``pending`` clips belong to shards that have not finished."""
 
     total: int
-    assigned: int
     processed: int
     skipped: int
     failed_now: int
@@ -447,7 +446,6 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
     result = merge(out, clips, config, show_progress)
     return BuildSummary(
         total=len(clips),
-        assigned=len(mine),
         processed=processed,
         skipped=len(mine) - len(todo),
         failed_now=failed_now,

@@ -281,11 +281,6 @@ def _caption(draw: _Draw, dynamic: bool) -> str:
     return f"{prefix}On {ground} ground {place}, {subjects}, while the camera {_CAMERA_WORDS[draw.camera_kind]}."
 
 
-def scene_caption(seed: int, dynamic: bool = True, families: tuple[str, ...] = TEXTURE_FAMILIES) -> str:
-    """The caption of the scene drawn from ``seed`` (what :func:`render_scene` gives it), without rendering."""
-    return _caption(_sample_scene(seed, dynamic, families), dynamic)
-
-
 def render_scene(
     seed: int,
     num_frames: int,

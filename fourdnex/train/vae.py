@@ -328,37 +328,6 @@ class VaeTrainer:
         _save_checkpoint(Path(self.cfg.out) / CHECKPOINT_DIR, self.vae, self.optimizer, self.step)
 
 
-def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int) -> float:
-    """Seconds per step of a plain PyTorch step of the same VAE, batch and loss (fp32 weights, bf16 autocast, fused
-    AdamW, gradient clipping), the batch already on the GPU."""
-    from diffusers import AutoencoderKLWan
-
-    device = torch.device(cfg.device)
-    vae = AutoencoderKLWan.from_pretrained(Path(cfg.model_path) / "vae", dtype=torch.float32).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
-    index = np.arange(cfg.batch_size)
-    rgb = torch.from_numpy(clips.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    videos = torch.cat([rgb, torch.from_numpy(clips.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()])
-    generator = torch.Generator(device).manual_seed(0)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = vae_loss(vae, videos, cfg.kl_weight, generator)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    tic = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - tic) / steps
-
-
 def held_out_sets(cfg: VaeTrainConfig) -> dict[str, Clips]:
     """The held-out clips the PSNR is measured on: ``held_out`` (``--eval_data_dir``, or generator clips of the
     training families) and ``held_out_family`` (generator clips of the families left out of training, if any)."""
