@@ -22,7 +22,8 @@ from fourdnex.config import CAMERA_PATHS, MEMORY_MODES, SampleConfig
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MODEL, DEMO_ADAPTER = ROOT / "example" / "demo" / "model", ROOT / "example" / "demo" / "adapter"
-#: The page's settings for the demo model: the quick start's (README.md), about 10-20 s on a 2-core CPU.
+#: The page's settings for the demo model: the quick start's (README.md; their time on a CPU: BENCHMARKS.md, "The web
+#: page (app.py)").
 DEMO_SAMPLE = SampleConfig(num_frames=25, height=96, width=144, steps=30, guidance_scale=1.0)
 #: For any other model: the paper's (inference.py's defaults, at 480 x 720).
 PAPER_SAMPLE = SampleConfig(num_frames=49, height=480, width=720)

@@ -47,7 +47,7 @@ from bench import common
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, Encoders, build
 from fourdnex.data.prepare import fit_normalization
 from fourdnex.data.synthetic import render_scene, write_tree
-from fourdnex.model.loading import ENCODER_DTYPE, load_components
+from fourdnex.model.loading import ENCODER_DTYPE, load_components, load_vae
 
 TINY = Path(__file__).resolve().parents[1] / "example" / "tiny-wan-i2v"
 
@@ -224,10 +224,7 @@ def load_pipe(args: argparse.Namespace, dtype: torch.dtype, vision_dtype: torch.
 
     if args.real_size:
         return WanImageToVideoPipeline(**real_size_components(args.device, dtype, vision_dtype), transformer=None)
-    components = load_components(args.model_path, dtype, transformer=False)
-    if vision_dtype != ENCODER_DTYPE:
-        for name in ("vae", "image_encoder"):
-            components[name] = components[name].to(vision_dtype)
+    components = load_components(args.model_path, dtype, transformer=False, encoder_dtype=vision_dtype)
     return WanImageToVideoPipeline(**components)
 
 
@@ -336,7 +333,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     if args.real_size:
         vae = AutoencoderKLWan(**common.REAL_VAE, temperal_downsample=[False, True, True])
     else:
-        vae = AutoencoderKLWan.from_pretrained(Path(args.model_path) / "vae")
+        vae = load_vae(args.model_path)
     vae = vae.to(device).eval()
     cond_frames = min(49, args.num_frames)
     g = torch.Generator().manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """FlashAttention-4 (the ``flash_4`` backend) against cuDNN at the 4DNeX shapes on one GPU: numerics, kernel times,
 the compiled transformer forward and a short sample with each backend, peak memory.
 
-    python -m bench.bench_fa4 --json fa4.json                 # one H100 / H200 with flash-attn-4, about 5 minutes
+    python -m bench.bench_fa4 --json fa4.json                 # one H100 / H200 with flash-attn-4 (BENCHMARKS.md)
     python -m bench.bench_fa4 --tiny --json /tmp/fa4.json     # the same code on the CPU, FlashAttention-4's stand-in
 
 Sections (``--sections``, in this order):

@@ -21,8 +21,9 @@ The attention kernels alone are timed by ``bench/bench_attention.py``.
 What gradient checkpointing keeps (``--activation_memory``, as finetune.py's; here the default is ``recompute``),
 at the 4DNeX shape: each block's input, 35,100 x 5120 bf16 = 0.36 GB, 14.4 GB for 40 blocks; ``attention`` also
 keeps every block's self-attention output + log-sum-exp (0.37 GB each, 14.6 GB for 40), so their backward skips the
-attention kernel's forward recompute (~25 TFLOP per block, ~2 s per step for 40); ``attention+ffn`` also keeps the
-feed-forward's pre-activation (35,100 x 13,824, 0.97 GB each, 38.8 GB for 40), so the recompute skips the
+attention kernel's forward recompute (~25 TFLOP per block; its time: BENCHMARKS.md, "GPU results");
+``attention+ffn`` also keeps the feed-forward's pre-activation (35,100 x 13,824, 0.97 GB each, 38.8 GB for 40), so
+the recompute skips the
 feed-forward (~10 TFLOP per block). On CUDA both park the block inputs and the kept tensors in page-locked host
 memory: copied to the host on a side stream as they are written and back one block ahead of the backward. Host
 memory: one slab per kind, exactly its size (40 x 0.36 GB = 14.4 GB for the inputs, as much again for 40 attention
@@ -57,7 +58,7 @@ from bench.common import REAL_TRANSFORMER as REAL
 from bench.common import TINY_TRANSFORMER as TINY
 from bench.common import building_on
 from fourdnex.model.transformer import FourDNeXTransformer
-from fourdnex.train.activation_memory import BlockRecompute, HostCopier, block_recompute
+from fourdnex.train.block_recompute import BlockRecompute, HostCopier, block_recompute
 from fourdnex.train.config import ACTIVATION_MEMORY_CHOICES, TrainConfig, TrainingError
 from fourdnex.train.data import SampleStream
 from fourdnex.train.engine import Trainer, deepspeed_config, make_accelerator, trainable_parameters, zero_stage

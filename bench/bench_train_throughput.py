@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -243,9 +244,41 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def plain_vae_seconds(cfg, clips, steps: int, warmup: int) -> float:
+    """Seconds per step of a plain PyTorch step of the same VAE, batch and loss as the VAE trainer's (fp32 weights,
+    bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU."""
+    from fourdnex.model.loading import load_vae
+    from fourdnex.train.vae import vae_loss
+
+    device = torch.device(cfg.device)
+    vae = load_vae(cfg.model_path, torch.float32).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
+    index = np.arange(cfg.batch_size)
+    rgb = torch.from_numpy(clips.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    videos = torch.cat([rgb, torch.from_numpy(clips.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()])
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = vae_loss(vae, videos, cfg.kl_weight, generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - tic) / steps
+
+
 def vae_table(args: argparse.Namespace) -> list[dict]:
     """The VAE trainer's step beside a plain step of the same VAE, per batch size."""
-    from fourdnex.train.vae import Clips, VaeTrainConfig, VaeTrainer, plain_vae_seconds
+    from fourdnex.train.vae import Clips, VaeTrainConfig, VaeTrainer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

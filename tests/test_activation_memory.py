@@ -14,7 +14,7 @@ import torch
 from train_cache import TINY_MODEL
 from training_support import ROOT, finetune_env, overfit_args, scalars
 
-from fourdnex.model.adapters import read_adapter
+from fourdnex.model.adapters import load_adapter
 from fourdnex.model.transformer import FourDNeXTransformer
 from fourdnex.train import memory_policy
 from fourdnex.train.config import TrainConfig, TrainingError
@@ -80,7 +80,7 @@ def test_keeping_ffn_keeps_gradients_and_skips_recompute():
 
 def test_kept_ffn_refuses_what_it_cannot_replay():
     """LoRA on the feed-forward or a trained modulation table: one ValueError naming why, before any step."""
-    from fourdnex.train.activation_memory import enable_block_recompute
+    from fourdnex.train.block_recompute import enable_block_recompute
 
     model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
     model.blocks[1].scale_shift_table.requires_grad_(True)
@@ -130,10 +130,10 @@ class CountingKernel:
     """Stands in for the CPU attention kernel of the block recompute; counts its forward and backward calls."""
 
     def __init__(self, monkeypatch) -> None:
-        from fourdnex.train import activation_memory
+        from fourdnex.train import block_recompute
 
         self.forward_calls = self.backward_calls = 0
-        kernel = activation_memory.CPU_FLASH
+        kernel = block_recompute.CPU_FLASH
 
         def forward(*args):
             self.forward_calls += 1
@@ -143,8 +143,8 @@ class CountingKernel:
             self.backward_calls += 1
             return kernel.backward(*args)
 
-        counting = activation_memory.AttentionKernel("counting", forward, backward)
-        monkeypatch.setattr(activation_memory, "CPU_FLASH", counting)
+        counting = block_recompute.AttentionKernel("counting", forward, backward)
+        monkeypatch.setattr(block_recompute, "CPU_FLASH", counting)
 
 
 ALL_KEPT_AND_PARKED = RecomputePlan(attention=True, ffn=True, park_inputs=True, park_attention=True, park_ffn=True)
@@ -189,7 +189,7 @@ def test_kept_and_parked_equal_plain_checkpointing(plan, compiled, model_type, p
     trainable input to block 0 (frozen domain embedding): its LoRA still gets gradients. The bytes parked are counted
     by the benchmark's copier (bench/bench_train_step.py), which times the copies on CUDA."""
     from bench.bench_train_step import TimedCopier
-    from fourdnex.train.activation_memory import block_recompute
+    from fourdnex.train.block_recompute import block_recompute
 
     common = {"compile_blocks": compiled, "model_type": model_type}
     if (compiled, model_type) not in plain_references:
@@ -234,16 +234,16 @@ def test_kept_attention_processor_outside_checkpointing_is_stock():
 def test_cuda_attention_ops_on_meta(kernel_name):
     """The CUDA kernels' aten forward and backward calls, checked against the ops' schemas and shape functions on
     the meta device (35,100 tokens x 40 heads x 128, bf16, as at the real size), through the replaying Function."""
-    from fourdnex.train import activation_memory
+    from fourdnex.train import block_recompute
 
-    kernel = getattr(activation_memory, kernel_name)
+    kernel = getattr(block_recompute, kernel_name)
     shape = (1, 35_100, 40, 128)  # (B, N, H, D), as the processor builds them
     q, k, v = (torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
     q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
     with torch.no_grad():
         out, lse, extra = kernel.forward(q_t.detach(), k_t.detach(), v_t.detach())
     assert out.shape == (1, 40, 35_100, 128) and lse.shape[:3] == (1, 40, 35_100) and lse.dtype == torch.float32
-    replayed = activation_memory._KeptAttention.apply(q_t, k_t, v_t, (out, lse, extra), kernel)
+    replayed = block_recompute._KeptAttention.apply(q_t, k_t, v_t, (out, lse, extra), kernel)
     replayed.transpose(1, 2).flatten(2, 3).sum().backward()
     assert q.grad.shape == k.grad.shape == v.grad.shape == shape
 
@@ -259,7 +259,7 @@ def test_kept_and_parked_train_like_plain(overfit_run, cache_dir, tmp_path):
     plain_losses, kept_losses = scalars(overfit_run, "loss/total"), scalars(out, "loss/total")
     print("losses", plain_losses[-3:], kept_losses[-3:])
     assert len(plain_losses) == 30 and kept_losses == plain_losses
-    plain, kept = read_adapter(overfit_run / "adapter"), read_adapter(out / "adapter")
+    plain, kept = load_adapter(overfit_run / "adapter"), load_adapter(out / "adapter")
     assert all(torch.equal(kept.lora[k], plain.lora[k]) for k in plain.lora)
     assert torch.equal(kept.domain_embedding, plain.domain_embedding)
 

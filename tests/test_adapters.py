@@ -9,7 +9,7 @@ from fourdnex.model.adapters import (
     AdapterError,
     AdapterMeta,
     apply_adapter,
-    read_adapter,
+    load_adapter,
     save_adapter,
 )
 from fourdnex.model.transformer import FourDNeXTransformer
@@ -69,7 +69,7 @@ def merged_by_hand(tiny_path, lora, domain, scale):
 
 
 def test_released_format_loads_at_half_scale_and_changes_output(tiny_path, transformer, released):
-    adapter = read_adapter(released)
+    adapter = load_adapter(released)
     assert adapter.format == "released" and adapter.meta.rank == 4 and adapter.default_scale == 0.5
     assert adapter.meta.target_modules == sorted(TARGETS)
     before = forward(transformer)
@@ -82,7 +82,7 @@ def test_released_format_loads_at_half_scale_and_changes_output(tiny_path, trans
 
 
 def test_lora_scale_overrides(tiny_path, transformer, released):
-    adapter = read_adapter(released)
+    adapter = load_adapter(released)
     assert apply_adapter(transformer, adapter, scale=1.25) == 1.25
     expected = merged_by_hand(tiny_path, random_lora(), adapter.domain_embedding, 1.25)
     assert torch.allclose(forward(transformer), forward(expected), atol=1e-5)
@@ -94,13 +94,13 @@ def test_fourdnex_format_round_trips_bit_exactly(tiny_path, transformer, tmp_pat
     meta = AdapterMeta(rank=4, alpha=2.0, target_modules=list(TARGETS), xyz_latent_mean=0.1, xyz_latent_std=1.9)
     path = save_adapter(tmp_path / "ours", lora, domain, meta)
     assert path == tmp_path / "ours" / ADAPTER_FILE
-    adapter = read_adapter(tmp_path / "ours")
+    adapter = load_adapter(tmp_path / "ours")
     assert adapter.format == "fourdnex" and adapter.meta == meta and adapter.default_scale == 0.5
     assert torch.equal(adapter.domain_embedding, domain)
     assert set(adapter.lora) == {k.removeprefix("transformer.") for k in lora}
     assert all(torch.equal(adapter.lora[k.removeprefix("transformer.")], v) for k, v in lora.items())
     # Saving what was read gives the same bytes' worth of tensors and metadata again.
-    again = read_adapter(save_adapter(tmp_path / "again.safetensors", adapter.lora, adapter.domain_embedding, meta))
+    again = load_adapter(save_adapter(tmp_path / "again.safetensors", adapter.lora, adapter.domain_embedding, meta))
     assert again.meta == meta and all(torch.equal(again.lora[k], v) for k, v in adapter.lora.items())
     apply_adapter(transformer, adapter)
     expected = merged_by_hand(tiny_path, lora, domain, 0.5)
@@ -112,7 +112,7 @@ def test_unfused_adapter_computes_the_same(tiny_path, released):
     unfused = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
     for model, fuse in ((fused, True), (unfused, False)):
         model.set_layout("rgbxyz")
-        apply_adapter(model, read_adapter(released), fuse=fuse)
+        apply_adapter(model, load_adapter(released), fuse=fuse)
     assert torch.allclose(forward(fused), forward(unfused), atol=1e-5)
 
 
@@ -122,11 +122,11 @@ def test_rank_mismatch_names_key_and_shapes(transformer, tmp_path):
     lora[key] = torch.randn(8, 24)
     save_file(lora, tmp_path / "pytorch_lora_weights.safetensors")
     with pytest.raises(AdapterError, match=r"blocks\.1\.attn2\.to_v\.lora_A\.weight has rank 8 but .* rank 4"):
-        read_adapter(tmp_path)
+        load_adapter(tmp_path)
 
 
 def test_expected_rank_flag_mismatch(transformer, released):
-    adapter = read_adapter(released)
+    adapter = load_adapter(released)
     message = r"blocks\.0\.attn1\.to_k\.lora_A\.weight has shape \(4, 24\), the model expects \(64, 24\)"
     with pytest.raises(AdapterError, match=message):
         apply_adapter(transformer, adapter, lora_rank=64)
@@ -136,18 +136,18 @@ def test_adapter_for_another_width_is_refused(transformer, tmp_path):
     save_file(random_lora(dim=32), tmp_path / "pytorch_lora_weights.safetensors")
     message = r"blocks\.0\.attn1\.to_k\.lora_A\.weight has shape \(4, 32\), the model expects \(4, 24\)"
     with pytest.raises(AdapterError, match=message):
-        apply_adapter(transformer, read_adapter(tmp_path))
+        apply_adapter(transformer, load_adapter(tmp_path))
 
 
 def test_missing_module_and_bad_domain_embedding(transformer, tmp_path):
     lora = random_lora(layers=3)  # the tiny model has 2 blocks
     save_file(lora, tmp_path / "pytorch_lora_weights.safetensors")
     with pytest.raises(AdapterError, match=r"blocks\.2\.attn1\.to_k\.lora_A\.weight adapts blocks\.2\.attn1\.to_k"):
-        apply_adapter(transformer, read_adapter(tmp_path))
+        apply_adapter(transformer, load_adapter(tmp_path))
     save_file(random_lora(), tmp_path / "pytorch_lora_weights.safetensors")
     torch.save(torch.zeros(2, 5120), tmp_path / "learnable_domain_embeddings.pt")
     with pytest.raises(AdapterError, match=r"domain_embedding has shape \(2, 5120\), the model expects \(2, 24\)"):
-        apply_adapter(transformer, read_adapter(tmp_path))
+        apply_adapter(transformer, load_adapter(tmp_path))
 
 
 def test_pickled_code_in_domain_file_is_refused(tmp_path):
@@ -158,16 +158,16 @@ def test_pickled_code_in_domain_file_is_refused(tmp_path):
     save_file(random_lora(), tmp_path / "pytorch_lora_weights.safetensors")
     torch.save({"payload": Exploit()}, tmp_path / "learnable_domain_embeddings.pt")
     with pytest.raises(AdapterError, match="not a plain tensor file"):
-        read_adapter(tmp_path)
+        load_adapter(tmp_path)
 
 
 def test_not_an_adapter(tmp_path):
     with pytest.raises(AdapterError, match="holds neither"):
-        read_adapter(tmp_path)
+        load_adapter(tmp_path)
     save_file({"something.weight": torch.zeros(2)}, tmp_path / "pytorch_lora_weights.safetensors")
     with pytest.raises(AdapterError, match="is not a LoRA weight"):
-        read_adapter(tmp_path)
+        load_adapter(tmp_path)
     bad_meta = tmp_path / "bad.safetensors"
     save_file({"domain_embedding": torch.zeros(2, 24)}, bad_meta, metadata={"format": "fourdnex-adapter"})
     with pytest.raises(AdapterError, match="unreadable fourdnex adapter metadata"):
-        read_adapter(bad_meta)
+        load_adapter(bad_meta)

@@ -21,7 +21,7 @@ from fourdnex.app import uploads
 from fourdnex.app.engine import CONDITIONS, Engine, JobRequest, find_examples
 from fourdnex.app.jobs import JobFolders, write_archive
 from fourdnex.app.uploads import UploadError, check_caption, check_image, check_video
-from fourdnex.app.viewer import point_stride, viewer_html
+from fourdnex.app.viewer import recording_stride, viewer_html
 from fourdnex.app.web import exposure_warning
 from fourdnex.config import SampleConfig
 from fourdnex.generate.run import RunConfig
@@ -155,7 +155,7 @@ def test_examples_are_the_lines_of_the_folder_lists(tmp_path):
 def test_viewer_panel_and_point_budget():
     assert "scene.rrd" not in viewer_html(None)
     assert 'src="viewer/embed.html?rrd=../jobs/abc/scene.rrd"' in viewer_html("jobs/abc/scene.rrd")
-    assert point_stride(96, 144) == 1 and point_stride(480, 720) == 3
+    assert recording_stride(96, 144) == 1 and recording_stride(480, 720) == 3
 
 
 def test_only_a_non_loopback_address_gets_the_warning():
@@ -267,9 +267,9 @@ def test_a_job_fails_cleanly_and_the_next_one_runs_every_stage(engine, monkeypat
 
 
 def test_an_any_frame_adapter_offers_first_and_last_frames(tmp_path):
-    from fourdnex.model.adapters import read_adapter, save_adapter
+    from fourdnex.model.adapters import load_adapter, save_adapter
 
-    adapter = read_adapter(DEMO / "adapter")
+    adapter = load_adapter(DEMO / "adapter")
     adapter.meta.extra["condition_tasks"] = "any"
     save_adapter(tmp_path / "any", adapter.lora, adapter.domain_embedding, adapter.meta)
     config = RunConfig(prompt="", model_path=str(DEMO / "model"), lora_path=str(tmp_path / "any"), device="cpu")

@@ -35,7 +35,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TIMEOUT_MS = 300_000  # generous: the whole job takes about 15-60 s on a 2-core CPU, more while it is busy
+TIMEOUT_MS = 300_000  # generous: many times a job's time on a 2-core CPU (BENCHMARKS.md, "The web page (app.py)")
 
 
 def find_chromium() -> str | None:

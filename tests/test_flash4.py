@@ -162,7 +162,7 @@ def test_kept_attention_replays_flash4_and_keeps_plain_gradients(stand_in):
     checkpointing on native SDPA, and the recompute skips the two self-attention kernels of a pass."""
     from test_activation_memory import tiny_training_model, two_backwards
 
-    from fourdnex.train.activation_memory import FLASH_4, attention_kernel
+    from fourdnex.train.block_recompute import FLASH_4, attention_kernel
     from fourdnex.train.memory_policy import RecomputePlan
 
     assert attention_kernel(CPU, "flash_4") is FLASH_4

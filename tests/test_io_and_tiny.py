@@ -12,7 +12,8 @@ from transformers import T5Tokenizer
 
 from fourdnex.files import atomic_path, read_npz, read_video, write_json, write_npz, write_video
 from fourdnex.geometry.results import ResultError, find_results, load_result, save_result
-from fourdnex.model.presets import RANDOM_MARKER, build_pipeline
+from fourdnex.model.loading import RANDOM_MARKER
+from fourdnex.model.presets import build_pipeline
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

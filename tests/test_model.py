@@ -152,6 +152,8 @@ def test_a_reference_fine_tuned_folder_brings_its_domain_embedding(tiny_path, tm
     loading such a folder (inference.py --sft_path) puts it into the domain embedding, and a wrong shape is named."""
     from safetensors.torch import load_file, save_file
 
+    from fourdnex.model.loading import load_transformer
+
     model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
     model.save_pretrained(tmp_path / "sft")
     weights = tmp_path / "sft" / "diffusion_pytorch_model.safetensors"
@@ -159,10 +161,10 @@ def test_a_reference_fine_tuned_folder_brings_its_domain_embedding(tiny_path, tm
     del state["patch_embedding.domain_embedding"]
     state["learnable_domain_embeddings"] = torch.randn(2, 24, generator=torch.Generator().manual_seed(0))
     save_file(state, weights)
-    loaded = FourDNeXTransformer.from_pretrained(tmp_path / "sft")
+    loaded = load_transformer(tmp_path / "sft", torch.float32, subfolder=None)
     assert torch.equal(loaded.domain_embedding.detach(), state["learnable_domain_embeddings"])
     state["learnable_domain_embeddings"] = torch.zeros(2, 7)
     save_file(state, weights)
     expected = r"learnable_domain_embeddings has shape \(2, 7\), the model expects \(2, 24\)"
     with pytest.raises(UsageError, match=expected):
-        FourDNeXTransformer.from_pretrained(tmp_path / "sft")
+        load_transformer(tmp_path / "sft", torch.float32, subfolder=None)

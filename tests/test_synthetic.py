@@ -78,14 +78,6 @@ def test_window_is_a_slice_of_every_array(scene):
         window(scene, 6, 5)
 
 
-def test_scene_caption_is_the_rendered_scenes_caption():
-    from fourdnex.data.synthetic import scene_caption
-
-    for seed in range(5):
-        for dynamic in (True, False):
-            assert scene_caption(seed, dynamic) == render_scene(seed, 1, 2, 2, dynamic=dynamic).caption
-
-
 def test_texture_families_retexture_the_same_scenes():
     """A family left out never appears; with other families allowed, a seed keeps its geometry, cameras and motion
     (the held-out family's set is the in-distribution set, retextured) and its caption changes only in texture

@@ -36,7 +36,7 @@ from fourdnex.cli import run
 from fourdnex.config import MODEL_TYPES
 from fourdnex.data.cache import CacheError, LatentCache
 from fourdnex.geometry.results import load_result
-from fourdnex.model.adapters import apply_adapter, read_adapter
+from fourdnex.model.adapters import apply_adapter, load_adapter
 from fourdnex.train.checkpoints import export_adapter, list_checkpoints
 from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.engine import deepspeed_config, lr_factor, trainable_parameters
@@ -67,9 +67,9 @@ def test_checkpoints_pruned_and_exported(overfit_run, cache_dir):
     kept = list_checkpoints(overfit_run)
     assert [p.name for p in kept] == ["checkpoint-000020", "checkpoint-000030"]
     assert not list((overfit_run / "checkpoints").glob(".*partial*"))
-    saved = read_adapter(kept[-1] / "adapter")
-    final = read_adapter(overfit_run / "adapter")
-    exported = read_adapter(export_adapter(kept[-1], overfit_run / "exported"))  # DeepSpeed's zero_to_fp32
+    saved = load_adapter(kept[-1] / "adapter")
+    final = load_adapter(overfit_run / "adapter")
+    exported = load_adapter(export_adapter(kept[-1], overfit_run / "exported"))  # DeepSpeed's zero_to_fp32
     for adapter in (final, exported):
         assert adapter.lora.keys() == saved.lora.keys() and len(saved.lora) == 2 * 2 * 2 * 4  # blocks*attn*targets*AB
         assert all(torch.equal(adapter.lora[k], saved.lora[k]) for k in saved.lora)
@@ -104,7 +104,7 @@ def test_adapter_loads_in_inference_and_changes_output(overfit_run, tmp_path):
     )
     base, tuned = (load_result(tmp_path / name / "00000.npz") for name in ("base", "tuned"))
     assert tuned.meta["adapter_format"] == "fourdnex" and tuned.meta["lora_scale"] == 1.0
-    assert tuned.meta["xyz_latent_mean"] == read_adapter(overfit_run / "adapter").meta.xyz_latent_mean
+    assert tuned.meta["xyz_latent_mean"] == load_adapter(overfit_run / "adapter").meta.xyz_latent_mean
     assert np.abs(tuned.xyz - base.xyz).max() > 1e-2 and np.abs(tuned.rgb.astype(int) - base.rgb).max() > 0
 
 
@@ -123,7 +123,7 @@ def test_resume_is_bit_identical(overfit_run, cache_dir, tmp_path):
     assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
     assert [p.name for p in list_checkpoints(interrupted)] == ["checkpoint-000010"]
     finetune(*overfit_args(cache_dir, interrupted), "--resume_from_checkpoint", "latest")
-    whole, resumed = read_adapter(overfit_run / "adapter"), read_adapter(interrupted / "adapter")
+    whole, resumed = load_adapter(overfit_run / "adapter"), load_adapter(interrupted / "adapter")
     assert all(torch.equal(whole.lora[k], resumed.lora[k]) for k in whole.lora)
     assert torch.equal(whole.domain_embedding, resumed.domain_embedding)
     assert scalars(interrupted, "loss/total")[-1] == scalars(overfit_run, "loss/total")[-1]
@@ -147,8 +147,8 @@ def test_zero3_two_processes_schedule_and_gathered_adapter(cache_dir, tmp_path):
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-3000:]
-    saved = read_adapter(out / "adapter")
-    merged = read_adapter(export_adapter(out / "checkpoints" / "checkpoint-000003", tmp_path / "merged"))
+    saved = load_adapter(out / "adapter")
+    merged = load_adapter(export_adapter(out / "checkpoints" / "checkpoint-000003", tmp_path / "merged"))
     assert len(saved.lora) == 32 and saved.lora["blocks.1.attn2.to_out.0.lora_B.weight"].shape == (24, 8)
     assert all(torch.equal(saved.lora[k], merged.lora[k]) for k in merged.lora)
     assert saved.domain_embedding.shape == (2, 24) and torch.equal(saved.domain_embedding, merged.domain_embedding)
@@ -290,7 +290,7 @@ def test_finetune_script_trains_on_cpu(cache_dir, tmp_path):
     run = tmp_path / "run"
     assert [step for step, _ in scalars(run, "loss/total")] == [1, 2]
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000001", "checkpoint-000002"]
-    assert read_adapter(run / "adapter").lora  # the inference-ready adapter, LoRA tensors in it
+    assert load_adapter(run / "adapter").lora  # the inference-ready adapter, LoRA tensors in it
 
 
 @pytest.mark.parametrize(("zero", "expected"), [("2", "--compile_blocks"), ("3", "")])
@@ -388,7 +388,7 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
     lora = get_peft_model_state_dict(trained, adapter_name=LORA_ADAPTER_NAME)
     save_adapter(tmp_path / "adapter", lora, trained.domain_embedding, meta)
     pipe = load_pipeline(TINY_MODEL, dtype=torch.float32)
-    adapter = read_adapter(tmp_path / "adapter")
+    adapter = load_adapter(tmp_path / "adapter")
     pipe.transformer.set_model_type(MODEL_TYPES[resolve_model_type(adapter, None)])
     apply_adapter(pipe.transformer, adapter)
     pipe.transformer.set_layout("rgbxyz")

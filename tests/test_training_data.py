@@ -41,7 +41,7 @@ def test_timestep_samplers(method, cdf):
     sigmas = sample_sigmas(20_000, method, torch.Generator().manual_seed(0), shift=3.0)
     assert sigmas.min() > 0 and sigmas.max() < 1
     assert stats.kstest(sigmas.double().numpy(), cdf).pvalue > 0.01
-    other = sample_sigmas(20_000, "uniform", torch.Generator().manual_seed(0))
+    other = sample_sigmas(20_000, "uniform", torch.Generator().manual_seed(0), shift=3.0)
     if method != "uniform":
         assert stats.kstest(other.double().numpy(), cdf).pvalue < 1e-6  # the test can tell the laws apart
     if method == "shifted":

@@ -79,7 +79,7 @@ def test_bad_settings_are_one_line(trees, tmp_path):
     with pytest.raises(SystemExit, match=r"^fourdnex.train.vae: num_frames must be 4k"):
         run(trainer.main, trainer.build_parser(), ["--data_dir", str(trees[0]), "--model_path", str(TINY),
                                                    "--out", str(tmp_path), "--num_frames", "6"])  # fmt: skip
-    with pytest.raises(SystemExit, match="no VAE config"):
+    with pytest.raises(SystemExit, match=r"incomplete: model_index\.json is missing; build the model first"):
         run(trainer.main, trainer.build_parser(), ["--data_dir", str(trees[0]), "--model_path", str(tmp_path),
                                                    "--out", str(tmp_path), *SIZE])  # fmt: skip
     with pytest.raises(SystemExit, match="one of the two"):

@@ -14,7 +14,7 @@ import torch
 from train_cache import TINY_MODEL
 
 from fourdnex.data.cache import LatentCache
-from fourdnex.model.adapters import apply_adapter, read_adapter
+from fourdnex.model.adapters import apply_adapter, load_adapter
 from fourdnex.model.transformer import FourDNeXTransformer
 from fourdnex.train.config import TrainConfig
 from fourdnex.train.data import SampleStream, batch_of_samples, read_batch
@@ -85,7 +85,7 @@ def eval_loss(batches, adapter: Path | None) -> float:
     transformer = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
     transformer.set_layout("rgbxyz")
     if adapter is not None:
-        apply_adapter(transformer, read_adapter(adapter))
+        apply_adapter(transformer, load_adapter(adapter))
     with torch.no_grad():
         return sum(batch_loss(transformer, b, LossWeights(), torch.float32)[0].item() for b in batches) / len(batches)
 

@@ -106,7 +106,7 @@ def web_viewer_files(cache: str | Path, timeout_s: float = 60.0) -> Path:
     return folder
 
 
-def point_stride(height: int, width: int, most: int = MAX_POINTS_PER_FRAME) -> int:
+def recording_stride(height: int, width: int, most: int = MAX_POINTS_PER_FRAME) -> int:
     """Every how many pixels a point is kept so that a frame has at most ``most`` points."""
     return max(1, math.ceil(math.sqrt(height * width / most)))
 
@@ -142,7 +142,7 @@ def write_recording(path: Path, rgb: np.ndarray, xyz: np.ndarray, reg: dict[str,
     rec = rr.RecordingStream("fourdnex", recording_id=name)
     with atomic_path(path) as tmp:
         rec.save(str(tmp), default_blueprint=blueprint)
-        log_result(rec, name, rgb, xyz, reg, stride=point_stride(*rgb.shape[1:3]))
+        log_result(rec, name, rgb, xyz, reg, stride=recording_stride(*rgb.shape[1:3]))
         rec.flush()
         rec.disconnect()  # closes the file before it is renamed into place
     return path

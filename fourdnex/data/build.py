@@ -2,9 +2,9 @@
 processes, batch the VAE work, write through :mod:`fourdnex.data.cache` (where the layout is specified), merge the
 shards.
 
-Where the time goes (BENCHMARKS.md, "Dataset building"): the Wan VAE, then the CPU side of a clip (decoding its
-video, cropping, normalizing the pointmap, H.264-encoding the cropped video and the pointmap preview; with reader
-threads, 2.8 s per 81 x 480 x 720 clip of it was not hidden behind the encoders on the GPU machine). The CPU side
+Where the time goes (BENCHMARKS.md, "Dataset building", "Where the time goes, and the build now"): the Wan VAE,
+then the CPU side of a clip (decoding its video, cropping, normalizing the pointmap, H.264-encoding the cropped video
+and the pointmap preview), which reader threads did not hide behind the encoders on the GPU machine. The CPU side
 runs in ``num_workers`` processes forked before the encoders load, each on one thread, so it shares no lock with the
 encoders' loop; a worker writes the clip's media and hands the VAE's input to the main process in shared memory,
 so the main process only encodes and writes the small files. The VAE encodes a batch's RGB and XYZ videos in one
@@ -38,7 +38,7 @@ from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, r
 from fourdnex.errors import UsageError
 from fourdnex.files import write_text
 from fourdnex.model.fusion import condition_video, encode_latents
-from fourdnex.model.loading import ENCODER_DTYPE, load_components
+from fourdnex.model.loading import ENCODER_DTYPE, TEXT_TOKENS, load_components
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -150,10 +150,7 @@ class Encoders:
         ``text_encoder_dtype``, the VAE and image encoder in ``vision_dtype`` (float32 as everywhere, by default)."""
         from diffusers import WanImageToVideoPipeline
 
-        components = load_components(model_path, text_encoder_dtype, transformer=False)
-        if vision_dtype != ENCODER_DTYPE:
-            for name in ("vae", "image_encoder"):
-                components[name] = components[name].to(vision_dtype)
+        components = load_components(model_path, text_encoder_dtype, transformer=False, encoder_dtype=vision_dtype)
         return cls(WanImageToVideoPipeline(**components), device, compile_vae)
 
     @torch.no_grad()
@@ -166,7 +163,7 @@ class Encoders:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """UMT5 embedding of ``prompt``, ``(512, D)``, zero after its tokens."""
         embeds, _ = self.pipe.encode_prompt(
-            prompt, do_classifier_free_guidance=False, max_sequence_length=512, device=self.device
+            prompt, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS, device=self.device
         )
         return embeds[0]
 
@@ -183,7 +180,6 @@ class BuildSummary:
     """What a run did; ``pending`` clips belong to shards that have not finished."""
 
     total: int
-    assigned: int
     processed: int
     skipped: int
     failed_now: int
@@ -356,9 +352,9 @@ def encode_batch(encoders: Encoders, loaded: list[LoadedClip], cond_num_frames: 
     """Latents of a batch of clips: the RGB and XYZ videos in one VAE call, the fused conditions in another, the RGB
     conditions in a third, or with the first where the batch is one clip and the condition has as many frames.
 
-    (Measured on the CPU, 25 x 96 x 144, one thread: a call of one video takes torch's slower convolution path, so
-    joining a lone clip's RGB condition to its videos saves 17-19 % of its VAE time; joined in batches of 4 clips the
-    larger call is 10-20 % slower than the two calls. BENCHMARKS.md, "Dataset building".)
+    (A call of one video takes torch's slower convolution path, so joining a lone clip's RGB condition to its videos
+    saves VAE time, while in batches of 4 clips the larger call is slower than the two calls: BENCHMARKS.md, "Where
+    the time goes, and the build now".)
 
     Returns per clip ``rgb``/``xyz`` ``(16, T, h, w)``, ``cond`` ``(16, Tc, h, 2w)`` and ``cond_rgb``
     ``(16, Tc, h, w)``, VAE-normalized float32.
@@ -419,7 +415,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
                     return
                 for item, latents in zip(batch, encode_batch(encoders, batch, cfg.cond_num_frames), strict=True):
                     try:
-                        _write_clip(out, item.clip, latents, encoders, config, seen_prompts)
+                        _write_cache_clip(out, item.clip, latents, encoders, config, seen_prompts)
                         processed += 1
                     except ClipError as err:
                         cache.write_failure(out, item.clip.source, str(err))
@@ -450,7 +446,6 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
     result = merge(out, clips, config, show_progress)
     return BuildSummary(
         total=len(clips),
-        assigned=len(mine),
         processed=processed,
         skipped=len(mine) - len(todo),
         failed_now=failed_now,
@@ -478,7 +473,7 @@ def merge_shards(
     return result
 
 
-def _write_clip(
+def _write_cache_clip(
     out: Path,
     clip: PreparedClip,
     latents: dict[str, torch.Tensor],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from fourdnex.geometry.cameras import camera_rays, pixel_grid, so3_exp
 #: colour, a slow ramp from one colour to the other.
 TEXTURE_FAMILIES = ("checkers", "stripes", "noise", "plain", "gradients")
 #: Object shapes.
-SHAPES = ("sphere", "box", "ellipsoid", "cylinder")
+Shape = Literal["sphere", "box", "ellipsoid", "cylinder"]
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _noise3(q: torch.Tensor) -> torch.Tensor:
 class SceneObject:
     """One primitive; its pose and size are functions of time in seconds."""
 
-    shape: str  # one of SHAPES
+    shape: Shape
     color_name: str
     texture: Texture
     size: np.ndarray  # sphere: (r,); box: half extents (3,); ellipsoid: radii (3,); cylinder: (r, half height, r)

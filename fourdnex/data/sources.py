@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -37,7 +38,8 @@ from fourdnex.geometry.cameras import intrinsics_from_integer_centres, quaternio
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-FORMATS = ("monst3r", "dynamic_npz", "static_npz")
+#: The clip formats, each with its reader.
+ClipFormat = Literal["monst3r", "dynamic_npz", "static_npz"]
 
 
 class ClipError(FourDNeXError, ValueError):
@@ -57,7 +59,7 @@ class Layout:
     name: str
     form: str  # the rule as people read it
     pattern: str
-    format: str  # the reader: one of FORMATS
+    format: ClipFormat  # the reader
     rgb: str | None
     rgb_kind: str  # "video", "images" (a folder) or "video or images" ("" when the npz holds the images)
     frames: str  # which RGB frames, in words
@@ -187,7 +189,7 @@ class ClipSource:
     kind: str  # "dynamic" | "static"
     subset: str
     name: str  # the entry's own name (folder name or file stem)
-    format: str  # one of FORMATS (by the entry's type when it fits no layout)
+    format: ClipFormat  # by the entry's type when it fits no layout
     path: Path
     root: Path  # the data_dir it was found in
     layout: str | None = None  # the name of the layout it fits

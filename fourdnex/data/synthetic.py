@@ -53,6 +53,9 @@ SUBSETS: dict[str, str] = {
     "static_1": "static_npz",
     "static_2": "static_npz",
 }
+#: Clip ``i`` of a set of clips with seed ``s`` (:func:`write_tree`, the VAE trainer's generator clips) is the scene
+#: ``s * SEED_STRIDE + i`` (:func:`clip_scene`): sets of different seeds share no scene up to this many clips.
+SEED_STRIDE = 100_003
 #: The forms ``intrinsic`` takes in dynamic_3 npz files; :func:`write_tree` cycles through them.
 INTRINSIC_FORMS = ("3x3", "1x3x3", "Tx3x3", "focal")
 
@@ -278,11 +281,6 @@ def _caption(draw: _Draw, dynamic: bool) -> str:
     return f"{prefix}On {ground} ground {place}, {subjects}, while the camera {_CAMERA_WORDS[draw.camera_kind]}."
 
 
-def scene_caption(seed: int, dynamic: bool = True, families: tuple[str, ...] = TEXTURE_FAMILIES) -> str:
-    """The caption of the scene drawn from ``seed`` (what :func:`render_scene` gives it), without rendering."""
-    return _caption(_sample_scene(seed, dynamic, families), dynamic)
-
-
 def render_scene(
     seed: int,
     num_frames: int,
@@ -444,6 +442,12 @@ def write_captions(path: str | Path, captions: dict[int, str]) -> Path:
 TREE_LAYOUTS = ("flat", "nested")
 
 
+def clip_scene(seed: int, i: int) -> tuple[int, str]:
+    """Clip ``i`` of a set with ``seed``: the seed of its scene (:data:`SEED_STRIDE`) and its subset (round-robin
+    over :data:`SUBSETS`)."""
+    return seed * SEED_STRIDE + i, list(SUBSETS)[i % len(SUBSETS)]
+
+
 def write_tree(
     out: str | Path,
     num_clips: int,
@@ -459,8 +463,8 @@ def write_tree(
     """Write ``num_clips`` synthetic clips as a 4DNeX-10M tree under ``<out>/data``; returns that data folder.
 
     Clips go round-robin to the subsets of :data:`SUBSETS`; clip ``i`` is rendered from seed ``seed * 100003 + i``
-    and numbered ``10000 + i``; every range in a name is inclusive (``<start>-<end>`` is ``end - start + 1``
-    frames). ``layout="flat"``::
+    (:func:`clip_scene`) and numbered ``10000 + i``; every range in a name is inclusive (``<start>-<end>`` is
+    ``end - start + 1`` frames). ``layout="flat"``::
 
         data/dynamic/dynamic_{1,2}/<number>_<start>-<end>/   pred_traj.txt, pred_intrinsics.txt, frame_XXXX.npy,
                                                               dynamic_mask_<t>.png
@@ -488,7 +492,7 @@ def write_tree(
     records = Path(out) / "clips"
     records.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(num_clips) if not (records / f"{i}.json").is_file()]
-    job = functools.partial(_write_clip, Path(out), num_frames=num_frames, height=height, width=width, seed=seed,
+    job = functools.partial(_write_tree_clip, Path(out), num_frames=num_frames, height=height, width=width, seed=seed,
                             layout=layout, families=tuple(families))  # fmt: skip
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for name in pool.map(job, todo, chunksize=8) if pool else map(job, todo):
@@ -507,14 +511,13 @@ def write_tree(
     return data
 
 
-def _write_clip(
+def _write_tree_clip(
     out: Path, i: int, num_frames: int, height: int, width: int, seed: int, layout: str, families: tuple[str, ...]
 ) -> str:
     """Render clip ``i`` of :func:`write_tree`, write its files, then its record; returns ``<subset>/<number>``."""
     data = out / "data"
     raw = data / "raw"
-    names = list(SUBSETS)
-    subset = names[i % len(names)]
+    scene_seed, subset = clip_scene(seed, i)
     fmt = SUBSETS[subset]
     number = 10000 + i
     kind = "dynamic" if subset.startswith("dynamic") else "static"
@@ -522,7 +525,7 @@ def _write_clip(
     start = 1 + i % 3 if nested else (i % 3 if fmt == "monst3r" else 0)
     end = start + num_frames - 1
     tail = (i // 5) % 2 if fmt == "monst3r" else 0
-    scene = render_scene(seed * 100003 + i, end + 1 + tail, height, width, fmt != "static_npz", families=families)
+    scene = render_scene(scene_seed, end + 1 + tail, height, width, fmt != "static_npz", families=families)
     ranged = f"frame_{start}-frame_{end}.npz"
     if fmt == "monst3r":
         folder = f"{number}/part_{start}-{end}" if nested else f"{number}_{start}-{end}"
@@ -530,7 +533,7 @@ def _write_clip(
             scene, data / kind / subset / folder, raw / kind / subset / f"{number}.mp4", start, num_frames
         )
     elif fmt == "dynamic_npz":
-        form = INTRINSIC_FORMS[(i // len(names)) % len(INTRINSIC_FORMS)]
+        form = INTRINSIC_FORMS[(i // len(SUBSETS)) % len(INTRINSIC_FORMS)]
         path = data / kind / subset / (f"{number}/{ranged}" if nested else f"{number}.npz")
         write_dynamic_npz(window(scene, start, num_frames), path, form)
     elif nested and subset == "static_1":

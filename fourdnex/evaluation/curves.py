@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from fourdnex.cli import run
 from fourdnex.errors import UsageError
+from fourdnex.evaluation.report import table_cell
 from fourdnex.evaluation.scoring import METRICS
 from fourdnex.files import atomic_path, write_json, write_text
 
@@ -67,11 +67,6 @@ def read_points(work: str | Path) -> list[dict]:
     return sorted(points, key=lambda p: (p["set"], p["run"], p["step"]))
 
 
-def _cell(x: float | None) -> str:
-    """A number as the table shows it."""
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
-
-
 def curves_markdown(points: list[dict]) -> str:
     """Each run's last point per set beside the floors, as markdown tables."""
     lines = []
@@ -82,11 +77,11 @@ def curves_markdown(points: list[dict]) -> str:
         lines[-1] += " |"
         lines.append("|---" * (len(CURVE_METRICS) + 2) + "|")
         for name, point in last.items():
-            cells = " | ".join(_cell(point["model"][k]) for k in CURVE_METRICS)
+            cells = " | ".join(table_cell(point["model"][k]) for k in CURVE_METRICS)
             lines.append(f"| {name} | {point['samples_seen']:,} | {cells} |")
         floors = here[-1]["floors"]
         for floor, values in floors.items():
-            lines.append(f"| floor: {floor} | | " + " | ".join(_cell(values[k]) for k in CURVE_METRICS) + " |")
+            lines.append(f"| floor: {floor} | | " + " | ".join(table_cell(values[k]) for k in CURVE_METRICS) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -140,7 +140,7 @@ def metrics_json(evaluation: Evaluation) -> dict:
     }
 
 
-def _cell(x: float | None) -> str:
+def table_cell(x: float | None) -> str:
     """A number as a table shows it: 3 significant digits, ``—`` where there is none."""
     if x is None or math.isnan(x):
         return "—"
@@ -149,7 +149,7 @@ def _cell(x: float | None) -> str:
 
 def _mean_cell(x: float, samples: int, scored: int) -> str:
     """A summary mean as the table shows it, with ``(n=...)`` when it is over fewer than the ``scored`` samples."""
-    return _cell(x) + (f" (n={samples})" if 0 < samples < scored else "")
+    return table_cell(x) + (f" (n={samples})" if 0 < samples < scored else "")
 
 
 def summary_markdown(evaluation: Evaluation, plots: list[str]) -> str:
@@ -190,7 +190,7 @@ def summary_markdown(evaluation: Evaluation, plots: list[str]) -> str:
     ]
     for sample in evaluation.samples:
         values = sample.scores["model"].values if "model" in sample.scores else {}
-        cells = " | ".join(_cell(values.get(c)) for c in columns)
+        cells = " | ".join(table_cell(values.get(c)) for c in columns)
         lines.append(
             f"| {sample.name} | {sample.clip_id or '—'} | {sample.status} | {sample.registration or '—'} | {cells} |"
         )

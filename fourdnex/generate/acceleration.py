@@ -144,9 +144,10 @@ def resolve(
             memory = "none"
     backend = config.attention_backend
     if backend == "auto":
-        # FlashAttention-4 where it runs (Hopper): its self-attention kernel is 1.20x cuDNN's on an H200. Else, as
-        # measured on an H100 at the 4DNeX shape: native SDPA 3.73 s, cuDNN 3.86 s, flash 4.85 s per forward; ring
-        # attention needs a backend that returns the log-sum-exp, which native SDPA does not (flash_4 does).
+        # FlashAttention-4 where it runs (Hopper): its self-attention kernel beats cuDNN's. Else the fastest forward
+        # measured on an H100 at the 4DNeX shape, native SDPA (BENCHMARKS.md, "Earlier measurements" and
+        # "FlashAttention-4"); ring attention needs a backend that returns the log-sum-exp, which native SDPA does
+        # not (flash_4 does).
         backend, reason = choose_backend(device, fallback="_native_cudnn" if config.cp == "ring" else "native")
         log.info("--attention_backend auto: %s (%s)", backend, reason)
     compile_blocks = config.compile

@@ -35,12 +35,12 @@ from fourdnex.model.fusion import (
     split_width,
     vae_denormalize,
 )
-from fourdnex.model.loading import load_components
+from fourdnex.model.loading import TEXT_TOKENS, load_components
 
 #: The most pixels (frames x height x width) one VAE call encodes or decodes, unless one video is larger: one
 #: modality of a paper-size sample (49 x 480 x 720), which decodes alone. Smaller videos share a call (the samples of
-#: a batch: 8 of the demo model decode 2.7x faster per sample than one by one on a 2-core CPU, BENCHMARKS.md "Many
-#: lines at once"), so a batch never takes the VAE above the memory of a paper-size modality.
+#: a batch, which decode faster per sample together than one by one: BENCHMARKS.md, "Many lines at once"), so a batch
+#: never takes the VAE above the memory of a paper-size modality.
 VAE_CALL_PIXELS = 49 * 480 * 720
 
 
@@ -136,7 +136,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         xyz_mean: float = XYZ_LATENT_MEAN,
         xyz_std: float = XYZ_LATENT_STD,
         prompt_suffix: str = PROMPT_SUFFIX,
-        max_sequence_length: int = 512,
+        max_sequence_length: int = TEXT_TOKENS,
         given_frames: Sequence[int] = (0,),
         callback_on_step_end: Callable[[FourDNeXPipeline, int, torch.Tensor, dict], dict] | None = None,
     ) -> FourDNeXOutput:

@@ -21,7 +21,6 @@ result is its result at batch 1 up to the rounding of batched arithmetic (README
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -248,11 +247,13 @@ def resolve_device_dtype(device: str, dtype: str):
 
 def transformer_heads(config: RunConfig) -> int:
     """Attention heads of the transformer that will be loaded, read from its config."""
-    folder = Path(config.sft_path) if config.sft_path else Path(config.model_path) / "transformer"
-    try:
-        return json.loads((folder / "config.json").read_text())["num_attention_heads"]
-    except (OSError, ValueError, KeyError) as err:
-        raise UsageError(f"cannot read the attention head count from {folder / 'config.json'} ({err})") from err
+    from fourdnex.model.loading import read_config, transformer_folder
+
+    folder = transformer_folder(config.model_path, config.sft_path)
+    heads = read_config(folder).get("num_attention_heads")
+    if not isinstance(heads, int):
+        raise UsageError(f"the transformer config in {folder} gives no attention head count (num_attention_heads)")
+    return heads
 
 
 def versions(attention_backend: str = "native") -> dict[str, str]:
@@ -328,15 +329,15 @@ def load_model(
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import apply_acceleration, check_machine, resolve
     from fourdnex.generate.pipeline import load_pipeline
-    from fourdnex.model.adapters import apply_adapter, read_adapter, resolve_model_type, trained_meta
-    from fourdnex.model.presets import RANDOM_MARKER
+    from fourdnex.model.adapters import apply_adapter, load_adapter, resolve_model_type, trained_meta
+    from fourdnex.model.loading import has_random_weights
 
     if device is None or dtype is None:
         device, dtype = resolve_device_dtype(config.device, config.dtype)
     speed = config.speed
     check_machine(speed, device)
     if adapter is None and config.lora_path:
-        adapter = read_adapter(config.lora_path)
+        adapter = load_adapter(config.lora_path)
     if model_type is None:
         model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
     tic = time.perf_counter()
@@ -354,7 +355,7 @@ def load_model(
     speed = resolve(speed, device, pipe, tokens=tokens, pixels=pixels, batch=batch)
     apply_acceleration(pipe, speed, device)
     load_seconds = time.perf_counter() - tic
-    random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(RANDOM_MARKER, False)
+    random_weights = has_random_weights(config.model_path)
     return LoadedModel(
         pipe, adapter, model_type, MODES[config.mode], lora_scale, xyz_mean, xyz_std, device, dtype, speed,
         load_seconds, random_weights,
@@ -452,7 +453,7 @@ def generate(config: RunConfig) -> list[Path]:
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import check_machine
     from fourdnex.geometry.results import write_sample
-    from fourdnex.model.adapters import read_adapter, resolve_model_type
+    from fourdnex.model.adapters import load_adapter, resolve_model_type
 
     check_config(config)
     sample, speed = config.sample, config.speed
@@ -460,7 +461,7 @@ def generate(config: RunConfig) -> list[Path]:
     out = Path(config.out)
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     check_machine(speed, device)
-    adapter = read_adapter(config.lora_path) if config.lora_path else None
+    adapter = load_adapter(config.lora_path) if config.lora_path else None
     model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
     layout = MODES[config.mode]
     tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=layout == "rgbxyz") for job in jobs]

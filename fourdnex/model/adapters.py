@@ -27,6 +27,7 @@ from torch import nn
 from fourdnex.config import DEFAULT_MODEL_TYPE, MODEL_TYPES
 from fourdnex.errors import FourDNeXError
 from fourdnex.files import atomic_path
+from fourdnex.model.loading import weights_files
 
 ADAPTER_FILE = "fourdnex_adapter.safetensors"
 RELEASED_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -106,7 +107,7 @@ def _target_modules(lora: dict[str, torch.Tensor]) -> list[str]:
     return sorted({name.split(".", 3)[3] if name.count(".") >= 3 else name for name in names})
 
 
-def read_adapter(path: str | Path) -> Adapter:
+def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter in either format from a folder or a ``.safetensors`` file."""
     path = Path(path)
     if path.is_dir():
@@ -184,7 +185,6 @@ def save_adapter(
 #: what it was trained as: an :class:`AdapterMeta` as JSON (its LoRA fields unused), so that sampling it with
 #: ``--sft_path`` takes the model type and the XYZ latent statistics of its training data, as an adapter's do.
 TRANSFORMER_META_KEY = "fourdnex_training"
-TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def transformer_metadata(meta: AdapterMeta) -> dict[str, str]:
@@ -195,17 +195,16 @@ def transformer_metadata(meta: AdapterMeta) -> dict[str, str]:
 def read_transformer_meta(folder: str | Path) -> AdapterMeta | None:
     """What a transformer folder's weights say they were trained as (see :data:`TRANSFORMER_META_KEY`); None for a
     folder without it (a base model, the reference's fine-tuned transformer)."""
-    path = Path(folder) / TRANSFORMER_WEIGHTS
-    if not path.is_file():
-        return None
-    with safe_open(path, "pt") as f:
-        raw = (f.metadata() or {}).get(TRANSFORMER_META_KEY)
-    if raw is None:
-        return None
-    try:
-        return AdapterMeta(**json.loads(raw))
-    except (ValueError, TypeError) as err:
-        raise AdapterError(f"{path}: unreadable {TRANSFORMER_META_KEY} metadata ({err})") from err
+    for path in weights_files(folder):
+        with safe_open(path, "pt") as f:
+            raw = (f.metadata() or {}).get(TRANSFORMER_META_KEY)
+        if raw is None:
+            continue
+        try:
+            return AdapterMeta(**json.loads(raw))
+        except (ValueError, TypeError) as err:
+            raise AdapterError(f"{path}: unreadable {TRANSFORMER_META_KEY} metadata ({err})") from err
+    return None
 
 
 def trained_meta(adapter: Adapter | None, transformer: str | Path | None = None) -> AdapterMeta | None:

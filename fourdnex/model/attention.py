@@ -2,8 +2,8 @@
 
 FlashAttention-4 (PyPI ``flash-attn-4``, module ``flash_attn.cute``: CuTeDSL kernels with a Hopper forward and
 backward) is an optional dependency, needed only on the GPU. It runs the 4DNeX self-attention (35,100 tokens x 40
-heads x 128, bf16) 1.20x faster than cuDNN's kernel on an H200 (BENCHMARKS.md). Here it is wrapped so that every
-diffusers feature that calls an attention backend uses it:
+heads x 128, bf16) faster than cuDNN's kernel on an H200 (BENCHMARKS.md, "FlashAttention-4 (`--attention_backend
+flash_4`)"). Here it is wrapped so that every diffusers feature that calls an attention backend uses it:
 
 * two ``torch.library`` custom ops, ``fourdnex::flash4_forward`` (q, k, v -> out, log-sum-exp) and
   ``fourdnex::flash4_backward`` (the gradients from out and the log-sum-exp, as FlashAttention's backward computes
@@ -14,7 +14,7 @@ diffusers feature that calls an attention backend uses it:
   attention drive the same two ops through diffusers' templated context-parallel functions (ring attention merges
   the partial outputs with the log-sum-exp and replays the backward per key/value chunk from the merged ones);
 * :func:`kept_forward` / :func:`kept_backward`, the same kernels for fine-tuning's kept self-attention
-  (``fourdnex.train.activation_memory``): the forward's output and log-sum-exp are what its backward takes.
+  (``fourdnex.train.block_recompute``): the forward's output and log-sum-exp are what its backward takes.
 
 Layouts: q, k, v and the output are ``(B, N, H, D)`` as diffusers hands them to a backend; the kernel's log-sum-exp is
 ``(B, H, N)`` float32 (natural log), diffusers' context parallelism takes it as ``(B, N, H)``.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fourdnex.config import XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout
+from fourdnex.config import TEMPORAL_FACTOR, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout, video_frames
 
 
 def fuse_width(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def soft_mask(
     The first latent frame is 1.0 where the condition is known (the RGB image) and 0.5 where it is only a hint
     (the sloped plane: the XYZ half of a fused latent, or all of an ``"xyz"`` one); all later frames are 0.
     """
-    given = torch.zeros(batch, 4 * (latent_frames - 1) + 1, dtype=torch.bool, device=device)
+    given = torch.zeros(batch, video_frames(latent_frames), dtype=torch.bool, device=device)
     given[:, 0] = True
     return condition_mask(given, height, width, layout, dtype)
 
@@ -90,12 +90,12 @@ def condition_mask(given: torch.Tensor, height: int, width: int, layout: Layout,
     ``width`` is the latent width ``w`` (of the fused latent for ``"rgbxyz"``).
     """
     batch, frames = given.shape
-    if (frames - 1) % 4:
+    if (frames - 1) % TEMPORAL_FACTOR:
         raise ValueError(f"a condition covers 4k+1 frames, got {frames}")
 
-    def fold(per_frame: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, 4, T)
-        folded = torch.cat([per_frame[:, :1].expand(-1, 4), per_frame[:, 1:]], dim=1)  # (B, 4T)
-        return folded.view(batch, -1, 4).transpose(1, 2)
+    def fold(per_frame: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, 4, T): a channel per pixel frame of a latent one
+        folded = torch.cat([per_frame[:, :1].expand(-1, TEMPORAL_FACTOR), per_frame[:, 1:]], dim=1)  # (B, 4T)
+        return folded.view(batch, -1, TEMPORAL_FACTOR).transpose(1, 2)
 
     rgb = fold(given.to(dtype))
     hint = torch.zeros(batch, frames, dtype=dtype, device=given.device)

@@ -8,8 +8,8 @@ Two presets share one builder:
   (a VAE and a transformer trained by this project; the UMT5 text and CLIP image encoders keep fixed random weights,
   whose features still tell captions and images apart). Built here untrained, as the recipe's starting point.
 
-A folder whose VAE or transformer is still random carries :data:`RANDOM_MARKER` in its ``model_index.json``, so that
-tools can say plainly that its outputs are noise.
+A folder whose VAE or transformer is still random carries :data:`fourdnex.model.loading.RANDOM_MARKER` in its
+``model_index.json``, so that tools can say plainly that its outputs are noise.
 
     python -m fourdnex.model.presets OUT --preset demo
 """
@@ -37,9 +37,15 @@ from transformers import (
 
 from fourdnex.cli import run
 from fourdnex.errors import UsageError
+from fourdnex.model.loading import (
+    CONFIG_FILE,
+    MODEL_INDEX_FILE,
+    RANDOM_MARKER,
+    WEIGHTS_FILE,
+    component_folder,
+    read_config,
+)
 
-#: Marker written into model_index.json while the VAE or the transformer has random weights.
-RANDOM_MARKER = "_fourdnex_tiny_random"
 SEED = 20260121
 
 _TINY_CORPUS = [
@@ -190,15 +196,15 @@ def save_model(
     trained = trained or {}
     build_pipeline(preset, seed, corpus).save_pretrained(path)
     for name, folder in trained.items():
-        weights = "diffusion_pytorch_model.safetensors"
-        shutil.rmtree(path / name)
-        (path / name).mkdir()
-        config = json.loads((Path(folder) / "config.json").read_text())
+        target = component_folder(path, name)
+        shutil.rmtree(target)
+        target.mkdir()
+        config = read_config(folder)
         config.pop("_name_or_path", None)  # where it was trained: a path of another machine
-        (path / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = load_file(Path(folder) / weights)
-        write_safetensors(path / name / weights, {key: value.half() for key, value in state.items()})
-    index_file = path / "model_index.json"
+        (target / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        state = load_file(Path(folder) / WEIGHTS_FILE)
+        write_safetensors(target / WEIGHTS_FILE, {key: value.half() for key, value in state.items()})
+    index_file = path / MODEL_INDEX_FILE
     index = json.loads(index_file.read_text())
     if not {"vae", "transformer"} <= set(trained):
         index[RANDOM_MARKER] = True

@@ -14,9 +14,7 @@ the output of ``rope`` and the input of ``blocks.0``):
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -24,7 +22,6 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 
 from fourdnex.config import Layout, ModelType
-from fourdnex.errors import UsageError
 from fourdnex.model import attention  # noqa: F401 - registers the flash_4 attention backend with diffusers
 
 
@@ -127,11 +124,9 @@ class FourDNeXTransformer(WanTransformer3DModel):
 
     @classmethod
     def from_pretrained(cls, path, subfolder: str | None = None, **kwargs) -> FourDNeXTransformer:
-        """Load a Wan2.1 transformer folder (``path``/``subfolder``).
-
-        The domain embedding, absent from Wan checkpoints, starts at zero; a fully fine-tuned folder of the reference
-        implementation stores it under the top-level key ``learnable_domain_embeddings``, which is read into it.
-        """
+        """Load a Wan2.1 transformer folder (``path``/``subfolder``); the domain embedding, absent from Wan
+        checkpoints, starts at zero (:func:`fourdnex.model.loading.load_transformer` also reads the reference
+        implementation's, where its weights hold one under :data:`REFERENCE_DOMAIN_KEY`)."""
         loader_log = logging.getLogger("diffusers.models.modeling_utils")
         # Wan checkpoints lack our key; the reference's hold theirs, which diffusers would call unexpected.
         expected = _DropMessagesNaming("['patch_embedding.domain_embedding']", f"['{REFERENCE_DOMAIN_KEY}']")
@@ -140,38 +135,14 @@ class FourDNeXTransformer(WanTransformer3DModel):
             model = super().from_pretrained(path, subfolder=subfolder, **kwargs)
         finally:
             loader_log.removeFilter(expected)
-        weight = model.patch_embedding.weight
-        loaded = _reference_domain_embedding(Path(path, subfolder or ""))
-        if loaded is None and not model.patch_embedding.domain_embedding.is_meta:
-            return model
-        if loaded is None:
-            loaded = torch.zeros(model.patch_embedding.domain_embedding.shape)
-        elif tuple(loaded.shape) != tuple(model.patch_embedding.domain_embedding.shape):
-            raise UsageError(
-                f"{path}: {REFERENCE_DOMAIN_KEY} has shape {tuple(loaded.shape)}, the model expects "
-                f"{tuple(model.patch_embedding.domain_embedding.shape)}"
+        embedding = model.patch_embedding.domain_embedding
+        if embedding.is_meta:
+            weight = model.patch_embedding.weight
+            model.patch_embedding.domain_embedding = nn.Parameter(
+                torch.zeros(embedding.shape, device=weight.device, dtype=weight.dtype)
             )
-        model.patch_embedding.domain_embedding = nn.Parameter(loaded.to(weight.device, weight.dtype))
         return model
 
 
 #: Where the reference implementation's fully fine-tuned transformer keeps its domain embedding.
 REFERENCE_DOMAIN_KEY = "learnable_domain_embeddings"
-
-
-def _reference_domain_embedding(folder: Path) -> torch.Tensor | None:
-    """The ``learnable_domain_embeddings`` tensor of a transformer folder's safetensors weights, if it holds one."""
-    from safetensors import safe_open
-
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        shard = json.loads(index.read_text())["weight_map"].get(REFERENCE_DOMAIN_KEY)
-        files = [folder / shard] if shard else []
-    else:
-        files = [folder / "diffusion_pytorch_model.safetensors"]
-    for file in files:
-        if file.is_file():
-            with safe_open(file, "pt") as f:
-                if REFERENCE_DOMAIN_KEY in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    return f.get_tensor(REFERENCE_DOMAIN_KEY).float()
-    return None

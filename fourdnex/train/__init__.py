@@ -6,7 +6,7 @@
 * ``checkpoints``: training checkpoints (write, resume, list; ``python -m fourdnex.train.checkpoints`` exports one);
 * ``loop``: the sample stream, the model prepared for training, ``train()``, validation samples;
 * ``memory_policy``: ``--activation_memory``, what gradient checkpointing keeps for this machine;
-* ``activation_memory``: the block recompute that keeps attention outputs and feed-forward pre-activations and
+* ``block_recompute``: the block recompute that keeps attention outputs and feed-forward pre-activations and
   parks tensors in host memory;
 * ``vae``: training a small Wan VAE on RGB and XYZ videos (``python -m fourdnex.train.vae``, for the demo model).
 """

@@ -213,7 +213,8 @@ class Trainer:
         what it was trained as: :func:`fourdnex.model.adapters.transformer_metadata`); every process must call
         (ZeRO-3 partitions the weights); returns the folder on the main process."""
         from fourdnex.files import write_safetensors
-        from fourdnex.model.adapters import TRANSFORMER_WEIGHTS, transformer_metadata
+        from fourdnex.model.adapters import transformer_metadata
+        from fourdnex.model.loading import WEIGHTS_FILE
 
         trained = self.full_fp32_state()
         if not self.accelerator.is_main_process:
@@ -222,7 +223,7 @@ class Trainer:
         state.update(trained)
         folder.mkdir(parents=True, exist_ok=True)
         self.module.save_config(folder)
-        write_safetensors(folder / TRANSFORMER_WEIGHTS, state, transformer_metadata(self.meta_at(step)))
+        write_safetensors(folder / WEIGHTS_FILE, state, transformer_metadata(self.meta_at(step)))
         return folder
 
     def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:

@@ -8,7 +8,7 @@ held there), and the step's numbers stay on the device until they are logged, wh
 The other pieces: :mod:`fourdnex.train.data` (what each step trains on), :mod:`fourdnex.train.config` (the settings),
 :mod:`fourdnex.train.loss` (the objective),
 :mod:`fourdnex.train.engine` (the optimizer step under DeepSpeed), :mod:`fourdnex.train.checkpoints` (training
-checkpoints), :mod:`fourdnex.train.memory_policy` and :mod:`fourdnex.train.activation_memory` (what gradient
+checkpoints), :mod:`fourdnex.train.memory_policy` and :mod:`fourdnex.train.block_recompute` (what gradient
 checkpointing keeps).
 """
 
@@ -101,7 +101,7 @@ def build_transformer(
     if cfg.gradient_checkpointing and plan is None:
         transformer.enable_gradient_checkpointing()  # torch.utils.checkpoint, non-reentrant
     elif cfg.gradient_checkpointing:
-        from fourdnex.train.activation_memory import enable_block_recompute
+        from fourdnex.train.block_recompute import enable_block_recompute
 
         enable_block_recompute(transformer, plan)
     if cfg.compile_blocks:

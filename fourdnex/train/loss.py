@@ -27,13 +27,12 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def sample_sigmas(
-    n: int, method: TimestepSampling, generator: torch.Generator | None = None, shift: float = 3.0
-) -> torch.Tensor:
+def sample_sigmas(n: int, method: TimestepSampling, generator: torch.Generator | None, shift: float) -> torch.Tensor:
     """Draw ``n`` noise levels ``s`` in (0, 1), float32 ``(n,)``.
 
     ``uniform``: ``s ~ U(0, 1)`` (the reference); ``shifted``: a uniform draw through :func:`shift_sigmas`, which
-    spends training where the shift-3 inference schedule spends its steps (CDF ``s / (shift - (shift - 1) s)``).
+    spends training where the inference schedule of that ``shift`` (``TrainConfig.shift``) spends its steps (CDF
+    ``s / (shift - (shift - 1) s)``).
     """
     if method == "uniform":
         return torch.rand(n, generator=generator)

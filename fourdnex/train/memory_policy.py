@@ -4,13 +4,13 @@ Gradient checkpointing keeps each block's input and runs the block again in the 
 
 * ``recompute``: nothing more (diffusers' own gradient checkpointing);
 * ``attention``: every block also keeps its self-attention output, so the backward does not run the attention
-  kernel again (fourdnex.train.activation_memory);
+  kernel again (fourdnex.train.block_recompute);
 * ``attention+ffn``: every block also keeps its feed-forward pre-activation (needs the feed-forward without LoRA);
 * ``auto`` (the default): :func:`choose_activation_memory` picks one from the free host RAM.
 
 On CUDA the block inputs and the kept tensors are parked in page-locked host memory (copied out as they are written,
-back one block ahead of the backward): one step at 49x480x720 on an H200 takes 10.97 s at 45.3 GiB with
-``attention+ffn`` against 15.30 s at 58.2 GiB for plain diffusers + peft + checkpointing (BENCHMARKS.md). On a
+back one block ahead of the backward): with ``attention+ffn`` a step at 49x480x720 is faster and takes less GPU
+memory than plain diffusers + peft + checkpointing (BENCHMARKS.md, "Training (finetune.py)", "GPU results"). On a
 machine without CUDA nothing is parked (host memory is the device's).
 
 Keeping runs private attention ops of torch and internals of diffusers (:data:`PRIVATE_SYMBOLS`); outside the torch
@@ -47,7 +47,7 @@ REFERENCE_DTYPE_BYTES = 2
 
 #: The torch versions (lowest, first untested) whose private ops keeping the attention output is tested with.
 TESTED_TORCH = ((2, 11), (2, 14))
-#: The private torch ops and diffusers internals that fourdnex.train.activation_memory calls: (module, attribute).
+#: The private torch ops and diffusers internals that fourdnex.train.block_recompute calls: (module, attribute).
 PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch", "ops.aten._scaled_dot_product_flash_attention_for_cpu"),
     ("torch", "ops.aten._scaled_dot_product_flash_attention_for_cpu_backward"),

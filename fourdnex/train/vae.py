@@ -139,10 +139,11 @@ def load_clips(
 def _render_clip(i: int, seed: int, num_frames: int, height: int, width: int, families: tuple[str, ...]):
     """Clip ``i`` of a synthetic set as the cache build would prepare it: RGB and normalized pointmap (float16)."""
     from fourdnex.data.prepare import fit_normalization, normalize_pointmap
-    from fourdnex.data.synthetic import SUBSETS, render_scene
+    from fourdnex.data.synthetic import SUBSETS, clip_scene, render_scene
 
-    static = list(SUBSETS.values())[i % len(SUBSETS)] == "static_npz"  # the share write_tree renders static
-    scene = render_scene(seed * 100003 + i, num_frames, height, width, dynamic=not static, families=families)
+    scene_seed, subset = clip_scene(seed, i)
+    static = SUBSETS[subset] == "static_npz"  # the share write_tree renders static
+    scene = render_scene(scene_seed, num_frames, height, width, dynamic=not static, families=families)
     world_to_cam0 = np.linalg.inv(scene.cam2world[0].astype(np.float64))
     cam0 = scene.points @ world_to_cam0[:3, :3].T + world_to_cam0[:3, 3]  # (F, H, W, 3) first camera's frame
     return scene.rgb, normalize_pointmap(cam0, fit_normalization(cam0)).astype(np.float16)
@@ -233,12 +234,11 @@ def _load_checkpoint(folder: Path, vae, optimizer) -> int:
     return json.loads((folder / "step.json").read_text())["step"]
 
 
-def _vae_folder(cfg: VaeTrainConfig) -> Path:
-    """The VAE folder of ``cfg.model_path``; UsageError if it has no config."""
-    folder = Path(cfg.model_path) / "vae"
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{folder}: no VAE config (build the model first: python -m fourdnex.model.presets)")
-    return folder
+def _check_vae_folder(cfg: VaeTrainConfig) -> None:
+    """ModelFolderError unless ``cfg.model_path`` has a VAE to start from."""
+    from fourdnex.model.loading import check_model_folder
+
+    check_model_folder(cfg.model_path, ("vae",), how="build the model first: python -m fourdnex.model.presets")
 
 
 #: Steps between two reads of the logged losses from the device (each read waits for the queued steps to finish).
@@ -255,18 +255,18 @@ class VaeTrainer:
     """
 
     def __init__(self, cfg: VaeTrainConfig, clips: Clips) -> None:
-        from diffusers import AutoencoderKLWan
         from tqdm.auto import tqdm
 
+        from fourdnex.model.loading import load_vae
         from fourdnex.train.data import holding_device
 
         self.cfg = cfg
         self.device = device = torch.device(cfg.device)
-        vae_folder = _vae_folder(cfg)
+        _check_vae_folder(cfg)
         if len(clips) < cfg.batch_size:
             raise UsageError(f"{cfg.data_dir} holds {len(clips)} clips, fewer than --batch_size {cfg.batch_size}")
         torch.manual_seed(cfg.seed)
-        self.vae = AutoencoderKLWan.from_pretrained(vae_folder, dtype=torch.float32).to(device).train()
+        self.vae = load_vae(cfg.model_path, torch.float32).to(device).train()
         self.optimizer = torch.optim.AdamW(
             self.vae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=1e-4,
             fused=device.type == "cuda",
@@ -328,37 +328,6 @@ class VaeTrainer:
         _save_checkpoint(Path(self.cfg.out) / CHECKPOINT_DIR, self.vae, self.optimizer, self.step)
 
 
-def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int) -> float:
-    """Seconds per step of a plain PyTorch step of the same VAE, batch and loss (fp32 weights, bf16 autocast, fused
-    AdamW, gradient clipping), the batch already on the GPU."""
-    from diffusers import AutoencoderKLWan
-
-    device = torch.device(cfg.device)
-    vae = AutoencoderKLWan.from_pretrained(Path(cfg.model_path) / "vae", dtype=torch.float32).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
-    index = np.arange(cfg.batch_size)
-    rgb = torch.from_numpy(clips.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    videos = torch.cat([rgb, torch.from_numpy(clips.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()])
-    generator = torch.Generator(device).manual_seed(0)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = vae_loss(vae, videos, cfg.kl_weight, generator)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    tic = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - tic) / steps
-
-
 def held_out_sets(cfg: VaeTrainConfig) -> dict[str, Clips]:
     """The held-out clips the PSNR is measured on: ``held_out`` (``--eval_data_dir``, or generator clips of the
     training families) and ``held_out_family`` (generator clips of the families left out of training, if any)."""
@@ -382,7 +351,7 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
     what it has (``finished`` false) and a re-run of the same command resumes."""
     cfg.validate()
     out = Path(cfg.out)
-    _vae_folder(cfg)  # before the clips are read
+    _check_vae_folder(cfg)  # before the clips are read
     start = time.perf_counter()
     if cfg.synthetic_clips:
         clips = synthetic_clips(cfg.synthetic_clips, cfg.synthetic_seed, cfg.num_frames, cfg.height, cfg.width,
