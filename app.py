@@ -17,8 +17,9 @@ import signal
 import sys
 from pathlib import Path
 
-from fourdnex.cli import run
+from fourdnex.cli import aliased, run
 from fourdnex.config import CAMERA_PATHS, MEMORY_MODES, SampleConfig
+from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MODEL, DEMO_ADAPTER = ROOT / "example" / "demo" / "model", ROOT / "example" / "demo" / "adapter"
@@ -233,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument("--guidance_scale", type=float, default=None, help="(demo 1, else 5)")
     page.add_argument("--seed", type=int, default=None, help="(default 42)")
     hw = p.add_argument_group("hardware (as inference.py's)")
-    hw.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
-    hw.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    hw.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
+    hw.add_argument(
+        "--dtype", default="auto", type=aliased(DTYPE_ALIASES), choices=DTYPE_CHOICES, help="(default auto)"
+    )
     hw.add_argument("--memory", default="auto", choices=["auto", *MEMORY_MODES], help="(default auto: what fits)")
     hw.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="regional torch.compile")
     hw.add_argument("--fp8", action="store_true", help="float8 transformer weights (approximate)")

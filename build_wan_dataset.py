@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from fourdnex.cli import run
+from fourdnex.cli import aliased, run
 from fourdnex.config import DEFAULT_MODEL_PATH
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, build, merge_shards
 from fourdnex.data.cache import FAILURE_FILE, FAILURES_FILE
 from fourdnex.data.prepare import CENTER_MODES
 from fourdnex.data.sources import ClipError
+from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES, dtype_choices
 
 
 def main(args: argparse.Namespace) -> None:
@@ -61,19 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_frames", type=int, default=81, help="frames per clip (training uses 49)")
     parser.add_argument("--cond_num_frames", type=int, default=None, help="condition frames (min(49, num_frames))")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips (in id order)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default=defaults.device, help="auto, cuda, cuda:N or cpu (default auto: cuda when available)"
+    )
     parser.add_argument(
         "--dtype",
         default=defaults.dtype,
-        choices=["auto", "bf16", "fp16", "fp32"],
-        help="the text encoder's dtype (auto: bf16 on GPU, fp32 on CPU)",
+        type=aliased(DTYPE_ALIASES),
+        choices=DTYPE_CHOICES,
+        help="the text encoder's dtype (default auto: bfloat16 on GPU, float32 on CPU)",
     )
+    encoder_aliases = {alias: name for alias, name in DTYPE_ALIASES.items() if name in ENCODER_DTYPES}
     parser.add_argument(
         "--encoder_dtype",
         default=defaults.encoder_dtype,
-        choices=list(ENCODER_DTYPES),
-        help="the VAE's and CLIP's dtype: fp32 (default: the latents inference's and training's float32 VAE computes) "
-        "or bf16 (faster on a GPU; latents 0.3-0.4 %% of their spread away, RMS)",
+        type=aliased(encoder_aliases),
+        choices=dtype_choices(*ENCODER_DTYPES),
+        help="the VAE's and CLIP's dtype: float32 (default: the latents inference's and training's float32 VAE "
+        "computes) or bfloat16 (faster on a GPU; latents 0.3-0.4 %% of their spread away, RMS)",
     )
     parser.add_argument(
         "--compile_vae",

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fourdnex.cli import run
+from fourdnex.cli import aliased, run
 from fourdnex.config import DEFAULT_LORA_TARGETS, MODEL_TYPES
+from fourdnex.runtime import DTYPE_ALIASES, dtype_choices
 from fourdnex.train.config import (
     ACTIVATION_MEMORY_CHOICES,
     CONDITION_TASKS,
@@ -27,6 +28,7 @@ from fourdnex.train.config import (
     TIMESTEP_SAMPLINGS,
     TRAIN_LAYOUTS,
     TRAIN_MODES,
+    TRAIN_PRECISIONS,
     TrainConfig,
 )
 from fourdnex.train.loop import train
@@ -107,7 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
     g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
     g.add_argument("--weight_decay", type=float, default=d.weight_decay)
-    g.add_argument("--mixed_precision", default=d.mixed_precision, choices=["bf16", "no"])
+    g.add_argument(
+        "--mixed_precision",
+        default=d.mixed_precision,
+        type=aliased({alias: name for alias, name in DTYPE_ALIASES.items() if name in TRAIN_PRECISIONS}),
+        choices=dtype_choices(*TRAIN_PRECISIONS),
+        help="the dtype the transformer computes in (default %(default)s; bf16, and no for float32, are accelerate's "
+        "spellings)",
+    )
     g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     g.add_argument(
         "--activation_memory",

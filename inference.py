@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from fourdnex.cli import run
+from fourdnex.cli import aliased, run
 from fourdnex.config import (
     CACHE_MODES,
     CP_MODES,
@@ -39,6 +39,7 @@ from fourdnex.config import (
     SampleConfig,
 )
 from fourdnex.generate.run import RunConfig
+from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES
 
 
 def parse_frames(value: str) -> tuple[int, ...]:
@@ -152,12 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--negative_prompt", default=defaults.negative_prompt, help="(default: empty)")
     sampling.add_argument("--seed", type=int, default=defaults.seed, help="(default 42)")
     hardware = parser.add_argument_group("hardware, speed and memory")
-    hardware.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    hardware.add_argument(
+        "--device", default="auto", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)"
+    )
     hardware.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        help="transformer and text encoder dtype (default: bfloat16 on GPU, float32 on CPU)",
+        type=aliased(DTYPE_ALIASES),
+        choices=DTYPE_CHOICES,
+        help="transformer and text encoder dtype (default auto: bfloat16 on GPU, float32 on CPU; bf16, fp16, fp32 "
+        "are other spellings)",
     )
     hardware.add_argument(
         "--batch_size",

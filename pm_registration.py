@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fourdnex.cli import resolve_device, run
+from fourdnex.cli import run
 from fourdnex.config import RegistrationConfig
 from fourdnex.errors import UsageError
 from fourdnex.geometry.exports import DEPTH_FORMATS, EXPORTS, export_all
 from fourdnex.geometry.registration import RegistrationError, check_pointmap, register_result
 from fourdnex.geometry.results import find_results, load_result, registration_path, save_registration
+from fourdnex.runtime import device_of
 
 
 def _frames(count: int, start: int, end: int | None, gap: int, where: Path) -> np.ndarray:
@@ -46,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
     config.validate()
     if args.ply_stride < 1:
         raise UsageError(f"--ply_stride must be >= 1, got {args.ply_stride}")
-    device = resolve_device(args.device)
+    device = device_of(args.device)
     files = find_results(args.pkl_dir)
     for path in tqdm(files, desc="checking", disable=len(files) < 2):  # fail before writing anything
         xyz = load_result(path).xyz

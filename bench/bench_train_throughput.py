@@ -102,7 +102,7 @@ def step_flops(cfg: TrainConfig, model_path: str, batch: int, device: torch.devi
     from fourdnex.model.loading import load_transformer
     from fourdnex.train.loop import build_transformer
 
-    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "no", "compile_blocks": False})
+    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "float32", "compile_blocks": False})
     model = build_transformer(plain, transformer=load_transformer(model_path, torch.float32).to(device))
     sample = random_batches(cfg, model, batch, device, count=1)[0]
     with FlopCounterMode(display=False) as counter, torch.autocast(device.type, dtype=torch.bfloat16):
@@ -117,7 +117,7 @@ def plain_seconds(cfg: TrainConfig, model_path: str, batch: int, steps: int, war
     from fourdnex.train.loop import build_transformer
 
     torch.manual_seed(0)
-    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "no", "compile_blocks": False})
+    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "float32", "compile_blocks": False})
     model = build_transformer(plain, transformer=load_transformer(model_path, torch.float32).to(device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)

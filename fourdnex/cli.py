@@ -1,16 +1,23 @@
-"""What every script does around its ``main``: one line and a non-zero exit for a user error, a clean teardown."""
+"""What every script does around its ``main``: one line and a non-zero exit for a user error, a clean teardown; the
+``type`` of a flag that accepts other spellings of its values."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-from fourdnex.errors import FourDNeXError, UsageError
+from fourdnex.errors import FourDNeXError
 
-if TYPE_CHECKING:
-    import torch
+
+def aliased(aliases: dict[str, str]) -> Callable[[str], str]:
+    """argparse's ``type`` of a flag that accepts other spellings: the name an alias stands for, any other value as
+    given (``choices`` then checks it), so that settings hold one spelling of each value."""
+
+    def name(value: str) -> str:
+        return aliases.get(value, value)
+
+    return name
 
 
 def run(
@@ -45,18 +52,3 @@ def _leave_process_group(wait_for_others: bool) -> None:
             dist.barrier()
         dist.destroy_process_group()
 
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device of a ``--device`` flag: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...;
-    UsageError for a name torch does not know or a CUDA device this machine lacks."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name}: not a device ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    return device

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fourdnex import runtime
 from fourdnex.config import RegistrationConfig
 from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_npz, write_tree
 from fourdnex.evaluation import metrics as m
@@ -718,12 +719,12 @@ def test_worker_processes_score_as_one_thread(synthetic, tmp_path, monkeypatch):
         np.savez(results / "00001.npz", rgb=arrays["rgb"], xyz=xyz)
     pools = []
 
-    class Recorded(evaluation_run.ProcessPoolExecutor):
+    class Recorded(runtime.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(evaluation_run, "ProcessPoolExecutor", Recorded)
+    monkeypatch.setattr(runtime, "ProcessPoolExecutor", Recorded)
     runs, threads = {}, torch.get_num_threads()
     for workers in (1, 2):
         shutil.copytree(results, tmp_path / f"results{workers}")  # each run computes the registrations

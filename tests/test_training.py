@@ -378,7 +378,7 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
     from fourdnex.model.adapters import AdapterMeta, resolve_model_type, save_adapter
     from fourdnex.train.engine import LORA_ADAPTER_NAME
 
-    cfg = TrainConfig(model_type=model_type, lora_rank=4, lora_alpha=8, mixed_precision="no", height=32, width=32)
+    cfg = TrainConfig(model_type=model_type, lora_rank=4, lora_alpha=8, mixed_precision="float32", height=32, width=32)
     trained = build_transformer(cfg, TINY_MODEL, plan=None).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -235,15 +235,12 @@ def check_config(config: RunConfig) -> None:
 
 
 def resolve_device_dtype(device: str, dtype: str):
-    """``--device`` / ``--dtype`` (``auto``: CUDA when there is one, bf16 there, float32 on a CPU) as torch objects."""
-    import torch
+    """``--device`` and ``--dtype`` (``auto``: CUDA when there is one, bfloat16 there, float32 on a CPU) as torch
+    objects."""
+    from fourdnex.runtime import device_of, dtype_of
 
-    from fourdnex.cli import resolve_device
-
-    resolved = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if resolved.type == "cuda" else "float32"
-    return resolved, getattr(torch, dtype)
+    resolved = device_of(device)
+    return resolved, dtype_of(dtype, resolved)
 
 
 def transformer_heads(config: RunConfig) -> int:

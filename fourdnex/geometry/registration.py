@@ -17,10 +17,8 @@ The world frame is the pointmap's own: cameras come out in the units of the inpu
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -41,6 +39,7 @@ from fourdnex.geometry.cameras import (
     rigid,
     so3_exp,
 )
+from fourdnex.runtime import cpu_threads
 
 
 class RegistrationError(FourDNeXError, ValueError):
@@ -59,20 +58,6 @@ def check_pointmap(xyz: torch.Tensor | np.ndarray) -> None:
     flat_frames = (spread <= 1e-6 * spread.max().clamp_min(1e-30)).nonzero().flatten().tolist()
     if flat_frames:
         raise RegistrationError(f"frames {flat_frames} have all their points in one place: no camera fits them")
-
-
-@contextlib.contextmanager
-def single_thread(device: torch.device | str) -> Iterator[None]:
-    """One CPU thread inside when ``device`` is the CPU, restored on exit: on work made of small or memory-bound tensor
-    operations torch's intra-op threads cost more than they save on a busy 2-core machine (the registration fit and
-    render.py's splatting: BENCHMARKS.md, Registration and Novel views)."""
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -273,7 +258,7 @@ def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk:
     """Cameras, depth, registered points and residuals of a pointmap video ``xyz (F, H, W, 3)`` (any float dtype,
     any device; outputs are float32 on the same device)."""
     check_pointmap(xyz)
-    with single_thread(xyz.device):
+    with cpu_threads(1, xyz.device, blas=False):
         K64, world2cam64, info = fit_cameras(xyz, config)
     K, world2cam, cam2world = K64.float(), world2cam64.float(), invert_rigid(world2cam64).float()
     frames, height, width, _ = xyz.shape

@@ -29,6 +29,8 @@ ActivationMemory = Literal["auto", "recompute", "attention", "attention+ffn"]
 TrainMode = Literal["lora", "full"]
 #: What a sample's latent holds: RGB | XYZ side by side (4DNeX), or the RGB video alone (plain image-to-video).
 TrainLayout = Literal["rgbxyz", "rgb"]
+#: The dtypes training computes in (``--mixed_precision``, which also takes accelerate's spellings bf16 and no).
+TrainPrecision = Literal["bfloat16", "float32"]
 #: ``--condition_tasks`` presets: the share of samples conditioned on each kind of given RGB frames. ``image``: the
 #: first frame (the paper); ``any``: also the first and the last frame, a few random keyframes (frame 0 and 2-4
 #: others), or every frame (4D reconstruction of a video).
@@ -39,6 +41,7 @@ CONDITION_TASKS: dict[str, dict[str, float]] = {
 TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
 TRAIN_LAYOUTS: tuple[str, ...] = get_args(TrainLayout)
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 ACTIVATION_MEMORY_CHOICES: tuple[str, ...] = get_args(ActivationMemory)
 
@@ -52,7 +55,7 @@ class TrainConfig:
     """Every fine-tuning setting.
 
     The defaults reproduce the 4DNeX paper and reference where they say (LoRA rank 64 / alpha 32 on the four attention
-    projections, lr 2e-5, 49 frames at 480x720, batch 1 per GPU, bf16, uniform noise levels, checkpoints every 500
+    projections, lr 2e-5, 49 frames at 480x720, batch 1 per GPU, bfloat16, uniform noise levels, checkpoints every 500
     steps, 2 kept); the AdamW betas, weight decay, warmup length and cosine decay are this trainer's choices.
     """
 
@@ -84,7 +87,7 @@ class TrainConfig:
     train_batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    mixed_precision: Literal["bf16", "no"] = "bf16"
+    mixed_precision: TrainPrecision = "bfloat16"  # a fourdnex.runtime.DTYPES name
     gradient_checkpointing: bool = True
     activation_memory: ActivationMemory = "auto"  # what gradient checkpointing keeps (see ActivationMemory)
     attention_backend: str | None = None  # a diffusers attention backend, e.g. "_native_cudnn"; None: its default
@@ -114,8 +117,8 @@ class TrainConfig:
 
     @property
     def dtype_bytes(self) -> int:
-        """Bytes per element of the activations (bf16: 2, fp32: 4)."""
-        return 2 if self.mixed_precision == "bf16" else 4
+        """Bytes per element of the activations (bfloat16: 2, float32: 4)."""
+        return 2 if self.mixed_precision == "bfloat16" else 4
 
     @property
     def tokens_per_sample(self) -> int:
@@ -152,7 +155,7 @@ class TrainConfig:
         for name, choices in (
             ("timestep_sampling", TIMESTEP_SAMPLINGS),
             ("lr_schedule", LR_SCHEDULES),
-            ("mixed_precision", ("bf16", "no")),
+            ("mixed_precision", TRAIN_PRECISIONS),
             ("activation_memory", ACTIVATION_MEMORY_CHOICES),
             ("train_mode", TRAIN_MODES),
             ("layout", TRAIN_LAYOUTS),

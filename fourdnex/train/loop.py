@@ -80,7 +80,7 @@ def build_transformer(
 
     from fourdnex.model.loading import load_transformer
 
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bfloat16" else torch.float32
     if transformer is None:
         transformer = load_transformer(model_path, dtype)
     transformer.set_model_type(MODEL_TYPES[cfg.model_type])

@@ -38,6 +38,7 @@ from fourdnex.config import check_video_shape
 from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
 from fourdnex.files import atomic_path, write_json, write_safetensors
+from fourdnex.runtime import device_of, worker_processes
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -69,12 +70,13 @@ class VaeTrainConfig:
     kl_weight: float = 1e-6
     checkpointing_steps: int = 500
     seed: int = 0
-    device: str = "cuda"
-    workers: int = 8
+    device: str = "auto"  # a fourdnex.runtime.device_of name
+    workers: int = 8  # threads reading clips, processes rendering generator clips
 
     def validate(self) -> None:
         """Raise UsageError naming the first setting that cannot be trained with."""
         check_video_shape(self.num_frames, self.height, self.width)
+        device_of(self.device)  # a UsageError for a device this machine lacks
         if bool(self.data_dir) == bool(self.synthetic_clips):
             raise UsageError("give the training clips as --data_dir or as --synthetic_clips N, one of the two")
         unknown = sorted(set(self.texture_families) - set(TEXTURE_FAMILIES))
@@ -154,7 +156,6 @@ def synthetic_clips(
     """``count`` clips of the synthetic generator rendered in memory (processes), prepared as the cache build
     prepares clips (one centre per clip); clip ``i`` is the scene ``seed * 100003 + i`` at ``height x width``."""
     import functools
-    from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
 
@@ -162,8 +163,8 @@ def synthetic_clips(
                             families=tuple(families))  # fmt: skip
     rgb = np.empty((count, num_frames, height, width, 3), np.uint8)
     xyz = np.empty((count, num_frames, height, width, 3), np.float16)
-    with ProcessPoolExecutor(workers) as pool:
-        done = pool.map(job, range(count), chunksize=8)
+    with worker_processes(workers) as pool:
+        done = pool.map(job, range(count), chunksize=8) if pool else map(job, range(count))
         for i, (r, x) in enumerate(tqdm(done, total=count, desc=f"synthetic clips (seed {seed})", unit="clip")):
             rgb[i], xyz[i] = r, x
     return Clips(rgb, xyz)
@@ -261,7 +262,7 @@ class VaeTrainer:
         from fourdnex.train.data import holding_device
 
         self.cfg = cfg
-        self.device = device = torch.device(cfg.device)
+        self.device = device = device_of(cfg.device)
         vae_folder = _vae_folder(cfg)
         if len(clips) < cfg.batch_size:
             raise UsageError(f"{cfg.data_dir} holds {len(clips)} clips, fewer than --batch_size {cfg.batch_size}")
@@ -333,7 +334,7 @@ def plain_vae_seconds(cfg: VaeTrainConfig, clips: Clips, steps: int, warmup: int
     AdamW, gradient clipping), the batch already on the GPU."""
     from diffusers import AutoencoderKLWan
 
-    device = torch.device(cfg.device)
+    device = device_of(cfg.device)
     vae = AutoencoderKLWan.from_pretrained(Path(cfg.model_path) / "vae", dtype=torch.float32).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
     index = np.arange(cfg.batch_size)
@@ -415,7 +416,7 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
     mean, std = latent_statistics(vae, Clips(clips.rgb[:256], clips.xyz[:256]), device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     metrics = {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "device": str(device)},
         "steps": trainer.step,
         "finished": trainer.step >= cfg.max_steps,
         "seconds": time.perf_counter() - start,
@@ -490,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N training clips")
     p.add_argument("--learning_rate", type=float, default=d.learning_rate)
     p.add_argument("--kl_weight", type=float, default=d.kl_weight)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=d.device, help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
     return p
 
 
