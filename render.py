@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from fourdnex import __version__
 from fourdnex.cli import run
-from fourdnex.config import CAMERA_PATHS, PATH_PARAMETERS, CameraPath
 from fourdnex.errors import UsageError
 from fourdnex.geometry.exports import DEPTH_FORMATS
+from fourdnex.geometry.paths import CAMERA_PATHS, PATH_PARAMETERS, CameraPath
 from fourdnex.geometry.render import (
     SPLAT_SCALE,
     RenderError,

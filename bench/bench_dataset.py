@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common
-from fourdnex.cli import aliased
+from fourdnex.cli import field_flag
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, Encoders, build
 from fourdnex.data.prepare import fit_normalization
 from fourdnex.data.synthetic import render_scene, write_tree
@@ -525,28 +525,25 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = BuildConfig(data_dir="", out="", model_path="")
-    parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cuda, cuda:N or cpu")
+    field_flag(parser, BuildConfig, "device", help="auto (default: cuda when available), cuda, cuda:N or cpu")
     parser.add_argument("--real-size", "--real_size", dest="real_size", action="store_true")
     parser.add_argument("--model_path", default=str(TINY), help="a Wan2.1-I2V folder (default: the tiny model)")
     parser.add_argument("--num_clips", type=int, default=5, help="clips timed (the first also warms up, beforehand)")
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--num_workers", type=int, default=defaults.num_workers, help="the build's worker processes")
-    parser.add_argument(
-        "--dtype",
-        default=defaults.dtype,
-        type=aliased(DTYPE_ALIASES),
+    field_flag(parser, BuildConfig, "batch_size", type=int)
+    field_flag(parser, BuildConfig, "num_workers", type=int, help="the build's worker processes")
+    field_flag(
+        parser,
+        BuildConfig,
+        "dtype",
+        aliases=DTYPE_ALIASES,
         choices=DTYPE_CHOICES,
         help="UMT5's dtype (default auto: bfloat16 on GPU, float32 on CPU)",
     )
-    parser.add_argument(
-        "--encoder_dtype",
-        default=defaults.encoder_dtype,
-        type=aliased({alias: name for alias, name in DTYPE_ALIASES.items() if name in ENCODER_DTYPES}),
-        choices=dtype_choices(*ENCODER_DTYPES),
+    field_flag(
+        parser, BuildConfig, "encoder_dtype", aliases=DTYPE_ALIASES, choices=dtype_choices(*ENCODER_DTYPES)
     )
     parser.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE's encoder")
     parser.add_argument("--seed", type=int, default=0)

@@ -40,8 +40,9 @@ import PIL.Image
 import torch
 
 from bench import common
-from fourdnex.config import FLASH_4_BACKEND, AccelerationConfig
+from fourdnex.config import FLASH_4_BACKEND
 from fourdnex.generate.acceleration import apply_acceleration, resolve
+from fourdnex.generate.config import AccelerationConfig
 from fourdnex.model import attention
 from fourdnex.runtime import device_of, dtype_of
 

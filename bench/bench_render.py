@@ -38,8 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_registration import bandwidth, row, sync
-from fourdnex.config import CAMERA_PATHS, CameraPath
-from fourdnex.geometry.paths import camera_path
+from fourdnex.geometry.paths import CAMERA_PATHS, CameraPath, camera_path
 from fourdnex.geometry.render import SPLAT_SCALE, render_frames, splat
 from fourdnex.runtime import device_of
 from fourdnex.testing import scenes

@@ -6,8 +6,7 @@ Devices: ``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda``, ``c
 
 Dtypes: ``bfloat16``, ``float16``, ``float32``, and ``auto`` (bfloat16 on a GPU, float32 on a CPU). Command lines
 also take the reference's spellings ``bf16``, ``fp16``, ``fp32`` and accelerate's ``no`` ("no mixed precision":
-float32); settings hold the names only (a flag's ``type``, :func:`fourdnex.cli.aliased`, turns an alias into its
-name).
+float32); settings hold the names only (:func:`fourdnex.cli.field_flag` turns an alias into its name).
 
 Light to import (torch loads on the first call), so that the scripts' parsers answer ``--help`` at once.
 """

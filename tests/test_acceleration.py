@@ -11,7 +11,6 @@ import torch
 from conftest import ROOT, SMALL, TINY
 from test_inference_cli import SMALL_FLAGS, assert_one_line_error, run_cli
 
-from fourdnex.config import AccelerationConfig
 from fourdnex.generate.acceleration import (
     AccelerationError,
     GiB,
@@ -20,6 +19,7 @@ from fourdnex.generate.acceleration import (
     memory_needs,
     resolve,
 )
+from fourdnex.generate.config import AccelerationConfig
 from fourdnex.generate.parallel import check_split, tokens_of
 
 CPU = torch.device("cpu")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, SMALL, TINY
 
-from fourdnex.config import SampleConfig
-from fourdnex.generate.run import Job, RunConfig, batches, load_model, sample_batch, sample_job
+from fourdnex.generate.config import RunConfig, SampleConfig
+from fourdnex.generate.run import Job, batches, load_model, sample_batch, sample_job
 
 sys.path.insert(0, str(ROOT))
 import inference

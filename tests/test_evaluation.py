@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from fourdnex import runtime
-from fourdnex.config import RegistrationConfig
 from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_npz, write_tree
 from fourdnex.evaluation import metrics as m
 from fourdnex.evaluation import report as evaluation_report
@@ -25,6 +24,7 @@ from fourdnex.evaluation.floors import MeanDepth, first_frame_xyz, plane_xyz, to
 from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, Truth, clip_sources, load_truth
 from fourdnex.geometry.cameras import so3_exp
+from fourdnex.geometry.registration import RegistrationConfig
 from fourdnex.geometry.results import save_result
 from fourdnex.testing.corrupted import write_corrupted
 from fourdnex.testing.scenes import make_truth

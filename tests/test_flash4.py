@@ -16,8 +16,8 @@ from conftest import ROOT, TINY
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from test_inference_cli import SMALL_FLAGS, assert_one_line_error, run_cli
 
-from fourdnex.config import AccelerationConfig
 from fourdnex.generate.acceleration import AccelerationError, check_machine, resolve
+from fourdnex.generate.config import AccelerationConfig
 from fourdnex.model import attention
 from fourdnex.testing.flash4 import installed
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fourdnex.config import SampleConfig, size_for_aspect
+from fourdnex.generate.config import SampleConfig, size_for_aspect
 from fourdnex.model.fusion import (
     condition_frames,
     condition_mask,

@@ -1,6 +1,8 @@
 """The installable package: a wheel built from the sources holds every module of fourdnex, each of them imports from
-a folder outside the checkout, and the wheel requires what requirements.txt installs."""
+a folder outside the checkout, and the wheel requires what requirements.txt installs; its subpackages import downward
+only, and no module imports itself through others."""
 
+import ast
 import json
 import shutil
 import subprocess
@@ -82,3 +84,54 @@ def test_the_wheel_requires_what_requirements_txt_installs(installed):
         listed.append({canonicalize_name(r.name): r.specifier for r in reqs})
     assert listed == [runtime, dev]
     assert {"torch", "diffusers", "numpy"} <= set(runtime) and set(dev) == {"pytest", "ruff", "playwright"}
+
+
+#: The subpackages from the bottom up (README.md, Architecture): a module imports from its own subpackage, the shared
+#: modules of fourdnex/ (which import one another only) and the layers below its own.
+LAYERS = (("model", "geometry"), ("data",), ("generate",), ("train", "evaluation"), ("app", "testing"))
+
+
+def imported_modules() -> dict[str, set[str]]:
+    """Every fourdnex module of the checkout and the fourdnex modules it imports, at its top or inside a function."""
+    modules = set(checkout_modules())
+    found = {}
+    for name in modules:
+        path = ROOT / (name.replace(".", "/") + ("/__init__.py" if (ROOT / name.replace(".", "/")).is_dir() else ".py"))
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+        found[name] = {n for n in names if n in modules and n != name and not name.startswith(n + ".")}
+    return found
+
+
+def test_subpackages_import_downward_only_and_without_cycles():
+    level = {sub: i + 1 for i, subs in enumerate(LAYERS) for sub in subs}
+    graph = imported_modules()
+    assert set(level) == {name.split(".")[1] for name in graph if name.count(".") == 1 and name.split(".")[1] in {
+        p.name for p in (ROOT / "fourdnex").iterdir() if p.is_dir() and (p / "__init__.py").is_file()}}
+
+    def layer(name: str) -> tuple[int, str]:
+        """The module's level and subpackage (0 and "" for the shared modules of fourdnex/)."""
+        sub = name.split(".")[1] if name.count(".") >= 1 else ""
+        return (level[sub], sub) if sub in level else (0, "")
+
+    upward = [(name, dep) for name, deps in graph.items() for dep in deps
+              if layer(dep)[1] != layer(name)[1] and layer(dep)[0] >= layer(name)[0]]  # fmt: skip
+    assert not upward, upward
+    done, path = set(), []
+
+    def visit(name: str) -> None:
+        assert name not in path, f"an import cycle: {' -> '.join([*path[path.index(name):], name])}"
+        if name in done:
+            return
+        path.append(name)
+        for dep in sorted(graph[name]):
+            visit(dep)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fourdnex.config import check_video_shape
+from fourdnex.config import DEFAULT_MODEL_PATH, check_video_shape
 from fourdnex.data import cache
 from fourdnex.data.prepare import CENTER_MODES, PreparedClip, prepare_clip
 from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, read_clip
@@ -50,7 +50,7 @@ class BuildConfig:
 
     data_dir: str
     out: str
-    model_path: str
+    model_path: str = DEFAULT_MODEL_PATH
     num_frames: int = 81
     cond_num_frames: int | None = None  # None: min(49, num_frames), the training length
     resolution_h: int = 480

@@ -38,11 +38,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fourdnex.config import RegistrationConfig
 from fourdnex.evaluation.floors import FLOORS, MeanDepth, camera_matrix, first_frame_xyz, plane_xyz
 from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, Score, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, clip_of, clip_sources, load_truth, read_mapping
-from fourdnex.geometry.registration import RegistrationError, register_result
+from fourdnex.geometry.registration import RegistrationConfig, RegistrationError, register_result
 from fourdnex.geometry.results import (
     ResultError,
     find_results,

@@ -24,50 +24,15 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
 
 from fourdnex import __version__
-from fourdnex.config import (
-    DEFAULT_MODEL_PATH,
-    FLASH_4_BACKEND,
-    MODEL_TYPES,
-    MODES,
-    XYZ_LATENT_MEAN,
-    XYZ_LATENT_STD,
-    AccelerationConfig,
-    SampleConfig,
-    size_for_aspect,
-)
+from fourdnex.config import FLASH_4_BACKEND, MODEL_TYPES, MODES, XYZ_LATENT_MEAN, XYZ_LATENT_STD
 from fourdnex.errors import UsageError
-
-
-@dataclass
-class RunConfig:
-    """Everything one inference run needs; ``inference.py``'s flags, one field each."""
-
-    prompt: str  # a .txt file with one caption per line, or one caption
-    image: str | None = None  # a .txt file with one image path per line (comma-separated with frames), or one path
-    video: str | None = None  # a .txt file with one video path per line, or one path: its frames are the condition
-    frames: tuple[int, ...] | None = None  # the given frames; None: frame 0 of images, every frame of videos
-    out: str = "./results"
-    idx: int = -1  # only this line; -1: every line
-    model_path: str = DEFAULT_MODEL_PATH
-    sft_path: str | None = None  # a fully fine-tuned transformer folder replacing the base one
-    lora_path: str | None = None
-    lora_rank: int | None = None  # expected rank; None: the file's
-    lora_scale: float | None = None  # None: the adapter's own
-    model_type: str | None = None  # a MODEL_TYPES key; None: the adapter's, else the default
-    zero_domain_embedding: bool = False  # accept a released adapter folder without its domain embedding file
-    mode: str = "xyzrgb"
-    device: str = "auto"
-    dtype: str = "auto"
-    skip_existing: bool = False
-    batch_size: int = 1  # lines sampled together (consecutive lines of one size and given frames)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    speed: AccelerationConfig = field(default_factory=AccelerationConfig)
+from fourdnex.generate.config import AccelerationConfig, RunConfig, SampleConfig, size_for_aspect
 
 
 @dataclass(frozen=True)

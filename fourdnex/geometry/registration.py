@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from fourdnex import __version__
-from fourdnex.config import RegistrationConfig
-from fourdnex.errors import FourDNeXError
+from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.geometry.cameras import (
     decompose_projection,
     dlt_projection,
@@ -40,6 +39,29 @@ from fourdnex.geometry.cameras import (
     so3_exp,
 )
 from fourdnex.runtime import cpu_threads
+
+
+@dataclass
+class RegistrationConfig:
+    """Settings of the camera/depth fit to a pointmap video; pm_registration.py's flags."""
+
+    shared_intrinsics: bool = True  # one K for the clip; False: one K per frame
+    iterations: int = 10  # Levenberg-Marquardt steps of the joint refinement (it stops earlier once converged)
+    samples: int = 4096  # pixels per frame the fit uses (a jittered grid); every pixel gets a depth and a residual
+    init_samples: int = 2048  # of those, pixels per frame for the closed-form initialization (at most all)
+    huber: float = 2.0  # robust loss threshold, in robust standard deviations of the residual
+    planar_threshold: float = 0.02  # frames whose points are this flat (spread across / along) skip the DLT
+    default_focal: float = 1.2  # focal length in widths where nothing fixes it (every frame planar): the reference's
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first setting the fit cannot use."""
+        if self.iterations < 0:
+            raise UsageError(f"iterations must be >= 0, got {self.iterations}")
+        if min(self.samples, self.init_samples) < 12:
+            raise UsageError(f"samples and init_samples must be >= 12, got {self.samples} and {self.init_samples}")
+        if self.huber <= 0:
+            raise UsageError(f"huber must be positive, got {self.huber}")
 
 
 class RegistrationError(FourDNeXError, ValueError):

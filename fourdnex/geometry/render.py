@@ -33,12 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fourdnex.config import CameraPath
 from fourdnex.errors import FourDNeXError
 from fourdnex.files import write_json, write_png, write_video
 from fourdnex.geometry.cameras import project_points
 from fourdnex.geometry.exports import export_depth, frame_name
-from fourdnex.geometry.paths import camera_path, scene_depth
+from fourdnex.geometry.paths import CameraPath, camera_path, scene_depth
 from fourdnex.geometry.results import load_registration, registration_path
 from fourdnex.runtime import cpu_threads
 

@@ -9,15 +9,20 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from fourdnex.config import (
-    DEFAULT_LORA_TARGETS,
     DEFAULT_MODEL_TYPE,
+    FLASH_4_BACKEND,
     MODEL_TYPES,
-    REPLAYABLE_ATTENTION_BACKENDS,
     SIZE_MULTIPLE,
     check_video_shape,
     latent_frames,
 )
 from fourdnex.errors import FourDNeXError
+
+#: Where the released LoRA targets live inside every transformer block.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: The attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels, and
+#: FlashAttention-4, whose forward returns the log-sum-exp its backward takes).
+REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", FLASH_4_BACKEND)
 
 TimestepSampling = Literal["uniform", "shifted"]
 LrSchedule = Literal["cosine", "constant"]

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fourdnex.cli import run
+from fourdnex.cli import field_flag, run, settings
 from fourdnex.config import check_video_shape
 from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
@@ -436,62 +436,70 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     """Train as the flags say and print the reconstruction PSNRs."""
-    metrics = train_vae(VaeTrainConfig(**{**vars(args), "texture_families": tuple(args.texture_families)}))
+    metrics = train_vae(settings(VaeTrainConfig, args, texture_families=tuple(args.texture_families)))
     names = ("steps", "finished", "train_psnr", "held_out_psnr", "held_out_family_psnr")
     print(json.dumps({k: metrics[k] for k in names if k in metrics}))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m fourdnex.train.vae``; every default comes from VaeTrainConfig."""
-    d = VaeTrainConfig("", "", "")
+    """The command line of ``python -m fourdnex.train.vae``; every default is a VaeTrainConfig field's."""
     p = argparse.ArgumentParser(
         prog="fourdnex.train.vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data_dir", default=None, help="4DNeX-10M tree of training clips (or --synthetic_clips)")
-    p.add_argument("--model_path", required=True, help="the model whose vae/ is trained (its config and start)")
-    p.add_argument("--out", required=True, help="where the trained vae/, metrics.json and the checkpoint go")
-    p.add_argument("--eval_data_dir", default=None, help="4DNeX-10M tree of held-out clips for the PSNR")
-    p.add_argument(
-        "--synthetic_clips",
+    field_flag(p, VaeTrainConfig, "data_dir", help="4DNeX-10M tree of training clips (or --synthetic_clips)")
+    field_flag(
+        p, VaeTrainConfig, "model_path", required=True, help="the model whose vae/ is trained (its config and start)"
+    )
+    field_flag(
+        p, VaeTrainConfig, "out", required=True, help="where the trained vae/, metrics.json and the checkpoint go"
+    )
+    field_flag(p, VaeTrainConfig, "eval_data_dir", help="4DNeX-10M tree of held-out clips for the PSNR")
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "synthetic_clips",
         type=int,
-        default=d.synthetic_clips,
         help="train on N clips of the synthetic generator rendered in memory (no files) instead",
     )
-    p.add_argument("--synthetic_seed", type=int, default=d.synthetic_seed, help="clip i renders seed * 100003 + i")
-    p.add_argument(
-        "--texture_families",
+    field_flag(p, VaeTrainConfig, "synthetic_seed", type=int, help="clip i renders seed * 100003 + i")
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "texture_families",
         nargs="+",
-        default=list(d.texture_families),
         choices=TEXTURE_FAMILIES,
         help="the texture families of the synthetic training clips",
     )
-    p.add_argument(
-        "--eval_synthetic_clips",
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "eval_synthetic_clips",
         type=int,
-        default=d.eval_synthetic_clips,
         help="held-out generator clips (seed --eval_synthetic_seed) of the training families, and as many "
         "of the families left out, for the PSNR",
     )
-    p.add_argument("--eval_synthetic_seed", type=int, default=d.eval_synthetic_seed)
-    p.add_argument(
-        "--eval_steps",
+    field_flag(p, VaeTrainConfig, "eval_synthetic_seed", type=int)
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "eval_steps",
         type=int,
-        default=d.eval_steps,
         help="measure the held-out PSNR every N steps into OUT/curve.json (0: at the end only)",
     )
-    p.add_argument(
-        "--stop_after_minutes",
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "stop_after_minutes",
         type=float,
-        default=d.stop_after_minutes,
         help="checkpoint and stop after this many minutes (0: never); the same command resumes",
     )
     for name in ("num_frames", "height", "width", "eval_limit", "max_steps", "batch_size", "warmup_steps",
                  "checkpointing_steps", "seed", "workers"):  # fmt: skip
-        p.add_argument(f"--{name}", type=int, default=getattr(d, name))
-    p.add_argument("--limit", type=int, default=None, help="only the first N training clips")
-    p.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    p.add_argument("--kl_weight", type=float, default=d.kl_weight)
-    p.add_argument("--device", default=d.device, help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
+        field_flag(p, VaeTrainConfig, name, type=int)
+    field_flag(p, VaeTrainConfig, "limit", type=int, help="only the first N training clips")
+    field_flag(p, VaeTrainConfig, "learning_rate", type=float)
+    field_flag(p, VaeTrainConfig, "kl_weight", type=float)
+    field_flag(p, VaeTrainConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
     return p
 
 
