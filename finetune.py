@@ -19,14 +19,14 @@ import argparse
 import logging
 
 from fourdnex.cli import field_flag, run, settings
-from fourdnex.config import MODEL_TYPES
+from fourdnex.config import MODALITY_ALIASES, MODEL_TYPES
 from fourdnex.runtime import DTYPE_ALIASES, dtype_choices
 from fourdnex.train.config import (
     ACTIVATION_MEMORY_CHOICES,
     CONDITION_TASKS,
     LR_SCHEDULES,
     TIMESTEP_SAMPLINGS,
-    TRAIN_LAYOUTS,
+    TRAIN_MODALITIES,
     TRAIN_MODES,
     TRAIN_PRECISIONS,
     TrainConfig,
@@ -69,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(
         g,
         TrainConfig,
-        "layout",
-        choices=TRAIN_LAYOUTS,
-        help="rgbxyz: RGB | XYZ side by side (default); rgb: the RGB video alone (plain image-to-video)",
+        "modalities",
+        "--modalities",
+        "--layout",
+        aliases=MODALITY_ALIASES,
+        choices=(*TRAIN_MODALITIES, *MODALITY_ALIASES),
+        help="what a sample's latent holds: rgbxyz, RGB | XYZ side by side (default; xyzrgb is the reference's "
+        "spelling), or rgb, the RGB video alone (plain image-to-video). --layout is its former name, still accepted",
     )
     field_flag(
         g,

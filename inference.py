@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 
 from fourdnex.cli import field_flag, run, settings, switch
-from fourdnex.config import DEFAULT_MODEL_TYPE, MODEL_TYPES, MODES
+from fourdnex.config import DEFAULT_MODEL_TYPE, MODALITY_ALIASES, MODEL_TYPES
 from fourdnex.generate.config import (
     CACHE_MODES,
     CP_MODES,
     MEMORY_MODES,
+    SAMPLE_MODALITIES,
     AccelerationConfig,
     RunConfig,
     SampleConfig,
@@ -116,9 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(
         model,
         RunConfig,
-        "mode",
-        choices=sorted(MODES),
-        help="xyzrgb: RGB | XYZ side by side (default); xyz: the whole frame is XYZ",
+        "modalities",
+        "--modalities",
+        "--mode",
+        aliases=MODALITY_ALIASES,
+        choices=(*SAMPLE_MODALITIES, *MODALITY_ALIASES),
+        help="what the generated frame holds: rgbxyz, RGB | XYZ side by side (default; xyzrgb is the reference's "
+        "spelling), or xyz, the whole frame XYZ. --mode is its former name, still accepted",
     )
     sampling = parser.add_argument_group("sampling (defaults reproduce the paper)")
     field_flag(sampling, SampleConfig, "num_frames", type=int, help="frames, 4k+1 (default %(default)s)")

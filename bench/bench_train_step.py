@@ -310,7 +310,7 @@ def run_baseline(args, cfg: TrainConfig, config: dict, shape) -> None:
 
     device = device_of()
     model = build_model(config, device)
-    model.set_layout("rgbxyz")
+    model.set_modalities("rgbxyz")
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets)))
     model.domain_embedding.requires_grad_(True)

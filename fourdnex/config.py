@@ -1,5 +1,5 @@
 """What several subsystems share: the caption suffix, the XYZ latent statistics, where the base model is looked
-for, the attention backend fourdnex adds, the frame layouts, the Wan model's video shapes, and the model types.
+for, the attention backend fourdnex adds, what a latent holds, the Wan model's video shapes, and the model types.
 
 Each subsystem's own settings live beside it, as one dataclass whose defaults are the only defaults: generation's in
 ``fourdnex.generate.config``, fine-tuning's in ``fourdnex.train.config``, the cache build's in
@@ -24,7 +24,11 @@ DEFAULT_MODEL_PATH = "./pretrained/Wan2.1-I2V-14B-480P-Diffusers"
 #: The attention backend fourdnex registers with diffusers: FlashAttention-4 (fourdnex.model.attention), optional.
 FLASH_4_BACKEND = "flash_4"
 
-Layout = Literal["rgb", "xyz", "rgbxyz"]
+#: What a latent holds along its width (``--modalities``): the RGB and XYZ videos side by side, RGB left (4DNeX's
+#: width-wise fusion), the RGB video alone (plain image-to-video), or the XYZ video alone.
+Modalities = Literal["rgbxyz", "rgb", "xyz"]
+#: Other spellings command lines accept: the reference's ``xyzrgb`` (``inference.py --mode xyzrgb``).
+MODALITY_ALIASES = {"xyzrgb": "rgbxyz"}
 
 #: The Wan VAE folds 4 video frames into one latent frame (after the first) and 8x8 pixels into one latent pixel; the
 #: transformer's patches are 2x2 latent pixels, so a side must be a multiple of 16 pixels.
@@ -73,6 +77,3 @@ MODEL_TYPES: dict[str, ModelType] = {
     "i2vwbw": ModelType(domain_embedding=False, shared_rope=False),
 }
 DEFAULT_MODEL_TYPE = "i2vwbw-demb-samerope"
-
-#: ``--mode`` choices: the layout of the generated frame.
-MODES: dict[str, Layout] = {"xyzrgb": "rgbxyz", "xyz": "xyz"}

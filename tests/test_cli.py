@@ -68,9 +68,9 @@ def test_each_scripts_flags_given_nothing_are_its_settings_defaults():
 
 
 def test_flags_reach_their_fields():
-    run = _inference("--type", "i2vwbw", "--mode", "xyz", "--steps", "7", "--compile", "off", "--fp8",
+    run = _inference("--type", "i2vwbw", "--modalities", "xyz", "--steps", "7", "--compile", "off", "--fp8",
                      "--vae_tiling", "on", "--frames", "0,4", "--dtype", "float16")  # fmt: skip
-    assert (run.model_type, run.mode, run.sample.steps, run.frames, run.dtype) == (
+    assert (run.model_type, run.modalities, run.sample.steps, run.frames, run.dtype) == (
         "i2vwbw", "xyz", 7, (0, 4), "float16"
     )
     assert (run.speed.compile, run.speed.fp8, run.speed.vae_tiling) == (False, True, True)
@@ -80,6 +80,9 @@ def test_flags_reach_their_fields():
 
 def test_former_spellings_give_the_same_settings():
     for old, new in (
+        (["--mode", "xyzrgb"], ["--modalities", "rgbxyz"]),
+        (["--mode", "xyz"], ["--modalities", "xyz"]),
+        (["--modalities", "xyzrgb"], ["--modalities", "rgbxyz"]),
         (["--dtype", "bf16"], ["--dtype", "bfloat16"]),
         (["--dtype", "fp16"], ["--dtype", "float16"]),
         (["--dtype", "fp32"], ["--dtype", "float32"]),
@@ -90,6 +93,7 @@ def test_former_spellings_give_the_same_settings():
     def train(*flags: str) -> TrainConfig:
         return finetune.config_from_args(finetune.build_parser().parse_args(["--cache_dir", "c", *flags]))
 
+    assert train("--layout", "rgb") == train("--modalities", "rgb") == TrainConfig("c", modalities="rgb")
     assert train("--mixed_precision", "bf16") == train() == TrainConfig("c", mixed_precision="bfloat16")
     for spelling in ("no", "fp32", "float32"):
         assert train("--mixed_precision", spelling) == TrainConfig("c", mixed_precision="float32"), spelling
@@ -107,10 +111,10 @@ def test_former_spellings_give_the_same_settings():
 @pytest.mark.parametrize(
     ("script", "flags", "message"),
     [
-        ("inference.py", ["--prompt", "p", "--mode", "rgb"], "argument --mode: invalid choice: 'rgb'"),
+        ("inference.py", ["--prompt", "p", "--modalities", "rgb"], "--modalities/--mode: invalid choice: 'rgb'"),
         ("inference.py", ["--prompt", "p", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         ("inference.py", ["--prompt", "p", "--compile", "yes"], "--compile: 'yes' is not one of auto, on, off"),
-        ("finetune.py", ["--cache_dir", "c", "--layout", "xyz"], "argument --layout: invalid choice: 'xyz'"),
+        ("finetune.py", ["--cache_dir", "c", "--layout", "xyz"], "--modalities/--layout: invalid choice: 'xyz'"),
         ("finetune.py", ["--cache_dir", "c", "--mixed_precision", "fp16"], "invalid choice: 'fp16'"),
         ("build_wan_dataset.py", ["--data_dir", "d", "--out", "o", "--encoder_dtype", "fp16"], "choice: 'fp16'"),
     ],

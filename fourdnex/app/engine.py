@@ -176,7 +176,7 @@ class Engine:
 
         model = load_model(
             config,
-            tokens_of(largest.num_frames, largest.height, largest.width, fused=config.mode == "xyzrgb"),
+            tokens_of(largest.num_frames, largest.height, largest.width, fused=config.modalities == "rgbxyz"),
             largest.num_frames * largest.height * largest.width,
         )
         model.pipe.set_progress_bar_config(disable=True)

@@ -15,6 +15,8 @@ from fourdnex.errors import UsageError
 
 #: The pixel area one modality is generated at (480 x 720); other aspect ratios keep this area.
 DEFAULT_AREA = 480 * 720
+#: ``--modalities`` choices of sampling: RGB | XYZ side by side (4DNeX), or the whole frame XYZ.
+SAMPLE_MODALITIES = ("rgbxyz", "xyz")
 
 
 def size_for_aspect(image_height: int, image_width: int, area: int = DEFAULT_AREA) -> tuple[int, int]:
@@ -95,7 +97,7 @@ class RunConfig:
     lora_scale: float | None = None  # None: the adapter's own
     model_type: str | None = None  # a MODEL_TYPES key; None: the adapter's, else the default
     zero_domain_embedding: bool = False  # accept a released adapter folder without its domain embedding file
-    mode: str = "xyzrgb"  # a fourdnex.config.MODES key
+    modalities: str = "rgbxyz"  # one of SAMPLE_MODALITIES
     device: str = "auto"  # a fourdnex.runtime.device_of name
     dtype: str = "auto"  # of the transformer and text encoder: a fourdnex.runtime.DTYPES name, or auto
     skip_existing: bool = False

@@ -30,9 +30,15 @@ from pathlib import Path
 import PIL.Image
 
 from fourdnex import __version__
-from fourdnex.config import FLASH_4_BACKEND, MODEL_TYPES, MODES, XYZ_LATENT_MEAN, XYZ_LATENT_STD
+from fourdnex.config import FLASH_4_BACKEND, MODEL_TYPES, XYZ_LATENT_MEAN, XYZ_LATENT_STD
 from fourdnex.errors import UsageError
-from fourdnex.generate.config import AccelerationConfig, RunConfig, SampleConfig, size_for_aspect
+from fourdnex.generate.config import (
+    SAMPLE_MODALITIES,
+    AccelerationConfig,
+    RunConfig,
+    SampleConfig,
+    size_for_aspect,
+)
 
 
 @dataclass(frozen=True)
@@ -193,8 +199,8 @@ def check_config(config: RunConfig) -> None:
         raise UsageError(f"--lora_rank must be positive, got {config.lora_rank}")
     if config.model_type is not None and config.model_type not in MODEL_TYPES:
         raise UsageError(f"--type must be one of {sorted(MODEL_TYPES)}, got {config.model_type!r}")
-    if config.mode not in MODES:
-        raise UsageError(f"--mode must be one of {sorted(MODES)}, got {config.mode!r}")
+    if config.modalities not in SAMPLE_MODALITIES:
+        raise UsageError(f"--modalities must be one of {', '.join(SAMPLE_MODALITIES)}, got {config.modalities!r}")
     if config.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {config.batch_size}")
 
@@ -252,7 +258,7 @@ class LoadedModel:
     pipe: object  # a fourdnex.generate.pipeline.FourDNeXPipeline
     adapter: object | None  # a fourdnex.model.adapters.Adapter
     model_type: str
-    layout: str  # the pipeline layout of config.mode
+    modalities: str  # what the latent holds: config.modalities
     lora_scale: float | None
     xyz_mean: float
     xyz_std: float
@@ -318,7 +324,7 @@ def load_model(
     load_seconds = time.perf_counter() - tic
     random_weights = json.loads((Path(config.model_path) / "model_index.json").read_text()).get(RANDOM_MARKER, False)
     return LoadedModel(
-        pipe, adapter, model_type, MODES[config.mode], lora_scale, xyz_mean, xyz_std, device, dtype, speed,
+        pipe, adapter, model_type, config.modalities, lora_scale, xyz_mean, xyz_std, device, dtype, speed,
         load_seconds, random_weights,
     )  # fmt: skip
 
@@ -351,7 +357,7 @@ def sample_batch(model: LoadedModel, jobs: list[Job], sample: SampleConfig, call
             num_inference_steps=sample.steps,
             guidance_scale=sample.guidance_scale,
             generator=[torch.Generator(device="cpu").manual_seed(sample.seed) for _ in jobs],
-            layout=model.layout,
+            modalities=model.modalities,
             xyz_mean=model.xyz_mean,
             xyz_std=model.xyz_std,
             given_frames=first.given_frames,
@@ -386,7 +392,7 @@ def job_meta(
         **dataclasses.asdict(sample),
         "height": job.height,
         "width": job.width,
-        "mode": config.mode,
+        "modalities": config.modalities,
         "type": model.model_type,
         "model_path": str(config.model_path),
         "sft_path": config.sft_path,
@@ -424,8 +430,8 @@ def generate(config: RunConfig) -> list[Path]:
     check_machine(speed, device)
     adapter = read_adapter(config.lora_path) if config.lora_path else None
     model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
-    layout = MODES[config.mode]
-    tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=layout == "rgbxyz") for job in jobs]
+    fused = config.modalities == "rgbxyz"
+    tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=fused) for job in jobs]
 
     # Processes: context parallel (every process, every line), lines shared out, or one process.
     launch = parallel.launch_of_this_process()

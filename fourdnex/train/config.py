@@ -32,8 +32,9 @@ LrSchedule = Literal["cosine", "constant"]
 ActivationMemory = Literal["auto", "recompute", "attention", "attention+ffn"]
 #: ``lora``: LoRA + domain embedding on a frozen base (4DNeX); ``full``: every transformer weight (a base model).
 TrainMode = Literal["lora", "full"]
-#: What a sample's latent holds: RGB | XYZ side by side (4DNeX), or the RGB video alone (plain image-to-video).
-TrainLayout = Literal["rgbxyz", "rgb"]
+#: What a sample's latent holds (``fourdnex.config.Modalities``): RGB | XYZ side by side (4DNeX), or the RGB video
+#: alone (plain image-to-video).
+TrainModalities = Literal["rgbxyz", "rgb"]
 #: The dtypes training computes in (``--mixed_precision``, which also takes accelerate's spellings bf16 and no).
 TrainPrecision = Literal["bfloat16", "float32"]
 #: ``--condition_tasks`` presets: the share of samples conditioned on each kind of given RGB frames. ``image``: the
@@ -45,7 +46,7 @@ CONDITION_TASKS: dict[str, dict[str, float]] = {
 }
 TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
-TRAIN_LAYOUTS: tuple[str, ...] = get_args(TrainLayout)
+TRAIN_MODALITIES: tuple[str, ...] = get_args(TrainModalities)
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 ACTIVATION_MEMORY_CHOICES: tuple[str, ...] = get_args(ActivationMemory)
@@ -69,7 +70,7 @@ class TrainConfig:
     model_path: str | None = None  # None: the model the cache was built with (stats.json), else DEFAULT_MODEL_PATH
     model_type: str = DEFAULT_MODEL_TYPE
     train_mode: TrainMode = "lora"
-    layout: TrainLayout = "rgbxyz"
+    modalities: TrainModalities = "rgbxyz"
     condition_tasks: str = "image"  # a CONDITION_TASKS key
     cache_in_memory: bool = False  # read the whole cache into host memory before the first step
     height: int = 480  # per modality
@@ -129,7 +130,7 @@ class TrainConfig:
     def tokens_per_sample(self) -> int:
         """Transformer tokens of one fused sample: latent frames x (height / 16) x (2 width / 16), 35,100 at 49x480x720
         (8x8 pixels per latent pixel, 2x2 latent pixels per patch, RGB and XYZ side by side)."""
-        halves = 2 if self.layout == "rgbxyz" else 1
+        halves = 2 if self.modalities == "rgbxyz" else 1
         return self.num_latent_frames * (self.height // SIZE_MULTIPLE) * (halves * self.width // SIZE_MULTIPLE)
 
     @property
@@ -163,7 +164,7 @@ class TrainConfig:
             ("mixed_precision", TRAIN_PRECISIONS),
             ("activation_memory", ACTIVATION_MEMORY_CHOICES),
             ("train_mode", TRAIN_MODES),
-            ("layout", TRAIN_LAYOUTS),
+            ("modalities", TRAIN_MODALITIES),
             ("condition_tasks", tuple(CONDITION_TASKS)),
         ):
             if getattr(self, name) not in choices:
@@ -178,8 +179,8 @@ class TrainConfig:
             raise TrainingError("rgb_first_frame_loss=False needs at least 2 latent frames (num_frames >= 5)")
         if self.validation_steps and not (self.validation_image and self.validation_prompt):
             raise TrainingError("validation_steps needs validation_image and validation_prompt")
-        if self.validation_steps and self.layout != "rgbxyz":
-            raise TrainingError("validation samples are RGB and XYZ results: validation_steps needs layout rgbxyz")
+        if self.validation_steps and self.modalities != "rgbxyz":
+            raise TrainingError("validation samples are RGB and XYZ results: validation_steps needs modalities rgbxyz")
         self.validate_activation_memory()
 
     def validate_activation_memory(self) -> None:
