@@ -17,8 +17,9 @@ import signal
 import sys
 from pathlib import Path
 
-from fourdnex.cli import run
-from fourdnex.config import CAMERA_PATHS, MEMORY_MODES, SampleConfig
+from fourdnex.cli import field_default, field_flag, run, settings, switch
+from fourdnex.generate.config import MEMORY_MODES, AccelerationConfig, RunConfig, SampleConfig
+from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MODEL, DEMO_ADAPTER = ROOT / "example" / "demo" / "model", ROOT / "example" / "demo" / "adapter"
@@ -46,6 +47,7 @@ def build_page(engine, sample: SampleConfig, examples):
     from fourdnex.app.engine import CONDITIONS, JobRequest
     from fourdnex.app.uploads import UploadError, check_image
     from fourdnex.app.viewer import viewer_html
+    from fourdnex.geometry.paths import CAMERA_PATHS
 
     conditions = engine.conditions
     with gr.Blocks(title="fourdnex: image to 4D") as page:
@@ -159,24 +161,12 @@ def main(args: argparse.Namespace) -> None:
     if warning:
         print(warning, flush=True)
     from fourdnex.app.jobs import JobFolders
-    from fourdnex.config import AccelerationConfig
-    from fourdnex.generate.run import RunConfig
 
     lora_path = args.lora_path
     if lora_path is None and Path(args.model_path).resolve() == DEMO_MODEL:
         lora_path = str(DEMO_ADAPTER)
     sample = initial_sample(args)
-    switch = {"auto": None, "on": True, "off": False}
-    speed = AccelerationConfig(memory=args.memory, fp8=args.fp8, compile=switch[args.compile])
-    config = RunConfig(
-        prompt="",
-        model_path=args.model_path,
-        lora_path=lora_path,
-        lora_scale=args.lora_scale,
-        device=args.device,
-        dtype=args.dtype,
-        speed=speed,
-    )
+    config = settings(RunConfig, args, prompt="", lora_path=lora_path, speed=settings(AccelerationConfig, args))
     jobs = JobFolders()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a stop by `kill` removes the jobs too
     os.environ["GRADIO_TEMP_DIR"] = str(jobs.root / "gradio")  # uploads and Gradio's copies, removed with the jobs
@@ -210,10 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="app.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model_path", default=str(DEMO_MODEL), help="Wan2.1-I2V diffusers folder (default: the demo)")
-    p.add_argument(
-        "--lora_path", default=None, help="adapter, as inference.py's (default: the demo's with the demo model)"
-    )
-    p.add_argument("--lora_scale", type=float, default=None, help="LoRA scale (default: the adapter's own)")
+    field_flag(p, RunConfig, "lora_path", help="adapter, as inference.py's (default: the demo's with the demo model)")
+    field_flag(p, RunConfig, "lora_scale", type=float, help="LoRA scale (default: the adapter's own)")
     p.add_argument(
         "--examples",
         default=None,
@@ -232,13 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument("--width", type=int, default=None, help="per-modality width (demo 144, else 720)")
     page.add_argument("--steps", type=int, default=None, help="denoising steps (demo 30, else 50)")
     page.add_argument("--guidance_scale", type=float, default=None, help="(demo 1, else 5)")
-    page.add_argument("--seed", type=int, default=None, help="(default 42)")
+    page.add_argument("--seed", type=int, default=None, help=f"(default {field_default(SampleConfig, 'seed')})")
     hw = p.add_argument_group("hardware (as inference.py's)")
-    hw.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
-    hw.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    hw.add_argument("--memory", default="auto", choices=["auto", *MEMORY_MODES], help="(default auto: what fits)")
-    hw.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="regional torch.compile")
-    hw.add_argument("--fp8", action="store_true", help="float8 transformer weights (approximate)")
+    field_flag(hw, RunConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
+    field_flag(hw, RunConfig, "dtype", aliases=DTYPE_ALIASES, choices=DTYPE_CHOICES, help="(default auto)")
+    field_flag(hw, AccelerationConfig, "memory", choices=["auto", *MEMORY_MODES], help="(default auto: what fits)")
+    field_flag(
+        hw, AccelerationConfig, "compile", type=switch, metavar="{auto,on,off}", help="regional torch.compile"
+    )
+    field_flag(hw, AccelerationConfig, "fp8", action="store_true", help="float8 transformer weights (approximate)")
     return p
 
 

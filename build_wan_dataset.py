@@ -16,21 +16,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from fourdnex.cli import run
-from fourdnex.config import DEFAULT_MODEL_PATH
+from fourdnex.cli import field_flag, run, settings
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, build, merge_shards
 from fourdnex.data.cache import FAILURE_FILE, FAILURES_FILE
 from fourdnex.data.prepare import CENTER_MODES
 from fourdnex.data.sources import ClipError
+from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES, dtype_choices
 
 
 def main(args: argparse.Namespace) -> None:
     """Build (one shard of) the cache, or only merge the shards' outputs with ``--merge``; a run whose every clip
     failed exits non-zero after its summary."""
-    options = {k: v for k, v in vars(args).items() if k != "merge"}
-    cfg = BuildConfig(**options)
+    cfg = settings(BuildConfig, args)
     cfg.validate()
     if args.merge:
         result = merge_shards(cfg.data_dir, cfg.out, cfg.limit)
@@ -46,55 +43,63 @@ def main(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (snake_case flags; the reference's flags keep working)."""
+    """The command line (snake_case flags; the reference's flags keep working); every default is a BuildConfig
+    field's."""
     parser = argparse.ArgumentParser(
         prog="build_wan_dataset.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    defaults = BuildConfig(data_dir="", out="", model_path="")
-    parser.add_argument("--data_dir", required=True, help="4DNeX-10M root: dynamic/ static/ raw/ caption/")
-    parser.add_argument("--out", required=True, help="the cache folder")
-    parser.add_argument("--model_path", default=DEFAULT_MODEL_PATH, help="Wan2.1-I2V in diffusers layout")
-    parser.add_argument("--num_tasks", type=int, default=1, help="number of shards")
-    parser.add_argument("--task_idx", type=int, default=0, help="this shard, 0 .. num_tasks - 1")
-    parser.add_argument("--resolution_h", type=int, default=480)
-    parser.add_argument("--resolution_w", type=int, default=720)
-    parser.add_argument("--num_frames", type=int, default=81, help="frames per clip (training uses 49)")
-    parser.add_argument("--cond_num_frames", type=int, default=None, help="condition frames (min(49, num_frames))")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N clips (in id order)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype",
-        default=defaults.dtype,
-        choices=["auto", "bf16", "fp16", "fp32"],
-        help="the text encoder's dtype (auto: bf16 on GPU, fp32 on CPU)",
+    field_flag(parser, BuildConfig, "data_dir", required=True, help="4DNeX-10M root: dynamic/ static/ raw/ caption/")
+    field_flag(parser, BuildConfig, "out", required=True, help="the cache folder")
+    field_flag(parser, BuildConfig, "model_path", help="Wan2.1-I2V in diffusers layout (default %(default)s)")
+    field_flag(parser, BuildConfig, "num_tasks", type=int, help="number of shards")
+    field_flag(parser, BuildConfig, "task_idx", type=int, help="this shard, 0 .. num_tasks - 1")
+    field_flag(parser, BuildConfig, "resolution_h", type=int)
+    field_flag(parser, BuildConfig, "resolution_w", type=int)
+    field_flag(parser, BuildConfig, "num_frames", type=int, help="frames per clip (training uses 49)")
+    field_flag(parser, BuildConfig, "cond_num_frames", type=int, help="condition frames (min(49, num_frames))")
+    field_flag(parser, BuildConfig, "limit", type=int, help="only the first N clips (in id order)")
+    field_flag(parser, BuildConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
+    field_flag(
+        parser,
+        BuildConfig,
+        "dtype",
+        aliases=DTYPE_ALIASES,
+        choices=DTYPE_CHOICES,
+        help="the text encoder's dtype (default auto: bfloat16 on GPU, float32 on CPU)",
     )
-    parser.add_argument(
-        "--encoder_dtype",
-        default=defaults.encoder_dtype,
-        choices=list(ENCODER_DTYPES),
-        help="the VAE's and CLIP's dtype: fp32 (default: the latents inference's and training's float32 VAE computes) "
-        "or bf16 (faster on a GPU; latents 0.3-0.4 %% of their spread away, RMS)",
+    field_flag(
+        parser,
+        BuildConfig,
+        "encoder_dtype",
+        aliases=DTYPE_ALIASES,
+        choices=dtype_choices(*ENCODER_DTYPES),
+        help="the VAE's and CLIP's dtype: float32 (default: the latents inference's and training's float32 VAE "
+        "computes) or bfloat16 (faster on a GPU; latents 0.3-0.4 %% of their spread away, RMS)",
     )
-    parser.add_argument(
-        "--compile_vae",
+    field_flag(
+        parser,
+        BuildConfig,
+        "compile_vae",
         action="store_true",
         help="torch.compile the VAE's encoder (pays on long builds; see BENCHMARKS.md)",
     )
-    parser.add_argument(
-        "--center",
-        default="clip",
+    field_flag(
+        parser,
+        BuildConfig,
+        "center",
         choices=CENTER_MODES,
         help="pointmap centring: clip (one centre, box and scale per clip: static points stay put) or per_frame "
         "(the reference's, for an adapter compatible with the released one)",
     )
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="clips per VAE call")
-    parser.add_argument(
-        "--num_workers",
+    field_flag(parser, BuildConfig, "batch_size", type=int, help="clips per VAE call")
+    field_flag(
+        parser,
+        BuildConfig,
+        "num_workers",
         type=int,
-        default=defaults.num_workers,
         help="processes that read, crop and write the videos of clips ahead of the encoders (0: in this process)",
     )
-    parser.add_argument("--retry_failed", action="store_true", help="try clips that failed before again")
+    field_flag(parser, BuildConfig, "retry_failed", action="store_true", help="try clips that failed before again")
     parser.add_argument("--merge", action="store_true", help="only combine the shards' records into lists and stats")
     return parser
 

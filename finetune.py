@@ -18,25 +18,25 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fourdnex.cli import run
-from fourdnex.config import DEFAULT_LORA_TARGETS, MODEL_TYPES
+from fourdnex.cli import field_flag, run, settings
+from fourdnex.config import MODALITY_ALIASES, MODEL_TYPES
+from fourdnex.runtime import DTYPE_ALIASES, dtype_choices
 from fourdnex.train.config import (
     ACTIVATION_MEMORY_CHOICES,
     CONDITION_TASKS,
     LR_SCHEDULES,
     TIMESTEP_SAMPLINGS,
-    TRAIN_LAYOUTS,
+    TRAIN_MODALITIES,
     TRAIN_MODES,
+    TRAIN_PRECISIONS,
     TrainConfig,
 )
 from fourdnex.train.loop import train
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the parsed flags describe (every flag is a TrainConfig field of the same name)."""
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
-    cfg.lora_targets = tuple(cfg.lora_targets)
-    return cfg
+    """The TrainConfig the parsed flags describe (every flag is a TrainConfig field)."""
+    return settings(TrainConfig, args, lora_targets=tuple(args.lora_targets))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -49,69 +49,86 @@ def main(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; every default comes from TrainConfig."""
-    d = TrainConfig()
+    """The command line; every default is a TrainConfig field's."""
     parser = argparse.ArgumentParser(
         prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     g = parser.add_argument_group("data and model")
-    g.add_argument("--cache_dir", required=True, help="latent cache written by build_wan_dataset.py")
-    g.add_argument("--output_dir", default=d.output_dir, help="checkpoints, logs and the final adapter")
-    g.add_argument("--model_path", default=None, help="Wan2.1-I2V diffusers folder (default: the cache's)")
-    g.add_argument("--type", dest="model_type", default=d.model_type, choices=sorted(MODEL_TYPES))
-    g.add_argument(
-        "--train_mode",
-        default=d.train_mode,
+    field_flag(g, TrainConfig, "cache_dir", required=True, help="latent cache written by build_wan_dataset.py")
+    field_flag(g, TrainConfig, "output_dir", help="checkpoints, logs and the final adapter")
+    field_flag(g, TrainConfig, "model_path", help="Wan2.1-I2V diffusers folder (default: the cache's)")
+    field_flag(g, TrainConfig, "model_type", "--type", choices=sorted(MODEL_TYPES))
+    field_flag(
+        g,
+        TrainConfig,
+        "train_mode",
         choices=TRAIN_MODES,
         help="lora: LoRA + domain embedding on the frozen base, written as an adapter (default, 4DNeX); full: every "
         "transformer weight, written as a transformer folder for inference.py --sft_path (a base model)",
     )
-    g.add_argument(
+    field_flag(
+        g,
+        TrainConfig,
+        "modalities",
+        "--modalities",
         "--layout",
-        default=d.layout,
-        choices=TRAIN_LAYOUTS,
-        help="rgbxyz: RGB | XYZ side by side (default); rgb: the RGB video alone (plain image-to-video)",
+        aliases=MODALITY_ALIASES,
+        choices=(*TRAIN_MODALITIES, *MODALITY_ALIASES),
+        help="what a sample's latent holds: rgbxyz, RGB | XYZ side by side (default; xyzrgb is the reference's "
+        "spelling), or rgb, the RGB video alone (plain image-to-video). --layout is its former name, still accepted",
     )
-    g.add_argument(
-        "--condition_tasks",
-        default=d.condition_tasks,
+    field_flag(
+        g,
+        TrainConfig,
+        "condition_tasks",
         choices=sorted(CONDITION_TASKS),
         help="the given frames of each sample: image (frame 0, default, the paper) or any (image "  # %% for argparse
         f"{CONDITION_TASKS['any']['image']:.0%}%, first+last {CONDITION_TASKS['any']['first_last']:.0%}%, keyframes "
         f"{CONDITION_TASKS['any']['keyframes']:.0%}%, every frame {CONDITION_TASKS['any']['video']:.0%}%)",
     )
-    g.add_argument(
-        "--cache_in_memory",
+    field_flag(
+        g,
+        TrainConfig,
+        "cache_in_memory",
         action="store_true",
         help="read every latent and embedding the run uses once, into stacked tensors on the training GPU (host "
         "memory where they would take more than half of its free memory; the videos too with --condition_tasks any): "
         "a step's batch is a few gathers, no file reads (about 0.5 MB per clip at 25x96x144, BENCHMARKS.md)",
     )
-    g.add_argument("--height", type=int, default=d.height, help="per modality; must match the cache")
-    g.add_argument("--width", type=int, default=d.width, help="per modality; must match the cache")
-    g.add_argument("--num_frames", type=int, default=d.num_frames, help="first frames of each clip (4k+1)")
+    field_flag(g, TrainConfig, "height", type=int, help="per modality; must match the cache")
+    field_flag(g, TrainConfig, "width", type=int, help="per modality; must match the cache")
+    field_flag(g, TrainConfig, "num_frames", type=int, help="first frames of each clip (4k+1)")
     g = parser.add_argument_group("adapter")
-    g.add_argument("--lora_rank", type=int, default=d.lora_rank)
-    g.add_argument("--lora_alpha", type=float, default=d.lora_alpha)
-    g.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="linear layer names")
+    field_flag(g, TrainConfig, "lora_rank", type=int)
+    field_flag(g, TrainConfig, "lora_alpha", type=float)
+    field_flag(g, TrainConfig, "lora_targets", nargs="+", help="linear layer names")
     g = parser.add_argument_group("optimization")
-    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    g.add_argument("--lr_schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
-    g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
-    g.add_argument("--min_lr_ratio", type=float, default=d.min_lr_ratio, help="final lr / learning_rate")
-    g.add_argument("--max_steps", type=int, default=d.max_steps, help="optimizer steps")
-    g.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="per process")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
-    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm)
-    g.add_argument("--adam_beta1", type=float, default=d.adam_beta1)
-    g.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
-    g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
-    g.add_argument("--weight_decay", type=float, default=d.weight_decay)
-    g.add_argument("--mixed_precision", default=d.mixed_precision, choices=["bf16", "no"])
-    g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
-    g.add_argument(
-        "--activation_memory",
-        default=d.activation_memory,
+    field_flag(g, TrainConfig, "learning_rate", type=float)
+    field_flag(g, TrainConfig, "lr_schedule", choices=LR_SCHEDULES)
+    field_flag(g, TrainConfig, "lr_warmup_steps", type=int)
+    field_flag(g, TrainConfig, "min_lr_ratio", type=float, help="final lr / learning_rate")
+    field_flag(g, TrainConfig, "max_steps", type=int, help="optimizer steps")
+    field_flag(g, TrainConfig, "train_batch_size", type=int, help="per process")
+    field_flag(g, TrainConfig, "gradient_accumulation_steps", type=int)
+    field_flag(g, TrainConfig, "max_grad_norm", type=float)
+    field_flag(g, TrainConfig, "adam_beta1", type=float)
+    field_flag(g, TrainConfig, "adam_beta2", type=float)
+    field_flag(g, TrainConfig, "adam_epsilon", type=float)
+    field_flag(g, TrainConfig, "weight_decay", type=float)
+    field_flag(
+        g,
+        TrainConfig,
+        "mixed_precision",
+        aliases=DTYPE_ALIASES,
+        choices=dtype_choices(*TRAIN_PRECISIONS),
+        help="the dtype the transformer computes in (default %(default)s; bf16, and no for float32, are accelerate's "
+        "spellings)",
+    )
+    field_flag(g, TrainConfig, "gradient_checkpointing", "--no_gradient_checkpointing", action="store_false")
+    field_flag(
+        g,
+        TrainConfig,
+        "activation_memory",
         choices=ACTIVATION_MEMORY_CHOICES,
         help="what gradient checkpointing keeps of each block instead of recomputing it in the backward: recompute "
         "(its input only: diffusers' gradient checkpointing), attention (also its self-attention output), "
@@ -121,35 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
         "most the free host RAM per process allows (thresholds in fourdnex/train/memory_policy.py, scaled with the "
         "tokens per step)",
     )
-    g.add_argument(
-        "--attention_backend",
-        default=None,
+    field_flag(
+        g,
+        TrainConfig,
+        "attention_backend",
         help="diffusers attention backend, e.g. _native_cudnn, or flash_4 (FlashAttention-4, an optional package for "
         "Hopper and Blackwell GPUs; see the README); default: native SDPA",
     )
-    g.add_argument("--compile_blocks", action="store_true", help="torch.compile each transformer block")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--deepspeed_config", default=None, help="DeepSpeed json (default: configs/deepspeed_zero2.json)")
+    field_flag(g, TrainConfig, "compile_blocks", action="store_true", help="torch.compile each transformer block")
+    field_flag(g, TrainConfig, "seed", type=int)
+    field_flag(g, TrainConfig, "deepspeed_config", help="DeepSpeed json (default: configs/deepspeed_zero2.json)")
     g = parser.add_argument_group("loss")
-    g.add_argument("--timestep_sampling", default=d.timestep_sampling, choices=TIMESTEP_SAMPLINGS)
-    g.add_argument("--shift", type=float, default=d.shift, help="for shifted sampling (inference flow_shift)")
-    g.add_argument("--rgb_loss_weight", type=float, default=d.rgb_loss_weight)
-    g.add_argument("--xyz_loss_weight", type=float, default=d.xyz_loss_weight)
-    g.add_argument(
+    field_flag(g, TrainConfig, "timestep_sampling", choices=TIMESTEP_SAMPLINGS)
+    field_flag(g, TrainConfig, "shift", type=float, help="for shifted sampling (inference flow_shift)")
+    field_flag(g, TrainConfig, "rgb_loss_weight", type=float)
+    field_flag(g, TrainConfig, "xyz_loss_weight", type=float)
+    field_flag(
+        g,
+        TrainConfig,
+        "rgb_first_frame_loss",
         "--no_rgb_first_frame_loss",
-        dest="rgb_first_frame_loss",
         action="store_false",
         help="leave the first RGB latent frame (the given condition) out of the loss",
     )
     g = parser.add_argument_group("checkpoints, logging, validation")
-    g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps)
-    g.add_argument("--checkpoints_total_limit", type=int, default=d.checkpoints_total_limit)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    g.add_argument("--logging_steps", type=int, default=d.logging_steps)
-    g.add_argument("--validation_steps", type=int, default=d.validation_steps, help="0: no validation sampling")
-    g.add_argument("--validation_image", default=None)
-    g.add_argument("--validation_prompt", default=None)
-    g.add_argument("--validation_inference_steps", type=int, default=d.validation_inference_steps)
+    field_flag(g, TrainConfig, "checkpointing_steps", type=int)
+    field_flag(g, TrainConfig, "checkpoints_total_limit", type=int)
+    field_flag(g, TrainConfig, "resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    field_flag(g, TrainConfig, "logging_steps", type=int)
+    field_flag(g, TrainConfig, "validation_steps", type=int, help="0: no validation sampling")
+    field_flag(g, TrainConfig, "validation_image")
+    field_flag(g, TrainConfig, "validation_prompt")
+    field_flag(g, TrainConfig, "validation_inference_steps", type=int)
     return parser
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fourdnex.cli import resolve_device, run
-from fourdnex.config import RegistrationConfig
+from fourdnex.cli import field_flag, run, settings
 from fourdnex.errors import UsageError
 from fourdnex.geometry.exports import DEPTH_FORMATS, EXPORTS, export_all
-from fourdnex.geometry.registration import RegistrationError, check_pointmap, register_result
+from fourdnex.geometry.registration import RegistrationConfig, RegistrationError, check_pointmap, register_result
 from fourdnex.geometry.results import find_results, load_result, registration_path, save_registration
+from fourdnex.runtime import device_of
 
 
 def _frames(count: int, start: int, end: int | None, gap: int, where: Path) -> np.ndarray:
@@ -37,16 +37,11 @@ def _frames(count: int, start: int, end: int | None, gap: int, where: Path) -> n
 
 def main(args: argparse.Namespace) -> None:
     """Register every result the input names; validates all inputs before writing anything."""
-    config = RegistrationConfig(
-        shared_intrinsics=not args.per_frame_intrinsics,
-        iterations=args.iterations,
-        samples=args.samples,
-        seed=args.seed,
-    )
+    config = settings(RegistrationConfig, args)
     config.validate()
     if args.ply_stride < 1:
         raise UsageError(f"--ply_stride must be >= 1, got {args.ply_stride}")
-    device = resolve_device(args.device)
+    device = device_of(args.device)
     files = find_results(args.pkl_dir)
     for path in tqdm(files, desc="checking", disable=len(files) < 2):  # fail before writing anything
         xyz = load_result(path).xyz
@@ -87,10 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end_frame", type=int, default=None, help="exclusive; default: the last frame")
     p.add_argument("--frame_gap", type=int, default=1, help="use every N-th frame")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--iterations", type=int, default=RegistrationConfig.iterations, help="refinement (LM) steps")
-    p.add_argument("--samples", type=int, default=RegistrationConfig.samples, help="pixels per frame for the fit")
-    p.add_argument("--per_frame_intrinsics", action="store_true", help="fit one K per frame (default: one shared K)")
-    p.add_argument("--seed", type=int, default=RegistrationConfig.seed)
+    field_flag(p, RegistrationConfig, "iterations", type=int, help="refinement (LM) steps (default %(default)s)")
+    field_flag(p, RegistrationConfig, "samples", type=int, help="pixels per frame for the fit (default %(default)s)")
+    field_flag(
+        p,
+        RegistrationConfig,
+        "shared_intrinsics",
+        "--per_frame_intrinsics",
+        action="store_false",
+        help="fit one K per frame (default: one shared K)",
+    )
+    field_flag(p, RegistrationConfig, "seed", type=int)
     p.add_argument("--export", nargs="*", choices=EXPORTS, default=[], help="exports to write into NNNNN_export/")
     p.add_argument("--depth_format", choices=DEPTH_FORMATS, default="png16")
     p.add_argument("--ply_stride", type=int, default=1, help="keep every N-th pixel along rows and columns in PLYs")

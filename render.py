@@ -22,10 +22,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fourdnex import __version__
-from fourdnex.cli import resolve_device, run
-from fourdnex.config import CAMERA_PATHS, PATH_PARAMETERS, CameraPath
+from fourdnex.cli import run
 from fourdnex.errors import UsageError
 from fourdnex.geometry.exports import DEPTH_FORMATS
+from fourdnex.geometry.paths import CAMERA_PATHS, PATH_PARAMETERS, CameraPath
 from fourdnex.geometry.render import (
     SPLAT_SCALE,
     RenderError,
@@ -35,6 +35,7 @@ from fourdnex.geometry.render import (
     write_novel_views,
 )
 from fourdnex.geometry.results import find_results, load_result, registration_path
+from fourdnex.runtime import device_of
 
 PARAMETER_FLAGS = ("angle", "turns", "distance")
 
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"--max_residual must be >= 0, got {args.max_residual}")
     if args.splat_scale <= 0:
         raise UsageError(f"--splat_scale must be positive, got {args.splat_scale}")
-    device = resolve_device(args.device)
+    device = device_of(args.device)
     files = find_results(args.pkl_dir)
     for result in tqdm(files, desc="checking", disable=len(files) < 2):
         reg = find_registration(result, args.reg_dir)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fourdnex.runtime import device_of, dtype_of
+
 SDPA_KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -84,8 +86,8 @@ def measure(fn, q, k, v, repeats: int, backward: bool) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = device_of("cpu" if args.tiny else "auto")
+    dtype = dtype_of("auto", device)
     heads, dim = (4, 16) if args.tiny else (40, 128)
     queries = 300 if args.tiny else 35_100
     shapes = {"self": queries, "text": 64 if args.tiny else 512, "image": 33 if args.tiny else 257}

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fourdnex.config import SampleConfig
 from fourdnex.data.synthetic import write_tree
 from fourdnex.evaluation.inputs import write_inputs
+from fourdnex.generate.config import RunConfig, SampleConfig
 from fourdnex.generate.parallel import tokens_of
-from fourdnex.generate.run import RunConfig, batches, job_meta, load_model, sample_batch, select_jobs
+from fourdnex.generate.run import batches, job_meta, load_model, sample_batch, select_jobs
 from fourdnex.geometry.results import write_sample
 
 ROOT = Path(__file__).resolve().parents[1]

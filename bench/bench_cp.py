@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from bench import common
 from fourdnex.generate import parallel
+from fourdnex.runtime import device_of, dtype_of
 
 
 def forward_seconds(model, inputs, device, repeats: int) -> tuple[float, torch.Tensor]:
@@ -35,10 +36,10 @@ def forward_seconds(model, inputs, device, repeats: int) -> tuple[float, torch.T
 
 
 def main(args: argparse.Namespace) -> None:
-    device_type = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    device_type = device_of("cpu" if args.tiny else "auto").type
     process = parallel.init_processes(args.cp, device_type)
     device, world = process.device, process.world_size
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype_of("auto", device)
     shape = common.TINY_SHAPE if args.tiny else common.REAL_SHAPE
     config = common.TINY_TRANSFORMER if args.tiny else common.REAL_TRANSFORMER
     parallel.check_split(args.cp, world, shape.tokens, config["num_attention_heads"])

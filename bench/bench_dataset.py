@@ -44,10 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common
+from fourdnex.cli import field_flag
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, Encoders, build
 from fourdnex.data.prepare import fit_normalization
 from fourdnex.data.synthetic import render_scene, write_tree
 from fourdnex.model.loading import ENCODER_DTYPE, load_components, load_vae
+from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES, device_of, dtype_choices, dtype_of
 
 TINY = Path(__file__).resolve().parents[1] / "example" / "tiny-wan-i2v"
 
@@ -87,7 +89,7 @@ class TimedEncoders(Encoders):
 def real_size_components(device: str, dtype: torch.dtype, vision_dtype: torch.dtype = ENCODER_DTYPE) -> dict:
     """The Wan2.1-I2V-14B encoders at their real sizes with random weights, built on ``device``: UMT5 in ``dtype``,
     the VAE and CLIP in ``vision_dtype``, as the build loads them."""
-    return common.build_components(False, torch.device(device), dtype, vision_dtype=vision_dtype)
+    return common.build_components(False, device_of(device), dtype, vision_dtype=vision_dtype)
 
 
 def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_num_frames: int) -> dict[str, float]:
@@ -194,7 +196,7 @@ def print_encoder_precision(args: argparse.Namespace) -> None:
 
     from fourdnex.model.fusion import encode_latents
 
-    device = torch.device(args.device)
+    device = device_of(args.device)
     torch.manual_seed(args.seed)
     vae = AutoencoderKLWan(**common.REAL_VAE, temperal_downsample=[False, True, True]).to(device).eval()
     print(f"real-size Wan VAE (random weights), {args.num_clips} clips of {args.num_frames} x {args.height} x "
@@ -242,8 +244,8 @@ def print_stages(args: argparse.Namespace) -> None:
     from fourdnex.data.sources import Captions, find_clips, read_clip
     from fourdnex.files import write_png, write_safetensors, write_video
 
-    device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device = device_of(args.device)
+    dtype = dtype_of(args.dtype, device)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_dataset_"))
     data_dir = work / "data"
     if not (data_dir / "caption").is_dir():
@@ -328,7 +330,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
 
     from fourdnex.model.fusion import condition_video, encode_latents
 
-    device = torch.device(args.device)
+    device = device_of(args.device)
     torch.manual_seed(args.seed)
     if args.real_size:
         vae = AutoencoderKLWan(**common.REAL_VAE, temperal_downsample=[False, True, True])
@@ -345,7 +347,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     rows = []
     for name in args.variants.split(","):
         dtype_name, *options = name.split("+")
-        model = vae.to(ENCODER_DTYPES[dtype_name])
+        model = vae.to(dtype_of(dtype_name))
         if "channels_last" in options:
             for module in model.modules():
                 if isinstance(module, torch.nn.Conv3d):
@@ -384,8 +386,8 @@ def print_vae_variants(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     """Synthesize, warm up, time one build, print the table."""
-    device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device = device_of(args.device)
+    dtype = dtype_of(args.dtype, device)
     vision_dtype = ENCODER_DTYPES[args.encoder_dtype]
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_dataset_"))
     cond_frames = min(49, args.num_frames)
@@ -411,7 +413,7 @@ def main(args: argparse.Namespace) -> None:
             resolution_h=args.height,
             resolution_w=args.width,
             device=args.device,
-            dtype=args.dtype or "auto",
+            dtype=args.dtype,
             encoder_dtype=args.encoder_dtype,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
@@ -520,20 +522,26 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = BuildConfig(data_dir="", out="", model_path="")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    field_flag(parser, BuildConfig, "device", help="auto (default: cuda when available), cuda, cuda:N or cpu")
     parser.add_argument("--real-size", "--real_size", dest="real_size", action="store_true")
     parser.add_argument("--model_path", default=str(TINY), help="a Wan2.1-I2V folder (default: the tiny model)")
     parser.add_argument("--num_clips", type=int, default=5, help="clips timed (the first also warms up, beforehand)")
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--num_workers", type=int, default=defaults.num_workers, help="the build's worker processes")
-    parser.add_argument(
-        "--dtype", choices=["bf16", "fp32"], default=None, help="UMT5's dtype; default: bf16 on GPU, fp32 on CPU"
+    field_flag(parser, BuildConfig, "batch_size", type=int)
+    field_flag(parser, BuildConfig, "num_workers", type=int, help="the build's worker processes")
+    field_flag(
+        parser,
+        BuildConfig,
+        "dtype",
+        aliases=DTYPE_ALIASES,
+        choices=DTYPE_CHOICES,
+        help="UMT5's dtype (default auto: bfloat16 on GPU, float32 on CPU)",
     )
-    parser.add_argument("--encoder_dtype", choices=list(ENCODER_DTYPES), default=defaults.encoder_dtype)
+    field_flag(
+        parser, BuildConfig, "encoder_dtype", aliases=DTYPE_ALIASES, choices=dtype_choices(*ENCODER_DTYPES)
+    )
     parser.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE's encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder for the synthetic clips and caches (kept; reused)")

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common
 from bench.bench_attention import measure
 from fourdnex.model import attention
+from fourdnex.runtime import device_of, dtype_of
 
 SECTIONS = ("kernels", "forward", "sample")
 REFERENCE_QUERIES = 1024
@@ -235,8 +236,8 @@ def main(args: argparse.Namespace) -> None:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         sys.exit(f"bench_fa4: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = device_of("cpu" if args.tiny else "auto")
+    dtype = dtype_of("auto", device)
     report = Report()
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     with installed_stand_in(args.tiny):

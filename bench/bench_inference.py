@@ -40,9 +40,11 @@ import PIL.Image
 import torch
 
 from bench import common
-from fourdnex.config import FLASH_4_BACKEND, AccelerationConfig
+from fourdnex.config import FLASH_4_BACKEND
 from fourdnex.generate.acceleration import apply_acceleration, resolve
+from fourdnex.generate.config import AccelerationConfig
 from fourdnex.model import attention
+from fourdnex.runtime import device_of, dtype_of
 
 SECTIONS = ("forward", "profile", "cross", "sample", "approx", "vae", "memory", "batch")
 DEFAULT_SECTIONS = "forward,sample,approx,vae,memory"
@@ -180,8 +182,8 @@ def main(args: argparse.Namespace) -> None:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         sys.exit(f"bench_inference: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = device_of("cpu" if args.cpu else "auto")
+    dtype = dtype_of("auto", device)
     tiny = args.tiny
     shape = common.TINY_SHAPE if tiny else common.REAL_SHAPE
     table = Table(budget=args.budget_seconds, tiny=tiny)
@@ -527,8 +529,8 @@ def run_memory_modes(args: argparse.Namespace, table: Table, results: dict[str, 
 
 def run_child(args: argparse.Namespace) -> None:
     """One memory mode in this process: build on the GPU, move to the CPU, cap, offload, sample, report JSON."""
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = device_of("cpu" if args.cpu else "auto")
+    dtype = dtype_of("auto", device)
     shape = common.TINY_SHAPE if args.tiny else common.REAL_SHAPE
     pipe = common.ours_pipeline(
         common.build_components(args.tiny, device, dtype), common.build_transformer(args.tiny, device, dtype)

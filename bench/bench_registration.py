@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fourdnex.geometry.cameras import pixel_grid
 from fourdnex.geometry.registration import register
+from fourdnex.runtime import device_of
 from fourdnex.testing import scenes as toy_scene
 
 REFERENCE_ITERS = 1500
@@ -153,7 +154,7 @@ def main(args: argparse.Namespace) -> None:
     """Run everything and print the tables."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = device_of(args.device)
     F, H, W = args.frames, args.height, args.width
     pixels = F * H * W
     gbps = bandwidth(device)
@@ -212,7 +213,7 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--frames", type=int, default=49)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=720)

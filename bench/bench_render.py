@@ -38,9 +38,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_registration import bandwidth, row, sync
-from fourdnex.config import CAMERA_PATHS, CameraPath
-from fourdnex.geometry.paths import camera_path
+from fourdnex.geometry.paths import CAMERA_PATHS, CameraPath, camera_path
 from fourdnex.geometry.render import SPLAT_SCALE, render_frames, splat
+from fourdnex.runtime import device_of
 from fourdnex.testing import scenes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def main(args: argparse.Namespace) -> None:
     if args.strip:
         strip(Path(args.strip), args.frames, args.height, args.width, args.shown)
         return
-    device = torch.device(args.device)
+    device = device_of(args.device)
     gbps = bandwidth(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--frames", type=int, default=49)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=720)

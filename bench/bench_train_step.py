@@ -58,6 +58,7 @@ from bench.common import REAL_TRANSFORMER as REAL
 from bench.common import TINY_TRANSFORMER as TINY
 from bench.common import building_on
 from fourdnex.model.transformer import FourDNeXTransformer
+from fourdnex.runtime import device_of
 from fourdnex.train.block_recompute import BlockRecompute, HostCopier, block_recompute
 from fourdnex.train.config import ACTIVATION_MEMORY_CHOICES, TrainConfig, TrainingError
 from fourdnex.train.data import SampleStream
@@ -308,9 +309,9 @@ def run_baseline(args, cfg: TrainConfig, config: dict, shape) -> None:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of()
     model = build_model(config, device)
-    model.set_layout("rgbxyz")
+    model.set_modalities("rgbxyz")
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets)))
     model.domain_embedding.requires_grad_(True)
@@ -356,7 +357,7 @@ def run_gradients(args, cfg: TrainConfig, setting: str, config: dict, shape) -> 
 
     LoRA B starts from small seeded values instead of zero, so that the A matrices get gradients too.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of()
     plan = RecomputePlan.for_setting(setting, park=device.type == "cuda")
     plain = dataclasses.replace(cfg, compile_blocks=False, attention_backend=None)  # the reference: the default kernel
     runs = [("plain checkpointing", plain, None), ("plain checkpointing, again", plain, None)]

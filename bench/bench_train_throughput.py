@@ -46,9 +46,9 @@ from fourdnex.train.loss import Batch, LossWeights, batch_loss
 FRAMES, HEIGHT, WIDTH = 25, 96, 144
 #: The flags of each transformer stage of scripts/train_demo.sh.
 STAGES = {
-    "adapter": {"train_mode": "lora", "layout": "rgbxyz", "model_type": "i2vwbw-demb-samerope", "lora_rank": 16,
+    "adapter": {"train_mode": "lora", "modalities": "rgbxyz", "model_type": "i2vwbw-demb-samerope", "lora_rank": 16,
                 "lora_alpha": 16.0, "learning_rate": 1e-3},
-    "base": {"train_mode": "full", "layout": "rgb", "model_type": "i2vwbw", "learning_rate": 5e-4},
+    "base": {"train_mode": "full", "modalities": "rgb", "model_type": "i2vwbw", "learning_rate": 5e-4},
 }  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def random_batches(cfg: TrainConfig, model, batch: int, device: torch.device, co
     """``count`` random micro-batches of the stage's shapes on ``device``."""
     config = model.config
     t, h = (FRAMES - 1) // 4 + 1, HEIGHT // 8
-    w = 2 * WIDTH // 8 if cfg.layout == "rgbxyz" else WIDTH // 8
+    w = 2 * WIDTH // 8 if cfg.modalities == "rgbxyz" else WIDTH // 8
     text_len = 512
     image_len = PRESETS["demo"].image_encoder["image_size"] // PRESETS["demo"].image_encoder["patch_size"]
     g = torch.Generator(device).manual_seed(0)
@@ -103,11 +103,11 @@ def step_flops(cfg: TrainConfig, model_path: str, batch: int, device: torch.devi
     from fourdnex.model.loading import load_transformer
     from fourdnex.train.loop import build_transformer
 
-    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "no", "compile_blocks": False})
+    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "float32", "compile_blocks": False})
     model = build_transformer(plain, transformer=load_transformer(model_path, torch.float32).to(device))
     sample = random_batches(cfg, model, batch, device, count=1)[0]
     with FlopCounterMode(display=False) as counter, torch.autocast(device.type, dtype=torch.bfloat16):
-        loss, _ = batch_loss(model, sample, LossWeights(fused=cfg.layout == "rgbxyz"), torch.float32)
+        loss, _ = batch_loss(model, sample, LossWeights(fused=cfg.modalities == "rgbxyz"), torch.float32)
         loss.backward()
     return float(counter.get_total_flops())
 
@@ -118,12 +118,12 @@ def plain_seconds(cfg: TrainConfig, model_path: str, batch: int, steps: int, war
     from fourdnex.train.loop import build_transformer
 
     torch.manual_seed(0)
-    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "no", "compile_blocks": False})
+    plain = TrainConfig(**{**vars(cfg), "mixed_precision": "float32", "compile_blocks": False})
     model = build_transformer(plain, transformer=load_transformer(model_path, torch.float32).to(device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     compiled = torch.compile(model)
-    weights = LossWeights(fused=cfg.layout == "rgbxyz")
+    weights = LossWeights(fused=cfg.modalities == "rgbxyz")
     batches = random_batches(cfg, model, batch, device)
 
     def step(i: int) -> None:
@@ -248,9 +248,10 @@ def plain_vae_seconds(cfg, clips, steps: int, warmup: int) -> float:
     """Seconds per step of a plain PyTorch step of the same VAE, batch and loss as the VAE trainer's (fp32 weights,
     bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU."""
     from fourdnex.model.loading import load_vae
+    from fourdnex.runtime import device_of
     from fourdnex.train.vae import vae_loss
 
-    device = torch.device(cfg.device)
+    device = device_of(cfg.device)
     vae = load_vae(cfg.model_path, torch.float32).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
     index = np.arange(cfg.batch_size)

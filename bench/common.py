@@ -133,7 +133,7 @@ def build_transformer(tiny: bool, device: torch.device, dtype: torch.dtype, stoc
     with building_on(device, dtype):
         model = (WanTransformer3DModel if stock else FourDNeXTransformer)(**config)
     if not stock:
-        model.set_layout("rgbxyz")
+        model.set_modalities("rgbxyz")
     return model.eval().requires_grad_(False)
 
 

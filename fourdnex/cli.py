@@ -1,16 +1,64 @@
-"""What every script does around its ``main``: one line and a non-zero exit for a user error, a clean teardown."""
+"""What every script does around its ``main``: flags declared from a settings dataclass and turned back into it,
+one line and a non-zero exit for a user error, a clean teardown.
+
+A subsystem's settings are one dataclass whose field defaults are the only defaults: :func:`field_flag` declares
+a field's flag with the field's default, and :func:`settings` builds the dataclass from the parsed flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, TypeVar
 
-from fourdnex.errors import FourDNeXError, UsageError
+from fourdnex.errors import FourDNeXError
 
-if TYPE_CHECKING:
-    import torch
+Settings = TypeVar("Settings")
+
+
+def field_default(config: type, name: str) -> Any:
+    """The default of field ``name`` of the dataclass ``config`` (a ``default_factory``'s value); KeyError for a name
+    that is no field, dataclasses.MISSING for a field without a default."""
+    field = {f.name: f for f in dataclasses.fields(config)}[name]
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def field_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    config: type,
+    name: str,
+    *spellings: str,
+    aliases: dict[str, str] | None = None,
+    **kwargs,
+) -> argparse.Action:
+    """Declare the flag of field ``name`` of the dataclass ``config``: ``--name`` (or ``spellings``, the first the
+    one the help names), stored under the field's name, with the field's default (``%(default)s`` in ``help``
+    shows it); ``kwargs`` as ``add_argument``'s. ``aliases`` maps other spellings of values, listed in ``choices``,
+    to the names they stand for, which the settings then hold."""
+    default = field_default(config, name)
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    if aliases:
+        choices = kwargs["choices"]
+        kwargs["type"] = lambda value: aliases[value] if value in aliases and value in choices else value
+    return parser.add_argument(*(spellings or [f"--{name}"]), dest=name, **kwargs)
+
+
+def settings(config: type[Settings], args: argparse.Namespace, **values) -> Settings:
+    """The dataclass ``config`` with every field the parsed ``args`` hold (a flag stored under the field's name);
+    ``values`` set more fields, or others than the flags say (settings nested in it, a value the script decided)."""
+    fields = {f.name for f in dataclasses.fields(config) if f.init}
+    return config(**{**{name: value for name, value in vars(args).items() if name in fields}, **values})
+
+
+def switch(value: str) -> bool | None:
+    """argparse's ``type`` of an ``auto``/``on``/``off`` flag: None (decided for the machine at hand), True, False."""
+    choices = {"auto": None, "on": True, "off": False}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of auto, on, off")
+    return choices[value]
 
 
 def run(
@@ -44,19 +92,3 @@ def _leave_process_group(wait_for_others: bool) -> None:
         if wait_for_others:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device of a ``--device`` flag: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...;
-    UsageError for a name torch does not know or a CUDA device this machine lacks."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name}: not a device ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    return device

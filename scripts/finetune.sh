@@ -52,7 +52,7 @@ train=(
     # optimization: per-GPU batch 1, AdamW 2e-5 with 100 warmup steps then cosine decay, clip at 1.0
     --train_batch_size 1 --gradient_accumulation_steps 1
     --learning_rate 2e-5 --lr_warmup_steps 100 --lr_schedule cosine --max_steps 5000 --max_grad_norm 1.0
-    --mixed_precision bf16
+    --mixed_precision bfloat16
     # loss: uniform noise levels as the reference (--timestep_sampling shifted --shift 3 matches inference)
     --timestep_sampling uniform --rgb_loss_weight 1.0 --xyz_loss_weight 1.0
     # checkpoints every 500 steps, the last 2 kept; each holds an inference-ready adapter

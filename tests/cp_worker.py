@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/cp_worker.py RESULT.json [ulysses|ring] [ATTENTION_BACKEND]
 
 Both runs decode with VAE slicing, as inference does; the split run also decodes the RGB and XYZ halves on two
-processes. Rank 0 writes the largest differences between the two runs (per layout), the largest difference between
+processes. Rank 0 writes the largest differences between the two runs (per modalities), the largest difference between
 the split run's videos and one process's decoding of the same latents, which videos each process got back, and the
 sequence length each process saw. With the attention backend ``flash_4`` both runs attend through FlashAttention-4's
 CPU stand-in (fourdnex.testing.flash4), whose calls are counted too.
@@ -21,7 +21,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SMALL = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2, "guidance_scale": 5.0}
-LAYOUTS = ("rgbxyz", "xyz")
+MODALITIES = ("rgbxyz", "xyz")
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,13 +53,13 @@ def run(result_path: str, mode: str, backend: str, calls: dict) -> None:
     with Image.open(ROOT / "example" / "scene.png") as image:
         image = image.convert("RGB")
 
-    def sample(layout: str):
-        return pipe(image, "a cat", generator=torch.Generator().manual_seed(3), layout=layout, **SMALL)
+    def sample(modalities: str):
+        return pipe(image, "a cat", generator=torch.Generator().manual_seed(3), modalities=modalities, **SMALL)
 
     def gradients() -> list[torch.Tensor]:
         """Gradients of a transformer loss w.r.t. its input and two weights, summed over the processes."""
         g = torch.Generator().manual_seed(5)
-        x = torch.randn(1, 36, 2, 4, 12, generator=g, requires_grad=True)  # 24 tokens, fused layout
+        x = torch.randn(1, 36, 2, 4, 12, generator=g, requires_grad=True)  # 24 tokens, fused RGB | XYZ
         text, image_tokens = torch.randn(1, 16, 32, generator=g), torch.randn(1, 257, 32, generator=g)
         weights = [pipe.transformer.domain_embedding, pipe.transformer.blocks[0].attn1.to_q.weight]
         for w in weights:
@@ -74,7 +74,7 @@ def run(result_path: str, mode: str, backend: str, calls: dict) -> None:
             dist.all_reduce(grad)
         return grads
 
-    single = {layout: sample(layout) for layout in LAYOUTS}
+    single = {m: sample(m) for m in MODALITIES}
     single_grads = gradients()
     try:
         pipe.enable_split_decoding()
@@ -88,13 +88,13 @@ def run(result_path: str, mode: str, backend: str, calls: dict) -> None:
     attention = pipe.transformer.blocks[0].attn1  # inside the split region
     attention.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0].shape[1]), with_kwargs=True)
     single_calls = dict(calls)
-    split = {layout: sample(layout) for layout in LAYOUTS}
+    split = {m: sample(m) for m in MODALITIES}
     split_grads = gradients()
     native_split_grads = None
     if mode == "ulysses":  # native SDPA returns no log-sum-exp, which ring attention needs
         pipe.transformer.set_attention_backend("native")
         native_split_grads = gradients()
-    held = {layout: [name for name in ("rgb", "xyz") if getattr(split[layout], name) is not None] for layout in LAYOUTS}
+    held = {m: [name for name in ("rgb", "xyz") if getattr(split[m], name) is not None] for m in MODALITIES}
     every_held = [None] * process.world_size
     dist.all_gather_object(every_held, held)
     if process.is_main:
@@ -116,17 +116,17 @@ def run(result_path: str, mode: str, backend: str, calls: dict) -> None:
             "grads_vs_native_split": native_split_grads
             and [max_rel(a, b) for a, b in zip(split_grads, native_split_grads, strict=True)],
         }
-        for layout in LAYOUTS:
-            out, reference = split[layout], single[layout]
-            rgb, xyz = plain.decode_latents(out.latents, layout, XYZ_LATENT_MEAN, XYZ_LATENT_STD)
-            result[layout] = {
+        for modalities in MODALITIES:
+            out, reference = split[modalities], single[modalities]
+            rgb, xyz = plain.decode_latents(out.latents, modalities, XYZ_LATENT_MEAN, XYZ_LATENT_STD)
+            result[modalities] = {
                 "max_abs_latents": (out.latents - reference.latents).abs().max().item(),
                 "max_abs_rgb": (out.rgb - reference.rgb).abs().max().item(),
                 "max_abs_xyz": (out.xyz - reference.xyz).abs().max().item(),
                 "decode_max_abs_xyz": (out.xyz - xyz.permute(0, 2, 3, 4, 1)).abs().max().item(),
             }
             if rgb is not None:
-                result[layout]["decode_max_abs_rgb"] = (out.rgb - rgb.permute(0, 2, 3, 4, 1)).abs().max().item()
+                result[modalities]["decode_max_abs_rgb"] = (out.rgb - rgb.permute(0, 2, 3, 4, 1)).abs().max().item()
         Path(result_path).write_text(json.dumps(result))
     dist.barrier()  # no process leaves while a transfer to or from it is in flight
     dist.destroy_process_group()

@@ -11,7 +11,6 @@ import torch
 from conftest import ROOT, SMALL, TINY
 from test_inference_cli import SMALL_FLAGS, assert_one_line_error, run_cli
 
-from fourdnex.config import AccelerationConfig
 from fourdnex.generate.acceleration import (
     AccelerationError,
     GiB,
@@ -20,6 +19,7 @@ from fourdnex.generate.acceleration import (
     memory_needs,
     resolve,
 )
+from fourdnex.generate.config import AccelerationConfig
 from fourdnex.generate.parallel import check_split, tokens_of
 
 CPU = torch.device("cpu")
@@ -156,12 +156,12 @@ def test_context_parallel_on_two_cpu_processes_matches_one(tmp_path):
     assert numbers["world_size"] == 2
     assert numbers["tokens_per_process"] * 2 == numbers["tokens"]  # the sequence really was split
     assert "enable context parallelism on the transformer first" in numbers["refused_before_cp"]
-    for layout in ("rgbxyz", "xyz"):
-        deviation = numbers[layout]
-        assert deviation["max_abs_latents"] < 1e-5, layout
-        assert deviation["max_abs_rgb"] < 1e-5 and deviation["max_abs_xyz"] < 1e-5, layout
+    for modalities in ("rgbxyz", "xyz"):
+        deviation = numbers[modalities]
+        assert deviation["max_abs_latents"] < 1e-5, modalities
+        assert deviation["max_abs_rgb"] < 1e-5 and deviation["max_abs_xyz"] < 1e-5, modalities
         # Split decoding (RGB on rank 0, XYZ on rank 1, sent to rank 0) equals one process decoding the same latents.
-        assert deviation["decode_max_abs_xyz"] == deviation.get("decode_max_abs_rgb", 0.0) == 0.0, layout
+        assert deviation["decode_max_abs_xyz"] == deviation.get("decode_max_abs_rgb", 0.0) == 0.0, modalities
     both = ["rgb", "xyz"]
     assert numbers["videos_held"] == [{"rgbxyz": both, "xyz": both}, {"rgbxyz": [], "xyz": []}]  # rank 0 only
     assert numbers["decode_timed"]

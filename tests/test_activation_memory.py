@@ -106,7 +106,7 @@ def tiny_training_model(plan: RecomputePlan | None = None, **settings) -> torch.
     """The tiny transformer in fp32 prepared as for training (gradient checkpointing keeping what ``plan`` says), with
     random (not zero) LoRA B and domain embedding."""
     # explicitly native SDPA: diffusers keeps the last backend any model was set to as the process-wide default
-    cfg = TrainConfig(**{"lora_rank": 4, "mixed_precision": "no", "attention_backend": "native", **settings})
+    cfg = TrainConfig(**{"lora_rank": 4, "mixed_precision": "float32", "attention_backend": "native", **settings})
     model = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
     model = build_transformer(cfg, transformer=model, plan=plan)
     torch.manual_seed(0)
@@ -307,7 +307,7 @@ def test_auto_thresholds_scale_with_tokens_batch_and_dtype():
     assert short.tokens_per_sample == 18_900 and TrainConfig().tokens_per_sample == 35_100
     assert choose_activation_memory(short, 2, gpu_node(45)) == "attention+ffn"
     assert choose_activation_memory(short, 2, gpu_node(40)) == "attention"
-    for doubled in (TrainConfig(train_batch_size=2), TrainConfig(mixed_precision="no")):  # 152 GB / 68 GB
+    for doubled in (TrainConfig(train_batch_size=2), TrainConfig(mixed_precision="float32")):  # 152 GB / 68 GB
         assert choose_activation_memory(doubled, 2, gpu_node(150)) == "attention"
         assert choose_activation_memory(doubled, 2, gpu_node(152)) == "attention+ffn"
 

@@ -32,7 +32,7 @@ def random_lora(rank=4, dim=24, layers=2, seed=0):
 @pytest.fixture
 def transformer(tiny_path):
     model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
-    model.set_layout("rgbxyz")
+    model.set_modalities("rgbxyz")
     return model
 
 
@@ -58,7 +58,7 @@ def forward(model):
 def merged_by_hand(tiny_path, lora, domain, scale):
     """The expected result: W + scale * B @ A on every target, and the domain embedding copied in."""
     model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
-    model.set_layout("rgbxyz")
+    model.set_modalities("rgbxyz")
     with torch.no_grad():
         for key, a in lora.items():
             if ".lora_A." in key:
@@ -111,7 +111,7 @@ def test_unfused_adapter_computes_the_same(tiny_path, released):
     fused = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
     unfused = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
     for model, fuse in ((fused, True), (unfused, False)):
-        model.set_layout("rgbxyz")
+        model.set_modalities("rgbxyz")
         apply_adapter(model, load_adapter(released), fuse=fuse)
     assert torch.allclose(forward(fused), forward(unfused), atol=1e-5)
 

@@ -23,8 +23,7 @@ from fourdnex.app.jobs import JobFolders, write_archive
 from fourdnex.app.uploads import UploadError, check_caption, check_image, check_video
 from fourdnex.app.viewer import recording_stride, viewer_html
 from fourdnex.app.web import exposure_warning
-from fourdnex.config import SampleConfig
-from fourdnex.generate.run import RunConfig
+from fourdnex.generate.config import RunConfig, SampleConfig
 
 DEMO = ROOT / "example" / "demo"
 SMALL = SampleConfig(num_frames=9, height=32, width=48, steps=3, guidance_scale=1.0)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, SMALL, TINY
 
-from fourdnex.config import SampleConfig
-from fourdnex.generate.run import Job, RunConfig, batches, load_model, sample_batch, sample_job
+from fourdnex.generate.config import RunConfig, SampleConfig
+from fourdnex.generate.run import Job, batches, load_model, sample_batch, sample_job
 
 sys.path.insert(0, str(ROOT))
 import inference
@@ -53,7 +53,7 @@ def images(example_image):
     "settings",
     [
         {},  # frame 0 given, RGB | XYZ, guidance 5: two transformer calls of batch 3 per step
-        {"layout": "xyz", "guidance_scale": 1.0, "num_frames": 9, "given_frames": [0, 8]},
+        {"modalities": "xyz", "guidance_scale": 1.0, "num_frames": 9, "given_frames": [0, 8]},
     ],
     ids=["image-guided", "first-last-xyz"],
 )
@@ -71,7 +71,7 @@ def test_a_batch_equals_its_samples_one_by_one(tiny_pipe, images, settings):
         conditions, prompts, generator=[torch.Generator().manual_seed(42) for _ in prompts],
         callback_on_step_end=step_done, **settings,
     )  # fmt: skip
-    width = 6 if settings.get("layout") == "xyz" else 12
+    width = 6 if settings.get("modalities") == "xyz" else 12
     assert seen == [(3, 16, (settings["num_frames"] - 1) // 4 + 1, 4, width)] * SMALL["num_inference_steps"]
     assert batch.rgb.shape == batch.xyz.shape == (3, settings["num_frames"], 32, 48, 3)
     for i in range(3):

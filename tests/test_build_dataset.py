@@ -337,9 +337,9 @@ def test_worker_processes_and_one_process_write_the_same_files(single, tree, enc
 
 
 def test_bfloat16_encoders_are_recorded_and_close(single, tree, tmp_path):
-    """--encoder_dtype bf16: recorded in build_config.json, every file keeps its float32 dtype, the latents stay within
-    a few percent of the float32 build's (RMS over their spread), and a float32 cache refuses a bf16 run."""
-    cfg = _config(tree, tmp_path, encoder_dtype="bf16", limit=2)
+    """--encoder_dtype bfloat16: recorded in build_config.json, every file keeps its float32 dtype, the latents stay
+    within a few percent of the float32 build's (RMS over their spread), and a float32 cache refuses a bfloat16 run."""
+    cfg = _config(tree, tmp_path, encoder_dtype="bfloat16", limit=2)
     summary = build(cfg, show_progress=False)  # loads the encoders itself, in bfloat16
     assert summary.processed == 2
     assert json.loads((tmp_path / "build_config.json").read_text())["encoder_dtype"] == "bfloat16"
@@ -352,7 +352,7 @@ def test_bfloat16_encoders_are_recorded_and_close(single, tree, tmp_path):
         embeds = load_file(tmp_path / r["files"]["clip"])["clip_embeds"]
         assert embeds.dtype == torch.float32
     with pytest.raises(UsageError, match="'encoder_dtype': \\('float32', 'bfloat16'\\)"):
-        build(_config(tree, single, encoder_dtype="bf16"), show_progress=False)
+        build(_config(tree, single, encoder_dtype="bfloat16"), show_progress=False)
 
 
 def test_broken_clips_are_recorded_and_the_rest_built(tree, encoders, tmp_path):

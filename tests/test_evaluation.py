@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from test_metrics import poses
 
-from fourdnex.config import RegistrationConfig
+from fourdnex import runtime
 from fourdnex.data.synthetic import render_scene, write_captions, write_dynamic_npz, write_tree
 from fourdnex.evaluation import metrics as m
 from fourdnex.evaluation import report as evaluation_report
@@ -24,6 +24,7 @@ from fourdnex.evaluation import run as evaluation_run
 from fourdnex.evaluation.floors import MeanDepth, first_frame_xyz, plane_xyz, to_unit_box
 from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, Truth, clip_sources, load_truth
+from fourdnex.geometry.registration import RegistrationConfig
 from fourdnex.geometry.results import save_result
 from fourdnex.testing.corrupted import write_corrupted
 from fourdnex.testing.scenes import make_truth
@@ -417,12 +418,12 @@ def test_worker_processes_score_as_one_thread(synthetic, tmp_path, monkeypatch):
         np.savez(results / "00001.npz", rgb=arrays["rgb"], xyz=xyz)
     pools = []
 
-    class Recorded(evaluation_run.ProcessPoolExecutor):
+    class Recorded(runtime.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(evaluation_run, "ProcessPoolExecutor", Recorded)
+    monkeypatch.setattr(runtime, "ProcessPoolExecutor", Recorded)
     runs, threads = {}, torch.get_num_threads()
     for workers in (1, 2):
         shutil.copytree(results, tmp_path / f"results{workers}")  # each run computes the registrations

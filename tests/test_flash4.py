@@ -16,8 +16,8 @@ from conftest import ROOT, TINY
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from test_inference_cli import SMALL_FLAGS, assert_one_line_error, run_cli
 
-from fourdnex.config import AccelerationConfig
 from fourdnex.generate.acceleration import AccelerationError, check_machine, resolve
+from fourdnex.generate.config import AccelerationConfig
 from fourdnex.model import attention
 from fourdnex.testing.flash4 import installed
 
@@ -121,7 +121,7 @@ def tiny_transformer():
     from fourdnex.model.transformer import FourDNeXTransformer
 
     model = FourDNeXTransformer.from_pretrained(TINY, subfolder="transformer", dtype=torch.float32)
-    model.set_layout("rgbxyz")
+    model.set_modalities("rgbxyz")
     return model
 
 
@@ -193,9 +193,9 @@ def test_context_parallel_on_two_processes_with_flash4(mode, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     numbers = json.loads(result.read_text())
     assert numbers["tokens_per_process"] * 2 == numbers["tokens"]
-    for layout in ("rgbxyz", "xyz"):
-        assert numbers[layout]["max_abs_latents"] < (1e-7 if mode == "ulysses" else 1e-5), layout
-        assert numbers[layout]["max_abs_xyz"] < 1e-5, layout
+    for modalities in ("rgbxyz", "xyz"):
+        assert numbers[modalities]["max_abs_latents"] < (1e-7 if mode == "ulysses" else 1e-5), modalities
+        assert numbers[modalities]["max_abs_xyz"] < 1e-5, modalities
     assert max(numbers["grads_vs_single"]) < 1e-5
     if mode == "ulysses":
         assert max(numbers["grads_vs_native_split"]) < 1e-5

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fourdnex.config import SampleConfig, size_for_aspect
+from fourdnex.generate.config import SampleConfig, size_for_aspect
 from fourdnex.model.fusion import (
     condition_frames,
     condition_mask,
@@ -70,7 +70,7 @@ def test_soft_mask_values():
     assert (soft_mask(1, 2, 2, 2, "xyz")[:, :, 0] == 0.5).all()
 
 
-def test_condition_video_layouts():
+def test_condition_video_of_each_modalities():
     image = torch.rand(1, 3, 4, 6) * 2 - 1
     video = condition_video(image, 5, "rgbxyz")
     assert video.shape == (1, 3, 5, 4, 12)
@@ -123,9 +123,9 @@ def test_image_condition_is_the_first_frame_case_of_any_frames():
     video[:, :, 0] = image
     first = torch.zeros(1, 5, dtype=torch.bool)
     first[0, 0] = True
-    for layout in ("rgbxyz", "rgb", "xyz"):
-        assert torch.equal(condition_frames(video, first, layout), condition_video(image, 5, layout))
-        assert torch.equal(condition_mask(first, 3, 8, layout), soft_mask(1, 2, 3, 8, layout))
+    for modalities in ("rgbxyz", "rgb", "xyz"):
+        assert torch.equal(condition_frames(video, first, modalities), condition_video(image, 5, modalities))
+        assert torch.equal(condition_mask(first, 3, 8, modalities), soft_mask(1, 2, 3, 8, modalities))
     both = first.clone()
     both[0, 4] = True  # first and last
     cond = condition_frames(video, both, "rgbxyz")

@@ -41,7 +41,7 @@ def test_loads_base_checkpoint_with_zero_domain_embedding(models):
 
 def test_equals_stock_model_with_zero_embedding_one_modality(models):
     ours, stock = models
-    ours.set_layout("rgb")
+    ours.set_modalities("rgb")
     args = inputs()
     assert torch.equal(run(ours, args), run(stock, args))
 
@@ -49,7 +49,7 @@ def test_equals_stock_model_with_zero_embedding_one_modality(models):
 def test_shared_rope_gives_twins_identical_phases(models):
     ours, stock = models
     fused = torch.zeros(1, 36, 3, 4, 16)  # latent width 16 -> 8 token columns, 4 per half
-    ours.set_layout("rgbxyz")
+    ours.set_modalities("rgbxyz")
     cos, sin = ours.rope(fused)
     stock_cos, _ = stock.rope(fused)
     assert cos.shape == stock_cos.shape == (1, 3 * 2 * 8, 1, 12)
@@ -63,7 +63,7 @@ def test_shared_rope_gives_twins_identical_phases(models):
 
 def test_domain_embedding_offsets_each_half(models):
     ours, _ = models
-    ours.set_layout("rgbxyz")
+    ours.set_modalities("rgbxyz")
     x = torch.randn(1, 36, 3, 4, 16)
     with torch.no_grad():
         plain = torch.nn.functional.conv3d(x, ours.patch_embedding.weight, ours.patch_embedding.bias, stride=(1, 2, 2))
@@ -76,7 +76,7 @@ def test_domain_embedding_offsets_each_half(models):
         assert torch.allclose(
             embedded[..., 4:] - plain[..., 4:], xyz_row[None, :, None, None, None].expand(1, 24, 3, 2, 4)
         )
-        ours.set_layout("xyz")
+        ours.set_modalities("xyz")
         assert torch.allclose(ours.patch_embedding(x) - plain, xyz_row[None, :, None, None, None].expand_as(plain))
         ours.set_model_type(MODEL_TYPES["i2vwbw"])
         assert torch.equal(ours.patch_embedding(x), plain)
@@ -87,7 +87,7 @@ def test_domain_embedding_offsets_each_half(models):
 def test_model_type_switches_shared_rope(models):
     ours, stock = models
     fused = torch.zeros(1, 36, 3, 4, 16)
-    ours.set_layout("rgbxyz")
+    ours.set_modalities("rgbxyz")
     ours.set_model_type(MODEL_TYPES["i2vwbw-demb"])
     assert torch.equal(ours.rope(fused)[0], stock.rope(fused)[0])
     ours.set_model_type(MODEL_TYPES["i2vwbw-demb-samerope"])
@@ -96,7 +96,7 @@ def test_model_type_switches_shared_rope(models):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_path):
     model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
-    model.set_layout("rgbxyz")
+    model.set_modalities("rgbxyz")
     args = inputs(width=16, seed=3)
 
     def grads():
@@ -115,7 +115,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_path):
 
 def test_attention_backends_agree(models):
     ours, _ = models
-    ours.set_layout("rgbxyz")
+    ours.set_modalities("rgbxyz")
     args = inputs(width=16, seed=5)
     default = run(ours, args)
     with attention_backend("_native_math"):  # the process-wide choice, restored on exit
@@ -140,7 +140,7 @@ def test_keeps_the_names_diffusers_machinery_relies_on(models):
 
 def test_regional_compile_traces_without_graph_breaks(tiny_path):
     model = FourDNeXTransformer.from_pretrained(tiny_path, subfolder="transformer")
-    model.set_layout("rgbxyz")
+    model.set_modalities("rgbxyz")
     args = inputs(width=16, seed=7)
     eager = run(model, args)
     model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")

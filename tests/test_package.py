@@ -1,5 +1,6 @@
 """The installable package: a wheel built from the sources holds every module of fourdnex, each of them imports from
-a folder outside the checkout, and the wheel requires what requirements.txt installs."""
+a folder outside the checkout, and the wheel requires what requirements.txt installs; its subpackages import downward
+only, and no module imports itself through others."""
 
 import json
 import shutil

@@ -22,7 +22,7 @@ def test_plain_image_to_video_reproduces_diffusers(tiny_path, tiny_pipe, example
     ours = tiny_pipe(
         example_image,
         "a dog runs across a sunny park",
-        layout="rgb",
+        modalities="rgb",
         prompt_suffix="",
         generator=torch.Generator().manual_seed(11),
         **SMALL,
@@ -90,7 +90,7 @@ def test_same_seed_same_sample(tiny_pipe, example_image):
 
 
 def test_xyz_mode_generates_one_wide_xyz_video(tiny_pipe, example_image):
-    out = tiny_pipe(example_image, "a cat", layout="xyz", generator=torch.Generator().manual_seed(0), **SMALL)
+    out = tiny_pipe(example_image, "a cat", modalities="xyz", generator=torch.Generator().manual_seed(0), **SMALL)
     assert out.latents.shape == (1, 16, 2, 4, 6)  # one modality: no doubled width
     assert out.xyz.shape == out.rgb.shape == (1, 5, 32, 48, 3)
     pixels = tiny_pipe.video_processor.preprocess(example_image, height=32, width=48)

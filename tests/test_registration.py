@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fourdnex.config import RegistrationConfig
 from fourdnex.geometry import cameras as geometry
-from fourdnex.geometry.registration import register
+from fourdnex.geometry.registration import RegistrationConfig, register
 from fourdnex.model.fusion import sloped_plane
 from fourdnex.testing import scenes as toy_scene
 from fourdnex.testing.scenes import make_truth, registration_errors, truth_of

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fourdnex.cli import run
-from fourdnex.config import CameraPath
 from fourdnex.files import read_video
 from fourdnex.geometry import render as render_module
 from fourdnex.geometry.cameras import (
@@ -24,7 +23,7 @@ from fourdnex.geometry.cameras import (
     transform_points,
     unproject_depth,
 )
-from fourdnex.geometry.paths import camera_path
+from fourdnex.geometry.paths import CameraPath, camera_path
 from fourdnex.geometry.render import RenderError, load_path, render_frames, render_result, splat
 from fourdnex.geometry.results import load_registration, save_result
 from fourdnex.testing import scenes

@@ -316,14 +316,14 @@ def test_finetune_script_speed_flags(tmp_path, zero, expected):
 
 
 def test_full_training_of_a_plain_image_to_video_base(cache_dir, tmp_path):
-    """--train_mode full --layout rgb: every weight trained on the RGB latents alone; the run writes a diffusers
+    """--train_mode full --modalities rgb: every weight trained on the RGB latents alone; the run writes a diffusers
     transformer folder (what inference.py --sft_path loads) equal to DeepSpeed's own fp32 merge of the state."""
     from fourdnex.model.loading import load_transformer
     from fourdnex.train.checkpoints import fp32_trainable_state
 
     out = tmp_path / "base"
     finetune("--cache_dir", str(cache_dir), "--output_dir", str(out), *SIZE, "--train_mode", "full",
-             "--layout", "rgb", "--type", "i2vwbw", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+             "--modalities", "rgb", "--type", "i2vwbw", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
              "--max_steps", "3", "--checkpointing_steps", "3")  # fmt: skip
     trained = load_transformer(out / "transformer", torch.float32, subfolder=None)
     base = load_transformer(TINY_MODEL, torch.float32)
@@ -378,7 +378,7 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
     from fourdnex.model.adapters import AdapterMeta, resolve_model_type, save_adapter
     from fourdnex.train.engine import LORA_ADAPTER_NAME
 
-    cfg = TrainConfig(model_type=model_type, lora_rank=4, lora_alpha=8, mixed_precision="no", height=32, width=32)
+    cfg = TrainConfig(model_type=model_type, lora_rank=4, lora_alpha=8, mixed_precision="float32", height=32, width=32)
     trained = build_transformer(cfg, TINY_MODEL, plan=None).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -391,7 +391,7 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
     adapter = load_adapter(tmp_path / "adapter")
     pipe.transformer.set_model_type(MODEL_TYPES[resolve_model_type(adapter, None)])
     apply_adapter(pipe.transformer, adapter)
-    pipe.transformer.set_layout("rgbxyz")
+    pipe.transformer.set_modalities("rgbxyz")
     inputs = {
         "hidden_states": torch.randn(1, 36, 2, 4, 8, generator=g),
         "timestep": torch.tensor([500.0]),

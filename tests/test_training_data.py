@@ -120,9 +120,9 @@ def test_condition_cut_and_encoded(cache_dir, tmp_path):
         LatentCache(cache_dir, 4, 32, 32)
 
 
-def test_any_frame_tasks_and_the_rgb_layout_read_hand_built_conditions(cache_dir):
-    """Each task's mask and condition video are built here from the cached clip's own frames; the RGB layout holds the
-    RGB latent alone, conditioned on [first frame] without the plane."""
+def test_any_frame_tasks_and_rgb_alone_read_hand_built_conditions(cache_dir):
+    """Each task's mask and condition video are built here from the cached clip's own frames; an RGB-only latent
+    holds the RGB latent alone, conditioned on [first frame] without the plane."""
     from fourdnex.files import read_video
     from fourdnex.model.fusion import condition_frames, condition_mask
     from fourdnex.train.config import CONDITION_TASKS
@@ -190,26 +190,28 @@ def test_the_training_target_is_what_the_inference_sampler_steps_with():
     torch.testing.assert_close(x, x0, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("layout", "tasks"), [("rgbxyz", "image"), ("rgb", "image"), ("rgbxyz", "any")])
-def test_a_cache_held_in_memory_gives_the_batches_of_its_files(layout, tasks, cache_dir, tmp_path):
+@pytest.mark.parametrize(("modalities", "tasks"), [("rgbxyz", "image"), ("rgb", "image"), ("rgbxyz", "any")])
+def test_a_cache_held_in_memory_gives_the_batches_of_its_files(modalities, tasks, cache_dir, tmp_path):
     """--cache_in_memory reads every file a run uses once: its batches equal those read from the files for the same
     draws (conditions encoded from the held frames included), and the run no longer needs the files."""
     from fourdnex.model.loading import load_vae
 
     copy = tmp_path / "cache"
     shutil.copytree(cache_dir, copy)
-    cfg = TrainConfig(cache_dir=str(copy), height=32, width=32, num_frames=9, layout=layout, condition_tasks=tasks)
+    cfg = TrainConfig(
+        cache_dir=str(copy), height=32, width=32, num_frames=9, modalities=modalities, condition_tasks=tasks
+    )
     cfg.train_batch_size = 6
-    on_disk = LatentCache(copy, 3, 32, 32, layout)
+    on_disk = LatentCache(copy, 3, 32, 32, modalities)
     encoder = VaeConditionEncoder(load_vae(TINY_MODEL), torch.device("cpu"))
     stream = SampleStream(cfg, len(on_disk), 1)
     steps = range(4)
-    noise = [stream.noise(step, (16, 3, 4, 8 if layout == "rgbxyz" else 4), torch.device("cpu")) for step in steps]
+    noise = [stream.noise(step, (16, 3, 4, 8 if modalities == "rgbxyz" else 4), torch.device("cpu")) for step in steps]
     cpu = torch.device("cpu")
     expected = [batch_of_samples(read_batch(on_disk, stream.draws(s)), stream.draws(s), noise[s], encoder, cpu)
                 for s in steps]  # fmt: skip
     held = HeldCache(on_disk, cpu, frames=tasks == "any")
-    assert held.x0.shape == (2, 16, 3, 4, 8 if layout == "rgbxyz" else 4)
+    assert held.x0.shape == (2, 16, 3, 4, 8 if modalities == "rgbxyz" else 4)
     if tasks == "any":
         assert not all(stream.draws(s).image_only for s in steps)  # some samples are given other frames
     for folder in ("latents", "clip", "prompt", "videos", "first_frames"):
@@ -221,7 +223,7 @@ def test_a_cache_held_in_memory_gives_the_batches_of_its_files(layout, tasks, ca
 
 
 def test_a_cache_without_the_rgb_condition_encodes_it(cache_dir, tmp_path):
-    """A cache built before ``cond_rgb`` existed still trains the RGB layout: the condition is encoded from the
+    """A cache built before ``cond_rgb`` existed still trains on RGB alone: the condition is encoded from the
     first frame, to the values the cache would hold."""
     from safetensors.torch import save_file
 

@@ -69,7 +69,7 @@ def step_batch(cache: LatentCache, cfg: TrainConfig, step: int, world: int = 1, 
     stream = SampleStream(cfg, len(cache), world)
     draws = stream.draws(step).rows(*stream.rows(micro, rank))
     frames, h, w = cache.latent_shape
-    noise = stream.noise(step, (16, frames, h, 2 * w if cfg.layout == "rgbxyz" else w), torch.device("cpu"))
+    noise = stream.noise(step, (16, frames, h, 2 * w if cfg.modalities == "rgbxyz" else w), torch.device("cpu"))
     first, stop = stream.rows(micro, rank)
     return batch_of_samples(read_batch(cache, draws), draws, noise[first:stop], None, torch.device("cpu"))
 
@@ -83,7 +83,7 @@ def fixed_batches(cache_dir: Path, n: int = 4):
 
 def eval_loss(batches, adapter: Path | None) -> float:
     transformer = FourDNeXTransformer.from_pretrained(TINY_MODEL, subfolder="transformer", dtype=torch.float32)
-    transformer.set_layout("rgbxyz")
+    transformer.set_modalities("rgbxyz")
     if adapter is not None:
         apply_adapter(transformer, load_adapter(adapter))
     with torch.no_grad():

@@ -36,9 +36,11 @@ import numpy as np
 
 from fourdnex.app.jobs import JobFolders, write_archive
 from fourdnex.app.uploads import UploadError, check_caption, check_image, check_video
-from fourdnex.config import CAMERA_PATHS, RegistrationConfig, SampleConfig
 from fourdnex.errors import FourDNeXError, UsageError
-from fourdnex.generate.run import Job, LoadedModel, RunConfig, job_meta, load_model, sample_job
+from fourdnex.generate.config import RunConfig, SampleConfig
+from fourdnex.generate.run import Job, LoadedModel, job_meta, load_model, sample_job
+from fourdnex.geometry.paths import CAMERA_PATHS
+from fourdnex.geometry.registration import RegistrationConfig
 
 log = logging.getLogger("fourdnex.app")
 
@@ -79,7 +81,7 @@ class JobRequest:
     video: str | None = None  # every frame ("video")
     condition: str = "image"  # a CONDITIONS key
     sample: SampleConfig = field(default_factory=SampleConfig)
-    camera_path: str = "orbit"  # a fourdnex.config.CAMERA_PATHS key: the novel view's path
+    camera_path: str = "orbit"  # a fourdnex.geometry.paths.CAMERA_PATHS key: the novel view's path
 
 
 @dataclass
@@ -174,7 +176,7 @@ class Engine:
 
         model = load_model(
             config,
-            tokens_of(largest.num_frames, largest.height, largest.width, fused=config.mode == "xyzrgb"),
+            tokens_of(largest.num_frames, largest.height, largest.width, fused=config.modalities == "rgbxyz"),
             largest.num_frames * largest.height * largest.width,
         )
         model.pipe.set_progress_bar_config(disable=True)

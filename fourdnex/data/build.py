@@ -19,19 +19,16 @@ import dataclasses
 import functools
 import json
 import math
-import multiprocessing
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
-from fourdnex.config import check_video_shape
+from fourdnex.config import DEFAULT_MODEL_PATH, check_video_shape
 from fourdnex.data import cache
 from fourdnex.data.prepare import CENTER_MODES, PreparedClip, prepare_clip
 from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, read_clip
@@ -39,8 +36,12 @@ from fourdnex.errors import UsageError
 from fourdnex.files import write_text
 from fourdnex.model.fusion import condition_video, encode_latents
 from fourdnex.model.loading import ENCODER_DTYPE, TEXT_TOKENS, load_components
+from fourdnex.runtime import DTYPES, device_of, dtype_of, worker_processes
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: ``--encoder_dtype`` choices: the VAE's and CLIP's dtype. float32 (the default) is the dtype inference decodes and
+#: training encodes conditions in, so the cache holds the latents they compute; bfloat16 moves the latents by 0.3-0.4 %
+#: of their spread (RMS, BENCHMARKS.md "Encoder precision") for a faster VAE on a GPU.
+ENCODER_DTYPES = {"float32": ENCODER_DTYPE, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -49,7 +50,7 @@ class BuildConfig:
 
     data_dir: str
     out: str
-    model_path: str
+    model_path: str = DEFAULT_MODEL_PATH
     num_frames: int = 81
     cond_num_frames: int | None = None  # None: min(49, num_frames), the training length
     resolution_h: int = 480
@@ -57,9 +58,9 @@ class BuildConfig:
     num_tasks: int = 1
     task_idx: int = 0
     limit: int | None = None
-    device: str = "cpu"
-    dtype: str = "auto"  # the text encoder's; "auto": bf16 on GPU, fp32 on CPU
-    encoder_dtype: str = "fp32"  # the VAE's and CLIP's: fp32 (inference's and training's, ENCODER_DTYPE) or bf16
+    device: str = "auto"  # a fourdnex.runtime.device_of name
+    dtype: str = "auto"  # the text encoder's: a fourdnex.runtime.DTYPES name, or auto (bfloat16 on GPU, else float32)
+    encoder_dtype: str = "float32"  # the VAE's and CLIP's: an ENCODER_DTYPES key
     compile_vae: bool = False  # torch.compile the VAE's encoder (three graphs: the first chunk, the second, the rest)
     center: str = "clip"  # pointmap centring: one of prepare.CENTER_MODES
     batch_size: int = 1  # clips per VAE call
@@ -86,6 +87,7 @@ class BuildConfig:
             raise UsageError(
                 f"batch_size must be positive and num_workers at least 0, got {self.batch_size}, {self.num_workers}"
             )
+        device_of(self.device)  # a UsageError for a device this machine lacks
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UsageError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
         if self.encoder_dtype not in ENCODER_DTYPES:
@@ -96,9 +98,7 @@ class BuildConfig:
     @property
     def text_encoder_dtype(self) -> torch.dtype:
         """The UMT5 text encoder's dtype."""
-        if self.dtype == "auto":
-            return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return dtype_of(self.dtype, device_of(self.device))
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -120,11 +120,6 @@ class BuildConfig:
             "clipping": self.center,
         }
 
-
-#: ``--encoder_dtype`` choices: the VAE's and CLIP's dtype. float32 (the default) is the dtype inference decodes and
-#: training encodes conditions in, so the cache holds the latents they compute; bfloat16 moves the latents by 0.3-0.4 %
-#: of their spread (RMS, BENCHMARKS.md "Encoder precision") for a faster VAE on a GPU.
-ENCODER_DTYPES = {"fp32": ENCODER_DTYPE, "bf16": torch.bfloat16}
 
 
 class Encoders:
@@ -315,11 +310,9 @@ _WORKER_STATE: tuple[BuildConfig, Captions, Path] | None = None
 
 
 def _start_worker(cfg: BuildConfig, captions: Captions, out: Path) -> None:
-    """A worker process computes on one thread (the cores are the encoders' and the other workers')."""
+    """A worker process keeps what every clip it loads needs."""
     global _WORKER_STATE
     _WORKER_STATE = (cfg, captions, out)
-    torch.set_num_threads(1)
-    threadpool_limits(1)
 
 
 def _load_in_worker(source: ClipSource) -> LoadedClip:
@@ -336,16 +329,6 @@ class _InProcess(Executor):
         except Exception as err:  # raised again by future.result(), where a worker's exception would be
             future.set_exception(err)
         return future
-
-
-def _loaders(cfg: BuildConfig, captions: Captions, out: Path) -> tuple[Executor, Callable[[ClipSource], LoadedClip]]:
-    """Where clips are loaded and the function that loads one: worker processes forked from this one (at the first
-    submit, before the encoders load where they are not given), or this process."""
-    if cfg.num_workers == 0 or "fork" not in multiprocessing.get_all_start_methods():
-        return _InProcess(), functools.partial(load_clip, cfg, captions, out, shared=False)
-    context = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(cfg.num_workers, context, initializer=_start_worker, initargs=(cfg, captions, out))
-    return pool, _load_in_worker
 
 
 def encode_batch(encoders: Encoders, loaded: list[LoadedClip], cond_num_frames: int) -> list[dict[str, torch.Tensor]]:
@@ -396,8 +379,12 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
     processed = failed_now = 0
     bar = tqdm(total=len(todo), unit="clip", desc=f"shard {cfg.task_idx}/{cfg.num_tasks}", disable=not show_progress)
     if todo:
-        pool, load = _loaders(cfg, captions, out)
-        with pool:
+        # where clips load: worker processes forked from this one (at the first submit, before the encoders load
+        # where they are not given; each on one thread, the cores being the encoders' and the other workers'), or
+        # this process
+        with worker_processes(cfg.num_workers, _start_worker, (cfg, captions, out)) as workers:
+            pool = workers or _InProcess()
+            load = _load_in_worker if workers else functools.partial(load_clip, cfg, captions, out, shared=False)
             queue: deque[tuple[ClipSource, Future]] = deque()
             pending_sources = iter(todo)
             batch: list[LoadedClip] = []
@@ -426,7 +413,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
             fill()  # the workers fork here, before the encoders take memory (and CUDA) in this process
             if encoders is None:
                 encoders = Encoders.load(
-                    cfg.model_path, cfg.device, cfg.text_encoder_dtype, cfg.vision_dtype, cfg.compile_vae
+                    cfg.model_path, device_of(cfg.device), cfg.text_encoder_dtype, cfg.vision_dtype, cfg.compile_vae
                 )
             while queue:
                 source, future = queue.popleft()

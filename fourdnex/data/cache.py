@@ -13,7 +13,7 @@ Tc = (cond_num_frames - 1) / 4 + 1; the sizes in brackets are those of the real 
 Training reads ``stats.json`` (XYZ latent statistics, sizes, frame counts, the centring), the manifest's ``files``,
 the latents and the two embeddings. A training sample keeps the first ``num_latent_frames`` latent frames. The Wan
 VAE is causal in time, so the first frames of a longer encoding equal the encoding of the shorter clip, and the
-cached condition is cut the same way. Every other condition (other given frames, the RGB layout alone, a cached
+cached condition is cut the same way. Every other condition (other given frames, the RGB video alone, a cached
 condition shorter than the training length) is encoded by the trainer from the cached first frame or the cached
 video's given frames, a batch at a time.
 
@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from fourdnex.config import Layout, latent_frames, video_frames
+from fourdnex.config import Modalities, latent_frames, video_frames
 from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.files import read_video, write_json, write_png, write_safetensors, write_video
 from fourdnex.model.fusion import condition_frames, condition_mask, fuse_width, normalize_xyz
@@ -183,7 +183,7 @@ FILES: tuple[CacheFile, ...] = (
             ),
             Field(
                 "cond_rgb",
-                "the condition of plain image-to-video (finetune.py --layout rgb): fusion.condition_video(first "
+                "the condition of plain image-to-video (finetune.py --modalities rgb): fusion.condition_video(first "
                 "frame, cond_num_frames, 'rgb') (RGB, then zero frames); absent from caches built before it",
                 "(16, Tc, H/8, W/8) [16, 13, 60, 90]",
                 "float32",
@@ -519,8 +519,8 @@ def read_stats(cache_dir: str | Path) -> CacheStats:
 
 
 class LatentCache:
-    """The clips of a cache as training samples of ``num_latent_frames`` latent frames: fused (``layout="rgbxyz"``)
-    or the RGB half alone (``"rgb"``, plain image-to-video).
+    """The clips of a cache as training samples of ``num_latent_frames`` latent frames: fused
+    (``modalities="rgbxyz"``) or the RGB half alone (``"rgb"``, plain image-to-video).
 
     Construction checks the cache against the training settings (sizes, frame count) and reads the manifest;
     :meth:`sample` reads one clip and raises CacheError with the file's path if anything about it is wrong.
@@ -532,7 +532,7 @@ class LatentCache:
         num_latent_frames: int,
         height: int,
         width: int,
-        layout: Layout = "rgbxyz",
+        modalities: Modalities = "rgbxyz",
     ) -> None:
         self.root = Path(cache_dir)
         self.stats = read_stats(self.root)
@@ -552,15 +552,15 @@ class LatentCache:
                 f"{self.root / STATS_FILE}: xyz_latent_std must be positive, got {self.stats.xyz_latent_std}"
             )
         self.num_latent_frames = num_latent_frames
-        self.layout = layout
+        self.modalities = modalities
         self.latent_shape = (num_latent_frames, height // 8, width // 8)  # per modality
         self.items = self._read_manifest()
-        #: the cached condition of the layout (``cond``: [first frame | plane], ``cond_rgb``: the first frame, then
+        #: the cached condition of the modalities (``cond``: [first frame | plane], ``cond_rgb``: the first frame, then
         #: zeros) serves image samples if the cache holds it and it covers the training length; every other
         #: condition is encoded from the clip's frames
-        self.condition_key = "cond" if layout == "rgbxyz" else "cond_rgb"
+        self.condition_key = "cond" if modalities == "rgbxyz" else "cond_rgb"
         self.cached_condition = latent_frames(self.stats.cond_num_frames) >= num_latent_frames and (
-            layout == "rgbxyz" or self._holds(self.items[0]["files"]["latents"], self.condition_key)
+            modalities == "rgbxyz" or self._holds(self.items[0]["files"]["latents"], self.condition_key)
         )
 
     def _holds(self, relative: str, key: str) -> bool:
@@ -623,13 +623,13 @@ class LatentCache:
                     f"{latents_path}: {key} has shape {shape}, expected ({channels}, >={frames}, {hh}, {ww})"
                 )
         rgb = latents["rgb"][:, :frames].float()
-        if self.layout == "rgbxyz":
+        if self.modalities == "rgbxyz":
             stats = self.stats
             xyz = normalize_xyz(latents["xyz"][:, :frames].float(), stats.xyz_latent_mean, stats.xyz_latent_std)
             x0 = fuse_width(rgb, xyz)  # (16, T, h, 2w)
         else:
             x0 = rgb  # (16, T, h, w)
-        mask = condition_mask(given[None], h, x0.shape[-1], self.layout)[0]  # (4, T, h, w')
+        mask = condition_mask(given[None], h, x0.shape[-1], self.modalities)[0]  # (4, T, h, w')
         cond = latents[cond_key][:, :frames].float() if from_cache else None
         cond_video = None if from_cache else self._condition_video(index, given)
         prompt = _load(self.root / files["prompt"], ("prompt_embeds",))["prompt_embeds"].float()
@@ -670,7 +670,7 @@ class LatentCache:
         pixels = self.first_frame(index) if indices == [0] else self.frames(index, indices)
         video = torch.zeros(3, len(given), *pixels.shape[1:3])
         video[:, given] = torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-        return condition_frames(video[None], given[None], self.layout)[0]
+        return condition_frames(video[None], given[None], self.modalities)[0]
 
 
 def main(args) -> None:

@@ -26,23 +26,21 @@ Writing a whole 4DNeX-10M-style tree (``<out>/data/...``, see :func:`write_tree`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import functools
 import json
 import math
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fourdnex.cli import run
 from fourdnex.data.raycast import TEXTURE_FAMILIES, Lighting, SceneLayout, SceneObject, Texture, render_frame
 from fourdnex.files import atomic_path, write_json, write_npy, write_npz, write_png, write_text, write_video
 from fourdnex.geometry.cameras import intrinsics_to_integer_centres, look_at, rotation_to_quaternion, so3_exp
+from fourdnex.runtime import cpu_threads, worker_processes
 
 FPS = 24
 #: The subsets of the 4DNeX-10M layout and the clip format each one uses.
@@ -300,13 +298,8 @@ def render_scene(
     """
     if num_frames < 1 or height < 2 or width < 2:
         raise ValueError(f"need at least 1 frame of 2x2 pixels, got {num_frames} frames of {height}x{width}")
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
+    with cpu_threads(num_threads, blas=False):
         return _render(seed, num_frames, height, width, dynamic, families)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _render(seed: int, num_frames: int, height: int, width: int, dynamic: bool, families: tuple[str, ...]) -> Scene:
@@ -494,7 +487,7 @@ def write_tree(
     todo = [i for i in range(num_clips) if not (records / f"{i}.json").is_file()]
     job = functools.partial(_write_tree_clip, Path(out), num_frames=num_frames, height=height, width=width, seed=seed,
                             layout=layout, families=tuple(families))  # fmt: skip
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    with worker_processes(workers if workers > 1 else 0) as pool:
         for name in pool.map(job, todo, chunksize=8) if pool else map(job, todo):
             if progress is not None:
                 progress(name)

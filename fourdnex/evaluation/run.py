@@ -25,26 +25,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from fourdnex.config import RegistrationConfig
 from fourdnex.evaluation.floors import FLOORS, MeanDepth, camera_matrix, first_frame_xyz, plane_xyz
 from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, Score, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, clip_of, clip_sources, load_truth, read_mapping
-from fourdnex.geometry.registration import RegistrationError, register_result
+from fourdnex.geometry.registration import RegistrationConfig, RegistrationError, register_result
 from fourdnex.geometry.results import (
     ResultError,
     find_results,
@@ -55,6 +52,7 @@ from fourdnex.geometry.results import (
     result_shape,
     save_registration,
 )
+from fourdnex.runtime import cpu_threads, worker_processes
 
 if TYPE_CHECKING:
     from fourdnex.data.sources import ClipSource
@@ -167,7 +165,7 @@ def evaluate(
         cache = (
             None if gt is None else Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out, prefix=".truth-")))
         )
-        pool = stack.enter_context(_pool(workers))
+        pool = stack.enter_context(worker_processes(workers if workers > 1 else 0))  # one: as well here
         if gt is None:
             tasks = [(_score_sample, sample, plane[sample.size], config) for sample in samples]
             for sample, part in zip(samples, _map(pool, tasks, "scoring"), strict=True):
@@ -209,21 +207,6 @@ def _score_with_truth(
         part.add_to(sample)
 
 
-@contextlib.contextmanager
-def _pool(workers: int) -> Iterator[Executor | None]:
-    """``workers`` worker processes forked from this one; None for fewer than 2, or where processes cannot be
-    forked: the work stays in the calling thread. On leaving, the tasks not yet started are dropped (an error ends the
-    run without waiting for them)."""
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        yield None
-        return
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"))
-    try:
-        yield pool
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
 def _map(pool: Executor | None, tasks: Iterable[tuple], desc: str) -> Iterator:
     """``task[0](*task[1:])`` for every task, in order, on the pool or here, counted by a progress bar."""
     tasks = list(tasks)
@@ -236,13 +219,8 @@ def _call(task: tuple):
     process or here, so that the numbers are the same bit for bit (every worker has a CPU: workers each on the BLAS
     libraries' default threads ran several times slower, BENCHMARKS.md, Evaluation); the thread counts are restored
     after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            return task[0](*task[1:])
-    finally:
-        torch.set_num_threads(threads)
+    with cpu_threads(1):
+        return task[0](*task[1:])
 
 
 @dataclass

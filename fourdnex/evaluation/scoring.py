@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fourdnex.config import RegistrationConfig
 from fourdnex.evaluation import metrics as m
 from fourdnex.evaluation.truth import Truth
 from fourdnex.files import write_npy
-from fourdnex.geometry.registration import register_result
+from fourdnex.geometry.registration import RegistrationConfig, register_result
 
 _DEPTH = (
     ("absrel", "AbsRel", "lower", "mean |d - g| / g"),

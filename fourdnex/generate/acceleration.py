@@ -20,8 +20,9 @@ import logging
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName
 
-from fourdnex.config import FLASH_4_BACKEND, MEMORY_MODES, AccelerationConfig
+from fourdnex.config import FLASH_4_BACKEND
 from fourdnex.errors import FourDNeXError
+from fourdnex.generate.config import MEMORY_MODES, AccelerationConfig
 from fourdnex.model.attention import choose_backend, flash4_problem
 
 GiB = 1024**3

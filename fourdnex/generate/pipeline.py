@@ -23,7 +23,7 @@ from fourdnex.config import (
     PROMPT_SUFFIX,
     XYZ_LATENT_MEAN,
     XYZ_LATENT_STD,
-    Layout,
+    Modalities,
     check_video_shape,
     latent_frames,
 )
@@ -86,7 +86,7 @@ class FourDNeXOutput:
     """
 
     rgb: torch.Tensor | None  # (B, F, H, W, 3) float in [0, 1]; None on the other processes of split decoding
-    xyz: torch.Tensor | None  # (B, F, H, W, 3) float in [-1, 1]; None for the "rgb" layout and wherever rgb is None
+    xyz: torch.Tensor | None  # (B, F, H, W, 3) float in [-1, 1]; None for an RGB-only latent and wherever rgb is None
     latents: torch.Tensor  # (B, 16, T, h, w') the final latents, as the transformer sees them
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
@@ -95,7 +95,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
     """Wan2.1-I2V with the 4DNeX width-wise fusion of RGB and XYZ.
 
     Load it with :func:`load_pipeline`. The transformer is a
-    :class:`~fourdnex.model.transformer.FourDNeXTransformer`; the ``layout`` argument of ``__call__`` sets what
+    :class:`~fourdnex.model.transformer.FourDNeXTransformer`; the ``modalities`` argument of ``__call__`` sets what
     its width holds.
     """
 
@@ -132,7 +132,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        layout: Layout = "rgbxyz",
+        modalities: Modalities = "rgbxyz",
         xyz_mean: float = XYZ_LATENT_MEAN,
         xyz_std: float = XYZ_LATENT_STD,
         prompt_suffix: str = PROMPT_SUFFIX,
@@ -145,8 +145,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
 
         The condition of a sample is one image, frame 0 (image-to-4D), or one image per frame of ``given_frames``
         (sorted frame numbers below ``num_frames``): the first and the last frame, keyframes, or every frame (4D
-        reconstruction of a video). CLIP sees the first of them. ``layout="rgb"`` with an empty ``prompt_suffix`` is
-        plain Wan2.1 image-to-video, step for step. After :meth:`enable_split_decoding`, only the first process
+        reconstruction of a video). CLIP sees the first of them. ``modalities="rgb"`` with an empty ``prompt_suffix``
+        is plain Wan2.1 image-to-video, step for step. After :meth:`enable_split_decoding`, only the first process
         returns the videos (see :class:`FourDNeXOutput`).
 
         A batch: ``prompt`` is a list of ``B`` captions and ``image`` a list of ``B`` conditions (each an image or
@@ -168,7 +168,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
             if len(generator) != batch:
                 raise ValueError(f"{len(generator)} generators for {batch} samples: give one per sample, or one")
             generator = list(generator)  # randn_tensor draws sample i from generator[i]
-        self.transformer.set_layout(layout)
+        self.transformer.set_modalities(modalities)
         device = self._execution_device
         transformer_dtype = self.transformer.dtype
         do_cfg = guidance_scale > 1.0
@@ -196,7 +196,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         # 3. Initial noise over the fused latent.
         num_latent_frames = latent_frames(num_frames)
         latent_h = height // self.vae_scale_factor_spatial
-        latent_w = width // self.vae_scale_factor_spatial * (2 if layout == "rgbxyz" else 1)
+        latent_w = width // self.vae_scale_factor_spatial * (2 if modalities == "rgbxyz" else 1)
         shape = (batch, self.vae.config.z_dim, num_latent_frames, latent_h, latent_w)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # (B, 16, T, h, w')
 
@@ -209,11 +209,11 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         frames[:, :, given_frames] = pixels.transpose(1, 2)
         given = torch.zeros(batch, num_frames, dtype=torch.bool, device=device)
         given[:, given_frames] = True
-        video = condition_frames(frames, given, layout)  # (B, 3, F, H, W')
+        video = condition_frames(frames, given, modalities)  # (B, 3, F, H, W')
         per_call = videos_per_vae_call(video[0, 0].numel())
         condition_latents = torch.cat([encode_latents(self.vae, part) for part in video.split(per_call)])
         condition_latents = condition_latents.to(device)  # (B, 16, T, h, w')
-        mask = condition_mask(given, latent_h, latent_w, layout)  # (B, 4, T, h, w')
+        mask = condition_mask(given, latent_h, latent_w, modalities)  # (B, 4, T, h, w')
         condition = torch.cat([mask, condition_latents], dim=1)  # (B, 20, T, h, w')
         timings["encode"] = time.perf_counter() - tic
 
@@ -253,8 +253,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         decoded, per_call = [], videos_per_vae_call(num_frames * height * width)
         for first in range(0, batch, per_call):
             part = slice(first, first + per_call)
-            rgb, xyz = self.decode_latents(latents[part], layout, xyz_mean, xyz_std)  # (b, 3, F, H, W) each
-            if layout == "xyz" and xyz is not None:  # the first input image on every frame, beside the decoded XYZ
+            rgb, xyz = self.decode_latents(latents[part], modalities, xyz_mean, xyz_std)  # (b, 3, F, H, W) each
+            if modalities == "xyz" and xyz is not None:  # the first input image on every frame, beside decoded XYZ
                 rgb = ((pixels[part, 0, :, None] + 1) / 2).clamp(0, 1).expand(-1, -1, num_frames, -1, -1)
             decoded.append((channels_last(rgb), channels_last(xyz)))
         rgb, xyz = (None if videos[0] is None else torch.cat(videos) for videos in zip(*decoded, strict=True))
@@ -263,17 +263,17 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         return FourDNeXOutput(rgb=rgb, xyz=xyz, latents=latents, timings=timings)  # videos (B, F, H, W, 3)
 
     def decode_latents(
-        self, latents: torch.Tensor, layout: Layout, xyz_mean: float, xyz_std: float
+        self, latents: torch.Tensor, modalities: Modalities, xyz_mean: float, xyz_std: float
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1], one VAE
         call per modality.
 
-        A modality the layout lacks is None; with split decoding, so is every video on processes other than the first.
+        A modality the latent lacks is None; with split decoding, so is every video on processes other than the first.
         """
-        if layout == "rgbxyz":
+        if modalities == "rgbxyz":
             rgb_latents, xyz_latents = split_width(latents)
             halves = {"rgb": rgb_latents, "xyz": denormalize_xyz(xyz_latents, xyz_mean, xyz_std)}
-        elif layout == "xyz":
+        elif modalities == "xyz":
             halves = {"xyz": denormalize_xyz(latents, xyz_mean, xyz_std)}
         else:
             halves = {"rgb": latents}

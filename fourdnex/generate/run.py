@@ -23,50 +23,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
 
 from fourdnex import __version__
-from fourdnex.config import (
-    DEFAULT_MODEL_PATH,
-    FLASH_4_BACKEND,
-    MODEL_TYPES,
-    MODES,
-    XYZ_LATENT_MEAN,
-    XYZ_LATENT_STD,
+from fourdnex.config import FLASH_4_BACKEND, MODEL_TYPES, XYZ_LATENT_MEAN, XYZ_LATENT_STD
+from fourdnex.errors import UsageError
+from fourdnex.generate.config import (
+    SAMPLE_MODALITIES,
     AccelerationConfig,
+    RunConfig,
     SampleConfig,
     size_for_aspect,
 )
-from fourdnex.errors import UsageError
-
-
-@dataclass
-class RunConfig:
-    """Everything one inference run needs; ``inference.py``'s flags, one field each."""
-
-    prompt: str  # a .txt file with one caption per line, or one caption
-    image: str | None = None  # a .txt file with one image path per line (comma-separated with frames), or one path
-    video: str | None = None  # a .txt file with one video path per line, or one path: its frames are the condition
-    frames: tuple[int, ...] | None = None  # the given frames; None: frame 0 of images, every frame of videos
-    out: str = "./results"
-    idx: int = -1  # only this line; -1: every line
-    model_path: str = DEFAULT_MODEL_PATH
-    sft_path: str | None = None  # a fully fine-tuned transformer folder replacing the base one
-    lora_path: str | None = None
-    lora_rank: int | None = None  # expected rank; None: the file's
-    lora_scale: float | None = None  # None: the adapter's own
-    model_type: str | None = None  # a MODEL_TYPES key; None: the adapter's, else the default
-    zero_domain_embedding: bool = False  # accept a released adapter folder without its domain embedding file
-    mode: str = "xyzrgb"
-    device: str = "auto"
-    dtype: str = "auto"
-    skip_existing: bool = False
-    batch_size: int = 1  # lines sampled together (consecutive lines of one size and given frames)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    speed: AccelerationConfig = field(default_factory=AccelerationConfig)
 
 
 @dataclass(frozen=True)
@@ -227,22 +198,19 @@ def check_config(config: RunConfig) -> None:
         raise UsageError(f"--lora_rank must be positive, got {config.lora_rank}")
     if config.model_type is not None and config.model_type not in MODEL_TYPES:
         raise UsageError(f"--type must be one of {sorted(MODEL_TYPES)}, got {config.model_type!r}")
-    if config.mode not in MODES:
-        raise UsageError(f"--mode must be one of {sorted(MODES)}, got {config.mode!r}")
+    if config.modalities not in SAMPLE_MODALITIES:
+        raise UsageError(f"--modalities must be one of {', '.join(SAMPLE_MODALITIES)}, got {config.modalities!r}")
     if config.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {config.batch_size}")
 
 
 def resolve_device_dtype(device: str, dtype: str):
-    """``--device`` / ``--dtype`` (``auto``: CUDA when there is one, bf16 there, float32 on a CPU) as torch objects."""
-    import torch
+    """``--device`` and ``--dtype`` (``auto``: CUDA when there is one, bfloat16 there, float32 on a CPU) as torch
+    objects."""
+    from fourdnex.runtime import device_of, dtype_of
 
-    from fourdnex.cli import resolve_device
-
-    resolved = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if resolved.type == "cuda" else "float32"
-    return resolved, getattr(torch, dtype)
+    resolved = device_of(device)
+    return resolved, dtype_of(dtype, resolved)
 
 
 def transformer_heads(config: RunConfig) -> int:
@@ -291,7 +259,7 @@ class LoadedModel:
     pipe: object  # a fourdnex.generate.pipeline.FourDNeXPipeline
     adapter: object | None  # a fourdnex.model.adapters.Adapter
     model_type: str
-    layout: str  # the pipeline layout of config.mode
+    modalities: str  # what the latent holds: config.modalities
     lora_scale: float | None
     xyz_mean: float
     xyz_std: float
@@ -357,7 +325,7 @@ def load_model(
     load_seconds = time.perf_counter() - tic
     random_weights = has_random_weights(config.model_path)
     return LoadedModel(
-        pipe, adapter, model_type, MODES[config.mode], lora_scale, xyz_mean, xyz_std, device, dtype, speed,
+        pipe, adapter, model_type, config.modalities, lora_scale, xyz_mean, xyz_std, device, dtype, speed,
         load_seconds, random_weights,
     )  # fmt: skip
 
@@ -390,7 +358,7 @@ def sample_batch(model: LoadedModel, jobs: list[Job], sample: SampleConfig, call
             num_inference_steps=sample.steps,
             guidance_scale=sample.guidance_scale,
             generator=[torch.Generator(device="cpu").manual_seed(sample.seed) for _ in jobs],
-            layout=model.layout,
+            modalities=model.modalities,
             xyz_mean=model.xyz_mean,
             xyz_std=model.xyz_std,
             given_frames=first.given_frames,
@@ -425,7 +393,7 @@ def job_meta(
         **dataclasses.asdict(sample),
         "height": job.height,
         "width": job.width,
-        "mode": config.mode,
+        "modalities": config.modalities,
         "type": model.model_type,
         "model_path": str(config.model_path),
         "sft_path": config.sft_path,
@@ -463,8 +431,8 @@ def generate(config: RunConfig) -> list[Path]:
     check_machine(speed, device)
     adapter = load_adapter(config.lora_path) if config.lora_path else None
     model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
-    layout = MODES[config.mode]
-    tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=layout == "rgbxyz") for job in jobs]
+    fused = config.modalities == "rgbxyz"
+    tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=fused) for job in jobs]
 
     # Processes: context parallel (every process, every line), lines shared out, or one process.
     launch = parallel.launch_of_this_process()

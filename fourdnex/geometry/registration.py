@@ -17,18 +17,15 @@ The world frame is the pointmap's own: cameras come out in the units of the inpu
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from fourdnex import __version__
-from fourdnex.config import RegistrationConfig
-from fourdnex.errors import FourDNeXError
+from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.geometry.cameras import (
     decompose_projection,
     dlt_projection,
@@ -41,6 +38,30 @@ from fourdnex.geometry.cameras import (
     rigid,
     so3_exp,
 )
+from fourdnex.runtime import cpu_threads
+
+
+@dataclass
+class RegistrationConfig:
+    """Settings of the camera/depth fit to a pointmap video; pm_registration.py's flags."""
+
+    shared_intrinsics: bool = True  # one K for the clip; False: one K per frame
+    iterations: int = 10  # Levenberg-Marquardt steps of the joint refinement (it stops earlier once converged)
+    samples: int = 4096  # pixels per frame the fit uses (a jittered grid); every pixel gets a depth and a residual
+    init_samples: int = 2048  # of those, pixels per frame for the closed-form initialization (at most all)
+    huber: float = 2.0  # robust loss threshold, in robust standard deviations of the residual
+    planar_threshold: float = 0.02  # frames whose points are this flat (spread across / along) skip the DLT
+    default_focal: float = 1.2  # focal length in widths where nothing fixes it (every frame planar): the reference's
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first setting the fit cannot use."""
+        if self.iterations < 0:
+            raise UsageError(f"iterations must be >= 0, got {self.iterations}")
+        if min(self.samples, self.init_samples) < 12:
+            raise UsageError(f"samples and init_samples must be >= 12, got {self.samples} and {self.init_samples}")
+        if self.huber <= 0:
+            raise UsageError(f"huber must be positive, got {self.huber}")
 
 
 class RegistrationError(FourDNeXError, ValueError):
@@ -59,20 +80,6 @@ def check_pointmap(xyz: torch.Tensor | np.ndarray) -> None:
     flat_frames = (spread <= 1e-6 * spread.max().clamp_min(1e-30)).nonzero().flatten().tolist()
     if flat_frames:
         raise RegistrationError(f"frames {flat_frames} have all their points in one place: no camera fits them")
-
-
-@contextlib.contextmanager
-def single_thread(device: torch.device | str) -> Iterator[None]:
-    """One CPU thread inside when ``device`` is the CPU, restored on exit: on work made of small or memory-bound tensor
-    operations torch's intra-op threads cost more than they save on a busy 2-core machine (the registration fit and
-    render.py's splatting: BENCHMARKS.md, Registration and Novel views)."""
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -273,7 +280,7 @@ def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk:
     """Cameras, depth, registered points and residuals of a pointmap video ``xyz (F, H, W, 3)`` (any float dtype,
     any device; outputs are float32 on the same device)."""
     check_pointmap(xyz)
-    with single_thread(xyz.device):
+    with cpu_threads(1, xyz.device, blas=False):
         K64, world2cam64, info = fit_cameras(xyz, config)
     K, world2cam, cam2world = K64.float(), world2cam64.float(), invert_rigid(world2cam64).float()
     frames, height, width, _ = xyz.shape

@@ -33,14 +33,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fourdnex.config import CameraPath
 from fourdnex.errors import FourDNeXError
 from fourdnex.files import write_json, write_png, write_video
 from fourdnex.geometry.cameras import project_points
 from fourdnex.geometry.exports import export_depth, frame_name
-from fourdnex.geometry.paths import camera_path, scene_depth
-from fourdnex.geometry.registration import single_thread
+from fourdnex.geometry.paths import CameraPath, camera_path, scene_depth
 from fourdnex.geometry.results import load_registration, registration_path
+from fourdnex.runtime import cpu_threads
 
 #: (point, pixel) pairs per chunk: about 70 bytes of temporaries per pair, so near 300 MB at most however large the
 #: rectangles grow (a point close to the new camera covers many pixels). A 480 x 720 frame makes 1 to 3.4 pairs per
@@ -146,13 +145,14 @@ def render_frames(
     """Render every frame's registered points ``(F, H, W, 3)`` with colours ``(F, H, W, 3)`` uint8, seen at depths
     ``depth (F, H, W)`` by source cameras ``K_src (F, 3, 3)``, where ``keep (F, H, W)``, from the frame's new camera
     ``K (F, 3, 3)``, ``cam2world (F, 4, 4)`` at the input's size; one frame at a time on ``device``, with a progress
-    bar titled ``desc`` when given; on one thread on a CPU (see :func:`single_thread`). Returns CPU tensors.
+    bar titled ``desc`` when given; on one thread on a CPU (:func:`fourdnex.runtime.cpu_threads`). Returns CPU
+    tensors.
     """
     frames, height, width = keep.shape
     rgb = torch.empty((frames, height, width, 3), dtype=torch.uint8)
     out_depth = torch.empty((frames, height, width), dtype=torch.float32)
     mask = torch.empty((frames, height, width), dtype=torch.bool)
-    with single_thread(device):
+    with cpu_threads(1, device, blas=False):
         for f in tqdm(range(frames), desc=desc, disable=desc is None):
             sel = keep[f].to(device)
             extent = footprints(depth[f : f + 1].to(device), K_src[f : f + 1].to(device))[0]  # (H, W, 2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fourdnex.config import TEMPORAL_FACTOR, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Layout, video_frames
+from fourdnex.config import TEMPORAL_FACTOR, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Modalities, video_frames
 
 
 def fuse_width(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def sloped_plane(height: int, width: int, dtype: torch.dtype = torch.float32, de
     return torch.stack([x, y, -y])
 
 
-def condition_video(image: torch.Tensor, num_frames: int, layout: Layout) -> torch.Tensor:
+def condition_video(image: torch.Tensor, num_frames: int, modalities: Modalities) -> torch.Tensor:
     """The condition of image-to-4D: the image as frame 0 of ``num_frames``, every other frame unknown.
 
     ``image`` is ``(B, 3, H, W)`` in [-1, 1]; returns :func:`condition_frames` of it, ``(B, 3, F, H, W')``.
@@ -48,10 +48,10 @@ def condition_video(image: torch.Tensor, num_frames: int, layout: Layout) -> tor
     video[:, :, 0] = image
     given = torch.zeros(image.shape[0], num_frames, dtype=torch.bool, device=image.device)
     given[:, 0] = True
-    return condition_frames(video, given, layout)
+    return condition_frames(video, given, modalities)
 
 
-def condition_frames(video: torch.Tensor, given: torch.Tensor, layout: Layout) -> torch.Tensor:
+def condition_frames(video: torch.Tensor, given: torch.Tensor, modalities: Modalities) -> torch.Tensor:
     """The video the VAE encodes as the condition: the given RGB frames, zeros for the others.
 
     ``video`` is ``(B, 3, F, H, W)`` in [-1, 1] (only its given frames are read), ``given`` ``(B, F)`` bool. The
@@ -63,13 +63,13 @@ def condition_frames(video: torch.Tensor, given: torch.Tensor, layout: Layout) -
     rgb = torch.where(given[:, None, :, None, None], video, torch.zeros((), dtype=video.dtype, device=video.device))
     xyz = torch.zeros_like(video)
     xyz[:, :, 0] = sloped_plane(height, width, video.dtype, video.device)
-    if layout == "rgbxyz":
+    if modalities == "rgbxyz":
         return fuse_width(rgb, xyz)
-    return rgb if layout == "rgb" else xyz
+    return rgb if modalities == "rgb" else xyz
 
 
 def soft_mask(
-    batch: int, latent_frames: int, height: int, width: int, layout: Layout, dtype=torch.float32, device=None
+    batch: int, latent_frames: int, height: int, width: int, modalities: Modalities, dtype=torch.float32, device=None
 ) -> torch.Tensor:
     """The mask of :func:`condition_video` (frame 0 given) for a latent of ``(T, h, w)``: ``(B, 4, T, h, w)``.
 
@@ -78,10 +78,12 @@ def soft_mask(
     """
     given = torch.zeros(batch, video_frames(latent_frames), dtype=torch.bool, device=device)
     given[:, 0] = True
-    return condition_mask(given, height, width, layout, dtype)
+    return condition_mask(given, height, width, modalities, dtype)
 
 
-def condition_mask(given: torch.Tensor, height: int, width: int, layout: Layout, dtype=torch.float32) -> torch.Tensor:
+def condition_mask(
+    given: torch.Tensor, height: int, width: int, modalities: Modalities, dtype=torch.float32
+) -> torch.Tensor:
     """Wan I2V's 4-channel mask of a condition, ``(B, 4, T, h, w)``, from the given pixel frames ``(B, F)`` bool.
 
     Wan folds pixel frames into latent frames as its VAE does: latent frame 0 holds pixel frame 0 in all 4 channels,
@@ -101,11 +103,11 @@ def condition_mask(given: torch.Tensor, height: int, width: int, layout: Layout,
     hint = torch.zeros(batch, frames, dtype=dtype, device=given.device)
     hint[:, 0] = 0.5
     xyz = fold(hint)
-    if layout == "rgbxyz":
+    if modalities == "rgbxyz":
         half = width // 2
         per_column = torch.cat([rgb[..., None].expand(-1, -1, -1, half), xyz[..., None].expand(-1, -1, -1, half)], -1)
         return per_column[:, :, :, None, :].expand(-1, -1, -1, height, -1).contiguous()
-    mask = rgb if layout == "rgb" else xyz
+    mask = rgb if modalities == "rgb" else xyz
     return mask[..., None, None].expand(-1, -1, -1, height, width).contiguous()
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from fourdnex.config import BASE_MODEL_ID
 from fourdnex.errors import FourDNeXError, UsageError
 
+#: The base model's id on the Hugging Face Hub (the download command a missing folder's message gives).
+BASE_MODEL_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 #: The dtype of the VAE and the CLIP image encoder, in every pipeline that encodes or decodes.
 ENCODER_DTYPE = torch.float32
 #: The text tokens every caption is padded to by the UMT5 encoder, in the cache as at inference (Wan's length).

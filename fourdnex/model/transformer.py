@@ -21,7 +21,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 
-from fourdnex.config import Layout, ModelType
+from fourdnex.config import Modalities, ModelType
 from fourdnex.model import attention  # noqa: F401 - registers the flash_4 attention backend with diffusers
 
 
@@ -42,7 +42,7 @@ class DomainPatchEmbedding(nn.Conv3d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride) -> None:
         super().__init__(in_channels, out_channels, kernel_size=kernel_size, stride=stride)
         self.domain_embedding = nn.Parameter(torch.zeros(2, out_channels))
-        self.layout: Layout = "rgb"
+        self.modalities: Modalities = "rgb"
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,11 +50,11 @@ class DomainPatchEmbedding(nn.Conv3d):
         if not self.enabled:
             return x
         emb = self.domain_embedding.to(x.dtype)  # (2, D)
-        if self.layout == "rgbxyz":
+        if self.modalities == "rgbxyz":
             half = x.shape[-1] // 2
             offset = emb.repeat_interleave(half, dim=0)  # (w, D): row 0 for the left half, row 1 for the right
             return x + offset.t()[None, :, None, None, :]
-        row = emb[1 if self.layout == "xyz" else 0]
+        row = emb[1 if self.modalities == "xyz" else 0]
         return x + row[None, :, None, None, None]
 
 
@@ -87,7 +87,7 @@ class FourDNeXTransformer(WanTransformer3DModel):
     """``WanTransformer3DModel`` with the 4DNeX domain embedding and shared RoPE.
 
     Loads any Wan2.1 transformer folder (``from_pretrained``); the domain embedding starts at zero. With the
-    default layout ``"rgb"`` and no shared RoPE it computes exactly what the stock model computes.
+    default ``modalities="rgb"`` and no shared RoPE it computes exactly what the stock model computes.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -107,20 +107,20 @@ class FourDNeXTransformer(WanTransformer3DModel):
         return self.patch_embedding.domain_embedding
 
     @property
-    def layout(self) -> Layout:
-        return self.patch_embedding.layout
+    def modalities(self) -> Modalities:
+        return self.patch_embedding.modalities
 
     def set_model_type(self, model_type: ModelType) -> None:
         """Switch the domain embedding and the shared RoPE on or off (the ``--type`` presets)."""
         self.patch_embedding.enabled = model_type.domain_embedding
         self.rope.enabled = model_type.shared_rope
 
-    def set_layout(self, layout: Layout) -> None:
+    def set_modalities(self, modalities: Modalities) -> None:
         """Choose what the latent width holds: ``"rgbxyz"`` (RGB | XYZ halves), or one modality, ``"rgb"``/``"xyz"``."""
-        if layout not in ("rgb", "xyz", "rgbxyz"):
-            raise ValueError(f"layout must be 'rgb', 'xyz' or 'rgbxyz', got {layout!r}")
-        self.patch_embedding.layout = layout
-        self.rope.fused = layout == "rgbxyz"
+        if modalities not in ("rgb", "xyz", "rgbxyz"):
+            raise ValueError(f"modalities must be 'rgb', 'xyz' or 'rgbxyz', got {modalities!r}")
+        self.patch_embedding.modalities = modalities
+        self.rope.fused = modalities == "rgbxyz"
 
     @classmethod
     def from_pretrained(cls, path, subfolder: str | None = None, **kwargs) -> FourDNeXTransformer:

@@ -48,8 +48,9 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import nn
 from torch.nn.attention import SDPBackend
 
-from fourdnex.config import FLASH_4_BACKEND, REPLAYABLE_ATTENTION_BACKENDS
+from fourdnex.config import FLASH_4_BACKEND
 from fourdnex.model import attention
+from fourdnex.train.config import REPLAYABLE_ATTENTION_BACKENDS
 from fourdnex.train.memory_policy import RecomputePlan
 
 aten = torch.ops.aten

@@ -9,15 +9,20 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from fourdnex.config import (
-    DEFAULT_LORA_TARGETS,
     DEFAULT_MODEL_TYPE,
+    FLASH_4_BACKEND,
     MODEL_TYPES,
-    REPLAYABLE_ATTENTION_BACKENDS,
     SIZE_MULTIPLE,
     check_video_shape,
     latent_frames,
 )
 from fourdnex.errors import FourDNeXError
+
+#: Where the released LoRA targets live inside every transformer block.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: The attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels, and
+#: FlashAttention-4, whose forward returns the log-sum-exp its backward takes).
+REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", FLASH_4_BACKEND)
 
 TimestepSampling = Literal["uniform", "shifted"]
 LrSchedule = Literal["cosine", "constant"]
@@ -27,8 +32,11 @@ LrSchedule = Literal["cosine", "constant"]
 ActivationMemory = Literal["auto", "recompute", "attention", "attention+ffn"]
 #: ``lora``: LoRA + domain embedding on a frozen base (4DNeX); ``full``: every transformer weight (a base model).
 TrainMode = Literal["lora", "full"]
-#: What a sample's latent holds: RGB | XYZ side by side (4DNeX), or the RGB video alone (plain image-to-video).
-TrainLayout = Literal["rgbxyz", "rgb"]
+#: What a sample's latent holds (``fourdnex.config.Modalities``): RGB | XYZ side by side (4DNeX), or the RGB video
+#: alone (plain image-to-video).
+TrainModalities = Literal["rgbxyz", "rgb"]
+#: The dtypes training computes in (``--mixed_precision``, which also takes accelerate's spellings bf16 and no).
+TrainPrecision = Literal["bfloat16", "float32"]
 #: ``--condition_tasks`` presets: the share of samples conditioned on each kind of given RGB frames. ``image``: the
 #: first frame (the paper); ``any``: also the first and the last frame, a few random keyframes (frame 0 and 2-4
 #: others), or every frame (4D reconstruction of a video).
@@ -38,7 +46,8 @@ CONDITION_TASKS: dict[str, dict[str, float]] = {
 }
 TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
-TRAIN_LAYOUTS: tuple[str, ...] = get_args(TrainLayout)
+TRAIN_MODALITIES: tuple[str, ...] = get_args(TrainModalities)
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 ACTIVATION_MEMORY_CHOICES: tuple[str, ...] = get_args(ActivationMemory)
 
@@ -52,7 +61,7 @@ class TrainConfig:
     """Every fine-tuning setting.
 
     The defaults reproduce the 4DNeX paper and reference where they say (LoRA rank 64 / alpha 32 on the four attention
-    projections, lr 2e-5, 49 frames at 480x720, batch 1 per GPU, bf16, uniform noise levels, checkpoints every 500
+    projections, lr 2e-5, 49 frames at 480x720, batch 1 per GPU, bfloat16, uniform noise levels, checkpoints every 500
     steps, 2 kept); the AdamW betas, weight decay, warmup length and cosine decay are this trainer's choices.
     """
 
@@ -61,7 +70,7 @@ class TrainConfig:
     model_path: str | None = None  # None: the model the cache was built with (stats.json), else DEFAULT_MODEL_PATH
     model_type: str = DEFAULT_MODEL_TYPE
     train_mode: TrainMode = "lora"
-    layout: TrainLayout = "rgbxyz"
+    modalities: TrainModalities = "rgbxyz"
     condition_tasks: str = "image"  # a CONDITION_TASKS key
     cache_in_memory: bool = False  # read the whole cache into host memory before the first step
     height: int = 480  # per modality
@@ -84,7 +93,7 @@ class TrainConfig:
     train_batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    mixed_precision: Literal["bf16", "no"] = "bf16"
+    mixed_precision: TrainPrecision = "bfloat16"  # a fourdnex.runtime.DTYPES name
     gradient_checkpointing: bool = True
     activation_memory: ActivationMemory = "auto"  # what gradient checkpointing keeps (see ActivationMemory)
     attention_backend: str | None = None  # a diffusers attention backend, e.g. "_native_cudnn"; None: its default
@@ -114,14 +123,14 @@ class TrainConfig:
 
     @property
     def dtype_bytes(self) -> int:
-        """Bytes per element of the activations (bf16: 2, fp32: 4)."""
-        return 2 if self.mixed_precision == "bf16" else 4
+        """Bytes per element of the activations (bfloat16: 2, float32: 4)."""
+        return 2 if self.mixed_precision == "bfloat16" else 4
 
     @property
     def tokens_per_sample(self) -> int:
         """Transformer tokens of one fused sample: latent frames x (height / 16) x (2 width / 16), 35,100 at 49x480x720
         (8x8 pixels per latent pixel, 2x2 latent pixels per patch, RGB and XYZ side by side)."""
-        halves = 2 if self.layout == "rgbxyz" else 1
+        halves = 2 if self.modalities == "rgbxyz" else 1
         return self.num_latent_frames * (self.height // SIZE_MULTIPLE) * (halves * self.width // SIZE_MULTIPLE)
 
     @property
@@ -152,10 +161,10 @@ class TrainConfig:
         for name, choices in (
             ("timestep_sampling", TIMESTEP_SAMPLINGS),
             ("lr_schedule", LR_SCHEDULES),
-            ("mixed_precision", ("bf16", "no")),
+            ("mixed_precision", TRAIN_PRECISIONS),
             ("activation_memory", ACTIVATION_MEMORY_CHOICES),
             ("train_mode", TRAIN_MODES),
-            ("layout", TRAIN_LAYOUTS),
+            ("modalities", TRAIN_MODALITIES),
             ("condition_tasks", tuple(CONDITION_TASKS)),
         ):
             if getattr(self, name) not in choices:
@@ -170,8 +179,8 @@ class TrainConfig:
             raise TrainingError("rgb_first_frame_loss=False needs at least 2 latent frames (num_frames >= 5)")
         if self.validation_steps and not (self.validation_image and self.validation_prompt):
             raise TrainingError("validation_steps needs validation_image and validation_prompt")
-        if self.validation_steps and self.layout != "rgbxyz":
-            raise TrainingError("validation samples are RGB and XYZ results: validation_steps needs layout rgbxyz")
+        if self.validation_steps and self.modalities != "rgbxyz":
+            raise TrainingError("validation samples are RGB and XYZ results: validation_steps needs modalities rgbxyz")
         self.validate_activation_memory()
 
     def validate_activation_memory(self) -> None:

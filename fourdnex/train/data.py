@@ -202,7 +202,7 @@ class HeldCache:
     def __init__(self, cache: LatentCache, device: torch.device, frames: bool = False) -> None:
         from tqdm.auto import tqdm
 
-        self.layout = cache.layout
+        self.modalities = cache.modalities
         first = torch.zeros(video_frames(cache.num_latent_frames), dtype=torch.bool)
         first[0] = True
         prompts: dict[str, int] = {}
@@ -257,7 +257,7 @@ class HeldCache:
         on_device = draws.to(self.device)
         clips = on_device.clips
         h, w = self.x0.shape[-2:]
-        mask = condition_mask(on_device.given, h, w, self.layout)  # (B, 4, T, h, w')
+        mask = condition_mask(on_device.given, h, w, self.modalities)  # (B, 4, T, h, w')
         held = draws.image_only and self.cond is not None
         cond = self.cond[clips] if held else self._conditions(draws, encoder)  # (B, 16, T, h, w')
         return Batch(
@@ -295,7 +295,7 @@ class HeldCache:
             frames[rows, :1] = self.first[clips[rows]]
         pixels = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (P, 3, F, H, W)
         given = to_device(draws.given[encoded_rows], self.device)
-        encoded = encoder(condition_frames(pixels, given, self.layout))  # (P, 16, T, h, w')
+        encoded = encoder(condition_frames(pixels, given, self.modalities))  # (P, 16, T, h, w')
         cond = encoded.new_empty((len(draws.clips), *encoded.shape[1:]))
         cond[to_device(encoded_rows, self.device)] = encoded
         if held_rows.any():

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fourdnex.runtime import dtype_of
 from fourdnex.train.config import LrSchedule, TrainConfig, TrainingError
 from fourdnex.train.loss import Batch, LossWeights, batch_loss
 
@@ -87,7 +88,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
     config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     config["gradient_clipping"] = cfg.max_grad_norm
-    config["bf16"] = {"enabled": cfg.mixed_precision == "bf16"}
+    config["bf16"] = {"enabled": cfg.mixed_precision == "bfloat16"}
     config["fp16"] = {"enabled": False}
     config["zero_allow_untested_optimizer"] = True
     return config
@@ -108,7 +109,7 @@ def make_accelerator(cfg: TrainConfig, log_dir: Path | None = None) -> Accelerat
     handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision="bf16" if cfg.mixed_precision == "bfloat16" else "no",  # accelerate's spellings
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard" if log_dir else None,
         project_dir=str(log_dir) if log_dir else None,
@@ -136,9 +137,9 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = accelerator
         self.meta = meta
-        self.dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        self.dtype = dtype_of(cfg.mixed_precision)
         self.weights = LossWeights(
-            cfg.rgb_loss_weight, cfg.xyz_loss_weight, cfg.rgb_first_frame_loss, fused=cfg.layout == "rgbxyz"
+            cfg.rgb_loss_weight, cfg.xyz_loss_weight, cfg.rgb_first_frame_loss, fused=cfg.modalities == "rgbxyz"
         )
         params = list(trainable_parameters(transformer).values())
         optimizer = torch.optim.AdamW(

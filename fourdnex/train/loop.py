@@ -80,11 +80,11 @@ def build_transformer(
 
     from fourdnex.model.loading import load_transformer
 
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bfloat16" else torch.float32
     if transformer is None:
         transformer = load_transformer(model_path, dtype)
     transformer.set_model_type(MODEL_TYPES[cfg.model_type])
-    transformer.set_layout(cfg.layout)
+    transformer.set_modalities(cfg.modalities)
     transformer.requires_grad_(cfg.train_mode == "full")
     if cfg.train_mode == "lora":
         check_lora_targets(transformer, cfg.lora_targets)
@@ -163,7 +163,7 @@ class Run:
             if problem is not None:
                 raise TrainingError(f"--attention_backend {FLASH_4_BACKEND}: {problem}")
         self.cfg = cfg
-        self.cache = cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.layout)
+        self.cache = cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.modalities)
         self.model_path = model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
         if not (Path(model_path) / "transformer" / "config.json").is_file():
             raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
@@ -204,7 +204,7 @@ class Run:
         accelerator.init_trackers("finetune", config=_tracker_config(cfg))
         self.stream = SampleStream(cfg, len(cache), accelerator.num_processes)
         t, h, w = cache.latent_shape
-        self.noise_shape = (16, t, h, 2 * w if cfg.layout == "rgbxyz" else w)  # one sample's x0
+        self.noise_shape = (16, t, h, 2 * w if cfg.modalities == "rgbxyz" else w)  # one sample's x0
         self.bar = tqdm(
             total=cfg.max_steps, initial=trainer.step, desc="finetune", disable=not accelerator.is_main_process
         )
@@ -343,7 +343,7 @@ def run_validation(trainer: Trainer, model_path: str, cache: LatentCache, out_di
             num_frames=cfg.num_frames,
             num_inference_steps=cfg.validation_inference_steps,
             generator=torch.Generator(device="cpu").manual_seed(cfg.seed),
-            layout=cfg.layout,
+            modalities=cfg.modalities,
             xyz_mean=cache.stats.xyz_latent_mean,
             xyz_std=cache.stats.xyz_latent_std,
         )

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fourdnex.config import REPLAYABLE_ATTENTION_BACKENDS
-from fourdnex.train.config import TrainConfig, TrainingError
+from fourdnex.train.config import REPLAYABLE_ATTENTION_BACKENDS, TrainConfig, TrainingError
 
 logger = logging.getLogger("fourdnex.train.memory_policy")
 

@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fourdnex.cli import run
+from fourdnex.cli import field_flag, run, settings
 from fourdnex.config import check_video_shape
 from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
 from fourdnex.files import atomic_path, write_json, write_safetensors
+from fourdnex.runtime import device_of, worker_processes
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -69,12 +70,13 @@ class VaeTrainConfig:
     kl_weight: float = 1e-6
     checkpointing_steps: int = 500
     seed: int = 0
-    device: str = "cuda"
-    workers: int = 8
+    device: str = "auto"  # a fourdnex.runtime.device_of name
+    workers: int = 8  # threads reading clips, processes rendering generator clips
 
     def validate(self) -> None:
         """Raise UsageError naming the first setting that cannot be trained with."""
         check_video_shape(self.num_frames, self.height, self.width)
+        device_of(self.device)  # a UsageError for a device this machine lacks
         if bool(self.data_dir) == bool(self.synthetic_clips):
             raise UsageError("give the training clips as --data_dir or as --synthetic_clips N, one of the two")
         unknown = sorted(set(self.texture_families) - set(TEXTURE_FAMILIES))
@@ -155,7 +157,6 @@ def synthetic_clips(
     """``count`` clips of the synthetic generator rendered in memory (processes), prepared as the cache build
     prepares clips (one centre per clip); clip ``i`` is the scene ``seed * 100003 + i`` at ``height x width``."""
     import functools
-    from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
 
@@ -163,8 +164,8 @@ def synthetic_clips(
                             families=tuple(families))  # fmt: skip
     rgb = np.empty((count, num_frames, height, width, 3), np.uint8)
     xyz = np.empty((count, num_frames, height, width, 3), np.float16)
-    with ProcessPoolExecutor(workers) as pool:
-        done = pool.map(job, range(count), chunksize=8)
+    with worker_processes(workers) as pool:
+        done = pool.map(job, range(count), chunksize=8) if pool else map(job, range(count))
         for i, (r, x) in enumerate(tqdm(done, total=count, desc=f"synthetic clips (seed {seed})", unit="clip")):
             rgb[i], xyz[i] = r, x
     return Clips(rgb, xyz)
@@ -261,7 +262,7 @@ class VaeTrainer:
         from fourdnex.train.data import holding_device
 
         self.cfg = cfg
-        self.device = device = torch.device(cfg.device)
+        self.device = device = device_of(cfg.device)
         _check_vae_folder(cfg)
         if len(clips) < cfg.batch_size:
             raise UsageError(f"{cfg.data_dir} holds {len(clips)} clips, fewer than --batch_size {cfg.batch_size}")
@@ -384,7 +385,7 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
     mean, std = latent_statistics(vae, Clips(clips.rgb[:256], clips.xyz[:256]), device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     metrics = {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "device": str(device)},
         "steps": trainer.step,
         "finished": trainer.step >= cfg.max_steps,
         "seconds": time.perf_counter() - start,
@@ -404,62 +405,70 @@ def train_vae(cfg: VaeTrainConfig) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     """Train as the flags say and print the reconstruction PSNRs."""
-    metrics = train_vae(VaeTrainConfig(**{**vars(args), "texture_families": tuple(args.texture_families)}))
+    metrics = train_vae(settings(VaeTrainConfig, args, texture_families=tuple(args.texture_families)))
     names = ("steps", "finished", "train_psnr", "held_out_psnr", "held_out_family_psnr")
     print(json.dumps({k: metrics[k] for k in names if k in metrics}))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m fourdnex.train.vae``; every default comes from VaeTrainConfig."""
-    d = VaeTrainConfig("", "", "")
+    """The command line of ``python -m fourdnex.train.vae``; every default is a VaeTrainConfig field's."""
     p = argparse.ArgumentParser(
         prog="fourdnex.train.vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data_dir", default=None, help="4DNeX-10M tree of training clips (or --synthetic_clips)")
-    p.add_argument("--model_path", required=True, help="the model whose vae/ is trained (its config and start)")
-    p.add_argument("--out", required=True, help="where the trained vae/, metrics.json and the checkpoint go")
-    p.add_argument("--eval_data_dir", default=None, help="4DNeX-10M tree of held-out clips for the PSNR")
-    p.add_argument(
-        "--synthetic_clips",
+    field_flag(p, VaeTrainConfig, "data_dir", help="4DNeX-10M tree of training clips (or --synthetic_clips)")
+    field_flag(
+        p, VaeTrainConfig, "model_path", required=True, help="the model whose vae/ is trained (its config and start)"
+    )
+    field_flag(
+        p, VaeTrainConfig, "out", required=True, help="where the trained vae/, metrics.json and the checkpoint go"
+    )
+    field_flag(p, VaeTrainConfig, "eval_data_dir", help="4DNeX-10M tree of held-out clips for the PSNR")
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "synthetic_clips",
         type=int,
-        default=d.synthetic_clips,
         help="train on N clips of the synthetic generator rendered in memory (no files) instead",
     )
-    p.add_argument("--synthetic_seed", type=int, default=d.synthetic_seed, help="clip i renders seed * 100003 + i")
-    p.add_argument(
-        "--texture_families",
+    field_flag(p, VaeTrainConfig, "synthetic_seed", type=int, help="clip i renders seed * 100003 + i")
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "texture_families",
         nargs="+",
-        default=list(d.texture_families),
         choices=TEXTURE_FAMILIES,
         help="the texture families of the synthetic training clips",
     )
-    p.add_argument(
-        "--eval_synthetic_clips",
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "eval_synthetic_clips",
         type=int,
-        default=d.eval_synthetic_clips,
         help="held-out generator clips (seed --eval_synthetic_seed) of the training families, and as many "
         "of the families left out, for the PSNR",
     )
-    p.add_argument("--eval_synthetic_seed", type=int, default=d.eval_synthetic_seed)
-    p.add_argument(
-        "--eval_steps",
+    field_flag(p, VaeTrainConfig, "eval_synthetic_seed", type=int)
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "eval_steps",
         type=int,
-        default=d.eval_steps,
         help="measure the held-out PSNR every N steps into OUT/curve.json (0: at the end only)",
     )
-    p.add_argument(
-        "--stop_after_minutes",
+    field_flag(
+        p,
+        VaeTrainConfig,
+        "stop_after_minutes",
         type=float,
-        default=d.stop_after_minutes,
         help="checkpoint and stop after this many minutes (0: never); the same command resumes",
     )
     for name in ("num_frames", "height", "width", "eval_limit", "max_steps", "batch_size", "warmup_steps",
                  "checkpointing_steps", "seed", "workers"):  # fmt: skip
-        p.add_argument(f"--{name}", type=int, default=getattr(d, name))
-    p.add_argument("--limit", type=int, default=None, help="only the first N training clips")
-    p.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    p.add_argument("--kl_weight", type=float, default=d.kl_weight)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        field_flag(p, VaeTrainConfig, name, type=int)
+    field_flag(p, VaeTrainConfig, "limit", type=int, help="only the first N training clips")
+    field_flag(p, VaeTrainConfig, "learning_rate", type=float)
+    field_flag(p, VaeTrainConfig, "kl_weight", type=float)
+    field_flag(p, VaeTrainConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
     return p
 
 
