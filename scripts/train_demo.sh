@@ -14,7 +14,7 @@
 #   vae       the small Wan VAE on generator clips rendered in memory, with its held-out learning curve
 #   encoders  the model folder around that VAE, its tokenizer knowing the training captions' words
 #   cache     build_wan_dataset.py over the training clips with those encoders
-#   base      stage 1: finetune.py --train_mode full --layout rgb (plain image-to-video on the RGB clips)
+#   base      stage 1: finetune.py --train_mode full --modalities rgb (plain image-to-video on the RGB clips)
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
 #             fine-tuning of the fused model, the ablations (no domain embedding; stock RoPE) and the any-frame adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets
@@ -129,7 +129,7 @@ finetune() {
 
 stage_base() {
     log "base: $BASE_STEPS steps of full training on the RGB clips"
-    finetune 0 "$WORK/base" "$BASE_STEPS" --model_path "$WORK/encoders" --train_mode full --layout rgb \
+    finetune 0 "$WORK/base" "$BASE_STEPS" --model_path "$WORK/encoders" --train_mode full --modalities rgb \
         --type i2vwbw --learning_rate 1e-3
     "$PY" -m fourdnex.model.presets "$WORK/model" --preset demo --vae "$WORK/vae/vae" \
         --transformer "$WORK/base/transformer" --corpus "$WORK/train/captions.txt"
