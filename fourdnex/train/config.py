@@ -23,6 +23,9 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: The attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels, and
 #: FlashAttention-4, whose forward returns the log-sum-exp its backward takes).
 REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", FLASH_4_BACKEND)
+#: Steps between two reads of a trainer's logged numbers from the device (finetune.py's and the VAE's: each read
+#: waits for the queued steps to finish).
+METRICS_READ_STEPS = 50
 
 TimestepSampling = Literal["uniform", "shifted"]
 LrSchedule = Literal["cosine", "constant"]

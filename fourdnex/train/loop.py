@@ -26,8 +26,10 @@ from torch import nn
 
 from fourdnex.config import DEFAULT_MODEL_PATH, FLASH_4_BACKEND, MODEL_TYPES
 from fourdnex.data.cache import LatentCache
+from fourdnex.model.loading import check_model_folder
+from fourdnex.runtime import device_of
 from fourdnex.train.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from fourdnex.train.config import TrainConfig, TrainingError
+from fourdnex.train.config import METRICS_READ_STEPS, TrainConfig, TrainingError
 from fourdnex.train.data import HeldCache, SampleStream, VaeConditionEncoder, batch_of_samples, read_batch
 from fourdnex.train.engine import (
     LORA_ADAPTER_NAME,
@@ -45,8 +47,6 @@ if TYPE_CHECKING:  # the model and adapter modules import diffusers and peft: lo
     from fourdnex.model.adapters import AdapterMeta
 
 logger = logging.getLogger("fourdnex.train.loop")
-#: Steps between two reads of the logged numbers from the device (each read waits for the queued steps to finish).
-METRICS_READ_STEPS = 50
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -159,14 +159,13 @@ class Run:
         if cfg.attention_backend == FLASH_4_BACKEND:  # a kernel this machine lacks is refused before anything is read
             from fourdnex.model.attention import flash4_problem
 
-            problem = flash4_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            problem = flash4_problem(device_of("auto"))
             if problem is not None:
                 raise TrainingError(f"--attention_backend {FLASH_4_BACKEND}: {problem}")
         self.cfg = cfg
         self.cache = cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.modalities)
         self.model_path = model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
-        if not (Path(model_path) / "transformer" / "config.json").is_file():
-            raise TrainingError(f"model folder {model_path} has no transformer/config.json (pass --model_path)")
+        check_model_folder(model_path, ("transformer",), how="pass --model_path, a Wan2.1-I2V diffusers folder")
         if cfg.validation_steps and not Path(cfg.validation_image).is_file():
             raise TrainingError(f"validation image {cfg.validation_image} does not exist")
         stage = zero_stage(deepspeed_config(cfg))  # refuse a bad DeepSpeed json before loading anything

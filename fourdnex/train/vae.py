@@ -39,6 +39,7 @@ from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
 from fourdnex.files import atomic_path, write_json, write_safetensors
 from fourdnex.runtime import device_of, worker_processes
+from fourdnex.train.config import METRICS_READ_STEPS
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -242,8 +243,6 @@ def _check_vae_folder(cfg: VaeTrainConfig) -> None:
     check_model_folder(cfg.model_path, ("vae",), how="build the model first: python -m fourdnex.model.presets")
 
 
-#: Steps between two reads of the logged losses from the device (each read waits for the queued steps to finish).
-METRICS_READ_STEPS = 50
 
 
 class VaeTrainer:
