@@ -3,7 +3,8 @@ model, shapes and batch, on one GPU, in one run.
 
     python bench/bench_train_throughput.py --out throughput.json                       # transformer, both stages
     python bench/bench_train_throughput.py --batch 256 --profile --out throughput.json  # + where the time goes
-    python bench/bench_train_throughput.py --vae --out vae.json                         # the VAE trainer
+    python bench/bench_train_throughput.py --vae --batch 8 32 --out vae.json            # the VAE trainer
+    python bench/bench_train_throughput.py --vae --batch 32 --profile --out vae.json    # + where its time goes
 
 **Transformer.** The stages of ``scripts/train_demo.sh``: ``adapter`` (LoRA r16 + domain embedding on the fused
 RGB | XYZ latent, 756 tokens a sample at 25 x 96 x 144) and ``base`` (every weight, the RGB latent alone, 378 tokens).
@@ -16,7 +17,8 @@ steps after ``--warmup`` steps (compilation), synchronized before and after. ``-
 ``--profile_steps`` more trainer steps with torch.profiler and prints the GPU's busy share and the top operators.
 
 **VAE.** ``python -m fourdnex.train.vae``'s step (:class:`fourdnex.train.vae.VaeTrainer`) beside a plain step of
-the same VAE (fp32 weights, bf16 autocast, fused AdamW, eager), batches of random clips held on the GPU.
+the same VAE (fp32 weights, bf16 autocast, fused AdamW, eager), batches of random clips held on the GPU;
+``--profile`` profiles ``--profile_steps`` more trainer steps as for the transformer.
 
 Floor: the FLOPs of one step (counted by ``torch.utils.flop_counter`` on the eager model) over the bf16 matrix rate
 measured here on an 8192^3 product. Results and commands: BENCHMARKS.md, "Training the demo model".
@@ -158,20 +160,20 @@ def trainer_worker(args: argparse.Namespace) -> None:
     torch.cuda.synchronize()
     result = {"seconds": (time.perf_counter() - tic) / args.steps, "held_gib": run.held.nbytes / 2**30}
     if args.profile:
-        result["profile"] = profile_steps(run, args.warmup + args.steps + args.profile_steps)
+        result["profile"] = profile_steps(run.loop, run.trainer.step, args.warmup + args.steps + args.profile_steps)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def profile_steps(run, stop: int) -> dict:
-    """Where the trainer's time goes over its steps up to ``stop``: wall time, the GPU's busy time (the union of its
-    kernels' intervals) and the operators with the most CPU and GPU time."""
+def profile_steps(train_until, start: int, stop: int) -> dict:
+    """Where a trainer's time goes over its steps ``start`` to ``stop`` (``train_until(stop)`` runs them): wall time,
+    the GPU's busy time (the union of its kernels' intervals) and the operators with the most CPU and GPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    steps = stop - run.trainer.step
+    steps = stop - start
     torch.cuda.synchronize()
     tic = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run.loop(stop)
+        train_until(stop)
         torch.cuda.synchronize()
     wall = time.perf_counter() - tic
     kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
@@ -291,8 +293,9 @@ def vae_table(args: argparse.Namespace) -> list[dict]:
             (torch.rand(count, FRAMES, HEIGHT, WIDTH, 3, generator=g) * 2 - 1).half().numpy(),
         )
         for batch in args.batch:
+            steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
             cfg = VaeTrainConfig(data_dir="", model_path=str(model_path), out=str(Path(tmp) / f"vae-{batch}"),
-                                 batch_size=batch, max_steps=args.warmup + args.steps, device="cuda")  # fmt: skip
+                                 batch_size=batch, max_steps=steps, device="cuda")  # fmt: skip
             trainer = VaeTrainer(cfg, clips)
             trainer.train_until(args.warmup)
             torch.cuda.synchronize()
@@ -304,6 +307,8 @@ def vae_table(args: argparse.Namespace) -> list[dict]:
             plain = plain_vae_seconds(cfg, clips, args.steps, args.warmup)
             row = {"batch": batch, "videos_per_step": 2 * batch, "plain_clips_s": batch / plain,
                    "trainer_clips_s": batch / seconds, "trainer_share_of_plain": plain / seconds}  # fmt: skip
+            if args.profile:
+                row["profile"] = profile_steps(trainer.train_until, trainer.step, trainer.step + args.profile_steps)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
