@@ -17,9 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
-from fourdnex.cli import field_default, field_flag, run, settings, switch
+from fourdnex.cli import dtype_flag, field_default, field_flag, run, settings, switch
 from fourdnex.generate.config import MEMORY_MODES, AccelerationConfig, RunConfig, SampleConfig
-from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MODEL, DEMO_ADAPTER = ROOT / "example" / "demo" / "model", ROOT / "example" / "demo" / "adapter"
@@ -223,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument("--seed", type=int, default=None, help=f"(default {field_default(SampleConfig, 'seed')})")
     hw = p.add_argument_group("hardware (as inference.py's)")
     field_flag(hw, RunConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
-    field_flag(hw, RunConfig, "dtype", aliases=DTYPE_ALIASES, choices=DTYPE_CHOICES, help="(default auto)")
+    dtype_flag(hw, RunConfig, "dtype", help="(default auto)")
     field_flag(hw, AccelerationConfig, "memory", choices=["auto", *MEMORY_MODES], help="(default auto: what fits)")
     field_flag(
         hw, AccelerationConfig, "compile", type=switch, metavar="{auto,on,off}", help="regional torch.compile"

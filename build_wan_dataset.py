@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fourdnex.cli import field_flag, run, settings
+from fourdnex.cli import dtype_flag, field_flag, run, settings
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, build, merge_shards
 from fourdnex.data.cache import FAILURE_FILE, FAILURES_FILE
 from fourdnex.data.prepare import CENTER_MODES
 from fourdnex.data.sources import ClipError
-from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES, dtype_choices
 
 
 def main(args: argparse.Namespace) -> None:
@@ -59,20 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(parser, BuildConfig, "cond_num_frames", type=int, help="condition frames (min(49, num_frames))")
     field_flag(parser, BuildConfig, "limit", type=int, help="only the first N clips (in id order)")
     field_flag(parser, BuildConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
-    field_flag(
+    dtype_flag(
         parser,
         BuildConfig,
         "dtype",
-        aliases=DTYPE_ALIASES,
-        choices=DTYPE_CHOICES,
         help="the text encoder's dtype (default auto: bfloat16 on GPU, float32 on CPU)",
     )
-    field_flag(
+    dtype_flag(
         parser,
         BuildConfig,
         "encoder_dtype",
-        aliases=DTYPE_ALIASES,
-        choices=dtype_choices(*ENCODER_DTYPES),
+        tuple(ENCODER_DTYPES),
         help="the VAE's and CLIP's dtype: float32 (default: the latents inference's and training's float32 VAE "
         "computes) or bfloat16 (faster on a GPU; latents 0.3-0.4 %% of their spread away, RMS)",
     )

@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fourdnex.cli import field_flag, run, settings
+from fourdnex.cli import dtype_flag, field_flag, run, settings
 from fourdnex.config import MODALITY_ALIASES, MODEL_TYPES
-from fourdnex.runtime import DTYPE_ALIASES, dtype_choices
 from fourdnex.train.config import (
     ACTIVATION_MEMORY_CHOICES,
     CONDITION_TASKS,
@@ -115,12 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(g, TrainConfig, "adam_beta2", type=float)
     field_flag(g, TrainConfig, "adam_epsilon", type=float)
     field_flag(g, TrainConfig, "weight_decay", type=float)
-    field_flag(
+    dtype_flag(
         g,
         TrainConfig,
         "mixed_precision",
-        aliases=DTYPE_ALIASES,
-        choices=dtype_choices(*TRAIN_PRECISIONS),
+        TRAIN_PRECISIONS,
         help="the dtype the transformer computes in (default %(default)s; bf16, and no for float32, are accelerate's "
         "spellings)",
     )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from fourdnex.cli import field_flag, run, settings, switch
+from fourdnex.cli import dtype_flag, field_flag, run, settings, switch
 from fourdnex.config import DEFAULT_MODEL_TYPE, MODALITY_ALIASES, MODEL_TYPES
 from fourdnex.generate.config import (
     CACHE_MODES,
@@ -37,7 +37,6 @@ from fourdnex.generate.config import (
     RunConfig,
     SampleConfig,
 )
-from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES
 
 
 def parse_frames(value: str) -> tuple[int, ...]:
@@ -135,12 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(sampling, SampleConfig, "seed", type=int, help="(default %(default)s)")
     hardware = parser.add_argument_group("hardware, speed and memory")
     field_flag(hardware, RunConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
-    field_flag(
+    dtype_flag(
         hardware,
         RunConfig,
         "dtype",
-        aliases=DTYPE_ALIASES,
-        choices=DTYPE_CHOICES,
         help="transformer and text encoder dtype (default auto: bfloat16 on GPU, float32 on CPU; bf16, fp16, fp32 "
         "are other spellings)",
     )

@@ -44,12 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common
-from fourdnex.cli import field_flag
+from fourdnex.cli import dtype_flag, field_flag
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, Encoders, build
 from fourdnex.data.prepare import fit_normalization
 from fourdnex.data.synthetic import render_scene, write_tree
 from fourdnex.model.loading import ENCODER_DTYPE, load_components, load_vae
-from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES, device_of, dtype_choices, dtype_of
+from fourdnex.runtime import device_of, dtype_of
 
 TINY = Path(__file__).resolve().parents[1] / "example" / "tiny-wan-i2v"
 
@@ -531,17 +531,13 @@ if __name__ == "__main__":
     parser.add_argument("--width", type=int, default=720)
     field_flag(parser, BuildConfig, "batch_size", type=int)
     field_flag(parser, BuildConfig, "num_workers", type=int, help="the build's worker processes")
-    field_flag(
+    dtype_flag(
         parser,
         BuildConfig,
         "dtype",
-        aliases=DTYPE_ALIASES,
-        choices=DTYPE_CHOICES,
         help="UMT5's dtype (default auto: bfloat16 on GPU, float32 on CPU)",
     )
-    field_flag(
-        parser, BuildConfig, "encoder_dtype", aliases=DTYPE_ALIASES, choices=dtype_choices(*ENCODER_DTYPES)
-    )
+    dtype_flag(parser, BuildConfig, "encoder_dtype", tuple(ENCODER_DTYPES))
     parser.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE's encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder for the synthetic clips and caches (kept; reused)")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from fourdnex.errors import FourDNeXError
+from fourdnex.runtime import DTYPE_ALIASES, DTYPE_CHOICES, dtype_choices
 
 Settings = TypeVar("Settings")
 
@@ -44,6 +45,19 @@ def field_flag(
         choices = kwargs["choices"]
         kwargs["type"] = lambda value: aliases[value] if value in aliases and value in choices else value
     return parser.add_argument(*(spellings or [f"--{name}"]), dest=name, **kwargs)
+
+
+def dtype_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    config: type,
+    name: str,
+    dtypes: tuple[str, ...] | None = None,
+    **kwargs,
+) -> argparse.Action:
+    """:func:`field_flag` of a dtype field: the values are ``dtypes`` (default: every dtype name and ``auto``) and
+    their other spellings (:data:`fourdnex.runtime.DTYPE_ALIASES`), which the settings hold by their full name."""
+    choices = dtype_choices(*dtypes) if dtypes else DTYPE_CHOICES
+    return field_flag(parser, config, name, aliases=DTYPE_ALIASES, choices=choices, **kwargs)
 
 
 def settings(config: type[Settings], args: argparse.Namespace, **values) -> Settings:
