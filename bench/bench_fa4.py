@@ -232,10 +232,7 @@ def bench_sample(args, report: Report, device, dtype, model) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    sections = args.sections.split(",")
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        sys.exit(f"bench_fa4: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    sections = common.chosen_sections(args.sections, SECTIONS, "bench_fa4")
     device = device_of("cpu" if args.tiny else "auto")
     dtype = dtype_of("auto", device)
     report = Report()

@@ -178,10 +178,7 @@ def main(args: argparse.Namespace) -> None:
     if args.child:
         run_child(args)
         return
-    sections = args.sections.split(",")
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        sys.exit(f"bench_inference: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    sections = common.chosen_sections(args.sections, SECTIONS, "bench_inference")
     device = device_of("cpu" if args.cpu else "auto")
     dtype = dtype_of("auto", device)
     tiny = args.tiny

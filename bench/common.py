@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -294,3 +295,12 @@ def kernel_split(prof, on_gpu: bool) -> dict[str, float]:
         kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in name for f in frags)), "other")
         totals[kind] += seconds
     return totals
+
+
+def chosen_sections(text: str, known, program: str) -> list[str]:
+    """The comma-separated sections of ``--sections``; exits with one line naming those not in ``known``."""
+    sections = text.split(",")
+    unknown = set(sections) - set(known)
+    if unknown:
+        sys.exit(f"{program}: unknown sections {sorted(unknown)}; choose from {','.join(known)}")
+    return sections
