@@ -256,9 +256,7 @@ def plain_vae_seconds(cfg, clips, steps: int, warmup: int) -> float:
     device = device_of(cfg.device)
     vae = load_vae(cfg.model_path, torch.float32).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
-    index = np.arange(cfg.batch_size)
-    rgb = torch.from_numpy(clips.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    videos = torch.cat([rgb, torch.from_numpy(clips.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()])
+    videos = clips.videos(np.arange(cfg.batch_size), device)
     generator = torch.Generator(device).manual_seed(0)
 
     def step() -> None:

@@ -107,9 +107,13 @@ class Clips:
 
     def videos(self, index: np.ndarray, device: torch.device) -> torch.Tensor:
         """RGB videos of clips ``index`` then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1]."""
-        rgb = torch.from_numpy(self.rgb[index]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        xyz = torch.from_numpy(self.xyz[index]).to(device).permute(0, 4, 1, 2, 3).float()
-        return torch.cat([rgb, xyz])
+        return as_videos(torch.from_numpy(self.rgb[index]).to(device), torch.from_numpy(self.xyz[index]).to(device))
+
+
+def as_videos(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+    """The VAE's input of clips held as :class:`Clips` holds them (``rgb`` uint8, ``xyz`` float16, both
+    ``(B, F, H, W, 3)``): their RGB videos then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1]."""
+    return torch.cat([rgb.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, xyz.permute(0, 4, 1, 2, 3).float()])
 
 
 def load_clips(
@@ -296,8 +300,7 @@ class VaeTrainer:
         index = index if self.rgb.device.type == "cpu" else to_device(index, self.rgb.device)
         rgb = to_device(self.rgb[index], self.device) if self.rgb.is_cpu else self.rgb[index]
         xyz = to_device(self.xyz[index], self.device) if self.xyz.is_cpu else self.xyz[index]
-        rgb = rgb.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        return torch.cat([rgb, xyz.permute(0, 4, 1, 2, 3).float()])
+        return as_videos(rgb, xyz)
 
     def train_until(self, stop: int) -> None:
         """Train until step ``stop``, writing a checkpoint every ``checkpointing_steps`` and at ``max_steps``."""
