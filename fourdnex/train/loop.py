@@ -27,7 +27,7 @@ from torch import nn
 from fourdnex.config import DEFAULT_MODEL_PATH, FLASH_4_BACKEND, MODEL_TYPES
 from fourdnex.data.cache import LatentCache
 from fourdnex.model.loading import check_model_folder
-from fourdnex.runtime import device_of
+from fourdnex.runtime import device_of, dtype_of
 from fourdnex.train.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from fourdnex.train.config import METRICS_READ_STEPS, TrainConfig, TrainingError
 from fourdnex.train.data import HeldCache, SampleStream, VaeConditionEncoder, batch_of_samples, read_batch
@@ -80,7 +80,7 @@ def build_transformer(
 
     from fourdnex.model.loading import load_transformer
 
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bfloat16" else torch.float32
+    dtype = dtype_of(cfg.mixed_precision)
     if transformer is None:
         transformer = load_transformer(model_path, dtype)
     transformer.set_model_type(MODEL_TYPES[cfg.model_type])
