@@ -17,7 +17,8 @@
 #   base      stage 1: finetune.py --train_mode full --modalities rgb (plain image-to-video on the RGB clips)
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
 #             fine-tuning of the fused model, the ablations (no domain embedding; stock RoPE) and the any-frame adapter
-#   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets
+#   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, and
+#             the VAE's round trip of the held-out truths (the ceiling of any transformer on this VAE)
 # Sizes: override FRAMES, HEIGHT, WIDTH, CLIPS, HELD_OUT, CURVE_CLIPS, VAE_EVAL_CLIPS, VAE_CLIPS, VAE_STEPS, VAE_BATCH, VAE_MINUTES (a cap: the VAE stops there, a rerun
 # resumes it), BATCH, BASE_STEPS, ADAPTER_STEPS, CURVE_POINTS, RUNS (the stage-2 runs), TRAIN_FAMILIES, HELD_OUT_FAMILY
 # (a smoke run uses tiny values); VAE_FROM, a model folder whose VAE the training starts from (example/demo/model
@@ -177,10 +178,15 @@ evaluate_one() {
     local condition=(--image "$inputs/images.txt")
     [[ $mode == video ]] && condition=(--video "$inputs/videos.txt")
     [[ $mode == first_last ]] && condition=(--video "$inputs/videos.txt" --frames "0,$(( FRAMES - 1 ))")
-    # shellcheck disable=SC2046  # the model flags are words
-    on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$out" \
-        $(weights "$run" "$checkpoint") "${SIZE[@]}" --steps 30 --guidance_scale 1 --compile off --skip_existing \
-        --batch_size "$EVAL_BATCH"
+    if [[ $run == vae ]]; then  # the truth through the VAE: what a transformer with the truth's latents would score
+        on_gpu "$gpu" "$PY" -m fourdnex.evaluation.roundtrip --model_path "$WORK/model" --gt "$WORK/$set/data" \
+            --out "$out" "${SIZE[@]}"
+    else
+        # shellcheck disable=SC2046  # the model flags are words
+        on_gpu "$gpu" "$PY" inference.py --prompt "$inputs/prompts.txt" "${condition[@]}" --out "$out" \
+            $(weights "$run" "$checkpoint") "${SIZE[@]}" --steps 30 --guidance_scale 1 --compile off --skip_existing \
+            --batch_size "$EVAL_BATCH"
+    fi
     taskset -c "$cpus" "$PY" evaluate.py --results "$out" --gt "$WORK/$set/data" --mapping "$inputs/mapping.json" \
         --out "$WORK/reports/$run/$(basename "$checkpoint")/$set-$mode"
 }
@@ -190,7 +196,7 @@ stage_evaluate() {
     for set in held-out held-out-family curve curve-family; do
         "$PY" -m fourdnex.evaluation.inputs --gt "$WORK/$set/data" --out "$WORK/$set/inputs" "${SIZE[@]}"
     done
-    local jobs=() last
+    local jobs=("vae round-trip held-out image" "vae round-trip held-out-family image") last
     for name in $RUNS; do
         last=$(ls -d "$WORK/$name"/checkpoints/checkpoint-* | tail -1)
         for checkpoint in "$WORK/$name"/checkpoints/checkpoint-*; do

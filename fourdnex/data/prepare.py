@@ -261,3 +261,9 @@ def prepare_clip(
         source_frames=len(raw.rgb),
         reader=raw.reader,
     )
+
+
+def as_videos(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+    """The VAE's input of prepared clips held in tensors (``rgb`` uint8, ``xyz`` float16 or float32, both
+    ``(B, F, H, W, 3)``): their RGB videos then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1]."""
+    return torch.cat([rgb.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, xyz.permute(0, 4, 1, 2, 3).float()])

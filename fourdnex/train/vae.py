@@ -35,6 +35,7 @@ import torch
 
 from fourdnex.cli import field_flag, run, settings
 from fourdnex.config import check_video_shape
+from fourdnex.data.prepare import as_videos
 from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
 from fourdnex.files import atomic_path, write_json, write_safetensors
@@ -108,12 +109,6 @@ class Clips:
     def videos(self, index: np.ndarray, device: torch.device) -> torch.Tensor:
         """RGB videos of clips ``index`` then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1]."""
         return as_videos(torch.from_numpy(self.rgb[index]).to(device), torch.from_numpy(self.xyz[index]).to(device))
-
-
-def as_videos(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
-    """The VAE's input of clips held as :class:`Clips` holds them (``rgb`` uint8, ``xyz`` float16, both
-    ``(B, F, H, W, 3)``): their RGB videos then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1]."""
-    return torch.cat([rgb.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, xyz.permute(0, 4, 1, 2, 3).float()])
 
 
 def load_clips(
