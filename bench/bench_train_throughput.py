@@ -246,15 +246,19 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def plain_vae_seconds(cfg, clips, steps: int, warmup: int) -> float:
+def plain_vae_seconds(cfg, clips, steps: int, warmup: int, compiled: bool = False) -> float:
     """Seconds per step of a plain PyTorch step of the same VAE, batch and loss as the VAE trainer's (fp32 weights,
-    bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU."""
+    bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU; ``compiled``: its encoder and
+    decoder under ``torch.compile`` (each is called once per chunk of frames, with the chunk's cache)."""
     from fourdnex.model.loading import load_vae
     from fourdnex.runtime import device_of
     from fourdnex.train.vae import vae_loss
 
     device = device_of(cfg.device)
     vae = load_vae(cfg.model_path, torch.float32).to(device).train()
+    if compiled:
+        vae.encoder.compile()
+        vae.decoder.compile()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
     videos = clips.videos(np.arange(cfg.batch_size), device)
     generator = torch.Generator(device).manual_seed(0)
@@ -307,6 +311,11 @@ def vae_table(args: argparse.Namespace) -> list[dict]:
                    "trainer_clips_s": batch / seconds, "trainer_share_of_plain": plain / seconds}  # fmt: skip
             if args.profile:
                 row["profile"] = profile_steps(trainer.train_until, trainer.step, trainer.step + args.profile_steps)
+            print(json.dumps(row), flush=True)
+            try:  # the plain step compiled, the first candidate for a faster VAE step
+                row["plain_compiled_clips_s"] = batch / plain_vae_seconds(cfg, clips, args.steps, args.warmup, True)
+            except Exception as err:  # a compile failure is one of the bench's results
+                row["plain_compiled_error"] = f"{type(err).__name__}: {err}"[:500]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
