@@ -349,9 +349,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         dtype_name, *options = name.split("+")
         model = vae.to(dtype_of(dtype_name))
         if "channels_last" in options:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Conv3d):
-                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            common.channels_last_convolutions(model)
         encoder = model.encoder
         if "compiled" in options:
             model.encoder = torch.compile(encoder)

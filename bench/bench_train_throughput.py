@@ -17,7 +17,8 @@ steps after ``--warmup`` steps (compilation), synchronized before and after. ``-
 ``--profile_steps`` more trainer steps with torch.profiler and prints the GPU's busy share and the top operators.
 
 **VAE.** ``python -m fourdnex.train.vae``'s step (:class:`fourdnex.train.vae.VaeTrainer`) beside a plain step of
-the same VAE (fp32 weights, bf16 autocast, fused AdamW, eager), batches of random clips held on the GPU;
+the same VAE (fp32 weights, bf16 autocast, fused AdamW; eager, channels-last and compiled: ``VAE_VARIANTS``), batches
+of random clips held on the GPU;
 ``--profile`` profiles ``--profile_steps`` more trainer steps as for the transformer.
 
 Floor: the FLOPs of one step (counted by ``torch.utils.flop_counter`` on the eager model) over the bf16 matrix rate
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common
 from fourdnex.model.presets import PRESETS, save_model
 from fourdnex.train.config import TrainConfig
 from fourdnex.train.loss import Batch, LossWeights, batch_loss
@@ -246,21 +248,29 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def plain_vae_seconds(cfg, clips, steps: int, warmup: int, compiled: bool = False) -> float:
+#: The plain VAE steps measured beside the trainer's: as the trainer runs it, with the weights and the videos in
+#: channels-last 3D memory (cuDNN's layout for bf16 tensor-core convolutions), and with the encoder and decoder under
+#: ``torch.compile`` (each is called once per chunk of frames, with the chunk's cache).
+VAE_VARIANTS = ("eager", "channels_last", "compiled")
+
+
+def plain_vae_seconds(cfg, clips, steps: int, warmup: int, variant: str = "eager") -> float:
     """Seconds per step of a plain PyTorch step of the same VAE, batch and loss as the VAE trainer's (fp32 weights,
-    bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU; ``compiled``: its encoder and
-    decoder under ``torch.compile`` (each is called once per chunk of frames, with the chunk's cache)."""
+    bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU, as ``variant`` (VAE_VARIANTS)."""
     from fourdnex.model.loading import load_vae
     from fourdnex.runtime import device_of
     from fourdnex.train.vae import vae_loss
 
     device = device_of(cfg.device)
     vae = load_vae(cfg.model_path, torch.float32).to(device).train()
-    if compiled:
+    videos = clips.videos(np.arange(cfg.batch_size), device)
+    if variant == "channels_last":
+        common.channels_last_convolutions(vae)
+        videos = videos.contiguous(memory_format=torch.channels_last_3d)
+    if variant == "compiled":
         vae.encoder.compile()
         vae.decoder.compile()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
-    videos = clips.videos(np.arange(cfg.batch_size), device)
     generator = torch.Generator(device).manual_seed(0)
 
     def step() -> None:
@@ -312,10 +322,13 @@ def vae_table(args: argparse.Namespace) -> list[dict]:
             if args.profile:
                 row["profile"] = profile_steps(trainer.train_until, trainer.step, trainer.step + args.profile_steps)
             print(json.dumps(row), flush=True)
-            try:  # the plain step compiled, the first candidate for a faster VAE step
-                row["plain_compiled_clips_s"] = batch / plain_vae_seconds(cfg, clips, args.steps, args.warmup, True)
-            except Exception as err:  # a compile failure is one of the bench's results
-                row["plain_compiled_error"] = f"{type(err).__name__}: {err}"[:500]
+            for variant in VAE_VARIANTS[1:]:  # candidates for a faster step; a failure is one of the results
+                try:
+                    seconds = plain_vae_seconds(cfg, clips, args.steps, args.warmup, variant)
+                    row[f"plain_{variant}_clips_s"] = batch / seconds
+                except Exception as err:
+                    row[f"plain_{variant}_error"] = f"{type(err).__name__}: {err}"[:500]
+                print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

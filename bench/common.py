@@ -107,6 +107,15 @@ class WordTokenizer:
         return SimpleNamespace(input_ids=ids, attention_mask=mask)
 
 
+def channels_last_convolutions(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with the weights of its 3D convolutions in channels-last 3D memory (the other parameters have no
+    such layout); returns it."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
 def build_tokenizer(vocab_size: int):
     """The tiny model's T5 tokenizer, or a word-hash stand-in where this transformers version cannot build it."""
     try:
