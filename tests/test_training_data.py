@@ -17,7 +17,15 @@ from training_support import step_batch
 from fourdnex.data.cache import CacheError, LatentCache
 from fourdnex.model.fusion import condition_video, soft_mask, split_width
 from fourdnex.train.config import TrainConfig
-from fourdnex.train.data import HeldCache, SampleStream, VaeConditionEncoder, batch_of_samples, read_batch
+from fourdnex.train.data import (
+    HELD_PATTERNS,
+    HeldCache,
+    SampleStream,
+    VaeConditionEncoder,
+    batch_of_samples,
+    pattern_rows,
+    read_batch,
+)
 from fourdnex.train.engine import lr_factor
 from fourdnex.train.loss import LossWeights, flow_matching_loss, sample_sigmas, transformer_inputs
 
@@ -210,7 +218,8 @@ def test_a_cache_held_in_memory_gives_the_batches_of_its_files(modalities, tasks
     cpu = torch.device("cpu")
     expected = [batch_of_samples(read_batch(on_disk, stream.draws(s)), stream.draws(s), noise[s], encoder, cpu)
                 for s in steps]  # fmt: skip
-    held = HeldCache(on_disk, cpu, frames=tasks == "any")
+    held = HeldCache(on_disk, cpu, tasks == "any", encoder)
+    assert set(held.patterns) == (set(HELD_PATTERNS) if tasks == "any" else set())
     assert held.x0.shape == (2, 16, 3, 4, 8 if modalities == "rgbxyz" else 4)
     if tasks == "any":
         assert not all(stream.draws(s).image_only for s in steps)  # some samples are given other frames
@@ -220,6 +229,34 @@ def test_a_cache_held_in_memory_gives_the_batches_of_its_files(modalities, tasks
         again = held.batch(stream.draws(step), noise[step], encoder)
         for name in ("x0", "condition", "noise", "sigmas", "prompt_embeds", "image_embeds"):
             torch.testing.assert_close(getattr(again, name), getattr(expected[step], name), rtol=0, atol=1e-6)
+
+
+def test_held_patterns_leave_only_the_key_frame_samples_to_the_vae(cache_dir):
+    """With the conditions of the first-and-last and every-frame patterns held, a step of the any-frame mix encodes
+    only its samples given random key frames (of 9 frames, the last one may be among them: such a sample is encoded
+    unless it is exactly the first and last frames)."""
+    from fourdnex.model.loading import load_vae
+
+    cfg = TrainConfig(cache_dir=str(cache_dir), height=32, width=32, num_frames=9, condition_tasks="any")
+    cfg.train_batch_size = 64
+    on_disk = LatentCache(cache_dir, 3, 32, 32, "rgbxyz")
+    encoder = VaeConditionEncoder(load_vae(TINY_MODEL), torch.device("cpu"))
+    encoded = []
+
+    def counting(videos):
+        encoded.append(len(videos))
+        return encoder(videos)
+
+    held = HeldCache(on_disk, torch.device("cpu"), True, encoder)
+    draws = SampleStream(cfg, len(on_disk), 1).draws(0)
+    first_last = (draws.given[:, [0, -1]].all(dim=1) & ~draws.given[:, 1:-1].any(dim=1)).sum()
+    every = draws.given.all(dim=1).sum()
+    image = (~draws.given[:, 1:].any(dim=1)).sum()
+    assert first_last > 0 and every > 0 and image > 0
+    assert int(pattern_rows(draws.given, "first_last").sum()) == first_last
+    assert int(pattern_rows(draws.given, "video").sum()) == every
+    held.batch(draws, torch.zeros(64, 16, 3, 4, 8), counting)
+    assert sum(encoded) == 64 - first_last - every - image
 
 
 def test_a_cache_without_the_rgb_condition_encodes_it(cache_dir, tmp_path):

@@ -28,6 +28,23 @@ from fourdnex.train.loss import Batch, sample_sigmas
 
 #: Threads reading the samples of a batch (file reads and decoding release the GIL).
 READ_THREADS = 8
+#: Clips whose held conditions one VAE call encodes.
+PATTERN_BATCH = 32
+
+
+def _first_and_last(num_frames: int) -> torch.Tensor:
+    given = torch.zeros(num_frames, dtype=torch.bool)
+    given[[0, -1]] = True
+    return given
+
+
+#: The given-frame patterns whose conditions :class:`HeldCache` holds per clip: ``(F,)`` bool of a frame count.
+HELD_PATTERNS = {"first_last": _first_and_last, "video": lambda num_frames: torch.ones(num_frames, dtype=torch.bool)}
+
+
+def pattern_rows(given: torch.Tensor, name: str) -> torch.Tensor:
+    """``(B,)`` bool: the rows of ``given`` ``(B, F)`` that are pattern ``name`` of :data:`HELD_PATTERNS`."""
+    return (given == HELD_PATTERNS[name](given.shape[1])).all(dim=1)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -196,10 +213,15 @@ class HeldCache:
     embedding once ``prompts (P, L, D)`` with ``prompt_of (N,)``, and the image condition ``cond (N, 16, T, h, w')``
     where the cache holds it (else the cached first frames ``first (N, 1, H, W, 3)`` uint8 it is encoded from). With
     ``frames`` (runs that give other frames than the first), also every clip's video ``(N, F, H, W, 3)`` uint8, the
-    frames those conditions are encoded from.
+    frames those conditions are encoded from; given an ``encoder`` too, the conditions of the given-frame patterns
+    that do not vary from draw to draw (:data:`HELD_PATTERNS`: the first and last frames, every frame) are encoded
+    once per clip and held (``patterns``), so that a step encodes only the samples given random key frames.
     """
 
-    def __init__(self, cache: LatentCache, device: torch.device, frames: bool = False) -> None:
+    def __init__(
+        self, cache: LatentCache, device: torch.device, frames: bool = False,
+        encoder: VaeConditionEncoder | None = None,
+    ) -> None:  # fmt: skip
         from tqdm.auto import tqdm
 
         self.modalities = cache.modalities
@@ -245,12 +267,27 @@ class HeldCache:
         self.frames: torch.Tensor | None = held.get("frames")
         self.prompts = torch.stack(prompt_rows).to(device)
         self.prompt_of = prompt_of.to(device)
+        self.patterns: dict[str, torch.Tensor] = {}
+        if frames and encoder is not None:
+            self.patterns = {name: self._encode_pattern(name, encoder) for name in HELD_PATTERNS}
+
+    def _encode_pattern(self, name: str, encoder: VaeConditionEncoder) -> torch.Tensor:
+        """The condition latents ``(N, 16, T, h, w')`` of every clip given the frames of pattern ``name``."""
+        from tqdm.auto import tqdm
+
+        count, num_frames = self.frames.shape[:2]
+        given = HELD_PATTERNS[name](num_frames).to(self.device)
+        rows = []
+        for start in tqdm(range(0, count, PATTERN_BATCH), desc=f"conditions ({name})", unit="batch"):
+            pixels = self.frames[start : start + PATTERN_BATCH].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+            rows.append(encoder(condition_frames(pixels, given.expand(len(pixels), -1), self.modalities)))
+        return torch.cat(rows)
 
     @property
     def nbytes(self) -> int:
         """Bytes the held tensors take on the device."""
         held = (self.x0, self.image, self.cond, self.first, self.frames, self.prompts, self.prompt_of)
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
+        return sum(t.numel() * t.element_size() for t in (*held, *self.patterns.values()) if t is not None)
 
     def batch(self, draws: Draws, noise: torch.Tensor, encoder: VaeConditionEncoder | None) -> Batch:
         """The micro-batch of ``draws`` (on the CPU) with ``noise`` ``(B, 16, T, h, w')``, on the held device."""
@@ -271,15 +308,34 @@ class HeldCache:
 
     def _conditions(self, draws: Draws, encoder: VaeConditionEncoder | None) -> torch.Tensor:
         """The condition latents ``(B, 16, T, h, w')`` of ``draws`` where some are not held: image samples take the
-        held condition (or are encoded from the held first frame), the others are encoded from the given frames of
-        the held videos. The rows are split on the CPU, so the split costs no device sync."""
+        held condition (or are encoded from the held first frame), samples given a held pattern take its held
+        condition, the others are encoded from the given frames of the held videos. The rows are split on the CPU,
+        so the split costs no device sync."""
+        image_rows = ~draws.given[:, 1:].any(dim=1)  # (B,)
+        held = [(image_rows, self.cond)] if self.cond is not None else []
+        held += [(pattern_rows(draws.given, name), tensor) for name, tensor in self.patterns.items()]
+        covered = torch.zeros_like(image_rows)
+        for rows, _ in held:
+            covered |= rows
+        encoded_rows = (~covered).nonzero()[:, 0]  # (P,)
+        parts = [(rows.nonzero()[:, 0], tensor[to_device(draws.clips[rows], self.device)]) for rows, tensor in held]
+        if len(encoded_rows):
+            parts.append((encoded_rows, self._encode(draws, encoded_rows, image_rows, encoder)))
+        parts = [(rows, latents) for rows, latents in parts if len(rows)]
+        cond = parts[0][1].new_empty((len(draws.clips), *parts[0][1].shape[1:]))
+        for rows, latents in parts:
+            cond[to_device(rows, self.device)] = latents
+        return cond
+
+    def _encode(
+        self, draws: Draws, encoded_rows: torch.Tensor, image_rows: torch.Tensor, encoder: VaeConditionEncoder | None
+    ) -> torch.Tensor:
+        """The condition latents ``(P, 16, T, h, w')`` of rows ``encoded_rows`` of ``draws``, encoded from the held
+        frames they are given."""
         if encoder is None:
             raise TrainingError("these samples' conditions are not in the cache and no VAE encodes them")
-        image_rows = ~draws.given[:, 1:].any(dim=1)  # (B,)
-        if not image_rows.all() and self.frames is None:
+        if not image_rows[encoded_rows].all() and self.frames is None:
             raise TrainingError("frames other than the first are given: hold the cache with its videos")
-        held_rows = image_rows if self.cond is not None else torch.zeros_like(image_rows)
-        encoded_rows = (~held_rows).nonzero()[:, 0]  # (P,)
         from_video = (~image_rows[encoded_rows]).nonzero()[:, 0]  # rows of the P encoded ones
         from_first = image_rows[encoded_rows].nonzero()[:, 0]
         clips = to_device(draws.clips[encoded_rows], self.device)
@@ -295,10 +351,4 @@ class HeldCache:
             frames[rows, :1] = self.first[clips[rows]]
         pixels = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (P, 3, F, H, W)
         given = to_device(draws.given[encoded_rows], self.device)
-        encoded = encoder(condition_frames(pixels, given, self.modalities))  # (P, 16, T, h, w')
-        cond = encoded.new_empty((len(draws.clips), *encoded.shape[1:]))
-        cond[to_device(encoded_rows, self.device)] = encoded
-        if held_rows.any():
-            rows = held_rows.nonzero()[:, 0]
-            cond[to_device(rows, self.device)] = self.cond[to_device(draws.clips[rows], self.device)]
-        return cond
+        return encoder(condition_frames(pixels, given, self.modalities))  # (P, 16, T, h, w')

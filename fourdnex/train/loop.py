@@ -185,7 +185,7 @@ class Run:
             logger.info("encoding conditions the cache does not hold with the VAE of %s, a batch at a time", model_path)
             self.encoder = VaeConditionEncoder(load_vae(model_path), self.device)
         frames = cfg.condition_tasks != "image"
-        self.held = HeldCache(cache, self.device, frames=frames) if cfg.cache_in_memory else None
+        self.held = HeldCache(cache, self.device, frames, self.encoder) if cfg.cache_in_memory else None
         self.trainer = trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
         if resume is not None:
             load_checkpoint(trainer, resume)
