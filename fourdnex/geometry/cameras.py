@@ -18,6 +18,7 @@ The functions are torch; those that data preparation also calls on numpy arrays 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -293,10 +294,11 @@ def _null_vector(rows: torch.Tensor) -> torch.Tensor:
     return vecs[..., 0]
 
 
-def dlt_projection(uv: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+def dlt_projection(uv: torch.Tensor, points: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Normalized DLT: projection matrices ``P (F, 3, 4)`` with ``uv ~ P @ [X, 1]``.
 
-    ``uv`` are pixels ``(N, 2)``, ``points`` world points ``(F, N, 3)``; needs non-coplanar points.
+    ``uv`` are pixels ``(N, 2)`` (or ``(F, N, 2)``, a set per frame), ``points`` world points ``(F, N, 3)``;
+    ``weights`` ``(F, N)`` scale each point's equations (0 leaves a point out). Needs non-coplanar points.
     """
     uv = uv.expand(points.shape[0], -1, -1)
     Tu, Tx = _similarity_normalizer(uv, 2**0.5), _similarity_normalizer(points, 3**0.5)
@@ -310,6 +312,8 @@ def dlt_projection(uv: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         ],
         dim=1,
     )  # (F, 2N, 12)
+    if weights is not None:
+        rows = rows * weights.repeat(1, 2)[..., None]
     p = _null_vector(rows).reshape(-1, 3, 4)
     return torch.linalg.solve(Tu, p) @ Tx
 
@@ -398,3 +402,11 @@ def focal_from_plane(uv: torch.Tensor, points: torch.Tensor, principal_point: to
     b = torch.stack([h1[:, 2] * h2[:, 2], h1[:, 2].square() - h2[:, 2].square()], -1)
     w = -(a * b).sum(-1) / a.square().sum(-1).clamp_min(1e-30)  # 1 / f^2, least squares over both constraints
     return torch.where(w > 0, w.clamp_min(1e-30).rsqrt(), torch.full_like(w, float("inf")))
+
+
+def reprojection_error(P: torch.Tensor, uv: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Pixel distance ``(F, H, N)`` between pixels ``uv (N, 2)`` and world points ``(F, N, 3)`` projected by each of
+    ``H`` projection matrices per frame ``P (F, H, 3, 4)``; infinite where a point projects to infinity."""
+    p = _homogeneous(points)[:, None] @ P.transpose(-1, -2)  # (F, H, N, 3)
+    error = (p[..., :2] / p[..., 2:] - uv).norm(dim=-1)
+    return torch.where(error.isfinite(), error, torch.full_like(error, math.inf))
