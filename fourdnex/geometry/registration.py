@@ -3,9 +3,10 @@
 Every pixel ``(u, v)`` of frame ``f`` holds a 3D point ``X``; a pinhole camera ``K, R, t`` (world-to-camera) sees it
 on its ray when ``Y = R X + t`` satisfies ``Y_xy = Y_z * ((u - cx) / fx, (v - cy) / fy)``. The fit:
 
-1. closed form, per frame: a normalized DLT of the projection matrix from a subsample of pixels, RQ-decomposed into
-   K, R, t; frames whose points are (nearly) coplanar, where the DLT is ill-posed, get their pose from the
-   plane-to-image homography under the K of the other frames (or, if every frame is planar, a K from the plane);
+1. closed form, per frame: a normalized DLT of the projection matrix from a subsample of pixels (the best of random
+   16-point DLTs, refitted on the points it explains: :func:`robust_projection`), RQ-decomposed into K, R, t;
+   frames whose points are (nearly) coplanar, where the DLT is ill-posed, get their pose from the plane-to-image
+   homography under the K of the other frames (or, if every frame is planar, a K from the plane);
 2. a short robust Levenberg-Marquardt refinement of all frames jointly (shared or per-frame K, all poses) on the
    residual ``r = Y_xy - Y_z * ray_xy``, with Huber weights; the K equations are corrected for the bias that noise
    in the points puts into them (errors in variables: the Jacobian holds the noisy ``Y_z``);
