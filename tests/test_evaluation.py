@@ -24,7 +24,7 @@ from fourdnex.evaluation import run as evaluation_run
 from fourdnex.evaluation.floors import MeanDepth, first_frame_xyz, plane_xyz, to_unit_box
 from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, Truth, clip_sources, load_truth
-from fourdnex.geometry.registration import RegistrationConfig
+from fourdnex.geometry.registration import FIT_VERSION, RegistrationConfig
 from fourdnex.geometry.results import save_result
 from fourdnex.testing.corrupted import write_corrupted
 from fourdnex.testing.scenes import make_truth
@@ -288,6 +288,24 @@ def test_exact_results_score_zero_error(synthetic, tmp_path):
         assert (tmp_path / "report" / plot).stat().st_size > 1000
     assert len(list(exact.glob("*_reg.npz"))) == 5  # the registrations were computed and kept
     assert not list((tmp_path / "report").glob(".truth-*"))
+
+
+def test_a_registration_saved_by_another_fit_revision_is_fitted_again(synthetic, tmp_path):
+    """A registration beside a result is reused only when the fit revision that saved it is the current one."""
+    _, data, exact = synthetic
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("00000.npz", "00000.json", "00001.npz", "00001.json"):
+        (results / name).write_bytes((exact / name).read_bytes())
+    first = evaluation_run.evaluate(results, tmp_path / "first", data)
+    assert [s.registration for s in first.samples] == ["computed", "computed"]
+    old = results / "00001_reg.json"
+    meta = json.loads(old.read_text())
+    assert meta["fit"] == FIT_VERSION
+    old.write_text(json.dumps({k: v for k, v in meta.items() if k != "fit"}))  # as saved before revisions
+    again = evaluation_run.evaluate(results, tmp_path / "again", data)
+    assert [s.registration for s in again.samples] == ["read", "computed"]
+    assert json.loads(old.read_text())["fit"] == FIT_VERSION
 
 
 def test_without_ground_truth_and_an_unscorable_sample(synthetic, tmp_path):

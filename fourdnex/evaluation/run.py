@@ -41,7 +41,7 @@ from tqdm import tqdm
 from fourdnex.evaluation.floors import FLOORS, MeanDepth, camera_matrix, first_frame_xyz, plane_xyz
 from fourdnex.evaluation.scoring import FloorImage, Prediction, Reference, Score, register_frame, score
 from fourdnex.evaluation.truth import EvaluationError, clip_of, clip_sources, load_truth, read_mapping
-from fourdnex.geometry.registration import RegistrationConfig, RegistrationError, register_result
+from fourdnex.geometry.registration import FIT_VERSION, RegistrationConfig, RegistrationError, register_result
 from fourdnex.geometry.results import (
     ResultError,
     find_results,
@@ -115,11 +115,20 @@ def check_inputs(results: Path, gt: Path | None, mapping: Path | None) -> list[E
     return samples
 
 
+def _fit_version(path) -> int | None:
+    """The fit revision a saved registration's ``.json`` records (None: unreadable, or saved before revisions)."""
+    try:
+        return json.loads(path.with_suffix(".json").read_text()).get("fit")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _registration(sample: EvaluatedSample, config: RegistrationConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The result's RGB video and its registration: read (the registration without its points, which scoring does
-    not need), or registered on the CPU and saved beside the result."""
+    not need), or registered on the CPU and saved beside the result where there is none or the one there was fitted
+    by another revision of the fit (:data:`~fourdnex.geometry.registration.FIT_VERSION`)."""
     path = registration_path(sample.path)
-    if not path.is_file():
+    if not path.is_file() or _fit_version(path) != FIT_VERSION:
         result = load_result(sample.path)
         reg, info = register_result(result.xyz, np.arange(sample.frames), config, torch.device("cpu"))
         frames = {"start": 0, "end": None, "gap": 1, "count": sample.frames}

@@ -195,6 +195,9 @@ def _lm_step(H: torch.Tensor, g: torch.Tensor, lam: float, refine_k: bool, share
     return d[:, :6], d[:, 6:]
 
 
+#: The fit's revision, saved with each registration: a registration saved by another revision is not reused for
+#: scoring (2: the closed-form start from random subsets, :func:`robust_projection`).
+FIT_VERSION = 2
 #: The closed-form fit's random subsets per frame and points per subset (least median of squares, see below).
 DLT_SUBSETS, DLT_SUBSET_POINTS = 64, 16
 #: About this many of the points score each subset's fit.
@@ -375,5 +378,6 @@ def register_result(
         "planar_frames": [int(frame_index[f]) for f in reg.info["planar_frames"]],
         "axes": "opencv, camera-to-world, in the pointmap's frame and units",
         "version": __version__,
+        "fit": FIT_VERSION,
     }
     return arrays, info
