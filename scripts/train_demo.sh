@@ -193,10 +193,11 @@ evaluate_one() {
 
 stage_evaluate() {
     log "evaluate: every run's checkpoints on the curve sets, its last one on the held-out sets"
+    local jobs=() last set
     for set in held-out held-out-family curve curve-family; do
         "$PY" -m fourdnex.evaluation.inputs --gt "$WORK/$set/data" --out "$WORK/$set/inputs" "${SIZE[@]}"
+        jobs+=("vae round-trip $set image")  # the ceiling of each set (the curves draw it too)
     done
-    local jobs=("vae round-trip held-out image" "vae round-trip held-out-family image") last
     for name in $RUNS; do
         last=$(ls -d "$WORK/$name"/checkpoints/checkpoint-* | tail -1)
         for checkpoint in "$WORK/$name"/checkpoints/checkpoint-*; do

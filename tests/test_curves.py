@@ -41,6 +41,20 @@ def test_points_have_the_samples_each_checkpoint_had_seen(tmp_path):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
 
 
+def test_the_vae_round_trip_is_the_ceiling_of_its_set(tmp_path):
+    write_run(tmp_path, "4dnex", [100, 200], batch=8, world=1, values=[0.3, 0.2])
+    report = tmp_path / curves.CEILING_REPORTS / "curve-image"
+    report.mkdir(parents=True)
+    (report / "metrics.json").write_text(json.dumps({"summary": {"model": dict.fromkeys(curves.CURVE_METRICS, 0.05)}}))
+    points = curves.read_points(tmp_path)
+    assert all(p["ceiling"]["camera.focal"] == 0.05 for p in points if p["set"] == "curve-image")
+    assert not any("ceiling" in p for p in points if p["set"] == "curve-family-image")  # no round trip of that set
+    table = curves.curves_markdown(points)
+    assert table.count("| ceiling: the VAE's round trip | | 0.05 |") == 1
+    run(curves.main, curves.build_parser(), ["--work", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
+
+
 def test_a_report_without_its_checkpoint_or_no_report_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no report of a checkpoint"):
         run(curves.main, curves.build_parser(), ["--work", str(tmp_path), "--out", str(tmp_path / "out")])

@@ -5,10 +5,14 @@ The layout read (the one ``scripts/train_demo.sh`` writes)::
 
     WORK/<run>/checkpoints/checkpoint-NNNNNN/trainer_state.json   the step and the run's settings (finetune.py)
     WORK/reports/<run>/checkpoint-NNNNNN/<set>/metrics.json      evaluate.py on that checkpoint's results of <set>
+    WORK/reports/vae/round-trip/<set>/metrics.json               where present: the VAE's round trip of <set>'s
+                                                                  truths (fourdnex.evaluation.roundtrip), the
+                                                                  ceiling of any transformer on that VAE
 
 and writes ``OUT/curves.json`` (every point: run, set, step, samples seen, the model's summary numbers, the
-floors'), ``OUT/curves.md`` (each run's last point beside the floors, per set) and ``OUT/curves.png`` (the model's
-numbers against samples seen, one panel per metric and set scored at several checkpoints, the floors as lines).
+floors', the ceiling's where there is one), ``OUT/curves.md`` (each run's last point beside the floors and the
+ceiling, per set) and ``OUT/curves.png`` (the model's numbers against samples seen, one panel per metric and set
+scored at several checkpoints, the floors and the ceiling as lines).
 
     python -m fourdnex.evaluation.curves --work runs/demo --out runs/demo/curves
 """
@@ -38,6 +42,10 @@ CURVE_METRICS = (
 CURVE_FLOORS = ("plane", "mean_depth", "static_camera")
 
 
+#: Where the VAE's round trips are reported, per set (the recipe's evaluate stage writes them).
+CEILING_REPORTS = Path("reports") / "vae" / "round-trip"
+
+
 def read_points(work: str | Path) -> list[dict]:
     """Every (run, checkpoint, set) report under ``WORK/reports`` with its checkpoint's samples seen, sorted."""
     work = Path(work)
@@ -52,16 +60,18 @@ def read_points(work: str | Path) -> list[dict]:
         config = state["config"]
         batch = config["train_batch_size"] * config["gradient_accumulation_steps"] * state["world_size"]
         summary = json.loads(metrics.read_text())["summary"]
-        points.append(
-            {
-                "run": run_name,
-                "set": set_dir.name,
-                "step": state["step"],
-                "samples_seen": state["step"] * batch,
-                "model": {k: summary["model"].get(k) for k in CURVE_METRICS},
-                "floors": {f: {k: summary[f].get(k) for k in CURVE_METRICS} for f in CURVE_FLOORS if f in summary},
-            }
-        )
+        point = {
+            "run": run_name,
+            "set": set_dir.name,
+            "step": state["step"],
+            "samples_seen": state["step"] * batch,
+            "model": {k: summary["model"].get(k) for k in CURVE_METRICS},
+            "floors": {f: {k: summary[f].get(k) for k in CURVE_METRICS} for f in CURVE_FLOORS if f in summary},
+        }
+        ceiling = work / CEILING_REPORTS / set_dir.name / "metrics.json"
+        if ceiling.is_file():
+            point["ceiling"] = {k: json.loads(ceiling.read_text())["summary"]["model"].get(k) for k in CURVE_METRICS}
+        points.append(point)
     if not points:
         raise UsageError(f"{work / 'reports'}: no report of a checkpoint (<run>/checkpoint-NNNNNN/<set>/metrics.json)")
     return sorted(points, key=lambda p: (p["set"], p["run"], p["step"]))
@@ -82,6 +92,9 @@ def curves_markdown(points: list[dict]) -> str:
         floors = here[-1]["floors"]
         for floor, values in floors.items():
             lines.append(f"| floor: {floor} | | " + " | ".join(table_cell(values[k]) for k in CURVE_METRICS) + " |")
+        if "ceiling" in here[-1]:
+            cells = " | ".join(table_cell(here[-1]["ceiling"][k]) for k in CURVE_METRICS)
+            lines.append(f"| ceiling: the VAE's round trip | | {cells} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -118,6 +131,10 @@ def plot_curves(points: list[dict], path: Path) -> None:
                 if values.get(metric) is not None:
                     ax.axhline(values[metric], linestyle="--", linewidth=1, color="gray")
                     ax.annotate(floor, (0, values[metric]), xycoords=("axes fraction", "data"), fontsize=7)
+            ceiling = (here[-1].get("ceiling") or {}).get(metric) if here else None
+            if ceiling is not None:
+                ax.axhline(ceiling, linestyle=":", linewidth=1.5, color="black")
+                ax.annotate("VAE round trip", (0, ceiling), xycoords=("axes fraction", "data"), fontsize=7)
             ax.set_xscale("log")
             ax.set_title(f"{METRICS[metric][0]} — {set_name}", fontsize=9)
             ax.set_xlabel("training samples seen", fontsize=8)
