@@ -146,11 +146,13 @@ def test_context_parallel_split_checks():
 
 def test_context_parallel_on_two_cpu_processes_matches_one(tmp_path):
     result = tmp_path / "cp.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "cp_worker.py"),
-         str(result), "ulysses"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "cp_worker.py"), str(result), "ulysses"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # A gloo process aborted in C++ (once in a CI run of the whole suite; not reproduced alone or under load):
+        # the run is made once more, and must then end cleanly.
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     numbers = json.loads(result.read_text())
     assert numbers["world_size"] == 2
