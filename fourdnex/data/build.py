@@ -34,7 +34,7 @@ from fourdnex.data.prepare import CENTER_MODES, PreparedClip, prepare_clip
 from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, read_clip
 from fourdnex.errors import UsageError
 from fourdnex.files import write_text
-from fourdnex.model.fusion import condition_video, encode_latents
+from fourdnex.model.fusion import condition_video, encode_latents, video_pixels
 from fourdnex.model.loading import ENCODER_DTYPE, TEXT_TOKENS, load_components
 from fourdnex.runtime import DTYPES, device_of, dtype_of, worker_processes
 
@@ -272,7 +272,7 @@ def merge(out: str | Path, clips: list[ClipSource], config: dict, show_progress:
 
 def _to_video(frames: np.ndarray) -> torch.Tensor:
     """``(F, H, W, 3)`` uint8 -> ``(3, F, H, W)`` float in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    return video_pixels(torch.from_numpy(frames))
 
 
 @dataclass

@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from fourdnex.config import Modalities, latent_frames, video_frames
 from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.files import read_video, write_json, write_png, write_safetensors, write_video
-from fourdnex.model.fusion import condition_frames, condition_mask, fuse_width, normalize_xyz
+from fourdnex.model.fusion import condition_frames, condition_mask, fuse_width, normalize_xyz, video_pixels
 
 if TYPE_CHECKING:
     from fourdnex.data.prepare import PreparedClip
@@ -669,7 +669,7 @@ class LatentCache:
         indices = given.nonzero()[:, 0].tolist()
         pixels = self.first_frame(index) if indices == [0] else self.frames(index, indices)
         video = torch.zeros(3, len(given), *pixels.shape[1:3])
-        video[:, given] = torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+        video[:, given] = video_pixels(torch.from_numpy(pixels))
         return condition_frames(video[None], given[None], self.modalities)[0]
 
 

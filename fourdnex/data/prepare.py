@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from fourdnex.config import PROMPT_SUFFIX
 from fourdnex.data.sources import ClipError, ClipSource, RawClip
+from fourdnex.model.fusion import video_pixels
 
 PERCENTILES = (2.0, 98.0)
 #: ``--center`` choices: how the pointmap is centred (and clipped).
@@ -266,4 +267,4 @@ def prepare_clip(
 def as_videos(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
     """The VAE's input of prepared clips held in tensors (``rgb`` uint8, ``xyz`` float16 or float32, both
     ``(B, F, H, W, 3)``): their RGB videos then their XYZ videos, ``(2B, 3, F, H, W)`` float32 in [-1, 1]."""
-    return torch.cat([rgb.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, xyz.permute(0, 4, 1, 2, 3).float()])
+    return torch.cat([video_pixels(rgb), xyz.permute(0, 4, 1, 2, 3).float()])

@@ -25,15 +25,6 @@ from fourdnex.evaluation.truth import clip_sources
 from fourdnex.runtime import device_of
 
 
-def round_trip(vae, videos):
-    """Videos ``(B, 3, F, H, W)`` in [-1, 1] through the VAE: the decoded posterior mode, clamped to [-1, 1]."""
-    import torch
-
-    with torch.no_grad():
-        latents = vae.encode(videos.to(vae.device, vae.dtype)).latent_dist.mode()
-        return vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1)
-
-
 def write_round_trips(
     model_path: str | Path, gt: str | Path, out: str | Path, num_frames: int, height: int, width: int,
     device: str = "auto", batch_size: int = 4,
@@ -45,6 +36,7 @@ def write_round_trips(
     from fourdnex.data.prepare import as_videos, prepare_clip
     from fourdnex.data.sources import Captions, read_clip
     from fourdnex.geometry.results import write_sample
+    from fourdnex.model.fusion import vae_round_trip
     from fourdnex.model.loading import check_model_folder, load_vae
 
     check_video_shape(num_frames, height, width)
@@ -59,7 +51,7 @@ def write_round_trips(
         clips = [prepare_clip(source, read_clip(source, captions), num_frames, height, width) for source in batch]
         rgb = torch.from_numpy(np.stack([clip.rgb for clip in clips]))
         xyz = torch.from_numpy(np.stack([clip.pointmap for clip in clips]))
-        decoded = round_trip(vae, as_videos(rgb, xyz)).permute(0, 2, 3, 4, 1).cpu().numpy()  # (2B, F, H, W, 3)
+        decoded = vae_round_trip(vae, as_videos(rgb, xyz)).permute(0, 2, 3, 4, 1).cpu().numpy()  # (2B, F, H, W, 3)
         for j, clip in enumerate(clips):
             meta = {"clip_id": clip.source.id, "prompt": clip.caption, "model": str(model_path), "vae_round_trip": True}
             write_sample(out, start + j, (decoded[j] + 1) / 2, decoded[len(clips) + j], meta)

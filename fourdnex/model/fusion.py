@@ -11,6 +11,11 @@ import torch
 from fourdnex.config import TEMPORAL_FACTOR, XYZ_LATENT_MEAN, XYZ_LATENT_STD, Modalities, video_frames
 
 
+def video_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """Video frames ``(..., F, H, W, 3)`` uint8 -> the VAE's pixels ``(..., 3, F, H, W)`` float32 in [-1, 1]."""
+    return frames.movedim(-1, -4).float() / 127.5 - 1.0
+
+
 def fuse_width(rgb: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
     """``(..., W)`` and ``(..., W)`` -> ``(..., 2W)``: RGB left, XYZ right."""
     if rgb.shape != xyz.shape:
@@ -141,6 +146,14 @@ def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
 
     z = vae.encode(video.to(get_module_execution_device(vae), vae.dtype)).latent_dist.mode()
     return vae_normalize(vae, z.float())
+
+
+def vae_round_trip(vae, videos: torch.Tensor) -> torch.Tensor:
+    """Videos ``(B, 3, F, H, W)`` in [-1, 1] through the VAE: the decoded posterior mode, float32 clamped to [-1, 1]
+    (no gradients)."""
+    with torch.no_grad():
+        latents = vae.encode(videos.to(vae.device, vae.dtype)).latent_dist.mode()
+        return vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1)
 
 
 def normalize_xyz(z: torch.Tensor, mean: float = XYZ_LATENT_MEAN, std: float = XYZ_LATENT_STD) -> torch.Tensor:

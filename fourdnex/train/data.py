@@ -22,7 +22,7 @@ import torch
 
 from fourdnex.config import video_frames
 from fourdnex.data.cache import CachedSample, LatentCache
-from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents
+from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents, video_pixels
 from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.loss import Batch, sample_sigmas
 
@@ -279,7 +279,7 @@ class HeldCache:
         given = HELD_PATTERNS[name](num_frames).to(self.device)
         rows = []
         for start in tqdm(range(0, count, PATTERN_BATCH), desc=f"conditions ({name})", unit="batch"):
-            pixels = self.frames[start : start + PATTERN_BATCH].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+            pixels = video_pixels(self.frames[start : start + PATTERN_BATCH])
             rows.append(encoder(condition_frames(pixels, given.expand(len(pixels), -1), self.modalities)))
         return torch.cat(rows)
 
@@ -349,6 +349,6 @@ class HeldCache:
         if len(from_first):
             rows = to_device(from_first, self.device)
             frames[rows, :1] = self.first[clips[rows]]
-        pixels = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (P, 3, F, H, W)
+        pixels = video_pixels(frames)  # (P, 3, F, H, W)
         given = to_device(draws.given[encoded_rows], self.device)
         return encoder(condition_frames(pixels, given, self.modalities))  # (P, 16, T, h, w')

@@ -39,6 +39,7 @@ from fourdnex.data.prepare import as_videos
 from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
 from fourdnex.files import atomic_path, write_json, write_safetensors
+from fourdnex.model.fusion import vae_round_trip
 from fourdnex.runtime import device_of, worker_processes
 from fourdnex.train.config import METRICS_READ_STEPS
 
@@ -193,7 +194,7 @@ def reconstruction_psnr(vae, clips: Clips, device: torch.device, batch: int = 4)
     for start in range(0, len(clips), batch):
         index = np.arange(start, min(start + batch, len(clips)))
         videos = clips.videos(index, device)
-        recon = vae.decode(vae.encode(videos).latent_dist.mode(), return_dict=False)[0].float().clamp(-1, 1)
+        recon = vae_round_trip(vae, videos)
         error = (recon - videos).square().flatten(1).mean(1)  # (2B,)
         sums["rgb"] += float(error[: len(index)].sum())
         sums["xyz"] += float(error[len(index) :].sum())
@@ -240,8 +241,6 @@ def _check_vae_folder(cfg: VaeTrainConfig) -> None:
     from fourdnex.model.loading import check_model_folder
 
     check_model_folder(cfg.model_path, ("vae",), how="build the model first: python -m fourdnex.model.presets")
-
-
 
 
 class VaeTrainer:
