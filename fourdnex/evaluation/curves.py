@@ -49,6 +49,10 @@ CEILING_REPORTS = Path("reports") / "vae" / "round-trip"
 def read_points(work: str | Path) -> list[dict]:
     """Every (run, checkpoint, set) report under ``WORK/reports`` with its checkpoint's samples seen, sorted."""
     work = Path(work)
+    ceilings = {
+        report.parent.name: {k: json.loads(report.read_text())["summary"]["model"].get(k) for k in CURVE_METRICS}
+        for report in (work / CEILING_REPORTS).glob("*/metrics.json")
+    }
     points = []
     for metrics in sorted((work / "reports").glob("*/checkpoint-*/*/metrics.json")):
         set_dir = metrics.parent
@@ -68,9 +72,8 @@ def read_points(work: str | Path) -> list[dict]:
             "model": {k: summary["model"].get(k) for k in CURVE_METRICS},
             "floors": {f: {k: summary[f].get(k) for k in CURVE_METRICS} for f in CURVE_FLOORS if f in summary},
         }
-        ceiling = work / CEILING_REPORTS / set_dir.name / "metrics.json"
-        if ceiling.is_file():
-            point["ceiling"] = {k: json.loads(ceiling.read_text())["summary"]["model"].get(k) for k in CURVE_METRICS}
+        if set_dir.name in ceilings:
+            point["ceiling"] = ceilings[set_dir.name]
         points.append(point)
     if not points:
         raise UsageError(f"{work / 'reports'}: no report of a checkpoint (<run>/checkpoint-NNNNNN/<set>/metrics.json)")
