@@ -115,7 +115,7 @@ def check_inputs(results: Path, gt: Path | None, mapping: Path | None) -> list[E
     return samples
 
 
-def _fit_version(path) -> int | None:
+def _fit_version(path: Path) -> int | None:
     """The fit revision a saved registration's ``.json`` records (None: unreadable, or saved before revisions)."""
     try:
         return json.loads(path.with_suffix(".json").read_text()).get("fit")

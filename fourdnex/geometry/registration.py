@@ -198,7 +198,7 @@ def _lm_step(H: torch.Tensor, g: torch.Tensor, lam: float, refine_k: bool, share
 #: The fit's revision, saved with each registration: a registration saved by another revision is not reused for
 #: scoring (2: the closed-form start from random subsets, :func:`robust_projection`).
 FIT_VERSION = 2
-#: The closed-form fit's random subsets per frame and points per subset (least median of squares, see below).
+#: The closed-form fit's random subsets per frame and points per subset (see :func:`robust_projection`).
 DLT_SUBSETS, DLT_SUBSET_POINTS = 64, 16
 #: About this many of the points score each subset's fit.
 DLT_SCORED_POINTS = 512
