@@ -16,13 +16,15 @@
 #   cache     build_wan_dataset.py over the training clips with those encoders
 #   base      stage 1: finetune.py --train_mode full --modalities rgb (plain image-to-video on the RGB clips)
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
-#             fine-tuning of the fused model, the ablations (no domain embedding; stock RoPE) and the any-frame adapter
+#             fine-tuning of the fused model (given frame 0, or any frames: full-any), the ablations (no domain
+#             embedding; stock RoPE) and the any-frame adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, and
 #             the VAE's round trip of the held-out truths (the ceiling of any transformer on this VAE)
 # Sizes: override FRAMES, HEIGHT, WIDTH, CLIPS, HELD_OUT, CURVE_CLIPS, VAE_EVAL_CLIPS, VAE_CLIPS, VAE_STEPS, VAE_BATCH, VAE_MINUTES (a cap: the VAE stops there, a rerun
 # resumes it), BATCH, BASE_STEPS, ADAPTER_STEPS, CURVE_POINTS, RUNS (the stage-2 runs), TRAIN_FAMILIES, HELD_OUT_FAMILY
 # (a smoke run uses tiny values); VAE_FROM, a model folder whose VAE the training starts from (example/demo/model
-# continues the shipped one; a new VAE of the demo preset by default).
+# continues the shipped one; a new VAE of the demo preset by default); FULL_FROM, a fully fine-tuned transformer
+# folder (an earlier run's) that the full fine-tuning runs continue from instead of the base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -141,6 +143,7 @@ declare -A RUN_FLAGS=(
     [4dnex]="--type i2vwbw-demb-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
     [lora64]="--type i2vwbw-demb-samerope --lora_rank 64 --lora_alpha 64 --learning_rate 2e-3"
     [full]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
+    [full-any]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --condition_tasks any"
     [no-domain-embedding]="--type i2vwbw-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
     [stock-rope]="--type i2vwbw-demb --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
     [any-frame]="--type i2vwbw-demb-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3 --condition_tasks any"
@@ -148,10 +151,17 @@ declare -A RUN_FLAGS=(
 
 stage_adapters() {
     log "adapters: $RUNS, $ADAPTER_STEPS steps each, at once on $(( GPUS > 0 ? GPUS : 1 )) devices"
-    local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=() i=0
+    local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=() i=0 full_model=$WORK/model
+    if [[ -n ${FULL_FROM:-} ]]; then  # the full fine-tuning runs continue an earlier run's transformer
+        full_model=$WORK/model-full
+        "$PY" -m fourdnex.model.presets "$full_model" --preset demo --vae "$WORK/vae/vae" --transformer "$FULL_FROM" \
+            --corpus "$WORK/train/captions.txt"
+    fi
     for name in $RUNS; do  # the small model leaves a GPU idle between its kernels: several runs share one well
+        local model=$WORK/model
+        [[ ${RUN_FLAGS[$name]} == *"--train_mode full"* ]] && model=$full_model
         # shellcheck disable=SC2086  # the flags are words
-        finetune $(( i % slots )) "$WORK/$name" "$ADAPTER_STEPS" --model_path "$WORK/model" ${RUN_FLAGS[$name]} \
+        finetune $(( i % slots )) "$WORK/$name" "$ADAPTER_STEPS" --model_path "$model" ${RUN_FLAGS[$name]} \
             > "$WORK/$name.log" 2>&1 &
         pids+=($!)
         i=$(( i + 1 ))
@@ -204,7 +214,7 @@ stage_evaluate() {
             jobs+=("$name $checkpoint curve image" "$name $checkpoint curve-family image")
         done
         jobs+=("$name $last held-out image" "$name $last held-out-family image")
-        if [[ $name == any-frame ]]; then
+        if [[ ${RUN_FLAGS[$name]} == *"--condition_tasks any"* ]]; then
             jobs+=("$name $last held-out video" "$name $last held-out first_last")
         fi
     done
