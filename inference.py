@@ -92,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     model = parser.add_argument_group("model")
     field_flag(model, RunConfig, "model_path", help="Wan2.1-I2V-14B-480P diffusers folder (default %(default)s)")
-    field_flag(model, RunConfig, "sft_path", help="a fully fine-tuned transformer folder replacing the base one")
+    field_flag(
+        model,
+        RunConfig,
+        "sft_path",
+        help="a fully fine-tuned transformer folder replacing the base one (default: the model folder's own "
+        "transformer where it is one, e.g. example/demo/model's)",
+    )
     field_flag(model, RunConfig, "lora_path", help="adapter: released 4DNeX folder or fourdnex .safetensors")
     field_flag(model, RunConfig, "lora_rank", type=int, help="expected LoRA rank (default: read from the file)")
     field_flag(

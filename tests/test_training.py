@@ -369,6 +369,35 @@ def test_a_fully_trained_fused_model_samples_with_what_it_was_trained_as(cache_d
     assert refused.returncode != 0 and "contradicts the transformer" in refused.stderr.strip().splitlines()[-1]
 
 
+def test_a_model_folder_around_a_fully_trained_transformer_samples_as_it_without_flags(cache_dir, tmp_path):
+    """A model folder built around a fully trained fused transformer (fourdnex.model.presets --transformer) keeps
+    what the weights were trained as, so inference.py given that folder alone samples exactly as with --sft_path
+    naming its transformer: the same model type, XYZ statistics and outputs."""
+    from fourdnex.data.cache import read_stats
+    from fourdnex.model.adapters import read_transformer_meta
+    from fourdnex.model.presets import save_model
+
+    out = tmp_path / "full"
+    finetune("--cache_dir", str(cache_dir), "--output_dir", str(out), *SIZE, "--train_mode", "full",
+             "--type", "i2vwbw-demb", "--max_steps", "2", "--checkpointing_steps", "2")  # fmt: skip
+    model = save_model(tmp_path / "model", "tiny", trained={"transformer": out / "transformer"})
+    assert read_transformer_meta(model / "transformer") == read_transformer_meta(out / "transformer")
+    sample = [sys.executable, str(ROOT / "inference.py"), "--prompt", "a red ball", "--image",
+              str(ROOT / "example" / "scene.png"), "--model_path", str(model), *SIZE, "--steps", "2", "--device",
+              "cpu"]  # fmt: skip
+    subprocess.run([*sample, "--out", str(tmp_path / "alone")], check=True, capture_output=True, cwd=ROOT)
+    named = [*sample, "--out", str(tmp_path / "named"), "--sft_path", str(model / "transformer")]
+    subprocess.run(named, check=True, capture_output=True, cwd=ROOT)
+    alone, explicit = (json.loads((tmp_path / run / "00000.json").read_text()) for run in ("alone", "named"))
+    assert alone["type"] == "i2vwbw-demb" and alone["sft_path"] == str(model / "transformer")
+    stats = read_stats(cache_dir)
+    for written in (alone, explicit):
+        assert (written["xyz_latent_mean"], written["xyz_latent_std"]) == (stats.xyz_latent_mean, stats.xyz_latent_std)
+    results = [np.load(tmp_path / run / "00000.npz") for run in ("alone", "named")]
+    for key in ("rgb", "xyz"):
+        assert np.array_equal(results[0][key], results[1][key]), key
+
+
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
 def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tmp_path):
     """Whatever the model type, the transformer training built (LoRA and domain embedding set to random values) and

@@ -213,6 +213,19 @@ def resolve_device_dtype(device: str, dtype: str):
     return resolved, dtype_of(dtype, resolved)
 
 
+def with_own_transformer(config: RunConfig) -> RunConfig:
+    """``config``, sampling the model folder's own transformer as what it was trained as where it is a fully
+    fine-tuned one (its weights carry what finetune.py trained it as: a whole 4DNeX model in one folder, such as
+    ``example/demo/model``) and no adapter or other transformer is given: ``sft_path`` set to it."""
+    from fourdnex.model.adapters import read_transformer_meta
+    from fourdnex.model.loading import is_model_folder, transformer_folder
+
+    if config.lora_path or config.sft_path is not None or not is_model_folder(config.model_path):
+        return config
+    own = transformer_folder(config.model_path)
+    return dataclasses.replace(config, sft_path=str(own)) if read_transformer_meta(own) is not None else config
+
+
 def transformer_heads(config: RunConfig) -> int:
     """Attention heads of the transformer that will be loaded, read from its config."""
     from fourdnex.model.loading import read_config, transformer_folder
@@ -268,12 +281,10 @@ class LoadedModel:
     speed: AccelerationConfig  # resolved for the device
     load_seconds: float
     random_weights: bool  # the tiny test model's marker: its outputs are noise
-
-    @property
-    def condition_tasks(self) -> str:
-        """The given frames the adapter was trained for: ``"image"`` (frame 0), or ``"any"`` (first and last frames,
-        keyframes, a whole video; ``fourdnex.train.config.CONDITION_TASKS``). A released adapter records none."""
-        return self.adapter.meta.extra.get("condition_tasks", "image") if self.adapter is not None else "image"
+    # The given frames the weights (an adapter, or a fully fine-tuned transformer) were trained for: "image" (frame
+    # 0), or "any" (first and last frames, keyframes, a whole video; fourdnex.train.config.CONDITION_TASKS). A
+    # released adapter records none.
+    condition_tasks: str = "image"
 
 
 def load_model(
@@ -324,9 +335,10 @@ def load_model(
     apply_acceleration(pipe, speed, device)
     load_seconds = time.perf_counter() - tic
     random_weights = has_random_weights(config.model_path)
+    condition_tasks = meta.extra.get("condition_tasks", "image") if meta is not None else "image"
     return LoadedModel(
         pipe, adapter, model_type, config.modalities, lora_scale, xyz_mean, xyz_std, device, dtype, speed,
-        load_seconds, random_weights,
+        load_seconds, random_weights, condition_tasks,
     )  # fmt: skip
 
 
@@ -424,6 +436,7 @@ def generate(config: RunConfig) -> list[Path]:
     from fourdnex.model.adapters import load_adapter, resolve_model_type
 
     check_config(config)
+    config = with_own_transformer(config)
     sample, speed = config.sample, config.speed
     jobs = select_jobs(config)
     out = Path(config.out)

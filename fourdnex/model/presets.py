@@ -186,8 +186,10 @@ def save_model(
 ) -> Path:
     """Write a preset's model to ``path`` (a diffusers folder); ``trained`` maps component names (``vae``,
     ``transformer``) to trained folders put in place of the random ones, their weights stored in float16 (half the
-    bytes; pipelines load them at their own dtype). Marked random unless both are trained. ``corpus``: captions whose
-    words the tokenizer knows (every folder of one model must be given the same)."""
+    bytes; pipelines load them at their own dtype) with the metadata they carry (a fully fine-tuned transformer's
+    says what it was trained as, so the folder samples as that model). Marked random unless both are trained.
+    ``corpus``: captions whose words the tokenizer knows (every folder of one model must be given the same)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from fourdnex.files import write_safetensors
@@ -202,8 +204,11 @@ def save_model(
         config = read_config(folder)
         config.pop("_name_or_path", None)  # where it was trained: a path of another machine
         (target / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        state = load_file(Path(folder) / WEIGHTS_FILE)
-        write_safetensors(target / WEIGHTS_FILE, {key: value.half() for key, value in state.items()})
+        weights = Path(folder) / WEIGHTS_FILE
+        state = load_file(weights)
+        with safe_open(weights, "pt") as f:
+            metadata = f.metadata()
+        write_safetensors(target / WEIGHTS_FILE, {key: value.half() for key, value in state.items()}, metadata)
     index_file = path / MODEL_INDEX_FILE
     index = json.loads(index_file.read_text())
     if not {"vae", "transformer"} <= set(trained):
