@@ -21,7 +21,7 @@ from fourdnex.cli import dtype_flag, field_default, field_flag, run, settings, s
 from fourdnex.generate.config import MEMORY_MODES, AccelerationConfig, RunConfig, SampleConfig
 
 ROOT = Path(__file__).resolve().parent
-DEMO_MODEL, DEMO_ADAPTER = ROOT / "example" / "demo" / "model", ROOT / "example" / "demo" / "adapter"
+DEMO_MODEL = ROOT / "example" / "demo" / "model"
 #: The page's settings for the demo model: the quick start's (README.md; their time on a CPU: BENCHMARKS.md, "The web
 #: page (app.py)").
 DEMO_SAMPLE = SampleConfig(num_frames=25, height=96, width=144, steps=30, guidance_scale=1.0)
@@ -39,6 +39,15 @@ def initial_sample(args: argparse.Namespace) -> SampleConfig:
     return sample
 
 
+def weights_line(config: RunConfig) -> str:
+    """What the page and the log say the model samples with: its adapter, or its fully fine-tuned transformer."""
+    if config.lora_path:
+        return f"adapter `{config.lora_path}`"
+    if config.sft_path:
+        return f"fully fine-tuned transformer `{config.sft_path}`"
+    return "no adapter (the base model)"
+
+
 def build_page(engine, sample: SampleConfig, examples):
     """The page: inputs on the left, results on the right; every event calls the package."""
     import gradio as gr
@@ -53,8 +62,7 @@ def build_page(engine, sample: SampleConfig, examples):
         gr.Markdown(
             "## fourdnex: image to 4D\nAn image and a caption in; an RGB video and a pointmap (XYZ) video out, "
             "registered into a dynamic point cloud with its cameras, seen from a new camera, scored, and packed to "
-            f"download. Model: `{engine.config.model_path}`, adapter: `{engine.config.lora_path}` on "
-            f"{engine.model.device}."
+            f"download. Model: `{engine.config.model_path}`, {weights_line(engine.config)} on {engine.model.device}."
         )
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
@@ -160,12 +168,10 @@ def main(args: argparse.Namespace) -> None:
     if warning:
         print(warning, flush=True)
     from fourdnex.app.jobs import JobFolders
+    from fourdnex.generate.run import with_own_transformer
 
-    lora_path = args.lora_path
-    if lora_path is None and Path(args.model_path).resolve() == DEMO_MODEL:
-        lora_path = str(DEMO_ADAPTER)
     sample = initial_sample(args)
-    config = settings(RunConfig, args, prompt="", lora_path=lora_path, speed=settings(AccelerationConfig, args))
+    config = with_own_transformer(settings(RunConfig, args, prompt="", speed=settings(AccelerationConfig, args)))
     jobs = JobFolders()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a stop by `kill` removes the jobs too
     os.environ["GRADIO_TEMP_DIR"] = str(jobs.root / "gradio")  # uploads and Gradio's copies, removed with the jobs
@@ -177,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
         from fourdnex.app.viewer import web_viewer_files
         from fourdnex.app.web import build_app
 
-        print(f"loading {args.model_path} (adapter {lora_path}) ...", flush=True)
+        print(f"loading {args.model_path} ({weights_line(config)}) ...", flush=True)
         engine = Engine.load(config, jobs, sample)
         if args.examples is not None:
             examples = find_examples(args.examples)
@@ -199,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="app.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model_path", default=str(DEMO_MODEL), help="Wan2.1-I2V diffusers folder (default: the demo)")
-    field_flag(p, RunConfig, "lora_path", help="adapter, as inference.py's (default: the demo's with the demo model)")
+    field_flag(
+        p, RunConfig, "lora_path", help="adapter, as inference.py's (the demo model needs none: it is fully fine-tuned)"
+    )
     field_flag(p, RunConfig, "lora_scale", type=float, help="LoRA scale (default: the adapter's own)")
     p.add_argument(
         "--examples",

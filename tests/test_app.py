@@ -4,6 +4,7 @@ on the bundled demo model on this CPU, at small settings (9 frames of 32 x 48, 3
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -186,7 +187,7 @@ def test_the_web_viewer_files_come_from_the_installed_sdk(tmp_path):
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    config = RunConfig(prompt="", model_path=str(DEMO / "model"), lora_path=str(DEMO / "adapter"), device="cpu")
+    config = RunConfig(prompt="", model_path=str(DEMO / "model"), device="cpu")
     jobs = JobFolders(tmp_path_factory.mktemp("jobs"))
     yield Engine.load(config, jobs, SMALL)
     jobs.close()
@@ -207,7 +208,7 @@ def test_bad_inputs_end_the_job_with_a_message_and_leave_no_folder(engine, tmp_p
         "claims 2500 megapixels": _request(image=str(bomb)),
         "caption is empty": _request(caption=" "),
         "num_frames must be 4k+1": _request(sample=SampleConfig(num_frames=8, height=32, width=48)),
-        "needs an adapter trained with --condition_tasks any": _request(condition="video"),
+        "needs weights trained with --condition_tasks any": _request(condition="video"),
         "unknown camera path": _request(camera_path="loop"),
     }
     for message, request in cases.items():
@@ -215,7 +216,7 @@ def test_bad_inputs_end_the_job_with_a_message_and_leave_no_folder(engine, tmp_p
         assert [u.stage for u in updates] == ["failed"], message
         assert message in updates[0].error and updates[0].status.startswith("**refused:**")
     assert list(engine.jobs.root.iterdir()) == []
-    assert engine.conditions == ["image"]  # the demo adapter: frame 0 only
+    assert engine.conditions == ["image"]  # the demo model: frame 0 only
 
 
 def test_a_job_fails_cleanly_and_the_next_one_runs_every_stage(engine, monkeypatch):
@@ -265,13 +266,24 @@ def test_a_job_fails_cleanly_and_the_next_one_runs_every_stage(engine, monkeypat
     assert {"/world/00000/points", "/world/00000/camera", "/world/00000/trajectory"} <= paths
 
 
-def test_an_any_frame_adapter_offers_first_and_last_frames(tmp_path):
-    from fourdnex.model.adapters import load_adapter, save_adapter
+def test_weights_trained_on_any_frames_offer_first_and_last_frames(tmp_path):
+    """The demo model's fully fine-tuned transformer, its metadata saying it was trained with --condition_tasks any:
+    the page offers every condition, and a first-and-last job runs."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    adapter = load_adapter(DEMO / "adapter")
-    adapter.meta.extra["condition_tasks"] = "any"
-    save_adapter(tmp_path / "any", adapter.lora, adapter.domain_embedding, adapter.meta)
-    config = RunConfig(prompt="", model_path=str(DEMO / "model"), lora_path=str(tmp_path / "any"), device="cpu")
+    from fourdnex.model.adapters import TRANSFORMER_META_KEY
+
+    shutil.copytree(DEMO / "model" / "transformer", tmp_path / "any")
+    weights = tmp_path / "any" / "diffusion_pytorch_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    meta = json.loads(metadata[TRANSFORMER_META_KEY])
+    assert meta["extra"]["condition_tasks"] == "image"
+    meta["extra"]["condition_tasks"] = "any"
+    save_file(tensors, str(weights), metadata={**metadata, TRANSFORMER_META_KEY: json.dumps(meta)})
+    config = RunConfig(prompt="", model_path=str(DEMO / "model"), sft_path=str(tmp_path / "any"), device="cpu")
     jobs = JobFolders(tmp_path / "jobs")
     engine = Engine.load(config, jobs, SMALL)
     assert engine.conditions == list(CONDITIONS)

@@ -1,7 +1,8 @@
-"""The bundled demo model (example/demo: scripts/train_demo.sh's base model and 4DNeX adapter) on held-out synthetic
-scenes: generated on this CPU with the quick start's settings, scored by evaluate.py against the scenes' true depth
-and cameras. It must beat the floors that know nothing of the scene: the sloped plane, the mean depth map of the
-scenes and a camera that never moves."""
+"""The bundled demo model (example/demo/model: scripts/train_demo.sh's VAE and fully fine-tuned fused transformer,
+one folder) on held-out synthetic scenes: generated on this CPU with the quick start's settings, scored by
+evaluate.py against the scenes' true depth and cameras. It must beat the floors that know nothing of the scene (the
+sloped plane, the mean depth map of the scenes, a camera that never moves), its depth by a margin: at most 0.6x the
+mean depth map's AbsRel."""
 
 import subprocess
 import sys
@@ -27,19 +28,23 @@ def evaluation(tmp_path_factory):
     write_inputs(data, inputs, 25, 96, 144)
     command = [sys.executable, str(ROOT / "inference.py"), "--prompt", str(inputs / "prompts.txt")]
     command += ["--image", str(inputs / "images.txt"), "--out", str(work / "results"), *SIZE]
-    command += ["--model_path", str(DEMO / "model"), "--lora_path", str(DEMO / "adapter")]
+    command += ["--model_path", str(DEMO / "model")]
     command += ["--steps", "30", "--guidance_scale", "1"]
     subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
     return summarize(evaluate(work / "results", work / "report", data, inputs / "mapping.json"))
 
 
 @pytest.mark.parametrize(
-    "metric",
-    ["depth.median.absrel", "depth.lstsq.absrel", "depth0.median.absrel", "depth0.lstsq.absrel", "points.chamfer"],
+    "metric", ["depth.median.absrel", "depth.lstsq.absrel", "depth0.median.absrel", "depth0.lstsq.absrel"]
 )
-def test_the_demo_model_beats_the_geometry_floors_on_held_out_scenes(evaluation, metric):
+def test_the_demo_model_depth_is_well_under_the_floors_on_held_out_scenes(evaluation, metric):
     model = evaluation["model"][metric]
-    assert model < evaluation["plane"][metric] and model < evaluation["mean_depth"][metric], (metric, evaluation)
+    assert model <= 0.6 * evaluation["mean_depth"][metric] and model < evaluation["plane"][metric], (metric, evaluation)
+
+
+def test_the_demo_model_points_beat_the_floors_on_held_out_scenes(evaluation):
+    model = evaluation["model"]["points.chamfer"]
+    assert model < evaluation["plane"]["points.chamfer"] and model < evaluation["mean_depth"]["points.chamfer"]
 
 
 def test_the_demo_model_cameras_beat_a_still_camera(evaluation):

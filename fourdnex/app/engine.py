@@ -38,13 +38,14 @@ from fourdnex.app.jobs import JobFolders, write_archive
 from fourdnex.app.uploads import UploadError, check_caption, check_image, check_video
 from fourdnex.errors import FourDNeXError, UsageError
 from fourdnex.generate.config import RunConfig, SampleConfig
-from fourdnex.generate.run import Job, LoadedModel, job_meta, load_model, sample_job
+from fourdnex.generate.run import Job, LoadedModel, job_meta, load_model, sample_job, with_own_transformer
 from fourdnex.geometry.paths import CAMERA_PATHS
 from fourdnex.geometry.registration import RegistrationConfig
 
 log = logging.getLogger("fourdnex.app")
 
-#: Condition modes: what the job is given. The last two need an adapter trained for any given frames.
+#: Condition modes: what the job is given. The last two need weights (an adapter, or a fully fine-tuned transformer)
+#: trained for any given frames.
 CONDITIONS = {
     "image": "an image (frame 0)",
     "first_last": "first and last frames",
@@ -174,6 +175,7 @@ class Engine:
         the page will send (its frames, height and width)."""
         from fourdnex.generate.parallel import tokens_of
 
+        config = with_own_transformer(config)
         model = load_model(
             config,
             tokens_of(largest.num_frames, largest.height, largest.width, fused=config.modalities == "rgbxyz"),
@@ -221,8 +223,8 @@ class Engine:
             raise UploadError(f"unknown condition {request.condition!r}; one of {', '.join(CONDITIONS)}")
         if request.condition not in self.conditions:
             raise UploadError(
-                f"this adapter was trained on {self.model.condition_tasks!r} conditions only: the "
-                f"{CONDITIONS[request.condition]} condition needs an adapter trained with --condition_tasks any"
+                f"these weights were trained on {self.model.condition_tasks!r} conditions only: the "
+                f"{CONDITIONS[request.condition]} condition needs weights trained with --condition_tasks any"
             )
         if request.camera_path not in CAMERA_PATHS:
             raise UploadError(f"unknown camera path {request.camera_path!r}; one of {', '.join(CAMERA_PATHS)}")
