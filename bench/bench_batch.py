@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lines", type=int, default=8, help="held-out-like lines to sample (default 8)")
     p.add_argument("--batch_size", type=int, default=8, help="the batch size set against batch 1 (default 8)")
     p.add_argument("--model_path", default=str(ROOT / "example" / "demo" / "model"))
-    p.add_argument("--lora_path", default=str(ROOT / "example" / "demo" / "adapter"))
+    p.add_argument("--lora_path", default=None, help="an adapter (default: none; the demo model needs none)")
     p.add_argument("--num_frames", type=int, default=25)
     p.add_argument("--height", type=int, default=96)
     p.add_argument("--width", type=int, default=144)

@@ -303,7 +303,8 @@ def load_model(
     ``tokens`` and ``pixels`` are the largest job's transformer sequence and video size, ``batch`` the most jobs
     sampled together: ``--memory auto`` picks the fastest offload that fits them. ``adapter`` and ``model_type`` are
     read from ``config`` unless given (already read and checked); ``world_size > 1`` splits the transformer's
-    sequence over a context-parallel group.
+    sequence over a context-parallel group. A model folder whose own transformer was fully fine-tuned samples as it
+    (:func:`with_own_transformer`).
     """
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import apply_acceleration, check_machine, resolve
@@ -311,6 +312,7 @@ def load_model(
     from fourdnex.model.adapters import apply_adapter, load_adapter, resolve_model_type, trained_meta
     from fourdnex.model.loading import has_random_weights
 
+    config = with_own_transformer(config)
     if device is None or dtype is None:
         device, dtype = resolve_device_dtype(config.device, config.dtype)
     speed = config.speed
