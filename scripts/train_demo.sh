@@ -24,7 +24,9 @@
 # resumes it), BATCH, BASE_STEPS, ADAPTER_STEPS, CURVE_POINTS, RUNS (the stage-2 runs), TRAIN_FAMILIES, HELD_OUT_FAMILY
 # (a smoke run uses tiny values); VAE_FROM, a model folder whose VAE the training starts from (example/demo/model
 # continues the shipped one; a new VAE of the demo preset by default); FULL_FROM, a fully fine-tuned transformer
-# folder (an earlier run's) that the full fine-tuning runs continue from instead of the base.
+# folder (an earlier run's) that the full fine-tuning runs continue from instead of the base; ENCODERS_FROM, a model
+# folder whose tokenizer and text and image encoders every model folder of the run takes (continuing a model needs
+# those it learned with: example/demo/model, FULL_FROM=example/demo/model/transformer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +61,8 @@ COMPILE=()
 (( GPUS > 0 )) && COMPILE=(--compile_blocks)
 # shellcheck disable=SC2206  # the families are words
 FAMILIES=($TRAIN_FAMILIES)
+ENCODERS=()
+[[ -n ${ENCODERS_FROM:-} ]] && ENCODERS=(--encoders_from "$ENCODERS_FROM")
 mkdir -p "$WORK"
 
 log() { echo "[train_demo $(date +%H:%M:%S)] $*" >&2; }
@@ -100,7 +104,7 @@ stage_vae() {
 stage_encoders() {
     log "encoders: the trained VAE, the training captions' tokenizer"
     "$PY" -m fourdnex.model.presets "$WORK/encoders" --preset demo --vae "$WORK/vae/vae" \
-        --corpus "$WORK/train/captions.txt"
+        --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
 }
 
 stage_cache() {
@@ -135,7 +139,7 @@ stage_base() {
     finetune 0 "$WORK/base" "$BASE_STEPS" --model_path "$WORK/encoders" --train_mode full --modalities rgb \
         --type i2vwbw --learning_rate 1e-3
     "$PY" -m fourdnex.model.presets "$WORK/model" --preset demo --vae "$WORK/vae/vae" \
-        --transformer "$WORK/base/transformer" --corpus "$WORK/train/captions.txt"
+        --transformer "$WORK/base/transformer" --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
 }
 
 # The flags of each stage-2 run.
@@ -155,7 +159,7 @@ stage_adapters() {
     if [[ -n ${FULL_FROM:-} ]]; then  # the full fine-tuning runs continue an earlier run's transformer
         full_model=$WORK/model-full
         "$PY" -m fourdnex.model.presets "$full_model" --preset demo --vae "$WORK/vae/vae" --transformer "$FULL_FROM" \
-            --corpus "$WORK/train/captions.txt"
+            --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
     fi
     for name in $RUNS; do  # the small model leaves a GPU idle between its kernels: several runs share one well
         local model=$WORK/model

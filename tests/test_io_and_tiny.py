@@ -123,6 +123,35 @@ def test_a_model_assembled_from_trained_components_stores_them_in_half_precision
     assert load_vae(model).dtype == torch.float32
 
 
+def test_a_model_built_with_another_models_encoders_has_exactly_them(tmp_path, tiny_path):
+    """--encoders_from: the tokenizer and the text and image encoders are the given folder's, not the seed's or the
+    corpus's (a model trained further keeps the encoders it learned with); another width than the transformer reads
+    is refused in one line."""
+    from safetensors.torch import load_file
+
+    from fourdnex.errors import UsageError
+    from fourdnex.model.presets import SEED, build_parser, main
+
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("On striped sandy ground a mottled teal pillar slides and turns.\n")
+    model = tmp_path / "model"
+    main(
+        build_parser().parse_args(
+            [str(model), "--seed", str(SEED + 1), "--corpus", str(corpus), "--encoders_from", str(tiny_path)]
+        )
+    )
+    for name in ("text_encoder", "image_encoder"):
+        ours, theirs = (load_file(folder / name / "model.safetensors") for folder in (model, tiny_path))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    query = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    seeds = build_pipeline("tiny", SEED + 1).text_encoder.state_dict()[query]
+    assert not torch.equal(load_file(model / "text_encoder" / "model.safetensors")[query], seeds)  # not the seed's
+    taken, source = (T5Tokenizer.from_pretrained(folder / "tokenizer") for folder in (model, tiny_path))
+    assert taken.tokenize("a mottled pillar") == source.tokenize("a mottled pillar")  # not the corpus's
+    with pytest.raises(UsageError, match="text_dim 64"):
+        main(build_parser().parse_args([str(tmp_path / "demo"), "--preset", "demo", "--encoders_from", str(tiny_path)]))
+
+
 def test_a_model_tokenizer_knows_the_words_of_its_corpus(tmp_path):
     """--corpus: a caption's words are whole pieces of the tokenizer of a model built with it; elsewhere they fall
     back to characters."""

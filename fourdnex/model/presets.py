@@ -183,12 +183,16 @@ def save_model(
     seed: int = SEED,
     trained: dict[str, Path] | None = None,
     corpus: list[str] | None = None,
+    encoders_from: str | Path | None = None,
 ) -> Path:
     """Write a preset's model to ``path`` (a diffusers folder); ``trained`` maps component names (``vae``,
     ``transformer``) to trained folders put in place of the random ones, their weights stored in float16 (half the
     bytes; pipelines load them at their own dtype) with the metadata they carry (a fully fine-tuned transformer's
     says what it was trained as, so the folder samples as that model). Marked random unless both are trained.
-    ``corpus``: captions whose words the tokenizer knows (every folder of one model must be given the same)."""
+    ``corpus``: captions whose words the tokenizer knows (every folder of one model must be given the same).
+    ``encoders_from``: a model folder whose tokenizer, text and image encoders (:data:`ENCODER_COMPONENTS`) are
+    copied instead of built: a model trained further must keep the encoders it learned with (the random encoders of
+    a seed differ between library versions, the tokenizer between corpora)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -197,6 +201,8 @@ def save_model(
     path = Path(path)
     trained = trained or {}
     build_pipeline(preset, seed, corpus).save_pretrained(path)
+    if encoders_from is not None:
+        copy_encoders(Path(encoders_from), path)
     for name, folder in trained.items():
         target = component_folder(path, name)
         shutil.rmtree(target)
@@ -217,6 +223,32 @@ def save_model(
     return path
 
 
+#: The components of a model folder that turn captions and images into the transformer's conditions.
+ENCODER_COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "image_processor")
+#: Each encoder's config key of the width the transformer reads it at (``text_dim``, ``image_dim``).
+_ENCODER_WIDTHS = {"text_encoder": ("d_model", "text_dim"), "image_encoder": ("hidden_size", "image_dim")}
+
+
+def copy_encoders(source: Path, model: Path) -> None:
+    """Put ``source``'s :data:`ENCODER_COMPONENTS` in place of ``model``'s (both model folders); UsageError where
+    ``source`` lacks one or gives it another width than ``model``'s transformer reads."""
+    transformer = read_config(component_folder(model, "transformer"))
+    for name in ENCODER_COMPONENTS:
+        folder = component_folder(source, name)
+        if not folder.is_dir():
+            raise UsageError(f"{source} has no {name} folder to take the encoders from")
+        if name in _ENCODER_WIDTHS:
+            key, reads = _ENCODER_WIDTHS[name]
+            width = read_config(folder).get(key)
+            if width != transformer[reads]:
+                raise UsageError(
+                    f"{folder}: {key} is {width}, the transformer reads its {name} at {reads} {transformer[reads]}"
+                )
+        target = component_folder(model, name)
+        shutil.rmtree(target)
+        shutil.copytree(folder, target)
+
+
 def main(args: argparse.Namespace) -> None:
     """Write the model ``args`` describe."""
     trained = {name: Path(value) for name in ("vae", "transformer") if (value := getattr(args, name))}
@@ -225,7 +257,8 @@ def main(args: argparse.Namespace) -> None:
         if not Path(args.corpus).is_file():
             raise UsageError(f"corpus file {args.corpus} does not exist")
         corpus = [line for line in Path(args.corpus).read_text().splitlines() if line.strip()]
-    print(f"wrote the {args.preset} model to {save_model(args.out, args.preset, args.seed, trained, corpus)}")
+    written = save_model(args.out, args.preset, args.seed, trained, corpus, args.encoders_from)
+    print(f"wrote the {args.preset} model to {written}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--vae", default=None, help="a trained VAE folder to use instead of a random one")
     parser.add_argument("--transformer", default=None, help="a trained transformer folder to use instead")
+    parser.add_argument(
+        "--encoders_from",
+        default=None,
+        help="a model folder whose tokenizer, text and image encoders to take instead of building them (a model "
+        "trained further keeps those it learned with; --corpus is then not used)",
+    )
     parser.add_argument(
         "--corpus",
         default=None,
