@@ -26,7 +26,8 @@ from fourdnex.model.fusion import condition_frames, condition_mask, encode_laten
 from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.loss import Batch, sample_sigmas
 
-#: Threads reading the samples of a batch (file reads and decoding release the GIL).
+#: Threads reading the samples of a batch (file reads release the GIL; decoding a video holds it for much of the
+#: clip, so for held videos they stop at 1.6-2.7x one reader: BENCHMARKS.md, "Reading videos").
 READ_THREADS = 8
 #: Clips whose held conditions one VAE call encodes.
 PATTERN_BATCH = 32
