@@ -16,8 +16,9 @@
 #   cache     build_wan_dataset.py over the training clips with those encoders
 #   base      stage 1: finetune.py --train_mode full --modalities rgb (plain image-to-video on the RGB clips)
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
-#             fine-tuning of the fused model (given frame 0, or any frames: full-any), the ablations (no domain
-#             embedding; stock RoPE) and the any-frame adapter
+#             fine-tuning of the fused model (given frame 0, or any frames: full-any; grown twice as deep or as
+#             wide first: full-deep, full-wide), the ablations (no domain embedding; stock RoPE) and the any-frame
+#             adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, and
 #             the VAE's round trip of the held-out truths (the ceiling of any transformer on this VAE)
 # Sizes: override FRAMES, HEIGHT, WIDTH, CLIPS, HELD_OUT, CURVE_CLIPS, VAE_EVAL_CLIPS, VAE_CLIPS, VAE_STEPS, VAE_BATCH, VAE_MINUTES (a cap: the VAE stops there, a rerun
@@ -151,6 +152,14 @@ declare -A RUN_FLAGS=(
     [no-domain-embedding]="--type i2vwbw-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
     [stock-rope]="--type i2vwbw-demb --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3"
     [any-frame]="--type i2vwbw-demb-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3 --condition_tasks any"
+    [full-deep]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
+    [full-wide]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
+)
+# Runs whose transformer is the full fine-tuning's starting one grown (python -m fourdnex.model.grow): twice the
+# blocks, or twice the heads and feed-forward width. Each starts computing what that transformer computes.
+declare -A RUN_GROWTH=(
+    [full-deep]="--depth 2"
+    [full-wide]="--width 2"
 )
 
 stage_adapters() {
@@ -164,6 +173,13 @@ stage_adapters() {
     for name in $RUNS; do  # the small model leaves a GPU idle between its kernels: several runs share one well
         local model=$WORK/model
         [[ ${RUN_FLAGS[$name]} == *"--train_mode full"* ]] && model=$full_model
+        if [[ -n ${RUN_GROWTH[$name]:-} ]]; then
+            model=$WORK/model-$name
+            # shellcheck disable=SC2086  # the growth flags are words
+            "$PY" -m fourdnex.model.grow "${FULL_FROM:-$WORK/base/transformer}" "$WORK/grown-$name" ${RUN_GROWTH[$name]}
+            "$PY" -m fourdnex.model.presets "$model" --preset demo --vae "$WORK/vae/vae" \
+                --transformer "$WORK/grown-$name" --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
+        fi
         # shellcheck disable=SC2086  # the flags are words
         finetune $(( i % slots )) "$WORK/$name" "$ADAPTER_STEPS" --model_path "$model" ${RUN_FLAGS[$name]} \
             > "$WORK/$name.log" 2>&1 &

@@ -91,7 +91,7 @@ def test_every_script_of_the_readme_has_a_command_line():
     scripts = {"inference.py", "pm_registration.py", "rerun_vis.py", "render.py", "build_wan_dataset.py"}
     scripts |= {"finetune.py", "evaluate.py"}
     modules = {"fourdnex.data.sources", "fourdnex.data.synthetic", "fourdnex.evaluation.inputs"}
-    modules |= {"fourdnex.evaluation.roundtrip"}
+    modules |= {"fourdnex.evaluation.roundtrip", "fourdnex.model.grow"}
     modules |= {"fourdnex.model.presets", "fourdnex.testing.corrupted", "fourdnex.train.checkpoints"}
     assert scripts | modules <= set(ENTRY_POINTS)
 

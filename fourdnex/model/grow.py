@@ -1,0 +1,192 @@
+"""A trained transformer made deeper or wider without changing what it computes, so training goes on from it.
+
+* **Deeper** (``depth=k``): after each block come ``k - 1`` copies of it whose three residual branches (self-attention,
+  cross-attention, feed-forward) end in zeroed output projections, so each copy adds nothing until trained.
+* **Wider** (``width=k``): every hidden unit (the ``inner_dim`` of the blocks, which grows by adding attention heads
+  of the same size, and the feed-forward's) becomes ``k`` copies. A layer that writes hidden units writes each one
+  ``k`` times; a layer that reads them reads all ``k`` copies, each with its weight split into ``k`` parts that sum to
+  the old weight. The parts differ by noise that cancels in the sum: the grown model computes what the trained one
+  does (layer norms and RMS norms of a vector repeated ``k`` times equal those of the vector), yet the copies get
+  different gradients and drift apart as training goes on.
+
+The model's inputs and outputs keep their sizes (latent channels, text and image features, time frequencies), so a
+grown transformer drops into the model folder it came from:
+
+    python -m fourdnex.model.grow example/demo/model/transformer runs/wide/transformer --width 2
+    python -m fourdnex.model.presets runs/wide/model --preset demo --vae example/demo/model/vae \\
+        --transformer runs/wide/transformer --encoders_from example/demo/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from fourdnex.cli import run
+from fourdnex.errors import UsageError
+from fourdnex.model.loading import CONFIG_FILE, WEIGHTS_FILE, read_config, weights_files
+
+#: The residual branches' output projections, zeroed in a block's added copies.
+BRANCH_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
+#: How each weight outside the blocks grows with the width: (its axes that write hidden units, its axes that read
+#: them). The time projection writes six hidden-sized chunks (the blocks' shift, scale and gate terms).
+_OUTSIDE_BLOCKS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "patch_embedding.weight": ((0,), ()),
+    "patch_embedding.bias": ((0,), ()),
+    "patch_embedding.domain_embedding": ((1,), ()),
+    "condition_embedder.time_embedder.linear_1.weight": ((0,), ()),
+    "condition_embedder.time_embedder.linear_1.bias": ((0,), ()),
+    "condition_embedder.time_embedder.linear_2.weight": ((0,), (1,)),
+    "condition_embedder.time_embedder.linear_2.bias": ((0,), ()),
+    "condition_embedder.time_proj.weight": ((0,), (1,)),
+    "condition_embedder.time_proj.bias": ((0,), ()),
+    "condition_embedder.text_embedder.linear_1.weight": ((0,), ()),
+    "condition_embedder.text_embedder.linear_1.bias": ((0,), ()),
+    "condition_embedder.text_embedder.linear_2.weight": ((0,), (1,)),
+    "condition_embedder.text_embedder.linear_2.bias": ((0,), ()),
+    "condition_embedder.image_embedder.norm1.weight": ((), ()),
+    "condition_embedder.image_embedder.norm1.bias": ((), ()),
+    "condition_embedder.image_embedder.ff.net.0.proj.weight": ((), ()),
+    "condition_embedder.image_embedder.ff.net.0.proj.bias": ((), ()),
+    "condition_embedder.image_embedder.ff.net.2.weight": ((0,), ()),
+    "condition_embedder.image_embedder.ff.net.2.bias": ((0,), ()),
+    "condition_embedder.image_embedder.norm2.weight": ((0,), ()),
+    "condition_embedder.image_embedder.norm2.bias": ((0,), ()),
+    "scale_shift_table": ((2,), ()),
+    "proj_out.weight": ((), (1,)),
+    "proj_out.bias": ((), ()),
+}
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def _width_axes(key: str, tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The axes of ``key`` that write and read hidden units; inside a block every axis but the modulation table's
+    leading two is one (linear layers read and write them, norms and biases hold one value per unit)."""
+    if _BLOCK_KEY.fullmatch(key):
+        if key.endswith("scale_shift_table"):
+            return (2,), ()
+        return ((0,), (1,)) if tensor.ndim == 2 else ((0,), ())
+    if key not in _OUTSIDE_BLOCKS:
+        raise UsageError(f"cannot widen the weight {key!r} {tuple(tensor.shape)}: not a weight of a Wan transformer")
+    return _OUTSIDE_BLOCKS[key]
+
+
+def _repeat_units(tensor: torch.Tensor, axis: int, k: int, chunks: int) -> torch.Tensor:
+    """``tensor`` with each of its ``chunks`` chunks along ``axis`` repeated ``k`` times in place."""
+    shape = tensor.shape
+    split = tensor.reshape(*shape[:axis], chunks, shape[axis] // chunks, *shape[axis + 1 :])
+    return torch.cat([split] * k, dim=axis + 1).reshape(*shape[:axis], shape[axis] * k, *shape[axis + 1 :])
+
+
+def _split_reads(tensor: torch.Tensor, axis: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``tensor`` reading ``k`` copies of its input along ``axis``: ``k`` parts of ``tensor / k`` plus noise of the
+    weights' own spread that sums to zero over the parts."""
+    parts = (tensor / k).unsqueeze(0).repeat(k, *([1] * tensor.ndim))
+    noise = torch.randn(parts.shape, generator=generator, dtype=torch.float32) * (tensor.float().std() / k)
+    parts = parts + (noise - noise.mean(0, keepdim=True)).to(tensor.dtype)
+    return torch.cat(list(parts), dim=axis)
+
+
+def widen(state: dict[str, torch.Tensor], k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights of the transformer ``state`` with ``k`` copies of every hidden unit (module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    grown = {}
+    for key in sorted(state):
+        tensor = state[key].float()
+        writes, reads = _width_axes(key, tensor)
+        chunks = 6 if key.startswith("condition_embedder.time_proj.") else 1
+        for axis in writes:
+            tensor = _repeat_units(tensor, axis, k, chunks)
+        for axis in reads:
+            tensor = _split_reads(tensor, axis, k, generator)
+        grown[key] = tensor
+    return grown
+
+
+def deepen(state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict[str, torch.Tensor]:
+    """The weights of the transformer ``state`` (``num_layers`` blocks) with ``k - 1`` copies after each block,
+    their residual branches' output projections (:data:`BRANCH_OUTPUTS`) zeroed."""
+    grown = {}
+    for key, tensor in state.items():
+        match = _BLOCK_KEY.fullmatch(key)
+        if match is None:
+            grown[key] = tensor.float()
+            continue
+        index, name = int(match[1]), match[2]
+        if index >= num_layers:
+            raise UsageError(f"the weights hold block {index}, the config says {num_layers} blocks")
+        for copy in range(k):
+            zeroed = copy > 0 and name.startswith(BRANCH_OUTPUTS)
+            grown[f"blocks.{index * k + copy}.{name}"] = tensor.float() * 0 if zeroed else tensor.float().clone()
+    return grown
+
+
+def grow_config(config: dict, depth: int, width: int) -> dict:
+    """The transformer config after :func:`deepen` by ``depth`` and :func:`widen` by ``width``."""
+    config = {key: value for key, value in config.items() if key != "_name_or_path"}
+    config["num_layers"] *= depth
+    config["num_attention_heads"] *= width
+    config["ffn_dim"] *= width
+    if config.get("added_kv_proj_dim") is not None:
+        config["added_kv_proj_dim"] *= width
+    return config
+
+
+def grow(source: str | Path, out: str | Path, depth: int = 1, width: int = 1, seed: int = 0) -> Path:
+    """Write the transformer folder ``source`` grown ``depth`` times deeper and ``width`` times wider to ``out``
+    (float32 weights, ``source``'s metadata kept); returns ``out``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fourdnex.files import write_safetensors
+
+    if depth < 1 or width < 1:
+        raise UsageError(f"--depth and --width must be at least 1, got {depth} and {width}")
+    files = weights_files(source)
+    if not files:
+        raise UsageError(f"{source} holds no transformer weights ({WEIGHTS_FILE})")
+    config = read_config(source)
+    state, metadata = {}, {}
+    for file in files:
+        state.update(load_file(file))
+        with safe_open(file, "pt") as f:
+            metadata.update(f.metadata() or {})
+    state = deepen(state, config["num_layers"], depth)
+    if width > 1:
+        state = widen(state, width, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / WEIGHTS_FILE, state, metadata or None)
+    (out / CONFIG_FILE).write_text(json.dumps(grow_config(config, depth, width), indent=2) + "\n")
+    return out
+
+
+def main(args: argparse.Namespace) -> None:
+    """Grow the transformer ``args`` name."""
+    out = grow(args.source, args.out, args.depth, args.width, args.seed)
+    config = read_config(out)
+    print(
+        f"wrote a transformer of {config['num_layers']} blocks, {config['num_attention_heads']} heads of "
+        f"{config['attention_head_dim']} to {out}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fourdnex.model.grow``."""
+    parser = argparse.ArgumentParser(
+        prog="fourdnex.model.grow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("source", help="a transformer folder (config.json and its safetensors weights)")
+    parser.add_argument("out", help="the folder to write the grown transformer to")
+    parser.add_argument("--depth", type=int, default=1, help="blocks per block of the source (default 1)")
+    parser.add_argument("--width", type=int, default=1, help="copies of each hidden unit (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of the noise that tells the copies apart")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, build_parser())
