@@ -143,17 +143,32 @@ def bench_kernels(args, report: Report, device: torch.device, dtype: torch.dtype
         ours = gradients(flash4, q, k, v, grad)
         grad_rel = [rel(a, b) for a, b in zip(ours, base, strict=True)]
         floor = [rel(a, b) for a, b in zip(again, base, strict=True)]
+        # Both kernels' gradients against float32 attention's (SDPA's memory-efficient kernel on float32 copies):
+        # what of their difference is each one's bf16 rounding.
+        exact = sdpa_as(SDPBackend.EFFICIENT_ATTENTION if cuda else None)
+        inputs32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        reference = gradients(exact, *inputs32, grad.float())
+        from_float32 = {
+            name: [rel(a, b) for a, b in zip(grads, reference, strict=True)]
+            for name, grads in (("flash_4", ours), (baseline, base))
+        }
+
+        def triple(values: list[float]) -> str:
+            return "/".join(f"{x:.1e}" for x in values)
+
         report.add(
             "kernels",
             f"{what}: flash_4 vs {baseline}",
             f"max {diff.max().item():.2e}, mean {diff.mean().item():.2e}",
-            f"lse max abs dev from float32 {lse_dev:.2e}; grad rel diff dq/dk/dv "
-            f"{'/'.join(f'{x:.1e}' for x in grad_rel)} (floor {'/'.join(f'{x:.1e}' for x in floor)})",
+            f"lse max abs dev from float32 {lse_dev:.2e}; grad rel diff dq/dk/dv {triple(grad_rel)} (floor "
+            f"{triple(floor)}); from float32: flash_4 {triple(from_float32['flash_4'])}, {baseline} "
+            f"{triple(from_float32[baseline])}",
             max_abs=diff.max().item(),
             mean_abs=diff.mean().item(),
             lse_max_abs_dev_float32=lse_dev,
             grad_rel_diff=grad_rel,
             grad_rel_diff_floor=floor,
+            grad_rel_dev_float32=from_float32,
         )
 
 

@@ -113,7 +113,7 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
 def flash4_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """FlashAttention-4's forward: q ``(B, N, H, D)``, k and v ``(B, M, H, D)`` -> out ``(B, N, H, D)`` (q's dtype)
     and the log-sum-exp of the scaled scores ``(B, H, N)`` float32."""
-    out, lse = getattr(_interface(), FORWARD)(
+    out, lse, *_ = getattr(_interface(), FORWARD)(  # 4.0.0b36 returns three more values, None here
         *_contiguous(q, k, v), softmax_scale=scale, causal=causal, return_lse=True
     )
     return out.contiguous(), lse.contiguous()

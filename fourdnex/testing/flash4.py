@@ -41,16 +41,17 @@ def flash_attn_fwd(
     causal: bool = False,
     return_lse: bool = False,
     **unused,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, None, None, None]:
     """Softmax attention: out ``(B, N, H, D)`` in q's dtype and, with ``return_lse``, the log-sum-exp of the scaled
-    scores ``(B, H, N)`` float32 (else None)."""
+    scores ``(B, H, N)`` float32 (else None), then the three more values 4.0.0b36 returns (None unless asked for
+    what this stand-in does not compute)."""
     if causal:
         raise NotImplementedError("the stand-in computes non-causal attention only")
     CALLS["forward"] += 1
     scores, _ = _scores(q, k, softmax_scale)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, N)
     out = torch.einsum("bhnm,bmhd->bnhd", (scores - lse[..., None]).exp(), v.double())
-    return out.to(q.dtype), lse.float() if return_lse else None
+    return out.to(q.dtype), lse.float() if return_lse else None, None, None, None
 
 
 def flash_attn_bwd(
