@@ -14,11 +14,13 @@ from PIL import Image
 
 from fourdnex.cli import run
 from fourdnex.files import read_video
+from fourdnex.geometry import figure
 from fourdnex.geometry import render as render_module
 from fourdnex.geometry.cameras import (
     intrinsics,
     invert_rigid,
     look_at,
+    project_points,
     rotation_angle_deg,
     transform_points,
     unproject_depth,
@@ -289,3 +291,39 @@ def test_a_first_frame_without_points_has_no_scene_centre(registered):
     reg["depth"][0] = -1.0  # every point of the first frame behind its camera
     with pytest.raises(RenderError, match="frame 0: no point kept"):
         render_result(truth.rgb.numpy(), reg, CameraPath("orbit", angle=10.0))
+
+
+def test_the_figure_shows_both_videos_over_the_cloud_and_its_cameras(registered, tmp_path):
+    folder, _ = registered
+    out = tmp_path / "figure.png"
+    argv = [str(folder / "00000.npz"), "--out", str(out), "--shown", "3", "--zoom", "2"]
+    run(figure.main, figure.build_parser(), argv)
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    h, w, gap = 48 * 2, 64 * 2, figure.GAP
+    assert picture.shape == (3 * h + 2 * gap, 3 * (w + gap) - gap, 3)
+    result = np.load(folder / "00000.npz")
+    for column, frame in enumerate([0, 2, 4]):  # 3 of 5 frames, evenly spaced
+        x = column * (w + gap)
+        xyz = np.round((result["xyz"][frame] + 1) / 2 * 255).clip(0, 255).astype(np.uint8)
+        assert np.array_equal(picture[:h, x : x + w], result["rgb"][frame].repeat(2, 0).repeat(2, 1))
+        assert np.array_equal(picture[h + gap : 2 * h + gap, x : x + w], xyz.repeat(2, 0).repeat(2, 1))
+        cloud = picture[2 * (h + gap) :, x : x + w]
+        assert (cloud.sum(-1) > 0).mean() > 0.2  # the points cover much of the overview
+        assert (cloud == figure.CAMERA_COLOR).all(-1).any()  # and that frame's camera is drawn on them
+
+
+def test_the_overview_looks_at_the_scene_centre_from_behind_and_above_the_first_camera():
+    first = torch.eye(4, dtype=torch.float64)  # OpenCV axes: x right, y down, z forward
+    centre = torch.tensor([0.3, 0.2, 2.0], dtype=torch.float64)
+    K, pose = figure.overview_camera(first, 100.0, centre, 2.0, 60, 80)
+    uv, z = project_points(torch.stack([centre, first[:3, 3]])[None], K[None], pose[None])
+    assert torch.allclose(uv[0, 0], torch.tensor([40.0, 30.0], dtype=torch.float64), atol=1e-9) and z[0, 0] > 0
+    assert uv[0, 1, 1] > 30 and z[0, 1] > 0  # the first camera is in view, below the centre
+    assert pose[2, 3] < 0 and pose[1, 3] < 0  # behind it and above it (y points down)
+
+
+def test_the_figure_of_an_unregistered_result_says_how_to_register_it(tmp_path):
+    truth = scenes.make_truth(frames=5, height=48, width=64)
+    save_result(tmp_path, 0, truth.rgb.numpy(), truth.xyz.numpy(), {"prompt": "toy"})
+    with pytest.raises(SystemExit, match=r"python pm_registration\.py --pkl_dir"):
+        run(figure.main, figure.build_parser(), [str(tmp_path / "00000.npz"), "--out", str(tmp_path / "f.png")])
