@@ -39,12 +39,19 @@ def initial_sample(args: argparse.Namespace) -> SampleConfig:
     return sample
 
 
+def shown(path: str | Path) -> str:
+    """A folder as the page names it: relative to this checkout where it lies inside it (the demo's folders, with no
+    path of the machine serving the page), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def weights_line(config: RunConfig) -> str:
     """What the page and the log say the model samples with: its adapter, or its fully fine-tuned transformer."""
     if config.lora_path:
-        return f"adapter `{config.lora_path}`"
+        return f"adapter `{shown(config.lora_path)}`"
     if config.sft_path:
-        return f"fully fine-tuned transformer `{config.sft_path}`"
+        return f"fully fine-tuned transformer `{shown(config.sft_path)}`"
     return "no adapter (the base model)"
 
 
@@ -62,7 +69,8 @@ def build_page(engine, sample: SampleConfig, examples):
         gr.Markdown(
             "## fourdnex: image to 4D\nAn image and a caption in; an RGB video and a pointmap (XYZ) video out, "
             "registered into a dynamic point cloud with its cameras, seen from a new camera, scored, and packed to "
-            f"download. Model: `{engine.config.model_path}`, {weights_line(engine.config)} on {engine.model.device}."
+            f"download. Model: `{shown(engine.config.model_path)}`, {weights_line(engine.config)} on "
+            f"{engine.model.device}."
         )
         with gr.Row():
             with gr.Column(scale=2, min_width=320):

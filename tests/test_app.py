@@ -335,6 +335,17 @@ def test_the_readme_documents_every_flag_of_app_py():
     assert (ROOT / "docs" / "app.png").stat().st_size < 300_000
 
 
+def test_the_page_names_the_demos_folders_without_this_machines_paths(tmp_path):
+    app = _app_module()
+    config = RunConfig(prompt="p", model_path=str(app.DEMO_MODEL), sft_path=str(app.DEMO_MODEL / "transformer"))
+    assert app.shown(config.model_path) == "example/demo/model"
+    assert app.weights_line(config) == "fully fine-tuned transformer `example/demo/model/transformer`"
+    assert str(ROOT) not in app.weights_line(config)
+    assert app.shown(tmp_path / "model") == str(tmp_path / "model")  # a folder elsewhere, as given
+    lora = str(tmp_path / "lora")
+    assert app.weights_line(RunConfig(prompt="p", lora_path=lora)) == f"adapter `{lora}`"
+
+
 def test_the_first_settings_are_the_demos_the_papers_or_the_flags():
     app = _app_module()
     parser = app.build_parser()
