@@ -231,6 +231,29 @@ def test_a_cache_held_in_memory_gives_the_batches_of_its_files(modalities, tasks
             torch.testing.assert_close(getattr(again, name), getattr(expected[step], name), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_held_videos_are_each_clips_frames_in_order_from_processes_or_threads(cache_dir, monkeypatch, large):
+    """HeldCache's videos come from worker processes for small frames, from threads for large ones (here: every
+    frame counted large); either way clip i's frames are what the cache gives for clip i."""
+    from fourdnex import files
+    from fourdnex.train import data
+
+    monkeypatch.setattr(files, "THREADED_DECODE_PIXELS", 0 if large else 10**9)
+    started = []
+    real = data.worker_processes
+    monkeypatch.setattr(data, "worker_processes", lambda count: started.append(count) or real(count))
+    on_disk = LatentCache(cache_dir, 3, 32, 32, "rgbxyz")
+    with data.cached_videos(on_disk) as videos:
+        read = list(videos)
+    assert started == [0 if large else data.DECODE_PROCESSES]
+    assert len(read) == len(on_disk) >= 2
+    for i, frames in enumerate(read):
+        assert np.array_equal(frames, on_disk.frames(i))
+    assert not np.array_equal(read[0], read[1])  # distinct clips, so the order is checked
+    with data.cached_videos(on_disk, wanted=False) as videos:
+        assert list(videos) == []
+
+
 def test_held_patterns_leave_only_the_key_frame_samples_to_the_vae(cache_dir):
     """With the conditions of the first-and-last and every-frame patterns held, a step of the any-frame mix encodes
     only its samples given random key frames (of 9 frames, the last one may be among them: such a sample is encoded

@@ -518,6 +518,17 @@ def read_stats(cache_dir: str | Path) -> CacheStats:
         raise CacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
 
 
+def read_cached_frames(path: Path, indices: list[int]) -> np.ndarray:
+    """Frames ``indices`` of a cached video ``(n, H, W, 3)`` uint8; CacheError naming the file where they cannot be
+    read (a function of its own, so that worker processes can run it)."""
+    import av
+
+    try:
+        return read_video(path, indices)
+    except (av.FFmpegError, ValueError, FileNotFoundError) as err:
+        raise CacheError(f"{path}: cannot read frames {indices} of the condition ({err})") from err
+
+
 class LatentCache:
     """The clips of a cache as training samples of ``num_latent_frames`` latent frames: fused
     (``modalities="rgbxyz"``) or the RGB half alone (``"rgb"``, plain image-to-video).
@@ -651,17 +662,15 @@ class LatentCache:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))[None]
 
+    def video_path(self, index: int) -> Path:
+        """Clip ``index``'s cached video."""
+        return self.root / self.items[index]["files"]["video"]
+
     def frames(self, index: int, indices: list[int] | None = None) -> np.ndarray:
         """Frames ``indices`` (default: the first ``video_frames(num_latent_frames)``) of clip ``index``'s cached
         video, ``(n, H, W, 3)`` uint8."""
-        import av
-
-        path = self.root / self.items[index]["files"]["video"]
         indices = list(range(video_frames(self.num_latent_frames))) if indices is None else indices
-        try:
-            return read_video(path, indices)
-        except (av.FFmpegError, ValueError, FileNotFoundError) as err:
-            raise CacheError(f"{path}: cannot read frames {indices} of the condition ({err})") from err
+        return read_cached_frames(self.video_path(index), indices)
 
     def _condition_video(self, index: int, given: torch.Tensor) -> torch.Tensor:
         """The condition video ``(3, F, H, W')`` of the given frames: the cached first frame (a lossless PNG) when it

@@ -14,21 +14,31 @@ which a micro-batch is a few gathers with no host work; a test holds the two equ
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from fourdnex import files
 from fourdnex.config import video_frames
-from fourdnex.data.cache import CachedSample, LatentCache
+from fourdnex.data.cache import CachedSample, LatentCache, read_cached_frames
 from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents, video_pixels
+from fourdnex.runtime import worker_processes
 from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.loss import Batch, sample_sigmas
 
 #: Threads reading the samples of a batch (file reads release the GIL; decoding a video holds it for much of the
 #: clip, so for held videos they stop at 1.6-2.7x one reader: BENCHMARKS.md, "Reading videos").
 READ_THREADS = 8
+#: Worker processes decoding the videos :class:`HeldCache` holds where their frames are small (fewer pixels than
+#: :data:`fourdnex.files.THREADED_DECODE_PIXELS`): on 16 CPUs 8 processes decoded the demo's 96 x 144 clips at 100
+#: clips/s against 52 for 8 threads, and 480 x 720 ones at 5 against 19, their frames' way back costing more than
+#: the lock (BENCHMARKS.md, "Reading videos"); larger frames are decoded in :data:`READ_THREADS` threads.
+DECODE_PROCESSES = 8
 #: Clips whose held conditions one VAE call encodes.
 PATTERN_BATCH = 32
 
@@ -206,6 +216,25 @@ def holding_device(device: torch.device, nbytes: int) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def cached_videos(cache: LatentCache, wanted: bool = True) -> Iterator[Iterator[np.ndarray]]:
+    """Every clip's cached video ``(F, H, W, 3)`` uint8 (its first ``video_frames(num_latent_frames)`` frames), in
+    clip order, decoded ahead of the reader: in :data:`DECODE_PROCESSES` worker processes for small frames, else in
+    :data:`READ_THREADS` threads. Nothing is read unless ``wanted``."""
+    if not wanted:
+        yield iter(())
+        return
+    paths = [cache.video_path(i) for i in range(len(cache))]
+    indices = [list(range(video_frames(cache.num_latent_frames)))] * len(paths)
+    small = cache.stats.height * cache.stats.width < files.THREADED_DECODE_PIXELS
+    with worker_processes(DECODE_PROCESSES if small else 0) as processes:
+        if processes is not None:
+            yield processes.map(read_cached_frames, paths, indices, chunksize=16)
+            return
+        with ThreadPoolExecutor(READ_THREADS) as threads:
+            yield threads.map(read_cached_frames, paths, indices)
+
+
 class HeldCache:
     """Every sample of a cache as stacked tensors on one device, read once, so that a micro-batch is a few gathers:
     exactly what :func:`read_batch` and :func:`batch_of_samples` give for the same draws.
@@ -240,13 +269,13 @@ class HeldCache:
                 row["cond"] = sample.cond
             else:
                 row["first"] = torch.from_numpy(cache.first_frame(index))
-            if frames:
-                row["frames"] = torch.from_numpy(cache.frames(index))
             return row
 
-        with ThreadPoolExecutor(READ_THREADS) as pool:
+        with ThreadPoolExecutor(READ_THREADS) as pool, cached_videos(cache, frames) as videos:
             rows = pool.map(read, range(len(cache)))
             for i, row in enumerate(tqdm(rows, total=len(cache), desc="cache into memory", unit="clip")):
+                if frames:
+                    row["frames"] = torch.from_numpy(next(videos))
                 key = cache.items[i]["files"]["prompt"]
                 if key not in prompts:
                     prompts[key] = len(prompt_rows)
