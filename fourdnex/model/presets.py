@@ -6,7 +6,8 @@ Two presets share one builder:
   what the tests use (``tests/`` holds a built copy). Its outputs are noise.
 * ``demo``: the architecture of the small model that ``scripts/train_demo.sh`` trains on synthetic 4D scenes
   (a VAE and a transformer trained by this project; the UMT5 text and CLIP image encoders keep fixed random weights,
-  whose features still tell captions and images apart). Built here untrained, as the recipe's starting point.
+  whose features still tell captions and images apart). Built here untrained, as the recipe's starting point; the
+  shipped model's transformer was later grown to twice its blocks (:mod:`fourdnex.model.grow`).
 
 A folder whose VAE or transformer is still random carries :data:`fourdnex.model.loading.RANDOM_MARKER` in its
 ``model_index.json``, so that tools can say plainly that its outputs are noise.
@@ -98,8 +99,8 @@ PRESETS: dict[str, Preset] = {
         },
         image_size=32,
     ),
-    # About 4.4M transformer and 2.6M VAE parameters (15 MB in half precision with the encoders and an adapter):
-    # a 25-frame 96 x 144 sample takes seconds on a CPU.
+    # About 4.4M transformer and 2.6M VAE parameters (15 MB in half precision with the encoders; 22 MB with the
+    # transformer grown to 8 blocks): a 25-frame 96 x 144 sample takes seconds on a CPU.
     "demo": Preset(
         transformer={
             "num_attention_heads": 4,
