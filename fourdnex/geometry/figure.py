@@ -24,7 +24,7 @@ import torch
 
 from fourdnex.cli import run
 from fourdnex.errors import UsageError
-from fourdnex.geometry.cameras import look_at, project_points
+from fourdnex.geometry.cameras import camera_rays, look_at, project_points, transform_points
 from fourdnex.geometry.paths import scene_depth
 from fourdnex.geometry.render import SPLAT_SCALE, find_registration, footprints, splat
 from fourdnex.geometry.results import load_result, to_uint8
@@ -57,8 +57,7 @@ def overview_camera(
 def _frustum(cam2world: torch.Tensor, K: torch.Tensor, height: int, width: int, far: float) -> torch.Tensor:
     """World points ``(5, 3)``: a camera's centre and the corners of its image at depth ``far``."""
     corners = torch.tensor([[0, 0], [width, 0], [width, height], [0, height]], dtype=K.dtype)
-    rays = torch.cat([(corners - K[:2, 2]) / K[[0, 1], [0, 1]], torch.ones(4, 1, dtype=K.dtype)], 1) * far
-    world = rays @ cam2world[:3, :3].T + cam2world[:3, 3]
+    world = transform_points(cam2world[None], camera_rays(corners, K[None]) * far)[0]  # (4, 3)
     return torch.cat([cam2world[None, :3, 3], world])
 
 
@@ -79,43 +78,41 @@ def draw_cameras(panel: np.ndarray, pixels: np.ndarray, frustum: np.ndarray) -> 
 def figure(result_path: str | Path, shown: int = 4, zoom: int = 3) -> np.ndarray:
     """The picture of the result at ``result_path`` (its registration beside it): ``(3 H z + 2 gap, shown W z + ...,
     3)`` uint8 for frames of ``H x W`` and ``zoom`` z."""
+    if shown < 1 or zoom < 1:
+        raise UsageError(f"--shown and --zoom must be at least 1, got {shown} and {zoom}")
     result = load_result(result_path)
     reg = find_registration(result_path)
     frames = reg["frame_index"]
-    if shown < 1 or zoom < 1:
-        raise UsageError(f"--shown and --zoom must be at least 1, got {shown} and {zoom}")
     points, depth = torch.from_numpy(reg["points"]).double(), torch.from_numpy(reg["depth"]).double()
     K, cam2world = torch.from_numpy(reg["K"]).double(), torch.from_numpy(reg["cam2world"]).double()
     keep = depth > 0
     if not keep[0].any():
         raise UsageError(f"{result_path}: the registration's first frame has no point of positive depth")
     count, height, width = depth.shape
+    panel_h, panel_w = height * zoom, width * zoom
     picks = np.linspace(0, count - 1, min(shown, count)).round().astype(int)
     scene = scene_depth(depth[0], keep[0])
     centre = points[0][keep[0]].median(0).values
     focal = FOCAL * float(K[0, 0, 0] + K[0, 1, 1]) / 2 * zoom
-    K_view, pose = overview_camera(cam2world[0], focal, centre, scene, height * zoom, width * zoom)
+    K_view, pose = overview_camera(cam2world[0], focal, centre, scene, panel_h, panel_w)
     path, _ = project_points(cam2world[None, :, :3, 3], K_view[None], pose[None])  # (1, F, 2)
     extent = footprints(depth, K)  # (F, H, W, 2)
     rows = [[], [], []]
     for f in picks:
         frame = int(frames[f])
-        rows[0].append(result.rgb[frame])
-        rows[1].append(to_uint8(result.xyz[frame], -1.0))
+        rows[0].append(result.rgb[frame].repeat(zoom, 0).repeat(zoom, 1))
+        rows[1].append(to_uint8(result.xyz[frame], -1.0).repeat(zoom, 0).repeat(zoom, 1))
         sel = keep[f]
         cloud, _, _ = splat(
             points[f][sel], torch.from_numpy(result.rgb[frame])[sel], extent[f][sel], K_view, pose,
-            height * zoom, width * zoom, SPLAT,
+            panel_h, panel_w, SPLAT,
         )  # fmt: skip
         corners, _ = project_points(_frustum(cam2world[f], K[f], height, width, scene / 10)[None], K_view[None],
                                     pose[None])  # fmt: skip
         rows[2].append(draw_cameras(cloud.numpy(), path[0].numpy(), corners[0].numpy()))
-    panel_h, panel_w = height * zoom, width * zoom
     grid = np.full((3 * panel_h + 2 * GAP, len(picks) * (panel_w + GAP) - GAP, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
-            if panel.shape[0] != panel_h:
-                panel = panel.repeat(zoom, 0).repeat(zoom, 1)
             y, x = r * (panel_h + GAP), c * (panel_w + GAP)
             grid[y : y + panel_h, x : x + panel_w] = panel
     return grid

@@ -121,7 +121,8 @@ def deepen(state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict[str,
             raise UsageError(f"the weights hold block {index}, the config says {num_layers} blocks")
         for copy in range(k):
             zeroed = copy > 0 and name.startswith(BRANCH_OUTPUTS)
-            grown[f"blocks.{index * k + copy}.{name}"] = tensor.float() * 0 if zeroed else tensor.float().clone()
+            block = torch.zeros_like(tensor, dtype=torch.float32) if zeroed else tensor.float().clone()
+            grown[f"blocks.{index * k + copy}.{name}"] = block
     return grown
 
 
