@@ -68,6 +68,13 @@ mkdir -p "$WORK"
 
 log() { echo "[train_demo $(date +%H:%M:%S)] $*" >&2; }
 
+# A demo model folder $1 around the trained VAE, its tokenizer knowing the training captions (or the encoders of
+# ENCODERS_FROM); further flags (a --transformer) follow.
+model_folder() {
+    "$PY" -m fourdnex.model.presets "$1" --preset demo --vae "$WORK/vae/vae" --corpus "$WORK/train/captions.txt" \
+        "${ENCODERS[@]}" "${@:2}"
+}
+
 # Run "$@" on GPU $1 (or on the CPU where there is none).
 on_gpu() {
     local gpu=$1
@@ -104,8 +111,7 @@ stage_vae() {
 
 stage_encoders() {
     log "encoders: the trained VAE, the training captions' tokenizer"
-    "$PY" -m fourdnex.model.presets "$WORK/encoders" --preset demo --vae "$WORK/vae/vae" \
-        --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
+    model_folder "$WORK/encoders"
 }
 
 stage_cache() {
@@ -139,8 +145,7 @@ stage_base() {
     log "base: $BASE_STEPS steps of full training on the RGB clips"
     finetune 0 "$WORK/base" "$BASE_STEPS" --model_path "$WORK/encoders" --train_mode full --modalities rgb \
         --type i2vwbw --learning_rate 1e-3
-    "$PY" -m fourdnex.model.presets "$WORK/model" --preset demo --vae "$WORK/vae/vae" \
-        --transformer "$WORK/base/transformer" --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
+    model_folder "$WORK/model" --transformer "$WORK/base/transformer"
 }
 
 # The flags of each stage-2 run.
@@ -167,8 +172,7 @@ stage_adapters() {
     local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=() i=0 full_model=$WORK/model
     if [[ -n ${FULL_FROM:-} ]]; then  # the full fine-tuning runs continue an earlier run's transformer
         full_model=$WORK/model-full
-        "$PY" -m fourdnex.model.presets "$full_model" --preset demo --vae "$WORK/vae/vae" --transformer "$FULL_FROM" \
-            --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
+        model_folder "$full_model" --transformer "$FULL_FROM"
     fi
     for name in $RUNS; do  # the small model leaves a GPU idle between its kernels: several runs share one well
         local model=$WORK/model
@@ -177,8 +181,7 @@ stage_adapters() {
             model=$WORK/model-$name
             # shellcheck disable=SC2086  # the growth flags are words
             "$PY" -m fourdnex.model.grow "${FULL_FROM:-$WORK/base/transformer}" "$WORK/grown-$name" ${RUN_GROWTH[$name]}
-            "$PY" -m fourdnex.model.presets "$model" --preset demo --vae "$WORK/vae/vae" \
-                --transformer "$WORK/grown-$name" --corpus "$WORK/train/captions.txt" "${ENCODERS[@]}"
+            model_folder "$model" --transformer "$WORK/grown-$name"
         fi
         # shellcheck disable=SC2086  # the flags are words
         finetune $(( i % slots )) "$WORK/$name" "$ADAPTER_STEPS" --model_path "$model" ${RUN_FLAGS[$name]} \
