@@ -275,3 +275,25 @@ def test_finetune_refuses_flash4_where_it_cannot_run(tmp_path):
         run(cli.main, cli.build_parser(), ["--cache_dir", str(tmp_path), "--attention_backend", "flash_4"])
     message = exit_info.value.code
     assert message == "finetune.py: --attention_backend flash_4: flash_4 runs on CUDA GPUs, not on cpu"
+
+
+def test_bench_runs_every_section_on_the_stand_in(tmp_path):
+    """bench/bench_fa4.py --tiny (the GPU benchmark's own code on the CPU stand-in): every section runs to its table
+    and JSON, the stand-in's attention matches SDPA's to float32 rounding in the kernels, the forward and the
+    sample, and the second native sample repeats the first exactly (the floor the flash_4 sample is held to)."""
+    out = tmp_path / "fa4.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_fa4", "--tiny", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    numbers = json.loads(out.read_text())
+    for kind in ("self", "text", "image"):
+        pair = numbers["kernels"][f"{kind}: flash_4 vs sdpa (cpu)"]
+        assert pair["max_abs"] < 1e-5 and max(pair["grad_rel_diff"]) < 1e-5, kind
+    for label, row in numbers["forward"].items():
+        assert row["max_abs_dev_native_eager"] < 1e-5 and row["seconds"] > 0, label
+    sample = numbers["sample"]
+    assert sample["native, again"]["max_abs_dev_latents"] == 0.0
+    assert 0.0 < sample["flash_4"]["max_abs_dev_latents"] < 1e-4
+    assert all(row["estimate_seconds"] > 0 for row in sample.values())

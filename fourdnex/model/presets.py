@@ -49,7 +49,8 @@ from fourdnex.model.loading import (
 
 SEED = 20260121
 
-_TINY_CORPUS = [
+#: A few toy captions: the default tokenizer vocabulary of a preset pipeline.
+TOY_CAPTIONS = [
     "a dog runs across a sunny park POINTMAP_STYLE.",
     "a woman walks along the beach at sunset while waves roll in POINTMAP_STYLE.",
     "a red car drives down a busy city street with tall buildings POINTMAP_STYLE.",
@@ -147,7 +148,7 @@ def build_pipeline(
     """Every component of a Wan2.1-I2V pipeline at a preset's size, deterministically from ``seed``; the tokenizer's
     vocabulary is the words and characters of ``corpus`` (default: a few toy captions)."""
     sizes = PRESETS[preset]
-    tokenizer = build_tokenizer(corpus or _TINY_CORPUS)
+    tokenizer = build_tokenizer(corpus or TOY_CAPTIONS)
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), in_channels=36, out_channels=16, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
