@@ -16,8 +16,8 @@
 #   cache     build_wan_dataset.py over the training clips with those encoders
 #   base      stage 1: finetune.py --train_mode full --modalities rgb (plain image-to-video on the RGB clips)
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
-#             fine-tuning of the fused model (given frame 0, or any frames: full-any; grown twice as deep or as
-#             wide first: full-deep, full-wide), the ablations (no domain embedding; stock RoPE) and the any-frame
+#             fine-tuning of the fused model (given frame 0, or any frames: full-any; grown to 12 blocks or twice
+#             as wide first: full-deep, full-wide), the ablations (no domain embedding; stock RoPE) and the any-frame
 #             adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, and
 #             the VAE's round trip of the held-out truths (the ceiling of any transformer on this VAE)
@@ -160,10 +160,11 @@ declare -A RUN_FLAGS=(
     [full-deep]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
     [full-wide]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
 )
-# Runs whose transformer is the full fine-tuning's starting one grown (python -m fourdnex.model.grow): twice the
-# blocks, or twice the heads and feed-forward width. Each starts computing what that transformer computes.
+# Runs whose transformer is the full fine-tuning's starting one grown (python -m fourdnex.model.grow): to 12 blocks
+# (the most that the demo folder's 32 MB holds in half precision: 11.8M parameters), or twice the heads and
+# feed-forward width. Each starts computing what that transformer computes.
 declare -A RUN_GROWTH=(
-    [full-deep]="--depth 2"
+    [full-deep]="--blocks 12"
     [full-wide]="--width 2"
 )
 

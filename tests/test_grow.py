@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from fourdnex.cli import run
 from fourdnex.config import MODEL_TYPES
 from fourdnex.files import write_safetensors
-from fourdnex.model.grow import build_parser, grow, main
+from fourdnex.model.grow import build_parser, copies_per_block, grow, main
 from fourdnex.model.loading import CONFIG_FILE, WEIGHTS_FILE
 from fourdnex.model.transformer import FourDNeXTransformer
 
@@ -53,12 +53,14 @@ def output(model, args):
         return model(*args, return_dict=False)[0]
 
 
-@pytest.mark.parametrize(("depth", "width"), [(2, 1), (1, 2), (3, 2)])
-def test_a_grown_transformer_computes_what_the_trained_one_does(trained, tmp_path, depth, width):
+@pytest.mark.parametrize(("blocks", "width"), [(4, 1), (3, 1), (None, 2), (6, 2)])
+def test_a_grown_transformer_computes_what_the_trained_one_does(trained, tmp_path, blocks, width):
     source = fused(FourDNeXTransformer.from_pretrained(trained))
-    out = grow(trained, tmp_path / "grown", depth=depth, width=width)
+    out = grow(trained, tmp_path / "grown", blocks=blocks, width=width)
     grown = fused(FourDNeXTransformer.from_pretrained(out))
-    assert len(grown.blocks) == depth * len(source.blocks)
+    assert len(source.blocks) == 2
+    assert len(grown.blocks) == (blocks or 2)
+    depth = len(grown.blocks) / len(source.blocks)
     assert grown.config.num_attention_heads == width * source.config.num_attention_heads
     assert grown.config.attention_head_dim == source.config.attention_head_dim
     assert grown.config.ffn_dim == width * source.config.ffn_dim
@@ -93,7 +95,7 @@ def test_the_copies_of_a_wider_transformer_learn_apart(trained, tmp_path):
 
 
 def test_a_deeper_transformer_adds_blocks_that_start_as_nothing(trained, tmp_path):
-    out = grow(trained, tmp_path / "grown", depth=2)
+    out = grow(trained, tmp_path / "grown", blocks=4)
     state, source = load_file(out / WEIGHTS_FILE), load_file(trained / WEIGHTS_FILE)
     assert torch.equal(state["blocks.2.attn1.to_q.weight"], source["blocks.1.attn1.to_q.weight"])
     for name in ("attn1.to_out.0.weight", "attn2.to_out.0.bias", "ffn.net.2.weight"):
@@ -102,9 +104,28 @@ def test_a_deeper_transformer_adds_blocks_that_start_as_nothing(trained, tmp_pat
     assert "_name_or_path" not in json.loads((out / CONFIG_FILE).read_text())
 
 
+@pytest.mark.parametrize(
+    ("num_layers", "blocks", "counts"),
+    [(8, 12, [1, 2, 1, 2, 1, 2, 1, 2]), (8, 16, [2] * 8), (4, 4, [1] * 4), (2, 5, [2, 3]), (4, 5, [1, 1, 1, 2])],
+)
+def test_added_blocks_are_spread_evenly_over_the_depth(num_layers, blocks, counts):
+    assert copies_per_block(num_layers, blocks) == counts
+
+
+def test_an_uneven_growth_copies_the_later_block(trained, tmp_path):
+    state = load_file(grow(trained, tmp_path / "grown", blocks=3) / WEIGHTS_FILE)
+    source = load_file(trained / WEIGHTS_FILE)
+    assert torch.equal(state["blocks.0.attn1.to_q.weight"], source["blocks.0.attn1.to_q.weight"])
+    assert torch.equal(state["blocks.2.attn1.to_q.weight"], source["blocks.1.attn1.to_q.weight"])
+    assert torch.equal(state["blocks.1.ffn.net.2.weight"], source["blocks.1.ffn.net.2.weight"])
+    assert not state["blocks.2.ffn.net.2.weight"].any()
+
+
 def test_unknown_weights_and_bad_factors_are_refused(trained, tmp_path, capsys):
     with pytest.raises(SystemExit, match="at least 1"):
         run(main, build_parser(), [str(trained), str(tmp_path / "a"), "--width", "0"])
+    with pytest.raises(SystemExit, match="fewer than the transformer's 2 blocks"):
+        run(main, build_parser(), [str(trained), str(tmp_path / "a"), "--blocks", "1"])
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / CONFIG_FILE).write_text((trained / CONFIG_FILE).read_text())

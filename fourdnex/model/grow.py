@@ -1,7 +1,9 @@
 """A trained transformer made deeper or wider without changing what it computes, so training goes on from it.
 
-* **Deeper** (``depth=k``): after each block come ``k - 1`` copies of it whose three residual branches (self-attention,
-  cross-attention, feed-forward) end in zeroed output projections, so each copy adds nothing until trained.
+* **Deeper** (``blocks=n``): the transformer gets ``n`` blocks. Blocks spread evenly over its depth are each followed
+  by copies of themselves whose three residual branches (self-attention, cross-attention, feed-forward) end in zeroed
+  output projections, so each copy adds nothing until trained (8 blocks grown to 12: a copy after every second
+  block; to 16: a copy after each).
 * **Wider** (``width=k``): every hidden unit (the ``inner_dim`` of the blocks, which grows by adding attention heads
   of the same size, and the feed-forward's) becomes ``k`` copies. A layer that writes hidden units writes each one
   ``k`` times; a layer that reads them reads all ``k`` copies, each with its weight split into ``k`` parts that sum to
@@ -107,9 +109,20 @@ def widen(state: dict[str, torch.Tensor], k: int, seed: int = 0) -> dict[str, to
     return grown
 
 
-def deepen(state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict[str, torch.Tensor]:
-    """The weights of the transformer ``state`` (``num_layers`` blocks) with ``k - 1`` copies after each block,
-    their residual branches' output projections (:data:`BRANCH_OUTPUTS`) zeroed."""
+def copies_per_block(num_layers: int, blocks: int) -> list[int]:
+    """How many blocks each of ``num_layers`` source blocks becomes so that there are ``blocks`` in all: each the
+    same count, the remainder spread evenly over the depth."""
+    if blocks < num_layers:
+        raise UsageError(f"--blocks {blocks} is fewer than the transformer's {num_layers} blocks")
+    return [(i + 1) * blocks // num_layers - i * blocks // num_layers for i in range(num_layers)]
+
+
+def deepen(state: dict[str, torch.Tensor], num_layers: int, blocks: int) -> dict[str, torch.Tensor]:
+    """The weights of the transformer ``state`` (``num_layers`` blocks) grown to ``blocks`` blocks: each block
+    followed by its :func:`copies_per_block` copies, their residual branches' output projections
+    (:data:`BRANCH_OUTPUTS`) zeroed."""
+    counts = copies_per_block(num_layers, blocks)
+    starts = [sum(counts[:i]) for i in range(num_layers)]
     grown = {}
     for key, tensor in state.items():
         match = _BLOCK_KEY.fullmatch(key)
@@ -119,17 +132,17 @@ def deepen(state: dict[str, torch.Tensor], num_layers: int, k: int) -> dict[str,
         index, name = int(match[1]), match[2]
         if index >= num_layers:
             raise UsageError(f"the weights hold block {index}, the config says {num_layers} blocks")
-        for copy in range(k):
+        for copy in range(counts[index]):
             zeroed = copy > 0 and name.startswith(BRANCH_OUTPUTS)
             block = torch.zeros_like(tensor, dtype=torch.float32) if zeroed else tensor.float().clone()
-            grown[f"blocks.{index * k + copy}.{name}"] = block
+            grown[f"blocks.{starts[index] + copy}.{name}"] = block
     return grown
 
 
-def grow_config(config: dict, depth: int, width: int) -> dict:
-    """The transformer config after :func:`deepen` by ``depth`` and :func:`widen` by ``width``."""
+def grow_config(config: dict, blocks: int, width: int) -> dict:
+    """The transformer config after :func:`deepen` to ``blocks`` blocks and :func:`widen` by ``width``."""
     config = {key: value for key, value in config.items() if key != "_name_or_path"}
-    config["num_layers"] *= depth
+    config["num_layers"] = blocks
     config["num_attention_heads"] *= width
     config["ffn_dim"] *= width
     if config.get("added_kv_proj_dim") is not None:
@@ -137,16 +150,16 @@ def grow_config(config: dict, depth: int, width: int) -> dict:
     return config
 
 
-def grow(source: str | Path, out: str | Path, depth: int = 1, width: int = 1, seed: int = 0) -> Path:
-    """Write the transformer folder ``source`` grown ``depth`` times deeper and ``width`` times wider to ``out``
-    (float32 weights, ``source``'s metadata kept); returns ``out``."""
+def grow(source: str | Path, out: str | Path, blocks: int | None = None, width: int = 1, seed: int = 0) -> Path:
+    """Write the transformer folder ``source`` grown to ``blocks`` blocks (default: as many as it has) and ``width``
+    times wider to ``out`` (float32 weights, ``source``'s metadata kept); returns ``out``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from fourdnex.files import write_safetensors
 
-    if depth < 1 or width < 1:
-        raise UsageError(f"--depth and --width must be at least 1, got {depth} and {width}")
+    if width < 1:
+        raise UsageError(f"--width must be at least 1, got {width}")
     files = weights_files(source)
     if not files:
         raise UsageError(f"{source} holds no transformer weights ({WEIGHTS_FILE})")
@@ -156,19 +169,20 @@ def grow(source: str | Path, out: str | Path, depth: int = 1, width: int = 1, se
         state.update(load_file(file))
         with safe_open(file, "pt") as f:
             metadata.update(f.metadata() or {})
-    state = deepen(state, config["num_layers"], depth)
+    blocks = config["num_layers"] if blocks is None else blocks
+    state = deepen(state, config["num_layers"], blocks)
     if width > 1:
         state = widen(state, width, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_FILE, state, metadata or None)
-    (out / CONFIG_FILE).write_text(json.dumps(grow_config(config, depth, width), indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(grow_config(config, blocks, width), indent=2) + "\n")
     return out
 
 
 def main(args: argparse.Namespace) -> None:
     """Grow the transformer ``args`` name."""
-    out = grow(args.source, args.out, args.depth, args.width, args.seed)
+    out = grow(args.source, args.out, args.blocks, args.width, args.seed)
     config = read_config(out)
     print(
         f"wrote a transformer of {config['num_layers']} blocks, {config['num_attention_heads']} heads of "
@@ -183,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", help="a transformer folder (config.json and its safetensors weights)")
     parser.add_argument("out", help="the folder to write the grown transformer to")
-    parser.add_argument("--depth", type=int, default=1, help="blocks per block of the source (default 1)")
+    parser.add_argument(
+        "--blocks", type=int, default=None, help="blocks of the grown transformer (default: the source's count)"
+    )
     parser.add_argument("--width", type=int, default=1, help="copies of each hidden unit (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the noise that tells the copies apart")
     return parser
