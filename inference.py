@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(sampling, SampleConfig, "guidance_scale", type=float, help="(default %(default)s)")
     field_flag(sampling, SampleConfig, "negative_prompt", help="(default: empty)")
     field_flag(sampling, SampleConfig, "seed", type=int, help="(default %(default)s)")
+    field_flag(
+        sampling,
+        SampleConfig,
+        "ensemble",
+        type=int,
+        metavar="K",
+        help="sample each line K times (seeds --seed, --seed + 1, ...) and write the mean of their XYZ videos, with "
+        "the first one's RGB video: K times the sampling time for steadier geometry (default %(default)s)",
+    )
     hardware = parser.add_argument_group("hardware, speed and memory")
     field_flag(hardware, RunConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
     dtype_flag(

@@ -249,3 +249,33 @@ def test_a_batch_size_below_1_is_one_line(lists, tmp_path, value):
     assert proc.returncode != 0
     assert proc.stderr == f"inference.py: --batch_size must be at least 1, got {value}"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_ensemble_writes_the_mean_of_its_members_xyz_and_the_first_ones_rgb(lists, one_by_one, tmp_path):
+    """--ensemble 3 (in batches of 5): each line's XYZ video is the mean of its results sampled alone with seeds 42,
+    43 and 44 (three independent runs at batch 1), its RGB video the seed-42 one, its record says so."""
+    members = [one_by_one]
+    for seed in (43, 44):
+        members.append(tmp_path / f"seed-{seed}")
+        proc = run_cli(*list_flags(lists, members[-1]), "--seed", seed)
+        assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "ensemble"
+    proc = run_cli(*list_flags(lists, out), "--ensemble", 3, "--batch_size", 5)
+    assert proc.returncode == 0, proc.stderr
+    for i in range(5):
+        xyz = [np.load(member / f"{i:05d}.npz")["xyz"].astype(np.float64) for member in members]
+        assert np.abs(xyz[0] - xyz[1]).max() > 0.05  # the members differ: their mean is not any one of them
+        with np.load(out / f"{i:05d}.npz") as result:
+            assert np.abs(result["xyz"] - np.mean(xyz, axis=0)).max() < TOLERANCE
+            assert np.abs(result["xyz"] - xyz[0]).max() > 0.01
+        with np.load(out / f"{i:05d}.npz") as result, np.load(one_by_one / f"{i:05d}.npz") as first:
+            assert np.abs(result["rgb"].astype(int) - first["rgb"]).max() <= 1
+        record = json.loads((out / f"{i:05d}.json").read_text())
+        assert (record["ensemble"], record["seed"], record["batch_size"]) == (3, 42, 5)
+
+
+def test_an_ensemble_below_1_is_one_line(lists, tmp_path):
+    proc = run_cli(*list_flags(lists, tmp_path / "out"), "--ensemble", 0)
+    assert proc.returncode != 0
+    assert proc.stderr == "inference.py: ensemble must be at least 1, got 0"
+    assert not (tmp_path / "out").exists()

@@ -37,12 +37,15 @@ class SampleConfig:
     guidance_scale: float = 5.0
     negative_prompt: str = ""
     seed: int = 42
+    ensemble: int = 1  # samples per line (seeds seed, seed + 1, ...): the XYZ video is their mean, the RGB the first's
 
     def validate(self) -> None:
         """Raise UsageError naming the first setting a Wan model cannot sample."""
         check_video_shape(self.num_frames, self.height, self.width)
         if self.steps < 1:
             raise UsageError(f"steps must be at least 1, got {self.steps}")
+        if self.ensemble < 1:
+            raise UsageError(f"ensemble must be at least 1, got {self.ensemble}")
 
 
 #: ``--memory`` choices, from the fastest (everything resident on the GPU) to the most frugal.

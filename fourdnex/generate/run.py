@@ -352,15 +352,37 @@ def sample_job(model: LoadedModel, job: Job, sample: SampleConfig, callback_on_s
 
 
 def sample_batch(model: LoadedModel, jobs: list[Job], sample: SampleConfig, callback_on_step_end=None):
-    """Sample jobs of one :attr:`Job.shape` in one pipeline call (a
+    """Sample jobs of one :attr:`Job.shape` in one pipeline call per ensemble member (a
     :class:`~fourdnex.generate.pipeline.FourDNeXOutput` with one row per job, in order), each from the noise its own
     generator seeded with ``sample.seed`` draws, as at batch 1; running out of GPU memory is a UsageError naming
-    what to change."""
-    import torch
+    what to change.
 
+    With ``sample.ensemble`` K above 1 every job is sampled K times, member ``m`` from seed ``sample.seed + m``: the
+    XYZ video is the mean of the K members' (pixel by pixel, in the shared normalized space of the first camera), the
+    RGB video and the latents are the first member's (the result of K = 1), the timings the sum of the K calls'."""
     first = jobs[0]
     if any(job.shape != first.shape for job in jobs):
         raise ValueError(f"one batch needs one size and one set of given frames, got {[job.shape for job in jobs]}")
+    result = _sample_once(model, jobs, sample, callback_on_step_end)
+    if sample.ensemble == 1:
+        return result
+    xyz_sum = None if result.xyz is None else result.xyz.double()
+    timings = dict(result.timings)
+    for member in range(1, sample.ensemble):
+        other = _sample_once(model, jobs, dataclasses.replace(sample, seed=sample.seed + member), callback_on_step_end)
+        if xyz_sum is not None:
+            xyz_sum += other.xyz
+        for stage, seconds in other.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+    xyz = None if xyz_sum is None else (xyz_sum / sample.ensemble).to(result.xyz.dtype)
+    return dataclasses.replace(result, xyz=xyz, timings=timings)
+
+
+def _sample_once(model: LoadedModel, jobs: list[Job], sample: SampleConfig, callback_on_step_end=None):
+    """One pipeline call for ``jobs``, every job's generator seeded with ``sample.seed``."""
+    import torch
+
+    first = jobs[0]
     try:
         return model.pipe(
             [job.condition() for job in jobs],
