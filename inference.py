@@ -20,6 +20,7 @@ it fits, else the fastest offload that does; see BENCHMARKS.md):
     torchrun --nproc_per_node 4 inference.py ... --cp ulysses   # one sample split over 4 GPUs
     torchrun --nproc_per_node 4 inference.py ... --skip_existing   # the lines shared out over 4 GPUs
     python inference.py ... --batch_size 8          # 8 lines of one size sampled together (small models)
+    python inference.py ... --ensemble 4 --batch_size 4   # each line's XYZ the mean of 4 samples drawn together
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="sample up to N consecutive lines of the same size together, in one batch (default %(default)s); each "
-        "line starts from the noise it gets alone, and its result equals its batch-1 result up to rounding",
+        "line starts from the noise it gets alone, and its result equals its batch-1 result up to rounding. With "
+        "--ensemble K, N counts samples: N // K lines at a time, or one line's samples N at a time",
     )
     field_flag(
         hardware,

@@ -2,6 +2,7 @@
 batched float32 arithmetic; lines grouped by size and given frames; files, records, resuming and torchrun's shares
 as at batch 1."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -252,26 +253,41 @@ def test_a_batch_size_below_1_is_one_line(lists, tmp_path, value):
 
 
 def test_an_ensemble_writes_the_mean_of_its_members_xyz_and_the_first_ones_rgb(lists, one_by_one, tmp_path):
-    """--ensemble 3 (in batches of 5): each line's XYZ video is the mean of its results sampled alone with seeds 42,
-    43 and 44 (three independent runs at batch 1), its RGB video the seed-42 one, its record says so."""
-    members = [one_by_one]
-    for seed in (43, 44):
-        members.append(tmp_path / f"seed-{seed}")
-        proc = run_cli(*list_flags(lists, members[-1]), "--seed", seed)
-        assert proc.returncode == 0, proc.stderr
+    """--ensemble 2 --batch_size 4: two lines (four samples) per pipeline call; each line's XYZ video is the mean of
+    its results sampled alone with seeds 42 and 43 (two independent runs at batch 1), its RGB video the seed-42 one,
+    its record says so."""
+    seed_43 = tmp_path / "seed-43"
+    proc = run_cli(*list_flags(lists, seed_43), "--seed", 43)
+    assert proc.returncode == 0, proc.stderr
     out = tmp_path / "ensemble"
-    proc = run_cli(*list_flags(lists, out), "--ensemble", 3, "--batch_size", 5)
+    proc = run_cli(*list_flags(lists, out), "--ensemble", 2, "--batch_size", 4)
     assert proc.returncode == 0, proc.stderr
     for i in range(5):
-        xyz = [np.load(member / f"{i:05d}.npz")["xyz"].astype(np.float64) for member in members]
-        assert np.abs(xyz[0] - xyz[1]).max() > 0.05  # the members differ: their mean is not any one of them
-        with np.load(out / f"{i:05d}.npz") as result:
-            assert np.abs(result["xyz"] - np.mean(xyz, axis=0)).max() < TOLERANCE
-            assert np.abs(result["xyz"] - xyz[0]).max() > 0.01
+        xyz = [np.load(member / f"{i:05d}.npz")["xyz"].astype(np.float64) for member in (one_by_one, seed_43)]
+        assert np.abs(xyz[0] - xyz[1]).max() > 0.05  # the members differ: their mean is not either of them
         with np.load(out / f"{i:05d}.npz") as result, np.load(one_by_one / f"{i:05d}.npz") as first:
+            assert np.abs(result["xyz"] - np.mean(xyz, axis=0)).max() < TOLERANCE
             assert np.abs(result["rgb"].astype(int) - first["rgb"]).max() <= 1
         record = json.loads((out / f"{i:05d}.json").read_text())
-        assert (record["ensemble"], record["seed"], record["batch_size"]) == (3, 42, 5)
+        assert (record["ensemble"], record["seed"], record["batch_size"]) == (2, 42, 1 if i == 4 else 2)
+
+
+def test_ensemble_members_split_over_calls_equal_their_samples_alone():
+    """Two lines of an ensemble of 3 in calls of 4 samples (the second member of both lines and the first of each
+    share a call): each line's XYZ is the mean of its three seeds' samples alone, its RGB and latents seed 42's."""
+    model = load_model(RunConfig(prompt="x", image="x", model_path=str(TINY), device="cpu"), 100, 5 * 32 * 48, batch=4)
+    model.pipe.set_progress_bar_config(disable=True)
+    sample = SampleConfig(num_frames=5, height=32, width=48, steps=2, guidance_scale=1.0, ensemble=3)
+    jobs = [job(0), job(1)]
+    result = sample_batch(model, jobs, sample, rows_per_call=4)
+    for row, line in enumerate(jobs):
+        alone = [sample_job(model, line, dataclasses.replace(sample, ensemble=1, seed=42 + m)) for m in range(3)]
+        mean = torch.stack([member.xyz[0].double() for member in alone]).mean(0)
+        assert largest_difference(result.xyz[row], mean) < TOLERANCE
+        assert largest_difference(result.xyz[row], alone[0].xyz[0]) > 0.01
+        assert largest_difference(result.rgb[row], alone[0].rgb[0]) < TOLERANCE
+        assert largest_difference(result.latents[row], alone[0].latents[0]) < TOLERANCE
+    assert set(result.timings) == {"encode", "denoise", "decode"}
 
 
 def test_an_ensemble_below_1_is_one_line(lists, tmp_path):

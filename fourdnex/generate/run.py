@@ -351,35 +351,64 @@ def sample_job(model: LoadedModel, job: Job, sample: SampleConfig, callback_on_s
     return sample_batch(model, [job], sample, callback_on_step_end)
 
 
-def sample_batch(model: LoadedModel, jobs: list[Job], sample: SampleConfig, callback_on_step_end=None):
-    """Sample jobs of one :attr:`Job.shape` in one pipeline call per ensemble member (a
-    :class:`~fourdnex.generate.pipeline.FourDNeXOutput` with one row per job, in order), each from the noise its own
-    generator seeded with ``sample.seed`` draws, as at batch 1; running out of GPU memory is a UsageError naming
-    what to change.
+def sample_batch(
+    model: LoadedModel,
+    jobs: list[Job],
+    sample: SampleConfig,
+    callback_on_step_end=None,
+    rows_per_call: int | None = None,
+):
+    """Sample jobs of one :attr:`Job.shape` (a :class:`~fourdnex.generate.pipeline.FourDNeXOutput` with one row per
+    job, in order), each from the noise its own generator seeded with ``sample.seed`` draws, as at batch 1; running
+    out of GPU memory is a UsageError naming what to change.
 
     With ``sample.ensemble`` K above 1 every job is sampled K times, member ``m`` from seed ``sample.seed + m``: the
     XYZ video is the mean of the K members' (pixel by pixel, in the shared normalized space of the first camera), the
-    RGB video and the latents are the first member's (the result of K = 1), the timings the sum of the K calls'."""
+    RGB video and the latents are the first member's (the result of K = 1). The ``len(jobs) * K`` samples go through
+    the pipeline ``rows_per_call`` at a time (default: one call per member); the timings are the sum of the calls'."""
+    import torch
+
     first = jobs[0]
     if any(job.shape != first.shape for job in jobs):
         raise ValueError(f"one batch needs one size and one set of given frames, got {[job.shape for job in jobs]}")
-    result = _sample_once(model, jobs, sample, callback_on_step_end)
-    if sample.ensemble == 1:
-        return result
-    xyz_sum = None if result.xyz is None else result.xyz.double()
-    timings = dict(result.timings)
-    for member in range(1, sample.ensemble):
-        other = _sample_once(model, jobs, dataclasses.replace(sample, seed=sample.seed + member), callback_on_step_end)
-        if xyz_sum is not None:
-            xyz_sum += other.xyz
-        for stage, seconds in other.timings.items():
+    rows = [(index, member) for member in range(sample.ensemble) for index in range(len(jobs))]
+    size = rows_per_call or len(jobs)
+    calls = [rows[start : start + size] for start in range(0, len(rows), size)]
+    firsts, xyz_sum, timings = {}, None, {}
+    for call in calls:
+        seeds = [sample.seed + member for _, member in call]
+        out = _sample_once(model, [jobs[index] for index, _ in call], seeds, sample, callback_on_step_end)
+        for stage, seconds in out.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-    xyz = None if xyz_sum is None else (xyz_sum / sample.ensemble).to(result.xyz.dtype)
-    return dataclasses.replace(result, xyz=xyz, timings=timings)
+        for row, (index, member) in enumerate(call):
+            if member == 0:
+                firsts[index] = (out, row)
+            if out.xyz is not None and sample.ensemble > 1:
+                if xyz_sum is None:
+                    xyz_sum = torch.zeros((len(jobs), *out.xyz.shape[1:]), dtype=torch.float64)
+                xyz_sum[index] += out.xyz[row]
+    if len(calls) == 1 and sample.ensemble == 1:
+        return out
+    result = _stack_rows([firsts[index] for index in range(len(jobs))], timings)
+    if xyz_sum is not None:
+        result = dataclasses.replace(result, xyz=(xyz_sum / sample.ensemble).to(result.xyz.dtype))
+    return result
 
 
-def _sample_once(model: LoadedModel, jobs: list[Job], sample: SampleConfig, callback_on_step_end=None):
-    """One pipeline call for ``jobs``, every job's generator seeded with ``sample.seed``."""
+def _stack_rows(rows: list, timings: dict[str, float]):
+    """One output whose row ``i`` is row ``rows[i][1]`` of the output ``rows[i][0]`` (the rows of one or more calls)."""
+    import torch
+
+    def take(name):
+        if any(getattr(out, name) is None for out, _ in rows):
+            return None
+        return torch.stack([getattr(out, name)[row] for out, row in rows])
+
+    return dataclasses.replace(rows[0][0], rgb=take("rgb"), xyz=take("xyz"), latents=take("latents"), timings=timings)
+
+
+def _sample_once(model: LoadedModel, jobs: list[Job], seeds: list[int], sample: SampleConfig, callback_on_step_end):
+    """One pipeline call for ``jobs``, job ``i``'s generator seeded with ``seeds[i]``."""
     import torch
 
     first = jobs[0]
@@ -393,7 +422,7 @@ def _sample_once(model: LoadedModel, jobs: list[Job], sample: SampleConfig, call
             num_frames=sample.num_frames,
             num_inference_steps=sample.steps,
             guidance_scale=sample.guidance_scale,
-            generator=[torch.Generator(device="cpu").manual_seed(sample.seed) for _ in jobs],
+            generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
             modalities=model.modalities,
             xyz_mean=model.xyz_mean,
             xyz_std=model.xyz_std,
@@ -490,10 +519,12 @@ def generate(config: RunConfig) -> list[Path]:
     if not jobs:
         return []
 
-    groups = batches(jobs, config.batch_size)
+    # --batch_size counts samples: a line of an ensemble of K is K of them (a batch of N holds N // K lines, or one
+    # line whose members go through the pipeline N at a time).
+    groups = batches(jobs, max(1, config.batch_size // sample.ensemble))
     largest = max(jobs, key=lambda job: job.height * job.width)
     pixels = sample.num_frames * largest.height * largest.width
-    batch = max(len(group) for group in groups)
+    batch = min(config.batch_size, max(len(group) for group in groups) * sample.ensemble)
     model = load_model(config, max(tokens), pixels, device, dtype, adapter, model_type, world_size, batch)
     model.pipe.set_progress_bar_config(disable=not writes)
     if model.random_weights and writes:
@@ -504,7 +535,7 @@ def generate(config: RunConfig) -> list[Path]:
     written = []
     with tqdm(total=len(jobs), desc="samples", unit="sample", disable=len(jobs) == 1 or not writes) as progress:
         for group in groups:
-            result = sample_batch(model, group, sample)
+            result = sample_batch(model, group, sample, rows_per_call=config.batch_size)
             progress.update(len(group))
             if not writes:
                 continue
