@@ -19,8 +19,9 @@
 #             fine-tuning of the fused model (given frame 0, or any frames: full-any; grown to 12 blocks or twice
 #             as wide first: full-deep, full-wide), the ablations (no domain embedding; stock RoPE) and the any-frame
 #             adapter
-#   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, and
-#             the VAE's round trip of the held-out truths (the ceiling of any transformer on this VAE)
+#   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, its
+#             last one also as the mean of ENSEMBLE samples (inference.py --ensemble), and the VAE's round trip of
+#             the held-out truths (the ceiling of any transformer on this VAE)
 # Sizes: override FRAMES, HEIGHT, WIDTH, CLIPS, HELD_OUT, CURVE_CLIPS, VAE_EVAL_CLIPS, VAE_CLIPS, VAE_STEPS, VAE_BATCH, VAE_MINUTES (a cap: the VAE stops there, a rerun
 # resumes it), BATCH, BASE_STEPS, ADAPTER_STEPS, CURVE_POINTS, RUNS (the stage-2 runs), TRAIN_FAMILIES, HELD_OUT_FAMILY
 # (a smoke run uses tiny values); VAE_FROM, a model folder whose VAE the training starts from (example/demo/model
@@ -35,7 +36,10 @@ WORK=${WORK:-runs/demo}
 CLIPS=${CLIPS:-10000}
 HELD_OUT=${HELD_OUT:-100}
 CURVE_CLIPS=${CURVE_CLIPS:-32}
-EVAL_BATCH=${EVAL_BATCH:-32}  # held-out lines inference.py samples at once
+EVAL_BATCH=${EVAL_BATCH:-32}  # held-out samples inference.py draws at once
+# Samples averaged in the last checkpoints' ensemble scores (0: none); 4 lowered the shipped model's depth error by
+# 15 % (BENCHMARKS.md, "Ensembles of samples")
+ENSEMBLE=${ENSEMBLE:-4}
 VAE_CLIPS=${VAE_CLIPS:-2000}
 VAE_STEPS=${VAE_STEPS:-1500}
 VAE_BATCH=${VAE_BATCH:-32}
@@ -205,11 +209,12 @@ weights() {
 }
 
 # inference.py + evaluate.py for one run's weights; $1: run, $2: checkpoint, $3: held-out set, $4: condition mode
-# (image, video, first_last), $5: GPU, $6: CPUs for evaluate.py.
+# (image, video, first_last; ensemble: the image, ENSEMBLE samples averaged), $5: GPU, $6: CPUs for evaluate.py.
 evaluate_one() {
     local run=$1 checkpoint=$2 set=$3 mode=$4 gpu=$5 cpus=$6 inputs=$WORK/$3/inputs
     local out=$WORK/results/$run/$(basename "$checkpoint")/$set-$mode
     local condition=(--image "$inputs/images.txt")
+    [[ $mode == ensemble ]] && condition+=(--ensemble "$ENSEMBLE")
     [[ $mode == video ]] && condition=(--video "$inputs/videos.txt")
     [[ $mode == first_last ]] && condition=(--video "$inputs/videos.txt" --frames "0,$(( FRAMES - 1 ))")
     if [[ $run == vae ]]; then  # the truth through the VAE: what a transformer with the truth's latents would score
@@ -238,6 +243,7 @@ stage_evaluate() {
             jobs+=("$name $checkpoint curve image" "$name $checkpoint curve-family image")
         done
         jobs+=("$name $last held-out image" "$name $last held-out-family image")
+        (( ENSEMBLE > 1 )) && jobs+=("$name $last held-out ensemble" "$name $last held-out-family ensemble")
         if [[ ${RUN_FLAGS[$name]} == *"--condition_tasks any"* ]]; then
             jobs+=("$name $last held-out video" "$name $last held-out first_last")
         fi
