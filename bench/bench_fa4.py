@@ -15,8 +15,10 @@ Sections (``--sections``, in this order):
            flash_4, eager and regionally compiled (``compile_repeated_blocks(fullgraph=True)``, our default): seconds,
            peak GiB, largest deviation from native eager
   sample   two steps of the whole pipeline (real-size random components, compiled transformer) with native SDPA, again,
-           and with flash_4: seconds per transformer call, the 50-step estimate, the largest deviation of the latents
-           and of the XYZ video from the first native run (the second native run's is the floor)
+           eager (the compiled blocks run as plain PyTorch: ``torch.compiler.set_stance("force_eager")``) and with
+           flash_4: seconds per transformer call, the 50-step estimate, the largest deviation of the latents and of
+           the XYZ video from the first native run (the second native run's is the run-to-run floor, the eager run's
+           what compiling changes)
 The one-sample and training goals are measured by bench_inference and bench_train_step (BENCHMARKS.md has the
 commands); the table is printed last, every number goes to ``--json``.
 """
@@ -220,12 +222,16 @@ def bench_sample(args, report: Report, device, dtype, model) -> None:
         model.set_attention_backend(backend)
         sample(1)
     first = None
-    for label, backend in (("native", "native"), ("native, again", "native"), ("flash_4", "flash_4")):
+    runs = (("native", "native", False), ("native, again", "native", False), ("native, eager", "native", True),
+            ("flash_4", "flash_4", False))  # fmt: skip
+    for label, backend, eager in runs:
         model.set_attention_backend(backend)
         timer = common.CallTimer(model, device)
         common.reset_peak(device)
+        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
         try:
-            seconds, out = common.timed(lambda: sample(args.steps), device)
+            with stance:
+                seconds, out = common.timed(lambda: sample(args.steps), device)
         finally:
             timer.remove()
         first = out if first is None else first

@@ -296,4 +296,5 @@ def test_bench_runs_every_section_on_the_stand_in(tmp_path):
     sample = numbers["sample"]
     assert sample["native, again"]["max_abs_dev_latents"] == 0.0
     assert 0.0 < sample["flash_4"]["max_abs_dev_latents"] < 1e-4
+    assert sample["native, eager"]["max_abs_dev_latents"] < 1e-4  # compiling changes the float order only
     assert all(row["estimate_seconds"] > 0 for row in sample.values())
