@@ -365,46 +365,34 @@ def sample_batch(
     With ``sample.ensemble`` K above 1 every job is sampled K times, member ``m`` from seed ``sample.seed + m``: the
     XYZ video is the mean of the K members' (pixel by pixel, in the shared normalized space of the first camera), the
     RGB video and the latents are the first member's (the result of K = 1). The ``len(jobs) * K`` samples go through
-    the pipeline ``rows_per_call`` at a time (default: one call per member); the timings are the sum of the calls'."""
+    the pipeline ``rows_per_call`` at a time (default and least: ``len(jobs)``, so the first call holds every job's
+    first member); the timings are the sum of the calls'."""
     import torch
 
     first = jobs[0]
     if any(job.shape != first.shape for job in jobs):
         raise ValueError(f"one batch needs one size and one set of given frames, got {[job.shape for job in jobs]}")
-    rows = [(index, member) for member in range(sample.ensemble) for index in range(len(jobs))]
     size = rows_per_call or len(jobs)
+    if size < len(jobs):
+        raise ValueError(f"{size} samples per call cannot hold the batch's {len(jobs)} jobs")
+    rows = [(index, member) for member in range(sample.ensemble) for index in range(len(jobs))]
     calls = [rows[start : start + size] for start in range(0, len(rows), size)]
-    firsts, xyz_sum, timings = {}, None, {}
+    result, xyz_sum, timings = None, None, {}
     for call in calls:
         seeds = [sample.seed + member for _, member in call]
         out = _sample_once(model, [jobs[index] for index, _ in call], seeds, sample, callback_on_step_end)
+        result = out if result is None else result
         for stage, seconds in out.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-        for row, (index, member) in enumerate(call):
-            if member == 0:
-                firsts[index] = (out, row)
-            if out.xyz is not None and sample.ensemble > 1:
-                if xyz_sum is None:
-                    xyz_sum = torch.zeros((len(jobs), *out.xyz.shape[1:]), dtype=torch.float64)
-                xyz_sum[index] += out.xyz[row]
-    if len(calls) == 1 and sample.ensemble == 1:
-        return out
-    result = _stack_rows([firsts[index] for index in range(len(jobs))], timings)
-    if xyz_sum is not None:
-        result = dataclasses.replace(result, xyz=(xyz_sum / sample.ensemble).to(result.xyz.dtype))
-    return result
-
-
-def _stack_rows(rows: list, timings: dict[str, float]):
-    """One output whose row ``i`` is row ``rows[i][1]`` of the output ``rows[i][0]`` (the rows of one or more calls)."""
-    import torch
-
-    def take(name):
-        if any(getattr(out, name) is None for out, _ in rows):
-            return None
-        return torch.stack([getattr(out, name)[row] for out, row in rows])
-
-    return dataclasses.replace(rows[0][0], rgb=take("rgb"), xyz=take("xyz"), latents=take("latents"), timings=timings)
+        if out.xyz is not None and sample.ensemble > 1:
+            xyz_sum = torch.zeros((len(jobs), *out.xyz.shape[1:]), dtype=torch.float64) if xyz_sum is None else xyz_sum
+            xyz_sum.index_add_(0, torch.tensor([index for index, _ in call]), out.xyz.double())
+    if sample.ensemble == 1:  # one call, whose rows are the jobs'
+        return result
+    count = len(jobs)  # the first call's first rows: every job's first member
+    rgb = None if result.rgb is None else result.rgb[:count]
+    xyz = None if xyz_sum is None else (xyz_sum / sample.ensemble).to(result.xyz.dtype)
+    return dataclasses.replace(result, rgb=rgb, xyz=xyz, latents=result.latents[:count], timings=timings)
 
 
 def _sample_once(model: LoadedModel, jobs: list[Job], seeds: list[int], sample: SampleConfig, callback_on_step_end):
