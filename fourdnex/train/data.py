@@ -217,13 +217,10 @@ def holding_device(device: torch.device, nbytes: int) -> torch.device:
 
 
 @contextlib.contextmanager
-def cached_videos(cache: LatentCache, wanted: bool = True) -> Iterator[Iterator[np.ndarray]]:
+def cached_videos(cache: LatentCache) -> Iterator[Iterator[np.ndarray]]:
     """Every clip's cached video ``(F, H, W, 3)`` uint8 (its first ``video_frames(num_latent_frames)`` frames), in
     clip order, decoded ahead of the reader: in :data:`DECODE_PROCESSES` worker processes for small frames, else in
-    :data:`READ_THREADS` threads. Nothing is read unless ``wanted``."""
-    if not wanted:
-        yield iter(())
-        return
+    :data:`READ_THREADS` threads."""
     paths = [cache.video_path(i) for i in range(len(cache))]
     indices = [list(range(video_frames(cache.num_latent_frames)))] * len(paths)
     small = cache.stats.height * cache.stats.width < files.THREADED_DECODE_PIXELS
@@ -271,7 +268,8 @@ class HeldCache:
                 row["first"] = torch.from_numpy(cache.first_frame(index))
             return row
 
-        with ThreadPoolExecutor(READ_THREADS) as pool, cached_videos(cache, frames) as videos:
+        videos_read = cached_videos(cache) if frames else contextlib.nullcontext()  # videos only where held
+        with ThreadPoolExecutor(READ_THREADS) as pool, videos_read as videos:
             rows = pool.map(read, range(len(cache)))
             for i, row in enumerate(tqdm(rows, total=len(cache), desc="cache into memory", unit="clip")):
                 if frames:
