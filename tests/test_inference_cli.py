@@ -267,7 +267,7 @@ def test_lines_shared_over_two_processes_equal_one_process(tmp_path, inputs):
         )
 
 
-def test_video_and_frames_conditions(tmp_path, inputs):
+def test_video_and_frames_conditions(tmp_path, inputs, capsys):
     from fourdnex.files import write_video
 
     g = np.random.default_rng(0)
@@ -275,6 +275,7 @@ def test_video_and_frames_conditions(tmp_path, inputs):
     write_video(clip, g.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8))
     common = ["--prompt", "x", "--out", tmp_path / "out", "--model_path", TINY, *SMALL_FLAGS]
     assert run_cli(*common, "--video", clip).returncode == 0  # every frame given: 4D reconstruction
+    assert "trained given frame 0 only" in capsys.readouterr().out  # the tiny model's weights record no any-frame
     meta = json.loads((tmp_path / "out" / "00000.json").read_text())
     assert meta["given_frames"] == [0, 1, 2, 3, 4] and meta["video"] == str(clip) and meta["image"] is None
     images = f"{inputs / 'a.png'},{inputs / 'b.png'}"

@@ -519,6 +519,12 @@ def generate(config: RunConfig) -> list[Path]:
         print(f"note: {config.model_path} is the tiny test model with random weights: its outputs are noise")
     if adapter is None and config.sft_path is None and writes:
         print("note: no --lora_path given: sampling the base Wan2.1 model, which was not trained for pointmaps")
+    if model.condition_tasks != "any" and any(job.given_frames != (0,) for job in jobs) and writes:
+        print(
+            "note: these weights were trained given frame 0 only: given other frames too, expect worse results than "
+            "from the image (weights trained with finetune.py --condition_tasks any read them; the demo model's: "
+            "--lora_path example/demo/any-frame)"
+        )
 
     written = []
     with tqdm(total=len(jobs), desc="samples", unit="sample", disable=len(jobs) == 1 or not writes) as progress:
