@@ -4,7 +4,6 @@ on the bundled demo model on this CPU, at small settings (9 frames of 32 x 48, 3
 import io
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -274,23 +273,9 @@ def test_a_job_fails_cleanly_and_the_next_one_runs_every_stage(engine, monkeypat
 
 
 def test_weights_trained_on_any_frames_offer_first_and_last_frames(tmp_path):
-    """The demo model's fully fine-tuned transformer, its metadata saying it was trained with --condition_tasks any:
-    the page offers every condition, and a first-and-last job runs."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from fourdnex.model.adapters import TRANSFORMER_META_KEY
-
-    shutil.copytree(DEMO / "model" / "transformer", tmp_path / "any")
-    weights = tmp_path / "any" / "diffusion_pytorch_model.safetensors"
-    with safe_open(weights, "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(weights)
-    meta = json.loads(metadata[TRANSFORMER_META_KEY])
-    assert meta["extra"]["condition_tasks"] == "image"
-    meta["extra"]["condition_tasks"] = "any"
-    save_file(tensors, str(weights), metadata={**metadata, TRANSFORMER_META_KEY: json.dumps(meta)})
-    config = RunConfig(prompt="", model_path=str(DEMO / "model"), sft_path=str(tmp_path / "any"), device="cpu")
+    """The demo model with its any-frame adapter (example/demo/any-frame, whose metadata says it was trained with
+    --condition_tasks any): the page offers every condition, and a first-and-last job runs."""
+    config = RunConfig(prompt="", model_path=str(DEMO / "model"), lora_path=str(DEMO / "any-frame"), device="cpu")
     jobs = JobFolders(tmp_path / "jobs")
     engine = Engine.load(config, jobs, SMALL)
     assert engine.conditions == list(CONDITIONS)
