@@ -17,8 +17,8 @@
 #   base      stage 1: finetune.py --train_mode full --modalities rgb (plain image-to-video on the RGB clips)
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
 #             fine-tuning of the fused model (given frame 0, or any frames: full-any; grown to 12 blocks or twice
-#             as wide first: full-deep, full-wide), the ablations (no domain embedding; stock RoPE) and the any-frame
-#             adapter
+#             as wide first: full-deep, full-wide; the XYZ half of the loss weighted 3x: full-xyz; noise levels drawn
+#             uniformly: full-uniform), the ablations (no domain embedding; stock RoPE) and the any-frame adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, its
 #             last one also as the mean of ENSEMBLE samples (inference.py --ensemble), and the VAE's round trip of
 #             the held-out truths (the ceiling of any transformer on this VAE)
@@ -38,7 +38,7 @@ HELD_OUT=${HELD_OUT:-100}
 CURVE_CLIPS=${CURVE_CLIPS:-32}
 EVAL_BATCH=${EVAL_BATCH:-32}  # held-out samples inference.py draws at once
 # Samples averaged in the last checkpoints' ensemble scores (0: none); 4 lowered the shipped model's depth error by
-# 15 % (BENCHMARKS.md, "Ensembles of samples")
+# 6-15 % (BENCHMARKS.md, "Ensembles of samples", "The ninth run")
 ENSEMBLE=${ENSEMBLE:-4}
 VAE_CLIPS=${VAE_CLIPS:-2000}
 VAE_STEPS=${VAE_STEPS:-1500}
@@ -163,6 +163,8 @@ declare -A RUN_FLAGS=(
     [any-frame]="--type i2vwbw-demb-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3 --condition_tasks any"
     [full-deep]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
     [full-wide]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
+    [full-xyz]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --xyz_loss_weight 3"
+    [full-uniform]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --timestep_sampling uniform"
 )
 # Runs whose transformer is the full fine-tuning's starting one grown (python -m fourdnex.model.grow): to 12 blocks
 # (the most that the demo folder's 32 MB holds in half precision: 11.8M parameters), or twice the heads and

@@ -1,0 +1,33 @@
+"""scripts/train_demo.sh's stage-2 runs: the flags each passes to finetune.py make a valid training configuration,
+with the flags every run of the recipe shares, so that no run of a device session fails on a typo."""
+
+import re
+import shlex
+
+import pytest
+from conftest import ROOT
+
+import finetune
+
+RECIPE = (ROOT / "scripts" / "train_demo.sh").read_text()
+FLAGS = RECIPE[RECIPE.index("declare -A RUN_FLAGS=(") :]
+RUNS = dict(re.findall(r'^\s+\[([\w-]+)\]="(--[^"]+)"$', FLAGS[: FLAGS.index("\n)")], re.M))
+SHARED = ["--cache_dir", "cache", "--output_dir", "out", "--model_path", "model", "--train_batch_size", "256"]
+SHARED += ["--no_gradient_checkpointing", "--timestep_sampling", "shifted", "--cache_in_memory", "--compile_blocks"]
+SHARED += ["--lr_warmup_steps", "200", "--min_lr_ratio", "0.1", "--max_steps", "900"]
+
+
+def test_the_recipe_defines_its_runs():
+    assert {"4dnex", "any-frame", "full", "full-deep", "full-xyz", "full-uniform"} <= set(RUNS)
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_each_run_of_the_recipe_is_a_valid_training_configuration(run):
+    cfg = finetune.config_from_args(finetune.build_parser().parse_args(SHARED + shlex.split(RUNS[run])))
+    cfg.validate()
+    if run == "full-xyz":
+        assert cfg.xyz_loss_weight == 3 and cfg.rgb_loss_weight == 1
+    if run == "full-uniform":  # the run's flag comes after the shared one, and wins
+        assert cfg.timestep_sampling == "uniform"
+    if run.startswith("full"):
+        assert cfg.train_mode == "full"
