@@ -238,7 +238,14 @@ def test_read_npz_maps_stored_members_and_reads_compressed_ones(tmp_path):
 
 
 def test_shipped_configs_name_no_machine_path():
-    """The bundled models' configs hold no path of the machine that built or trained them."""
-    for config in (ROOT / "example").rglob("*.json"):
-        text = config.read_text()
-        assert "_name_or_path" not in text and "/root/" not in text and "/tmp/" not in text, config
+    """The bundled models' configs, and the metadata of their weights (what finetune.py trained them as), hold no
+    path of the machine that built or trained them."""
+    from safetensors import safe_open
+
+    texts = {config: config.read_text() for config in (ROOT / "example").rglob("*.json")}
+    for weights in (ROOT / "example").rglob("*.safetensors"):
+        with safe_open(weights, "pt") as f:
+            texts[weights] = json.dumps(f.metadata() or {})
+    assert any(path.suffix == ".safetensors" and "fourdnex" in text for path, text in texts.items())
+    for path, text in texts.items():
+        assert "_name_or_path" not in text and "/root/" not in text and "/tmp/" not in text, path
