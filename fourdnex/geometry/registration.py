@@ -196,8 +196,13 @@ def _lm_step(H: torch.Tensor, g: torch.Tensor, lam: float, refine_k: bool, share
 
 
 #: The fit's revision, saved with each registration: a registration saved by another revision is not reused for
-#: scoring (2: the closed-form start from random subsets, :func:`robust_projection`).
-FIT_VERSION = 2
+#: scoring (2: the closed-form start from random subsets, :func:`robust_projection`; 3: intrinsics kept to what a
+#: camera can have, :func:`plausible_intrinsics`).
+FIT_VERSION = 3
+#: Focal lengths a fit may give, in image widths (a field of view from 3 to 170 degrees).
+FOCAL_RANGE = (0.05, 20.0)
+#: At most this ratio between the two focal lengths (square pixels give 1).
+FOCAL_ASPECT = 2.0
 #: The closed-form fit's random subsets per frame and points per subset (see :func:`robust_projection`).
 DLT_SUBSETS, DLT_SUBSET_POINTS = 64, 16
 #: About this many of the points score each subset's fit.
@@ -234,22 +239,42 @@ def robust_projection(uv: torch.Tensor, X: torch.Tensor, width: int, seed: int =
     return dlt_projection(uv, X, (chosen <= DLT_INLIER_SIGMAS * sigma).to(X.dtype))
 
 
+def plausible_intrinsics(k: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(...)`` bool: whether intrinsics ``k (..., 4)`` (fx, fy, cx, cy) can be a camera's: both focal lengths within
+    :data:`FOCAL_RANGE` widths and within a factor :data:`FOCAL_ASPECT` of each other, the principal point inside
+    the image."""
+    fx, fy, cx, cy = k.unbind(-1)
+    low, high = FOCAL_RANGE[0] * width, FOCAL_RANGE[1] * width
+    focal = (fx > low) & (fx < high) & (fy > low) & (fy < high) & ((fx / fy - 1).abs() <= FOCAL_ASPECT - 1)
+    return focal & (cx >= 0) & (cx <= width) & (cy >= 0) & (cy <= height)
+
+
 def _initialize(uv: torch.Tensor, X: torch.Tensor, size: tuple[int, int], config: RegistrationConfig):
-    """Closed form: intrinsics ``(F|1, 4)``, ``R (F, 3, 3)``, ``t (F, 3)``, planar mask ``(F,)``, refine-K flag."""
+    """Closed form: intrinsics ``(F|1, 4)``, ``R (F, 3, 3)``, ``t (F, 3)``, planar mask ``(F,)``, refine-K flag.
+
+    Frames flat enough to be planar get their pose from the plane; the others a DLT. Where the DLT's intrinsics
+    (their median over frames) are no camera's (:func:`plausible_intrinsics`), which a noisy near-planar pointmap
+    gives (focal lengths of a pixel or of 1e4 widths, the principal point far outside the image), every frame is
+    treated as planar: K from the plane, not refined.
+    """
     height, width = size
     frames = X.shape[0]
     planar = planarity(X) < config.planar_threshold
-    general = ~planar
-    if general.any():
-        K_dlt, R_dlt, t_dlt = decompose_projection(robust_projection(uv, X[general], width, config.seed))
+    if (~planar).any():
+        K_dlt, R_dlt, t_dlt = decompose_projection(robust_projection(uv, X[~planar], width, config.seed))
         k_dlt = torch.stack([K_dlt[:, 0, 0], K_dlt[:, 1, 1], K_dlt[:, 0, 2], K_dlt[:, 1, 2]], -1)
         k_all = k_dlt.nanmedian(dim=0).values.expand(frames, 4).clone()  # a degenerate frame may give NaN
-        if not config.shared_intrinsics:
-            k_all[general] = torch.where(k_dlt.isfinite(), k_dlt, k_all[general])
+        if not plausible_intrinsics(k_all[0], height, width):
+            planar = torch.ones_like(planar)
+    general = ~planar
+    if general.any():
+        if not config.shared_intrinsics:  # each frame's own where it is a camera's
+            own = k_dlt.isfinite().all(-1) & plausible_intrinsics(k_dlt, height, width)
+            k_all[general] = torch.where(own[:, None], k_dlt, k_all[general])
     else:
         center = torch.tensor([width / 2, height / 2], dtype=X.dtype, device=X.device)
         focal = focal_from_plane(uv, X, center)
-        focal = focal[focal.isfinite() & (focal > 0.05 * width) & (focal < 20 * width)]
+        focal = focal[focal.isfinite() & (focal > FOCAL_RANGE[0] * width) & (focal < FOCAL_RANGE[1] * width)]
         f = focal.median() if len(focal) else torch.tensor(config.default_focal * width, dtype=X.dtype, device=X.device)
         k_all = torch.stack([f, f, center[0], center[1]]).expand(frames, 4).clone()
     K = intrinsics(*k_all.unbind(-1))
@@ -294,6 +319,8 @@ def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> 
             k_new = k + d_k if d_k is not None else k
             _, _, _, r_new = _residuals(R_new, t_new, k_new, uv, X)
             cost_new = (w * r_new.square().sum(-1)).sum()
+            if not plausible_intrinsics(k_new, height, width).all():  # a step out of what a camera can be
+                cost_new = torch.full_like(cost_new, math.inf)
             if cost_new <= cost:
                 break
             lam *= 10
