@@ -9,9 +9,10 @@ Rows, one column per shown frame (evenly spaced over the clip, the first one the
 1. the RGB video;
 2. the XYZ video as the result's mp4 shows it (x, y, z in [-1, 1] as red, green, blue);
 3. that frame's registered points (pm_registration.py's, residual filter aside) splatted as render.py splats them,
-   seen by one overview camera: lifted and pulled back from the first camera along its own axes, looking at the
-   centre of the first frame's points. On them, the path of every frame's camera centre (white) and that frame's
-   camera as a frustum (yellow) whose far side is a tenth of the scene's depth away.
+   seen by one overview camera: lifted and pulled back from the first camera along its own axes, looking at a
+   point between the centre of the first frame's points and the first camera. On them, the path of every frame's
+   camera centre (white) and that frame's camera as a frustum (yellow) whose far side is a tenth of the scene's
+   depth away.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from fourdnex.geometry.results import load_result, to_uint8
 #: The overview camera, in units of the scene depth: behind the first camera, above it, and its focal length as a
 #: share of the first camera's (wider, so the path fits).
 BACK, LIFT, FOCAL = 0.8, 0.7, 0.8
+#: Where the overview camera looks: this share of the way from the centre of the first frame's points to the first
+#: camera, so that the cameras stay in view below a scene that reaches far (the quick start's floor pushed them to
+#: the picture's bottom edge, and their path out of it, when it looked at the points' centre).
+AIM = 0.3
 #: render.py's splat size for the overview: a ground seen edge-on by the first camera is seen from above here, its
 #: points' footprints (sized for the first camera's view) stretched several times.
 SPLAT = 3 * SPLAT_SCALE
@@ -93,8 +98,9 @@ def figure(result_path: str | Path, shown: int = 4, zoom: int = 3) -> np.ndarray
     picks = np.linspace(0, count - 1, min(shown, count)).round().astype(int)
     scene = scene_depth(depth[0], keep[0])
     centre = points[0][keep[0]].median(0).values
+    target = centre + AIM * (cam2world[0, :3, 3] - centre)
     focal = FOCAL * float(K[0, 0, 0] + K[0, 1, 1]) / 2 * zoom
-    K_view, pose = overview_camera(cam2world[0], focal, centre, scene, panel_h, panel_w)
+    K_view, pose = overview_camera(cam2world[0], focal, target, scene, panel_h, panel_w)
     path, _ = project_points(cam2world[None, :, :3, 3], K_view[None], pose[None])  # (1, F, 2)
     extent = footprints(depth, K)  # (F, H, W, 2)
     rows = [[], [], []]
