@@ -30,14 +30,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fourdnex.evaluation.metrics import align_depth
 from fourdnex.evaluation.truth import clip_sources, load_truth, read_mapping
 
 EDGE = 0.05  # log-depth change per pixel above which a pixel is on a depth edge
 
 
 def _absrel(pred: np.ndarray, true: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Per-pixel AbsRel of ``pred`` scaled by the median ratio to ``true``, at the ``valid`` pixels."""
-    scale = np.median(true[valid]) / np.median(pred[valid])
+    """Per-pixel AbsRel of ``pred`` aligned to ``true`` as evaluate.py's median rule aligns it, at the ``valid``
+    pixels."""
+    scale, _ = align_depth(pred[valid], true[valid], "median")
     return np.abs(pred[valid] * scale - true[valid]) / true[valid]
 
 
