@@ -267,16 +267,15 @@ def _initialize(uv: torch.Tensor, X: torch.Tensor, size: tuple[int, int], config
         if not plausible_intrinsics(k_all[0], height, width):
             planar = torch.ones_like(planar)
     general = ~planar
-    if general.any():
-        if not config.shared_intrinsics:  # each frame's own where it is a camera's
-            own = k_dlt.isfinite().all(-1) & plausible_intrinsics(k_dlt, height, width)
-            k_all[general] = torch.where(own[:, None], k_dlt, k_all[general])
-    else:
+    if not general.any():
         center = torch.tensor([width / 2, height / 2], dtype=X.dtype, device=X.device)
         focal = focal_from_plane(uv, X, center)
         focal = focal[focal.isfinite() & (focal > FOCAL_RANGE[0] * width) & (focal < FOCAL_RANGE[1] * width)]
         f = focal.median() if len(focal) else torch.tensor(config.default_focal * width, dtype=X.dtype, device=X.device)
         k_all = torch.stack([f, f, center[0], center[1]]).expand(frames, 4).clone()
+    elif not config.shared_intrinsics:  # each frame's own where it is a camera's
+        own = k_dlt.isfinite().all(-1) & plausible_intrinsics(k_dlt, height, width)
+        k_all[general] = torch.where(own[:, None], k_dlt, k_all[general])
     K = intrinsics(*k_all.unbind(-1))
     R, t = plane_pose(uv, X, K)
     if general.any():  # keep the plane pose where it fits better (a noisy plane can pass the planarity test)
