@@ -2,7 +2,8 @@
 
 A small U-Net is trained directly RGB -> log depth on frame 0 of the training clips of a 4DNeX-10M tree (as
 ``python -m fourdnex.data.synthetic`` writes), with the scale-invariant log loss of Eigen et al. (2014, lambda 0.85),
-and scored on frame 0 of held-out clips as evaluate.py scores ``depth0.median.absrel``: each frame's predicted depth
+and scored on frame 0 of the clips of one or more held-out trees (each on its own: in distribution, a held-out
+texture family) as evaluate.py scores ``depth0.median.absrel``: each frame's predicted depth
 scaled onto its truth by the median ratio (``metrics.align_depth``, rule ``median``) over evaluate.py's grid pixels
 where both are defined, then AbsRel = mean |d - g| / g and delta < 1.25 = the share with max(d / g, g / d) < 1.25.
 The frames are read by the evaluation's own reader (``fourdnex.evaluation.truth.load_truth``: cropped as training
@@ -26,8 +27,8 @@ in [-1, 1]; AdamW with cosine decay; bf16 autocast on CUDA; random horizontal fl
 
 Prints the learning curve and the floor as a Markdown table; ``--json`` writes every number.
 
-    python bench/depth_probe.py --train /root/demo/train/data --held_out /root/demo/held-out/data --device cuda \\
-        --json /root/demo/depth_probe.json
+    python bench/depth_probe.py --train /root/demo/train/data --held_out /root/demo/held-out/data \\
+        /root/demo/held-out-family/data --device cuda --json /root/demo/depth_probe.json
 """
 
 from __future__ import annotations
@@ -315,32 +316,46 @@ def _batches(count: int, batch: int, generator: torch.Generator) -> Iterator[tor
 # The run
 
 
-def _table(curve: list[dict], floor: dict[str, dict[str, float]]) -> str:
-    """The learning curve and the floor as a Markdown table."""
-    lines = [
-        "| step | samples seen | train-frame AbsRel mean | held-out AbsRel mean | held-out AbsRel median "
-        "| held-out δ<1.25 | elapsed s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _table(curve: list[dict], floor: dict, sets: list[str]) -> str:
+    """The learning curve and the floor as a Markdown table: the training frames, then each held-out set."""
+    head = "".join(f" {name}: AbsRel mean / median, δ<1.25 |" for name in sets)
+    rule = "|---" * (len(sets) + 4) + "|"
+    lines = [f"| step | samples seen | training frames: AbsRel mean |{head} elapsed s |", rule]
+
+    def cells(row: dict) -> str:
+        held = [row["held_out"][name] for name in sets]
+        return "".join(f" {h['absrel_mean']:.4f} / {h['absrel_median']:.4f}, {h['delta1_mean']:.4f} |" for h in held)
+
     for row in curve:
-        train, held = row["train"], row["held_out"]
         lines.append(
-            f"| {row['step']} | {row['samples']} | {train['absrel_mean']:.4f} | {held['absrel_mean']:.4f} "
-            f"| {held['absrel_median']:.4f} | {held['delta1_mean']:.4f} | {row['elapsed_s']:.1f} |"
+            f"| {row['step']} | {row['samples']} | {row['train']['absrel_mean']:.4f} |{cells(row)} "
+            f"{row['elapsed_s']:.1f} |"
         )
-    train, held = floor["train"], floor["held_out"]
-    lines.append(
-        f"| mean-depth floor | - | {train['absrel_mean']:.4f} | {held['absrel_mean']:.4f} "
-        f"| {held['absrel_median']:.4f} | {held['delta1_mean']:.4f} | - |"
-    )
+    lines.append(f"| mean-depth floor | - | {floor['train']['absrel_mean']:.4f} |{cells(floor)} - |")
     return "\n".join(lines)
+
+
+def _plain(value):
+    """A command-line value as JSON holds it: paths (alone or in a list) as strings."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _set_name(path: Path) -> str:
+    """A held-out set's name in the tables: its folder's (the folder above ``data/`` for a tree's data folder)."""
+    path = path.resolve()
+    return path.parent.name if path.name == "data" else path.name
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, required=True, help="the training clips: a 4DNeX-10M tree")
-    parser.add_argument("--held_out", type=Path, required=True, help="the held-out clips: a 4DNeX-10M tree")
+    parser.add_argument(
+        "--held_out", type=Path, nargs="+", required=True,
+        help="the held-out clips: one or more 4DNeX-10M trees, each scored on its own",
+    )  # fmt: skip
     parser.add_argument("--train_clips", type=int, default=None, help="the first N training clips by id (all)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
@@ -371,26 +386,32 @@ def main(argv: list[str] | None = None) -> dict:
     eval_every = args.eval_every or max(1, args.steps // 5)
     size = (args.height, args.width)
     train = load_frames(args.train, "--train", args.train_clips, *size, args.workers)
-    held = load_frames(args.held_out, "--held_out", None, *size, args.workers)
+    helds = {_set_name(path): load_frames(path, "--held_out", None, *size, args.workers) for path in args.held_out}
+    if len(helds) < len(args.held_out):
+        sys.exit(f"--held_out {' '.join(map(str, args.held_out))}: give each set once, in folders of distinct names")
 
     floor_map = mean_depth_map(train.depth)
     scored = slice(0, TRAIN_SCORED)
     floor = {
         "train": summary(score(np.broadcast_to(floor_map, train.depth[scored].shape), train.depth[scored])),
-        "held_out": summary(score(np.broadcast_to(floor_map, held.depth.shape), held.depth)),
+        "held_out": {
+            name: summary(score(np.broadcast_to(floor_map, held.depth.shape), held.depth))
+            for name, held in helds.items()
+        },
     }
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rgb = torch.from_numpy(train.rgb).to(device)
-    held_rgb = torch.from_numpy(held.rgb).to(device)
-    if args.vae_from is None:
-        inputs, held_inputs = Inputs(rgb), Inputs(held_rgb)
-    else:
-        inputs = Inputs(rgb, encode_frames(args.vae_from, train.rgb, device, args.batch))
-        held_inputs = Inputs(held_rgb, encode_frames(args.vae_from, held.rgb, device, args.batch))
+    def view(frames: Frames) -> Inputs:
+        """What the network reads of ``frames``, on the device."""
+        pixels = torch.from_numpy(frames.rgb).to(device)
+        if args.vae_from is None:
+            return Inputs(pixels)
+        return Inputs(pixels, encode_frames(args.vae_from, frames.rgb, device, args.batch))
+
+    inputs, held_inputs = view(train), {name: view(held) for name, held in helds.items()}
     model = DepthUNet(inputs.channels)
     valid = train.depth > 0
     with torch.no_grad():  # start at the training frames' mean log depth: the loss weighs that offset only lightly
@@ -437,14 +458,16 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_s += time.perf_counter() - tick
-            held_frames = score(predict(model, held_inputs, args.batch), held.depth)
+            held_frames = {
+                name: score(predict(model, held_inputs[name], args.batch), held.depth) for name, held in helds.items()
+            }
             row = {
                 "step": step,
                 "samples": step * args.batch,
                 "running_loss": float(running),
                 "lr": float(schedule.get_last_lr()[0]),
                 "train": summary(score(predict(model, inputs.subset(scored), args.batch), train.depth[scored])),
-                "held_out": summary(held_frames),
+                "held_out": {name: summary(frames) for name, frames in held_frames.items()},
                 "elapsed_s": time.perf_counter() - start,
                 "train_s": train_s,
             }
@@ -452,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
             tick = time.perf_counter()
             bar.write(
                 f"step {step}: loss {running:.4f}, train-frame AbsRel {row['train']['absrel_mean']:.4f}, "
-                f"held-out AbsRel {row['held_out']['absrel_mean']:.4f}"
+                + ", ".join(f"{name} AbsRel {h['absrel_mean']:.4f}" for name, h in row["held_out"].items())
             )
     bar.close()
 
@@ -460,23 +483,30 @@ def main(argv: list[str] | None = None) -> dict:
     scored_count = len(train.depth[scored])
     print(
         f"\nsupervised depth probe, frame 0 at {args.height}x{args.width} read {read}: {len(train.ids)} training "
-        f"clips, {len(held.ids)} held-out clips; train-frame AbsRel over the first {scored_count} training frames; "
+        f"clips, {' and '.join(f'{len(h.ids)} {name}' for name, h in helds.items())} clips; training-frame AbsRel "
+        f"over the first {scored_count} training frames; "
         "AbsRel and δ<1.25 after median scaling per frame (as evaluate.py's depth0.median)\n"
     )
-    print(_table(curve, floor))
+    print(_table(curve, floor, list(helds)))
     result = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: _plain(v) for k, v in vars(args).items()},
         "eval_every": eval_every,
         "train": {"clips": len(train.ids) + len(train.failed), "loaded": len(train.ids), "failed": train.failed},
-        "held_out": {"clips": len(held.ids) + len(held.failed), "loaded": len(held.ids), "failed": held.failed},
+        "held_out": {
+            name: {"path": str(path), "clips": len(h.ids) + len(h.failed), "loaded": len(h.ids), "failed": h.failed}
+            for (name, h), path in zip(helds.items(), args.held_out, strict=True)
+        },
         "train_scored": len(train.depth[scored]),
         "model": {"parameters": parameters, "forward_flops_per_image": flops},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "floor": floor,
         "curve": curve,
         "held_out_frames": {
-            clip_id: {"absrel": float(a), "delta1": float(d)}
-            for clip_id, a, d in zip(held.ids, held_frames["absrel"], held_frames["delta1"], strict=True)
+            name: {
+                clip_id: {"absrel": float(a), "delta1": float(d)}
+                for clip_id, a, d in zip(h.ids, held_frames[name]["absrel"], held_frames[name]["delta1"], strict=True)
+            }
+            for name, h in helds.items()
         },
     }
     if args.json is not None:

@@ -21,8 +21,11 @@ def trees(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     train = write_tree(root / "train", num_clips=6, num_frames=3, height=SIZE[0], width=SIZE[1], seed=1)
     held = write_tree(root / "held", num_clips=3, num_frames=3, height=SIZE[0], width=SIZE[1], seed=2)
+    family = write_tree(
+        root / "family", num_clips=2, num_frames=3, height=SIZE[0], width=SIZE[1], seed=2, families=("stripes",)
+    )
     (train / f"{BROKEN}.npz").write_bytes(b"not an npz")
-    return train, held, root
+    return train, held, family, root
 
 
 def _frame0_depths(data_dir, skip=()):
@@ -47,11 +50,12 @@ def test_a_prediction_right_up_to_scale_scores_no_error():
 
 
 def test_the_probe_s_floor_curve_and_load_report(trees, capsys):
-    train, held, root = trees
+    """Two held-out sets, each scored on its own (named by their folders); the floor against one computed here."""
+    train, held, family, root = trees
     steps, batch, every = 4, 2, 2
     out = root / "probe.json"
     result = main(
-        ["--train", str(train), "--held_out", str(held), "--steps", str(steps), "--batch", str(batch),
+        ["--train", str(train), "--held_out", str(held), str(family), "--steps", str(steps), "--batch", str(batch),
          "--eval_every", str(every), "--device", "cpu", "--height", str(SIZE[0]), "--width", str(SIZE[1]),
          "--workers", "2", "--json", str(out)]
     )  # fmt: skip
@@ -60,35 +64,42 @@ def test_the_probe_s_floor_curve_and_load_report(trees, capsys):
     # the broken clip is counted and named, in one line and in the JSON
     assert f"--train {train}: 5 of 6 clips loaded, 1 failed (first: {BROKEN}: " in printed
     assert result["train"]["loaded"] == 5 and [c for c, _ in result["train"]["failed"]] == [BROKEN]
-    assert result["held_out"]["loaded"] == 3 and result["held_out"]["failed"] == []
+    assert result["held_out"]["held"] == {"path": str(held), "clips": 3, "loaded": 3, "failed": []}
+    assert result["held_out"]["family"]["loaded"] == 2
 
     # the mean-depth floor, computed here: each training frame over its median, averaged per pixel where defined
-    train_depth, held_depth = _frame0_depths(train, skip={BROKEN}), _frame0_depths(held)
+    train_depth = _frame0_depths(train, skip={BROKEN})
     normalized = [np.where(d > 0, d / np.median(d[d > 0]), np.nan) for d in train_depth]
     floor = np.nan_to_num(np.nanmean(normalized, axis=0), nan=1.0)
-    for name, depths in (("held_out", held_depth), ("train", train_depth)):
+    sets = {"held": _frame0_depths(held), "family": _frame0_depths(family)}
+    reports = {name: result["floor"]["held_out"][name] for name in sets} | {"train": result["floor"]["train"]}
+    for name, depths in (*sets.items(), ("train", train_depth)):
         errors = np.array([_median_scaled_errors(floor, d) for d in depths])
-        reported = result["floor"][name]
+        reported = reports[name]
         assert reported["absrel_mean"] == pytest.approx(errors[:, 0].mean(), rel=1e-6), name
         assert reported["absrel_median"] == pytest.approx(np.median(errors[:, 0]), rel=1e-6), name
         assert reported["delta1_mean"] == pytest.approx(errors[:, 1].mean(), rel=1e-6), name
-    assert 0.05 < result["floor"]["held_out"]["absrel_mean"] < 1
+    assert 0.05 < result["floor"]["held_out"]["held"]["absrel_mean"] < 1
 
     # the learning curve: one row per evaluation, in the JSON as returned, with the printed table
     curve = result["curve"]
     assert [(r["step"], r["samples"]) for r in curve] == [(2, 4), (4, 8)]
     for row in curve:
-        for part in ("train", "held_out"):
-            assert 0 < row[part]["absrel_mean"] < 10 and 0 <= row[part]["delta1_mean"] <= 1
+        for part in (row["train"], *row["held_out"].values()):
+            assert 0 < part["absrel_mean"] < 10 and 0 <= part["delta1_mean"] <= 1
+        assert list(row["held_out"]) == ["held", "family"]
         assert np.isfinite(row["running_loss"]) and row["elapsed_s"] > 0
-    held_frames = [v["absrel"] for v in result["held_out_frames"].values()]
-    assert curve[-1]["held_out"]["absrel_mean"] == pytest.approx(np.mean(held_frames))
+    for name in sets:
+        frames = [v["absrel"] for v in result["held_out_frames"][name].values()]
+        assert len(frames) == len(sets[name])
+        assert curve[-1]["held_out"][name]["absrel_mean"] == pytest.approx(np.mean(frames))
     assert json.loads(out.read_text())["curve"] == curve
+    assert "| held: AbsRel mean / median, δ<1.25 | family: AbsRel mean / median, δ<1.25 |" in printed
     assert "| 4 | 8 | " in printed and "| mean-depth floor | - | " in printed
 
 
 def test_a_folder_without_clips_is_refused_in_one_line(trees, tmp_path):
-    train, _, _ = trees
+    train, *_ = trees
     with pytest.raises(SystemExit) as stop:
         main(["--train", str(train), "--held_out", str(tmp_path), "--device", "cpu", "--workers", "1", "--height", "32",
               "--width", "48"])  # fmt: skip
@@ -102,7 +113,7 @@ def test_the_latent_view_is_the_vae_s_own_encoding_of_each_frame_and_its_mirror(
 
     from bench.depth_probe import Inputs, encode_frames
 
-    train, _, _ = trees
+    train, *_ = trees
     clips = clip_sources(train)
     rgb = np.stack([load_truth(train, clips[c], 1, *SIZE).rgb[0] for c in sorted(clips)[:3]])
     latents = encode_frames(TINY, rgb, torch.device("cpu"), batch=2)  # batches of 2 and 1
@@ -121,7 +132,7 @@ def test_the_latent_view_is_the_vae_s_own_encoding_of_each_frame_and_its_mirror(
 
 
 def test_the_probe_reads_through_a_vae(trees, capsys):
-    train, held, _ = trees
+    train, held, *_ = trees
     result = main(
         ["--train", str(train), "--held_out", str(held), "--steps", "2", "--batch", "2", "--device", "cpu",
          "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--workers", "1", "--vae_from", str(TINY)]
