@@ -51,7 +51,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fourdnex.data.sources import ClipSource
-from fourdnex.evaluation.metrics import DELTA, align_depth, grid_stride, on_grid
+from fourdnex.evaluation.metrics import align_depth, depth_errors, grid_stride, on_grid
 from fourdnex.evaluation.truth import EvaluationError, clip_sources, load_truth
 from fourdnex.files import write_json
 from fourdnex.runtime import worker_processes
@@ -202,7 +202,7 @@ def flops_per_sample(model: nn.Module, channels: int, height: int, width: int, d
 def score(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
     """Per-frame ``absrel`` and ``delta1`` ``(N,)`` of predicted depths ``(N, H, W)`` against true ones (0 where
     undefined), as evaluate.py's frame-0 depth metrics with median alignment: on its grid, over the pixels where both
-    are defined, each frame scaled by the median ratio."""
+    are defined, each frame scaled by the median ratio, by the evaluation's own ``metrics.depth_errors``."""
     stride = grid_stride(*true.shape[1:])
     pred, true = on_grid(pred, stride), on_grid(true, stride)
     absrel, delta1 = np.full(len(true), np.nan), np.full(len(true), np.nan)
@@ -212,9 +212,8 @@ def score(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
             continue
         p, g = p[valid].astype(np.float64), g[valid].astype(np.float64)
         scale, _ = align_depth(p, g, "median")
-        ratio = p * scale / g
-        absrel[n] = np.mean(np.abs(ratio - 1))
-        delta1[n] = np.mean(np.maximum(ratio, 1 / ratio) < DELTA)
+        _, frame = depth_errors(p, g, np.zeros(len(p), int), 1, scale)
+        absrel[n], delta1[n] = frame["absrel"], frame["delta1"]
     return {"absrel": absrel, "delta1": delta1}
 
 
@@ -404,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
     def view(frames: Frames) -> Inputs:
         """What the network reads of ``frames``, on the device."""
         pixels = torch.from_numpy(frames.rgb).to(device)
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
             name: {"path": str(path), "clips": len(h.ids) + len(h.failed), "loaded": len(h.ids), "failed": h.failed}
             for (name, h), path in zip(helds.items(), args.held_out, strict=True)
         },
-        "train_scored": len(train.depth[scored]),
+        "train_scored": scored_count,
         "model": {"parameters": parameters, "forward_flops_per_image": flops},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "floor": floor,
