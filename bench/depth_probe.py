@@ -25,7 +25,8 @@ ReLU each, the first of levels 1-4 of stride 2), one residual self-attention lay
 144: global context), a decoder upsampling bilinearly with skip connections, a 1x1 convolution to log depth. Input RGB
 in [-1, 1]; AdamW with cosine decay; bf16 autocast on CUDA; random horizontal flips. The frames are held on the device.
 
-Prints the learning curve and the floor as a Markdown table; ``--json`` writes every number.
+Prints the learning curve and the floor as a Markdown table; ``--json`` writes every number, again at every
+evaluation (``finished`` is false until the last), so a run cut short keeps its curve so far.
 
     python bench/depth_probe.py --train /root/demo/train/data --held_out /root/demo/held-out/data \\
         /root/demo/held-out-family/data --device cuda --json /root/demo/depth_probe.json
@@ -369,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae_from", type=Path, default=None,
         help="a model folder: read frame 0 through its VAE (the transformer's view) instead of as pixels",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write every number here, at every evaluation (atomically)"
+    )
     return parser
 
 
@@ -428,6 +431,38 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator(device).manual_seed(args.seed)  # indices and flips drawn there: no synchronization
     batches = _batches(len(inputs), args.batch, generator)
 
+    scored_count = len(train.depth[scored])
+
+    def result(held_frames: dict, finished: bool) -> dict:
+        """Every number so far (what ``--json`` holds); ``held_frames``: each held-out frame's scores at the last
+        evaluation."""
+        return {
+            "args": {k: _plain(v) for k, v in vars(args).items()},
+            "eval_every": eval_every,
+            "train": {"clips": len(train.ids) + len(train.failed), "loaded": len(train.ids), "failed": train.failed},
+            "held_out": {
+                name: {"path": str(path), "clips": len(h.ids) + len(h.failed), "loaded": len(h.ids), "failed": h.failed}
+                for (name, h), path in zip(helds.items(), args.held_out, strict=True)
+            },
+            "train_scored": scored_count,
+            "model": {"parameters": parameters, "forward_flops_per_image": flops},
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "floor": floor,
+            "curve": curve,
+            "finished": finished,
+            "held_out_frames": {
+                name: {
+                    clip_id: {"absrel": float(a), "delta1": float(d)}
+                    for clip_id, a, d in zip(
+                        h.ids, held_frames[name]["absrel"], held_frames[name]["delta1"], strict=True
+                    )
+                }
+                for name, h in helds.items()
+            },
+        }
+
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     curve, running, pending, start, train_s = [], float("nan"), [], time.perf_counter(), 0.0
     tick = start
     bar = tqdm(range(1, args.steps + 1), desc="training", unit="step")
@@ -472,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "train_s": train_s,
             }
             curve.append(row)
+            if args.json is not None:  # at every evaluation: a run cut short keeps its curve so far
+                write_json(args.json, result(held_frames, finished=step == args.steps))
             tick = time.perf_counter()
             bar.write(
                 f"step {step}: loss {running:.4f}, train-frame AbsRel {row['train']['absrel_mean']:.4f}, "
@@ -480,7 +517,6 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
 
     read = "as pixels" if args.vae_from is None else f"through the VAE of {args.vae_from}"
-    scored_count = len(train.depth[scored])
     print(
         f"\nsupervised depth probe, frame 0 at {args.height}x{args.width} read {read}: {len(train.ids)} training "
         f"clips, {' and '.join(f'{len(h.ids)} {name}' for name, h in helds.items())} clips; training-frame AbsRel "
@@ -488,32 +524,9 @@ def main(argv: list[str] | None = None) -> dict:
         "AbsRel and δ<1.25 after median scaling per frame (as evaluate.py's depth0.median)\n"
     )
     print(_table(curve, floor, list(helds)))
-    result = {
-        "args": {k: _plain(v) for k, v in vars(args).items()},
-        "eval_every": eval_every,
-        "train": {"clips": len(train.ids) + len(train.failed), "loaded": len(train.ids), "failed": train.failed},
-        "held_out": {
-            name: {"path": str(path), "clips": len(h.ids) + len(h.failed), "loaded": len(h.ids), "failed": h.failed}
-            for (name, h), path in zip(helds.items(), args.held_out, strict=True)
-        },
-        "train_scored": scored_count,
-        "model": {"parameters": parameters, "forward_flops_per_image": flops},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "floor": floor,
-        "curve": curve,
-        "held_out_frames": {
-            name: {
-                clip_id: {"absrel": float(a), "delta1": float(d)}
-                for clip_id, a, d in zip(h.ids, held_frames[name]["absrel"], held_frames[name]["delta1"], strict=True)
-            }
-            for name, h in helds.items()
-        },
-    }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, result)
         print(f"\nwrote {args.json}")
-    return result
+    return result(held_frames, finished=True)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def test_the_probe_s_floor_curve_and_load_report(trees, capsys):
         frames = [v["absrel"] for v in result["held_out_frames"][name].values()]
         assert len(frames) == len(sets[name])
         assert curve[-1]["held_out"][name]["absrel_mean"] == pytest.approx(np.mean(frames))
-    assert json.loads(out.read_text())["curve"] == curve
+    written = json.loads(out.read_text())
+    assert written["curve"] == curve and written["finished"] is True and result["finished"] is True
     assert "| held: AbsRel mean / median, δ<1.25 | family: AbsRel mean / median, δ<1.25 |" in printed
     assert "| 4 | 8 | " in printed and "| mean-depth floor | - | " in printed
 
@@ -139,3 +140,33 @@ def test_the_probe_reads_through_a_vae(trees, capsys):
     )  # fmt: skip
     assert f"read through the VAE of {TINY}:" in capsys.readouterr().out
     assert result["args"]["vae_from"] == str(TINY) and len(result["curve"]) == 2
+
+
+def test_the_json_holds_the_curve_at_every_evaluation(trees, monkeypatch):
+    """A run cut short keeps its numbers: --json is rewritten at each evaluation, marked finished at the last."""
+    import bench.depth_probe as probe
+
+    train, held, _, root = trees
+    snapshots = []
+    write = probe.write_json
+
+    def record(path, obj):
+        snapshots.append(json.loads(json.dumps(obj)))
+        write(path, obj)
+
+    monkeypatch.setattr(probe, "write_json", record)
+    out = root / "cut.json"
+    main(
+        ["--train", str(train), "--held_out", str(held), "--steps", "6", "--batch", "2", "--eval_every", "2",
+         "--device", "cpu", "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--workers", "1", "--json", str(out)]
+    )  # fmt: skip
+    assert [([r["step"] for r in s["curve"]], s["finished"]) for s in snapshots] == [
+        ([2], False),
+        ([2, 4], False),
+        ([2, 4, 6], True),
+    ]
+    assert json.loads(out.read_text()) == snapshots[-1]
+    first = snapshots[0]["held_out_frames"]["held"]
+    assert len(first) == 3 and np.mean([v["absrel"] for v in first.values()]) == pytest.approx(
+        snapshots[0]["curve"][0]["held_out"]["held"]["absrel_mean"]
+    )
