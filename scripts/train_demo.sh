@@ -17,8 +17,9 @@
 #   base      stage 1: finetune.py --train_mode full --modalities rgb (plain image-to-video on the RGB clips)
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
 #             fine-tuning of the fused model (given frame 0, or any frames: full-any; grown to 12 blocks or twice
-#             as wide first: full-deep, full-wide; the XYZ half of the loss weighted 3x: full-xyz; noise levels drawn
-#             uniformly: full-uniform), the ablations (no domain embedding; stock RoPE) and the any-frame adapter
+#             as wide first: full-deep, full-wide; reading a token per latent pixel: full-fine; the XYZ half of the
+#             loss weighted 3x: full-xyz; noise levels drawn uniformly: full-uniform), the ablations (no domain
+#             embedding; stock RoPE) and the any-frame adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, its
 #             last one also as the mean of ENSEMBLE samples (inference.py --ensemble), and the VAE's round trip of
 #             the held-out truths (the ceiling of any transformer on this VAE)
@@ -163,15 +164,19 @@ declare -A RUN_FLAGS=(
     [any-frame]="--type i2vwbw-demb-samerope --lora_rank 16 --lora_alpha 16 --learning_rate 2e-3 --condition_tasks any"
     [full-deep]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
     [full-wide]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
+    [full-fine]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
     [full-xyz]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --xyz_loss_weight 3"
     [full-uniform]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --timestep_sampling uniform"
 )
 # Runs whose transformer is the full fine-tuning's starting one grown (python -m fourdnex.model.grow): to 12 blocks
 # (the most that the demo folder's 32 MB holds in half precision: 11.8M parameters), or twice the heads and
-# feed-forward width. Each starts computing what that transformer computes.
+# feed-forward width, each computing what that transformer computes; or reading a token per latent pixel instead of
+# per 2 x 2 patch (4x the tokens: 3,024 a fused sample), starting near what it computes (BENCHMARKS.md, "The tenth
+# run").
 declare -A RUN_GROWTH=(
     [full-deep]="--blocks 12"
     [full-wide]="--width 2"
+    [full-fine]="--patch 1"
 )
 
 stage_adapters() {

@@ -136,3 +136,52 @@ def test_unknown_weights_and_bad_factors_are_refused(trained, tmp_path, capsys):
         run(main, build_parser(), [str(odd), str(tmp_path / "b"), "--width", "2"])
     with pytest.raises(SystemExit, match="no transformer weights"):
         run(main, build_parser(), [str(tmp_path), str(tmp_path / "c")])
+
+
+def test_a_finer_transformer_reads_each_latent_pixel_and_starts_near_the_patch_mean(trained, tmp_path, monkeypatch):
+    """--patch 1: on a latent constant over each 2 x 2 patch, each of the four tokens of a patch is embedded as the
+    coarse token was; the output projection is the mean of the coarse one's four sub-pixels; so the whole model's
+    output starts near the coarse model's averaged over each patch (off by the half-step rotary phases only)."""
+    import fourdnex.model.transformer as transformer_module
+
+    source = fused(FourDNeXTransformer.from_pretrained(trained))
+    out = grow(trained, tmp_path / "fine", patch=1)
+    assert json.loads((out / CONFIG_FILE).read_text())["patch_size"] == [1, 1, 1]
+    fine = fused(FourDNeXTransformer.from_pretrained(out))
+    latent, timestep, text, image = inputs()
+    blocky = latent[..., ::2, ::2].repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)  # (2, 36, 3, 4, 16)
+
+    def per_pixel(x):  # a coarse token's value repeated over its 2 x 2 latent pixels
+        return x.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+
+    with torch.no_grad():
+        assert torch.allclose(fine.patch_embedding(blocky), per_pixel(source.patch_embedding(blocky)), atol=1e-5)
+        hidden = torch.randn(5, source.proj_out.in_features)
+        coarse = source.proj_out(hidden).reshape(5, 4, -1)  # (p_h, p_w) sub-pixels, then channels
+        assert torch.allclose(fine.proj_out(hidden), coarse.mean(1), atol=1e-5)
+
+    expected = per_pixel(torch.nn.functional.avg_pool3d(output(source, (blocky, timestep, text, image)), (1, 2, 2)))
+    deviation = (output(fine, (blocky, timestep, text, image)) - expected).norm() / expected.norm()
+    monkeypatch.setattr(transformer_module, "ROPE_STEP", 1)  # the fine tokens at whole steps instead
+    whole_steps = (output(fine, (blocky, timestep, text, image)) - expected).norm() / expected.norm()
+    assert deviation < 0.01 and deviation < whole_steps, (deviation, whole_steps)
+
+
+def test_only_a_patch_2_transformer_is_refined(trained, tmp_path):
+    fine = grow(trained, tmp_path / "fine", patch=1)
+    with pytest.raises(SystemExit, match=r"refines a transformer of patch \(1, 2, 2\), this one has \(1, 1, 1\)"):
+        run(main, build_parser(), [str(fine), str(tmp_path / "finer"), "--patch", "1"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([str(trained), str(tmp_path / "a"), "--patch", "2"])
+
+
+def test_the_bench_measures_where_a_grown_transformer_starts(trained, tmp_path):
+    """bench/grow_start.py: a deeper transformer starts where its source is; a finer one near its patch mean."""
+    from bench.grow_start import main as grow_start
+
+    size = ["--latent_frames", "3", "--latent_height", "4", "--latent_width", "8"]
+    deep = grow_start([str(trained), str(grow(trained, tmp_path / "deep", blocks=4)), *size])
+    assert not deep["refined"] and deep["grown_vs_source"] < 1e-5
+    fine = grow_start([str(trained), str(grow(trained, tmp_path / "fine", patch=1)), *size])
+    assert fine["refined"] and fine["grown_vs_source_patch_mean"] < 0.01 < fine["source_within_patches"]
+    assert fine["grown_vs_source_patch_mean"] < fine["grown_whole_steps_vs_source_patch_mean"]

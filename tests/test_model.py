@@ -168,3 +168,26 @@ def test_a_reference_fine_tuned_folder_brings_its_domain_embedding(tiny_path, tm
     expected = r"learnable_domain_embeddings has shape \(2, 7\), the model expects \(2, 24\)"
     with pytest.raises(UsageError, match=expected):
         load_transformer(tmp_path / "sft", torch.float32, subfolder=None)
+
+
+def test_a_finer_patch_places_its_tokens_at_half_steps_of_wan_s_rotary_positions():
+    """Rotary positions count Wan's 2-latent-pixel step whatever the patch: at patch 2 the phases are diffusers'
+    own table, at patch 1 token (t, h, w) has the phases of position (t, h / 2, w / 2), computed here."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from fourdnex.model.transformer import SharedRotaryPosEmbed
+
+    latent = torch.zeros(1, 36, 3, 4, 6)
+    coarse, stock = SharedRotaryPosEmbed(12, (1, 2, 2), 64), WanRotaryPosEmbed(12, (1, 2, 2), 64)
+    assert all(torch.equal(a, b) for a, b in zip(coarse(latent), stock(latent), strict=True))
+
+    cos, sin = SharedRotaryPosEmbed(12, (1, 1, 1), 64)(latent)
+    assert cos.shape == (1, 3 * 4 * 6, 1, 12)
+    t, h, w = torch.meshgrid(torch.arange(3.0), torch.arange(4.0) / 2, torch.arange(6.0) / 2, indexing="ij")
+    angles = []
+    for position, dim in ((t, 4), (h, 4), (w, 4)):  # head dim 12: time, height, width 4 each
+        inverse = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append((position.double()[..., None] * inverse).repeat_interleave(2, dim=-1))
+    angle = torch.cat(angles, dim=-1).reshape(1, -1, 1, 12)
+    assert cos.dtype == torch.float32  # as diffusers' table
+    assert torch.allclose(cos, angle.cos().float(), atol=1e-6) and torch.allclose(sin, angle.sin().float(), atol=1e-6)

@@ -18,7 +18,17 @@ SHARED += ["--lr_warmup_steps", "200", "--min_lr_ratio", "0.1", "--max_steps", "
 
 
 def test_the_recipe_defines_its_runs():
-    assert {"4dnex", "any-frame", "full", "full-deep", "full-xyz", "full-uniform"} <= set(RUNS)
+    assert {"4dnex", "any-frame", "full", "full-deep", "full-fine", "full-xyz", "full-uniform"} <= set(RUNS)
+
+
+def test_each_growth_of_the_recipe_is_a_valid_grow_command():
+    from fourdnex.model.grow import build_parser
+
+    growth = RECIPE[RECIPE.index("declare -A RUN_GROWTH=(") :]
+    runs = dict(re.findall(r'^\s+\[([\w-]+)\]="(--[^"]+)"$', growth[: growth.index("\n)")], re.M))
+    assert set(runs) == {"full-deep", "full-wide", "full-fine"} and set(runs) <= set(RUNS)
+    parsed = {run: build_parser().parse_args(["source", "out", *shlex.split(flags)]) for run, flags in runs.items()}
+    assert (parsed["full-deep"].blocks, parsed["full-wide"].width, parsed["full-fine"].patch) == (12, 2, 1)
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))

@@ -11,10 +11,19 @@
   does (layer norms and RMS norms of a vector repeated ``k`` times equal those of the vector), yet the copies get
   different gradients and drift apart as training goes on.
 
+* **Finer** (``patch=1``): the transformer reads each latent pixel as a token instead of each 2 x 2 patch of them
+  (4x the tokens). The patch embedding becomes the sum of its four kernel taps and the output projection the mean of
+  its four sub-pixel outputs; the rotary positions count Wan's 2-pixel step at any patch
+  (:class:`fourdnex.model.transformer.SharedRotaryPosEmbed`), so the finer tokens sit at half steps. On a latent
+  constant over each 2 x 2 patch, each of a patch's four tokens starts as the coarse token was, and the output starts
+  near the mean of the coarse model's over the patch (not exactly: the four tokens' rotary phases differ by the half
+  step). Training goes on from there.
+
 The model's inputs and outputs keep their sizes (latent channels, text and image features, time frequencies), so a
 grown transformer drops into the model folder it came from:
 
     python -m fourdnex.model.grow example/demo/model/transformer runs/wide/transformer --width 2
+    python -m fourdnex.model.grow example/demo/model/transformer runs/fine/transformer --patch 1
     python -m fourdnex.model.presets runs/wide/model --preset demo --vae example/demo/model/vae \\
         --transformer runs/wide/transformer --encoders_from example/demo/model
 """
@@ -139,9 +148,28 @@ def deepen(state: dict[str, torch.Tensor], num_layers: int, blocks: int) -> dict
     return grown
 
 
-def grow_config(config: dict, blocks: int, width: int) -> dict:
-    """The transformer config after :func:`deepen` to ``blocks`` blocks and :func:`widen` by ``width``."""
+def refine(state: dict[str, torch.Tensor], patch_size: list[int]) -> dict[str, torch.Tensor]:
+    """The weights of the transformer ``state`` of ``patch_size`` (1, 2, 2) made to read one latent pixel per token
+    (module docstring): the patch embedding summed over its spatial taps, the output projection averaged over them."""
+    if list(patch_size) != [1, 2, 2]:
+        raise UsageError(f"--patch 1 refines a transformer of patch (1, 2, 2), this one has {tuple(patch_size)}")
+    refined = dict(state)
+    weight = state["patch_embedding.weight"].float()  # (D, C, 1, 2, 2)
+    refined["patch_embedding.weight"] = weight.sum(dim=(3, 4), keepdim=True)
+    # proj_out writes the (p_t, p_h, p_w, C) outputs of a token in that order: average its 4 sub-pixels' rows
+    out_weight = state["proj_out.weight"].float()
+    taps = 4
+    refined["proj_out.weight"] = out_weight.reshape(taps, -1, out_weight.shape[1]).mean(0)
+    refined["proj_out.bias"] = state["proj_out.bias"].float().reshape(taps, -1).mean(0)
+    return refined
+
+
+def grow_config(config: dict, blocks: int, width: int, patch: int | None = None) -> dict:
+    """The transformer config after :func:`deepen` to ``blocks`` blocks, :func:`widen` by ``width`` and, with
+    ``patch`` 1, :func:`refine`."""
     config = {key: value for key, value in config.items() if key != "_name_or_path"}
+    if patch is not None:
+        config["patch_size"] = [1, patch, patch]
     config["num_layers"] = blocks
     config["num_attention_heads"] *= width
     config["ffn_dim"] *= width
@@ -150,9 +178,17 @@ def grow_config(config: dict, blocks: int, width: int) -> dict:
     return config
 
 
-def grow(source: str | Path, out: str | Path, blocks: int | None = None, width: int = 1, seed: int = 0) -> Path:
-    """Write the transformer folder ``source`` grown to ``blocks`` blocks (default: as many as it has) and ``width``
-    times wider to ``out`` (float32 weights, ``source``'s metadata kept); returns ``out``."""
+def grow(
+    source: str | Path,
+    out: str | Path,
+    blocks: int | None = None,
+    width: int = 1,
+    seed: int = 0,
+    patch: int | None = None,
+) -> Path:
+    """Write the transformer folder ``source`` grown to ``blocks`` blocks (default: as many as it has), ``width``
+    times wider and, with ``patch`` 1, reading one latent pixel per token, to ``out`` (float32 weights, ``source``'s
+    metadata kept); returns ``out``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -160,6 +196,8 @@ def grow(source: str | Path, out: str | Path, blocks: int | None = None, width: 
 
     if width < 1:
         raise UsageError(f"--width must be at least 1, got {width}")
+    if patch not in (None, 1):
+        raise UsageError(f"--patch can only be 1 (one latent pixel per token), got {patch}")
     files = weights_files(source)
     if not files:
         raise UsageError(f"{source} holds no transformer weights ({WEIGHTS_FILE})")
@@ -170,23 +208,25 @@ def grow(source: str | Path, out: str | Path, blocks: int | None = None, width: 
         with safe_open(file, "pt") as f:
             metadata.update(f.metadata() or {})
     blocks = config["num_layers"] if blocks is None else blocks
+    if patch is not None:
+        state = refine(state, config["patch_size"])
     state = deepen(state, config["num_layers"], blocks)
     if width > 1:
         state = widen(state, width, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_FILE, state, metadata or None)
-    (out / CONFIG_FILE).write_text(json.dumps(grow_config(config, blocks, width), indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(grow_config(config, blocks, width, patch), indent=2) + "\n")
     return out
 
 
 def main(args: argparse.Namespace) -> None:
     """Grow the transformer ``args`` name."""
-    out = grow(args.source, args.out, args.blocks, args.width, args.seed)
+    out = grow(args.source, args.out, args.blocks, args.width, args.seed, args.patch)
     config = read_config(out)
     print(
         f"wrote a transformer of {config['num_layers']} blocks, {config['num_attention_heads']} heads of "
-        f"{config['attention_head_dim']} to {out}"
+        f"{config['attention_head_dim']}, patch {tuple(config['patch_size'])} to {out}"
     )
 
 
@@ -202,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--width", type=int, default=1, help="copies of each hidden unit (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the noise that tells the copies apart")
+    parser.add_argument(
+        "--patch",
+        type=int,
+        default=None,
+        choices=[1],
+        help="1: one latent pixel per token (from patch 2; 4x the tokens)",
+    )
     return parser
 
 

@@ -9,6 +9,10 @@ the output of ``rope`` and the input of ``blocks.0``):
 * ``patch_embedding`` adds a learnable ``(2, inner_dim)`` domain embedding to its output: row 0 on RGB tokens,
   row 1 on XYZ tokens (zero-initialised, trained with the LoRA);
 * ``rope`` gives an XYZ token the rotary phases of its RGB twin at the same (t, h, w): width position ``w mod W/2``.
+
+Its rotary positions along height and width count steps of Wan's 2 x 2 latent-pixel patch, whatever the patch: a
+transformer of patch 1 (grown from one of patch 2 by :mod:`fourdnex.model.grow`) places its tokens at positions 0,
+0.5, 1, ... of the same scale, so the phases its blocks learned at patch 2 keep their meaning.
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ import logging
 
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
 
 from fourdnex.config import Modalities, ModelType
 from fourdnex.model import attention  # noqa: F401 - registers the flash_4 attention backend with diffusers
+
+#: Latent pixels per rotary position step along height and width: Wan's spatial patch.
+ROPE_STEP = 2
+#: Wan's rotary base (diffusers' ``WanRotaryPosEmbed`` default).
+ROPE_THETA = 10000.0
 
 
 class _DropMessagesNaming(logging.Filter):
@@ -59,21 +69,44 @@ class DomainPatchEmbedding(nn.Conv3d):
 
 
 class SharedRotaryPosEmbed(WanRotaryPosEmbed):
-    """Wan's 3D RoPE; on a fused latent, the right half of the width repeats the left half's positions."""
+    """Wan's 3D RoPE; on a fused latent, the right half of the width repeats the left half's positions. Height and
+    width positions count :data:`ROPE_STEP` latent pixels (Wan's patch), at fractions of it for a finer patch."""
 
     def __init__(self, attention_head_dim: int, patch_size, max_seq_len: int) -> None:
         super().__init__(attention_head_dim, patch_size, max_seq_len)
         self.enabled = True  # the model type uses shared RoPE
         self.fused = False  # the latent holds two halves
 
+    def _phases(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wan's (cos, sin) of every token of ``hidden_states``; for a patch finer than :data:`ROPE_STEP`, at its
+        tokens' fractional positions."""
+        p_t, p_h, p_w = self.patch_size
+        if (p_h, p_w) == (ROPE_STEP, ROPE_STEP):
+            return super().forward(hidden_states)
+        _, _, frames, height, width = hidden_states.shape
+        grid = (frames // p_t, height // p_h, width // p_w)
+        steps = (1.0, p_h / ROPE_STEP, p_w / ROPE_STEP)
+        cos, sin = [], []
+        for axis, (count, step, dim) in enumerate(zip(grid, steps, (self.t_dim, self.h_dim, self.w_dim), strict=True)):
+            positions = torch.arange(count, dtype=torch.float64) * step
+            c, s = get_1d_rotary_pos_embed(
+                dim, positions, ROPE_THETA, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
+            )
+            view = [1, 1, 1, dim]
+            view[axis] = count
+            cos.append(c.view(view).expand(*grid, dim))
+            sin.append(s.view(view).expand(*grid, dim))
+        device = self.freqs_cos.device
+        return tuple(torch.cat(f, dim=-1).reshape(1, -1, 1, self.attention_head_dim).to(device) for f in (cos, sin))
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.enabled and self.fused):
-            return super().forward(hidden_states)
+            return self._phases(hidden_states)
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
         if width % (2 * p_w):
             raise ValueError(f"a fused latent needs a width divisible by {2 * p_w}, got {width}")
-        cos, sin = super().forward(hidden_states[..., : width // 2])  # (1, t*h*w/2, 1, D) each
+        cos, sin = self._phases(hidden_states[..., : width // 2])  # (1, t*h*w/2, 1, D) each
         grid = (frames // p_t, height // p_h, width // (2 * p_w), cos.shape[-1])
 
         def repeat_halves(freqs: torch.Tensor) -> torch.Tensor:
