@@ -240,9 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(hw, RunConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
     dtype_flag(hw, RunConfig, "dtype", help="(default auto)")
     field_flag(hw, AccelerationConfig, "memory", choices=["auto", *MEMORY_MODES], help="(default auto: what fits)")
-    field_flag(
-        hw, AccelerationConfig, "compile", type=switch, metavar="{auto,on,off}", help="regional torch.compile"
-    )
+    field_flag(hw, AccelerationConfig, "compile", type=switch, metavar="{auto,on,off}", help="regional torch.compile")
     field_flag(hw, AccelerationConfig, "fp8", action="store_true", help="float8 transformer weights (approximate)")
     return p
 

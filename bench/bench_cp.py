@@ -116,6 +116,7 @@ def main(args: argparse.Namespace) -> None:
         pipe.vae.enable_slicing()
         pipe.enable_split_decoding()
         image = PIL.Image.fromarray(np.zeros((shape.height, shape.width, 3), np.uint8))
+
         def sample(steps: int):
             return pipe(
                 image, "a cat", height=shape.height, width=shape.width, num_frames=shape.frames,

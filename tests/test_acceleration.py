@@ -49,7 +49,6 @@ def accelerated(config: AccelerationConfig):
     return pipe, resolved
 
 
-
 @pytest.mark.parametrize("memory", ["model", "group"])
 def test_memory_modes_equal_the_resident_model(memory, example_image, exact):
     pipe, resolved = accelerated(AccelerationConfig(memory=memory))

@@ -438,8 +438,6 @@ def test_plan_of_each_setting():
     assert RecomputePlan.for_setting("attention+ffn", park=True) == ALL_KEPT_AND_PARKED
 
 
-
-
 def test_the_readme_states_the_thresholds_the_policy_uses():
     """The README's --activation_memory table says the thresholds of fourdnex.train.memory_policy, where they live."""
     readme = (ROOT / "README.md").read_text()

@@ -71,7 +71,11 @@ def test_flags_reach_their_fields():
     run = _inference("--type", "i2vwbw", "--modalities", "xyz", "--steps", "7", "--compile", "off", "--fp8",
                      "--vae_tiling", "on", "--frames", "0,4", "--dtype", "float16")  # fmt: skip
     assert (run.model_type, run.modalities, run.sample.steps, run.frames, run.dtype) == (
-        "i2vwbw", "xyz", 7, (0, 4), "float16"
+        "i2vwbw",
+        "xyz",
+        7,
+        (0, 4),
+        "float16",
     )
     assert (run.speed.compile, run.speed.fp8, run.speed.vae_tiling) == (False, True, True)
     args = load_script("pm_registration.py").build_parser().parse_args(["--pkl_dir", "r", "--per_frame_intrinsics"])

@@ -475,4 +475,3 @@ def test_a_one_frame_video_has_no_pairs():
     assert values["depth.median.absrel"] == 0 and values["camera.ate"] == 0
     assert all(math.isnan(values[k]) for k in ("camera.rpe_trans", "camera.rpe_rot", "rgb.psnr", "path.jerk"))
     assert "stability.static" not in values
-

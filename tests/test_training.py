@@ -338,8 +338,11 @@ def test_full_training_of_a_plain_image_to_video_base(cache_dir, tmp_path):
     assert not saved["patch_embedding.domain_embedding"].any()  # i2vwbw: no domain embedding, kept at zero
     assert not (out / "adapter").exists()
     with pytest.raises(SystemExit, match="attention\\+ffn replays a frozen feed-forward, which --train_mode full"):
-        run(load_script("finetune.py").main, load_script("finetune.py").build_parser(),
-            ["--cache_dir", str(cache_dir), "--train_mode", "full", "--activation_memory", "attention+ffn", *SIZE])
+        run(
+            load_script("finetune.py").main,
+            load_script("finetune.py").build_parser(),
+            ["--cache_dir", str(cache_dir), "--train_mode", "full", "--activation_memory", "attention+ffn", *SIZE],
+        )
 
 
 def test_a_fully_trained_fused_model_samples_with_what_it_was_trained_as(cache_dir, tmp_path):
@@ -355,7 +358,11 @@ def test_a_fully_trained_fused_model_samples_with_what_it_was_trained_as(cache_d
     stats = read_stats(cache_dir)
     meta = read_transformer_meta(out / "transformer")
     assert (meta.model_type, meta.xyz_latent_mean, meta.xyz_latent_std, meta.extra["step"]) == (
-        "i2vwbw-demb", stats.xyz_latent_mean, stats.xyz_latent_std, 2)
+        "i2vwbw-demb",
+        stats.xyz_latent_mean,
+        stats.xyz_latent_std,
+        2,
+    )
     assert read_transformer_meta(list_checkpoints(out)[-1] / "transformer") == meta
     sample = [sys.executable, str(ROOT / "inference.py"), "--prompt", "a red ball", "--image",
               str(ROOT / "example" / "scene.png"), "--model_path", str(TINY_MODEL), "--sft_path",
@@ -363,7 +370,10 @@ def test_a_fully_trained_fused_model_samples_with_what_it_was_trained_as(cache_d
     subprocess.run([*sample, "--out", str(tmp_path / "results")], check=True, capture_output=True, cwd=ROOT)
     written = json.loads((tmp_path / "results" / "00000.json").read_text())
     assert (written["type"], written["xyz_latent_mean"], written["xyz_latent_std"]) == (
-        "i2vwbw-demb", stats.xyz_latent_mean, stats.xyz_latent_std)
+        "i2vwbw-demb",
+        stats.xyz_latent_mean,
+        stats.xyz_latent_std,
+    )
     refused = subprocess.run([*sample, "--out", str(tmp_path / "other"), "--type", "i2vwbw"], capture_output=True,
                              text=True, cwd=ROOT)  # fmt: skip
     assert refused.returncode != 0 and "contradicts the transformer" in refused.stderr.strip().splitlines()[-1]
@@ -433,5 +443,3 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
         ours, theirs = (m(**inputs, return_dict=False)[0] for m in (trained, pipe.transformer))
     assert ours.abs().max() > 0
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
-
-

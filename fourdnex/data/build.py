@@ -121,7 +121,6 @@ class BuildConfig:
         }
 
 
-
 class Encoders:
     """The frozen parts of a Wan2.1-I2V pipeline the cache needs: VAE, UMT5 text encoder, CLIP image encoder."""
 

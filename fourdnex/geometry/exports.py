@@ -46,7 +46,6 @@ def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray) -> None:
         PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp))
 
 
-
 def export_images(out: Path, rgb: np.ndarray, frame_index: np.ndarray) -> list[str]:
     """Write the RGB frames; returns their paths relative to ``out``."""
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -142,9 +142,7 @@ def build_tokenizer(corpus: list[str]) -> T5Tokenizer:
     return T5Tokenizer(vocab=specials + pieces, extra_ids=0)
 
 
-def build_pipeline(
-    preset: str = "tiny", seed: int = SEED, corpus: list[str] | None = None
-) -> WanImageToVideoPipeline:
+def build_pipeline(preset: str = "tiny", seed: int = SEED, corpus: list[str] | None = None) -> WanImageToVideoPipeline:
     """Every component of a Wan2.1-I2V pipeline at a preset's size, deterministically from ``seed``; the tokenizer's
     vocabulary is the words and characters of ``corpus`` (default: a few toy captions)."""
     sizes = PRESETS[preset]
