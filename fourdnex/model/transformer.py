@@ -76,37 +76,26 @@ class SharedRotaryPosEmbed(WanRotaryPosEmbed):
         super().__init__(attention_head_dim, patch_size, max_seq_len)
         self.enabled = True  # the model type uses shared RoPE
         self.fused = False  # the latent holds two halves
-
-    def _phases(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wan's (cos, sin) of every token of ``hidden_states``; for a patch finer than :data:`ROPE_STEP`, at its
-        tokens' fractional positions."""
-        p_t, p_h, p_w = self.patch_size
-        if (p_h, p_w) == (ROPE_STEP, ROPE_STEP):
-            return super().forward(hidden_states)
-        _, _, frames, height, width = hidden_states.shape
-        grid = (frames // p_t, height // p_h, width // p_w)
-        steps = (1.0, p_h / ROPE_STEP, p_w / ROPE_STEP)
-        cos, sin = [], []
-        for axis, (count, step, dim) in enumerate(zip(grid, steps, (self.t_dim, self.h_dim, self.w_dim), strict=True)):
-            positions = torch.arange(count, dtype=torch.float64) * step
-            c, s = get_1d_rotary_pos_embed(
-                dim, positions, ROPE_THETA, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
-            )
-            view = [1, 1, 1, dim]
-            view[axis] = count
-            cos.append(c.view(view).expand(*grid, dim))
-            sin.append(s.view(view).expand(*grid, dim))
-        device = self.freqs_cos.device
-        return tuple(torch.cat(f, dim=-1).reshape(1, -1, 1, self.attention_head_dim).to(device) for f in (cos, sin))
+        _, p_h, p_w = patch_size
+        if (p_h, p_w) != (ROPE_STEP, ROPE_STEP):  # Wan's table, its height and width rows at fractional positions
+            tables = [
+                get_1d_rotary_pos_embed(
+                    dim, torch.arange(max_seq_len, dtype=torch.float64) * step, ROPE_THETA, use_real=True,
+                    repeat_interleave_real=True, freqs_dtype=torch.float64,
+                )
+                for dim, step in ((self.t_dim, 1.0), (self.h_dim, p_h / ROPE_STEP), (self.w_dim, p_w / ROPE_STEP))
+            ]  # fmt: skip
+            self.freqs_cos = torch.cat([cos for cos, _ in tables], dim=1)
+            self.freqs_sin = torch.cat([sin for _, sin in tables], dim=1)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.enabled and self.fused):
-            return self._phases(hidden_states)
+            return super().forward(hidden_states)
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
         if width % (2 * p_w):
             raise ValueError(f"a fused latent needs a width divisible by {2 * p_w}, got {width}")
-        cos, sin = self._phases(hidden_states[..., : width // 2])  # (1, t*h*w/2, 1, D) each
+        cos, sin = super().forward(hidden_states[..., : width // 2])  # (1, t*h*w/2, 1, D) each
         grid = (frames // p_t, height // p_h, width // (2 * p_w), cos.shape[-1])
 
         def repeat_halves(freqs: torch.Tensor) -> torch.Tensor:
