@@ -272,7 +272,7 @@ def run_trainer(args, cfg: TrainConfig, setting: str, config: dict, shape) -> No
         "peak GiB": f"{allocated:.1f}",
         "reserved GiB": f"{reserved:.1f}",
         "setup s": f"{setup:.1f}",
-        "losses": " ".join(f"{m.loss:.5f}" for m, _ in rows),
+        "losses": " ".join(f"{m.values[0].item():.5f}" for m, _ in rows),
     }
     gathered = [None] * world if world > 1 else [result]
     if world > 1:

@@ -443,3 +443,19 @@ def test_a_trained_module_and_its_adapter_through_inference_agree(model_type, tm
         ours, theirs = (m(**inputs, return_dict=False)[0] for m in (trained, pipe.transformer))
     assert ours.abs().max() > 0
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_bench_trainer_matches_plain_diffusers_and_peft(tmp_path):
+    """bench/bench_train_step.py on the tiny sizes: the trainer users run and a plain diffusers + peft step, each in
+    its own process on the same seeded batches, log the same losses over three optimizer steps (the timed step's
+    numbers are read back from the trainer's deferred metrics)."""
+    losses = {}
+    for mode in ("trainer", "baseline"):
+        out = tmp_path / f"{mode}.json"
+        command = [sys.executable, "-m", "bench.bench_train_step", "--mode", mode, "--steps", "2", "--warmup", "1"]
+        done = subprocess.run([*command, "--json", str(out)], cwd=ROOT, env=finetune_env(), capture_output=True)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        (row,) = json.loads(out.read_text())["rows"]
+        losses[mode] = [float(v) for v in row["losses"].split()]
+    assert len(losses["trainer"]) == 3 and all(math.isfinite(v) and v > 0 for v in losses["trainer"])
+    assert losses["trainer"] == pytest.approx(losses["baseline"], rel=1e-4)
