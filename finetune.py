@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         TrainConfig,
         "attention_backend",
         help="diffusers attention backend, e.g. _native_cudnn, or flash_4 (FlashAttention-4, an optional package for "
-        "Hopper and Blackwell GPUs; see the README); default: native SDPA",
+        "Hopper and Blackwell GPUs; see the README); auto (default): flash_4 on a Hopper GPU where it is installed, "
+        "else native SDPA",
     )
     field_flag(g, TrainConfig, "compile_blocks", action="store_true", help="torch.compile each transformer block")
     field_flag(g, TrainConfig, "seed", type=int)

@@ -277,6 +277,35 @@ def test_finetune_refuses_flash4_where_it_cannot_run(tmp_path):
     assert message == "finetune.py: --attention_backend flash_4: flash_4 runs on CUDA GPUs, not on cpu"
 
 
+@pytest.mark.parametrize(
+    ("gpu", "installed_", "expected", "reason"),
+    [
+        ((9, 0), True, "flash_4", "flash-attn-4 4.0.0b36+stand-in on a Hopper GPU"),
+        ((9, 0), False, None, "flash-attn-4 does not import"),
+        ((8, 0), True, None, "needs compute capability 9.0 or newer (Hopper, Blackwell); this GPU has 8.0"),
+        (None, True, None, "flash_4 runs on CUDA GPUs, not on cpu"),
+    ],
+    ids=["hopper", "hopper-not-installed", "ampere", "cpu"],
+)
+def test_training_auto_picks_flash4_on_hopper_else_native(
+    gpu, installed_, expected, reason, capability, monkeypatch, caplog
+):
+    """finetune.py's default --attention_backend auto: flash_4 where inference's auto picks it, else diffusers'
+    default (native SDPA, set as None), with the reason in one line; an explicit backend is taken as given."""
+    from fourdnex.train import loop
+    from fourdnex.train.config import TrainConfig
+
+    if gpu is not None:
+        capability(*gpu)
+        monkeypatch.setattr(loop, "device_of", lambda name: GPU)
+    caplog.set_level(logging.INFO, logger="fourdnex.train.loop")
+    with installed() if installed_ else contextlib.nullcontext():
+        assert loop.attention_backend(TrainConfig()) == expected
+        assert loop.attention_backend(TrainConfig(attention_backend="_native_cudnn")) == "_native_cudnn"
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"--attention_backend auto: {expected or 'native'} (") and reason in line
+
+
 def test_bench_runs_every_section_on_the_stand_in(tmp_path):
     """bench/bench_fa4.py --tiny (the GPU benchmark's own code on the CPU stand-in): every section runs to its table
     and JSON, the stand-in's attention matches SDPA's to float32 rounding in the kernels, the forward and the

@@ -23,6 +23,10 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: The attention backends whose self-attention kernel training can keep and replay (PyTorch SDPA kernels, and
 #: FlashAttention-4, whose forward returns the log-sum-exp its backward takes).
 REPLAYABLE_ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", FLASH_4_BACKEND)
+#: The attention backend training picks for the machine: FlashAttention-4 on a Hopper GPU where it is installed (one
+#: real-size step 1.11x cuDNN's at the same memory, BENCHMARKS.md), else diffusers' default, native SDPA; every
+#: outcome is replayable.
+AUTO_ATTENTION_BACKEND = "auto"
 #: Steps between two reads of a trainer's logged numbers from the device (finetune.py's and the VAE's: each read
 #: waits for the queued steps to finish).
 METRICS_READ_STEPS = 50
@@ -99,7 +103,8 @@ class TrainConfig:
     mixed_precision: TrainPrecision = "bfloat16"  # a fourdnex.runtime.DTYPES name
     gradient_checkpointing: bool = True
     activation_memory: ActivationMemory = "auto"  # what gradient checkpointing keeps (see ActivationMemory)
-    attention_backend: str | None = None  # a diffusers attention backend, e.g. "_native_cudnn"; None: its default
+    # A diffusers attention backend (e.g. "_native_cudnn"), flash_4, or auto (AUTO_ATTENTION_BACKEND); None: native
+    attention_backend: str | None = AUTO_ATTENTION_BACKEND
     compile_blocks: bool = False  # torch.compile each transformer block (regional compilation)
     # Flow-matching noise levels and loss.
     timestep_sampling: TimestepSampling = "uniform"
@@ -140,6 +145,12 @@ class TrainConfig:
     def ffn_lora_targets(self) -> list[str]:
         """The LoRA targets inside the feed-forward (which then cannot be replayed from a kept pre-activation)."""
         return [target for target in self.lora_targets if "ffn" in target] if self.train_mode == "lora" else []
+
+    @property
+    def replays_attention(self) -> bool:
+        """Whether the kept self-attention can be replayed on this run's attention backend (auto picks one that can)."""
+        backend = self.attention_backend or "native"
+        return backend == AUTO_ATTENTION_BACKEND or backend in REPLAYABLE_ATTENTION_BACKENDS
 
     @property
     def trains_feed_forward(self) -> bool:
@@ -200,8 +211,7 @@ class TrainConfig:
                     "--no_gradient_checkpointing"
                 )
             return
-        backend = self.attention_backend or "native"
-        if setting in ("attention", "attention+ffn") and backend not in REPLAYABLE_ATTENTION_BACKENDS:
+        if setting in ("attention", "attention+ffn") and not self.replays_attention:
             raise TrainingError(
                 f"--activation_memory {setting} replays the self-attention kernel: it needs attention_backend "
                 f"{', '.join(REPLAYABLE_ATTENTION_BACKENDS)}; got {self.attention_backend!r}"

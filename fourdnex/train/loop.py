@@ -29,7 +29,7 @@ from fourdnex.data.cache import LatentCache
 from fourdnex.model.loading import check_model_folder
 from fourdnex.runtime import device_of, dtype_of
 from fourdnex.train.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from fourdnex.train.config import METRICS_READ_STEPS, TrainConfig, TrainingError
+from fourdnex.train.config import AUTO_ATTENTION_BACKEND, METRICS_READ_STEPS, TrainConfig, TrainingError
 from fourdnex.train.data import HeldCache, SampleStream, VaeConditionEncoder, batch_of_samples, read_batch
 from fourdnex.train.engine import (
     LORA_ADAPTER_NAME,
@@ -63,6 +63,18 @@ def check_lora_targets(transformer: nn.Module, targets: tuple[str, ...]) -> None
             )
 
 
+def attention_backend(cfg: TrainConfig) -> str | None:
+    """The attention backend to set on the transformer for ``cfg`` on this machine (None: diffusers' default, native
+    SDPA); ``auto`` says what it picked and why in one line."""
+    if cfg.attention_backend != AUTO_ATTENTION_BACKEND:
+        return cfg.attention_backend
+    from fourdnex.model.attention import choose_backend
+
+    backend, reason = choose_backend(device_of("auto"), fallback="native")
+    logger.info("--attention_backend auto: %s (%s)", backend, reason)
+    return None if backend == "native" else backend
+
+
 def build_transformer(
     cfg: TrainConfig,
     model_path: str | None = None,
@@ -93,11 +105,12 @@ def build_transformer(
         )
         transformer.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
     transformer.domain_embedding.requires_grad_(MODEL_TYPES[cfg.model_type].domain_embedding)
-    if cfg.attention_backend:
+    backend = attention_backend(cfg)
+    if backend:
         try:
-            transformer.set_attention_backend(cfg.attention_backend)
+            transformer.set_attention_backend(backend)
         except (ValueError, RuntimeError) as err:
-            raise TrainingError(f"attention backend {cfg.attention_backend!r}: {err}") from err
+            raise TrainingError(f"attention backend {backend!r}: {err}") from err
     if cfg.gradient_checkpointing and plan is None:
         transformer.enable_gradient_checkpointing()  # torch.utils.checkpoint, non-reentrant
     elif cfg.gradient_checkpointing:

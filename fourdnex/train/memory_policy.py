@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fourdnex.train.config import REPLAYABLE_ATTENTION_BACKENDS, TrainConfig, TrainingError
+from fourdnex.train.config import TrainConfig, TrainingError
 
 logger = logging.getLogger("fourdnex.train.memory_policy")
 
@@ -213,7 +213,7 @@ def _auto(cfg: TrainConfig, zero_stage: int, machine: Machine) -> tuple[str, str
         return "recompute", "no CUDA device: host memory is the device's, nothing to park"
     if zero_stage == 3:
         return "recompute", "ZeRO-3 partitions the LoRA weights that the kept tensors' backward needs whole"
-    if (cfg.attention_backend or "native") not in REPLAYABLE_ATTENTION_BACKENDS:
+    if not cfg.replays_attention:
         return "recompute", f"attention backend {cfg.attention_backend!r} cannot be replayed"
     scale = cfg.tokens_per_sample * cfg.train_batch_size * cfg.dtype_bytes / (REFERENCE_TOKENS * REFERENCE_DTYPE_BYTES)
     need_attention, need_ffn = ATTENTION_HOST_BYTES * scale, ATTENTION_FFN_HOST_BYTES * scale
