@@ -273,6 +273,9 @@ class Run:
         self.reader.shutdown()
         self.logged.write()
         final = self.trainer.save_weights(self.output_dir, self.trainer.step)
+        # DeepSpeed's own teardown (ZeRO-3's parameter hooks and their coordinator) while the process group lives:
+        # what it holds would otherwise be torn down with the interpreter, after the group
+        self.trainer.engine.destroy()
         self.accelerator.end_training()
         return final
 
