@@ -16,7 +16,8 @@ encoder's share, what the encoders did not hide, and the floor.
 ``--stages`` instead times each step of the build (read, prepare, write each file, the VAE, CLIP, UMT5) one clip after
 another in this process (on one torch thread on a CPU, with CPU seconds beside the wall-clock ones): where the time
 goes. ``--vae_variants`` times one clip's VAE work (RGB + XYZ videos and both conditions) for each of ``--variants``
-(dtype, compiled, channels-last 3D convolution weights) with its FLOP rate and its deviation from the first variant.
+(dtype, compiled, channels-last 3D convolution weights, cuDNN's algorithm search, each 3D convolution folded into a
+2D one: ``common.fold_temporal_taps``) with its FLOP rate and its deviation from the first variant.
 
 ``--encoder_precision`` instead encodes the RGB and XYZ videos of synthetic clips with the real-size Wan VAE (random
 weights; the latents' scale is set by the VAE's own normalization) in float32 and in bfloat16, and prints the latent
@@ -48,7 +49,7 @@ from fourdnex.cli import dtype_flag, field_flag
 from fourdnex.data.build import ENCODER_DTYPES, BuildConfig, Encoders, build
 from fourdnex.data.prepare import fit_normalization
 from fourdnex.data.synthetic import render_scene, write_tree
-from fourdnex.model.loading import ENCODER_DTYPE, load_components, load_vae
+from fourdnex.model.loading import ENCODER_DTYPE, channels_last_convolutions, load_components, load_vae
 from fourdnex.runtime import device_of, dtype_of
 
 TINY = Path(__file__).resolve().parents[1] / "example" / "tiny-wan-i2v"
@@ -349,8 +350,11 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         dtype_name, *options = name.split("+")
         model = vae.to(dtype_of(dtype_name))
         if "channels_last" in options:
-            common.channels_last_convolutions(model)
+            channels_last_convolutions(model)
+        if "folded" in options:
+            common.fold_temporal_taps(model)
         encoder = model.encoder
+        torch.backends.cudnn.benchmark = "cudnn_benchmark" in options  # cuDNN times its algorithms per shape
         if "compiled" in options:
             model.encoder = torch.compile(encoder)
         tic = time.perf_counter()
@@ -366,6 +370,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         deviation = max(((a - b).abs().max() / b.std()).item() for a, b in zip(out, reference, strict=True))
         rows.append((name, seconds, flops / seconds, 60 / seconds, first_s, deviation))
         model.encoder = encoder
+        common.unfold_temporal_taps(model)
         for module in model.modules():
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous()
@@ -549,8 +554,9 @@ if __name__ == "__main__":
     parser.add_argument("--vae_variants", action="store_true", help="time one clip's VAE work per --variants")
     parser.add_argument(
         "--variants",
-        default="fp32,fp32+compiled,bf16,bf16+compiled,bf16+channels_last",
-        help="for --vae_variants: comma-separated dtype[+compiled][+channels_last]",
+        default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+folded,"
+        "fp32+cudnn_benchmark+channels_last,fp32+cudnn_benchmark+channels_last+folded",
+        help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark][+folded]",
     )
     parser.add_argument("--repeats", type=int, default=2, help="for --vae_variants: timed clips per variant")
     arguments = parser.parse_args()

@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -690,3 +691,54 @@ def test_one_centre_per_clip_keeps_the_camera_path(seed, encoders, tmp_path):
         assert read_stats(out).center == center
     assert errors["clip"] < 0.01, errors
     assert errors["per_frame"] > 0.05 and errors["per_frame"] > 50 * errors["clip"], errors
+
+
+def test_channels_last_convolutions_keep_the_encoding():
+    """The build's GPU layout for the VAE (channels-last 3D convolution weights) changes the memory order only: every
+    3D convolution weight is in that layout, and the tiny VAE encodes a video to the same latents (float32)."""
+    from fourdnex.model.fusion import encode_latents
+    from fourdnex.model.loading import channels_last_convolutions, load_vae
+
+    video = torch.rand(2, 3, 9, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae = load_vae(TINY).eval()
+    with torch.no_grad():
+        before = encode_latents(vae, video)
+        channels_last_convolutions(vae)
+        after = encode_latents(vae, video)
+    convolutions = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convolutions and all(
+        m.weight.is_contiguous(memory_format=torch.channels_last_3d) and not m.weight.is_contiguous()
+        for m in convolutions
+        if m.weight[0, 0].numel() > 1
+    )
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5) and before.abs().max() > 0.1
+
+
+def test_folded_temporal_taps_compute_the_same_encoding(tmp_path):
+    """The benchmark's candidate VAE (bench/common.py: each causal 3D convolution as one 2D convolution over its
+    stacked temporal taps) encodes as diffusers' convolutions do, in float64 exactly up to summation order, also on
+    channels-last weights and through the stride-2 time convolutions of the tiny VAE; unfolded, the VAE is diffusers'
+    again; and the benchmark's variants table runs it."""
+    from bench.common import fold_temporal_taps, unfold_temporal_taps
+    from fourdnex.model.fusion import encode_latents
+    from fourdnex.model.loading import channels_last_convolutions, load_vae
+
+    video = (torch.rand(2, 3, 9, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1).double()
+    vae = load_vae(TINY).eval().double()
+    assert any(vae.config.temperal_downsample)
+    with torch.no_grad():
+        reference = encode_latents(vae, video)
+        folded = encode_latents(fold_temporal_taps(vae), video)
+        unfolded = encode_latents(unfold_temporal_taps(vae), video)
+        last = encode_latents(fold_temporal_taps(channels_last_convolutions(unfold_temporal_taps(vae))), video)
+    assert not any("forward" in m.__dict__ for m in unfold_temporal_taps(vae).modules())
+    for out in (folded, unfolded, last):
+        assert torch.allclose(out, reference, rtol=0, atol=1e-12)
+    table = tmp_path / "variants.json"
+    args = ["--vae_variants", "--device", "cpu", "--model_path", TINY, "--num_frames", "9", "--height", "32"]
+    args += ["--width", "48", "--variants", "fp32,fp32+channels_last+folded", "--repeats", "1", "--json", str(table)]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dataset.py"), *args], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    rows = json.loads(table.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "fp32+channels_last+folded"]
+    assert rows[1]["max_abs_dev_over_std"] < 1e-5 and rows[1]["seconds"] > 0

@@ -188,6 +188,16 @@ def load_transformer(path: str | Path, dtype: torch.dtype, subfolder: str | None
     return model
 
 
+def channels_last_convolutions(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with the weights of its 3D convolutions in channels-last 3D memory (the other parameters have no
+    such layout): cuDNN's faster layout for the Wan VAE's convolutions (BENCHMARKS.md, "Dataset building"); returns
+    it."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
 def load_vae(model_path: str | Path, dtype: torch.dtype = ENCODER_DTYPE):
     """The Wan VAE of a model folder."""
     from diffusers import AutoencoderKLWan
