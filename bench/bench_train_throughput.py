@@ -3,11 +3,15 @@ model, shapes and batch, on one GPU, in one run.
 
     python bench/bench_train_throughput.py --out throughput.json                       # transformer, both stages
     python bench/bench_train_throughput.py --batch 256 --profile --out throughput.json  # + where the time goes
+    python bench/bench_train_throughput.py --stages full --transformer grown --out fine.json  # a given transformer
     python bench/bench_train_throughput.py --vae --batch 8 32 --out vae.json            # the VAE trainer
     python bench/bench_train_throughput.py --vae --batch 32 --profile --out vae.json    # + where its time goes
 
 **Transformer.** The stages of ``scripts/train_demo.sh``: ``adapter`` (LoRA r16 + domain embedding on the fused
-RGB | XYZ latent, 756 tokens a sample at 25 x 96 x 144) and ``base`` (every weight, the RGB latent alone, 378 tokens).
+RGB | XYZ latent, 756 tokens a sample at 25 x 96 x 144), ``base`` (every weight, the RGB latent alone, 378 tokens)
+and ``full`` (every weight on the fused latent: the full fine-tuning runs). ``--transformer`` times a given
+transformer folder (a trained one, or one grown by :mod:`fourdnex.model.grow`, whose ``--patch 1`` reads 4x the
+tokens) instead of the preset's random one; a batch the GPU cannot hold is reported as an error row.
 ``plain``: fp32 weights under bf16 autocast, fused AdamW, gradient clipping, the whole model under ``torch.compile``,
 the batches already on the GPU (four random ones in turn). ``trainer``: :class:`fourdnex.train.loop.Run`, what
 ``finetune.py`` runs, with the recipe's flags (``--cache_in_memory --compile_blocks --no_gradient_checkpointing``,
@@ -41,7 +45,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common
 from fourdnex.model.presets import PRESETS, save_model
 from fourdnex.train.config import TrainConfig
 from fourdnex.train.loss import Batch, LossWeights, batch_loss
@@ -53,6 +56,7 @@ STAGES = {
     "adapter": {"train_mode": "lora", "modalities": "rgbxyz", "model_type": "i2vwbw-demb-samerope", "lora_rank": 16,
                 "lora_alpha": 16.0, "learning_rate": 1e-3},
     "base": {"train_mode": "full", "modalities": "rgb", "model_type": "i2vwbw", "learning_rate": 5e-4},
+    "full": {"train_mode": "full", "modalities": "rgbxyz", "model_type": "i2vwbw-demb-samerope", "learning_rate": 5e-4},
 }  # fmt: skip
 
 
@@ -221,7 +225,8 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
     rate = matmul_rate(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = str(save_model(Path(tmp) / "model", "demo"))
+        trained = {"transformer": Path(args.transformer)} if args.transformer else None
+        model_path = str(save_model(Path(tmp) / "model", "demo", trained=trained))
         config = PRESETS["demo"]
         image_len = (config.image_encoder["image_size"] // config.image_encoder["patch_size"]) ** 2 + 1
         cache_dir = str(write_random_cache(Path(tmp) / "cache", args.clips, FRAMES, HEIGHT, WIDTH,
@@ -230,17 +235,28 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
         for stage in args.stages:
             for batch in args.batch:
                 cfg = stage_config(stage, batch, cache_dir, model_path, tmp, 0)
-                flops = step_flops(cfg, model_path, batch, device)
-                plain = plain_seconds(cfg, model_path, batch, args.steps, args.warmup, device)
-                row = {"stage": stage, "batch": batch, "plain_samples_s": batch / plain, "floor_samples_s":
-                       batch / (flops / rate), "step_tflop": flops / 1e12}  # fmt: skip
-                if batch in args.trainer_batch:
-                    trained = trainer_seconds(args, stage, batch, cache_dir, model_path, args.profile)
-                    row["trainer_samples_s"] = batch / trained["seconds"]
-                    row["trainer_share_of_plain"] = plain / trained["seconds"]
-                    row["held_gib"] = trained["held_gib"]
-                    if "profile" in trained:
-                        row["profile"] = trained["profile"]
+                row = {"stage": stage, "batch": batch}
+                try:  # a batch too large for the GPU is one of the results, not the end of the run
+                    flops = step_flops(cfg, model_path, batch, device)
+                    plain = plain_seconds(cfg, model_path, batch, args.steps, args.warmup, device)
+                    row |= {
+                        "plain_samples_s": batch / plain,
+                        "floor_samples_s": batch / (flops / rate),
+                        "step_tflop": flops / 1e12,
+                        "plain_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    }
+                    if batch in args.trainer_batch:
+                        torch.cuda.empty_cache()  # the trainer's process needs the memory the plain step held
+                        trained = trainer_seconds(args, stage, batch, cache_dir, model_path, args.profile)
+                        row["trainer_samples_s"] = batch / trained["seconds"]
+                        row["trainer_share_of_plain"] = plain / trained["seconds"]
+                        row["held_gib"] = trained["held_gib"]
+                        if "profile" in trained:
+                            row["profile"] = trained["profile"]
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    row["error"] = f"{type(err).__name__}: {err}"[:500]
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for row in rows:
@@ -257,7 +273,7 @@ VAE_VARIANTS = ("eager", "channels_last", "compiled")
 def plain_vae_seconds(cfg, clips, steps: int, warmup: int, variant: str = "eager") -> float:
     """Seconds per step of a plain PyTorch step of the same VAE, batch and loss as the VAE trainer's (fp32 weights,
     bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU, as ``variant`` (VAE_VARIANTS)."""
-    from fourdnex.model.loading import load_vae
+    from fourdnex.model.loading import channels_last_convolutions, load_vae
     from fourdnex.runtime import device_of
     from fourdnex.train.vae import vae_loss
 
@@ -265,7 +281,7 @@ def plain_vae_seconds(cfg, clips, steps: int, warmup: int, variant: str = "eager
     vae = load_vae(cfg.model_path, torch.float32).to(device).train()
     videos = clips.videos(np.arange(cfg.batch_size), device)
     if variant == "channels_last":
-        common.channels_last_convolutions(vae)
+        channels_last_convolutions(vae)
         videos = videos.contiguous(memory_format=torch.channels_last_3d)
     if variant == "compiled":
         vae.encoder.compile()
@@ -345,6 +361,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile_steps", type=int, default=20)
     parser.add_argument("--vae", action="store_true", help="the VAE trainer instead of the transformer's")
+    parser.add_argument("--transformer", help="a transformer folder to time instead of the demo preset's random one")
     parser.add_argument("--out", default=None, help="write every row as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", default="adapter", help=argparse.SUPPRESS)

@@ -179,6 +179,13 @@ declare -A RUN_GROWTH=(
     [full-fine]="--patch 1"
 )
 
+# Runs whose 256-sample step is drawn in this many micro-batches (gradient accumulation): the transformer reading a
+# token per latent pixel needs 63.7 GiB for 128 samples without gradient checkpointing and more than an H100's 80 GB
+# for 256 (BENCHMARKS.md, "The tenth run").
+declare -A RUN_MICRO_BATCHES=(
+    [full-fine]=2
+)
+
 stage_adapters() {
     log "adapters: $RUNS, $ADAPTER_STEPS steps each, at once on $(( GPUS > 0 ? GPUS : 1 )) devices"
     local slots=$(( GPUS > 0 ? GPUS : 1 )) pids=() i=0 full_model=$WORK/model
@@ -195,9 +202,10 @@ stage_adapters() {
             "$PY" -m fourdnex.model.grow "${FULL_FROM:-$WORK/base/transformer}" "$WORK/grown-$name" ${RUN_GROWTH[$name]}
             model_folder "$model" --transformer "$WORK/grown-$name"
         fi
+        local split=${RUN_MICRO_BATCHES[$name]:-1}
         # shellcheck disable=SC2086  # the flags are words
         finetune $(( i % slots )) "$WORK/$name" "$ADAPTER_STEPS" --model_path "$model" ${RUN_FLAGS[$name]} \
-            > "$WORK/$name.log" 2>&1 &
+            --train_batch_size $(( BATCH / split )) --gradient_accumulation_steps "$split" > "$WORK/$name.log" 2>&1 &
         pids+=($!)
         i=$(( i + 1 ))
     done

@@ -41,3 +41,15 @@ def test_each_run_of_the_recipe_is_a_valid_training_configuration(run):
         assert cfg.timestep_sampling == "uniform"
     if run.startswith("full"):
         assert cfg.train_mode == "full"
+
+
+def test_micro_batched_runs_keep_the_recipe_s_step_of_256():
+    """A run the recipe draws in micro-batches trains on 256 samples an optimizer step, as every other run does."""
+    table = RECIPE[RECIPE.index("declare -A RUN_MICRO_BATCHES=(") :]
+    splits = {run: int(n) for run, n in re.findall(r"^\s+\[([\w-]+)\]=(\d+)$", table[: table.index("\n)")], re.M)}
+    assert splits == {"full-fine": 2}
+    for run, split in splits.items():
+        extra = ["--train_batch_size", str(256 // split), "--gradient_accumulation_steps", str(split)]
+        cfg = finetune.config_from_args(finetune.build_parser().parse_args(SHARED + shlex.split(RUNS[run]) + extra))
+        cfg.validate()
+        assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 256 and cfg.train_batch_size == 128
