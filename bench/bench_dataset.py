@@ -94,7 +94,8 @@ def real_size_components(device: str, dtype: torch.dtype, vision_dtype: torch.dt
 
 
 def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_num_frames: int) -> dict[str, float]:
-    """Wan VAE encoder FLOPs of one clip: RGB and XYZ videos, and the fused condition video (meta device)."""
+    """Wan VAE encoder FLOPs of one clip, as the build encodes it: the RGB and XYZ videos, the fused condition video
+    and the RGB condition video (meta device)."""
     from diffusers import AutoencoderKLWan
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -104,11 +105,12 @@ def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_n
     for name, shape in (
         ("video", (1, 3, num_frames, height, width)),
         ("cond", (1, 3, cond_num_frames, height, 2 * width)),
+        ("cond_rgb", (1, 3, cond_num_frames, height, width)),
     ):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             vae.encode(torch.empty(shape, device="meta")).latent_dist.mode()
         counts[name] = float(counter.get_total_flops())
-    counts["clip"] = 2 * counts["video"] + counts["cond"]
+    counts["clip"] = 2 * counts["video"] + counts["cond"] + counts["cond_rgb"]
     return counts
 
 
@@ -489,7 +491,8 @@ def main(args: argparse.Namespace) -> None:
         ),
         (
             "VAE encoder FLOPs per clip",
-            f"{_tflop(flops['clip'])} (video {_tflop(flops['video'])} x 2, condition {_tflop(flops['cond'])})",
+            f"{_tflop(flops['clip'])} (video {_tflop(flops['video'])} x 2, fused condition {_tflop(flops['cond'])}, "
+            f"RGB condition {_tflop(flops['cond_rgb'])})",
         ),
         (f"matmul rate measured ({vision})", f"{_tflop(rate)}/s"),
         ("**VAE floor**", f"**{floor_s:.2f} s/clip = {60 / floor_s:.1f} clips/min**"),

@@ -742,3 +742,27 @@ def test_folded_temporal_taps_compute_the_same_encoding(tmp_path):
     rows = json.loads(table.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "fp32+channels_last+folded"]
     assert rows[1]["max_abs_dev_over_std"] < 1e-5 and rows[1]["seconds"] > 0
+
+
+@pytest.mark.parametrize("cond_frames", [5, 9])
+def test_the_benchmark_s_vae_floor_counts_what_the_build_encodes(encoders, cond_frames):
+    """bench_dataset.py's floor counts the VAE FLOPs of one clip as the build spends them: torch's FLOP counter around
+    the build's own encode_batch (RGB and XYZ videos, fused and RGB conditions; with as many condition frames as
+    video frames the RGB condition joins the videos' call) gives the bench's count, both on the meta device."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLWan
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.bench_dataset import vae_flops
+    from fourdnex.data.build import encode_batch
+
+    config = dict(encoders.vae.config)
+    on_meta = Encoders.__new__(Encoders)  # the build's encoders on the meta device, as the bench counts (no compute)
+    with torch.device("meta"):
+        on_meta.vae, on_meta.device = AutoencoderKLWan.from_config(config), torch.device("meta")
+        clip = SimpleNamespace(videos=torch.empty(2, 3, 9, *RES))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        encode_batch(on_meta, [clip], cond_frames)
+    counted = vae_flops(config, 9, *RES, cond_frames)
+    assert counter.get_total_flops() == counted["clip"] > 2 * counted["video"] + counted["cond"] > 0
