@@ -558,7 +558,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--variants",
         default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+folded,"
-        "fp32+cudnn_benchmark+channels_last,fp32+cudnn_benchmark+channels_last+folded",
+        "bf16+cudnn_benchmark+channels_last+compiled,fp32+cudnn_benchmark+channels_last,"
+        "fp32+cudnn_benchmark+channels_last+folded",
         help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark][+folded]",
     )
     parser.add_argument("--repeats", type=int, default=2, help="for --vae_variants: timed clips per variant")
