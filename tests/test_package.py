@@ -13,6 +13,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from fourdnex.model.attention import FLASH_4_INSTALL
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,8 +75,13 @@ def test_the_wheel_requires_what_requirements_txt_installs(installed):
         lines = archive.read(name).decode().splitlines()
     required = [Requirement(line.split(":", 1)[1]) for line in lines if line.startswith("Requires-Dist:")]
     runtime = {canonicalize_name(r.name): r.specifier for r in required if r.marker is None}
-    dev = {canonicalize_name(r.name): r.specifier for r in required if r.marker is not None}
-    assert all(str(r.marker) == 'extra == "dev"' for r in required if r.marker is not None)
+    dev = {canonicalize_name(r.name): r.specifier for r in required if str(r.marker) == 'extra == "dev"'}
+    fa4 = {str(r.marker): r for r in required if r.marker is not None and str(r.marker) != 'extra == "dev"'}
+    assert set(fa4) == {'extra == "fa4"', 'extra == "fa4-cu13"'}  # FlashAttention-4, as the install hint names it
+    hint = Requirement(FLASH_4_INSTALL.split('"')[1])
+    assert (fa4['extra == "fa4-cu13"'].name, fa4['extra == "fa4-cu13"'].extras) == (hint.name, hint.extras)
+    assert fa4['extra == "fa4"'].specifier == fa4['extra == "fa4-cu13"'].specifier == hint.specifier
+    assert not fa4['extra == "fa4"'].extras
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     (tools,) = (i for i, line in enumerate(lines) if line.startswith("# development"))  # the extra "dev" follows
     listed = []
