@@ -235,9 +235,12 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
         for stage in args.stages:
             for batch in args.batch:
                 cfg = stage_config(stage, batch, cache_dir, model_path, tmp, 0)
-                row = {"stage": stage, "batch": batch}
+                row, phase = {"stage": stage, "batch": batch}, "the FLOP count (eager)"
                 try:  # a batch too large for the GPU is one of the results, not the end of the run
                     flops = step_flops(cfg, model_path, batch, device)
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()  # the peak below is the plain step's alone
+                    phase = "the plain step"
                     plain = plain_seconds(cfg, model_path, batch, args.steps, args.warmup, device)
                     row |= {
                         "plain_samples_s": batch / plain,
@@ -247,6 +250,7 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
                     }
                     if batch in args.trainer_batch:
                         torch.cuda.empty_cache()  # the trainer's process needs the memory the plain step held
+                        phase = "the trainer"
                         trained = trainer_seconds(args, stage, batch, cache_dir, model_path, args.profile)
                         row["trainer_samples_s"] = batch / trained["seconds"]
                         row["trainer_share_of_plain"] = plain / trained["seconds"]
@@ -254,7 +258,7 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
                         if "profile" in trained:
                             row["profile"] = trained["profile"]
                 except (torch.OutOfMemoryError, RuntimeError) as err:
-                    row["error"] = f"{type(err).__name__}: {err}"[:500]
+                    row["error"] = f"in {phase}: {type(err).__name__}: {err}"[:500]
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 rows.append(row)

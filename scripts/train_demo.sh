@@ -180,8 +180,8 @@ declare -A RUN_GROWTH=(
 )
 
 # Runs whose 256-sample step is drawn in this many micro-batches (gradient accumulation): the transformer reading a
-# token per latent pixel needs 63.7 GiB for 128 samples without gradient checkpointing and more than an H100's 80 GB
-# for 256 (BENCHMARKS.md, "The tenth run").
+# token per latent pixel trained at 128 samples on an H100 without gradient checkpointing, and its benchmark ran out
+# of the H100's 80 GB at 256 (BENCHMARKS.md, "The tenth run").
 declare -A RUN_MICRO_BATCHES=(
     [full-fine]=2
 )
