@@ -75,13 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(
         parser,
         BuildConfig,
-        "compile_vae",
-        action="store_true",
-        help="torch.compile the VAE's encoder (pays on long builds; see BENCHMARKS.md)",
-    )
-    field_flag(
-        parser,
-        BuildConfig,
         "center",
         choices=CENTER_MODES,
         help="pointmap centring: clip (one centre, box and scale per clip: static points stay put) or per_frame "

@@ -9,15 +9,15 @@ over the matmul rate this machine reaches in the VAE's dtype (float32).
     python bench/bench_dataset.py --device cpu                # the tiny model of example/tiny-wan-i2v, fp32
 
 The encoders run as the build runs them: UMT5 in ``--dtype`` (bf16 on GPU), the VAE and CLIP in ``--encoder_dtype``
-(float32 by default; ``--compile_vae`` compiles the VAE's encoder), the clips read, prepared and written by
+(float32 by default), the clips read, prepared and written by
 ``--num_workers`` worker processes. The table gives the rate, the CPU seconds per clip of every process, each
 encoder's share, what the encoders did not hide, and the floor.
 
 ``--stages`` instead times each step of the build (read, prepare, write each file, the VAE, CLIP, UMT5) one clip after
 another in this process (on one torch thread on a CPU, with CPU seconds beside the wall-clock ones): where the time
 goes. ``--vae_variants`` times one clip's VAE work (RGB + XYZ videos and both conditions) for each of ``--variants``
-(dtype, compiled, channels-last 3D convolution weights, cuDNN's algorithm search, each 3D convolution folded into a
-2D one: ``common.fold_temporal_taps``) with its FLOP rate and its deviation from the first variant.
+(dtype, compiled, channels-last 3D convolution weights, cuDNN's algorithm search) with its FLOP rate and its deviation
+from the first variant.
 
 ``--encoder_precision`` instead encodes the RGB and XYZ videos of synthetic clips with the real-size Wan VAE (random
 weights; the latents' scale is set by the VAE's own normalization) in float32 and in bfloat16, and prints the latent
@@ -63,8 +63,8 @@ def _sync(device: torch.device) -> None:
 class TimedEncoders(Encoders):
     """Encoders that add up the seconds spent in each encoder (synchronizing the GPU around every call)."""
 
-    def __init__(self, pipe, device, compile_vae: bool = False):
-        super().__init__(pipe, device, compile_vae)
+    def __init__(self, pipe, device):
+        super().__init__(pipe, device)
         self.seconds = {"vae": 0.0, "umt5": 0.0, "clip": 0.0}
         self.calls = {"vae": 0, "umt5": 0, "clip": 0}
 
@@ -253,7 +253,7 @@ def print_stages(args: argparse.Namespace) -> None:
     data_dir = work / "data"
     if not (data_dir / "caption").is_dir():
         write_tree(work, args.num_clips, args.num_frames, args.height, args.width, seed=args.seed)
-    encoders = Encoders(load_pipe(args, dtype, ENCODER_DTYPES[args.encoder_dtype]), device, args.compile_vae)
+    encoders = Encoders(load_pipe(args, dtype, ENCODER_DTYPES[args.encoder_dtype]), device)
     cfg = BuildConfig(
         data_dir=str(data_dir),
         out=str(work / f"stages-{time.time_ns()}"),
@@ -353,8 +353,6 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         model = vae.to(dtype_of(dtype_name))
         if "channels_last" in options:
             channels_last_convolutions(model)
-        if "folded" in options:
-            common.fold_temporal_taps(model)
         encoder = model.encoder
         torch.backends.cudnn.benchmark = "cudnn_benchmark" in options  # cuDNN times its algorithms per shape
         if "compiled" in options:
@@ -372,7 +370,6 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         deviation = max(((a - b).abs().max() / b.std()).item() for a, b in zip(out, reference, strict=True))
         rows.append((name, seconds, flops / seconds, 60 / seconds, first_s, deviation))
         model.encoder = encoder
-        common.unfold_temporal_taps(model)
         for module in model.modules():
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous()
@@ -405,7 +402,7 @@ def main(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     pipe = load_pipe(args, dtype, vision_dtype)
-    encoders = TimedEncoders(pipe, device, args.compile_vae)
+    encoders = TimedEncoders(pipe, device)
     _sync(device)
     load_s = time.perf_counter() - start
 
@@ -459,11 +456,7 @@ def main(args: argparse.Namespace) -> None:
             "device",
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
         ),
-        (
-            "model / dtype",
-            f"{model} / UMT5 {str(dtype).removeprefix('torch.')}, VAE + CLIP {vision}"
-            + (", VAE encoder compiled" if args.compile_vae else ""),
-        ),
+        ("model / dtype", f"{model} / UMT5 {str(dtype).removeprefix('torch.')}, VAE + CLIP {vision}"),
         (
             "clip",
             f"{args.num_frames} x {args.height} x {args.width}, condition {cond_frames} frames, "
@@ -544,7 +537,6 @@ if __name__ == "__main__":
         help="UMT5's dtype (default auto: bfloat16 on GPU, float32 on CPU)",
     )
     dtype_flag(parser, BuildConfig, "encoder_dtype", tuple(ENCODER_DTYPES))
-    parser.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE's encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder for the synthetic clips and caches (kept; reused)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -557,10 +549,9 @@ if __name__ == "__main__":
     parser.add_argument("--vae_variants", action="store_true", help="time one clip's VAE work per --variants")
     parser.add_argument(
         "--variants",
-        default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+folded,"
-        "bf16+cudnn_benchmark+channels_last+compiled,fp32+cudnn_benchmark+channels_last,"
-        "fp32+cudnn_benchmark+channels_last+folded",
-        help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark][+folded]",
+        default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+compiled,fp32,"
+        "fp32+cudnn_benchmark+channels_last",
+        help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark]",
     )
     parser.add_argument("--repeats", type=int, default=2, help="for --vae_variants: timed clips per variant")
     arguments = parser.parse_args()

@@ -107,51 +107,6 @@ class WordTokenizer:
         return SimpleNamespace(input_ids=ids, attention_mask=mask)
 
 
-def fold_temporal_taps(vae: torch.nn.Module) -> torch.nn.Module:
-    """Run each causal 3D convolution of a Wan VAE as one 2D convolution over every output frame, its ``k`` temporal
-    taps stacked on the channels (``k x C`` input channels, weights ``(O, k x C, kh, kw)``): the same products summed
-    in another order, where cuDNN's 2D convolutions may run nearer the matrix rate than its 3D ones. A candidate for
-    the VAE's speed (``bench_dataset.py --vae_variants``, variant ``+folded``), on weights that no longer change: the
-    folded weights are made once, here, in the weights' dtype and memory layout. :func:`unfold_temporal_taps` undoes
-    it. Returns ``vae``."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    for conv in vae.modules():
-        if isinstance(conv, WanCausalConv3d):
-            out_channels, in_channels, taps, kh, kw = conv.weight.shape
-            weight = conv.weight.detach().transpose(1, 2).reshape(out_channels, taps * in_channels, kh, kw)
-            layout = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last_3d) else None
-            conv.folded_weight = weight.contiguous(memory_format=layout or torch.contiguous_format)
-            conv.forward = _folded_forward.__get__(conv)
-    return vae
-
-
-def unfold_temporal_taps(vae: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`fold_temporal_taps`: each convolution runs as diffusers runs it again."""
-    for conv in vae.modules():
-        conv.__dict__.pop("forward", None)
-        conv.__dict__.pop("folded_weight", None)
-    return vae
-
-
-def _folded_forward(conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    """``WanCausalConv3d.forward`` (the causal time padding, from the cache where given) with the convolution as one
-    2D convolution over the stacked temporal taps; the spatial padding is the 2D convolution's own."""
-    pad_w, _, pad_h, _, pad_t, _ = conv._padding
-    if cache_x is not None and pad_t > 0:
-        x = torch.cat([cache_x.to(x.device), x], dim=2)
-        pad_t -= cache_x.shape[2]
-    if pad_t > 0:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, pad_t, 0))
-    taps, step = conv.kernel_size[0], conv.stride[0]
-    batch, channels, frames, height, width = x.shape
-    out_frames = (frames - taps) // step + 1
-    stacked = torch.cat([x[:, :, tap : tap + step * (out_frames - 1) + 1 : step] for tap in range(taps)], dim=1)
-    planes = stacked.transpose(1, 2).reshape(batch * out_frames, taps * channels, height, width)
-    y = torch.nn.functional.conv2d(planes, conv.folded_weight, conv.bias, conv.stride[1:], (pad_h, pad_w))
-    return y.reshape(batch, out_frames, *y.shape[1:]).transpose(1, 2)
-
-
 def build_tokenizer(vocab_size: int):
     """The tiny model's T5 tokenizer, or a word-hash stand-in where this transformers version cannot build it."""
     try:

@@ -61,7 +61,6 @@ class BuildConfig:
     device: str = "auto"  # a fourdnex.runtime.device_of name
     dtype: str = "auto"  # the text encoder's: a fourdnex.runtime.DTYPES name, or auto (bfloat16 on GPU, else float32)
     encoder_dtype: str = "float32"  # the VAE's and CLIP's: an ENCODER_DTYPES key
-    compile_vae: bool = False  # torch.compile the VAE's encoder (three graphs: the first chunk, the second, the rest)
     center: str = "clip"  # pointmap centring: one of prepare.CENTER_MODES
     batch_size: int = 1  # clips per VAE call
     num_workers: int = 2  # processes that read, prepare and write media ahead of the encoders; 0: in this process
@@ -124,7 +123,7 @@ class BuildConfig:
 class Encoders:
     """The frozen parts of a Wan2.1-I2V pipeline the cache needs: VAE, UMT5 text encoder, CLIP image encoder."""
 
-    def __init__(self, pipe, device: str | torch.device, compile_vae: bool = False):
+    def __init__(self, pipe, device: str | torch.device):
         self.pipe = pipe.to(device)
         self.device = torch.device(device)
         self.vae = pipe.vae
@@ -134,8 +133,6 @@ class Encoders:
             # Set before the first call: the timing is kept per shape.
             torch.backends.cudnn.benchmark = True
             channels_last_convolutions(self.vae)
-        if compile_vae:
-            self.vae.encoder.compile()
 
     @classmethod
     def load(
@@ -144,14 +141,13 @@ class Encoders:
         device: str,
         text_encoder_dtype: torch.dtype,
         vision_dtype: torch.dtype = ENCODER_DTYPE,
-        compile_vae: bool = False,
     ) -> Encoders:
         """Load every component but the transformer from a diffusers Wan2.1-I2V folder: the text encoder in
         ``text_encoder_dtype``, the VAE and image encoder in ``vision_dtype`` (float32 as everywhere, by default)."""
         from diffusers import WanImageToVideoPipeline
 
         components = load_components(model_path, text_encoder_dtype, transformer=False, encoder_dtype=vision_dtype)
-        return cls(WanImageToVideoPipeline(**components), device, compile_vae)
+        return cls(WanImageToVideoPipeline(**components), device)
 
     @torch.no_grad()
     def encode_videos(self, videos: list[torch.Tensor]) -> torch.Tensor:
@@ -418,7 +414,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
             fill()  # the workers fork here, before the encoders take memory (and CUDA) in this process
             if encoders is None:
                 encoders = Encoders.load(
-                    cfg.model_path, device_of(cfg.device), cfg.text_encoder_dtype, cfg.vision_dtype, cfg.compile_vae
+                    cfg.model_path, device_of(cfg.device), cfg.text_encoder_dtype, cfg.vision_dtype
                 )
             while queue:
                 source, future = queue.popleft()
