@@ -21,9 +21,9 @@ steps after ``--warmup`` steps (compilation), synchronized before and after. ``-
 ``--profile_steps`` more trainer steps with torch.profiler and prints the GPU's busy share and the top operators.
 
 **VAE.** ``python -m fourdnex.train.vae``'s step (:class:`fourdnex.train.vae.VaeTrainer`) beside a plain step of
-the same VAE (fp32 weights, bf16 autocast, fused AdamW; eager, channels-last and compiled: ``VAE_VARIANTS``), batches
-of random clips held on the GPU;
-``--profile`` profiles ``--profile_steps`` more trainer steps as for the transformer.
+the same VAE (fp32 weights, bf16 autocast, fused AdamW; eager, channels-last, whole-clip and compiled:
+``VAE_VARIANTS``), batches of random clips held on the GPU; ``--profile`` profiles ``--profile_steps`` more trainer
+steps as for the transformer.
 
 Floor: the FLOPs of one step (counted by ``torch.utils.flop_counter`` on the eager model) over the bf16 matrix rate
 measured here on an 8192^3 product. Results and commands: BENCHMARKS.md, "Training the demo model".
@@ -269,25 +269,30 @@ def transformer_table(args: argparse.Namespace) -> list[dict]:
 
 
 #: The plain VAE steps measured beside the trainer's: as the trainer runs it, with the weights and the videos in
-#: channels-last 3D memory (cuDNN's layout for bf16 tensor-core convolutions), and with the encoder and decoder under
-#: ``torch.compile`` (each is called once per chunk of frames, with the chunk's cache).
-VAE_VARIANTS = ("eager", "channels_last", "compiled")
+#: channels-last 3D memory (cuDNN's layout for bf16 tensor-core convolutions), each layer called once over all frames
+#: (``fourdnex.model.whole_clip``: the same numbers in fewer, larger kernels), that in channels-last memory, and the
+#: encoder and decoder under ``torch.compile`` (each is called once per chunk of frames, with the chunk's cache).
+VAE_VARIANTS = ("eager", "channels_last", "whole_clip", "whole_clip+channels_last", "compiled")
 
 
 def plain_vae_seconds(cfg, clips, steps: int, warmup: int, variant: str = "eager") -> float:
     """Seconds per step of a plain PyTorch step of the same VAE, batch and loss as the VAE trainer's (fp32 weights,
     bf16 autocast, fused AdamW, gradient clipping), the batch already on the GPU, as ``variant`` (VAE_VARIANTS)."""
     from fourdnex.model.loading import channels_last_convolutions, load_vae
+    from fourdnex.model.whole_clip import whole_clip_vae
     from fourdnex.runtime import device_of
     from fourdnex.train.vae import vae_loss
 
     device = device_of(cfg.device)
+    options = variant.split("+")
     vae = load_vae(cfg.model_path, torch.float32).to(device).train()
     videos = clips.videos(np.arange(cfg.batch_size), device)
-    if variant == "channels_last":
+    if "channels_last" in options:
         channels_last_convolutions(vae)
         videos = videos.contiguous(memory_format=torch.channels_last_3d)
-    if variant == "compiled":
+    if "whole_clip" in options:
+        whole_clip_vae(vae)
+    if "compiled" in options:
         vae.encoder.compile()
         vae.decoder.compile()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
@@ -295,7 +300,7 @@ def plain_vae_seconds(cfg, clips, steps: int, warmup: int, variant: str = "eager
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = vae_loss(vae, videos, cfg.kl_weight, generator)
+            loss, _ = vae_loss(vae, videos, cfg.kl_weight, generator, whole_clip="whole_clip" in options)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()

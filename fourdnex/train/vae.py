@@ -172,11 +172,21 @@ def synthetic_clips(
     return Clips(rgb, xyz)
 
 
-def vae_loss(vae, videos: torch.Tensor, kl_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+def vae_loss(
+    vae, videos: torch.Tensor, kl_weight: float, generator: torch.Generator, whole_clip: bool = False
+) -> tuple[torch.Tensor, dict]:
     """Reconstruction MSE of ``videos (B, 3, F, H, W)`` through a sampled latent, plus ``kl_weight`` times the mean
-    KL divergence of the posterior from N(0, 1); returns the loss and its parts (detached)."""
-    posterior = vae.encode(videos).latent_dist
-    recon = vae.decode(posterior.sample(generator), return_dict=False)[0]
+    KL divergence of the posterior from N(0, 1); returns the loss and its parts (detached). ``whole_clip``: the VAE
+    (prepared by :func:`fourdnex.model.whole_clip.whole_clip_vae`) runs each layer once over all frames, the same
+    numbers as diffusers' chunks (a candidate for speed: ``bench/bench_train_throughput.py --vae``)."""
+    if whole_clip:
+        from fourdnex.model.whole_clip import decode_whole, encode_whole
+
+        posterior = encode_whole(vae, videos)
+        recon = decode_whole(vae, posterior.sample(generator))
+    else:
+        posterior = vae.encode(videos).latent_dist
+        recon = vae.decode(posterior.sample(generator), return_dict=False)[0]
     mse = (recon.float() - videos).square().mean()
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1 - posterior.logvar).mean()
     return mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}

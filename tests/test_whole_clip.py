@@ -1,0 +1,73 @@
+"""The Wan VAE over a whole clip at once (fourdnex.model.whole_clip) against diffusers' chunked encode and decode."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fourdnex.model.loading import load_vae
+from fourdnex.model.whole_clip import decode_whole, encode_moments, whole_clip_vae
+from fourdnex.train.vae import vae_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def videos(frames: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(2, 3, frames, 32, 48, generator=g) * 2 - 1).double()
+
+
+@pytest.mark.parametrize("model", ["example/tiny-wan-i2v", "example/demo/model"])
+@pytest.mark.parametrize("frames", [1, 5, 13])
+def test_whole_clip_encodes_and_decodes_as_diffusers(model, frames):
+    """In float64 the posterior's moments and the decoded videos equal diffusers' chunked ones to rounding, for the
+    tiny VAE (one temporal downsampling) and the demo one (two), from one frame to several chunks."""
+    vae = load_vae(ROOT / model).eval().double()
+    x = videos(frames)
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.parameters
+        z = expected[:, : vae.config.z_dim]
+        decoded = vae.decode(z).sample
+        whole_clip_vae(vae)
+        moments, whole = encode_moments(vae, x), decode_whole(vae, z)
+    assert moments.shape == expected.shape == (2, 2 * vae.config.z_dim, 1 + (frames - 1) // 4, 4, 6)
+    assert torch.allclose(moments, expected, rtol=0, atol=1e-12) and expected.std() > 0.1
+    assert whole.shape == decoded.shape == (2, 3, frames, 32, 48)
+    assert torch.allclose(whole, decoded, rtol=0, atol=1e-12) and decoded.std() > 0.05
+
+
+def test_the_temporal_resampling_is_what_makes_it_whole():
+    """Without the rewritten resampling the encoder called on all frames skips its temporal downsampling (diffusers
+    runs those layers only with a feature cache), so the rewrite is what the equality above rests on."""
+    vae = load_vae(ROOT / "example" / "demo" / "model").eval().double()
+    with torch.no_grad():
+        plain = vae.encoder(videos(9))
+        whole_clip_vae(vae)
+        rewritten = vae.encoder(videos(9))
+    assert plain.shape[2] == 9 and rewritten.shape[2] == 3
+
+
+def test_training_gradients_are_diffusers():
+    """The VAE trainer's loss through the whole clip has diffusers' loss and parameter gradients (float64)."""
+    vae = load_vae(ROOT / "example" / "demo" / "model").train().double()
+    x = videos(9, seed=3)
+    grads = []
+    for whole in (False, True):
+        if whole:
+            whole_clip_vae(vae)
+        vae.zero_grad(set_to_none=True)
+        loss, _ = vae_loss(vae, x, 1e-3, torch.Generator().manual_seed(5), whole_clip=whole)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in vae.parameters()]))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.allclose(loss_a, loss_b, rtol=1e-12, atol=0)
+    assert len(grad_a) > 50 and all(
+        torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(grad_a, grad_b, strict=True)
+    )
+    assert max(a.abs().max() for a in grad_a) > 1e-4
+
+
+def test_frames_not_4k_plus_1_are_refused():
+    vae = whole_clip_vae(load_vae(ROOT / "example" / "tiny-wan-i2v").eval())
+    with pytest.raises(ValueError, match="4k\\+1 frames, got 6"):
+        encode_moments(vae, videos(6).float())
