@@ -16,8 +16,9 @@ encoder's share, what the encoders did not hide, and the floor.
 ``--stages`` instead times each step of the build (read, prepare, write each file, the VAE, CLIP, UMT5) one clip after
 another in this process (on one torch thread on a CPU, with CPU seconds beside the wall-clock ones): where the time
 goes. ``--vae_variants`` times one clip's VAE work (RGB + XYZ videos and both conditions) for each of ``--variants``
-(dtype, compiled, channels-last 3D convolution weights, cuDNN's algorithm search) with its FLOP rate and its deviation
-from the first variant.
+(dtype, compiled, channels-last 3D convolution weights, cuDNN's algorithm search, each layer over the whole clip at
+once, the conditions encoded only where they depend on their first frame: ``fourdnex.model.whole_clip``) with its
+rate (the clip's full FLOP count over the time) and its deviation from the first variant.
 
 ``--encoder_precision`` instead encodes the RGB and XYZ videos of synthetic clips with the real-size Wan VAE (random
 weights; the latents' scale is set by the VAE's own normalization) in float32 and in bfloat16, and prints the latent
@@ -332,7 +333,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKLWan
 
     from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize
-    from fourdnex.model.whole_clip import encode_whole, whole_clip_vae
+    from fourdnex.model.whole_clip import encode_condition_moments, encode_moments, whole_clip_vae
 
     device = device_of(args.device)
     torch.manual_seed(args.seed)
@@ -354,26 +355,31 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         model = vae.to(dtype_of(dtype_name))
         if "channels_last" in options:
             channels_last_convolutions(model)
-        if "whole_clip" in options:
+        if "whole_clip" in options or "zero_tail" in options:
             whole_clip_vae(model)
         encoder = model.encoder
         torch.backends.cudnn.benchmark = "cudnn_benchmark" in options  # cuDNN times its algorithms per shape
         if "compiled" in options:
             model.encoder = torch.compile(encoder)
 
-        def encode(x: torch.Tensor, model=model, whole="whole_clip" in options) -> torch.Tensor:
-            if whole:  # the build's encode_latents, each layer over all frames at once
-                return vae_normalize(model, encode_whole(model, x.to(model.dtype)).mode().float())
-            return encode_latents(model, x)
+        def encode(x: torch.Tensor, condition: bool, model=model, options=options) -> torch.Tensor:
+            """The build's encode_latents, as the variant runs it."""
+            if condition and "zero_tail" in options:  # only what depends on the condition's first frame
+                moments = encode_condition_moments(model, x.to(model.dtype))
+            elif "whole_clip" in options:  # each layer over all frames at once
+                moments = encode_moments(model, x.to(model.dtype))
+            else:
+                return encode_latents(model, x)
+            return vae_normalize(model, moments[:, : model.config.z_dim].float())
 
         try:
             tic = time.perf_counter()
-            out = [encode(x) for x in inputs]  # warm-up (compiles)
+            out = [encode(x, i > 0) for i, x in enumerate(inputs)]  # warm-up (compiles)
             _sync(device)
             first_s = time.perf_counter() - tic
             tic = time.perf_counter()
             for _ in range(args.repeats):
-                out = [encode(x) for x in inputs]
+                out = [encode(x, i > 0) for i, x in enumerate(inputs)]
             _sync(device)
             seconds = (time.perf_counter() - tic) / args.repeats
             reference = out if reference is None else reference
@@ -570,7 +576,8 @@ if __name__ == "__main__":
         "--variants",
         default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+compiled,fp32,"
         "fp32+cudnn_benchmark+channels_last",
-        help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark]",
+        help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark][+whole_clip]"
+        "[+zero_tail]",
     )
     parser.add_argument("--repeats", type=int, default=2, help="for --vae_variants: timed clips per variant")
     arguments = parser.parse_args()

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fourdnex.model.fusion import condition_video
 from fourdnex.model.loading import load_vae
-from fourdnex.model.whole_clip import decode_whole, encode_moments, whole_clip_vae
+from fourdnex.model.whole_clip import decode_whole, encode_condition_moments, encode_moments, whole_clip_vae
 from fourdnex.train.vae import vae_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +72,46 @@ def test_frames_not_4k_plus_1_are_refused():
     vae = whole_clip_vae(load_vae(ROOT / "example" / "tiny-wan-i2v").eval())
     with pytest.raises(ValueError, match="4k\\+1 frames, got 6"):
         encode_moments(vae, videos(6).float())
+
+
+@pytest.mark.parametrize("model", ["example/tiny-wan-i2v", "example/demo/model"])
+@pytest.mark.parametrize(("frames", "given"), [(1, 1), (13, 1), (25, 1), (25, 2), (49, 1)])
+def test_a_condition_encodes_as_diffusers(model, frames, given):
+    """A condition (the given frames, zeros after them; fused RGB | XYZ as the build encodes it) has diffusers'
+    moments in float64, with only what depends on the given frames computed."""
+    vae = load_vae(ROOT / model).eval().double()
+    x = condition_video(videos(1, seed=frames)[:, :, 0], frames, "rgbxyz")
+    if given > 1:
+        x[:, :, 1:given] = videos(given - 1, seed=7)[:1].repeat(1, 1, 1, 1, 2)
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.parameters
+        moments = encode_condition_moments(whole_clip_vae(vae), x, given)
+    assert moments.shape == expected.shape and expected.std() > 0.1
+    assert torch.allclose(moments, expected, rtol=0, atol=1e-12)
+
+
+def test_a_condition_s_work_at_the_real_size():
+    """The real-size encoder (random weights, small frames: every layer's share is the same at any size) does half
+    the work on a 49-frame condition, the same latents to float32 rounding."""
+    from diffusers import AutoencoderKLWan
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.common import REAL_VAE
+
+    torch.manual_seed(0)
+    vae = whole_clip_vae(AutoencoderKLWan(**REAL_VAE, temperal_downsample=[False, True, True]).eval())
+    x = condition_video(videos(1)[:1, :, 0].float(), 49, "rgb")  # one clip, as the build encodes it
+    counts = []
+    with torch.no_grad():
+        for encode in (encode_moments, encode_condition_moments):
+            with FlopCounterMode(display=False) as flops:
+                counts.append((encode(vae, x), flops.get_total_flops()))
+    (whole, whole_flops), (condition, condition_flops) = counts
+    assert (condition - whole).abs().max() < 1e-4 * whole.std()
+    assert 0.45 < condition_flops / whole_flops < 0.55
+
+
+def test_a_condition_must_end_in_zeros():
+    vae = whole_clip_vae(load_vae(ROOT / "example" / "tiny-wan-i2v").eval())
+    with pytest.raises(ValueError, match="frames from 1 on must be zeros"):
+        encode_condition_moments(vae, videos(5).float())

@@ -16,6 +16,12 @@ The rest (residual blocks, per-frame attention, RMS norms) already runs over all
 feature cache. The same products in another order: float64 agrees with diffusers to rounding
 (``tests/test_whole_clip.py``). Each layer runs once on a tensor as long as the clip, so memory grows with the clip's
 length, as training's activations do anyway.
+
+A condition (its first frames given, zeros after them) is half the cache build's VAE work at the real size, and most of
+it is the same for every clip: :func:`encode_condition_moments` computes only what depends on the given frames.
+
+Candidates for speed, timed by ``bench/bench_train_throughput.py --vae`` and ``bench/bench_dataset.py --vae_variants``
+(BENCHMARKS.md); training, the build and inference run diffusers' chunks.
 """
 
 from __future__ import annotations
@@ -77,3 +83,60 @@ def decode_whole(vae, z: torch.Tensor) -> torch.Tensor:
     """Latents ``(B, z_dim, T, h, w)`` -> ``vae.decode(z)``'s videos ``(B, 3, 4(T-1)+1, 8h, 8w)`` clamped to [-1, 1],
     over all frames at once; ``vae`` prepared by :func:`whole_clip_vae`."""
     return torch.clamp(vae.decoder(vae.post_quant_conv(z)), min=-1.0, max=1.0)
+
+
+def _encoder_steps(encoder) -> list[tuple[int | None, object]]:
+    """The Wan2.1 encoder as ``(reach, layer)`` in order: ``reach`` is how many earlier frames one output frame of the
+    layer reads (two per causal 3x3x3 convolution; ``None``: the temporal downsampling, frame ``j`` from frames
+    ``2j-2 .. 2j``)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample, WanResidualBlock
+
+    steps: list[tuple[int | None, object]] = [(2, encoder.conv_in)]
+    for layer in encoder.down_blocks:
+        if isinstance(layer, WanResidualBlock):
+            steps.append((4, layer))
+        elif isinstance(layer, WanResample) and layer.mode == "downsample3d":
+            steps.append((None, layer))
+        else:  # per-frame attention, spatial downsampling
+            steps.append((0, layer))
+    mid = encoder.mid_block
+    steps.append((4, mid.resnets[0]))
+    for attention, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
+        steps += [(0, attention)] * (attention is not None) + [(4, resnet)]
+    steps.append((2, lambda x: encoder.conv_out(encoder.nonlinearity(encoder.norm_out(x)))))
+    return steps
+
+
+def encode_condition_moments(vae, videos: torch.Tensor, given: int = 1) -> torch.Tensor:
+    """:func:`encode_moments` of videos whose frames from ``given`` on are zeros (a condition: the given frames, then
+    nothing), computing only what depends on the given frames.
+
+    A layer's output frame ``t`` reads its input frames ``t - reach .. t``, so past the given frames plus the reach of
+    the layers so far every frame of every clip holds the same values: what the encoder makes of an endless run of
+    zero frames (the steady frame, one per layer, found by running the layer on a few copies of the one before).
+    Each layer runs on the frames that still depend on the given ones, the steady frame stands for the rest. At the
+    real size the full-resolution layers, most of the encoder's work, then run on a fraction of a 49-frame
+    condition's frames (``tests/test_whole_clip.py`` counts the FLOPs). The same latents as diffusers' to rounding;
+    ``vae`` prepared by :func:`whole_clip_vae`.
+    """
+    _, channels, frames, height, width = videos.shape
+    _check_frames(frames)
+    if not 1 <= given <= frames:
+        raise ValueError(f"given frames must be 1..{frames}, got {given}")
+    if given < frames and videos[:, :, given:].count_nonzero():
+        raise ValueError(f"a condition's frames from {given} on must be zeros")
+    x, steady, total = videos[:, :, :given], videos.new_zeros(1, channels, 1, height, width), frames
+
+    def extended(count: int) -> torch.Tensor:  # the known frames, then the steady frame up to ``count`` frames
+        tail = steady.expand(x.shape[0], -1, count - x.shape[2], -1, -1)
+        return torch.cat([x, tail], dim=2) if count > x.shape[2] else x
+
+    for reach, layer in _encoder_steps(vae.encoder):
+        if reach is None:  # output frame j >= 1 reads input frames 2j-2 .. 2j
+            total, known = 1 + (total - 1) // 2, min(1 + (total - 1) // 2, -(-x.shape[2] // 2) + 1)
+            x = layer(extended(2 * known - 1))
+            steady = layer(steady.expand(-1, -1, 3, -1, -1).contiguous())[:, :, -1:]
+        else:
+            x = layer(extended(min(total, x.shape[2] + reach)))
+            steady = layer(steady.expand(-1, -1, reach + 1, -1, -1).contiguous())[:, :, -1:]
+    return vae.quant_conv(extended(total))
