@@ -133,7 +133,8 @@ def encode_condition_moments(vae, videos: torch.Tensor, given: int = 1) -> torch
 
     for reach, layer in _encoder_steps(vae.encoder):
         if reach is None:  # output frame j >= 1 reads input frames 2j-2 .. 2j
-            total, known = 1 + (total - 1) // 2, min(1 + (total - 1) // 2, -(-x.shape[2] // 2) + 1)
+            total = 1 + (total - 1) // 2
+            known = min(total, -(-x.shape[2] // 2) + 1)
             x = layer(extended(2 * known - 1))
             steady = layer(steady.expand(-1, -1, 3, -1, -1).contiguous())[:, :, -1:]
         else:
