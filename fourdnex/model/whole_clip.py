@@ -21,7 +21,8 @@ A condition (its first frames given, zeros after them) is half the cache build's
 it is the same for every clip: :func:`encode_condition_moments` computes only what depends on the given frames.
 
 Candidates for speed, timed by ``bench/bench_train_throughput.py --vae`` and ``bench/bench_dataset.py --vae_variants``
-(BENCHMARKS.md); training, the build and inference run diffusers' chunks.
+on a GPU and ``bench/bench_whole_clip.py`` on the CPU (BENCHMARKS.md); training, the build and inference run
+diffusers' chunks.
 """
 
 from __future__ import annotations
