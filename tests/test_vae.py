@@ -75,6 +75,30 @@ def test_a_killed_run_resumes_from_its_checkpoint_exactly(trees, tmp_path, monke
         assert torch.equal(value, resumed[name]), name  # the same batches and noise whether resumed or not
 
 
+def test_the_gpu_s_whole_clip_step_trains_as_the_chunks_do(trees, tmp_path, monkeypatch):
+    """The trainer's GPU path (each layer over the whole clip, channels-last convolutions and videos), taken here on
+    the CPU: the same losses and weights as diffusers' chunks, step by step."""
+    losses, original = {}, trainer.vae_loss
+
+    def recording(kind):
+        def vae_loss(*args):
+            loss, parts = original(*args)
+            losses.setdefault(kind, []).append((loss.item(), args[-1]))
+            return loss, parts
+
+        return vae_loss
+
+    for kind, whole in (("chunks", False), ("whole", True)):
+        monkeypatch.setattr(trainer, "runs_whole_clip", lambda device, whole=whole: whole)
+        monkeypatch.setattr(trainer, "vae_loss", recording(kind))
+        train(trees, tmp_path / kind, 6)
+    assert [w for _, w in losses["chunks"]] == [False] * 6 and [w for _, w in losses["whole"]] == [True] * 6
+    np.testing.assert_allclose([v for v, _ in losses["whole"]], [v for v, _ in losses["chunks"]], rtol=1e-4)
+    whole = load_vae(tmp_path / "whole").state_dict()
+    for name, value in load_vae(tmp_path / "chunks").state_dict().items():
+        torch.testing.assert_close(whole[name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_bad_settings_are_one_line(trees, tmp_path):
     with pytest.raises(SystemExit, match=r"^fourdnex.train.vae: num_frames must be 4k"):
         run(trainer.main, trainer.build_parser(), ["--data_dir", str(trees[0]), "--model_path", str(TINY),

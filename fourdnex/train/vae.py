@@ -178,7 +178,7 @@ def vae_loss(
     """Reconstruction MSE of ``videos (B, 3, F, H, W)`` through a sampled latent, plus ``kl_weight`` times the mean
     KL divergence of the posterior from N(0, 1); returns the loss and its parts (detached). ``whole_clip``: the VAE
     (prepared by :func:`fourdnex.model.whole_clip.whole_clip_vae`) runs each layer once over all frames, the same
-    numbers as diffusers' chunks (a candidate for speed: ``bench/bench_train_throughput.py --vae``)."""
+    numbers as diffusers' chunks (:class:`VaeTrainer` takes it on a GPU)."""
     if whole_clip:
         from fourdnex.model.whole_clip import decode_whole, encode_whole
 
@@ -253,6 +253,13 @@ def _check_vae_folder(cfg: VaeTrainConfig) -> None:
     check_model_folder(cfg.model_path, ("vae",), how="build the model first: python -m fourdnex.model.presets")
 
 
+def runs_whole_clip(device: torch.device) -> bool:
+    """Whether the trainer runs each layer once over the whole clip, its convolutions in channels-last memory (the
+    same numbers as diffusers' chunks): on a GPU, where the step ran 1.35x as fast on an H100; on a CPU the chunks are
+    faster (BENCHMARKS.md, "Each layer over the whole clip")."""
+    return device.type == "cuda"
+
+
 class VaeTrainer:
     """The VAE of ``cfg.model_path``, its AdamW and the training clips held on the training device (in host memory
     where they would take more than half of a GPU's free memory); :meth:`train_until` steps it.
@@ -265,7 +272,8 @@ class VaeTrainer:
     def __init__(self, cfg: VaeTrainConfig, clips: Clips) -> None:
         from tqdm.auto import tqdm
 
-        from fourdnex.model.loading import load_vae
+        from fourdnex.model.loading import channels_last_convolutions, load_vae
+        from fourdnex.model.whole_clip import whole_clip_vae
         from fourdnex.train.data import holding_device
 
         self.cfg = cfg
@@ -275,6 +283,9 @@ class VaeTrainer:
             raise UsageError(f"{cfg.data_dir} holds {len(clips)} clips, fewer than --batch_size {cfg.batch_size}")
         torch.manual_seed(cfg.seed)
         self.vae = load_vae(cfg.model_path, torch.float32).to(device).train()
+        self.whole_clip = runs_whole_clip(device)
+        if self.whole_clip:
+            whole_clip_vae(channels_last_convolutions(self.vae))
         self.optimizer = torch.optim.AdamW(
             self.vae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=1e-4,
             fused=device.type == "cuda",
@@ -304,7 +315,8 @@ class VaeTrainer:
         index = index if self.rgb.device.type == "cpu" else to_device(index, self.rgb.device)
         rgb = to_device(self.rgb[index], self.device) if self.rgb.is_cpu else self.rgb[index]
         xyz = to_device(self.xyz[index], self.device) if self.xyz.is_cpu else self.xyz[index]
-        return as_videos(rgb, xyz)
+        videos = as_videos(rgb, xyz)
+        return videos.contiguous(memory_format=torch.channels_last_3d) if self.whole_clip else videos
 
     def train_until(self, stop: int) -> None:
         """Train until step ``stop``, writing a checkpoint every ``checkpointing_steps`` and at ``max_steps``."""
@@ -314,7 +326,7 @@ class VaeTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, parts = vae_loss(self.vae, self.videos(self.step), cfg.kl_weight, generator)
+                loss, parts = vae_loss(self.vae, self.videos(self.step), cfg.kl_weight, generator, self.whole_clip)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
