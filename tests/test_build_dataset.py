@@ -721,8 +721,7 @@ def test_the_benchmark_s_vae_variants_table(tmp_path):
     table = tmp_path / "variants.json"
     args = ["--vae_variants", "--device", "cpu", "--model_path", TINY, "--num_frames", "9", "--height", "32"]
     args += ["--width", "48", "--variants", "fp32,fp32+channels_last,fp32+whole_clip,fp32+zero_tail,bf16"]
-    args += ["--repeats", "1"]
-    args += ["--json", str(table)]
+    args += ["--repeats", "1", "--json", str(table)]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dataset.py"), *args], capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     rows = json.loads(table.read_text())["rows"]
