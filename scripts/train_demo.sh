@@ -179,12 +179,18 @@ declare -A RUN_GROWTH=(
     [full-fine]="--patch 1"
 )
 
-# Runs whose 256-sample step is drawn in this many micro-batches (gradient accumulation): the transformer reading a
-# token per latent pixel trained at 128 samples on an H100 without gradient checkpointing, and its benchmark ran out
-# of the H100's 80 GB at 256 (BENCHMARKS.md, "The tenth run").
-declare -A RUN_MICRO_BATCHES=(
-    [full-fine]=2
+# Transformers whose 256-sample step is drawn in this many micro-batches (gradient accumulation), by their spatial
+# patch size: the one reading a token per latent pixel (patch 1: full-fine, or a run continuing it with FULL_FROM)
+# trained at 128 samples on an H100 without gradient checkpointing, and its benchmark ran out of the H100's 80 GB at
+# 256 (BENCHMARKS.md, "The tenth run").
+declare -A PATCH_MICRO_BATCHES=(
+    [1]=2
 )
+
+# The spatial patch size of the transformer in model folder $1.
+patch_size() {
+    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["patch_size"][1])' "$1/transformer/config.json"
+}
 
 stage_adapters() {
     log "adapters: $RUNS, $ADAPTER_STEPS steps each, at once on $(( GPUS > 0 ? GPUS : 1 )) devices"
@@ -202,7 +208,7 @@ stage_adapters() {
             "$PY" -m fourdnex.model.grow "${FULL_FROM:-$WORK/base/transformer}" "$WORK/grown-$name" ${RUN_GROWTH[$name]}
             model_folder "$model" --transformer "$WORK/grown-$name"
         fi
-        local split=${RUN_MICRO_BATCHES[$name]:-1}
+        local split=${PATCH_MICRO_BATCHES[$(patch_size "$model")]:-1}
         # shellcheck disable=SC2086  # the flags are words
         finetune $(( i % slots )) "$WORK/$name" "$ADAPTER_STEPS" --model_path "$model" ${RUN_FLAGS[$name]} \
             --train_batch_size $(( BATCH / split )) --gradient_accumulation_steps "$split" > "$WORK/$name.log" 2>&1 &

@@ -1,8 +1,11 @@
 """scripts/train_demo.sh's stage-2 runs: the flags each passes to finetune.py make a valid training configuration,
 with the flags every run of the recipe shares, so that no run of a device session fails on a typo."""
 
+import json
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -43,12 +46,23 @@ def test_each_run_of_the_recipe_is_a_valid_training_configuration(run):
         assert cfg.train_mode == "full"
 
 
-def test_micro_batched_runs_keep_the_recipe_s_step_of_256():
-    """A run the recipe draws in micro-batches trains on 256 samples an optimizer step, as every other run does."""
-    table = RECIPE[RECIPE.index("declare -A RUN_MICRO_BATCHES=(") :]
-    splits = {run: int(n) for run, n in re.findall(r"^\s+\[([\w-]+)\]=(\d+)$", table[: table.index("\n)")], re.M)}
-    assert splits == {"full-fine": 2}
-    for run, split in splits.items():
+def test_micro_batched_transformers_keep_the_recipe_s_step_of_256(tmp_path):
+    """A transformer the recipe trains in micro-batches (by its patch size, read from its model folder) trains on 256
+    samples an optimizer step, as every other run does: full-fine's grown transformer and a run continuing it."""
+    table = RECIPE[RECIPE.index("declare -A PATCH_MICRO_BATCHES=(") :]
+    splits = {int(p): int(n) for p, n in re.findall(r"^\s+\[(\d+)\]=(\d+)$", table[: table.index("\n)")], re.M)}
+    assert splits == {1: 2}
+    function = RECIPE[RECIPE.index("patch_size() {") :]
+    function = function[: function.index("\n}\n") + 3]
+    grown = tmp_path / "grown" / "transformer"
+    grown.mkdir(parents=True)
+    config = json.loads((ROOT / "example/demo/model/transformer/config.json").read_text())
+    (grown / "config.json").write_text(json.dumps(config | {"patch_size": [1, 1, 1]}))
+    for folder, patch in ((ROOT / "example/demo/model", 2), (grown.parent, 1)):
+        script = f'PY="{sys.executable}"\n{function}patch_size "{folder}"'
+        assert subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout == f"{patch}\n"
+    for run in ("full-fine", "full-xyz"):
+        split = splits[1]
         extra = ["--train_batch_size", str(256 // split), "--gradient_accumulation_steps", str(split)]
         cfg = finetune.config_from_args(finetune.build_parser().parse_args(SHARED + shlex.split(RUNS[run]) + extra))
         cfg.validate()
