@@ -95,22 +95,20 @@ def real_size_components(device: str, dtype: torch.dtype, vision_dtype: torch.dt
 
 
 def vae_flops(vae_config: dict, num_frames: int, height: int, width: int, cond_num_frames: int) -> dict[str, float]:
-    """Wan VAE encoder FLOPs of one clip, as the build encodes it: the RGB and XYZ videos, the fused condition video
-    and the RGB condition video (meta device)."""
+    """Wan VAE encoder FLOPs of one clip, as the build encodes it: the RGB and XYZ videos (diffusers' chunks), the fused
+    and the RGB condition videos (the cheaper of the chunks and ``encode_condition_moments``), on the meta device."""
     from diffusers import AutoencoderKLWan
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fourdnex.model.whole_clip import condition_flops
+
     with torch.device("meta"):
         vae = AutoencoderKLWan.from_config(vae_config)
-    counts = {}
-    for name, shape in (
-        ("video", (1, 3, num_frames, height, width)),
-        ("cond", (1, 3, cond_num_frames, height, 2 * width)),
-        ("cond_rgb", (1, 3, cond_num_frames, height, width)),
-    ):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            vae.encode(torch.empty(shape, device="meta")).latent_dist.mode()
-        counts[name] = float(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vae.encode(torch.empty(1, 3, num_frames, height, width, device="meta"))
+    counts = {"video": float(counter.get_total_flops())}
+    counts["cond"] = min(condition_flops(vae_config, (1, 3, cond_num_frames, height, 2 * width)))
+    counts["cond_rgb"] = min(condition_flops(vae_config, (1, 3, cond_num_frames, height, width)))
     counts["clip"] = 2 * counts["video"] + counts["cond"] + counts["cond_rgb"]
     return counts
 

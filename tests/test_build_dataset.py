@@ -306,8 +306,8 @@ def test_rerun_does_no_repeated_work(single, tree, encoders, tmp_path):
     (out / "latents" / "dynamic" / ".x.partial.safetensors").write_bytes(b"half")
     summary = build(_config(tree, out), counting, show_progress=False)
     assert summary.processed == 1 and summary.skipped == 5 and summary.merged
-    # VAE for RGB + XYZ + the RGB condition (as many frames), VAE for the fused condition, CLIP; the prompt exists
-    assert counting.calls == 3
+    # VAE for RGB + XYZ, VAE for the fused condition, VAE for the RGB condition, CLIP; the prompt exists
+    assert counting.calls == 4
     assert (out / "manifest.jsonl").read_text() == (single / "manifest.jsonl").read_text()
 
 
@@ -734,8 +734,8 @@ def test_the_benchmark_s_vae_variants_table(tmp_path):
 @pytest.mark.parametrize("cond_frames", [5, 9])
 def test_the_benchmark_s_vae_floor_counts_what_the_build_encodes(encoders, cond_frames):
     """bench_dataset.py's floor counts the VAE FLOPs of one clip as the build spends them: torch's FLOP counter around
-    the build's own encode_batch (RGB and XYZ videos, fused and RGB conditions; with as many condition frames as
-    video frames the RGB condition joins the videos' call) gives the bench's count, both on the meta device."""
+    the build's own encode_batch (RGB and XYZ videos, fused and RGB conditions) gives the bench's count, both on the
+    meta device."""
     from types import SimpleNamespace
 
     from diffusers import AutoencoderKLWan
@@ -743,13 +743,36 @@ def test_the_benchmark_s_vae_floor_counts_what_the_build_encodes(encoders, cond_
 
     from bench.bench_dataset import vae_flops
     from fourdnex.data.build import encode_batch
+    from fourdnex.model.whole_clip import whole_clip_vae
 
     config = dict(encoders.vae.config)
     on_meta = Encoders.__new__(Encoders)  # the build's encoders on the meta device, as the bench counts (no compute)
     with torch.device("meta"):
-        on_meta.vae, on_meta.device = AutoencoderKLWan.from_config(config), torch.device("meta")
+        on_meta.vae, on_meta.device = whole_clip_vae(AutoencoderKLWan.from_config(config)), torch.device("meta")
         clip = SimpleNamespace(videos=torch.empty(2, 3, 9, *RES))
+    on_meta._zero_tail = {}
+    with torch.no_grad():
+        encode_batch(on_meta, [clip], cond_frames)  # the build decides how to encode each condition shape once
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         encode_batch(on_meta, [clip], cond_frames)
     counted = vae_flops(config, 9, *RES, cond_frames)
     assert counter.get_total_flops() == counted["clip"] > 2 * counted["video"] + counted["cond"] > 0
+
+
+@pytest.mark.parametrize("frames, zero_tail", [(9, False), (25, True)])
+def test_the_build_s_conditions_are_diffusers_latents_of_the_condition_videos(encoders, frames, zero_tail):
+    """A condition encodes to diffusers' latents of its video (the first frame, then zeros; both kinds), whichever way
+    the build takes: a long one through only what depends on its first frame, a short one in diffusers' chunks."""
+    from fourdnex.model.fusion import condition_video, encode_latents
+
+    first = torch.rand(2, 3, *RES, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    for modalities in ("rgbxyz", "rgb"):
+        got = encoders.encode_condition(first, frames, modalities)
+        want = encode_latents(encoders.vae, condition_video(first, frames, modalities))
+        assert encoders._zero_tail[tuple(condition_video(first, frames, modalities).shape)] is zero_tail
+        assert (
+            got.shape
+            == want.shape
+            == (2, 16, (frames - 1) // 4 + 1, RES[0] // 8, RES[1] // 8 * (1 + (modalities == "rgbxyz")))
+        )
+        assert (got - want).abs().max() <= (1e-5 if zero_tail else 0) * want.abs().max()

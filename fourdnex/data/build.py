@@ -34,8 +34,9 @@ from fourdnex.data.prepare import CENTER_MODES, PreparedClip, prepare_clip
 from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, read_clip
 from fourdnex.errors import UsageError
 from fourdnex.files import write_text
-from fourdnex.model.fusion import condition_video, encode_latents, video_pixels
+from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize, video_pixels
 from fourdnex.model.loading import ENCODER_DTYPE, TEXT_TOKENS, channels_last_convolutions, load_components
+from fourdnex.model.whole_clip import condition_flops, encode_condition_moments, whole_clip_vae
 from fourdnex.runtime import DTYPES, device_of, dtype_of, worker_processes
 
 #: ``--encoder_dtype`` choices: the VAE's and CLIP's dtype. float32 (the default) is the dtype inference decodes and
@@ -126,7 +127,8 @@ class Encoders:
     def __init__(self, pipe, device: str | torch.device):
         self.pipe = pipe.to(device)
         self.device = torch.device(device)
-        self.vae = pipe.vae
+        self.vae = whole_clip_vae(pipe.vae)  # for the conditions (encode_condition); the videos run diffusers' chunks
+        self._zero_tail: dict[tuple[int, ...], bool] = {}  # per condition shape: whether to skip its zero tail
         if self.device.type == "cuda":
             # cuDNN's fastest algorithm for the build's few shapes, timed at their first call, on channels-last 3D
             # weights: the VAE's work 1.27x faster in bfloat16 on an H100 (BENCHMARKS.md, "Dataset building").
@@ -154,6 +156,21 @@ class Encoders:
         """Videos ``(B_i, 3, F, H, W)`` in [-1, 1], joined on the device into one batch -> VAE-normalized posterior
         modes ``(sum B_i, 16, T, H/8, W/8)``."""
         return encode_latents(self.vae, torch.cat([video.to(self.device) for video in videos]))
+
+    @torch.no_grad()
+    def encode_condition(self, first: torch.Tensor, num_frames: int, modalities: str) -> torch.Tensor:
+        """The latents of the conditions of first frames ``(B, 3, H, W)`` in [-1, 1] (:func:`condition_video`),
+        ``(B, 16, T, h, w)``, as :meth:`encode_videos` gives them; where it spends fewer FLOPs (long conditions:
+        :func:`fourdnex.model.whole_clip.condition_flops`, decided once per shape), computing only what depends on the
+        first frame."""
+        video = condition_video(first.to(self.device, self.vae.dtype), num_frames, modalities)
+        shape = tuple(video.shape)
+        if shape not in self._zero_tail:
+            chunks, zero_tail = condition_flops(dict(self.vae.config), shape)
+            self._zero_tail[shape] = zero_tail < chunks
+        if not self._zero_tail[shape]:
+            return encode_latents(self.vae, video)
+        return vae_normalize(self.vae, encode_condition_moments(self.vae, video)[:, : self.vae.config.z_dim].float())
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -333,27 +350,20 @@ class _InProcess(Executor):
 
 
 def encode_batch(encoders: Encoders, loaded: list[LoadedClip], cond_num_frames: int) -> list[dict[str, torch.Tensor]]:
-    """Latents of a batch of clips: the RGB and XYZ videos in one VAE call, the fused conditions in another, the RGB
-    conditions in a third, or with the first where the batch is one clip and the condition has as many frames.
-
-    (A call of one video takes torch's slower convolution path, so joining a lone clip's RGB condition to its videos
-    saves VAE time, while in batches of 4 clips the larger call is slower than the two calls: BENCHMARKS.md, "Where
-    the time goes, and the build now".)
+    """Latents of a batch of clips: the RGB and XYZ videos in one VAE call, the fused and the RGB conditions each in
+    one call (:meth:`Encoders.encode_condition`: at the real size only what depends on their first frame, 0.77 of a
+    clip's VAE FLOPs; BENCHMARKS.md, "Where the time goes, and the build now").
 
     Returns per clip ``rgb``/``xyz`` ``(16, T, h, w)``, ``cond`` ``(16, Tc, h, 2w)`` and ``cond_rgb``
     ``(16, Tc, h, w)``, VAE-normalized float32.
     """
-    count, num_frames = len(loaded), loaded[0].videos.shape[2]
     first = torch.stack([item.videos[0, :, 0] for item in loaded])  # (B, 3, H, W): frame 0 of each RGB video
-    cond_rgb = condition_video(first, cond_num_frames, "rgb")  # (B, 3, Tc, H, W)
-    together = count == 1 and cond_num_frames == num_frames
-    videos = [item.videos for item in loaded] + [cond_rgb] * together
-    latents = encoders.encode_videos(videos)  # (2B [+ B], 16, T, h, w): rgb, xyz, rgb, xyz, ... [cond_rgb, ...]
-    conds = encoders.encode_videos([condition_video(first, cond_num_frames, "rgbxyz")])  # (B, 16, Tc, h, 2w)
-    conds_rgb = latents[2 * count :] if together else encoders.encode_videos([cond_rgb])  # (B, 16, Tc, h, w)
+    latents = encoders.encode_videos([item.videos for item in loaded])  # (2B, 16, T, h, w): rgb, xyz, rgb, xyz, ...
+    conds = encoders.encode_condition(first, cond_num_frames, "rgbxyz")  # (B, 16, Tc, h, 2w)
+    conds_rgb = encoders.encode_condition(first, cond_num_frames, "rgb")  # (B, 16, Tc, h, w)
     return [
         {"rgb": latents[2 * i], "xyz": latents[2 * i + 1], "cond": conds[i], "cond_rgb": conds_rgb[i]}
-        for i in range(count)
+        for i in range(len(loaded))
     ]
 
 

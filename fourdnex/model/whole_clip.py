@@ -20,9 +20,9 @@ length, as training's activations do anyway.
 A condition (its first frames given, zeros after them) is half the cache build's VAE work at the real size, and most of
 it is the same for every clip: :func:`encode_condition_moments` computes only what depends on the given frames.
 
-Candidates for speed, timed by ``bench/bench_train_throughput.py --vae`` and ``bench/bench_dataset.py --vae_variants``
-on a GPU and ``bench/bench_whole_clip.py`` on the CPU (BENCHMARKS.md); training, the build and inference run
-diffusers' chunks.
+Timed by ``bench/bench_train_throughput.py --vae`` and ``bench/bench_dataset.py --vae_variants`` on a GPU and
+``bench/bench_whole_clip.py`` on the CPU (BENCHMARKS.md): the VAE trainer runs whole clips on a GPU, the cache build
+encodes long conditions with :func:`encode_condition_moments`; the rest runs diffusers' chunks.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def encode_condition_moments(vae, videos: torch.Tensor, given: int = 1) -> torch
     _check_frames(frames)
     if not 1 <= given <= frames:
         raise ValueError(f"given frames must be 1..{frames}, got {given}")
-    if given < frames and videos[:, :, given:].count_nonzero():
+    if given < frames and videos.device.type != "meta" and videos[:, :, given:].count_nonzero():  # meta: FLOP counts
         raise ValueError(f"a condition's frames from {given} on must be zeros")
     x, steady, total = videos[:, :, :given], videos.new_zeros(1, channels, 1, height, width), frames
 
@@ -142,3 +142,22 @@ def encode_condition_moments(vae, videos: torch.Tensor, given: int = 1) -> torch
             x = layer(extended(min(total, x.shape[2] + reach)))
             steady = layer(steady.expand(-1, -1, reach + 1, -1, -1).contiguous())[:, :, -1:]
     return vae.quant_conv(extended(total))
+
+
+def condition_flops(vae_config: dict, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Encoder FLOPs of a condition video of ``shape`` ``(B, 3, F, H, W)``: in diffusers' chunks, and through
+    :func:`encode_condition_moments` (counted on the meta device). The second is the smaller from about 17 frames
+    on (0.75 of the first at 25 frames with the demo model's VAE, 0.52 at 49 with the real one); below, every frame
+    depends on the first one and the steady frames are extra work."""
+    from diffusers import AutoencoderKLWan
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        vae = whole_clip_vae(AutoencoderKLWan.from_config(vae_config))
+        video = torch.empty(shape)
+    counts = []
+    for encode in (lambda: vae.encode(video), lambda: encode_condition_moments(vae, video)):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            encode()
+        counts.append(float(counter.get_total_flops()))
+    return counts[0], counts[1]
