@@ -81,6 +81,9 @@ class TimedEncoders(Encoders):
     def encode_videos(self, videos):
         return self._timed("vae", super().encode_videos, videos)
 
+    def encode_condition(self, first, num_frames, modalities):
+        return self._timed("vae", super().encode_condition, first, num_frames, modalities)
+
     def encode_prompt(self, prompt):
         return self._timed("umt5", super().encode_prompt, prompt)
 
@@ -572,8 +575,8 @@ if __name__ == "__main__":
     parser.add_argument("--vae_variants", action="store_true", help="time one clip's VAE work per --variants")
     parser.add_argument(
         "--variants",
-        default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+compiled,fp32,"
-        "fp32+cudnn_benchmark+channels_last",
+        default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+zero_tail,"
+        "bf16+cudnn_benchmark+channels_last+compiled,fp32,fp32+cudnn_benchmark+channels_last+zero_tail",
         help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark][+whole_clip]"
         "[+zero_tail]",
     )
