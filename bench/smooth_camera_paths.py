@@ -1,0 +1,74 @@
+"""How much of a model's camera error is frame-to-frame jitter: evaluate.py's ATE with the registered camera centres
+smoothed over time.
+
+For each scored sample of one or more evaluate.py reports (``metrics.json``: the aligned predicted and the true
+camera centres of every frame, ``camera_path``), the predicted centres are smoothed by a Gaussian of ``sigma``
+frames (the ends held), aligned onto the true ones again by one Sim(3) (Umeyama, as evaluate.py aligns them) and
+scored as evaluate.py scores the ATE: the RMS distance to the true centres in the clip's units (the sample's own
+ATE over its RMS in the path's units gives the unit). The true centres smoothed the same way and scored against
+themselves say how much real motion such smoothing would take away. Prints the mean over samples per report and
+sigma as a Markdown table. Reads JSON only.
+
+    python bench/smooth_camera_paths.py runs/demo/reports/full/checkpoint-001200/held-out-image --sigmas 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fourdnex.evaluation.metrics import apply_sim3, sim3_align
+
+
+def rms_to(path: np.ndarray, truth: np.ndarray) -> float:
+    """RMS distance of ``path (F, 3)`` to ``truth (F, 3)`` after the Sim(3) of the one onto the other."""
+    scale, rotation, translation = sim3_align(path, truth)
+    return float(np.sqrt(np.mean(np.sum((apply_sim3(path, scale, rotation, translation) - truth) ** 2, axis=1))))
+
+
+def smoothed_ates(report: Path, sigmas: list[float]) -> dict[str, float]:
+    """Mean ATE of a report's samples as scored, with the predicted centres smoothed by each sigma, and of the true
+    centres smoothed by each sigma against themselves (all in the clips' units)."""
+    metrics = json.loads((report / "metrics.json").read_text())
+    sums: dict[str, list[float]] = {}
+    for sample in metrics["samples"]:
+        path = sample.get("camera_path") or {}
+        if "model" not in path or len(path["model"]) < 2:
+            continue
+        pred, truth = np.asarray(path["model"], np.float64), np.asarray(path["truth"], np.float64)
+        raw = rms_to(pred, truth)
+        if raw == 0:
+            continue
+        unit = raw / sample["scores"]["model"]["camera.ate"]  # the path's units per clip unit
+        sums.setdefault("as scored", []).append(raw / unit)
+        for sigma in sigmas:
+            smooth = gaussian_filter1d(pred, sigma, axis=0, mode="nearest")
+            sums.setdefault(f"sigma {sigma:g}", []).append(rms_to(smooth, truth) / unit)
+            true_smooth = gaussian_filter1d(truth, sigma, axis=0, mode="nearest")
+            moved = np.sqrt(np.mean(np.sum((true_smooth - truth) ** 2, axis=1))) / unit
+            sums.setdefault(f"truth, sigma {sigma:g}", []).append(moved)
+    return {key: float(np.mean(values)) for key, values in sums.items()} | {"samples": len(sums.get("as scored", []))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="evaluate.py output folders (each holds metrics.json)")
+    parser.add_argument("--sigmas", nargs="+", type=float, default=[1.0, 2.0, 3.0], help="Gaussian widths, frames")
+    args = parser.parse_args()
+    rows = {str(report): smoothed_ates(report, args.sigmas) for report in args.reports}
+    columns = ["as scored"] + [f"sigma {s:g}" for s in args.sigmas] + [f"truth, sigma {s:g}" for s in args.sigmas]
+    print("| report | samples | ATE " + " | ".join(columns[:1]) + " | " + " | ".join(columns[1:]) + " |")
+    print("|---" * (len(columns) + 2) + "|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['samples']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
