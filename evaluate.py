@@ -23,12 +23,15 @@ from fourdnex.evaluation.plots import write_plots
 from fourdnex.evaluation.report import write_report
 from fourdnex.evaluation.run import evaluate
 from fourdnex.evaluation.truth import EvaluationError
+from fourdnex.geometry.registration import RegistrationConfig
 
 
 def main(args: argparse.Namespace) -> None:
     """Evaluate, then write the report; a run that scored no sample fails after writing it (it says why)."""
     start = time.perf_counter()
-    evaluation = evaluate(args.results, args.out, args.gt, args.mapping)
+    config = RegistrationConfig(smooth_frames=args.smooth_frames)
+    config.validate()
+    evaluation = evaluate(args.results, args.out, args.gt, args.mapping, config)
     write_report(evaluation, args.out, write_plots(evaluation, args.out))
     if not evaluation.scored:
         raise EvaluationError(
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mapping", default=None, help="JSON file: result number -> clip id (default: each .json's clip_id)"
     )
     p.add_argument("--out", required=True, help="report folder (created if missing)")
+    p.add_argument(
+        "--smooth_frames",
+        type=float,
+        default=RegistrationConfig.smooth_frames,
+        help="register with the camera path smoothed over this many frames, as pm_registration.py --smooth_frames "
+        "(default %(default)s); a saved registration fitted otherwise is fitted again",
+    )
     return p
 
 

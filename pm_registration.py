@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="fit one K per frame (default: one shared K)",
     )
+    field_flag(
+        p,
+        RegistrationConfig,
+        "smooth_frames",
+        type=float,
+        help="smooth the camera path over time by a Gaussian of this many frames; 0: each frame's own camera "
+        "(default %(default)s)",
+    )
     field_flag(p, RegistrationConfig, "seed", type=int)
     p.add_argument("--export", nargs="*", choices=EXPORTS, default=[], help="exports to write into NNNNN_export/")
     p.add_argument("--depth_format", choices=DEPTH_FORMATS, default="png16")

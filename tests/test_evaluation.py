@@ -306,6 +306,9 @@ def test_a_registration_saved_by_another_fit_revision_is_fitted_again(synthetic,
     again = evaluation_run.evaluate(results, tmp_path / "again", data)
     assert [s.registration for s in again.samples] == ["read", "computed"]
     assert json.loads(old.read_text())["fit"] == FIT_VERSION
+    smoothed = evaluation_run.evaluate(results, tmp_path / "smoothed", data, config=RegistrationConfig(smooth_frames=2))
+    assert [s.registration for s in smoothed.samples] == ["computed", "computed"]  # other settings: fitted again
+    assert json.loads(old.read_text())["config"]["smooth_frames"] == 2
 
 
 def test_without_ground_truth_and_an_unscorable_sample(synthetic, tmp_path):

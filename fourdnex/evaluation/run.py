@@ -115,20 +115,22 @@ def check_inputs(results: Path, gt: Path | None, mapping: Path | None) -> list[E
     return samples
 
 
-def _fit_version(path: Path) -> int | None:
-    """The fit revision a saved registration's ``.json`` records (None: unreadable, or saved before revisions)."""
+def _fitted_as(path: Path, config: RegistrationConfig) -> bool:
+    """Whether the saved registration at ``path`` was fitted by this revision of the fit with ``config``'s settings
+    (its ``.json``: ``fit`` and ``config``; a setting it does not record has its default)."""
     try:
-        return json.loads(path.with_suffix(".json").read_text()).get("fit")
-    except (OSError, ValueError, AttributeError):
-        return None
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return meta.get("fit") == FIT_VERSION and RegistrationConfig(**meta.get("config", {})) == config
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
 
 
 def _registration(sample: EvaluatedSample, config: RegistrationConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The result's RGB video and its registration: read (the registration without its points, which scoring does
     not need), or registered on the CPU and saved beside the result where there is none or the one there was fitted
-    by another revision of the fit (:data:`~fourdnex.geometry.registration.FIT_VERSION`)."""
+    by another revision of the fit (:data:`~fourdnex.geometry.registration.FIT_VERSION`) or with other settings."""
     path = registration_path(sample.path)
-    if not path.is_file() or _fit_version(path) != FIT_VERSION:
+    if not path.is_file() or not _fitted_as(path, config):
         result = load_result(sample.path)
         reg, info = register_result(result.xyz, np.arange(sample.frames), config, torch.device("cpu"))
         frames = {"start": 0, "end": None, "gap": 1, "count": sample.frames}

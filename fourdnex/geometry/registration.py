@@ -10,7 +10,9 @@ on its ray when ``Y = R X + t`` satisfies ``Y_xy = Y_z * ((u - cx) / fx, (v - cy
 2. a short robust Levenberg-Marquardt refinement of all frames jointly (shared or per-frame K, all poses) on the
    residual ``r = Y_xy - Y_z * ray_xy``, with Huber weights; the K equations are corrected for the bias that noise
    in the points puts into them (errors in variables: the Jacobian holds the noisy ``Y_z``);
-3. per pixel: depth ``Y_z``, the registered point (the pixel's ray at that depth, in world) and the residual
+3. optionally, the camera path smoothed over time (:func:`smooth_cameras`, ``smooth_frames``): each frame's
+   generated pointmap carries its own error, which moves its camera alone;
+4. per pixel: depth ``Y_z``, the registered point (the pixel's ray at that depth, in world) and the residual
    ``|r|``, the distance between that point and the input point (a per-pixel confidence, in pointmap units).
 
 The world frame is the pointmap's own: cameras come out in the units of the input (scale is not observable).
@@ -36,8 +38,10 @@ from fourdnex.geometry.cameras import (
     pixel_grid,
     planarity,
     plane_pose,
+    quaternion_to_rotation,
     reprojection_error,
     rigid,
+    rotation_to_quaternion,
     so3_exp,
 )
 from fourdnex.runtime import cpu_threads
@@ -54,6 +58,11 @@ class RegistrationConfig:
     huber: float = 2.0  # robust loss threshold, in robust standard deviations of the residual
     planar_threshold: float = 0.02  # frames whose points are this flat (spread across / along) skip the DLT
     default_focal: float = 1.2  # focal length in widths where nothing fixes it (every frame planar): the reference's
+    # The camera path smoothed over time by a Gaussian of this many frames (0: each frame's own camera): a generator's
+    # frame-to-frame error moves each frame's camera alone; on the demo models' held-out scenes 2 frames cut the ATE
+    # by a quarter and the RPE by 30-40 % with the depth as it was, but a pointmap without error then gets cameras
+    # off its curved path (BENCHMARKS.md, "The twelfth run")
+    smooth_frames: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -64,6 +73,8 @@ class RegistrationConfig:
             raise UsageError(f"samples and init_samples must be >= 12, got {self.samples} and {self.init_samples}")
         if self.huber <= 0:
             raise UsageError(f"huber must be positive, got {self.huber}")
+        if self.smooth_frames < 0:
+            raise UsageError(f"smooth_frames must be >= 0, got {self.smooth_frames}")
 
 
 class RegistrationError(FourDNeXError, ValueError):
@@ -343,12 +354,33 @@ def fit_cameras(xyz: torch.Tensor, config: RegistrationConfig | None = None) -> 
     return K, rigid(R, t), info
 
 
+def smooth_cameras(world2cam: torch.Tensor, sigma: float) -> torch.Tensor:
+    """World-to-camera poses ``(F, 4, 4)`` with each camera's centre and rotation the Gaussian-weighted mean over
+    nearby frames (``sigma`` frames; weights to 3 sigma, the first and last frame repeated past the ends; rotations as
+    unit quaternions of one sign, renormalized)."""
+    frames = world2cam.shape[0]
+    reach = math.ceil(3 * sigma)
+    offsets = torch.arange(-reach, reach + 1, device=world2cam.device)
+    weights = torch.exp(-0.5 * (offsets.to(world2cam.dtype) / sigma) ** 2)
+    weights = (weights / weights.sum())[None, :, None]
+    near = (torch.arange(frames, device=world2cam.device)[:, None] + offsets).clamp(0, frames - 1)  # (F, 2 reach + 1)
+    cam2world = invert_rigid(world2cam)
+    centres = (weights * cam2world[near, :3, 3]).sum(1)
+    q = rotation_to_quaternion(cam2world[:, :3, :3])[near]  # (F, 2 reach + 1, 4)
+    q = torch.where((q * q[:, reach : reach + 1]).sum(-1, keepdim=True) < 0, -q, q)  # one sign per frame's window
+    to_camera = quaternion_to_rotation((weights * q).sum(1)).transpose(-1, -2)
+    return rigid(to_camera, -(to_camera @ centres[..., None])[..., 0])
+
+
 def register(xyz: torch.Tensor, config: RegistrationConfig | None = None, chunk: int = 8) -> Registration:
     """Cameras, depth, registered points and residuals of a pointmap video ``xyz (F, H, W, 3)`` (any float dtype,
     any device; outputs are float32 on the same device)."""
     check_pointmap(xyz)
+    config = config or RegistrationConfig()
     with cpu_threads(1, xyz.device, blas=False):
         K64, world2cam64, info = fit_cameras(xyz, config)
+        if config.smooth_frames > 0 and len(xyz) > 1:
+            world2cam64 = smooth_cameras(world2cam64, config.smooth_frames)
     K, world2cam, cam2world = K64.float(), world2cam64.float(), invert_rigid(world2cam64).float()
     frames, height, width, _ = xyz.shape
     u = torch.arange(width, dtype=torch.float32, device=xyz.device) + 0.5
