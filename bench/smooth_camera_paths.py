@@ -43,11 +43,11 @@ def smoothed_ates(report: Path, sigmas: list[float]) -> dict[str, float]:
         if "model" not in path or len(path["model"]) < 2:
             continue
         pred, truth = np.asarray(path["model"], np.float64), np.asarray(path["truth"], np.float64)
-        raw = rms_to(pred, truth)
+        raw, ate = rms_to(pred, truth), sample["scores"]["model"]["camera.ate"]
         if raw == 0:
             continue
-        unit = raw / sample["scores"]["model"]["camera.ate"]  # the path's units per clip unit
-        sums.setdefault("as scored", []).append(raw / unit)
+        unit = raw / ate  # the path's units per clip unit
+        sums.setdefault("as scored", []).append(ate)
         for sigma in sigmas:
             smooth = gaussian_filter1d(pred, sigma, axis=0, mode="nearest")
             sums.setdefault(f"sigma {sigma:g}", []).append(rms_to(smooth, truth) / unit)
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = {str(report): smoothed_ates(report, args.sigmas) for report in args.reports}
     columns = ["as scored"] + [f"sigma {s:g}" for s in args.sigmas] + [f"truth, sigma {s:g}" for s in args.sigmas]
-    print("| report | samples | ATE " + " | ".join(columns[:1]) + " | " + " | ".join(columns[1:]) + " |")
+    print("| report | samples | ATE " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
     for name, row in rows.items():
         print(f"| {name} | {row['samples']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
