@@ -6,8 +6,10 @@ camera centres of every frame, ``camera_path``), the predicted centres are smoot
 frames (the ends held), aligned onto the true ones again by one Sim(3) (Umeyama, as evaluate.py aligns them) and
 scored as evaluate.py scores the ATE: the RMS distance to the true centres in the clip's units (the sample's own
 ATE over its RMS in the path's units gives the unit). The true centres smoothed the same way and scored against
-themselves say how much real motion such smoothing would take away. Prints the mean over samples per report and
-sigma as a Markdown table. Reads JSON only.
+themselves say how much real motion such smoothing would take away. ``--gcv`` adds a smoother that chooses its own
+strength per clip: the Whittaker smoother (least squares with a penalty on the path's second differences), its
+weight chosen by generalized cross-validation, on the predicted and on the true centres. Prints the mean over samples
+per report and column as a Markdown table. Reads JSON only.
 
     python bench/smooth_camera_paths.py runs/demo/reports/full/checkpoint-001200/held-out-image --sigmas 1 2 3
 """
@@ -33,7 +35,30 @@ def rms_to(path: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum((apply_sim3(path, scale, rotation, translation) - truth) ** 2, axis=1))))
 
 
-def smoothed_ates(report: Path, sigmas: list[float]) -> dict[str, float]:
+#: The Whittaker smoother's weights that generalized cross-validation chooses among (log-spaced).
+GCV_WEIGHTS = 10.0 ** np.arange(-3.0, 6.01, 0.25)
+
+
+def whittaker_gcv(path: np.ndarray) -> np.ndarray:
+    """``path (F, 3)`` smoothed by ``z = argmin |z - path|^2 + w |D2 z|^2`` (``D2``: second differences over frames),
+    ``w`` of :data:`GCV_WEIGHTS` minimizing the generalized cross-validation score ``F RSS / (F - tr(S))^2`` of the
+    smoother matrix ``S = (I + w D2^T D2)^-1``. A path with no second differences (a line) is returned as it is."""
+    frames = len(path)
+    if frames < 3:
+        return path
+    penalty = np.diff(np.eye(frames), 2, axis=0)
+    penalty = penalty.T @ penalty
+    best, smoothed = np.inf, path
+    for weight in GCV_WEIGHTS:
+        smoother = np.linalg.inv(np.eye(frames) + weight * penalty)
+        z = smoother @ path
+        score = frames * np.sum((path - z) ** 2) / (frames - np.trace(smoother)) ** 2
+        if score < best:
+            best, smoothed = score, z
+    return smoothed
+
+
+def smoothed_ates(report: Path, sigmas: list[float], gcv: bool = False) -> dict[str, float]:
     """Mean ATE of a report's samples as scored, with the predicted centres smoothed by each sigma, and of the true
     centres smoothed by each sigma against themselves (all in the clips' units)."""
     metrics = json.loads((report / "metrics.json").read_text())
@@ -54,6 +79,10 @@ def smoothed_ates(report: Path, sigmas: list[float]) -> dict[str, float]:
             true_smooth = gaussian_filter1d(truth, sigma, axis=0, mode="nearest")
             moved = np.sqrt(np.mean(np.sum((true_smooth - truth) ** 2, axis=1))) / unit
             sums.setdefault(f"truth, sigma {sigma:g}", []).append(moved)
+        if gcv:
+            sums.setdefault("GCV", []).append(rms_to(whittaker_gcv(pred), truth) / unit)
+            moved = np.sqrt(np.mean(np.sum((whittaker_gcv(truth) - truth) ** 2, axis=1))) / unit
+            sums.setdefault("truth, GCV", []).append(moved)
     return {key: float(np.mean(values)) for key, values in sums.items()} | {"samples": len(sums.get("as scored", []))}
 
 
@@ -61,9 +90,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="evaluate.py output folders (each holds metrics.json)")
     parser.add_argument("--sigmas", nargs="+", type=float, default=[1.0, 2.0, 3.0], help="Gaussian widths, frames")
+    parser.add_argument("--gcv", action="store_true", help="add the Whittaker smoother with its weight chosen by GCV")
     args = parser.parse_args()
-    rows = {str(report): smoothed_ates(report, args.sigmas) for report in args.reports}
+    rows = {str(report): smoothed_ates(report, args.sigmas, args.gcv) for report in args.reports}
     columns = ["as scored"] + [f"sigma {s:g}" for s in args.sigmas] + [f"truth, sigma {s:g}" for s in args.sigmas]
+    columns += ["GCV", "truth, GCV"] if args.gcv else []
     print("| report | samples | ATE " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
     for name, row in rows.items():

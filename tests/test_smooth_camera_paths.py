@@ -35,6 +35,16 @@ def test_smoothing_removes_frame_to_frame_jitter_and_keeps_a_steady_motion(tmp_p
     assert got["truth, sigma 2"] < 0.1 * ate
 
 
+def test_the_cross_validated_smoother_removes_jitter_and_leaves_a_line(tmp_path):
+    ate = _report(tmp_path, jitter=0.05)
+    got = smoothed_ates(tmp_path, [], gcv=True)
+    # a line has no second differences: the smoother keeps it whatever its weight, and GCV, free to smooth, takes
+    # the largest weight it may, where only the line through the jittered centres remains (RMS 0.05 / 25 of the jitter
+    # at most, from the unbalanced last frame)
+    assert got["truth, GCV"] < 1e-9
+    assert got["GCV"] < 0.05 * ate
+
+
 def test_the_command_prints_a_row_per_report(tmp_path):
     _report(tmp_path, jitter=0.05)
     out = subprocess.run(
