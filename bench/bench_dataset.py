@@ -334,7 +334,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKLWan
 
     from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize
-    from fourdnex.model.whole_clip import encode_condition_moments, encode_moments, whole_clip_vae
+    from fourdnex.model.whole_clip import condition_flops, encode_condition_moments, encode_moments, whole_clip_vae
 
     device = device_of(args.device)
     torch.manual_seed(args.seed)
@@ -349,6 +349,11 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     first = videos[:1, :, 0]
     inputs = [videos, condition_video(first, cond_frames, "rgbxyz"), condition_video(first, cond_frames, "rgb")]
     flops = vae_flops(dict(vae.config), args.num_frames, args.height, args.width, cond_frames)["clip"]
+    # per condition: whether its zero tail is skipped, as the build decides (fourdnex.data.build.Encoders)
+    tail_pays = [False]  # the videos: whole
+    for condition in inputs[1:]:
+        chunks, tail = condition_flops(dict(vae.config), tuple(condition.shape))
+        tail_pays.append(tail < chunks)
     reference = None
     rows = []
     for name in args.variants.split(","):
@@ -363,9 +368,9 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         if "compiled" in options:
             model.encoder = torch.compile(encoder)
 
-        def encode(x: torch.Tensor, condition: bool, model=model, options=options) -> torch.Tensor:
+        def encode(x: torch.Tensor, skip_tail: bool, model=model, options=options) -> torch.Tensor:
             """The build's encode_latents, as the variant runs it."""
-            if condition and "zero_tail" in options:  # only what depends on the condition's first frame
+            if skip_tail and "zero_tail" in options:  # only what depends on the condition's first frame
                 moments = encode_condition_moments(model, x.to(model.dtype))
             elif "whole_clip" in options:  # each layer over all frames at once
                 moments = encode_moments(model, x.to(model.dtype))
@@ -375,12 +380,12 @@ def print_vae_variants(args: argparse.Namespace) -> None:
 
         try:
             tic = time.perf_counter()
-            out = [encode(x, i > 0) for i, x in enumerate(inputs)]  # warm-up (compiles)
+            out = [encode(x, skip) for x, skip in zip(inputs, tail_pays, strict=True)]  # warm-up (compiles)
             _sync(device)
             first_s = time.perf_counter() - tic
             tic = time.perf_counter()
             for _ in range(args.repeats):
-                out = [encode(x, i > 0) for i, x in enumerate(inputs)]
+                out = [encode(x, skip) for x, skip in zip(inputs, tail_pays, strict=True)]
             _sync(device)
             seconds = (time.perf_counter() - tic) / args.repeats
             reference = out if reference is None else reference

@@ -719,7 +719,7 @@ def test_the_benchmark_s_vae_variants_table(tmp_path):
     first row's: channels-last weights, each layer over the whole clip and the conditions' zero frames skipped, on a
     CPU in float32, move them by rounding only; bfloat16 by its own rounding."""
     table = tmp_path / "variants.json"
-    args = ["--vae_variants", "--device", "cpu", "--model_path", TINY, "--num_frames", "9", "--height", "32"]
+    args = ["--vae_variants", "--device", "cpu", "--model_path", TINY, "--num_frames", "25", "--height", "32"]
     args += ["--width", "48", "--variants", "fp32,fp32+channels_last,fp32+whole_clip,fp32+zero_tail,bf16"]
     args += ["--repeats", "1", "--json", str(table)]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dataset.py"), *args], capture_output=True)
