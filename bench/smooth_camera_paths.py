@@ -8,8 +8,10 @@ scored as evaluate.py scores the ATE: the RMS distance to the true centres in th
 ATE over its RMS in the path's units gives the unit). The true centres smoothed the same way and scored against
 themselves say how much real motion such smoothing would take away. ``--gcv`` adds a smoother that chooses its own
 strength per clip: the Whittaker smoother (least squares with a penalty on the path's second differences), its
-weight chosen by generalized cross-validation, on the predicted and on the true centres. Prints the mean over samples
-per report and column as a Markdown table. Reads JSON only.
+weight chosen by generalized cross-validation, on the predicted and on the true centres. ``--by_shape`` prints
+instead each report's ATE and RPE translation as scored, split by the shape of the true path: straight (its largest
+second difference under :data:`CURVED` of its largest step) or curved. Prints the mean over samples per report and
+column as a Markdown table. Reads JSON only.
 
     python bench/smooth_camera_paths.py runs/demo/reports/full/checkpoint-001200/held-out-image --sigmas 1 2 3
 """
@@ -33,6 +35,34 @@ def rms_to(path: np.ndarray, truth: np.ndarray) -> float:
     """RMS distance of ``path (F, 3)`` to ``truth (F, 3)`` after the Sim(3) of the one onto the other."""
     scale, rotation, translation = sim3_align(path, truth)
     return float(np.sqrt(np.mean(np.sum((apply_sim3(path, scale, rotation, translation) - truth) ** 2, axis=1))))
+
+
+#: A true path is curved where its largest second difference (any axis) exceeds this share of its largest step.
+CURVED = 0.05
+
+
+def path_shape(truth: np.ndarray) -> str:
+    """``"straight"`` or ``"curved"``: the shape of a true camera path ``(F, 3)`` (see :data:`CURVED`)."""
+    step = np.abs(np.diff(truth, axis=0)).max()
+    bend = np.abs(np.diff(truth, 2, axis=0)).max() if len(truth) > 2 else 0.0
+    return "curved" if bend > CURVED * step else "straight"
+
+
+def ates_by_shape(report: Path) -> dict[str, dict[str, float]]:
+    """Per shape of the true path (:func:`path_shape`): the samples, their mean ATE and RPE translation as scored."""
+    metrics = json.loads((report / "metrics.json").read_text())
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for sample in metrics["samples"]:
+        path = sample.get("camera_path") or {}
+        if "truth" not in path or len(path["truth"]) < 2:
+            continue
+        scores = sample["scores"]["model"]
+        shape = path_shape(np.asarray(path["truth"], np.float64))
+        groups.setdefault(shape, []).append((scores["camera.ate"], scores["camera.rpe_trans"]))
+    return {
+        shape: {"samples": len(v), "ATE": float(np.mean([a for a, _ in v])), "RPE": float(np.mean([r for _, r in v]))}
+        for shape, v in sorted(groups.items())
+    }
 
 
 #: The Whittaker smoother's weights that generalized cross-validation chooses among (log-spaced).
@@ -91,7 +121,14 @@ def main() -> None:
     parser.add_argument("reports", nargs="+", type=Path, help="evaluate.py output folders (each holds metrics.json)")
     parser.add_argument("--sigmas", nargs="+", type=float, default=[1.0, 2.0, 3.0], help="Gaussian widths, frames")
     parser.add_argument("--gcv", action="store_true", help="add the Whittaker smoother with its weight chosen by GCV")
+    parser.add_argument("--by_shape", action="store_true", help="ATE and RPE as scored by the true path's shape")
     args = parser.parse_args()
+    if args.by_shape:
+        print("| report | true path | samples | ATE | RPE translation |\n|---|---|---|---|---|")
+        for report in args.reports:
+            for shape, row in ates_by_shape(report).items():
+                print(f"| {report} | {shape} | {row['samples']} | {row['ATE']:.4f} | {row['RPE']:.4f} |")
+        return
     rows = {str(report): smoothed_ates(report, args.sigmas, args.gcv) for report in args.reports}
     columns = ["as scored"] + [f"sigma {s:g}" for s in args.sigmas] + [f"truth, sigma {s:g}" for s in args.sigmas]
     columns += ["GCV", "truth, GCV"] if args.gcv else []

@@ -45,6 +45,16 @@ def test_the_cross_validated_smoother_removes_jitter_and_leaves_a_line(tmp_path)
     assert got["GCV"] < 0.05 * ate
 
 
+def test_paths_are_split_by_their_shape():
+    from bench.smooth_camera_paths import path_shape
+
+    t = np.linspace(0, 1, 25)[:, None]
+    line = t * np.array([[1.0, 0.5, 0.0]])
+    arc = np.concatenate([np.cos(t), np.sin(t), 0 * t], axis=1)  # a radian over 24 steps: bends 0.042 of a step
+    quarter = np.concatenate([np.cos(t * np.pi / 2), np.sin(t * np.pi / 2), 0 * t], axis=1)  # bends 0.065
+    assert [path_shape(p) for p in (line, arc, quarter)] == ["straight", "straight", "curved"]
+
+
 def test_the_command_prints_a_row_per_report(tmp_path):
     _report(tmp_path, jitter=0.05)
     out = subprocess.run(
