@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.smooth_camera_paths import path_shape
 from fourdnex.evaluation.truth import Truth, clip_sources, load_truth
+from fourdnex.geometry.cameras import unproject_depth
 
 
 def error_split(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -42,15 +43,8 @@ def error_split(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 def static_world_points(truth: Truth) -> tuple[np.ndarray, np.ndarray]:
     """The true world points ``(F, N, 3)`` of the pixels with a depth in every frame and on no moving object, and
     those pixels' mask ``(H, W)``."""
-    frames, height, width = truth.depth.shape
-    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    pixels = np.stack([u, v, np.ones_like(u)], -1)
     keep = truth.valid.all(0) if truth.dynamic is None else truth.valid.all(0) & ~truth.dynamic.any(0)
-    points = []
-    for f in range(frames):
-        camera = (pixels[keep] @ np.linalg.inv(truth.K[f]).T) * truth.depth[f][keep][:, None]
-        points.append(camera @ truth.cam2world[f, :3, :3].T + truth.cam2world[f, :3, 3])
-    return np.stack(points), keep
+    return unproject_depth(truth.depth.astype(np.float64), truth.K, truth.cam2world)[:, keep], keep
 
 
 def split_run(gt: Path, results: Path, report: Path) -> dict[str, list[tuple[float, float]]]:
