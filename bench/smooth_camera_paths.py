@@ -31,10 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fourdnex.evaluation.metrics import apply_sim3, sim3_align
 
 
+def rms_distance(path: np.ndarray, truth: np.ndarray) -> float:
+    """RMS distance between the points of ``path (F, 3)`` and ``truth (F, 3)``, frame by frame."""
+    return float(np.sqrt(np.mean(np.sum((path - truth) ** 2, axis=1))))
+
+
 def rms_to(path: np.ndarray, truth: np.ndarray) -> float:
     """RMS distance of ``path (F, 3)`` to ``truth (F, 3)`` after the Sim(3) of the one onto the other."""
     scale, rotation, translation = sim3_align(path, truth)
-    return float(np.sqrt(np.mean(np.sum((apply_sim3(path, scale, rotation, translation) - truth) ** 2, axis=1))))
+    return rms_distance(apply_sim3(path, scale, rotation, translation), truth)
 
 
 #: A true path is curved where its largest second difference (any axis) exceeds this share of its largest step.
@@ -107,11 +112,11 @@ def smoothed_ates(report: Path, sigmas: list[float], gcv: bool = False) -> dict[
             smooth = gaussian_filter1d(pred, sigma, axis=0, mode="nearest")
             sums.setdefault(f"sigma {sigma:g}", []).append(rms_to(smooth, truth) / unit)
             true_smooth = gaussian_filter1d(truth, sigma, axis=0, mode="nearest")
-            moved = np.sqrt(np.mean(np.sum((true_smooth - truth) ** 2, axis=1))) / unit
+            moved = rms_distance(true_smooth, truth) / unit
             sums.setdefault(f"truth, sigma {sigma:g}", []).append(moved)
         if gcv:
             sums.setdefault("GCV", []).append(rms_to(whittaker_gcv(pred), truth) / unit)
-            moved = np.sqrt(np.mean(np.sum((whittaker_gcv(truth) - truth) ** 2, axis=1))) / unit
+            moved = rms_distance(whittaker_gcv(truth), truth) / unit
             sums.setdefault("truth, GCV", []).append(moved)
     return {key: float(np.mean(values)) for key, values in sums.items()} | {"samples": len(sums.get("as scored", []))}
 
