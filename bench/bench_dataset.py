@@ -334,7 +334,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKLWan
 
     from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize
-    from fourdnex.model.whole_clip import condition_flops, encode_condition_moments, encode_moments, whole_clip_vae
+    from fourdnex.model.whole_clip import encode_condition_moments, encode_moments, skips_zero_tail, whole_clip_vae
 
     device = device_of(args.device)
     torch.manual_seed(args.seed)
@@ -349,11 +349,8 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     first = videos[:1, :, 0]
     inputs = [videos, condition_video(first, cond_frames, "rgbxyz"), condition_video(first, cond_frames, "rgb")]
     flops = vae_flops(dict(vae.config), args.num_frames, args.height, args.width, cond_frames)["clip"]
-    # per condition: whether its zero tail is skipped, as the build decides (fourdnex.data.build.Encoders)
-    tail_pays = [False]  # the videos: whole
-    for condition in inputs[1:]:
-        chunks, tail = condition_flops(dict(vae.config), tuple(condition.shape))
-        tail_pays.append(tail < chunks)
+    # per input: whether its zero tail is skipped, as the build decides (the videos are whole)
+    tail_pays = [False] + [skips_zero_tail(dict(vae.config), tuple(x.shape)) for x in inputs[1:]]
     reference = None
     rows = []
     for name in args.variants.split(","):

@@ -36,7 +36,7 @@ from fourdnex.errors import UsageError
 from fourdnex.files import write_text
 from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize, video_pixels
 from fourdnex.model.loading import ENCODER_DTYPE, TEXT_TOKENS, channels_last_convolutions, load_components
-from fourdnex.model.whole_clip import condition_flops, encode_condition_moments, whole_clip_vae
+from fourdnex.model.whole_clip import encode_condition_moments, skips_zero_tail, whole_clip_vae
 from fourdnex.runtime import DTYPES, device_of, dtype_of, worker_processes
 
 #: ``--encoder_dtype`` choices: the VAE's and CLIP's dtype. float32 (the default) is the dtype inference decodes and
@@ -161,13 +161,12 @@ class Encoders:
     def encode_condition(self, first: torch.Tensor, num_frames: int, modalities: str) -> torch.Tensor:
         """The latents of the conditions of first frames ``(B, 3, H, W)`` in [-1, 1] (:func:`condition_video`),
         ``(B, 16, T, h, w)``, as :meth:`encode_videos` gives them; where it spends fewer FLOPs (long conditions:
-        :func:`fourdnex.model.whole_clip.condition_flops`, decided once per shape), computing only what depends on the
+        :func:`fourdnex.model.whole_clip.skips_zero_tail`, decided once per shape), computing only what depends on the
         first frame."""
         video = condition_video(first.to(self.device, self.vae.dtype), num_frames, modalities)
         shape = tuple(video.shape)
         if shape not in self._zero_tail:
-            chunks, zero_tail = condition_flops(dict(self.vae.config), shape)
-            self._zero_tail[shape] = zero_tail < chunks
+            self._zero_tail[shape] = skips_zero_tail(dict(self.vae.config), shape)
         if not self._zero_tail[shape]:
             return encode_latents(self.vae, video)
         return vae_normalize(self.vae, encode_condition_moments(self.vae, video)[:, : self.vae.config.z_dim].float())

@@ -161,3 +161,10 @@ def condition_flops(vae_config: dict, shape: tuple[int, ...]) -> tuple[float, fl
             encode()
         counts.append(float(counter.get_total_flops()))
     return counts[0], counts[1]
+
+
+def skips_zero_tail(vae_config: dict, shape: tuple[int, ...]) -> bool:
+    """Whether a condition video of ``shape`` costs fewer FLOPs through :func:`encode_condition_moments` than in
+    diffusers' chunks (:func:`condition_flops`): the cache build's choice per condition shape."""
+    chunks, zero_tail = condition_flops(vae_config, shape)
+    return zero_tail < chunks
