@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(
         g,
         TrainConfig,
+        "xyz_temporal_loss_weight",
+        type=float,
+        help="weight of the change of the XYZ half's error from one latent frame to the next, added to the loss (the"
+        " frames' relative geometry, where the cameras come from; default %(default)s: off)",
+    )
+    field_flag(
+        g,
+        TrainConfig,
         "rgb_first_frame_loss",
         "--no_rgb_first_frame_loss",
         action="store_false",

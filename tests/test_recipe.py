@@ -38,8 +38,9 @@ def test_each_growth_of_the_recipe_is_a_valid_grow_command():
 def test_each_run_of_the_recipe_is_a_valid_training_configuration(run):
     cfg = finetune.config_from_args(finetune.build_parser().parse_args(SHARED + shlex.split(RUNS[run])))
     cfg.validate()
-    if run == "full-xyz":
+    if run in ("full-xyz", "full-xyz-t"):
         assert cfg.xyz_loss_weight == 3 and cfg.rgb_loss_weight == 1
+        assert cfg.xyz_temporal_loss_weight == (3 if run == "full-xyz-t" else 0)
     if run == "full-uniform":  # the run's flag comes after the shared one, and wins
         assert cfg.timestep_sampling == "uniform"
     if run.startswith("full"):

@@ -16,7 +16,7 @@ from training_support import step_batch
 
 from fourdnex.data.cache import CacheError, LatentCache
 from fourdnex.model.fusion import condition_video, soft_mask, split_width
-from fourdnex.train.config import TrainConfig
+from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.data import (
     HELD_PATTERNS,
     HeldCache,
@@ -73,6 +73,32 @@ def test_loss_weights_and_first_frame():
     pred2 = pred.clone()
     pred2[:, :, 0, :, :4] += 100.0  # the first RGB latent frame no longer counts
     torch.testing.assert_close(flow_matching_loss(pred2, x0, noise, LossWeights(rgb_first_frame=False))[0], no_first)
+
+
+def test_xyz_temporal_loss_charges_what_differs_between_frames():
+    """An XYZ error every latent frame shares costs nothing in the temporal term; one that flips sign from frame to
+    frame costs 4x its square per frame pair; the RGB half never enters it."""
+    g = torch.Generator().manual_seed(1)
+    x0, noise = (torch.randn(2, 16, 5, 4, 8, generator=g) for _ in range(2))
+    target = noise - x0
+    offset = torch.randn(2, 16, 1, 4, 4, generator=g)
+    shared, flipping = target.clone(), target.clone()
+    shared[..., 4:] += offset  # the same XYZ error in every frame
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]).view(1, 1, 5, 1, 1)
+    flipping[..., 4:] += offset * signs
+    weights = LossWeights(rgb=1.0, xyz=3.0, xyz_temporal=2.0)
+    loss, parts = flow_matching_loss(shared, x0, noise, weights)
+    assert parts["xyz_t"].item() == pytest.approx(0.0, abs=1e-10)
+    torch.testing.assert_close(loss, 3 * offset.square().mean() / 4)  # (0 + 3 mse_xyz + 2 * 0) / 4
+    loss, parts = flow_matching_loss(flipping, x0, noise, weights)
+    torch.testing.assert_close(parts["xyz"], offset.square().mean())
+    torch.testing.assert_close(parts["xyz_t"], 4 * offset.square().mean())
+    torch.testing.assert_close(loss, (3 + 2 * 4) * offset.square().mean() / 4)
+    rgb_noise = target.clone()
+    rgb_noise[..., :4] += torch.randn(2, 16, 5, 4, 4, generator=g)
+    assert flow_matching_loss(rgb_noise, x0, noise, weights)[1]["xyz_t"].item() == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(TrainingError, match="xyz_temporal_loss_weight"):
+        TrainConfig(cache_dir="c", xyz_temporal_loss_weight=-1.0).validate()
 
 
 def test_sample_is_the_inference_input(cache_dir):

@@ -111,6 +111,8 @@ class TrainConfig:
     shift: float = 3.0  # for "shifted": the inference scheduler's flow_shift
     rgb_loss_weight: float = 1.0
     xyz_loss_weight: float = 1.0
+    # The XYZ half's frame-to-frame error (fourdnex.train.loss.flow_matching_loss), added with this weight; 0: off
+    xyz_temporal_loss_weight: float = 0.0
     rgb_first_frame_loss: bool = True
     # Checkpoints, logs, validation.
     checkpointing_steps: int = 500
@@ -189,6 +191,8 @@ class TrainConfig:
             raise TrainingError(
                 f"loss weights must be >= 0 and not both 0, got rgb {self.rgb_loss_weight}, xyz {self.xyz_loss_weight}"
             )
+        if self.xyz_temporal_loss_weight < 0:
+            raise TrainingError(f"xyz_temporal_loss_weight must be >= 0, got {self.xyz_temporal_loss_weight}")
         if not self.rgb_first_frame_loss and self.num_latent_frames < 2:
             raise TrainingError("rgb_first_frame_loss=False needs at least 2 latent frames (num_frames >= 5)")
         if self.validation_steps and not (self.validation_image and self.validation_prompt):

@@ -139,7 +139,11 @@ class Trainer:
         self.meta = meta
         self.dtype = dtype_of(cfg.mixed_precision)
         self.weights = LossWeights(
-            cfg.rgb_loss_weight, cfg.xyz_loss_weight, cfg.rgb_first_frame_loss, fused=cfg.modalities == "rgbxyz"
+            cfg.rgb_loss_weight,
+            cfg.xyz_loss_weight,
+            cfg.rgb_first_frame_loss,
+            fused=cfg.modalities == "rgbxyz",
+            xyz_temporal=cfg.xyz_temporal_loss_weight,
         )
         params = list(trainable_parameters(transformer).values())
         optimizer = torch.optim.AdamW(

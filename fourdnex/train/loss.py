@@ -49,6 +49,7 @@ class LossWeights:
     xyz: float = 1.0
     rgb_first_frame: bool = True  # include the first RGB latent frame (the known condition)
     fused: bool = True  # the latent holds RGB | XYZ; False: the RGB video alone
+    xyz_temporal: float = 0.0  # weight of the XYZ half's frame-to-frame error (see flow_matching_loss)
 
 
 def flow_matching_loss(
@@ -58,19 +59,24 @@ def flow_matching_loss(
     without ``weights.fused``, an RGB latent ``(B, 16, T, h, w)``, whose loss is its MSE and whose XYZ part is 0).
 
     Each half is averaged on its own (the RGB half without its first latent frame if ``rgb_first_frame`` is False);
-    the loss is ``(w_rgb * mse_rgb + w_xyz * mse_xyz) / (w_rgb + w_xyz)``, which with equal weights and the whole
-    latent is the plain MSE. Returns the loss () and the unweighted per-half MSEs ``{"rgb", "xyz"}`` (detached, ()).
+    the loss is ``(w_rgb * mse_rgb + w_xyz * mse_xyz + w_t * mse_t) / (w_rgb + w_xyz)``, which with equal weights,
+    the whole latent and ``w_t = 0`` is the plain MSE. ``mse_t`` is the mean square of the change of the XYZ half's
+    error from one latent frame to the next: an error every frame shares (the whole clip's geometry a little off)
+    costs nothing in it, one that differs between frames (what moves each frame's camera alone) costs up to twice its
+    own square. Returns the loss () and the unweighted MSEs ``{"rgb", "xyz", "xyz_t"}`` (detached, ()).
     """
-    error = (pred.float() - (noise.float() - x0.float())).square()  # (B, 16, T, h, w')
-    rgb, xyz = split_width(error) if weights.fused else (error, None)  # (B, 16, T, h, w) each
+    difference = pred.float() - (noise.float() - x0.float())  # (B, 16, T, h, w')
+    rgb, xyz = split_width(difference) if weights.fused else (difference, None)  # (B, 16, T, h, w) each
     if not weights.rgb_first_frame:
         rgb = rgb[:, :, 1:]
+    mse_rgb = rgb.square().mean()
     if xyz is None:
-        mse_rgb = rgb.mean()
-        return mse_rgb, {"rgb": mse_rgb.detach(), "xyz": torch.zeros_like(mse_rgb)}
-    mse_rgb, mse_xyz = rgb.mean(), xyz.mean()
-    loss = (weights.rgb * mse_rgb + weights.xyz * mse_xyz) / (weights.rgb + weights.xyz)
-    return loss, {"rgb": mse_rgb.detach(), "xyz": mse_xyz.detach()}
+        zero = torch.zeros_like(mse_rgb)
+        return mse_rgb, {"rgb": mse_rgb.detach(), "xyz": zero, "xyz_t": zero}
+    mse_xyz = xyz.square().mean()
+    mse_t = xyz.diff(dim=2).square().mean() if xyz.shape[2] > 1 else torch.zeros_like(mse_xyz)
+    loss = (weights.rgb * mse_rgb + weights.xyz * mse_xyz + weights.xyz_temporal * mse_t) / (weights.rgb + weights.xyz)
+    return loss, {"rgb": mse_rgb.detach(), "xyz": mse_xyz.detach(), "xyz_t": mse_t.detach()}
 
 
 @dataclass
