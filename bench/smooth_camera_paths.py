@@ -1,17 +1,17 @@
 """How much of a model's camera error is frame-to-frame jitter: evaluate.py's ATE with the registered camera centres
 smoothed over time.
 
-For each scored sample of one or more evaluate.py reports (``metrics.json``: the aligned predicted and the true
-camera centres of every frame, ``camera_path``), the predicted centres are smoothed by a Gaussian of ``sigma``
-frames (the ends held), aligned onto the true ones again by one Sim(3) (Umeyama, as evaluate.py aligns them) and
-scored as evaluate.py scores the ATE: the RMS distance to the true centres in the clip's units (the sample's own
-ATE over its RMS in the path's units gives the unit). The true centres smoothed the same way and scored against
-themselves say how much real motion such smoothing would take away. ``--gcv`` adds a smoother that chooses its own
-strength per clip: the Whittaker smoother (least squares with a penalty on the path's second differences), its
-weight chosen by generalized cross-validation, on the predicted and on the true centres. ``--by_shape`` prints
-instead each report's ATE and RPE translation as scored, split by the shape of the true path: straight (its largest
-second difference under :data:`CURVED` of its largest step) or curved. Prints the mean over samples per report and
-column as a Markdown table. Reads JSON only.
+For each scored sample of one or more evaluate.py reports (``metrics.json``: the aligned predicted and the true camera
+centres of every frame, ``camera_path``), the predicted centres are smoothed by a Gaussian of ``sigma`` frames as the
+registration's ``--smooth_frames`` smooths them (:func:`fourdnex.geometry.registration.smooth_cameras`: weights to 3
+sigma, the ends held), aligned onto the true ones again by one Sim(3) (Umeyama, as evaluate.py aligns them) and scored
+as evaluate.py scores the ATE: the RMS distance to the true centres in the clip's units (the sample's own ATE over its
+RMS in the path's units gives the unit). The true centres smoothed the same way and scored against themselves say how
+much real motion such smoothing would take away. ``--gcv`` adds a smoother that chooses its own strength per clip: the
+Whittaker smoother (least squares with a penalty on the path's second differences), its weight chosen by generalized
+cross-validation, on the predicted and on the true centres. ``--by_shape`` prints instead each report's ATE and RPE
+translation as scored, split by the shape of the true path: straight (its largest second difference under :data:`CURVED`
+of its largest step) or curved. Prints the mean over samples per report and column as a Markdown table. Reads JSON only.
 
     python bench/smooth_camera_paths.py runs/demo/reports/full/checkpoint-001200/held-out-image --sigmas 1 2 3
 """
@@ -24,11 +24,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fourdnex.evaluation.metrics import apply_sim3, sim3_align
+from fourdnex.geometry.registration import smooth_cameras
 
 
 def rms_distance(path: np.ndarray, truth: np.ndarray) -> float:
@@ -93,6 +94,13 @@ def whittaker_gcv(path: np.ndarray) -> np.ndarray:
     return smoothed
 
 
+def smooth_centres(path: np.ndarray, sigma: float) -> np.ndarray:
+    """Camera centres ``(F, 3)`` smoothed over time as the registration smooths its cameras' centres."""
+    world2cam = torch.eye(4, dtype=torch.float64).repeat(len(path), 1, 1)
+    world2cam[:, :3, 3] = -torch.from_numpy(path)  # unrotated cameras: the centre is minus the translation
+    return -smooth_cameras(world2cam, sigma)[:, :3, 3].numpy()
+
+
 def smoothed_ates(report: Path, sigmas: list[float], gcv: bool = False) -> dict[str, float]:
     """Mean ATE of a report's samples as scored, with the predicted centres smoothed by each sigma, and of the true
     centres smoothed by each sigma against themselves (all in the clips' units)."""
@@ -109,9 +117,9 @@ def smoothed_ates(report: Path, sigmas: list[float], gcv: bool = False) -> dict[
         unit = raw / ate  # the path's units per clip unit
         sums.setdefault("as scored", []).append(ate)
         for sigma in sigmas:
-            smooth = gaussian_filter1d(pred, sigma, axis=0, mode="nearest")
+            smooth = smooth_centres(pred, sigma)
             sums.setdefault(f"sigma {sigma:g}", []).append(rms_to(smooth, truth) / unit)
-            true_smooth = gaussian_filter1d(truth, sigma, axis=0, mode="nearest")
+            true_smooth = smooth_centres(truth, sigma)
             moved = rms_distance(true_smooth, truth) / unit
             sums.setdefault(f"truth, sigma {sigma:g}", []).append(moved)
         if gcv:

@@ -18,8 +18,8 @@
 #   adapters  stage 2, at once over the GPUs: the 4DNeX adapter (LoRA r16 + domain embedding), LoRA r64, full
 #             fine-tuning of the fused model (given frame 0, or any frames: full-any; grown to 12 blocks or twice
 #             as wide first: full-deep, full-wide; reading a token per latent pixel: full-fine; the XYZ half of the
-#             loss weighted 3x: full-xyz; and its error's change from frame to frame 3x too: full-xyz-t; noise
-#             levels drawn uniformly: full-uniform), the ablations (no domain
+#             loss weighted 3x: full-xyz; and its error's change from frame to frame 3x too: full-xyz-t, or given any
+#             frames: full-xyz-t-any; noise levels drawn uniformly: full-uniform), the ablations (no domain
 #             embedding; stock RoPE) and the any-frame adapter
 #   evaluate  inference.py + evaluate.py for every run's checkpoints (learning curves) on both held-out sets, its
 #             last one also as the mean of ENSEMBLE samples (inference.py --ensemble), and the VAE's round trip of
@@ -168,6 +168,7 @@ declare -A RUN_FLAGS=(
     [full-fine]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4"
     [full-xyz]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --xyz_loss_weight 3"
     [full-xyz-t]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --xyz_loss_weight 3 --xyz_temporal_loss_weight 3"
+    [full-xyz-t-any]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --xyz_loss_weight 3 --xyz_temporal_loss_weight 3 --condition_tasks any"
     [full-uniform]="--type i2vwbw-demb-samerope --train_mode full --learning_rate 5e-4 --timestep_sampling uniform"
 )
 # Runs whose transformer is the full fine-tuning's starting one grown (python -m fourdnex.model.grow): to 12 blocks

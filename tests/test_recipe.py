@@ -38,9 +38,10 @@ def test_each_growth_of_the_recipe_is_a_valid_grow_command():
 def test_each_run_of_the_recipe_is_a_valid_training_configuration(run):
     cfg = finetune.config_from_args(finetune.build_parser().parse_args(SHARED + shlex.split(RUNS[run])))
     cfg.validate()
-    if run in ("full-xyz", "full-xyz-t"):
+    if run.startswith("full-xyz"):
         assert cfg.xyz_loss_weight == 3 and cfg.rgb_loss_weight == 1
-        assert cfg.xyz_temporal_loss_weight == (3 if run == "full-xyz-t" else 0)
+        assert cfg.xyz_temporal_loss_weight == (0 if run == "full-xyz" else 3)
+    assert cfg.condition_tasks == ("any" if run.endswith("any") or run == "any-frame" else "image")
     if run == "full-uniform":  # the run's flag comes after the shared one, and wins
         assert cfg.timestep_sampling == "uniform"
     if run.startswith("full"):

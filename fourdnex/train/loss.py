@@ -58,12 +58,13 @@ def flow_matching_loss(
     """Weighted MSE between the predicted velocity and ``noise - x0`` on a fused latent ``(B, 16, T, h, 2w)`` (or,
     without ``weights.fused``, an RGB latent ``(B, 16, T, h, w)``, whose loss is its MSE and whose XYZ part is 0).
 
-    Each half is averaged on its own (the RGB half without its first latent frame if ``rgb_first_frame`` is False);
-    the loss is ``(w_rgb * mse_rgb + w_xyz * mse_xyz + w_t * mse_t) / (w_rgb + w_xyz)``, which with equal weights,
-    the whole latent and ``w_t = 0`` is the plain MSE. ``mse_t`` is the mean square of the change of the XYZ half's
-    error from one latent frame to the next: an error every frame shares (the whole clip's geometry a little off)
-    costs nothing in it, one that differs between frames (what moves each frame's camera alone) costs up to twice its
-    own square. Returns the loss () and the unweighted MSEs ``{"rgb", "xyz", "xyz_t"}`` (detached, ()).
+    Each half is averaged on its own (the RGB half without its first latent frame if ``rgb_first_frame`` is False); the
+    loss is ``(w_rgb * mse_rgb + w_xyz * mse_xyz + w_t * mse_t) / (w_rgb + w_xyz)``, which with equal weights, the whole
+    latent and ``w_t = 0`` is the plain MSE. ``mse_t`` is the mean square of the change of the XYZ half's error from one
+    latent frame to the next: an error every frame shares (the whole clip's geometry a little off) costs nothing in it,
+    one that differs between frames (what moves each frame's camera alone) costs twice its own square where the frames'
+    errors are independent and four times where they alternate in sign. Returns the loss () and the unweighted MSEs
+    ``{"rgb", "xyz", "xyz_t"}`` (detached, ()).
     """
     difference = pred.float() - (noise.float() - x0.float())  # (B, 16, T, h, w')
     rgb, xyz = split_width(difference) if weights.fused else (difference, None)  # (B, 16, T, h, w) each
