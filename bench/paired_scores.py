@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.smooth_camera_paths import path_shape
+from bench.smooth_camera_paths import sample_path_shape
 
 #: The metrics compared, in the order their intervals are drawn.
 METRICS = (
@@ -95,11 +95,12 @@ def paired_by_shape(a: Path, b: Path, draws: int, seed: int) -> list[dict]:
     (samples_a, _), (samples_b, _) = read_report(a), read_report(b)
     groups: dict[str, list[tuple[float, float]]] = {"straight": [], "curved": []}
     for clip in sorted(set(samples_a) & set(samples_b)):
-        truth = (samples_a[clip].get("camera_path") or {}).get("truth", [])
-        if len(truth) < 2:
+        shape = sample_path_shape(samples_a[clip])
+        if shape is None:
             continue
-        pair = (samples_a[clip]["scores"]["model"]["camera.ate"], samples_b[clip]["scores"]["model"]["camera.ate"])
-        groups[path_shape(np.asarray(truth, np.float64))].append(pair)
+        groups[shape].append(
+            (samples_a[clip]["scores"]["model"]["camera.ate"], samples_b[clip]["scores"]["model"]["camera.ate"])
+        )
     rng = np.random.default_rng(seed)
     rows = []
     for shape, pairs in groups.items():

@@ -48,10 +48,17 @@ CURVED = 0.05
 
 
 def path_shape(truth: np.ndarray) -> str:
-    """``"straight"`` or ``"curved"``: the shape of a true camera path ``(F, 3)`` (see :data:`CURVED`)."""
+    """``"straight"`` or ``"curved"``: the shape of a true camera path ``(F, 3)``, ``F >= 3`` (see :data:`CURVED`)."""
     step = np.abs(np.diff(truth, axis=0)).max()
-    bend = np.abs(np.diff(truth, 2, axis=0)).max() if len(truth) > 2 else 0.0
+    bend = np.abs(np.diff(truth, 2, axis=0)).max()
     return "curved" if bend > CURVED * step else "straight"
+
+
+def sample_path_shape(sample: dict) -> str | None:
+    """The :func:`path_shape` of an evaluate.py report sample's true camera path; ``None`` where the report holds no
+    path of at least 3 frames (nothing to bend)."""
+    truth = (sample.get("camera_path") or {}).get("truth", [])
+    return path_shape(np.asarray(truth, np.float64)) if len(truth) >= 3 else None
 
 
 def ates_by_shape(report: Path) -> dict[str, dict[str, float]]:
@@ -59,11 +66,10 @@ def ates_by_shape(report: Path) -> dict[str, dict[str, float]]:
     metrics = json.loads((report / "metrics.json").read_text())
     groups: dict[str, list[tuple[float, float]]] = {}
     for sample in metrics["samples"]:
-        path = sample.get("camera_path") or {}
-        if "truth" not in path or len(path["truth"]) < 2:
+        shape = sample_path_shape(sample)
+        if shape is None:
             continue
         scores = sample["scores"]["model"]
-        shape = path_shape(np.asarray(path["truth"], np.float64))
         groups.setdefault(shape, []).append((scores["camera.ate"], scores["camera.rpe_trans"]))
     return {
         shape: {"samples": len(v), "ATE": float(np.mean([a for a, _ in v])), "RPE": float(np.mean([r for _, r in v]))}

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.smooth_camera_paths import path_shape
+from bench.smooth_camera_paths import sample_path_shape
 from fourdnex.evaluation.truth import Truth, clip_sources, load_truth
 from fourdnex.geometry.cameras import unproject_depth
 
@@ -52,12 +52,12 @@ def split_run(gt: Path, results: Path, report: Path) -> dict[str, list[tuple[flo
     sources = clip_sources(gt)
     out: dict[str, list[tuple[float, float]]] = {}
     for sample in json.loads((report / "metrics.json").read_text())["samples"]:
-        if sample.get("status") != "scored" or len((sample.get("camera_path") or {}).get("truth", [])) < 3:
+        shape = sample_path_shape(sample)
+        if sample.get("status") != "scored" or shape is None:
             continue
         xyz = np.load(results / f"{sample['result']}.npz")["xyz"].astype(np.float64)
         truth = load_truth(gt, sources[sample["clip_id"]], *xyz.shape[:3])
         points, keep = static_world_points(truth)
-        shape = path_shape(np.asarray(sample["camera_path"]["truth"], np.float64))
         out.setdefault(shape, []).append(error_split(xyz[:, keep], points))
     return out
 
