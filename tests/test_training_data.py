@@ -94,6 +94,9 @@ def test_xyz_temporal_loss_charges_what_differs_between_frames():
     torch.testing.assert_close(parts["xyz"], offset.square().mean())
     torch.testing.assert_close(parts["xyz_t"], 4 * offset.square().mean())
     torch.testing.assert_close(loss, (3 + 2 * 4) * offset.square().mean() / 4)
+    loss, parts = flow_matching_loss(flipping, x0, noise, LossWeights(rgb=1.0, xyz=3.0))  # the term off
+    torch.testing.assert_close(loss, 3 * offset.square().mean() / 4)
+    assert parts["xyz_t"].item() == 0.0
     rgb_noise = target.clone()
     rgb_noise[..., :4] += torch.randn(2, 16, 5, 4, 4, generator=g)
     assert flow_matching_loss(rgb_noise, x0, noise, weights)[1]["xyz_t"].item() == pytest.approx(0.0, abs=1e-10)

@@ -63,7 +63,8 @@ def flow_matching_loss(
     latent and ``w_t = 0`` is the plain MSE. ``mse_t`` is the mean square of the change of the XYZ half's error from one
     latent frame to the next: an error every frame shares (the whole clip's geometry a little off) costs nothing in it,
     one that differs between frames (what moves each frame's camera alone) costs twice its own square where the frames'
-    errors are independent and four times where they alternate in sign. Returns the loss () and the unweighted MSEs
+    errors are independent and four times where they alternate in sign; it is computed only where ``w_t > 0`` (else 0,
+    and neither the step nor its backward pays for it). Returns the loss () and the unweighted MSEs
     ``{"rgb", "xyz", "xyz_t"}`` (detached, ()).
     """
     difference = pred.float() - (noise.float() - x0.float())  # (B, 16, T, h, w')
@@ -75,7 +76,8 @@ def flow_matching_loss(
         zero = torch.zeros_like(mse_rgb)
         return mse_rgb, {"rgb": mse_rgb.detach(), "xyz": zero, "xyz_t": zero}
     mse_xyz = xyz.square().mean()
-    mse_t = xyz.diff(dim=2).square().mean() if xyz.shape[2] > 1 else torch.zeros_like(mse_xyz)
+    temporal = weights.xyz_temporal > 0 and xyz.shape[2] > 1
+    mse_t = xyz.diff(dim=2).square().mean() if temporal else torch.zeros_like(mse_xyz)  # a constant 0: no backward
     loss = (weights.rgb * mse_rgb + weights.xyz * mse_xyz + weights.xyz_temporal * mse_t) / (weights.rgb + weights.xyz)
     return loss, {"rgb": mse_rgb.detach(), "xyz": mse_xyz.detach(), "xyz_t": mse_t.detach()}
 
