@@ -60,6 +60,7 @@ def test_logs_and_schedule(overfit_run):
     total = dict(scalars(overfit_run, "loss/total"))
     parts = dict(scalars(overfit_run, "loss/rgb")), dict(scalars(overfit_run, "loss/xyz"))
     assert all(abs(total[s] - (parts[0][s] + parts[1][s]) / 2) < 1e-5 for s in total)  # equal weights, halves
+    assert not scalars(overfit_run, "loss/xyz_t")  # no frame-to-frame term in this run's loss: not logged
     assert all(abs(v - 3e-3) < 1e-9 for _, v in scalars(overfit_run, "lr"))
 
 
@@ -348,13 +349,20 @@ def test_full_training_of_a_plain_image_to_video_base(cache_dir, tmp_path):
 def test_a_fully_trained_fused_model_samples_with_what_it_was_trained_as(cache_dir, tmp_path):
     """--train_mode full on the fused latent: the transformer's weights say what it was trained as, so sampling it
     with --sft_path takes its model type and the cache's XYZ latent statistics (not the defaults), and a --type
-    that contradicts them stops with one line."""
+    that contradicts them stops with one line. Its loss weighs the XYZ half 3x and the XYZ error's change from frame
+    to frame 2x, and that term is logged beside the halves, the total their weighted sum."""
     from fourdnex.data.cache import read_stats
     from fourdnex.model.adapters import read_transformer_meta
 
     out = tmp_path / "full"
     finetune("--cache_dir", str(cache_dir), "--output_dir", str(out), *SIZE, "--train_mode", "full",
-             "--type", "i2vwbw-demb", "--max_steps", "2", "--checkpointing_steps", "2")  # fmt: skip
+             "--type", "i2vwbw-demb", "--max_steps", "2", "--checkpointing_steps", "2",
+             "--xyz_loss_weight", "3", "--xyz_temporal_loss_weight", "2")  # fmt: skip
+    logged = {tag: dict(scalars(out, f"loss/{tag}")) for tag in ("total", "rgb", "xyz", "xyz_t")}
+    assert sorted(logged["xyz_t"]) == [1, 2] and all(v > 0 for v in logged["xyz_t"].values())
+    for step, total in logged["total"].items():  # (w_rgb * rgb + w_xyz * xyz + w_t * xyz_t) / (w_rgb + w_xyz)
+        parts = logged["rgb"][step] + 3 * logged["xyz"][step] + 2 * logged["xyz_t"][step]
+        assert total == pytest.approx(parts / 4, rel=1e-5)
     stats = read_stats(cache_dir)
     meta = read_transformer_meta(out / "transformer")
     assert (meta.model_type, meta.xyz_latent_mean, meta.xyz_latent_std, meta.extra["step"]) == (

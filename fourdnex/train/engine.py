@@ -121,7 +121,7 @@ def make_accelerator(cfg: TrainConfig, log_dir: Path | None = None) -> Accelerat
 class StepMetrics:
     """What one optimizer step reports, left on the device so that the step does not wait for it."""
 
-    values: torch.Tensor  # (4,) float32: loss, RGB loss, XYZ loss (averaged over the micro-batches), grad norm
+    values: torch.Tensor  # (5,) float32: loss, RGB, XYZ and XYZ frame-to-frame MSEs (micro-batch means), grad norm
     lr: float
 
 
@@ -178,13 +178,13 @@ class Trainer:
         waits for the device."""
         device = self.accelerator.device
         lr = self.optimizer.param_groups[0]["lr"]
-        totals = torch.zeros(3, device=device)  # loss, rgb, xyz
+        totals = torch.zeros(4, device=device)  # loss, rgb, xyz, xyz_t
         for i, batch in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss, parts = batch_loss(self.engine, batch.to(device), self.weights, self.dtype)
             self.engine.backward(loss)
             self.engine.step()  # the optimizer steps on the accumulation boundary only
-            totals += torch.stack([loss.detach(), parts["rgb"], parts["xyz"]]) / len(micro_batches)
+            totals += torch.stack([loss.detach(), parts["rgb"], parts["xyz"], parts["xyz_t"]]) / len(micro_batches)
         self.scheduler.step()
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()  # a device tensor, or a float where DeepSpeed has one

@@ -220,7 +220,9 @@ class Run:
         self.bar = tqdm(
             total=cfg.max_steps, initial=trainer.step, desc="finetune", disable=not accelerator.is_main_process
         )
-        self.logged = MetricsLog(accelerator, self.stream.global_batch, self.bar)
+        self.logged = MetricsLog(
+            accelerator, self.stream.global_batch, self.bar, temporal=cfg.xyz_temporal_loss_weight > 0
+        )
         self.reader = ThreadPoolExecutor(max_workers=1)  # reads step n + 1's files while step n trains
         self.upcoming = None
 
@@ -282,12 +284,14 @@ class Run:
 
 class MetricsLog:
     """The logged steps' numbers, kept on the device until :meth:`write` reads them all back (one wait for the queued
-    work) and writes them to the trackers; the samples per second are those of the steps since the last write."""
+    work) and writes them to the trackers; the samples per second are those of the steps since the last write. With
+    ``temporal`` (the loss weighs the XYZ error's change from frame to frame) that term's MSE is logged too."""
 
-    def __init__(self, accelerator, global_batch: int, bar) -> None:
+    def __init__(self, accelerator, global_batch: int, bar, temporal: bool = False) -> None:
         self.accelerator = accelerator
         self.global_batch = global_batch
         self.bar = bar
+        self.temporal = temporal
         self.pending: list[tuple[int, StepMetrics]] = []
         self.since = (bar.n, time.perf_counter())  # (step, time) of the last write
 
@@ -303,18 +307,12 @@ class MetricsLog:
         now, (last_step, last_time) = time.perf_counter(), self.since
         step = self.pending[-1][0]
         rate = (step - last_step) * self.global_batch / max(now - last_time, 1e-9)
-        for (step, metrics), (loss, rgb, xyz, grad_norm) in zip(self.pending, values, strict=True):
-            self.accelerator.log(
-                {
-                    "loss/total": loss,
-                    "loss/rgb": rgb,
-                    "loss/xyz": xyz,
-                    "lr": metrics.lr,
-                    "grad_norm": grad_norm,
-                    "samples_per_second": rate,
-                },
-                step=step,
-            )
+        for (step, metrics), (loss, rgb, xyz, xyz_t, grad_norm) in zip(self.pending, values, strict=True):
+            logged = {"loss/total": loss, "loss/rgb": rgb, "loss/xyz": xyz}
+            if self.temporal:  # the XYZ error's change from frame to frame, where the loss weighs it
+                logged["loss/xyz_t"] = xyz_t
+            logged |= {"lr": metrics.lr, "grad_norm": grad_norm, "samples_per_second": rate}
+            self.accelerator.log(logged, step=step)
         self.bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{self.pending[-1][1].lr:.2e}")
         self.pending = []
         self.since = (step, now)
