@@ -1,16 +1,24 @@
-"""The Wan VAE over a whole clip at once (``fourdnex.model.whole_clip``) against diffusers' chunks, on the CPU.
+"""The Wan VAE over a whole clip at once (``fourdnex.model.whole_clip``) against diffusers' chunks.
 
-Seconds, each the faster of two runs, of the demo VAE (or ``--model_path``'s): the encode of a few clip shapes, a
-decode and a training step (forward and backward of the VAE trainer's loss), in diffusers' chunks and over the whole
-clip; then a 25-frame fused condition encoded over the whole clip and only where it depends on its first frame. On a
-GPU: ``bench_train_throughput.py --vae`` and ``bench_dataset.py --vae_variants``.
+On the CPU: seconds, each the faster of two runs, of the demo VAE (or ``--model_path``'s): the encode of a few clip
+shapes, a decode and a training step (forward and backward of the VAE trainer's loss), in diffusers' chunks and over
+the whole clip; then a 25-frame fused condition encoded over the whole clip and only where it depends on its first
+frame. On a GPU (``--device cuda``): the conditions that the any-frame trainer encodes at each step
+(:class:`fourdnex.train.data.VaeConditionEncoder`; ``--condition_batch`` fused 25 x 96 x 144 conditions given random
+keyframes, a fifth of the recipe's 128-sample micro-batch by default), in diffusers' chunks, over the whole clip, and
+over the whole clip on channels-last convolutions, float32 as the trainer runs them; each the median of ``--repeats``
+timed calls after a warm-up call, synchronized, and the latents' largest difference from the chunks'. The VAE's own
+training step on a GPU: ``bench_train_throughput.py --vae``; the build's: ``bench_dataset.py --vae_variants``.
 
     python bench/bench_whole_clip.py
+    python bench/bench_whole_clip.py --device cuda --json encode.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fourdnex.model.fusion import condition_video
-from fourdnex.model.loading import load_vae
+from fourdnex.model.fusion import condition_frames, condition_video, video_pixels
+from fourdnex.model.loading import channels_last_convolutions, load_vae
 from fourdnex.model.whole_clip import decode_whole, encode_condition_moments, encode_moments, whole_clip_vae
 from fourdnex.train.vae import vae_loss
 
@@ -37,10 +45,73 @@ def fastest(fn, runs: int = 2) -> float:
     return min(times)
 
 
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
+    """The median seconds of ``repeats`` synchronized calls of ``fn`` after a warm-up call, and its last output."""
+    out, times = fn(), []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times), out
+
+
+def keyframe_conditions(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """``batch`` fused condition videos ``(B, 3, F, H, 2W)`` of random frames, each given frame 0 and 2-4 random
+    others (the any-frame trainer's keyframe samples)."""
+    generator = torch.Generator().manual_seed(seed)
+    given = torch.zeros(batch, frames, dtype=torch.bool)
+    given[:, 0] = True
+    for row in given:
+        count = int(torch.randint(2, 5, (), generator=generator))
+        row[1 + torch.randperm(frames - 1, generator=generator)[:count]] = True
+    videos = torch.randint(0, 256, (batch, frames, height, width, 3), dtype=torch.uint8, generator=generator)
+    return condition_frames(video_pixels(videos), given, "rgbxyz")
+
+
+def gpu_conditions(args: argparse.Namespace) -> None:
+    """The any-frame trainer's per-step condition encode on a GPU, three ways, side by side."""
+    device = torch.device(args.device)
+    videos = keyframe_conditions(args.condition_batch, 25, 96, 144).to(device)
+    chunked = load_vae(args.model_path).to(device).eval()
+    whole = whole_clip_vae(load_vae(args.model_path).to(device).eval())
+    last = whole_clip_vae(channels_last_convolutions(load_vae(args.model_path).to(device).eval()))
+    ways = {
+        "diffusers' chunks": lambda: chunked.encode(videos).latent_dist.mode(),
+        "whole clip": lambda: encode_moments(whole, videos)[:, : whole.config.z_dim],
+        "whole clip, channels-last": lambda: encode_moments(
+            last, videos.contiguous(memory_format=torch.channels_last_3d)
+        )[:, : last.config.z_dim],
+    }
+    rows, reference = [], None
+    with torch.no_grad():
+        for name, fn in ways.items():
+            seconds, latents = timed(fn, device, args.repeats)
+            reference = latents if reference is None else reference
+            difference = float((latents - reference).abs().max() / reference.std())
+            rows.append({"way": name, "seconds": seconds, "max_diff_over_std": difference})
+    print(f"{torch.cuda.get_device_name(device)}; {args.condition_batch} fused conditions of 25 x 96 x 144, float32\n")
+    print("| encode | ms | against the chunks | max difference / std |")
+    print("|---|---|---|---|")
+    for row in rows:
+        speedup = rows[0]["seconds"] / row["seconds"]
+        print(f"| {row['way']} | {row['seconds'] * 1e3:.1f} | {speedup:.2f}x | {row['max_diff_over_std']:.1e} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(device), "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", default=str(Path(__file__).resolve().parents[1] / "example" / "demo" / "model"))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or a GPU: cuda, cuda:N")
+    parser.add_argument("--condition_batch", type=int, default=26, help="conditions encoded at once on a GPU")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls on a GPU")
+    parser.add_argument("--json", help="on a GPU: write the rows here")
     args = parser.parse_args()
+    if args.device != "cpu":
+        gpu_conditions(args)
+        return
     vae = whole_clip_vae(load_vae(args.model_path).eval())
     print(f"{torch.get_num_threads()} torch threads\n")
     print("| call | diffusers' chunks (s) | whole clip (s) |")

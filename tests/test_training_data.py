@@ -157,6 +157,28 @@ def test_condition_cut_and_encoded(cache_dir, tmp_path):
         LatentCache(cache_dir, 4, 32, 32)
 
 
+def test_the_gpu_s_condition_encoder_gives_the_chunks_latents(monkeypatch):
+    """The condition encoder's GPU path (each layer over the whole clip, channels-last convolutions and videos), taken
+    here on the CPU, gives the latents of diffusers' chunks (the CPU path) for conditions given random keyframes."""
+    from fourdnex.model.fusion import condition_frames, video_pixels
+    from fourdnex.model.loading import load_vae
+    from fourdnex.train import data
+
+    generator = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (3, 9, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    given = torch.zeros(3, 9, dtype=torch.bool)
+    given[:, 0], given[0, [3, 8]], given[1, 1:], given[2, 5] = True, True, True, True
+    videos = condition_frames(video_pixels(frames), given, "rgbxyz")  # (3, 3, 9, 32, 64)
+    latents = {}
+    for whole in (False, True):
+        monkeypatch.setattr(data, "runs_whole_clip", lambda device, whole=whole: whole)
+        encoder = VaeConditionEncoder(load_vae(TINY_MODEL), torch.device("cpu"))
+        assert encoder.whole_clip == whole
+        latents[whole] = encoder(videos)
+    assert latents[False].shape == (3, 16, 3, 4, 8)
+    torch.testing.assert_close(latents[True], latents[False], rtol=1e-4, atol=1e-5)
+
+
 def test_any_frame_tasks_and_rgb_alone_read_hand_built_conditions(cache_dir):
     """Each task's mask and condition video are built here from the cached clip's own frames; an RGB-only latent
     holds the RGB latent alone, conditioned on [first frame] without the plane."""

@@ -61,6 +61,14 @@ def whole_clip_vae(vae):
     return vae
 
 
+def runs_whole_clip(device: torch.device) -> bool:
+    """Whether the VAE's trainer and the transformer trainer's condition encoder run each layer once over the whole
+    clip, the convolutions in channels-last memory (the same numbers as diffusers' chunks): on a GPU, where the VAE's
+    training step ran 1.35x as fast on an H100 (BENCHMARKS.md, "Each layer over the whole clip"); on a CPU the chunks
+    are faster."""
+    return device.type == "cuda"
+
+
 def _check_frames(frames: int) -> None:
     if (frames - 1) % 4:
         raise ValueError(f"a clip for the Wan VAE has 4k+1 frames, got {frames}")

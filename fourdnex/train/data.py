@@ -26,7 +26,9 @@ import torch
 from fourdnex import files
 from fourdnex.config import video_frames
 from fourdnex.data.cache import CachedSample, LatentCache, read_cached_frames
-from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents, video_pixels
+from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents, vae_normalize, video_pixels
+from fourdnex.model.loading import channels_last_convolutions
+from fourdnex.model.whole_clip import encode_moments, runs_whole_clip, whole_clip_vae
 from fourdnex.runtime import worker_processes
 from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.loss import Batch, sample_sigmas
@@ -163,17 +165,26 @@ class SampleStream:
 
 
 class VaeConditionEncoder:
-    """Encodes condition videos with the VAE on the training device, a batch at a time."""
+    """Encodes condition videos with the VAE on the training device, a batch at a time: on a GPU each layer once over
+    the whole clip on channels-last convolutions (:func:`fourdnex.model.whole_clip.runs_whole_clip`; the latents of
+    diffusers' chunks to rounding), on a CPU in diffusers' chunks (:func:`fourdnex.model.fusion.encode_latents`)."""
 
     def __init__(self, vae, device: torch.device) -> None:
         self.vae = vae.to(device).eval()
         self.device = device
+        self.whole_clip = runs_whole_clip(device)
+        if self.whole_clip:
+            whole_clip_vae(channels_last_convolutions(self.vae))
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor) -> torch.Tensor:
         """``(B, 3, F, H, W')`` in [-1, 1] -> the VAE-normalized condition latents ``(B, 16, T, h, w')`` on the
         training device."""
-        return encode_latents(self.vae, videos.to(self.device))
+        if not self.whole_clip:
+            return encode_latents(self.vae, videos.to(self.device))
+        videos = videos.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last_3d)
+        means = encode_moments(self.vae, videos)[:, : self.vae.config.z_dim]  # the posterior's mode
+        return vae_normalize(self.vae, means.float())
 
 
 def read_batch(cache: LatentCache, draws: Draws) -> list[CachedSample]:

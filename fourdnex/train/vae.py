@@ -40,6 +40,7 @@ from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import UsageError
 from fourdnex.files import atomic_path, write_json, write_safetensors
 from fourdnex.model.fusion import vae_round_trip
+from fourdnex.model.whole_clip import runs_whole_clip
 from fourdnex.runtime import device_of, worker_processes
 from fourdnex.train.config import METRICS_READ_STEPS
 
@@ -251,13 +252,6 @@ def _check_vae_folder(cfg: VaeTrainConfig) -> None:
     from fourdnex.model.loading import check_model_folder
 
     check_model_folder(cfg.model_path, ("vae",), how="build the model first: python -m fourdnex.model.presets")
-
-
-def runs_whole_clip(device: torch.device) -> bool:
-    """Whether the trainer runs each layer once over the whole clip, its convolutions in channels-last memory (the
-    same numbers as diffusers' chunks): on a GPU, where the step ran 1.35x as fast on an H100; on a CPU the chunks are
-    faster (BENCHMARKS.md, "Each layer over the whole clip")."""
-    return device.type == "cuda"
 
 
 class VaeTrainer:
