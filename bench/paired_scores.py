@@ -59,6 +59,17 @@ def bootstrap_interval(differences: np.ndarray, draws: int, rng: np.random.Gener
     return float(low), float(high)
 
 
+def paired_row(metric: str, pairs: np.ndarray, draws: int, rng: np.random.Generator) -> dict:
+    """One row from ``pairs`` ``(N, 2)`` of A's and B's values on the same scenes: ``{"metric", "scenes", "a", "b",
+    "difference", "interval"}``, the difference (B minus A) and its interval over the scenes where it is finite
+    (``scenes`` counts them), ``a`` and ``b`` the means of their finite values."""
+    differences = pairs[:, 1] - pairs[:, 0]
+    differences = differences[np.isfinite(differences)]
+    row = {"metric": metric, "scenes": len(differences)}
+    row |= {"a": float(np.nanmean(pairs[:, 0])), "b": float(np.nanmean(pairs[:, 1]))}
+    return row | {"difference": float(differences.mean()), "interval": bootstrap_interval(differences, draws, rng)}
+
+
 def paired_rows(a: Path, b: Path, draws: int, seed: int) -> list[dict]:
     """Per metric: ``{"metric", "scenes", "a", "b"}`` and, where every paired scene has it, ``"difference"`` and
     ``"interval"`` over the scenes whose difference is finite (``scenes`` counts them); ``a`` and ``b`` are the means
@@ -80,12 +91,7 @@ def paired_rows(a: Path, b: Path, draws: int, seed: int) -> list[dict]:
         except (KeyError, TypeError):
             rows.append({"metric": metric, "scenes": len(clips), "a": summary_a[metric], "b": summary_b[metric]})
             continue
-        differences = pairs[:, 1] - pairs[:, 0]
-        differences = differences[np.isfinite(differences)]
-        row = {"metric": metric, "scenes": len(differences)}
-        row |= {"a": float(np.nanmean(pairs[:, 0])), "b": float(np.nanmean(pairs[:, 1]))}
-        row |= {"difference": float(differences.mean()), "interval": bootstrap_interval(differences, draws, rng)}
-        rows.append(row)
+        rows.append(paired_row(metric, pairs, draws, rng))
     return rows
 
 
@@ -107,17 +113,8 @@ def paired_by_shape(a: Path, b: Path, draws: int, seed: int) -> list[dict]:
         if not pairs:
             continue
         values = np.array(pairs)
-        differences = values[:, 1] - values[:, 0]
         rows.append(
-            {
-                "metric": f"camera.ate, {shape}",
-                "scenes": len(values),
-                "a": float(values[:, 0].mean()),
-                "b": float(values[:, 1].mean()),
-                "difference": float(differences.mean()),
-                "interval": bootstrap_interval(differences, draws, rng),
-                "lower": int((differences < 0).sum()),
-            }
+            paired_row(f"camera.ate, {shape}", values, draws, rng) | {"lower": int((values[:, 1] < values[:, 0]).sum())}
         )
     return rows
 
