@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fourdnex.model.fusion import condition_frames, condition_video, video_pixels
 from fourdnex.model.loading import channels_last_convolutions, load_vae
 from fourdnex.model.whole_clip import decode_whole, encode_condition_moments, encode_moments, whole_clip_vae
+from fourdnex.train.data import draw_given
 from fourdnex.train.vae import vae_loss
 
 ENCODES = ((1, 3, 25, 96, 288), (1, 3, 49, 96, 144), (2, 3, 25, 96, 144), (4, 3, 25, 96, 144))
@@ -58,14 +59,10 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
 
 
 def keyframe_conditions(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """``batch`` fused condition videos ``(B, 3, F, H, 2W)`` of random frames, each given frame 0 and 2-4 random
-    others (the any-frame trainer's keyframe samples)."""
+    """``batch`` fused condition videos ``(B, 3, F, H, 2W)`` of random frames, given the frames the any-frame trainer
+    draws for its keyframe samples (:func:`fourdnex.train.data.draw_given`: frame 0 and 2-4 random others)."""
     generator = torch.Generator().manual_seed(seed)
-    given = torch.zeros(batch, frames, dtype=torch.bool)
-    given[:, 0] = True
-    for row in given:
-        count = int(torch.randint(2, 5, (), generator=generator))
-        row[1 + torch.randperm(frames - 1, generator=generator)[:count]] = True
+    given = draw_given({"keyframes": 1.0}, frames, batch, generator)
     videos = torch.randint(0, 256, (batch, frames, height, width, 3), dtype=torch.uint8, generator=generator)
     return condition_frames(video_pixels(videos), given, "rgbxyz")
 
