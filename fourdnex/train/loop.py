@@ -287,7 +287,7 @@ class MetricsLog:
     work) and writes them to the trackers; the samples per second are those of the steps since the last write. With
     ``temporal`` (the loss weighs the XYZ error's change from frame to frame) that term's MSE is logged too."""
 
-    def __init__(self, accelerator, global_batch: int, bar, temporal: bool = False) -> None:
+    def __init__(self, accelerator, global_batch: int, bar, temporal: bool) -> None:
         self.accelerator = accelerator
         self.global_batch = global_batch
         self.bar = bar
