@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fourdnex.model.fusion import condition_frames, condition_video, video_pixels
-from fourdnex.model.loading import channels_last_convolutions, load_vae
+from fourdnex.model.fusion import condition_frames, condition_video, encode_latents, vae_normalize, video_pixels
+from fourdnex.model.loading import load_vae
 from fourdnex.model.whole_clip import decode_whole, encode_condition_moments, encode_moments, whole_clip_vae
-from fourdnex.train.data import draw_given
+from fourdnex.train.data import VaeConditionEncoder, draw_given
 from fourdnex.train.vae import vae_loss
 
 ENCODES = ((1, 3, 25, 96, 288), (1, 3, 49, 96, 144), (2, 3, 25, 96, 144), (4, 3, 25, 96, 144))
@@ -68,18 +68,17 @@ def keyframe_conditions(batch: int, frames: int, height: int, width: int, seed: 
 
 
 def gpu_conditions(args: argparse.Namespace) -> None:
-    """The any-frame trainer's per-step condition encode on a GPU, three ways, side by side."""
+    """The any-frame trainer's per-step condition encode on a GPU, three ways, side by side; each gives the
+    VAE-normalized latents the transformer sees."""
     device = torch.device(args.device)
     videos = keyframe_conditions(args.condition_batch, 25, 96, 144).to(device)
     chunked = load_vae(args.model_path).to(device).eval()
     whole = whole_clip_vae(load_vae(args.model_path).to(device).eval())
-    last = whole_clip_vae(channels_last_convolutions(load_vae(args.model_path).to(device).eval()))
+    encoder = VaeConditionEncoder(load_vae(args.model_path), device)
     ways = {
-        "diffusers' chunks": lambda: chunked.encode(videos).latent_dist.mode(),
-        "whole clip": lambda: encode_moments(whole, videos)[:, : whole.config.z_dim],
-        "whole clip, channels-last": lambda: encode_moments(
-            last, videos.contiguous(memory_format=torch.channels_last_3d)
-        )[:, : last.config.z_dim],
+        "diffusers' chunks": lambda: encode_latents(chunked, videos),
+        "whole clip": lambda: vae_normalize(whole, encode_moments(whole, videos)[:, : whole.config.z_dim].float()),
+        "whole clip, channels-last (the trainer's encoder)": lambda: encoder(videos),
     }
     rows, reference = [], None
     with torch.no_grad():
