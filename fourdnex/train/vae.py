@@ -72,7 +72,6 @@ class VaeTrainConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     kl_weight: float = 1e-6
-    detail_weight: float = 0.0  # weight of the reconstruction error's differences between neighbouring pixels
     checkpointing_steps: int = 500
     seed: int = 0
     device: str = "auto"  # a fourdnex.runtime.device_of name
@@ -93,10 +92,9 @@ class VaeTrainConfig:
         for name in ("synthetic_clips", "eval_synthetic_clips", "eval_steps", "stop_after_minutes"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be at least 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.kl_weight < 0 or self.detail_weight < 0:
+        if self.learning_rate <= 0 or self.kl_weight < 0:
             raise UsageError(
-                f"learning_rate must be > 0, kl_weight and detail_weight >= 0, got {self.learning_rate}, "
-                f"{self.kl_weight}, {self.detail_weight}"
+                f"learning_rate must be > 0 and kl_weight >= 0, got {self.learning_rate}, {self.kl_weight}"
             )
 
 
@@ -176,22 +174,12 @@ def synthetic_clips(
 
 
 def vae_loss(
-    vae,
-    videos: torch.Tensor,
-    kl_weight: float,
-    generator: torch.Generator,
-    whole_clip: bool = False,
-    detail_weight: float = 0.0,
+    vae, videos: torch.Tensor, kl_weight: float, generator: torch.Generator, whole_clip: bool = False
 ) -> tuple[torch.Tensor, dict]:
     """Reconstruction MSE of ``videos (B, 3, F, H, W)`` through a sampled latent, plus ``kl_weight`` times the mean
-    KL divergence of the posterior from N(0, 1), plus ``detail_weight`` times the MSE of the reconstruction error's
-    differences between neighbouring pixels (across plus down); returns the loss and its parts (detached).
-
-    The detail term weighs fine detail: an error of spatial frequency ``(u, v)`` (radians per pixel) costs
-    ``1 + detail_weight * (4 sin^2(u/2) + 4 sin^2(v/2))`` times its square, up to ``1 + 8 * detail_weight`` at the
-    pixel grid's finest checkerboard and nothing more for a smooth one. ``whole_clip``: the VAE (prepared by
-    :func:`fourdnex.model.whole_clip.whole_clip_vae`) runs each layer once over all frames, the same numbers as
-    diffusers' chunks (:class:`VaeTrainer` takes it on a GPU)."""
+    KL divergence of the posterior from N(0, 1); returns the loss and its parts (detached). ``whole_clip``: the VAE
+    (prepared by :func:`fourdnex.model.whole_clip.whole_clip_vae`) runs each layer once over all frames, the same
+    numbers as diffusers' chunks (:class:`VaeTrainer` takes it on a GPU)."""
     if whole_clip:
         from fourdnex.model.whole_clip import decode_whole, encode_whole
 
@@ -200,14 +188,9 @@ def vae_loss(
     else:
         posterior = vae.encode(videos).latent_dist
         recon = vae.decode(posterior.sample(generator), return_dict=False)[0]
-    error = recon.float() - videos
-    mse = error.square().mean()
+    mse = (recon.float() - videos).square().mean()
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1 - posterior.logvar).mean()
-    loss, parts = mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
-    if detail_weight > 0:
-        detail = error.diff(dim=-1).square().mean() + error.diff(dim=-2).square().mean()
-        loss, parts["detail"] = loss + detail_weight * detail, detail.detach()
-    return loss, parts
+    return mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 
 
 def psnr_of_mse(mse: float) -> float:
@@ -337,9 +320,7 @@ class VaeTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, parts = vae_loss(
-                    self.vae, self.videos(self.step), cfg.kl_weight, generator, self.whole_clip, cfg.detail_weight
-                )
+                loss, parts = vae_loss(self.vae, self.videos(self.step), cfg.kl_weight, generator, self.whole_clip)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
@@ -499,14 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(p, VaeTrainConfig, "limit", type=int, help="only the first N training clips")
     field_flag(p, VaeTrainConfig, "learning_rate", type=float)
     field_flag(p, VaeTrainConfig, "kl_weight", type=float)
-    field_flag(
-        p,
-        VaeTrainConfig,
-        "detail_weight",
-        type=float,
-        help="add this times the MSE of the reconstruction error's differences between neighbouring pixels "
-        "(across plus down), which weighs fine detail up to 1 + 8x this at the finest (0: the plain MSE)",
-    )
     field_flag(p, VaeTrainConfig, "device", help="auto, cuda, cuda:N or cpu (default auto: cuda when available)")
     return p
 
