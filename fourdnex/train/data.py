@@ -167,7 +167,7 @@ class SampleStream:
 class VaeConditionEncoder:
     """Encodes condition videos with the VAE on the training device, a batch at a time: on a GPU each layer once over
     the whole clip on channels-last convolutions (:func:`fourdnex.model.whole_clip.runs_whole_clip`; the latents of
-    diffusers' chunks to rounding, 1.40x as fast on an H100: BENCHMARKS.md, "Each layer over the whole clip"), on a
+    diffusers' chunks to rounding, 1.35-1.40x as fast on an H100: BENCHMARKS.md, "Each layer over the whole clip"), on a
     CPU in diffusers' chunks (:func:`fourdnex.model.fusion.encode_latents`)."""
 
     def __init__(self, vae, device: torch.device) -> None:
