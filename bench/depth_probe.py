@@ -14,7 +14,9 @@ With ``--vae_from MODEL``, the network reads the image as a model's transformer 
 model folder's VAE (the posterior's mode; the first latent frame of a video depends on frame 0 alone, so it is the
 condition's), upsampled back to the image's size by repeating each latent pixel, in place of the RGB pixels (the
 flipped images are encoded too, so a flip shows the network the latent of the flipped image). The same network on
-the pixels and on the latents tells whether the latent still holds what depth is read from.
+the pixels and on the latents tells whether the latent still holds what depth is read from. With ``--pool N`` it
+reads the pixels averaged over blocks of N x N (each frame and its mirror image), repeated back the same way: at
+``--pool 8`` an RGB grid of the latent's size, which tells how much of what the latent loses its grid alone loses.
 
 For reference, the mean-depth floor: one map for every image, the per-pixel mean over the training frames of depth
 divided by each frame's median (over the frames where the pixel is defined; 1 where none defines it), scored the same
@@ -243,8 +245,8 @@ def _images(rgb: torch.Tensor) -> torch.Tensor:
 
 
 class Inputs:
-    """What the network reads of a set of frames: their pixels, or with ``latents`` their VAE latents (the frames'
-    and the flipped frames', ``(N, 2, C, h, w)``) upsampled to the frames' size."""
+    """What the network reads of a set of frames: their pixels, or with ``latents`` a coarser grid of them (their VAE
+    latents or block means, the frames' and the flipped frames', ``(N, 2, C, h, w)``) upsampled to the frames' size."""
 
     def __init__(self, rgb: torch.Tensor, latents: torch.Tensor | None = None) -> None:
         self.rgb, self.latents = rgb, latents
@@ -282,6 +284,13 @@ def encode_frames(vae_from: Path, rgb: np.ndarray, device: torch.device, batch: 
             modes = vae.encode(video_pixels(frames[:, None])).latent_dist.mode()[:, :, 0]  # (2B, C, h, w)
             out.append(torch.stack(modes.chunk(2), 1))
     return torch.cat(out)
+
+
+def pool_frames(rgb: np.ndarray, block: int, device: torch.device) -> torch.Tensor:
+    """Frames ``(N, H, W, 3)`` uint8 and their mirror images averaged over blocks of ``block`` x ``block`` pixels, in
+    [-1, 1]: ``(N, 2, 3, H / block, W / block)`` float32 on ``device`` (the layout of :func:`encode_frames`)."""
+    images = _images(torch.from_numpy(rgb).to(device))  # (N, 3, H, W)
+    return torch.stack([F.avg_pool2d(images, block), F.avg_pool2d(images.flip(-1), block)], 1)
 
 
 def predict(model: nn.Module, inputs: Inputs, batch: int) -> np.ndarray:
@@ -371,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model folder: read frame 0 through its VAE (the transformer's view) instead of as pixels",
     )  # fmt: skip
     parser.add_argument(
+        "--pool", type=int, default=None,
+        help="read frame 0's pixels averaged over blocks of N x N instead (8: a grid of the latent's size)",
+    )  # fmt: skip
+    parser.add_argument(
         "--json", type=Path, default=None, help="write every number here, at every evaluation (atomically)"
     )
     return parser
@@ -383,6 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"--height {args.height} --width {args.width}: both must be positive multiples of {DOWN}")
     if min(args.steps, args.batch, args.train_clips or 1, args.eval_every or 1, args.workers) < 1:
         sys.exit("--steps, --batch, --train_clips, --eval_every and --workers must be at least 1")
+    if args.pool is not None and (args.vae_from is not None or args.pool < 1 or args.height % args.pool
+                                  or args.width % args.pool):  # fmt: skip
+        sys.exit(f"--pool {args.pool}: give it without --vae_from, dividing --height and --width")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available (use --device cpu)")
     eval_every = args.eval_every or max(1, args.steps // 5)
@@ -410,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
     def view(frames: Frames) -> Inputs:
         """What the network reads of ``frames``, on the device."""
         pixels = torch.from_numpy(frames.rgb).to(device)
+        if args.pool is not None:
+            return Inputs(pixels, pool_frames(frames.rgb, args.pool, device))
         if args.vae_from is None:
             return Inputs(pixels)
         return Inputs(pixels, encode_frames(args.vae_from, frames.rgb, device, args.batch))
@@ -517,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
 
     read = "as pixels" if args.vae_from is None else f"through the VAE of {args.vae_from}"
+    read = read if args.pool is None else f"as pixels averaged over {args.pool} x {args.pool} blocks"
     print(
         f"\nsupervised depth probe, frame 0 at {args.height}x{args.width} read {read}: {len(train.ids)} training "
         f"clips, {' and '.join(f'{len(h.ids)} {name}' for name, h in helds.items())} clips; training-frame AbsRel "

@@ -132,6 +132,31 @@ def test_the_latent_view_is_the_vae_s_own_encoding_of_each_frame_and_its_mirror(
     torch.testing.assert_close(x[1], latents[0, 0].repeat_interleave(8, 1).repeat_interleave(8, 2))
 
 
+def test_the_pooled_view_is_each_frame_s_block_means_repeated(trees, capsys):
+    """--pool 8: the input of each frame (and of its mirror image) is the mean of each 8 x 8 block of its pixels in
+    [-1, 1], computed here in NumPy, over the block's 64 pixels; a whole run reads it so."""
+    from bench.depth_probe import Inputs, pool_frames
+
+    train, held, *_ = trees
+    clips = clip_sources(train)
+    rgb = np.stack([load_truth(train, clips[c], 1, *SIZE).rgb[0] for c in sorted(clips)[:2]])
+    inputs = Inputs(torch.from_numpy(rgb), pool_frames(rgb, 8, torch.device("cpu")))
+    x = inputs.take(torch.tensor([1, 0]), torch.tensor([True, False])).numpy()
+    for row, (n, mirrored) in enumerate(((1, True), (0, False))):
+        image = rgb[n, :, ::-1] if mirrored else rgb[n]
+        means = (image.astype(np.float64) / 127.5 - 1).reshape(SIZE[0] // 8, 8, SIZE[1] // 8, 8, 3).mean((1, 3))
+        expected = means.repeat(8, 0).repeat(8, 1).transpose(2, 0, 1)
+        np.testing.assert_allclose(x[row], expected, atol=1e-5)
+    result = main(
+        ["--train", str(train), "--held_out", str(held), "--steps", "2", "--batch", "2", "--device", "cpu",
+         "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--workers", "1", "--pool", "8"]
+    )  # fmt: skip
+    assert "read as pixels averaged over 8 x 8 blocks:" in capsys.readouterr().out and len(result["curve"]) == 2
+    with pytest.raises(SystemExit, match=r"^--pool 8: give it without --vae_from"):
+        main(["--train", str(train), "--held_out", str(held), "--device", "cpu", "--pool", "8", "--vae_from", str(TINY),
+              "--height", str(SIZE[0]), "--width", str(SIZE[1])])  # fmt: skip
+
+
 def test_the_probe_reads_through_a_vae(trees, capsys):
     train, held, *_ = trees
     result = main(
