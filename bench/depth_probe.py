@@ -534,8 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
     bar.close()
 
-    read = "as pixels" if args.vae_from is None else f"through the VAE of {args.vae_from}"
-    read = read if args.pool is None else f"as pixels averaged over {args.pool} x {args.pool} blocks"
+    read = "as pixels"
+    if args.pool is not None:
+        read = f"as pixels averaged over {args.pool} x {args.pool} blocks"
+    elif args.vae_from is not None:
+        read = f"through the VAE of {args.vae_from}"
     print(
         f"\nsupervised depth probe, frame 0 at {args.height}x{args.width} read {read}: {len(train.ids)} training "
         f"clips, {' and '.join(f'{len(h.ids)} {name}' for name, h in helds.items())} clips; training-frame AbsRel "
