@@ -20,7 +20,6 @@ rates, against the floor at ``--peak-tflops``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -116,7 +115,7 @@ def main(args: argparse.Namespace) -> dict:
     result = {"device": name, "torch": torch.__version__, "rows": rows, "video_seconds": video,
               "video_tflop": total, "peak_tflops": args.peak_tflops}  # fmt: skip
     if args.json:
-        write_json(Path(args.json), json.loads(json.dumps(result)))
+        write_json(Path(args.json), result)
     return result
 
 
