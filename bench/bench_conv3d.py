@@ -20,13 +20,13 @@ rates, against the floor at ``--peak-tflops``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import timed
 from fourdnex.files import write_json
 
 #: (C_in, C_out, H, W) of the encoder's six largest 3 x 3 x 3 convolutions at 480 x 720, and their TFLOP in one
@@ -59,21 +59,6 @@ def variant_fn(name: str):
     return torch.compile(F.conv3d, dynamic=False, options=options)
 
 
-def median_seconds(fn, x, w, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of ``fn(x, w)`` over ``repeats`` synchronized calls after two warm-up calls, and its output."""
-    out, times = None, []
-    for i in range(repeats + 2):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        tic = time.perf_counter()
-        out = fn(x, w)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        if i >= 2:
-            times.append(time.perf_counter() - tic)
-    return statistics.median(times), out
-
-
 def main(args: argparse.Namespace) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -96,7 +81,10 @@ def main(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             for variant in args.variants:
                 try:
-                    seconds, out = median_seconds(variant_fn(variant), x, w, args.repeats)
+                    call = partial(variant_fn(variant), x, w)
+                    for _ in range(2):  # warm-up: the compiled variants compile and tune on their first call
+                        call()
+                    seconds, out = timed(call, device, args.repeats)
                 except Exception as err:  # a variant this machine cannot build is a row; the others still run
                     print(f"| {c_in} -> {c_out} | {height} x {width} | {variant} | failed: {str(err)[:80]} |||")
                     video[variant] = float("nan")

@@ -17,8 +17,6 @@ training step on a GPU: ``bench_train_throughput.py --vae``; the build's: ``benc
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import timed
+from fourdnex.files import write_json
 from fourdnex.model.fusion import condition_frames, condition_video, encode_latents, vae_normalize, video_pixels
 from fourdnex.model.loading import load_vae
 from fourdnex.model.whole_clip import decode_whole, encode_condition_moments, encode_moments, whole_clip_vae
@@ -44,18 +44,6 @@ def fastest(fn, runs: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - tic)
     return min(times)
-
-
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
-    """The median seconds of ``repeats`` synchronized calls of ``fn`` after a warm-up call, and its last output."""
-    out, times = fn(), []
-    for _ in range(repeats):
-        torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times), out
 
 
 def keyframe_conditions(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -83,6 +71,7 @@ def gpu_conditions(args: argparse.Namespace) -> None:
     rows, reference = [], None
     with torch.no_grad():
         for name, fn in ways.items():
+            fn()  # warm-up
             seconds, latents = timed(fn, device, args.repeats)
             reference = latents if reference is None else reference
             difference = float((latents - reference).abs().max() / reference.std())
@@ -94,7 +83,7 @@ def gpu_conditions(args: argparse.Namespace) -> None:
         speedup = rows[0]["seconds"] / row["seconds"]
         print(f"| {row['way']} | {row['seconds'] * 1e3:.1f} | {speedup:.2f}x | {row['max_diff_over_std']:.1e} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(device), "rows": rows}, indent=1))
+        write_json(args.json, {"device": torch.cuda.get_device_name(device), "rows": rows})
 
 
 def main() -> None:

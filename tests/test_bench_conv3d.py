@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from bench.bench_conv3d import CHUNK, REAL_SHAPES, build_parser, conv_flops, main
+from bench.common import REAL_VAE
 
 
 def test_the_six_shapes_are_the_real_encoder_s_largest_and_their_flops_its_own():
@@ -18,8 +19,7 @@ def test_the_six_shapes_are_the_real_encoder_s_largest_and_their_flops_its_own()
     from diffusers import AutoencoderKLWan
 
     with torch.device("meta"):
-        vae = AutoencoderKLWan(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                               temperal_downsample=[False, True, True])  # fmt: skip
+        vae = AutoencoderKLWan(**REAL_VAE, temperal_downsample=[False, True, True])
     by_shape = Counter()
 
     def count(module, inputs, output):
