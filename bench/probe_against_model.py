@@ -1,30 +1,34 @@
 """A model's frame-0 depth error against the depth probe's, scene by scene: do they fail on the same scenes?
 
-``bench/depth_probe.py --json`` keeps each held-out scene's frame-0 AbsRel (``held_out_frames``); evaluate.py's
-``metrics.json`` keeps each scored sample's ``depth0.median.absrel`` by clip id. Both are the same measure (the frame's
+``bench/depth_probe.py --json`` keeps each held-out scene's frame-0 AbsRel (``held_out_frames``); an evaluate.py
+report keeps each scored sample's ``depth0.median.absrel`` by clip id. Both are the same measure (the frame's
 depth scaled onto its truth by the median ratio over evaluate.py's grid pixels). For the scenes both scored, per
 report: the mean and median of each, the correlation of their logarithms (scenes hard for one and for the other), the
 share of scenes the model reads better than the probe, and, given a second probe run (another seed), the same
 correlation between the two probes: the most that two readings of one input can agree.
 
     python bench/probe_against_model.py --probe probe-seed0.json --probe probe-seed1.json \\
-        --report held-out reports/model/held-out/metrics.json \\
-        --report held-out-family reports/model/held-out-family/metrics.json
+        --report held-out reports/model/held-out --report held-out-family reports/model/held-out-family
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def model_errors(metrics: Path) -> dict[str, float]:
-    """Each scored sample's frame-0 depth AbsRel in an evaluate.py ``metrics.json``, by clip id."""
-    samples = json.loads(metrics.read_text())["samples"]
-    return {s["clip_id"]: s["scores"]["model"]["depth0.median.absrel"] for s in samples if s["status"] == "scored"}
+from bench.paired_scores import read_report
+
+
+def model_errors(report: Path) -> dict[str, float]:
+    """Each scored sample's frame-0 depth AbsRel in an evaluate.py report folder, by clip id."""
+    samples, _ = read_report(report)
+    return {clip: sample["scores"]["model"]["depth0.median.absrel"] for clip, sample in samples.items()}
 
 
 def probe_errors(probe: Path, set_name: str) -> dict[str, float]:
@@ -64,18 +68,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         help="a depth probe's --json (a second run, another seed, gives the probes' agreement)",
     )  # fmt: skip
     parser.add_argument(
-        "--report", nargs=2, action="append", required=True, metavar=("SET", "METRICS"),
-        help="a held-out set's name in the probe's JSON and the model's metrics.json on it",
+        "--report", nargs=2, action="append", required=True, metavar=("SET", "REPORT"),
+        help="a held-out set's name in the probe's JSON and the model's evaluate.py report folder on it",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if len(args.probe) > 2:
         parser.error("give one or two --probe runs")
-    for path in [*args.probe, *(Path(metrics) for _, metrics in args.report)]:
+    for path in args.probe:
         if not path.is_file():
             raise SystemExit(f"{path}: no such file")
     rows = {}
-    for set_name, metrics in args.report:
-        rows[set_name] = compare(model_errors(Path(metrics)), [probe_errors(p, set_name) for p in args.probe])
+    for set_name, report in args.report:
+        rows[set_name] = compare(model_errors(Path(report)), [probe_errors(p, set_name) for p in args.probe])
     print("| set | scenes | model: mean / median | probe: mean / median | log correlation | model better on | "
           "probe seeds' log correlation |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for set_name, r in rows.items():
