@@ -64,7 +64,7 @@ def whole_clip_vae(vae):
 def runs_whole_clip(device: torch.device) -> bool:
     """Whether the VAE's trainer and the transformer trainer's condition encoder run each layer once over the whole
     clip, the convolutions in channels-last memory (the same numbers as diffusers' chunks): on a GPU, where the VAE's
-    training step ran 1.35x and the trainer's condition encode 1.40x as fast on an H100 (BENCHMARKS.md, "Each layer
+    training step ran 1.35x and the trainer's condition encode 1.35-1.40x as fast on an H100 (BENCHMARKS.md, "Each layer
     over the whole clip"); on a CPU the chunks are faster."""
     return device.type == "cuda"
 
