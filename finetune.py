@@ -3,6 +3,7 @@
 One process (CPU or one GPU) runs as is; several GPUs or nodes through accelerate (see scripts/finetune.sh):
 
     python finetune.py --cache_dir data/cache --output_dir runs/4dnex
+    python finetune.py --synthetic_clips 8000 --model_path MODEL --output_dir runs/demo  # generator clips, no cache
     accelerate launch --config_file configs/accelerate_zero2.yaml --num_processes 8 finetune.py \\
         --cache_dir data/cache --output_dir runs/4dnex --resume_from_checkpoint latest
 
@@ -20,6 +21,7 @@ import logging
 
 from fourdnex.cli import dtype_flag, field_flag, run, settings
 from fourdnex.config import MODALITY_ALIASES, MODEL_TYPES
+from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.train.config import (
     ACTIVATION_MEMORY_CHOICES,
     CONDITION_TASKS,
@@ -35,7 +37,9 @@ from fourdnex.train.loop import train
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the parsed flags describe (every flag is a TrainConfig field)."""
-    return settings(TrainConfig, args, lora_targets=tuple(args.lora_targets))
+    return settings(
+        TrainConfig, args, lora_targets=tuple(args.lora_targets), texture_families=tuple(args.texture_families)
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -53,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     g = parser.add_argument_group("data and model")
-    field_flag(g, TrainConfig, "cache_dir", required=True, help="latent cache written by build_wan_dataset.py")
+    field_flag(g, TrainConfig, "cache_dir", help="latent cache written by build_wan_dataset.py (or --synthetic_clips)")
+    field_flag(
+        g,
+        TrainConfig,
+        "synthetic_clips",
+        type=int,
+        help="train on the first N clips of the synthetic generator's tree instead (python -m fourdnex.data.synthetic"
+        " --seed --synthetic_seed), each rendered, prepared and encoded as the cache build would, in memory: no tree,"
+        " no cache, the samples held on the training device as with --cache_in_memory (needs --model_path's"
+        " encoders)",
+    )
+    field_flag(g, TrainConfig, "synthetic_seed", type=int, help="clip i is the scene synthetic_seed * 100003 + i")
+    field_flag(
+        g, TrainConfig, "texture_families", nargs="+", choices=TEXTURE_FAMILIES,
+        help="the texture families of the synthetic clips",
+    )  # fmt: skip
     field_flag(g, TrainConfig, "output_dir", help="checkpoints, logs and the final adapter")
     field_flag(g, TrainConfig, "model_path", help="Wan2.1-I2V diffusers folder (default: the cache's)")
     field_flag(g, TrainConfig, "model_type", "--type", choices=sorted(MODEL_TYPES))

@@ -269,7 +269,7 @@ def test_a_cache_held_in_memory_gives_the_batches_of_its_files(modalities, tasks
     cpu = torch.device("cpu")
     expected = [batch_of_samples(read_batch(on_disk, stream.draws(s)), stream.draws(s), noise[s], encoder, cpu)
                 for s in steps]  # fmt: skip
-    held = HeldCache(on_disk, cpu, tasks == "any", encoder)
+    held = HeldCache.read(on_disk, cpu, tasks == "any", encoder)
     assert set(held.patterns) == (set(HELD_PATTERNS) if tasks == "any" else set())
     assert held.x0.shape == (2, 16, 3, 4, 8 if modalities == "rgbxyz" else 4)
     if tasks == "any":
@@ -303,7 +303,7 @@ def test_held_videos_are_each_clips_frames_in_order_from_processes_or_threads(ca
     assert not np.array_equal(read[0], read[1])  # distinct clips, so the order is checked
     # A cache held without frames (image conditions only) decodes no video.
     monkeypatch.setattr(data, "cached_videos", lambda cache: pytest.fail("decoded videos it does not hold"))
-    assert data.HeldCache(on_disk, torch.device("cpu"), False, None).nbytes > 0
+    assert data.HeldCache.read(on_disk, torch.device("cpu"), False, None).nbytes > 0
 
 
 def test_held_patterns_leave_only_the_key_frame_samples_to_the_vae(cache_dir):
@@ -322,7 +322,7 @@ def test_held_patterns_leave_only_the_key_frame_samples_to_the_vae(cache_dir):
         encoded.append(len(videos))
         return encoder(videos)
 
-    held = HeldCache(on_disk, torch.device("cpu"), True, encoder)
+    held = HeldCache.read(on_disk, torch.device("cpu"), True, encoder)
     draws = SampleStream(cfg, len(on_disk), 1).draws(0)
     first_last = (draws.given[:, [0, -1]].all(dim=1) & ~draws.given[:, 1:-1].any(dim=1)).sum()
     every = draws.given.all(dim=1).sum()

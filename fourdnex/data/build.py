@@ -308,15 +308,25 @@ def load_clip(cfg: BuildConfig, captions: Captions, out: Path, source: ClipSourc
     raw = read_clip(source, captions)
     clip = prepare_clip(source, raw, cfg.num_frames, cfg.resolution_h, cfg.resolution_w, cfg.center)
     cache.write_clip_media(out, clip, cache.clip_files(source.id, clip.prompt))
-    videos = torch.empty((2, 3, *clip.rgb.shape[:3]))
-    if shared:
-        try:
-            videos.share_memory_()
-        except RuntimeError as err:
-            raise UsageError(
-                f"cannot hand a clip's videos to the encoders in shared memory ({err}): give /dev/shm more room "
-                "or build with --num_workers 0"
-            ) from err
+    return loaded_clip(clip, shared)
+
+
+def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, remedy: str = "") -> torch.Tensor:
+    """An empty tensor in shared memory, which a worker process hands to the main process without a copy; where
+    there is no room, a UsageError saying so (and ``remedy``, another way out)."""
+    tensor = torch.empty(shape, dtype=dtype)
+    try:
+        return tensor.share_memory_()
+    except RuntimeError as err:
+        raise UsageError(
+            f"cannot hand a clip to the encoders in shared memory ({err}): give /dev/shm more room{remedy}"
+        ) from err
+
+
+def loaded_clip(clip: PreparedClip, shared: bool, remedy: str = " or build with --num_workers 0") -> LoadedClip:
+    """A prepared clip as the encoders take it (``shared``: its videos in shared memory; :func:`shared_tensor`)."""
+    shape = (2, 3, *clip.rgb.shape[:3])
+    videos = shared_tensor(shape, remedy=remedy) if shared else torch.empty(shape)
     videos[0] = _to_video(clip.rgb)
     videos[1] = torch.from_numpy(clip.pointmap).permute(3, 0, 1, 2)
     return LoadedClip(dataclasses.replace(clip, rgb=clip.rgb[:1], pointmap=clip.pointmap[:0]), videos)

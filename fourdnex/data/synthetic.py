@@ -485,7 +485,7 @@ def write_tree(
     records = Path(out) / "clips"
     records.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(num_clips) if not (records / f"{i}.json").is_file()]
-    job = functools.partial(_write_tree_clip, Path(out), num_frames=num_frames, height=height, width=width, seed=seed,
+    job = functools.partial(write_tree_clip, Path(out), num_frames=num_frames, height=height, width=width, seed=seed,
                             layout=layout, families=tuple(families))  # fmt: skip
     with worker_processes(workers if workers > 1 else 0) as pool:
         for name in pool.map(job, todo, chunksize=8) if pool else map(job, todo):
@@ -504,7 +504,7 @@ def write_tree(
     return data
 
 
-def _write_tree_clip(
+def write_tree_clip(
     out: Path, i: int, num_frames: int, height: int, width: int, seed: int, layout: str, families: tuple[str, ...]
 ) -> str:
     """Render clip ``i`` of :func:`write_tree`, write its files, then its record; returns ``<subset>/<number>``."""

@@ -16,6 +16,7 @@ from fourdnex.config import (
     check_video_shape,
     latent_frames,
 )
+from fourdnex.data.raycast import TEXTURE_FAMILIES
 from fourdnex.errors import FourDNeXError
 
 #: Where the released LoRA targets live inside every transformer block.
@@ -73,6 +74,11 @@ class TrainConfig:
     """
 
     cache_dir: str = ""
+    # Or, instead of a cache: the first synthetic_clips clips of the synthetic generator's tree of synthetic_seed
+    # (python -m fourdnex.data.synthetic), textured with texture_families, encoded in memory (fourdnex.train.rendered)
+    synthetic_clips: int = 0
+    synthetic_seed: int = 1
+    texture_families: tuple[str, ...] = TEXTURE_FAMILIES
     output_dir: str = "runs/4dnex"
     model_path: str | None = None  # None: the model the cache was built with (stats.json), else DEFAULT_MODEL_PATH
     model_type: str = DEFAULT_MODEL_TYPE
@@ -200,6 +206,17 @@ class TrainConfig:
         if self.validation_steps and self.modalities != "rgbxyz":
             raise TrainingError("validation samples are RGB and XYZ results: validation_steps needs modalities rgbxyz")
         self.validate_activation_memory()
+
+    def validate_data(self) -> None:
+        """Raise TrainingError unless the training clips are named once: a cache, or synthetic clips."""
+        if bool(self.cache_dir) == bool(self.synthetic_clips):
+            raise TrainingError("give the training clips as --cache_dir or as --synthetic_clips N, one of the two")
+        if self.synthetic_clips < 0:
+            raise TrainingError(f"synthetic_clips must be at least 1, got {self.synthetic_clips}")
+        unknown = sorted(set(self.texture_families) - set(TEXTURE_FAMILIES))
+        if unknown or not self.texture_families:
+            families = ", ".join(TEXTURE_FAMILIES)
+            raise TrainingError(f"texture_families must be some of {families}, got {unknown or '[]'}")
 
     def validate_activation_memory(self) -> None:
         """Raise TrainingError if an explicit ``activation_memory`` cannot run with the other settings (one line).

@@ -245,25 +245,45 @@ def cached_videos(cache: LatentCache) -> Iterator[Iterator[np.ndarray]]:
 
 
 class HeldCache:
-    """Every sample of a cache as stacked tensors on one device, read once, so that a micro-batch is a few gathers:
+    """Every sample of a training set as stacked tensors on one device, so that a micro-batch is a few gathers:
     exactly what :func:`read_batch` and :func:`batch_of_samples` give for the same draws.
 
     Holds the clean latents ``x0 (N, 16, T, h, w')``, the CLIP embeddings ``image (N, 257, D)``, each distinct prompt
     embedding once ``prompts (P, L, D)`` with ``prompt_of (N,)``, and the image condition ``cond (N, 16, T, h, w')``
-    where the cache holds it (else the cached first frames ``first (N, 1, H, W, 3)`` uint8 it is encoded from). With
-    ``frames`` (runs that give other frames than the first), also every clip's video ``(N, F, H, W, 3)`` uint8, the
-    frames those conditions are encoded from; given an ``encoder`` too, the conditions of the given-frame patterns
-    that do not vary from draw to draw (:data:`HELD_PATTERNS`: the first and last frames, every frame) are encoded
-    once per clip and held (``patterns``), so that a step encodes only the samples given random key frames.
+    where the set holds it (else the first frames ``first (N, 1, H, W, 3)`` uint8 it is encoded from). For runs that
+    give other frames than the first, also every clip's video ``frames (N, F, H, W, 3)`` uint8, the frames those
+    conditions are encoded from; given an ``encoder`` too, the conditions of the given-frame patterns that do not vary
+    from draw to draw (:data:`HELD_PATTERNS`: the first and last frames, every frame) are encoded once per clip and
+    held (``patterns``), so that a step encodes only the samples given random key frames.
+
+    :meth:`read` holds a cache's files; :mod:`fourdnex.train.rendered` holds the synthetic generator's clips encoded
+    in memory.
     """
 
     def __init__(
-        self, cache: LatentCache, device: torch.device, frames: bool = False,
+        self, x0: torch.Tensor, image: torch.Tensor, prompts: torch.Tensor, prompt_of: torch.Tensor, modalities: str,
+        cond: torch.Tensor | None = None, first: torch.Tensor | None = None, frames: torch.Tensor | None = None,
         encoder: VaeConditionEncoder | None = None,
     ) -> None:  # fmt: skip
+        if (cond is None) == (first is None):
+            raise ValueError("a held set holds either the image conditions or the first frames they are encoded from")
+        self.device = x0.device
+        self.modalities = modalities
+        self.x0, self.image, self.cond, self.first, self.frames = x0, image, cond, first, frames
+        self.prompts = prompts.to(self.device)
+        self.prompt_of = prompt_of.to(self.device)
+        self.patterns: dict[str, torch.Tensor] = {}
+        if frames is not None and encoder is not None:
+            self.patterns = {name: self._encode_pattern(name, encoder) for name in HELD_PATTERNS}
+
+    @classmethod
+    def read(
+        cls, cache: LatentCache, device: torch.device, frames: bool = False, encoder: VaeConditionEncoder | None = None
+    ) -> HeldCache:
+        """Every sample of ``cache`` read once from its files (``frames``: the clips' videos too), held on ``device``
+        (or in host memory where :func:`holding_device` says so)."""
         from tqdm.auto import tqdm
 
-        self.modalities = cache.modalities
         first = torch.zeros(video_frames(cache.num_latent_frames), dtype=torch.bool)
         first[0] = True
         prompts: dict[str, int] = {}
@@ -299,17 +319,10 @@ class HeldCache:
                         held[name] = torch.empty((len(cache), *tensor.shape), dtype=tensor.dtype, device=device)
                 for name, tensor in row.items():
                     held[name][i] = tensor
-        self.device = device
-        self.x0: torch.Tensor = held["x0"]
-        self.image: torch.Tensor = held["image"]
-        self.cond: torch.Tensor | None = held.get("cond")
-        self.first: torch.Tensor | None = held.get("first")
-        self.frames: torch.Tensor | None = held.get("frames")
-        self.prompts = torch.stack(prompt_rows).to(device)
-        self.prompt_of = prompt_of.to(device)
-        self.patterns: dict[str, torch.Tensor] = {}
-        if frames and encoder is not None:
-            self.patterns = {name: self._encode_pattern(name, encoder) for name in HELD_PATTERNS}
+        return cls(
+            held["x0"], held["image"], torch.stack(prompt_rows), prompt_of, cache.modalities, held.get("cond"),
+            held.get("first"), held.get("frames"), encoder,
+        )  # fmt: skip
 
     def _encode_pattern(self, name: str, encoder: VaeConditionEncoder) -> torch.Tensor:
         """The condition latents ``(N, 16, T, h, w')`` of every clip given the frames of pattern ``name``."""

@@ -169,6 +169,7 @@ class Run:
         from tqdm.auto import tqdm
 
         cfg.validate()
+        cfg.validate_data()
         if cfg.attention_backend == FLASH_4_BACKEND:  # a kernel this machine lacks is refused before anything is read
             from fourdnex.model.attention import flash4_problem
 
@@ -176,12 +177,19 @@ class Run:
             if problem is not None:
                 raise TrainingError(f"--attention_backend {FLASH_4_BACKEND}: {problem}")
         self.cfg = cfg
-        self.cache = cache = LatentCache(cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.modalities)
-        self.model_path = model_path = cfg.model_path or cache.stats.model_path or DEFAULT_MODEL_PATH
+        cache = None if cfg.synthetic_clips else LatentCache(
+            cfg.cache_dir, cfg.num_latent_frames, cfg.height, cfg.width, cfg.modalities
+        )  # fmt: skip
+        self.model_path = model_path = cfg.model_path or (cache and cache.stats.model_path) or DEFAULT_MODEL_PATH
         check_model_folder(model_path, ("transformer",), how="pass --model_path, a Wan2.1-I2V diffusers folder")
         if cfg.validation_steps and not Path(cfg.validation_image).is_file():
             raise TrainingError(f"validation image {cfg.validation_image} does not exist")
         stage = zero_stage(deepspeed_config(cfg))  # refuse a bad DeepSpeed json before loading anything
+        renderer = None
+        if cfg.synthetic_clips:  # its worker processes fork here, before the model loads
+            from fourdnex.train.rendered import ClipRenderer
+
+            renderer = ClipRenderer(cfg)
         if plan is None:  # before loading the model, which takes host memory for a while
             plan = RecomputePlan.for_setting(choose_activation_memory(cfg, stage), park=torch.cuda.is_available())
         self.output_dir = Path(cfg.output_dir)
@@ -192,13 +200,17 @@ class Run:
         self.device = accelerator.device
         self.rank = accelerator.process_index
         self.encoder = None
-        if not cache.cached_condition or cfg.condition_tasks != "image":
+        if (cache is not None and not cache.cached_condition) or cfg.condition_tasks != "image":
             from fourdnex.model.loading import load_vae
 
             logger.info("encoding conditions the cache does not hold with the VAE of %s, a batch at a time", model_path)
             self.encoder = VaeConditionEncoder(load_vae(model_path), self.device)
         frames = cfg.condition_tasks != "image"
-        self.held = HeldCache(cache, self.device, frames, self.encoder) if cfg.cache_in_memory else None
+        if renderer is not None:
+            cache, self.held = renderer.hold(model_path, self.device, self.encoder)
+        else:
+            self.held = HeldCache.read(cache, self.device, frames, self.encoder) if cfg.cache_in_memory else None
+        self.cache = cache
         self.trainer = trainer = Trainer(cfg, transformer, accelerator, adapter_meta(cfg, cache, model_path))
         if resume is not None:
             load_checkpoint(trainer, resume)

@@ -1,0 +1,102 @@
+"""finetune.py --synthetic_clips: the generator's clips encoded in memory are the samples of the cache the file path
+builds from the same tree (build_wan_dataset.py, then LatentCache and HeldCache.read), and a run trains on them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from train_cache import TINY_MODEL, build_cache  # noqa: E402
+from training_support import finetune, scalars  # noqa: E402
+
+from fourdnex.data.cache import LatentCache  # noqa: E402
+from fourdnex.model.loading import load_vae  # noqa: E402
+from fourdnex.train.config import TrainConfig, TrainingError  # noqa: E402
+from fourdnex.train.data import HeldCache, VaeConditionEncoder  # noqa: E402
+from fourdnex.train.rendered import ClipRenderer  # noqa: E402
+
+# 128 pixels wide: PyAV's libx264 codes frames of other widths (32, 64, 144, 192 tried) differently from call to call,
+# measured, so that two writings of a tree hold different frames; at 128 and 256 it codes them the same every time
+CLIPS, SEED, FAMILIES, HEIGHT, WIDTH, FRAMES = 5, 7, ("checkers", "noise"), 32, 128, 9
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def same_tree_cache(tmp_path_factory) -> Path:
+    """The file path's cache of the tree whose clips the rendered path makes: 5 clips (every subset once), written
+    at the training size, so that preparing them crops nothing."""
+    size = (HEIGHT, WIDTH)
+    return build_cache(tmp_path_factory.mktemp("rendered"), num_clips=CLIPS, size=size, num_frames=FRAMES,
+                       cond_num_frames=FRAMES, tree_size=size, seed=SEED, families=FAMILIES)  # fmt: skip
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference over b's standard deviation."""
+    return float((a.float() - b.float()).abs().max() / b.float().std())
+
+
+@pytest.mark.parametrize("tasks", ["image", "any"])
+def test_rendered_samples_are_the_caches(same_tree_cache, tasks):
+    cfg = TrainConfig(synthetic_clips=CLIPS, synthetic_seed=SEED, texture_families=FAMILIES, height=HEIGHT,
+                      width=WIDTH, num_frames=FRAMES, condition_tasks=tasks, model_path=str(TINY_MODEL))  # fmt: skip
+    video = tasks == "any"
+    encoder = VaeConditionEncoder(load_vae(TINY_MODEL), CPU) if video else None
+    facts, rendered = ClipRenderer(cfg, workers=2).hold(str(TINY_MODEL), CPU, encoder)
+    cache = LatentCache(same_tree_cache, cfg.num_latent_frames, HEIGHT, WIDTH)
+    files = HeldCache.read(cache, CPU, video, encoder)
+
+    assert len(facts) == len(cache) == CLIPS
+    assert facts.latent_shape == cache.latent_shape
+    assert facts.stats.center == cache.stats.center == "clip"
+    # the statistics of the same latents, summed in another order (float64 sums of float32 latents)
+    assert facts.stats.xyz_latent_mean == pytest.approx(cache.stats.xyz_latent_mean, rel=1e-5, abs=1e-6)
+    assert facts.stats.xyz_latent_std == pytest.approx(cache.stats.xyz_latent_std, rel=1e-5)
+    # the build encodes one clip a VAE call, the rendered path five: the same latents up to float rounding
+    assert rendered.x0.shape == files.x0.shape
+    assert relative(rendered.x0, files.x0) < 1e-4
+    assert relative(rendered.cond, files.cond) < 1e-4
+    assert relative(rendered.image, files.image) < 1e-4
+    assert torch.equal(rendered.prompts[rendered.prompt_of], files.prompts[files.prompt_of])
+    assert len(rendered.prompts) == len(files.prompts)  # each distinct prompt held once
+    if video:  # H.264-coded and decoded as the cache's video is
+        assert torch.equal(rendered.frames, files.frames)
+        for name, held in files.patterns.items():
+            assert relative(rendered.patterns[name], held) < 1e-4
+    else:
+        assert rendered.frames is None and files.frames is None
+
+
+def test_a_run_on_rendered_clips_trains_as_on_the_cache(same_tree_cache, tmp_path):
+    """Three steps on the five clips rendered in memory and on their cache: the same losses, step for step."""
+    steps = ["--max_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "3", "--learning_rate", "1e-3",
+             "--lr_warmup_steps", "0", "--train_batch_size", "2", "--model_path", str(TINY_MODEL), "--height",
+             str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES), "--lora_rank", "8",
+             "--lora_alpha", "8"]  # fmt: skip
+    finetune("--synthetic_clips", str(CLIPS), "--synthetic_seed", str(SEED), "--texture_families", *FAMILIES,
+             "--output_dir", str(tmp_path / "rendered"), *steps)  # fmt: skip
+    finetune("--cache_dir", str(same_tree_cache), "--cache_in_memory", "--output_dir", str(tmp_path / "files"), *steps)
+    rendered, files = scalars(tmp_path / "rendered", "loss/total"), scalars(tmp_path / "files", "loss/total")
+    assert [step for step, _ in rendered] == [step for step, _ in files] == [1, 2, 3]
+    assert [loss for _, loss in rendered] == pytest.approx([loss for _, loss in files], rel=1e-3)
+    assert (tmp_path / "rendered" / "adapter" / "fourdnex_adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({}, "give the training clips as --cache_dir or as --synthetic_clips N, one of the two"),
+        ({"cache_dir": "c", "synthetic_clips": 4}, "one of the two"),
+        ({"synthetic_clips": -1}, "synthetic_clips must be at least 1, got -1"),
+        ({"synthetic_clips": 4, "texture_families": ("checkers", "dots")}, "texture_families must be some of"),
+        ({"synthetic_clips": 4, "texture_families": ()}, "texture_families must be some of"),
+    ],
+)
+def test_the_training_clips_are_named_once(settings, message):
+    with pytest.raises(TrainingError, match=message):
+        TrainConfig(**settings).validate_data()
