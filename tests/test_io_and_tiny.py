@@ -54,6 +54,18 @@ def test_video_round_trip_keeps_size_frames_and_fps(tmp_path, height, width, pix
         read_video(path, [8, 9])
 
 
+def test_the_same_frames_make_the_same_video(tmp_path):
+    """libx264's default macroblock tree made this writer code a rendered scene differently from call to call."""
+    from fourdnex.data.synthetic import render_scene
+
+    frames = render_scene(700008, 25, 96, 144).rgb  # made 6 different videos in 6 writes
+    decoded = set()
+    for i in range(6):
+        write_video(tmp_path / f"{i}.mp4", frames)
+        decoded.add(read_video(tmp_path / f"{i}.mp4").tobytes())
+    assert len(decoded) == 1
+
+
 def test_failed_video_write_leaves_no_file(tmp_path):
     path = tmp_path / "clip.mp4"
     with pytest.raises(av.FFmpegError):  # libx264 refuses a frame 20000 pixels wide once the file is open
