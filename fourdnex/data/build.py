@@ -172,19 +172,28 @@ class Encoders:
         return vae_normalize(self.vae, encode_condition_moments(self.vae, video)[:, : self.vae.config.z_dim].float())
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings of ``prompts`` in one call, ``(B, 512, D)``, each zero after its tokens."""
+        embeds, _ = self.pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS, device=self.device
+        )
+        return embeds
+
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """UMT5 embedding of ``prompt``, ``(512, D)``, zero after its tokens."""
-        embeds, _ = self.pipe.encode_prompt(
-            prompt, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS, device=self.device
-        )
-        return embeds[0]
+        return self.encode_prompts([prompt])[0]
 
     @torch.no_grad()
-    def encode_image(self, image: np.ndarray) -> torch.Tensor:
-        """CLIP embedding (penultimate hidden layer) of an ``(H, W, 3)`` uint8 image, ``(257, 1280)`` float32."""
+    def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """CLIP embeddings (penultimate hidden layer) of ``(H, W, 3)`` uint8 images in one call, ``(B, 257, 1280)``
+        float32."""
         from PIL import Image
 
-        return self.pipe.encode_image(Image.fromarray(image), self.device)[0].float()
+        return self.pipe.encode_image([Image.fromarray(image) for image in images], self.device).float()
+
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """CLIP embedding of one image, ``(257, 1280)`` float32 (:meth:`encode_images`)."""
+        return self.encode_images([image])[0]
 
 
 @dataclass

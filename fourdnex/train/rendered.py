@@ -159,14 +159,13 @@ class ClipRenderer:
                 parts["rgb"].append(latents[0::2])
                 parts["xyz"].append(xyz)
                 parts["cond"].append(encoders.encode_condition(first, cfg.num_frames, cfg.modalities))
-                for clip, frames in batch:
-                    parts["image"].append(encoders.encode_image(clip.clip.rgb[0]))
-                    if clip.clip.prompt not in prompts:
-                        prompts[clip.clip.prompt] = len(prompt_rows)
-                        prompt_rows.append(encoders.encode_prompt(clip.clip.prompt).float())
-                    prompt_of.append(prompts[clip.clip.prompt])
-                    if frames is not None:
-                        parts["frames"].append(frames)
+                parts["image"].append(encoders.encode_images([clip.clip.rgb[0] for clip, _ in batch]))
+                new = list(dict.fromkeys(clip.clip.prompt for clip, _ in batch if clip.clip.prompt not in prompts))
+                if new:  # each distinct prompt encoded once, those of a batch in one call
+                    prompts.update((prompt, len(prompt_rows) + i) for i, prompt in enumerate(new))
+                    prompt_rows.extend(encoders.encode_prompts(new).float())
+                prompt_of.extend(prompts[clip.clip.prompt] for clip, _ in batch)
+                parts["frames"].extend(frames for _, frames in batch if frames is not None)
                 bar.update(len(batch))
             bar.close()
         finally:
@@ -190,7 +189,7 @@ class ClipRenderer:
         x0 = rgb
         if cfg.modalities == "rgbxyz":
             x0 = fuse_width(rgb, normalize_xyz(torch.cat(parts["xyz"]), stats.xyz_latent_mean, stats.xyz_latent_std))
-        held = {"x0": x0, "cond": torch.cat(parts["cond"]), "image": torch.stack(parts["image"])}
+        held = {"x0": x0, "cond": torch.cat(parts["cond"]), "image": torch.cat(parts["image"])}
         if parts["frames"]:
             held["frames"] = torch.stack(parts["frames"])
         place = holding_device(device, sum(t.numel() * t.element_size() for t in held.values()))
