@@ -355,7 +355,7 @@ def _load_in_worker(source: ClipSource) -> LoadedClip:
     return load_clip(*_WORKER_STATE, source, shared=True)
 
 
-class _InProcess(Executor):
+class InProcess(Executor):
     """``num_workers=0``: each task runs in the calling process when it is submitted."""
 
     def submit(self, fn, /, *args) -> Future:
@@ -412,7 +412,7 @@ def build(cfg: BuildConfig, encoders: Encoders | None = None, show_progress: boo
         # where they are not given; each on one thread, the cores being the encoders' and the other workers'), or
         # this process
         with worker_processes(cfg.num_workers, _start_worker, (cfg, captions, out)) as workers:
-            pool = workers or _InProcess()
+            pool = workers or InProcess()
             load = _load_in_worker if workers else functools.partial(load_clip, cfg, captions, out, shared=False)
             queue: deque[tuple[ClipSource, Future]] = deque()
             pending_sources = iter(todo)

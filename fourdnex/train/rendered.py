@@ -18,7 +18,6 @@ function of the seed) with its share of the CPUs.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections import deque
@@ -30,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from fourdnex.data.build import Encoders, LoadedClip, loaded_clip, shared_tensor
-from fourdnex.data.cache import CacheStats
+from fourdnex.data.build import Encoders, InProcess, LoadedClip, loaded_clip, merge_stats, shared_tensor
+from fourdnex.data.cache import CacheStats, xyz_sums
 from fourdnex.data.prepare import prepare_clip
 from fourdnex.data.sources import Captions, find_clips, read_clip
 from fourdnex.data.synthetic import write_captions, write_tree_clip
@@ -99,29 +98,28 @@ class ClipRenderer:
         if workers is None:  # this process's share of the CPUs
             workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self._stack = ExitStack()
-        self._pool = self._stack.enter_context(worker_processes(workers))
+        pool = self._stack.enter_context(worker_processes(workers))
+        self._pool = pool or InProcess()  # without worker processes, each clip is made when it is submitted
+        self._shared = pool is not None
         self._window = max(workers, 1) + ENCODE_BATCH  # clips rendered ahead of the encoders
         self._next = 0
-        self._queue: deque[Future | tuple] = deque()
+        self._queue: deque[Future] = deque()
         self._fill()
 
-    def _job(self, i: int):
-        cfg = self.cfg
-        args = (i, cfg.synthetic_seed, cfg.num_frames, cfg.height, cfg.width, tuple(cfg.texture_families), self.video)
-        if self._pool is None:
-            return prepare_rendered_clip(*args, shared=False)
-        return self._pool.submit(prepare_rendered_clip, *args, shared=True)
-
     def _fill(self) -> None:
-        while self._next < self.cfg.synthetic_clips and len(self._queue) < self._window:
-            self._queue.append(self._job(self._next))
+        cfg = self.cfg
+        while self._next < cfg.synthetic_clips and len(self._queue) < self._window:
+            self._queue.append(self._pool.submit(
+                prepare_rendered_clip, self._next, cfg.synthetic_seed, cfg.num_frames, cfg.height, cfg.width,
+                tuple(cfg.texture_families), self.video, self._shared,
+            ))  # fmt: skip
             self._next += 1
 
     def _clips(self) -> Iterator[tuple[LoadedClip, torch.Tensor | None]]:
         while self._queue:
             item = self._queue.popleft()
             self._fill()
-            yield item.result() if isinstance(item, Future) else item
+            yield item.result()
 
     def _batches(self) -> Iterator[list[tuple[LoadedClip, torch.Tensor | None]]]:
         batch = []
@@ -148,14 +146,13 @@ class ClipRenderer:
             prompts: dict[str, int] = {}
             prompt_rows: list[torch.Tensor] = []
             prompt_of: list[int] = []
-            sums = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of the XYZ latents
+            sums: list[dict] = []  # the XYZ latents' sums, a batch at a time, for the build's merge_stats
             bar = tqdm(total=cfg.synthetic_clips, desc="synthetic clips", unit="clip")
             for batch in self._batches():
                 latents = encoders.encode_videos([clip.videos for clip, _ in batch])  # (2B, 16, T, h, w)
                 first = torch.stack([clip.videos[0, :, 0] for clip, _ in batch])  # (B, 3, H, W)
                 xyz = latents[1::2]
-                z = xyz.double()
-                sums += torch.tensor([z.numel(), float(z.sum()), float(z.square().sum())], dtype=torch.float64)
+                sums.append({"xyz_latent_sums": xyz_sums(xyz.transpose(0, 1).flatten(1, 2))})  # as one (16, BT, h, w)
                 parts["rgb"].append(latents[0::2])
                 parts["xyz"].append(xyz)
                 parts["cond"].append(encoders.encode_condition(first, cfg.num_frames, cfg.modalities))
@@ -173,11 +170,10 @@ class ClipRenderer:
         del encoders
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the encoders' memory, for the training that follows
-        count, total, total_sq = sums.tolist()
-        mean = total / count
+        merged = merge_stats(sums, {})
         stats = CacheStats(
-            xyz_latent_mean=mean,
-            xyz_latent_std=math.sqrt(max(total_sq / count - mean * mean, 0.0)),
+            xyz_latent_mean=merged["xyz_latent_mean"],
+            xyz_latent_std=merged["xyz_latent_std"],
             height=cfg.height,
             width=cfg.width,
             num_frames=cfg.num_frames,
