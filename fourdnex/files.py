@@ -127,8 +127,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 24) -> None:
     """Encode ``(F, H, W, 3)`` uint8 RGB frames as an H.264 mp4 (libx264 through PyAV, crf 18, no macroblock tree),
     atomically. The same frames always give the same video: with libx264's macroblock tree (its default) PyAV 18.1's
     build coded each of five synthetic 96 x 144 clips differently from one call to the next (its SIMD code reads
-    memory it did not write; ``asm=0`` is deterministic too), and without it the clips decode 0.5 dB nearer the frames
-    (37.9 against 37.4 dB) in 12 % more bytes (BENCHMARKS.md, "Reproducible videos").
+    memory it did not write; ``asm=0`` is deterministic too), and without it the clips decode 2.0 dB nearer the frames
+    (38.6 against 36.6 dB) in 15 % more bytes (BENCHMARKS.md, "Reproducible videos").
 
     Even sizes are stored as yuv420p, which every player shows; an odd height or width is stored as yuv444p, which
     needs no even size, so the video keeps exactly the frames' size.
