@@ -3,6 +3,7 @@ builds from the same tree (build_wan_dataset.py, then LatentCache and HeldCache.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from train_cache import TINY_MODEL, build_cache  # noqa: E402
-from training_support import finetune, scalars  # noqa: E402
+from training_support import finetune, finetune_two_processes, scalars  # noqa: E402
 
 from fourdnex.data.cache import LatentCache  # noqa: E402
 from fourdnex.model.loading import load_vae  # noqa: E402
@@ -84,6 +85,31 @@ def test_a_run_on_rendered_clips_trains_as_on_the_cache(same_tree_cache, tmp_pat
     assert [step for step, _ in rendered] == [step for step, _ in files] == [1, 2, 3]
     assert [loss for _, loss in rendered] == pytest.approx([loss for _, loss in files], rel=1e-3)
     assert (tmp_path / "rendered" / "adapter" / "fourdnex_adapter.safetensors").is_file()
+
+
+def test_two_processes_each_render_half_and_train_as_on_the_cache(same_tree_cache, tmp_path):
+    """Two gloo processes: each renders and encodes its share of the five clips (0, 2, 4 and 1, 3), and the gathered
+    samples train as the cache's do under the same two processes, step for step."""
+    steps = ["--max_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "3", "--learning_rate", "1e-3",
+             "--lr_warmup_steps", "0", "--train_batch_size", "2", "--model_path", str(TINY_MODEL), "--height",
+             str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES), "--lora_rank", "8",
+             "--lora_alpha", "8"]  # fmt: skip
+    logs = finetune_two_processes("--synthetic_clips", str(CLIPS), "--synthetic_seed", str(SEED), "--texture_families",
+                                  *FAMILIES, "--output_dir", str(tmp_path / "rendered"), *steps)  # fmt: skip
+    finetune_two_processes("--cache_dir", str(same_tree_cache), "--cache_in_memory", "--output_dir",
+                           str(tmp_path / "files"), *steps)  # fmt: skip
+    assert re.search(r"synthetic clips \(share 1 of 2\): 100%\S* 3/3", logs[0])
+    assert re.search(r"synthetic clips \(share 2 of 2\): 100%\S* 2/2", logs[1])
+    rendered, files = scalars(tmp_path / "rendered", "loss/total"), scalars(tmp_path / "files", "loss/total")
+    assert [step for step, _ in rendered] == [step for step, _ in files] == [1, 2, 3]
+    assert [loss for _, loss in rendered] == pytest.approx([loss for _, loss in files], rel=1e-3)
+
+
+def test_more_processes_than_clips_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = TrainConfig(synthetic_clips=3, model_path=str(TINY_MODEL))
+    with pytest.raises(TrainingError, match="--synthetic_clips 3 is fewer than the run's 4 processes"):
+        ClipRenderer(cfg, workers=0)
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,8 @@ from training_support import (
     eval_loss,
     finetune,
     finetune_env,
+    finetune_two_processes,
     fixed_batches,
-    free_port,
     load_script,
     overfit_args,
     scalars,
@@ -137,17 +137,10 @@ def test_zero3_two_processes_schedule_and_gathered_adapter(cache_dir, tmp_path):
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     out = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "finetune.py"), "--cache_dir", str(cache_dir), "--output_dir", str(out), *TINY]
-    args += ["--max_steps", "3", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", "--lr_schedule", "cosine"]
-    args += ["--deepspeed_config", str(tmp_path / "zero3.json")]
-    env = {**finetune_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    processes = [
-        subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
-        for r in (0, 1)
-    ]
-    for process in processes:
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-3000:]
+    finetune_two_processes(
+        "--cache_dir", str(cache_dir), "--output_dir", str(out), *TINY, "--max_steps", "3", "--lr_warmup_steps", "2",
+        "--learning_rate", "1e-3", "--lr_schedule", "cosine", "--deepspeed_config", str(tmp_path / "zero3.json"),
+    )  # fmt: skip
     saved = load_adapter(out / "adapter")
     merged = load_adapter(export_adapter(out / "checkpoints" / "checkpoint-000003", tmp_path / "merged"))
     assert len(saved.lora) == 32 and saved.lora["blocks.1.attn2.to_out.0.lora_B.weight"].shape == (24, 8)

@@ -40,6 +40,22 @@ def finetune(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def finetune_two_processes(*args: str, timeout: float = 300) -> list[str]:
+    """finetune.py as two gloo processes on this machine (ranks 0 and 1); each one's stderr."""
+    env = {**finetune_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, str(ROOT / "finetune.py"), *args]
+    processes = [
+        subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    errors = []
+    for process in processes:
+        _, err = process.communicate(timeout=timeout)
+        assert process.returncode == 0, err[-3000:]
+        errors.append(err)
+    return errors
+
+
 def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) pairs that a run logged to TensorBoard under ``tag``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

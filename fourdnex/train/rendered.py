@@ -11,8 +11,9 @@ runs given other frames than the first, each clip's video is held too, H.264-cod
 is. Nothing is written, so nothing outlives the run: a resumed run renders its clips again.
 
 The XYZ latents' mean and standard deviation (the cache's ``stats.json``) are computed over the N clips as the build's
-merge computes them. Every process of a multi-GPU run renders and encodes all N clips (the same clips: the scene is a
-function of the seed) with its share of the CPUs.
+merge computes them. In a run of W processes, process r renders and encodes the clips i with i mod W = r (with its
+share of the CPUs), and the processes then gather every clip's samples, so that each holds all N in clip order, as
+one process would.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from fourdnex.data.build import Encoders, InProcess, LoadedClip, loaded_clip, merge_stats, shared_tensor
 from fourdnex.data.cache import CacheStats, xyz_sums
@@ -38,7 +40,7 @@ from fourdnex.files import read_video, write_video
 from fourdnex.model.fusion import fuse_width, normalize_xyz
 from fourdnex.model.loading import ENCODER_DTYPE
 from fourdnex.runtime import dtype_of, worker_processes
-from fourdnex.train.config import TrainConfig
+from fourdnex.train.config import TrainConfig, TrainingError
 from fourdnex.train.data import HeldCache, VaeConditionEncoder, holding_device
 
 #: Clips per encoder call (the demo recipe's cache build batch).
@@ -95,6 +97,13 @@ class ClipRenderer:
     def __init__(self, cfg: TrainConfig, workers: int | None = None) -> None:
         self.cfg = cfg
         self.video = cfg.condition_tasks != "image"
+        # this process's share (the launcher's environment: the process group starts later, with the model)
+        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.synthetic_clips < self.world:
+            raise TrainingError(
+                f"--synthetic_clips {cfg.synthetic_clips} is fewer than the run's {self.world} processes"
+            )
+        self._ids = range(self.rank, cfg.synthetic_clips, self.world)
         if workers is None:  # this process's share of the CPUs
             workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self._stack = ExitStack()
@@ -102,15 +111,15 @@ class ClipRenderer:
         self._pool = pool or InProcess()  # without worker processes, each clip is made when it is submitted
         self._shared = pool is not None
         self._window = max(workers, 1) + ENCODE_BATCH  # clips rendered ahead of the encoders
-        self._next = 0
+        self._next = 0  # into self._ids
         self._queue: deque[Future] = deque()
         self._fill()
 
     def _fill(self) -> None:
         cfg = self.cfg
-        while self._next < cfg.synthetic_clips and len(self._queue) < self._window:
+        while self._next < len(self._ids) and len(self._queue) < self._window:
             self._queue.append(self._pool.submit(
-                prepare_rendered_clip, self._next, cfg.synthetic_seed, cfg.num_frames, cfg.height, cfg.width,
+                prepare_rendered_clip, self._ids[self._next], cfg.synthetic_seed, cfg.num_frames, cfg.height, cfg.width,
                 tuple(cfg.texture_families), self.video, self._shared,
             ))  # fmt: skip
             self._next += 1
@@ -147,7 +156,8 @@ class ClipRenderer:
             prompt_rows: list[torch.Tensor] = []
             prompt_of: list[int] = []
             sums: list[dict] = []  # the XYZ latents' sums, a batch at a time, for the build's merge_stats
-            bar = tqdm(total=cfg.synthetic_clips, desc="synthetic clips", unit="clip")
+            share = f" (share {self.rank + 1} of {self.world})" if self.world > 1 else ""
+            bar = tqdm(total=len(self._ids), desc=f"synthetic clips{share}", unit="clip")
             for batch in self._batches():
                 latents = encoders.encode_videos([clip.videos for clip, _ in batch])  # (2B, 16, T, h, w)
                 first = torch.stack([clip.videos[0, :, 0] for clip, _ in batch])  # (B, 3, H, W)
@@ -170,6 +180,12 @@ class ClipRenderer:
         del encoders
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the encoders' memory, for the training that follows
+        joined = {
+            name: torch.stack(rows) if name == "frames" else torch.cat(rows) for name, rows in parts.items() if rows
+        }
+        if self.world > 1:  # every process's clips, in clip order
+            joined = {name: _gather_clips(rows, cfg.synthetic_clips, self.world) for name, rows in joined.items()}
+            sums, prompt_rows, prompt_of = self._gather_rest(sums, prompt_rows, [*prompts], prompt_of)
         merged = merge_stats(sums, {})
         stats = CacheStats(
             xyz_latent_mean=merged["xyz_latent_mean"],
@@ -181,13 +197,12 @@ class ClipRenderer:
             model_path=str(model_path),
             center=CENTER,
         )
-        rgb = torch.cat(parts["rgb"])
-        x0 = rgb
+        rgb = x0 = joined["rgb"]
         if cfg.modalities == "rgbxyz":
-            x0 = fuse_width(rgb, normalize_xyz(torch.cat(parts["xyz"]), stats.xyz_latent_mean, stats.xyz_latent_std))
-        held = {"x0": x0, "cond": torch.cat(parts["cond"]), "image": torch.cat(parts["image"])}
-        if parts["frames"]:
-            held["frames"] = torch.stack(parts["frames"])
+            x0 = fuse_width(rgb, normalize_xyz(joined["xyz"], stats.xyz_latent_mean, stats.xyz_latent_std))
+        held = {"x0": x0, "cond": joined["cond"], "image": joined["image"]}
+        if "frames" in joined:
+            held["frames"] = joined["frames"]
         place = holding_device(device, sum(t.numel() * t.element_size() for t in held.values()))
         held = {name: tensor.to(place) for name, tensor in held.items()}
         latent_shape = (rgb.shape[2], rgb.shape[3], rgb.shape[4])  # (T, h, w) of one modality
@@ -197,3 +212,39 @@ class ClipRenderer:
             held["x0"], held["image"], torch.stack(prompt_rows), prompt_index, cfg.modalities, held["cond"],
             frames=held.get("frames"), encoder=encoder,
         )  # fmt: skip
+
+    def _gather_rest(
+        self, sums: list[dict], rows: list[torch.Tensor], prompts: list[str], prompt_of: list[int]
+    ) -> tuple[list[dict], list[torch.Tensor], list[int]]:
+        """Every process's statistics sums and prompt embeddings (``rows[j]`` embeds ``prompts[j]``; clip ``k`` of
+        this process's share has ``prompts[prompt_of[k]]``): each distinct prompt's row once, in the order of first
+        use in clip order, and each clip's index into them, as one process would hold them."""
+        shares = [None] * self.world
+        dist.all_gather_object(shares, (sums, prompts, prompt_of))
+        table = torch.stack(rows)
+        padded = table.new_zeros((max(len(share[1]) for share in shares), *table.shape[1:]))
+        padded[: len(table)] = table
+        tables = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(tables, padded)
+        index: dict[str, int] = {}
+        all_rows, all_of = [], []
+        for i in range(self.cfg.synthetic_clips):
+            r, k = i % self.world, i // self.world
+            _, their_prompts, their_of = shares[r]
+            prompt = their_prompts[their_of[k]]
+            if prompt not in index:
+                index[prompt] = len(all_rows)
+                all_rows.append(tables[r][their_of[k]])
+            all_of.append(index[prompt])
+        return [s for share in shares for s in share[0]], all_rows, all_of
+
+
+def _gather_clips(local: torch.Tensor, count: int, world: int) -> torch.Tensor:
+    """Every process's per-clip rows gathered in clip order: process r holds clips r, r + W, r + 2W, ... of
+    ``count``."""
+    per = -(-count // world)
+    padded = local.new_zeros((per, *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.stack(gathered, 1).flatten(0, 1)[:count]  # (per, W, ...) -> row k * W + r
