@@ -24,6 +24,11 @@ from fourdnex.train.rendered import ClipRenderer  # noqa: E402
 
 CLIPS, SEED, FAMILIES, HEIGHT, WIDTH, FRAMES = 5, 7, ("checkers", "noise"), 32, 48, 9
 CPU = torch.device("cpu")
+#: finetune.py's flags of three logged steps on the five clips, at their size
+THREE_STEPS = ["--max_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "3", "--learning_rate", "1e-3",
+               "--lr_warmup_steps", "0", "--train_batch_size", "2", "--model_path", str(TINY_MODEL), "--height",
+               str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES), "--lora_rank", "8",
+               "--lora_alpha", "8"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,26 +79,22 @@ def test_rendered_samples_are_the_caches(same_tree_cache, tasks):
 
 def test_a_run_on_rendered_clips_trains_as_on_the_cache(same_tree_cache, tmp_path):
     """Three steps on the five clips rendered in memory and on their cache: the same losses, step for step."""
-    steps = ["--max_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "3", "--learning_rate", "1e-3",
-             "--lr_warmup_steps", "0", "--train_batch_size", "2", "--model_path", str(TINY_MODEL), "--height",
-             str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES), "--lora_rank", "8",
-             "--lora_alpha", "8"]  # fmt: skip
     finetune("--synthetic_clips", str(CLIPS), "--synthetic_seed", str(SEED), "--texture_families", *FAMILIES,
-             "--output_dir", str(tmp_path / "rendered"), *steps)  # fmt: skip
-    finetune("--cache_dir", str(same_tree_cache), "--cache_in_memory", "--output_dir", str(tmp_path / "files"), *steps)
+             "--output_dir", str(tmp_path / "rendered"), *THREE_STEPS)  # fmt: skip
+    finetune("--cache_dir", str(same_tree_cache), "--cache_in_memory", "--output_dir", str(tmp_path / "files"),
+             *THREE_STEPS)  # fmt: skip
     rendered, files = scalars(tmp_path / "rendered", "loss/total"), scalars(tmp_path / "files", "loss/total")
     assert [step for step, _ in rendered] == [step for step, _ in files] == [1, 2, 3]
     assert [loss for _, loss in rendered] == pytest.approx([loss for _, loss in files], rel=1e-3)
     assert (tmp_path / "rendered" / "adapter" / "fourdnex_adapter.safetensors").is_file()
 
 
-def test_two_processes_each_render_half_and_train_as_on_the_cache(same_tree_cache, tmp_path):
+@pytest.mark.parametrize("tasks", ["image", "any"])
+def test_two_processes_each_render_half_and_train_as_on_the_cache(same_tree_cache, tmp_path, tasks):
     """Two gloo processes: each renders and encodes its share of the five clips (0, 2, 4 and 1, 3), and the gathered
-    samples train as the cache's do under the same two processes, step for step."""
-    steps = ["--max_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "3", "--learning_rate", "1e-3",
-             "--lr_warmup_steps", "0", "--train_batch_size", "2", "--model_path", str(TINY_MODEL), "--height",
-             str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES), "--lora_rank", "8",
-             "--lora_alpha", "8"]  # fmt: skip
+    samples (given any frames: their videos too, which the conditions of other frames than the first are encoded
+    from) train as the cache's do under the same two processes, step for step."""
+    steps = ["--condition_tasks", tasks, *THREE_STEPS]
     logs = finetune_two_processes("--synthetic_clips", str(CLIPS), "--synthetic_seed", str(SEED), "--texture_families",
                                   *FAMILIES, "--output_dir", str(tmp_path / "rendered"), *steps)  # fmt: skip
     finetune_two_processes("--cache_dir", str(same_tree_cache), "--cache_in_memory", "--output_dir",
