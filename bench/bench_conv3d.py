@@ -53,6 +53,9 @@ def variant_fn(name: str):
     """The convolution ``(x, w) -> y`` of variant ``name``."""
     if name == "cudnn":
         return F.conv3d
+    # each shape and variant compiles afresh: otherwise the compiler's cache of F.conv3d fills at its recompile limit
+    # (8) and the later shapes run eagerly, on cuDNN, under the compiled variants' names
+    torch._dynamo.reset()
     options = {"max_autotune": True}
     if name == "triton":
         options["max_autotune_conv_backends"] = "TRITON"
