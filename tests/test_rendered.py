@@ -77,15 +77,20 @@ def test_rendered_samples_are_the_caches(same_tree_cache, tasks):
         assert rendered.frames is None and files.frames is None
 
 
+def assert_same_losses(rendered_run: Path, files_run: Path) -> None:
+    """The two runs logged the same total loss at steps 1, 2 and 3 (within 1e-3)."""
+    rendered, files = scalars(rendered_run, "loss/total"), scalars(files_run, "loss/total")
+    assert [step for step, _ in rendered] == [step for step, _ in files] == [1, 2, 3]
+    assert [loss for _, loss in rendered] == pytest.approx([loss for _, loss in files], rel=1e-3)
+
+
 def test_a_run_on_rendered_clips_trains_as_on_the_cache(same_tree_cache, tmp_path):
     """Three steps on the five clips rendered in memory and on their cache: the same losses, step for step."""
     finetune("--synthetic_clips", str(CLIPS), "--synthetic_seed", str(SEED), "--texture_families", *FAMILIES,
              "--output_dir", str(tmp_path / "rendered"), *THREE_STEPS)  # fmt: skip
     finetune("--cache_dir", str(same_tree_cache), "--cache_in_memory", "--output_dir", str(tmp_path / "files"),
              *THREE_STEPS)  # fmt: skip
-    rendered, files = scalars(tmp_path / "rendered", "loss/total"), scalars(tmp_path / "files", "loss/total")
-    assert [step for step, _ in rendered] == [step for step, _ in files] == [1, 2, 3]
-    assert [loss for _, loss in rendered] == pytest.approx([loss for _, loss in files], rel=1e-3)
+    assert_same_losses(tmp_path / "rendered", tmp_path / "files")
     assert (tmp_path / "rendered" / "adapter" / "fourdnex_adapter.safetensors").is_file()
 
 
@@ -101,9 +106,7 @@ def test_two_processes_each_render_half_and_train_as_on_the_cache(same_tree_cach
                            str(tmp_path / "files"), *steps)  # fmt: skip
     assert re.search(r"synthetic clips \(share 1 of 2\): 100%\S* 3/3", logs[0])
     assert re.search(r"synthetic clips \(share 2 of 2\): 100%\S* 2/2", logs[1])
-    rendered, files = scalars(tmp_path / "rendered", "loss/total"), scalars(tmp_path / "files", "loss/total")
-    assert [step for step, _ in rendered] == [step for step, _ in files] == [1, 2, 3]
-    assert [loss for _, loss in rendered] == pytest.approx([loss for _, loss in files], rel=1e-3)
+    assert_same_losses(tmp_path / "rendered", tmp_path / "files")
 
 
 def test_more_processes_than_clips_is_refused(monkeypatch):

@@ -221,11 +221,7 @@ class ClipRenderer:
         use in clip order, and each clip's index into them, as one process would hold them."""
         shares = [None] * self.world
         dist.all_gather_object(shares, (sums, prompts, prompt_of))
-        table = torch.stack(rows)
-        padded = table.new_zeros((max(len(share[1]) for share in shares), *table.shape[1:]))
-        padded[: len(table)] = table
-        tables = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(tables, padded)
+        tables = _all_gather_padded(torch.stack(rows), max(len(share[1]) for share in shares))
         index: dict[str, int] = {}
         all_rows, all_of = [], []
         for i in range(self.cfg.synthetic_clips):
@@ -242,9 +238,14 @@ class ClipRenderer:
 def _gather_clips(local: torch.Tensor, count: int, world: int) -> torch.Tensor:
     """Every process's per-clip rows gathered in clip order: process r holds clips r, r + W, r + 2W, ... of
     ``count``."""
-    per = -(-count // world)
-    padded = local.new_zeros((per, *local.shape[1:]))
-    padded[: len(local)] = local
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
+    gathered = _all_gather_padded(local, -(-count // world))
     return torch.stack(gathered, 1).flatten(0, 1)[:count]  # (per, W, ...) -> row k * W + r
+
+
+def _all_gather_padded(local: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """Every process's ``local`` (at most ``rows`` rows), each padded with zero rows to ``rows``, by process."""
+    padded = local.new_zeros((rows, *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, padded)
+    return gathered
