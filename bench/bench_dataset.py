@@ -390,6 +390,8 @@ def print_vae_variants(args: argparse.Namespace) -> None:
             rows.append({"variant": name, "seconds": seconds, "flops_per_second": flops / seconds,
                          "clips_per_min": 60 / seconds, "first_call_seconds": first_s,
                          "max_abs_dev_over_std": deviation})  # fmt: skip
+            if args.profile:
+                rows[-1]["ops"] = profile_ops(lambda: [encode(x, s) for x, s in zip(inputs, tail_pays, strict=True)])
         except RuntimeError as err:  # a variant that does not fit (memory, 32-bit indexing) is one of the results
             rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
         out = None
@@ -410,8 +412,36 @@ def print_vae_variants(args: argparse.Namespace) -> None:
         rate, deviation = _tflop(row["flops_per_second"]), row["max_abs_dev_over_std"]
         print(f"| {row['variant']} | {row['seconds']:.2f} | {rate}/s | {row['clips_per_min']:.1f} | "
               f"{row['first_call_seconds']:.0f} | {deviation:.1e} |")  # fmt: skip
+    for row in rows:
+        if "ops" in row:
+            total = sum(op["seconds"] for op in row["ops"])
+            print(f"\n{row['variant']}, one clip under torch.profiler: the operators that launched its kernels, by "
+                  f"their kernels' time ({total:.3f} s in all)\n")  # fmt: skip
+            print("| operator | calls | kernel s | share |\n|---|---|---|---|")
+            for op in row["ops"][: args.profile_rows]:
+                print(f"| {op['name']} | {op['calls']} | {op['seconds']:.4f} | {op['seconds'] / total:.1%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"flops": flops, "rows": rows}, indent=2))
+
+
+def profile_ops(fn) -> list[dict]:
+    """Run ``fn`` once under torch.profiler; the operators that launched device kernels, by those kernels' time.
+
+    Each kernel counts once, for the innermost operator that launched it (its self device time), so the rows add up to
+    the device's busy time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    ops = [
+        {"name": event.key, "calls": event.count, "seconds": event.self_device_time_total / 1e6}
+        for event in prof.key_averages()
+        if event.device_type == torch.autograd.DeviceType.CPU and event.self_device_time_total > 0
+    ]
+    return sorted(ops, key=lambda op: -op["seconds"])
 
 
 def main(args: argparse.Namespace) -> None:
@@ -583,6 +613,10 @@ if __name__ == "__main__":
         "[+zero_tail]",
     )
     parser.add_argument("--repeats", type=int, default=2, help="for --vae_variants: timed clips per variant")
+    parser.add_argument(
+        "--profile", action="store_true", help="for --vae_variants on a GPU: one more clip per variant, profiled"
+    )
+    parser.add_argument("--profile_rows", type=int, default=25, help="for --profile: the operators printed per variant")
     arguments = parser.parse_args()
     if arguments.clipping:
         print_clipping(arguments)
