@@ -17,8 +17,10 @@ encoder's share, what the encoders did not hide, and the floor.
 another in this process (on one torch thread on a CPU, with CPU seconds beside the wall-clock ones): where the time
 goes. ``--vae_variants`` times one clip's VAE work (RGB + XYZ videos and both conditions) for each of ``--variants``
 (dtype, compiled, channels-last 3D convolution weights, cuDNN's algorithm search, each layer over the whole clip at
-once, the conditions encoded only where they depend on their first frame: ``fourdnex.model.whole_clip``) with its
-rate (the clip's full FLOP count over the time) and its deviation from the first variant.
+once, the conditions encoded only where they depend on their first frame: ``fourdnex.model.whole_clip``; the RMS
+norms fused with their SiLU, the causal convolutions padding their own borders: ``fourdnex.model.fast_vae``) with
+its rate (the clip's full FLOP count over the time) and its deviation from the first variant; with ``--profile``, also
+the operators that launched its kernels, by their kernels' time, over one more clip under ``torch.profiler``.
 
 ``--encoder_precision`` instead encodes the RGB and XYZ videos of synthetic clips with the real-size Wan VAE (random
 weights; the latents' scale is set by the VAE's own normalization) in float32 and in bfloat16, and prints the latent
@@ -33,6 +35,7 @@ scale, and how far the per-frame boxes' faces travel over a clip.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import sys
@@ -333,6 +336,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     """Print the --vae_variants table: one clip's VAE work (RGB + XYZ videos, both conditions) per variant."""
     from diffusers import AutoencoderKLWan
 
+    from fourdnex.model.fast_vae import fuse_norm_silu, pad_in_convolutions
     from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize
     from fourdnex.model.whole_clip import encode_condition_moments, encode_moments, skips_zero_tail, whole_clip_vae
 
@@ -355,7 +359,11 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     rows = []
     for name in args.variants.split(","):
         dtype_name, *options = name.split("+")
-        model = vae.to(dtype_of(dtype_name))
+        model = copy.deepcopy(vae).to(dtype_of(dtype_name))  # each variant's rewrites on its own copy
+        if "fused_norm" in options:
+            fuse_norm_silu(model)
+        if "conv_pad" in options:
+            pad_in_convolutions(model)
         if "channels_last" in options:
             channels_last_convolutions(model)
         if "whole_clip" in options or "zero_tail" in options:
@@ -394,13 +402,9 @@ def print_vae_variants(args: argparse.Namespace) -> None:
                 rows[-1]["ops"] = profile_ops(lambda: [encode(x, s) for x, s in zip(inputs, tail_pays, strict=True)])
         except RuntimeError as err:  # a variant that does not fit (memory, 32-bit indexing) is one of the results
             rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
-        out = None
+        out = model = encoder = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        model.encoder = encoder
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv3d):
-                module.weight.data = module.weight.data.contiguous()
     print(f"\nVAE of one {args.num_frames} x {args.height} x {args.width} clip ({_tflop(flops)}: RGB + XYZ "
           f"videos, fused and RGB conditions), {device.type}\n")  # fmt: skip
     print("| variant | s per clip | rate | clips/min (VAE alone) | first call s | max abs dev / std vs first |")
@@ -610,7 +614,7 @@ if __name__ == "__main__":
         default="bf16,bf16+cudnn_benchmark+channels_last,bf16+cudnn_benchmark+channels_last+zero_tail,"
         "bf16+cudnn_benchmark+channels_last+compiled,fp32,fp32+cudnn_benchmark+channels_last+zero_tail",
         help="for --vae_variants: comma-separated dtype[+compiled][+channels_last][+cudnn_benchmark][+whole_clip]"
-        "[+zero_tail]",
+        "[+zero_tail][+fused_norm][+conv_pad]",
     )
     parser.add_argument("--repeats", type=int, default=2, help="for --vae_variants: timed clips per variant")
     parser.add_argument(
