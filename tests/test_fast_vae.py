@@ -93,6 +93,7 @@ def test_norm_silu_against_its_definition_and_in_bfloat16():
         return y * torch.sigmoid(y)
 
     assert torch.allclose(norm_silu(x, w, b), exact(x, w, b), rtol=0, atol=1e-14)
+    assert torch.allclose(norm_silu(x, w, 0.5), exact(x, w, 0.5), rtol=0, atol=1e-14)  # a bias given as a number
     assert torch.equal(norm_silu(x, w, b)[0, :, 0, 0, 0], F.silu(b[:, 0, 0, 0]))
     half = norm_silu(x.bfloat16(), w.bfloat16(), b.bfloat16())
     target = exact(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double())

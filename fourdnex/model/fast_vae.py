@@ -23,6 +23,8 @@ Both change only the modules' ``forward`` (the state dict is untouched) and appl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,30 +35,22 @@ def norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | float)
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
     y = xf / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min(1e-12) * weight.to(compute)
-    if isinstance(bias, torch.Tensor):
-        y = y + bias.to(compute)
+    if isinstance(bias, torch.Tensor) or bias:  # diffusers' norms without a bias have the number 0
+        y = y + (bias.to(compute) if isinstance(bias, torch.Tensor) else bias)
     return F.silu(y).to(x.dtype)
 
 
-_compiled_norm_silu = None
-
-
-def _norm_silu_on(x: torch.Tensor):
-    """The compiled :func:`norm_silu` on a GPU (one kernel a call), the eager one elsewhere."""
-    global _compiled_norm_silu
-    if x.device.type != "cuda":
-        return norm_silu
-    if _compiled_norm_silu is None:
-        # one graph for every shape: the activations' frame counts and sizes vary from layer to layer and chunk to chunk
-        _compiled_norm_silu = torch.compile(norm_silu, dynamic=True)
-    return _compiled_norm_silu
+@functools.cache
+def _compiled_norm_silu():
+    """:func:`norm_silu` compiled once for every shape: the activations' frame counts and sizes vary from layer to layer
+    and chunk to chunk."""
+    return torch.compile(norm_silu, dynamic=True)
 
 
 def _fused_norm_forward(norm, x: torch.Tensor) -> torch.Tensor:
-    bias = norm.bias if isinstance(norm.bias, torch.Tensor) else None
-    if bias is None and norm.bias != 0.0:
-        raise ValueError("fuse_norm_silu expects diffusers' WanRMS_norm, whose bias is a tensor or 0")
-    return _norm_silu_on(x)(x, norm.gamma * norm.scale, bias if bias is not None else 0.0)
+    """The norm and the SiLU after it: compiled on a GPU (one kernel a call), eager elsewhere."""
+    fn = _compiled_norm_silu() if x.device.type == "cuda" else norm_silu
+    return fn(x, norm.gamma * norm.scale, norm.bias)
 
 
 def fuse_norm_silu(vae):
