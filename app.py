@@ -12,27 +12,34 @@ inference.py, pm_registration.py, render.py and evaluate.py); the models load on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 from pathlib import Path
 
 from fourdnex.cli import dtype_flag, field_default, field_flag, run, settings, switch
-from fourdnex.generate.config import MEMORY_MODES, AccelerationConfig, RunConfig, SampleConfig
+from fourdnex.generate.config import DEFAULT_FRAMES, MEMORY_MODES, AccelerationConfig, RunConfig, SampleConfig
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MODEL = ROOT / "example" / "demo" / "model"
-#: The page's settings for the demo model: the quick start's (README.md; their time on a CPU: BENCHMARKS.md, "The web
-#: page (app.py)").
-DEMO_SAMPLE = SampleConfig(num_frames=25, height=96, width=144, steps=30, guidance_scale=1.0)
-#: For any other model: the paper's (inference.py's defaults, at 480 x 720).
-PAPER_SAMPLE = SampleConfig(num_frames=49, height=480, width=720)
+#: The page's steps and guidance for the demo model: the quick start's (README.md; their time on a CPU: BENCHMARKS.md,
+#: "The web page (app.py)").
+DEMO_SAMPLE = SampleConfig(steps=30, guidance_scale=1.0)
+#: For any other model: the paper's (inference.py's defaults).
+PAPER_SAMPLE = SampleConfig()
+#: The size the page starts at for weights that record none (the paper's: inference.py's, from a 3:2 image).
+PAPER_SIZE = (DEFAULT_FRAMES, 480, 720)
 MAX_FRAMES, MAX_SIDE = 81, 832  # the sliders' ends (Wan2.1's longest clip; 832 x 480 is Wan's 16:9 size)
 
 
-def initial_sample(args: argparse.Namespace) -> SampleConfig:
-    """The page's first settings: the flags given, else the demo's for the demo model, else the paper's."""
+def initial_sample(args: argparse.Namespace, trained: tuple[int, int, int] | None) -> SampleConfig:
+    """The page's first settings: the flags given, else the demo's steps and guidance for the demo model (the
+    paper's for any other), at the size ``trained`` (frames, height, width) the weights were trained at where they
+    record it (:func:`fourdnex.generate.run.trained_size`), else at the paper's."""
     base = DEMO_SAMPLE if Path(args.model_path).resolve() == DEMO_MODEL else PAPER_SAMPLE
+    frames, height, width = trained or PAPER_SIZE
+    base = dataclasses.replace(base, num_frames=frames, height=height, width=width)
     names = ("num_frames", "height", "width", "steps", "guidance_scale", "seed")
     sample = SampleConfig(**{n: getattr(args, n) if getattr(args, n) is not None else getattr(base, n) for n in names})
     sample.validate()
@@ -176,10 +183,12 @@ def main(args: argparse.Namespace) -> None:
     if warning:
         print(warning, flush=True)
     from fourdnex.app.jobs import JobFolders
-    from fourdnex.generate.run import with_own_transformer
+    from fourdnex.generate.run import trained_size, with_own_transformer
+    from fourdnex.model.adapters import load_adapter, trained_meta
 
-    sample = initial_sample(args)
     config = with_own_transformer(settings(RunConfig, args, prompt="", speed=settings(AccelerationConfig, args)))
+    adapter = load_adapter(config.lora_path) if config.lora_path else None
+    sample = initial_sample(args, trained_size(trained_meta(adapter, config.sft_path)))
     jobs = JobFolders()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a stop by `kill` removes the jobs too
     os.environ["GRADIO_TEMP_DIR"] = str(jobs.root / "gradio")  # uploads and Gradio's copies, removed with the jobs
@@ -229,10 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network interface)",
     )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    page = p.add_argument_group("the page's first settings (default: the quick start's for the demo, else the paper's)")
-    page.add_argument("--num_frames", type=int, default=None, help="frames, 4k+1 (demo 25, else 49)")
-    page.add_argument("--height", type=int, default=None, help="per-modality height (demo 96, else 480)")
-    page.add_argument("--width", type=int, default=None, help="per-modality width (demo 144, else 720)")
+    page = p.add_argument_group(
+        "the page's first settings (default: the size the weights were trained at where they record it, else 49 "
+        "frames of 480 x 720; the quick start's steps and guidance for the demo, else the paper's)"
+    )
+    page.add_argument("--num_frames", type=int, default=None, help="frames, 4k+1")
+    page.add_argument("--height", type=int, default=None, help="per-modality height")
+    page.add_argument("--width", type=int, default=None, help="per-modality width")
     page.add_argument("--steps", type=int, default=None, help="denoising steps (demo 30, else 50)")
     page.add_argument("--guidance_scale", type=float, default=None, help="(demo 1, else 5)")
     page.add_argument("--seed", type=int, default=None, help=f"(default {field_default(SampleConfig, 'seed')})")

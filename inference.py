@@ -132,8 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
         "spelling), or xyz, the whole frame XYZ. --mode is its former name, still accepted",
     )
     sampling = parser.add_argument_group("sampling (defaults reproduce the paper)")
-    field_flag(sampling, SampleConfig, "num_frames", type=int, help="frames, 4k+1 (default %(default)s)")
-    field_flag(sampling, SampleConfig, "height", type=int, help="per-modality height (default: 480x720 area)")
+    field_flag(
+        sampling,
+        SampleConfig,
+        "num_frames",
+        type=int,
+        help="frames, 4k+1 (default: the count the weights were trained at where they record it, as finetune.py's "
+        "do, else 49)",
+    )
+    field_flag(
+        sampling,
+        SampleConfig,
+        "height",
+        type=int,
+        help="per-modality height, a multiple of 16 (default: the image's aspect ratio at the pixel area the weights "
+        "were trained at where they record it, else at 480x720)",
+    )
     field_flag(sampling, SampleConfig, "width", type=int, help="per-modality width, a multiple of 16")
     field_flag(sampling, SampleConfig, "steps", type=int, help="denoising steps (default %(default)s)")
     field_flag(sampling, SampleConfig, "guidance_scale", type=float, help="(default %(default)s)")

@@ -332,15 +332,21 @@ def test_the_page_names_the_demos_folders_without_this_machines_paths(tmp_path):
 
 
 def test_the_first_settings_are_the_demos_the_papers_or_the_flags():
+    from fourdnex.generate.run import trained_size
+    from fourdnex.model.adapters import read_transformer_meta
+
     app = _app_module()
     parser = app.build_parser()
-    assert app.initial_sample(parser.parse_args([])) == app.DEMO_SAMPLE
+    demo = trained_size(read_transformer_meta(app.DEMO_MODEL / "transformer"))
+    assert demo == (25, 96, 144)  # what the demo model's weights say they were trained at
+    assert app.initial_sample(parser.parse_args([]), demo) == SampleConfig(25, 96, 144, 30, 1.0)
     other = parser.parse_args(["--model_path", "./pretrained/Wan2.1-I2V-14B-480P-Diffusers"])
-    assert app.initial_sample(other) == app.PAPER_SAMPLE
-    assert app.initial_sample(parser.parse_args(["--steps", "4", "--seed", "7"])) == SampleConfig(
+    assert app.initial_sample(other, None) == SampleConfig(49, 480, 720, 50, 5.0)  # the paper's
+    assert app.initial_sample(other, (9, 32, 48)) == SampleConfig(9, 32, 48, 50, 5.0)  # weights trained elsewhere
+    assert app.initial_sample(parser.parse_args(["--steps", "4", "--seed", "7"]), demo) == SampleConfig(
         25, 96, 144, 4, 1.0, seed=7
     )
     from fourdnex.errors import UsageError
 
     with pytest.raises(UsageError, match="num_frames must be 4k\\+1"):
-        app.initial_sample(parser.parse_args(["--num_frames", "24"]))
+        app.initial_sample(parser.parse_args(["--num_frames", "24"]), demo)

@@ -17,10 +17,13 @@ from conftest import ROOT
 from fourdnex.evaluation.inputs import write_inputs
 from fourdnex.evaluation.report import summarize
 from fourdnex.evaluation.run import evaluate
+from fourdnex.generate.run import trained_size
 from fourdnex.geometry import figure
+from fourdnex.model.adapters import load_adapter, read_transformer_meta
 
 DEMO = ROOT / "example" / "demo"
-SIZE = ["--num_frames", "25", "--height", "96", "--width", "144"]
+#: The (frames, height, width) the demo model was trained at, which the quick start samples at without a size flag.
+DEMO_SIZE = trained_size(read_transformer_meta(DEMO / "model" / "transformer"))
 
 
 def generate(work: Path, out: str, *condition: str) -> str:
@@ -28,7 +31,7 @@ def generate(work: Path, out: str, *condition: str) -> str:
     ``work/out``; what it printed."""
     inputs = work / "inputs"
     command = [sys.executable, str(ROOT / "inference.py"), "--prompt", str(inputs / "prompts.txt"), *condition]
-    command += ["--out", str(work / out), *SIZE, "--model_path", str(DEMO / "model")]
+    command += ["--out", str(work / out), "--model_path", str(DEMO / "model")]
     command += ["--steps", "30", "--guidance_scale", "1"]
     return subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
 
@@ -44,7 +47,7 @@ def work(tmp_path_factory):
     """The demo model's results on the first 4 held-out scenes of its recipe (seed 2: it trained on seed 1, its VAE
     on 3), stored with it in ``example/demo/held-out`` as rendered by the synthetic generator it was trained on."""
     work = tmp_path_factory.mktemp("demo")
-    write_inputs(DEMO / "held-out" / "data", work / "inputs", 25, 96, 144)
+    write_inputs(DEMO / "held-out" / "data", work / "inputs", *DEMO_SIZE)
     generate(work, "results", "--image", str(work / "inputs" / "images.txt"))
     return work
 
@@ -62,6 +65,14 @@ def video_evaluation(work):
     condition = ["--video", str(work / "inputs" / "videos.txt"), "--lora_path", str(DEMO / "any-frame")]
     printed = generate(work, "video", *condition)
     return scores(work, work / "video"), printed
+
+
+def test_the_quick_start_samples_at_the_size_the_demo_was_trained_at(work):
+    """Given no size, inference.py samples the size the weights record (the held-out images are of that size), and
+    the any-frame adapter records the transformer's."""
+    assert DEMO_SIZE is not None and trained_size(load_adapter(DEMO / "any-frame").meta) == DEMO_SIZE
+    with np.load(work / "results" / "00000.npz") as result:
+        assert result["rgb"].shape == (*DEMO_SIZE, 3) and result["xyz"].shape == (*DEMO_SIZE, 3)
 
 
 @pytest.mark.parametrize(

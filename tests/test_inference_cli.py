@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import ROOT, TINY
@@ -147,7 +148,13 @@ def test_bad_inputs_fail_with_one_line(tmp_path, inputs):
         (["--prompt", prompts, "--image", images, "--idx", 7, *common], ["--idx 7 is out of range"]),
         (["--prompt", "x", "--image", inputs / "a.png", *common, "--num_frames", 48], ["4k+1", "48"]),
         (["--prompt", "x", "--image", inputs / "a.png", *common, "--height", 40], ["multiple of 16", "40"]),
+        # no size given: 1500 x 1 pixels at the 480 x 720 area would be round(sqrt(345600 / 1500)) = 15 -> 0 rows
+        (
+            ["--prompt", "x", "--image", tmp_path / "thin.png", "--out", out, "--model_path", TINY, "--steps", 2],
+            ["1500 x 1 image", "too narrow", "--height and --width"],
+        ),
     ]
+    PIL.Image.new("RGB", (1500, 1)).save(tmp_path / "thin.png")
     for args, fragments in cases:
         assert_one_line_error(run_cli(*args), *fragments)
     assert not out.exists()  # nothing written by any of them

@@ -407,6 +407,12 @@ def test_a_model_folder_around_a_fully_trained_transformer_samples_as_it_without
     results = [np.load(tmp_path / run / "00000.npz") for run in ("alone", "named")]
     for key in ("rgb", "xyz"):
         assert np.array_equal(results[0][key], results[1][key]), key
+    # given no size, the weights' own: their 9 frames, and their 32 x 32 pixels' area at the 720 x 480 image's aspect
+    # (round(sqrt(1024 * 480 / 720)) = 26 -> 16 rows, round(sqrt(1024 * 720 / 480)) = 39 -> 32 columns)
+    unsized = [arg for arg in sample if arg not in SIZE]
+    assert len(unsized) == len(sample) - len(SIZE)
+    subprocess.run([*unsized, "--out", str(tmp_path / "unsized")], check=True, capture_output=True, cwd=ROOT)
+    assert np.load(tmp_path / "unsized" / "00000.npz")["rgb"].shape == (9, 16, 32, 3)
 
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))

@@ -7,14 +7,18 @@ Light to import (no torch), so that the scripts' parsers answer ``--help`` at on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from fourdnex.config import DEFAULT_MODEL_PATH, check_video_shape
 from fourdnex.errors import UsageError
 
-#: The pixel area one modality is generated at (480 x 720); other aspect ratios keep this area.
+#: The pixel area one modality is generated at (480 x 720) where the weights record no training size; other aspect
+#: ratios keep this area.
 DEFAULT_AREA = 480 * 720
+#: The frame count sampled where neither ``--num_frames`` nor the weights say one (the paper's).
+DEFAULT_FRAMES = 49
 #: ``--modalities`` choices of sampling: RGB | XYZ side by side (4DNeX), or the whole frame XYZ.
 SAMPLE_MODALITIES = ("rgbxyz", "xyz")
 
@@ -30,8 +34,10 @@ def size_for_aspect(image_height: int, image_width: int, area: int = DEFAULT_ARE
 class SampleConfig:
     """Sampling settings; the defaults are the reference's."""
 
-    num_frames: int = 49
-    height: int | None = None  # per modality; None: from the image's aspect ratio at DEFAULT_AREA
+    # None: what the weights were trained at where they record it (a fourdnex adapter or fully fine-tuned
+    # transformer; settled_size), else DEFAULT_FRAMES frames of the image's aspect ratio at DEFAULT_AREA
+    num_frames: int | None = None
+    height: int | None = None  # per modality
     width: int | None = None
     steps: int = 50
     guidance_scale: float = 5.0
@@ -46,6 +52,14 @@ class SampleConfig:
             raise UsageError(f"steps must be at least 1, got {self.steps}")
         if self.ensemble < 1:
             raise UsageError(f"ensemble must be at least 1, got {self.ensemble}")
+
+
+def settled_size(sample: SampleConfig, trained: tuple[int, int, int] | None) -> tuple[SampleConfig, int]:
+    """``sample`` with its frame count settled, and the pixel area at which each image's aspect ratio sizes the
+    sample where ``sample`` gives no height and width: the training size ``trained`` (frames, height, width) that the
+    weights record, else the paper's (:data:`DEFAULT_FRAMES`, :data:`DEFAULT_AREA`)."""
+    frames, area = (DEFAULT_FRAMES, DEFAULT_AREA) if trained is None else (trained[0], trained[1] * trained[2])
+    return dataclasses.replace(sample, num_frames=frames if sample.num_frames is None else sample.num_frames), area
 
 
 #: ``--memory`` choices, from the fastest (everything resident on the GPU) to the most frugal.

@@ -32,10 +32,12 @@ from fourdnex import __version__
 from fourdnex.config import FLASH_4_BACKEND, MODEL_TYPES, XYZ_LATENT_MEAN, XYZ_LATENT_STD
 from fourdnex.errors import UsageError
 from fourdnex.generate.config import (
+    DEFAULT_AREA,
     SAMPLE_MODALITIES,
     AccelerationConfig,
     RunConfig,
     SampleConfig,
+    settled_size,
     size_for_aspect,
 )
 
@@ -137,8 +139,10 @@ def check_frames(frames: tuple[int, ...], num_frames: int) -> None:
         raise UsageError(f"--frames must lie in 0..{num_frames - 1} (--num_frames {num_frames}), got {frames[-1]}")
 
 
-def select_jobs(config: RunConfig) -> list[Job]:
-    """Every line to generate, each condition opened once to check it and size the sample."""
+def select_jobs(config: RunConfig, area: int = DEFAULT_AREA) -> list[Job]:
+    """Every line to generate, each condition opened once to check it and size the sample (``config.sample``'s
+    height and width, else the condition's aspect ratio at ``area`` pixels; its frame count settled:
+    :func:`fourdnex.generate.config.settled_size`)."""
     num_frames = config.sample.num_frames
     if (config.image is None) == (config.video is None):
         raise UsageError("give --image (images) or --video (a video), one of them")
@@ -171,7 +175,12 @@ def select_jobs(config: RunConfig) -> list[Job]:
         if config.sample.height:
             height, width = config.sample.height, config.sample.width
         else:
-            height, width = size_for_aspect(first.height, first.width)
+            height, width = size_for_aspect(first.height, first.width, area)
+            if min(height, width) < 16:
+                raise UsageError(
+                    f"line {i}: a {first.width} x {first.height} {what} is too narrow to size at {area} pixels: give "
+                    "--height and --width"
+                )
         jobs.append(Job(i, prompts[i], images, video, tuple(frames), height, width))
     return jobs
 
@@ -224,6 +233,13 @@ def with_own_transformer(config: RunConfig) -> RunConfig:
         return config
     own = transformer_folder(config.model_path)
     return dataclasses.replace(config, sft_path=str(own)) if read_transformer_meta(own) is not None else config
+
+
+def trained_size(meta) -> tuple[int, int, int] | None:
+    """The (frames, height, width) that weights with metadata ``meta`` (:func:`fourdnex.model.adapters.trained_meta`)
+    were trained at, where it records them (finetune.py writes them); None for weights that say nothing of it."""
+    size = tuple(meta.extra.get(name) for name in ("num_frames", "height", "width")) if meta is not None else ()
+    return size if len(size) == 3 and all(isinstance(value, int) for value in size) else None
 
 
 def transformer_heads(config: RunConfig) -> int:
@@ -474,16 +490,18 @@ def generate(config: RunConfig) -> list[Path]:
     from fourdnex.generate import parallel
     from fourdnex.generate.acceleration import check_machine
     from fourdnex.geometry.results import write_sample
-    from fourdnex.model.adapters import load_adapter, resolve_model_type
+    from fourdnex.model.adapters import load_adapter, resolve_model_type, trained_meta
 
     check_config(config)
     config = with_own_transformer(config)
-    sample, speed = config.sample, config.speed
-    jobs = select_jobs(config)
+    adapter = load_adapter(config.lora_path) if config.lora_path else None
+    sample, area = settled_size(config.sample, trained_size(trained_meta(adapter, config.sft_path)))
+    config = dataclasses.replace(config, sample=sample)
+    speed = config.speed
+    jobs = select_jobs(config, area)
     out = Path(config.out)
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     check_machine(speed, device)
-    adapter = load_adapter(config.lora_path) if config.lora_path else None
     model_type = resolve_model_type(adapter, config.model_type, config.zero_domain_embedding, config.sft_path)
     fused = config.modalities == "rgbxyz"
     tokens = [parallel.tokens_of(sample.num_frames, job.height, job.width, fused=fused) for job in jobs]
