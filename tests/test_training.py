@@ -396,7 +396,8 @@ def test_a_model_folder_around_a_fully_trained_transformer_samples_as_it_without
     sample = [sys.executable, str(ROOT / "inference.py"), "--prompt", "a red ball", "--image",
               str(ROOT / "example" / "scene.png"), "--model_path", str(model), *SIZE, "--steps", "2", "--device",
               "cpu"]  # fmt: skip
-    subprocess.run([*sample, "--out", str(tmp_path / "alone")], check=True, capture_output=True, cwd=ROOT)
+    at_own = subprocess.run([*sample, "--out", str(tmp_path / "alone")], check=True, capture_output=True, text=True,
+                            cwd=ROOT).stdout  # fmt: skip
     named = [*sample, "--out", str(tmp_path / "named"), "--sft_path", str(model / "transformer")]
     subprocess.run(named, check=True, capture_output=True, cwd=ROOT)
     alone, explicit = (json.loads((tmp_path / run / "00000.json").read_text()) for run in ("alone", "named"))
@@ -411,8 +412,14 @@ def test_a_model_folder_around_a_fully_trained_transformer_samples_as_it_without
     # (round(sqrt(1024 * 480 / 720)) = 26 -> 16 rows, round(sqrt(1024 * 720 / 480)) = 39 -> 32 columns)
     unsized = [arg for arg in sample if arg not in SIZE]
     assert len(unsized) == len(sample) - len(SIZE)
-    subprocess.run([*unsized, "--out", str(tmp_path / "unsized")], check=True, capture_output=True, cwd=ROOT)
+    printed = subprocess.run([*unsized, "--out", str(tmp_path / "unsized")], check=True, capture_output=True,
+                             text=True, cwd=ROOT).stdout  # fmt: skip
     assert np.load(tmp_path / "unsized" / "00000.npz")["rgb"].shape == (9, 16, 32, 3)
+    # a size asked for by name that is not the weights' own is sampled, with one line saying so; their own is not
+    other = subprocess.run([*unsized, "--out", str(tmp_path / "other"), "--height", "16", "--width", "32"],
+                           check=True, capture_output=True, text=True, cwd=ROOT).stdout  # fmt: skip
+    note = "note: these weights were trained at 9 frames of 32 x 32; at 9 frames of 16 x 32 expect far worse geometry"
+    assert note in other and "trained at" not in printed and "trained at" not in at_own  # SIZE: the weights' own
 
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))

@@ -495,7 +495,9 @@ def generate(config: RunConfig) -> list[Path]:
     check_config(config)
     config = with_own_transformer(config)
     adapter = load_adapter(config.lora_path) if config.lora_path else None
-    sample, area = settled_size(config.sample, trained_size(trained_meta(adapter, config.sft_path)))
+    trained = trained_size(trained_meta(adapter, config.sft_path))
+    given = config.sample.num_frames is not None or config.sample.height is not None  # a size asked for by name
+    sample, area = settled_size(config.sample, trained)
     config = dataclasses.replace(config, sample=sample)
     speed = config.speed
     jobs = select_jobs(config, area)
@@ -542,6 +544,15 @@ def generate(config: RunConfig) -> list[Path]:
             "note: these weights were trained given frame 0 only: given other frames too, expect worse results than "
             "from the image (weights trained with finetune.py --condition_tasks any read them; the demo model's: "
             "--lora_path example/demo/any-frame)"
+        )
+    # a size the weights never saw costs them their geometry (BENCHMARKS.md, "The demo model at twice its size")
+    other = sorted({(sample.num_frames, job.height, job.width) for job in jobs} - {trained})
+    if trained is not None and given and other and writes:
+        f, h, w = other[0]
+        print(
+            f"note: these weights were trained at {trained[0]} frames of {trained[1]} x {trained[2]}; at {f} frames "
+            f"of {h} x {w} expect far worse geometry (without --num_frames, --height and --width they sample their "
+            "own size)"
         )
 
     written = []
