@@ -184,11 +184,14 @@ def main(args: argparse.Namespace) -> None:
         print(warning, flush=True)
     from fourdnex.app.jobs import JobFolders
     from fourdnex.generate.run import trained_size, with_own_transformer
-    from fourdnex.model.adapters import load_adapter, trained_meta
+    from fourdnex.model.adapters import read_adapter_meta, read_transformer_meta
 
     config = with_own_transformer(settings(RunConfig, args, prompt="", speed=settings(AccelerationConfig, args)))
-    adapter = load_adapter(config.lora_path) if config.lora_path else None
-    sample = initial_sample(args, trained_size(trained_meta(adapter, config.sft_path)))
+    if config.lora_path:
+        trained = read_adapter_meta(config.lora_path)
+    else:
+        trained = read_transformer_meta(config.sft_path) if config.sft_path else None
+    sample = initial_sample(args, trained_size(trained))
     jobs = JobFolders()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a stop by `kill` removes the jobs too
     os.environ["GRADIO_TEMP_DIR"] = str(jobs.root / "gradio")  # uploads and Gradio's copies, removed with the jobs

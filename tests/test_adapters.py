@@ -10,6 +10,7 @@ from fourdnex.model.adapters import (
     AdapterMeta,
     apply_adapter,
     load_adapter,
+    read_adapter_meta,
     save_adapter,
 )
 from fourdnex.model.transformer import FourDNeXTransformer
@@ -72,6 +73,8 @@ def test_released_format_loads_at_half_scale_and_changes_output(tiny_path, trans
     adapter = load_adapter(released)
     assert adapter.format == "released" and adapter.meta.rank == 4 and adapter.default_scale == 0.5
     assert adapter.meta.target_modules == sorted(TARGETS)
+    assert read_adapter_meta(released) is None  # the released format says nothing of its training
+    assert read_adapter_meta(released / "pytorch_lora_weights.safetensors") is None
     before = forward(transformer)
     assert apply_adapter(transformer, adapter) == 0.5
     after = forward(transformer)
@@ -102,6 +105,8 @@ def test_fourdnex_format_round_trips_bit_exactly(tiny_path, transformer, tmp_pat
     # Saving what was read gives the same bytes' worth of tensors and metadata again.
     again = load_adapter(save_adapter(tmp_path / "again.safetensors", adapter.lora, adapter.domain_embedding, meta))
     assert again.meta == meta and all(torch.equal(again.lora[k], v) for k, v in adapter.lora.items())
+    # its metadata alone, from the folder or the file, is what was saved
+    assert read_adapter_meta(tmp_path / "ours") == meta and read_adapter_meta(tmp_path / "again.safetensors") == meta
     apply_adapter(transformer, adapter)
     expected = merged_by_hand(tiny_path, lora, domain, 0.5)
     assert torch.allclose(forward(transformer), forward(expected), atol=1e-5)
@@ -164,10 +169,13 @@ def test_pickled_code_in_domain_file_is_refused(tmp_path):
 def test_not_an_adapter(tmp_path):
     with pytest.raises(AdapterError, match="holds neither"):
         load_adapter(tmp_path)
+    with pytest.raises(AdapterError, match="holds neither"):
+        read_adapter_meta(tmp_path)
     save_file({"something.weight": torch.zeros(2)}, tmp_path / "pytorch_lora_weights.safetensors")
     with pytest.raises(AdapterError, match="is not a LoRA weight"):
         load_adapter(tmp_path)
     bad_meta = tmp_path / "bad.safetensors"
     save_file({"domain_embedding": torch.zeros(2, 24)}, bad_meta, metadata={"format": "fourdnex-adapter"})
-    with pytest.raises(AdapterError, match="unreadable fourdnex adapter metadata"):
-        load_adapter(bad_meta)
+    for read in (load_adapter, read_adapter_meta):
+        with pytest.raises(AdapterError, match="unreadable fourdnex adapter metadata"):
+            read(bad_meta)

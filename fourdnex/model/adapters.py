@@ -110,18 +110,31 @@ def _target_modules(lora: dict[str, torch.Tensor]) -> list[str]:
 def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter in either format from a folder or a ``.safetensors`` file."""
     path = Path(path)
+    file = _fourdnex_file(path)
+    if file is not None:
+        return _read_fourdnex(file)
+    return _read_released(path) if path.is_dir() else _read_released(path.parent, lora_file=path)
+
+
+def read_adapter_meta(path: str | Path) -> AdapterMeta | None:
+    """What the adapter at ``path`` (as :func:`load_adapter` takes it) says it was trained as, read from its file's
+    metadata without its tensors; None for a released-format adapter, which says nothing."""
+    file = _fourdnex_file(Path(path))
+    return None if file is None else _read_fourdnex_meta(file)
+
+
+def _fourdnex_file(path: Path) -> Path | None:
+    """The fourdnex-format file of the adapter at ``path``, None where it is a released-format one."""
     if path.is_dir():
         if (path / ADAPTER_FILE).is_file():
-            return _read_fourdnex(path / ADAPTER_FILE)
+            return path / ADAPTER_FILE
         if (path / RELEASED_LORA_FILE).is_file():
-            return _read_released(path)
+            return None
         raise AdapterError(f"{path}: holds neither {ADAPTER_FILE} nor {RELEASED_LORA_FILE}")
     if path.is_file() and path.suffix == ".safetensors":
         with safe_open(path, "pt") as f:
             ours = (f.metadata() or {}).get("format") == FORMAT_NAME
-        if ours:
-            return _read_fourdnex(path)
-        return _read_released(path.parent, lora_file=path)
+        return path if ours else None
     raise AdapterError(f"{path}: no such adapter folder or .safetensors file")
 
 
@@ -142,7 +155,7 @@ def _read_released(folder: Path, lora_file: Path | None = None) -> Adapter:
     return Adapter(lora, domain, meta, "released", folder)
 
 
-def _read_fourdnex(file: Path) -> Adapter:
+def _read_fourdnex_meta(file: Path) -> AdapterMeta:
     with safe_open(file, "pt") as f:
         metadata = f.metadata() or {}
     try:
@@ -152,6 +165,11 @@ def _read_fourdnex(file: Path) -> Adapter:
         raise AdapterError(f"{file}: unreadable fourdnex adapter metadata ({err})") from err
     if version > FORMAT_VERSION:
         raise AdapterError(f"{file}: adapter format version {version} is newer than this fourdnex ({FORMAT_VERSION})")
+    return meta
+
+
+def _read_fourdnex(file: Path) -> Adapter:
+    meta = _read_fourdnex_meta(file)
     state = load_file(file)
     domain = state.pop(DOMAIN_KEY, None)
     lora = _strip_prefix(state, file)
