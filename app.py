@@ -184,14 +184,10 @@ def main(args: argparse.Namespace) -> None:
         print(warning, flush=True)
     from fourdnex.app.jobs import JobFolders
     from fourdnex.generate.run import trained_size, with_own_transformer
-    from fourdnex.model.adapters import read_adapter_meta, read_transformer_meta
+    from fourdnex.model.adapters import trained_meta_at
 
     config = with_own_transformer(settings(RunConfig, args, prompt="", speed=settings(AccelerationConfig, args)))
-    if config.lora_path:
-        trained = read_adapter_meta(config.lora_path)
-    else:
-        trained = read_transformer_meta(config.sft_path) if config.sft_path else None
-    sample = initial_sample(args, trained_size(trained))
+    sample = initial_sample(args, trained_size(trained_meta_at(config.lora_path, config.sft_path)))
     jobs = JobFolders()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a stop by `kill` removes the jobs too
     os.environ["GRADIO_TEMP_DIR"] = str(jobs.root / "gradio")  # uploads and Gradio's copies, removed with the jobs

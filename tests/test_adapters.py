@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import save_file
 
 from fourdnex.model.adapters import (
@@ -11,7 +12,10 @@ from fourdnex.model.adapters import (
     apply_adapter,
     load_adapter,
     read_adapter_meta,
+    read_transformer_meta,
     save_adapter,
+    trained_meta,
+    trained_meta_at,
 )
 from fourdnex.model.transformer import FourDNeXTransformer
 
@@ -75,6 +79,11 @@ def test_released_format_loads_at_half_scale_and_changes_output(tiny_path, trans
     assert adapter.meta.target_modules == sorted(TARGETS)
     assert read_adapter_meta(released) is None  # the released format says nothing of its training
     assert read_adapter_meta(released / "pytorch_lora_weights.safetensors") is None
+    # what the weights were trained as, from the loaded adapter or its path alike: a released adapter beside a fully
+    # trained transformer folder says what that folder's weights say
+    own = ROOT / "example" / "demo" / "model" / "transformer"
+    assert trained_meta(adapter, own) == trained_meta_at(released, own) == read_transformer_meta(own) is not None
+    assert trained_meta(adapter) is None and trained_meta_at(released) is None and trained_meta_at(None) is None
     before = forward(transformer)
     assert apply_adapter(transformer, adapter) == 0.5
     after = forward(transformer)
@@ -107,6 +116,9 @@ def test_fourdnex_format_round_trips_bit_exactly(tiny_path, transformer, tmp_pat
     assert again.meta == meta and all(torch.equal(again.lora[k], v) for k, v in adapter.lora.items())
     # its metadata alone, from the folder or the file, is what was saved
     assert read_adapter_meta(tmp_path / "ours") == meta and read_adapter_meta(tmp_path / "again.safetensors") == meta
+    # beside a transformer whose weights record their own training too, the adapter's metadata is the one taken
+    demo = ROOT / "example" / "demo" / "model" / "transformer"
+    assert trained_meta(adapter, demo) == trained_meta_at(tmp_path / "ours", demo) == meta
     apply_adapter(transformer, adapter)
     expected = merged_by_hand(tiny_path, lora, domain, 0.5)
     assert torch.allclose(forward(transformer), forward(expected), atol=1e-5)

@@ -228,8 +228,19 @@ def read_transformer_meta(folder: str | Path) -> AdapterMeta | None:
 def trained_meta(adapter: Adapter | None, transformer: str | Path | None = None) -> AdapterMeta | None:
     """What the weights to sample were trained as: a fourdnex adapter's metadata, else a fully trained transformer
     folder's (:func:`read_transformer_meta`), else None (the released adapter, a base model)."""
-    if adapter is not None and adapter.format == "fourdnex":
-        return adapter.meta
+    return _adapter_else_transformer(adapter.meta if adapter is not None and adapter.format == "fourdnex" else None,
+                                     transformer)  # fmt: skip
+
+
+def trained_meta_at(lora_path: str | Path | None, transformer: str | Path | None = None) -> AdapterMeta | None:
+    """:func:`trained_meta` of the adapter at ``lora_path`` (None: no adapter), its tensors left unread."""
+    return _adapter_else_transformer(read_adapter_meta(lora_path) if lora_path else None, transformer)
+
+
+def _adapter_else_transformer(adapter_meta: AdapterMeta | None, transformer: str | Path | None) -> AdapterMeta | None:
+    """A fourdnex adapter's metadata where there is one, else the transformer folder's, else None."""
+    if adapter_meta is not None:
+        return adapter_meta
     return read_transformer_meta(transformer) if transformer is not None else None
 
 
