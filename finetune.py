@@ -26,6 +26,7 @@ from fourdnex.train.config import (
     ACTIVATION_MEMORY_CHOICES,
     CONDITION_TASKS,
     LR_SCHEDULES,
+    STATS_CLIPS,
     TIMESTEP_SAMPLINGS,
     TRAIN_MODALITIES,
     TRAIN_MODES,
@@ -69,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
         " encoders)",
     )
     field_flag(g, TrainConfig, "synthetic_seed", type=int, help="clip i is the scene synthetic_seed * 100003 + i")
+    field_flag(
+        g,
+        TrainConfig,
+        "synthetic_clips_per_step",
+        type=float,
+        metavar="R",
+        help=f"train while the synthetic clips are made: start once the first {STATS_CLIPS} (or all, if fewer) are "
+        "held, normalize every clip's XYZ latents with their statistics, and let R more join the clips drawn from "
+        "at each step; a step waits for its clips where they are not made yet (0: hold every clip before the first "
+        "step, exactly the samples of their cache)",
+    )
     field_flag(
         g, TrainConfig, "texture_families", nargs="+", choices=TEXTURE_FAMILIES,
         help="the texture families of the synthetic clips",

@@ -22,6 +22,8 @@ from fourdnex.train.loss import LossWeights, batch_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = ["--height", "32", "--width", "32", "--num_frames", "9"]
+#: finetune.py, as the tests run it
+FINETUNE = (sys.executable, str(ROOT / "finetune.py"))
 TINY = [*SIZE, "--lora_rank", "8", "--lora_alpha", "8"]
 
 
@@ -31,19 +33,18 @@ def finetune_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def finetune(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "finetune.py"), *args], env=finetune_env(), capture_output=True, text=True
-    )
+def finetune(*args: str, command: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+    """finetune.py as one process (``command``: what runs it, by default this Python on the script)."""
+    result = subprocess.run([*(command or FINETUNE), *args], env=finetune_env(), capture_output=True, text=True)
     if result.returncode:
         raise AssertionError(f"finetune.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
 
 
-def finetune_two_processes(*args: str, timeout: float = 300) -> list[str]:
+def finetune_two_processes(*args: str, timeout: float = 300, command: tuple[str, ...] | None = None) -> list[str]:
     """finetune.py as two gloo processes on this machine (ranks 0 and 1); each one's stderr."""
     env = {**finetune_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    command = [sys.executable, str(ROOT / "finetune.py"), *args]
+    command = [*(command or FINETUNE), *args]
     processes = [
         subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
         for r in (0, 1)

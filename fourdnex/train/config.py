@@ -5,6 +5,7 @@ The defaults reproduce the 4DNeX paper and reference where they say; ``finetune.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -60,6 +61,14 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 ACTIVATION_MEMORY_CHOICES: tuple[str, ...] = get_args(ActivationMemory)
 
 
+#: The synthetic clips whose XYZ latents' statistics normalize every clip of a run that trains while its clips are
+#: made (``synthetic_clips_per_step``), held before its first step: 256 clips' mean and standard deviation are within
+#: 0.5 % and 0.8 % of the population's (one standard error, as shares of the standard deviation; the demo model's VAE
+#: at 25 x 192 x 288, BENCHMARKS.md "Training while the clips render"), and they render in about 25 s on a GPU
+#: machine's CPUs.
+STATS_CLIPS = 256
+
+
 class TrainingError(FourDNeXError, ValueError):
     """A setting, file or checkpoint the run cannot use; the message names it."""
 
@@ -78,6 +87,9 @@ class TrainConfig:
     # (python -m fourdnex.data.synthetic), textured with texture_families, encoded in memory (fourdnex.train.rendered)
     synthetic_clips: int = 0
     synthetic_seed: int = 1
+    # 0: every synthetic clip is held before the first step; R > 0: training starts once the first STATS_CLIPS are
+    # and R more join the clips drawn from each step while the rest are made (fourdnex.train.rendered)
+    synthetic_clips_per_step: float = 0.0
     texture_families: tuple[str, ...] = TEXTURE_FAMILIES
     output_dir: str = "runs/4dnex"
     model_path: str | None = None  # None: the model the cache was built with (stats.json), else DEFAULT_MODEL_PATH
@@ -213,6 +225,12 @@ class TrainConfig:
             raise TrainingError("give the training clips as --cache_dir or as --synthetic_clips N, one of the two")
         if self.synthetic_clips < 0:
             raise TrainingError(f"synthetic_clips must be at least 1, got {self.synthetic_clips}")
+        if self.synthetic_clips_per_step < 0 or not math.isfinite(self.synthetic_clips_per_step):
+            raise TrainingError(f"synthetic_clips_per_step must be 0 or more, got {self.synthetic_clips_per_step}")
+        if self.synthetic_clips_per_step and not self.synthetic_clips:
+            raise TrainingError(
+                "--synthetic_clips_per_step needs --synthetic_clips (a cache's clips are all there from the first step)"
+            )
         unknown = sorted(set(self.texture_families) - set(TEXTURE_FAMILIES))
         if unknown or not self.texture_families:
             families = ", ".join(TEXTURE_FAMILIES)

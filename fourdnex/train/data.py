@@ -5,6 +5,9 @@ Randomness is a function of (seed, optimizer step): step ``n`` draws its whole g
 processes x gradient_accumulation_steps`` samples) from generators seeded with ``(seed, n)``, and each process takes
 its rows of it. A resumed run, or the same global batch split over another number of processes, therefore sees
 exactly the same clips, noise levels, given frames and noise. Clips are visited in a fresh permutation every epoch.
+A run that trains while its clips are still being made (``--synthetic_clips_per_step``) draws the clips of its first
+steps uniformly from those its schedule says are made by then (:meth:`SampleStream.available`), so its draws too are a
+function of (seed, step), whenever the clips come.
 The noise is drawn on the training device (one call per step), so a run on a CPU and one on a GPU see different noise.
 
 Two ways to read the samples, one result: :func:`read_batch` reads the files of each sample (threads; any cache size);
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -124,11 +128,13 @@ def draw_given(tasks: dict[str, float], num_frames: int, count: int, generator: 
 class SampleStream:
     """The draws of every optimizer step of a run: see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, num_clips: int, world: int) -> None:
+    def __init__(self, cfg: TrainConfig, num_clips: int, world: int, first_clips: int | None = None) -> None:
         from fourdnex.train.config import CONDITION_TASKS
 
         self.cfg = cfg
         self.num_clips = num_clips
+        #: the clips held before the first step (None: all of them)
+        self.first_clips = num_clips if first_clips is None else first_clips
         self.tasks = CONDITION_TASKS[cfg.condition_tasks]
         self.world = world
         #: samples per optimizer step over all processes and micro-steps
@@ -139,17 +145,28 @@ class SampleStream:
         """The clips in the order epoch ``epoch`` visits them, ``(num_clips,)`` int64."""
         return torch.randperm(self.num_clips, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
+    def available(self, step: int) -> int:
+        """How many clips, the first ones, step ``step`` draws from: every clip, or in a run that trains while its
+        clips are made (``synthetic_clips_per_step`` R), the first ``first_clips`` and R more a step."""
+        per_step = self.cfg.synthetic_clips_per_step
+        if not per_step:
+            return self.num_clips
+        return min(self.num_clips, self.first_clips + math.floor(per_step * step))
+
     def draws(self, step: int) -> Draws:
         """The draws of the global batch of optimizer step ``step`` (CPU tensors)."""
+        generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step))
+        sigmas = sample_sigmas(self.global_batch, self.cfg.timestep_sampling, generator, self.cfg.shift)
+        given = draw_given(self.tasks, self.cfg.num_frames, self.global_batch, generator)
+        available = self.available(step)
+        if available < self.num_clips:  # the clips made so far, each row uniformly
+            return Draws(torch.randint(available, (self.global_batch,), generator=generator), given, sigmas)
         positions = step * self.global_batch + torch.arange(self.global_batch)
         epochs, offsets = positions // self.num_clips, positions % self.num_clips
         clips = torch.empty(self.global_batch, dtype=torch.long)
         for epoch in epochs.unique().tolist():
             here = epochs == epoch
             clips[here] = self.order(epoch)[offsets[here]]
-        generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step))
-        sigmas = sample_sigmas(self.global_batch, self.cfg.timestep_sampling, generator, self.cfg.shift)
-        given = draw_given(self.tasks, self.cfg.num_frames, self.global_batch, generator)
         return Draws(clips, given, sigmas)
 
     def rows(self, micro: int, rank: int) -> tuple[int, int]:
@@ -257,13 +274,15 @@ class HeldCache:
     held (``patterns``), so that a step encodes only the samples given random key frames.
 
     :meth:`read` holds a cache's files; :mod:`fourdnex.train.rendered` holds the synthetic generator's clips encoded
-    in memory.
+    in memory, and where a run trains while they are made, fills the rows as they come (``ready``: the clips held at
+    construction, the first ones; :meth:`add_prompts` and :meth:`encode_patterns` hold the later ones' prompts and
+    conditions).
     """
 
     def __init__(
         self, x0: torch.Tensor, image: torch.Tensor, prompts: torch.Tensor, prompt_of: torch.Tensor, modalities: str,
         cond: torch.Tensor | None = None, first: torch.Tensor | None = None, frames: torch.Tensor | None = None,
-        encoder: VaeConditionEncoder | None = None,
+        encoder: VaeConditionEncoder | None = None, ready: int | None = None,
     ) -> None:  # fmt: skip
         if (cond is None) == (first is None):
             raise ValueError("a held set holds either the image conditions or the first frames they are encoded from")
@@ -274,7 +293,7 @@ class HeldCache:
         self.prompt_of = prompt_of.to(self.device)
         self.patterns: dict[str, torch.Tensor] = {}
         if frames is not None and encoder is not None:
-            self.patterns = {name: self._encode_pattern(name, encoder) for name in HELD_PATTERNS}
+            self.encode_patterns(0, len(x0) if ready is None else ready, encoder)
 
     @classmethod
     def read(
@@ -324,17 +343,25 @@ class HeldCache:
             held.get("first"), held.get("frames"), encoder,
         )  # fmt: skip
 
-    def _encode_pattern(self, name: str, encoder: VaeConditionEncoder) -> torch.Tensor:
-        """The condition latents ``(N, 16, T, h, w')`` of every clip given the frames of pattern ``name``."""
+    def encode_patterns(self, start: int, stop: int, encoder: VaeConditionEncoder) -> None:
+        """Encode and hold the condition latents of clips ``start .. stop - 1`` given the frames of each pattern of
+        :data:`HELD_PATTERNS`, from their held videos."""
         from tqdm.auto import tqdm
 
         count, num_frames = self.frames.shape[:2]
-        given = HELD_PATTERNS[name](num_frames).to(self.device)
-        rows = []
-        for start in tqdm(range(0, count, PATTERN_BATCH), desc=f"conditions ({name})", unit="batch"):
-            pixels = video_pixels(self.frames[start : start + PATTERN_BATCH])
-            rows.append(encoder(condition_frames(pixels, given.expand(len(pixels), -1), self.modalities)))
-        return torch.cat(rows)
+        for name, pattern in HELD_PATTERNS.items():
+            given = pattern(num_frames).to(self.device)
+            batches = range(start, stop, PATTERN_BATCH)
+            for first in tqdm(batches, desc=f"conditions ({name})", unit="batch", disable=len(batches) < 2):
+                pixels = video_pixels(self.frames[first : min(first + PATTERN_BATCH, stop)])
+                latents = encoder(condition_frames(pixels, given.expand(len(pixels), -1), self.modalities))
+                if name not in self.patterns:
+                    self.patterns[name] = latents.new_empty((count, *latents.shape[1:]))
+                self.patterns[name][first : first + len(latents)] = latents
+
+    def add_prompts(self, rows: torch.Tensor) -> None:
+        """Hold more distinct prompt embeddings ``(P', L, D)``, after those held (``prompt_of`` indexes them all)."""
+        self.prompts = torch.cat([self.prompts, rows.to(self.device, self.prompts.dtype)])
 
     @property
     def nbytes(self) -> int:

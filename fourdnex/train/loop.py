@@ -206,8 +206,10 @@ class Run:
             logger.info("encoding conditions the cache does not hold with the VAE of %s, a batch at a time", model_path)
             self.encoder = VaeConditionEncoder(load_vae(model_path), self.device)
         frames = cfg.condition_tasks != "image"
+        self.renderer = None  # while the synthetic clips are still being made
         if renderer is not None:
             cache, self.held = renderer.hold(model_path, self.device, self.encoder)
+            self.renderer = None if renderer.done else renderer
         else:
             self.held = HeldCache.read(cache, self.device, frames, self.encoder) if cfg.cache_in_memory else None
         self.cache = cache
@@ -217,6 +219,8 @@ class Run:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             held = f" held on {self.held.device} ({self.held.nbytes / 2**30:.2f} GiB)" if self.held else ""
+            if self.renderer is not None:
+                held += f", the first {renderer.first_clips} and {cfg.synthetic_clips_per_step:g} more a step"
             logger.info(
                 "training %d trainable parameters on %d clips%s, %d processes, from step %d",
                 sum(p.numel() for p in trainable_parameters(trainer.module).values()),
@@ -226,7 +230,9 @@ class Run:
                 trainer.step,
             )
         accelerator.init_trackers("finetune", config=_tracker_config(cfg))
-        self.stream = SampleStream(cfg, len(cache), accelerator.num_processes)
+        self.stream = SampleStream(
+            cfg, len(cache), accelerator.num_processes, renderer.first_clips if renderer is not None else None
+        )
         t, h, w = cache.latent_shape
         self.noise_shape = (16, t, h, 2 * w if cfg.modalities == "rgbxyz" else w)  # one sample's x0
         self.bar = tqdm(
@@ -246,6 +252,8 @@ class Run:
 
     def micro_batches(self, step: int) -> list[Batch]:
         """This process's micro-batches of step ``step``, on the training device."""
+        if self.renderer is not None and self.renderer.advance(self.stream.available(step)):
+            self.renderer = None  # every clip is held
         samples = None
         if self.held is None:
             samples = (self.upcoming or self.reader.submit(self._read, step)).result()
@@ -285,6 +293,8 @@ class Run:
         """Write the trained weights (see :meth:`Trainer.save_weights`) and close the logs; every process must call."""
         self.bar.close()
         self.reader.shutdown()
+        if self.renderer is not None:  # stopped before every synthetic clip was needed
+            self.renderer.close()
         self.logged.write()
         final = self.trainer.save_weights(self.output_dir, self.trainer.step)
         # DeepSpeed's own teardown (ZeRO-3's parameter hooks and their coordinator) while the process group lives:
