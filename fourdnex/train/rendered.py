@@ -143,6 +143,7 @@ class ClipRenderer:
         self._encoders: Encoders | None = None
         self._started = time.perf_counter()
         self._waited = 0.0  # seconds this process waited for its workers' clips
+        self._bar = None
 
     @property
     def done(self) -> bool:
@@ -158,11 +159,11 @@ class ClipRenderer:
         from tqdm.auto import tqdm
 
         self._device, self._pattern_encoder = device, encoder
-        share = f" (share {self.rank + 1} of {self.world})" if self.world > 1 else ""
-        self._bar = tqdm(total=len(self._ids), desc=f"synthetic clips{share}", unit="clip")
         try:
             self._encoders = Encoders.load(model_path, device, dtype_of("auto", device), ENCODER_DTYPE)
             self._model_path = str(model_path)
+            share = f" (share {self.rank + 1} of {self.world})" if self.world > 1 else ""
+            self._bar = tqdm(total=len(self._ids), desc=f"synthetic clips{share}", unit="clip")
             self._hold_until(self.first_clips)
         except BaseException:
             self.close()
@@ -187,7 +188,7 @@ class ClipRenderer:
         """Stop the workers and let the encoders go."""
         self._stack.close()
         self._encoders = None
-        if getattr(self, "_bar", None) is not None:
+        if self._bar is not None:
             self._bar.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the encoders' memory, for the training
