@@ -109,13 +109,20 @@ def test_the_vae_takes_a_batch_in_parts_of_vae_call_pixels(tiny_pipe, images, mo
         monkeypatch.setattr(tiny_pipe.vae, name, counted)
     generators = lambda: [torch.Generator().manual_seed(42) for _ in images]  # noqa: E731
     whole = tiny_pipe(images, PROMPTS[:3], generator=generators(), **SMALL)
-    assert calls == {"encode": [3], "decode": [3, 3]}  # the condition in one call, each modality in one call
-    # Room for two decoded videos (5 x 32 x 48) per call: the fused conditions (5 x 32 x 96) go one by one, the
-    # modalities two samples at a time.
+    assert calls == {"encode": [3], "decode": [6]}  # the conditions in one call, the RGB and XYZ videos in one
+    # Room for two decoded videos (5 x 32 x 48) per call: the fused conditions (5 x 32 x 96) go one by one, and so do
+    # the samples, each one's two videos together.
     monkeypatch.setattr(pipeline, "VAE_CALL_PIXELS", 2 * 5 * 32 * 48)
     calls = {"encode": [], "decode": []}
     parts = tiny_pipe(images, PROMPTS[:3], generator=generators(), **SMALL)
-    assert calls == {"encode": [1, 1, 1], "decode": [2, 2, 1, 1]}
+    assert calls == {"encode": [1, 1, 1], "decode": [2, 2, 2]}
+    # Room for one (as for the paper's size): every video alone.
+    monkeypatch.setattr(pipeline, "VAE_CALL_PIXELS", 5 * 32 * 48)
+    calls = {"encode": [], "decode": []}
+    alone = tiny_pipe(images, PROMPTS[:3], generator=generators(), **SMALL)
+    assert calls["decode"] == [1] * 6
+    for name in ("rgb", "xyz"):
+        assert largest_difference(getattr(alone, name), getattr(whole, name)) < TOLERANCE
     for name in ("latents", "rgb", "xyz"):
         assert largest_difference(getattr(parts, name), getattr(whole, name)) < TOLERANCE
 
@@ -124,10 +131,12 @@ def test_memory_needs_count_the_videos_of_one_vae_call(tiny_pipe):
     from fourdnex.generate.acceleration import _DECODE_BYTES_PER_PIXEL, memory_needs
     from fourdnex.generate.pipeline import VAE_CALL_PIXELS
 
-    pixels = VAE_CALL_PIXELS // 4  # four such videos per VAE call
+    pixels = VAE_CALL_PIXELS // 4  # four such videos per VAE call: two samples' RGB and XYZ
     one, four, eight = (memory_needs(tiny_pipe, tokens=10, pixels=pixels, batch=b)["none"] for b in (1, 4, 8))
-    assert four - one == pytest.approx(3 * pixels * _DECODE_BYTES_PER_PIXEL, abs=4)
+    assert four - one == pytest.approx(2 * pixels * _DECODE_BYTES_PER_PIXEL, abs=4)  # two videos, then four
     assert eight == four  # the VAE takes four at a time; the tiny transformer's work is far below the decode
+    largest = memory_needs(tiny_pipe, tokens=10, pixels=VAE_CALL_PIXELS, batch=2)["none"]
+    assert largest - one == pytest.approx(2 * pixels * _DECODE_BYTES_PER_PIXEL, abs=4)  # a paper-size video alone
 
 
 def job(index: int, frames=(0,), height=32, width=48) -> Job:

@@ -5,7 +5,14 @@ import torch
 from conftest import SMALL
 from diffusers import WanImageToVideoPipeline
 
-from fourdnex.model.fusion import condition_video, sloped_plane, soft_mask, vae_normalize
+from fourdnex.model.fusion import (
+    condition_video,
+    sloped_plane,
+    soft_mask,
+    split_width,
+    vae_denormalize,
+    vae_normalize,
+)
 
 
 def test_plain_image_to_video_reproduces_diffusers(tiny_path, tiny_pipe, example_image):
@@ -64,14 +71,58 @@ def test_fused_sampling_feeds_mask_and_condition(tiny_pipe, example_image):
     assert image_tokens.shape == (1, 17, 32)
 
 
+def test_a_long_image_condition_is_diffusers_latents(tiny_pipe, example_image):
+    """At 25 frames the condition is encoded only where it depends on frame 0 (fewer FLOPs than diffusers' chunks
+    from about 17 frames on): what the transformer sees is diffusers' latents of the condition video to rounding."""
+    from fourdnex.model.whole_clip import skips_zero_tail
+
+    seen = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    size = {**SMALL, "num_frames": 25, "num_inference_steps": 1}
+    try:
+        tiny_pipe(example_image, "a cat", generator=torch.Generator().manual_seed(0), **size)
+    finally:
+        hook.remove()
+    pixels = tiny_pipe.video_processor.preprocess(example_image, height=32, width=48)
+    video = condition_video(pixels, 25, "rgbxyz")
+    assert skips_zero_tail(tiny_pipe.vae.config, tuple(video.shape))
+    expected = vae_normalize(tiny_pipe.vae, tiny_pipe.vae.encode(video).latent_dist.mode())
+    condition = seen[0][:, 20:]
+    assert condition.shape == expected.shape == (1, 16, 7, 4, 12)
+    assert (condition - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize(("call_pixels", "calls"), [(None, 1), (5 * 32 * 48, 2)])
+def test_both_modalities_decode_in_one_call_where_they_fit(tiny_pipe, monkeypatch, call_pixels, calls):
+    """A sample's RGB and XYZ videos decode in one VAE call where both fit VAE_CALL_PIXELS, else one call each; the
+    videos are the same either way (to rounding)."""
+    from fourdnex.generate import pipeline
+
+    torch.manual_seed(0)
+    fused = torch.randn(1, 16, 2, 4, 12)
+    vae = tiny_pipe.vae
+    with torch.no_grad():
+        separate = [vae.decode(vae_denormalize(vae, half), return_dict=False)[0] for half in split_width(fused)]
+    if call_pixels is not None:
+        monkeypatch.setattr(pipeline, "VAE_CALL_PIXELS", call_pixels)
+    decoded = []
+    hook = vae.decoder.register_forward_hook(lambda module, args, out: decoded.append(len(args[0])))
+    try:
+        with torch.no_grad():
+            rgb, xyz = tiny_pipe.decode_latents(fused, "rgbxyz", xyz_mean=0.0, xyz_std=1.0)
+    finally:
+        hook.remove()
+    assert decoded == [2 // calls] * (2 * calls)  # videos per decoder call; diffusers' calls: one per latent frame
+    assert torch.allclose(rgb, (separate[0] / 2 + 0.5).clamp(0, 1), atol=1e-5)
+    assert torch.allclose(xyz, separate[1].clamp(-1, 1), atol=1e-5)
+
+
 def test_decode_inverts_each_modality(tiny_pipe):
     torch.manual_seed(0)
     vae = tiny_pipe.vae
     rgb_latents, xyz_latents = torch.randn(2, 1, 16, 2, 4, 6)
     fused = torch.cat([rgb_latents, (xyz_latents - 0.2) / 1.5], dim=-1)
     rgb, xyz = tiny_pipe.decode_latents(fused, "rgbxyz", xyz_mean=0.2, xyz_std=1.5)
-    from fourdnex.model.fusion import vae_denormalize
-
     direct = vae.decode(vae_denormalize(vae, torch.cat([rgb_latents, xyz_latents])), return_dict=False)[0]
     assert torch.allclose(rgb, (direct[:1] / 2 + 0.5).clamp(0, 1), atol=1e-5)
     assert torch.allclose(xyz, direct[1:].clamp(-1, 1), atol=1e-5)

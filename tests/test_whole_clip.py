@@ -115,3 +115,20 @@ def test_a_condition_must_end_in_zeros():
     vae = whole_clip_vae(load_vae(ROOT / "example" / "tiny-wan-i2v").eval())
     with pytest.raises(ValueError, match="frames from 1 on must be zeros"):
         encode_condition_moments(vae, videos(5).float())
+
+
+def test_the_zero_tail_choice_is_counted_once_per_vae_and_shape(monkeypatch):
+    """skips_zero_tail counts a shape's FLOPs once in a process (inference pays it once, not per sample), and
+    counts again for another shape or another VAE config."""
+    from fourdnex.model import whole_clip
+
+    counted = []
+    monkeypatch.setattr(whole_clip, "condition_flops", lambda config, shape: counted.append(shape) or (2.0, 1.0))
+    whole_clip._skips_zero_tail.cache_clear()
+    config = dict(load_vae(ROOT / "example" / "tiny-wan-i2v").config)
+    shape = (1, 3, 25, 32, 96)
+    assert all(whole_clip.skips_zero_tail(config, shape) for _ in range(3))
+    assert whole_clip.skips_zero_tail(config, (1, 3, 9, 32, 96))
+    assert whole_clip.skips_zero_tail({**config, "base_dim": 2 * config["base_dim"]}, shape)
+    assert counted == [shape, (1, 3, 9, 32, 96), shape]
+    whole_clip._skips_zero_tail.cache_clear()  # the monkeypatched answers leave with the monkeypatch

@@ -34,9 +34,8 @@ from fourdnex.data.prepare import CENTER_MODES, PreparedClip, prepare_clip
 from fourdnex.data.sources import Captions, ClipError, ClipSource, find_clips, read_clip
 from fourdnex.errors import UsageError
 from fourdnex.files import write_text
-from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize, video_pixels
+from fourdnex.model.fusion import condition_video, encode_image_conditions, encode_latents, video_pixels
 from fourdnex.model.loading import ENCODER_DTYPE, TEXT_TOKENS, channels_last_convolutions, load_components
-from fourdnex.model.whole_clip import encode_condition_moments, skips_zero_tail, whole_clip_vae
 from fourdnex.runtime import DTYPES, device_of, dtype_of, worker_processes
 
 #: ``--encoder_dtype`` choices: the VAE's and CLIP's dtype. float32 (the default) is the dtype inference decodes and
@@ -127,8 +126,7 @@ class Encoders:
     def __init__(self, pipe, device: str | torch.device):
         self.pipe = pipe.to(device)
         self.device = torch.device(device)
-        self.vae = whole_clip_vae(pipe.vae)  # for the conditions (encode_condition); the videos run diffusers' chunks
-        self._zero_tail: dict[tuple[int, ...], bool] = {}  # per condition shape: whether to skip its zero tail
+        self.vae = pipe.vae
         if self.device.type == "cuda":
             # cuDNN's fastest algorithm for the build's few shapes, timed at their first call, on channels-last 3D
             # weights: the VAE's work 1.27x faster in bfloat16 on an H100 (BENCHMARKS.md, "Dataset building").
@@ -160,16 +158,10 @@ class Encoders:
     @torch.no_grad()
     def encode_condition(self, first: torch.Tensor, num_frames: int, modalities: str) -> torch.Tensor:
         """The latents of the conditions of first frames ``(B, 3, H, W)`` in [-1, 1] (:func:`condition_video`),
-        ``(B, 16, T, h, w)``, as :meth:`encode_videos` gives them; where it spends fewer FLOPs (long conditions:
-        :func:`fourdnex.model.whole_clip.skips_zero_tail`, decided once per shape), computing only what depends on the
-        first frame."""
+        ``(B, 16, T, h, w)``, as :meth:`encode_videos` gives them; where it spends fewer FLOPs, computing only what
+        depends on the first frame (:func:`fourdnex.model.fusion.encode_image_conditions`)."""
         video = condition_video(first.to(self.device, self.vae.dtype), num_frames, modalities)
-        shape = tuple(video.shape)
-        if shape not in self._zero_tail:
-            self._zero_tail[shape] = skips_zero_tail(dict(self.vae.config), shape)
-        if not self._zero_tail[shape]:
-            return encode_latents(self.vae, video)
-        return vae_normalize(self.vae, encode_condition_moments(self.vae, video)[:, : self.vae.config.z_dim].float())
+        return encode_image_conditions(self.vae, video)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from fourdnex.config import FLASH_4_BACKEND
 from fourdnex.errors import FourDNeXError
 from fourdnex.generate.config import MEMORY_MODES, AccelerationConfig
 from fourdnex.model.attention import choose_backend, flash4_problem
+from fourdnex.model.loading import channels_last_convolutions
 
 GiB = 1024**3
 #: Peak VAE decode memory per decoded pixel (frames x height x width), measured on the real Wan VAE (bf16/fp32
@@ -55,10 +56,11 @@ def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = Fal
     """Estimated peak GPU bytes of sampling in each memory mode.
 
     ``tokens`` is the transformer's sequence length, ``pixels`` the decoded frames x height x width of one
-    modality, ``batch`` the samples of one transformer call. The halves decode one after the other, the samples of
-    a batch together as far as :data:`~fourdnex.generate.pipeline.VAE_CALL_PIXELS` allows.
+    modality, ``batch`` the samples of one transformer call. The samples of a batch and their RGB and XYZ videos
+    decode together as far as :data:`~fourdnex.generate.pipeline.VAE_CALL_PIXELS` allows
+    (:func:`~fourdnex.generate.pipeline.decode_videos_per_call`).
     """
-    from fourdnex.generate.pipeline import videos_per_vae_call
+    from fourdnex.generate.pipeline import decode_videos_per_call
 
     config = pipe.transformer.config
     inner_dim = config.num_attention_heads * config.attention_head_dim
@@ -69,7 +71,7 @@ def memory_needs(pipe, tokens: int, pixels: int, batch: int = 1, fp8: bool = Fal
     block = transformer // max(blocks, 1)
     work = transformer_working_bytes(tokens, inner_dim, config.ffn_dim, batch)
     text, image, vae = (module_bytes(m) for m in (pipe.text_encoder, pipe.image_encoder, pipe.vae))
-    videos = min(batch, videos_per_vae_call(pixels))  # in one VAE call
+    videos = decode_videos_per_call(pixels, batch)  # in one VAE call
     decode = int(videos * pixels * _DECODE_BYTES_PER_PIXEL)
     tiled = min(decode, videos * _TILED_DECODE_BYTES)
     largest_text_leaf = max(module_bytes(m) for m in pipe.text_encoder.modules() if not list(m.children()))
@@ -203,6 +205,10 @@ def apply_acceleration(pipe, config: AccelerationConfig, device: torch.device) -
     # 4. VAE: tile the frames when memory is tight (each call's videos: fourdnex.generate.pipeline.VAE_CALL_PIXELS).
     if config.vae_tiling:
         pipe.vae.enable_tiling()
+    if device.type == "cpu":
+        # the convolutions' weights in channels-last memory: on a 2-core CPU the decode of a sample's two videos
+        # 2.2x as fast, its condition 1.05-1.1x (BENCHMARKS.md, "The CPU's VAE calls")
+        channels_last_convolutions(pipe.vae)
 
     # 5. Approximate caching of transformer calls.
     if config.cache == "fbc":

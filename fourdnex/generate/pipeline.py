@@ -26,11 +26,13 @@ from fourdnex.config import (
     Modalities,
     check_video_shape,
     latent_frames,
+    video_frames,
 )
 from fourdnex.model.fusion import (
     condition_frames,
     condition_mask,
     denormalize_xyz,
+    encode_image_conditions,
     encode_latents,
     split_width,
     vae_denormalize,
@@ -48,6 +50,14 @@ def videos_per_vae_call(pixels: int) -> int:
     """How many videos of ``pixels`` (frames x height x width) one VAE call takes: :data:`VAE_CALL_PIXELS` worth,
     at least one."""
     return max(1, VAE_CALL_PIXELS // pixels)
+
+
+def decode_videos_per_call(pixels: int, batch: int, modalities: int = 2) -> int:
+    """How many videos of ``pixels`` one decode call takes for a batch of ``batch`` samples of ``modalities`` videos
+    each: the samples of a part (:data:`VAE_CALL_PIXELS` worth of all their videos, at least one sample), all their
+    videos together where they fit, else one modality's."""
+    samples = min(batch, videos_per_vae_call(pixels * modalities))
+    return samples * modalities if samples * modalities * pixels <= VAE_CALL_PIXELS else samples
 
 
 #: The condition of one sample: an image (frame 0), or one image per given frame, in frame order.
@@ -211,7 +221,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         given[:, given_frames] = True
         video = condition_frames(frames, given, modalities)  # (B, 3, F, H, W')
         per_call = videos_per_vae_call(video[0, 0].numel())
-        condition_latents = torch.cat([encode_latents(self.vae, part) for part in video.split(per_call)])
+        encode = encode_image_conditions if given_frames == [0] else encode_latents
+        condition_latents = torch.cat([encode(self.vae, part) for part in video.split(per_call)])
         condition_latents = condition_latents.to(device)  # (B, 16, T, h, w')
         mask = condition_mask(given, latent_h, latent_w, modalities)  # (B, 4, T, h, w')
         condition = torch.cat([mask, condition_latents], dim=1)  # (B, 20, T, h, w')
@@ -242,15 +253,16 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
                 progress.update()
         timings["denoise"] = time.perf_counter() - tic
 
-        # 6. Decode each modality on its own (as each was encoded for training), after undoing the normalizations,
-        #    the samples of a batch in parts of VAE_CALL_PIXELS: each part's videos reach host memory before the
-        #    next decodes (with split decoding: on the first process).
+        # 6. Decode each modality as a video of its own (as each was encoded for training), after undoing the
+        #    normalizations, the samples of a batch in parts of VAE_CALL_PIXELS (both modalities' videos counted):
+        #    each part's videos reach host memory before the next decodes (with split decoding: on the first process).
         tic = time.perf_counter()
 
         def channels_last(video: torch.Tensor | None) -> torch.Tensor | None:
             return None if video is None else video.permute(0, 2, 3, 4, 1).float().cpu()  # (b, F, H, W, 3)
 
-        decoded, per_call = [], videos_per_vae_call(num_frames * height * width)
+        decoded = []
+        per_call = videos_per_vae_call(num_frames * height * width * (2 if modalities == "rgbxyz" else 1))
         for first in range(0, batch, per_call):
             part = slice(first, first + per_call)
             rgb, xyz = self.decode_latents(latents[part], modalities, xyz_mean, xyz_std)  # (b, 3, F, H, W) each
@@ -265,8 +277,8 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
     def decode_latents(
         self, latents: torch.Tensor, modalities: Modalities, xyz_mean: float, xyz_std: float
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1], one VAE
-        call per modality.
+        """Normalized latents ``(B, 16, T, h, w')`` -> RGB ``(B, 3, F, H, W)`` in [0, 1] and XYZ in [-1, 1]: one VAE
+        call for both where their videos fit :data:`VAE_CALL_PIXELS`, else one per modality.
 
         A modality the latent lacks is None; with split decoding, so is every video on processes other than the first.
         """
@@ -279,10 +291,20 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
             halves = {"rgb": latents}
         if self._split_decoding:
             videos = self._decode_on_two_processes(halves)
+        elif len(halves) > 1 and len(halves) * self._pixels(latents) <= VAE_CALL_PIXELS:
+            # both modalities in one VAE call: on a CPU 2.7x as fast as a call each at 25 x 192 x 288 (BENCHMARKS.md,
+            # "The CPU's VAE calls")
+            joined = self._vae_decode(torch.cat(list(halves.values())))
+            videos = dict(zip(halves, joined.split(len(latents)), strict=True))
         else:
             videos = {name: self._vae_decode(half) for name, half in halves.items()}
         rgb, xyz = videos.get("rgb"), videos.get("xyz")
         return (None if rgb is None else (rgb / 2 + 0.5).clamp(0, 1)), (None if xyz is None else xyz.clamp(-1, 1))
+
+    def _pixels(self, latents: torch.Tensor) -> int:
+        """Pixels (frames x height x width) of the videos of one modality of fused latents ``(B, 16, T, h, 2w)``."""
+        batch, _, frames, height, width = latents.shape
+        return batch * video_frames(frames) * height * (width // 2) * self.vae_scale_factor_spatial**2
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents ``(B, 16, T, h, w)`` -> VAE output ``(B, 3, F, H, W)`` on the VAE's device."""

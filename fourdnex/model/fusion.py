@@ -148,6 +148,24 @@ def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
     return vae_normalize(vae, z.float())
 
 
+def encode_image_conditions(vae, video: torch.Tensor) -> torch.Tensor:
+    """Condition videos ``(B, 3, F, H, W)`` whose frames after the first are zeros (an image's condition) -> the
+    latents :func:`encode_latents` gives them; where that spends fewer FLOPs
+    (:func:`fourdnex.model.whole_clip.skips_zero_tail`: from about 17 frames on), computing only what depends on the
+    first frame (:func:`fourdnex.model.whole_clip.encode_condition_moments`: the same latents to rounding).
+
+    Inference's image conditions and the cache build's.
+    """
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    from fourdnex.model.whole_clip import encode_condition_moments, skips_zero_tail, whole_clip_vae
+
+    if not skips_zero_tail(vae.config, tuple(video.shape)):
+        return encode_latents(vae, video)
+    moments = encode_condition_moments(whole_clip_vae(vae), video.to(get_module_execution_device(vae), vae.dtype))
+    return vae_normalize(vae, moments[:, : vae.config.z_dim].float())
+
+
 def vae_round_trip(vae, videos: torch.Tensor) -> torch.Tensor:
     """Videos ``(B, 3, F, H, W)`` in [-1, 1] through the VAE: the decoded posterior mode, float32 clamped to [-1, 1]
     (no gradients)."""

@@ -22,10 +22,14 @@ it is the same for every clip: :func:`encode_condition_moments` computes only wh
 
 Timed by ``bench/bench_train_throughput.py --vae`` and ``bench/bench_dataset.py --vae_variants`` on a GPU and
 ``bench/bench_whole_clip.py`` on the CPU (BENCHMARKS.md): the VAE trainer runs whole clips on a GPU, the cache build
-encodes long conditions with :func:`encode_condition_moments`; the rest runs diffusers' chunks.
+and inference encode long image conditions with :func:`encode_condition_moments`
+(:func:`fourdnex.model.fusion.encode_image_conditions`); the rest runs diffusers' chunks.
 """
 
 from __future__ import annotations
+
+import functools
+import json
 
 import torch
 
@@ -173,6 +177,11 @@ def condition_flops(vae_config: dict, shape: tuple[int, ...]) -> tuple[float, fl
 
 def skips_zero_tail(vae_config: dict, shape: tuple[int, ...]) -> bool:
     """Whether a condition video of ``shape`` costs fewer FLOPs through :func:`encode_condition_moments` than in
-    diffusers' chunks (:func:`condition_flops`): the cache build's choice per condition shape."""
-    chunks, zero_tail = condition_flops(vae_config, shape)
+    diffusers' chunks (:func:`condition_flops`), counted once per VAE config and shape in a process."""
+    return _skips_zero_tail(json.dumps(dict(vae_config), sort_keys=True, default=str), tuple(shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _skips_zero_tail(vae_config: str, shape: tuple[int, ...]) -> bool:
+    chunks, zero_tail = condition_flops(json.loads(vae_config), shape)
     return zero_tail < chunks
