@@ -154,7 +154,7 @@ def encode_image_conditions(vae, video: torch.Tensor) -> torch.Tensor:
     (:func:`fourdnex.model.whole_clip.skips_zero_tail`: from about 17 frames on), computing only what depends on the
     first frame (:func:`fourdnex.model.whole_clip.encode_condition_moments`: the same latents to rounding).
 
-    Inference's image conditions and the cache build's.
+    The cache build's image conditions, and inference's on a CPU.
     """
     from diffusers.utils.torch_utils import get_module_execution_device
 

@@ -22,7 +22,7 @@ it is the same for every clip: :func:`encode_condition_moments` computes only wh
 
 Timed by ``bench/bench_train_throughput.py --vae`` and ``bench/bench_dataset.py --vae_variants`` on a GPU and
 ``bench/bench_whole_clip.py`` on the CPU (BENCHMARKS.md): the VAE trainer runs whole clips on a GPU, the cache build
-and inference encode long image conditions with :func:`encode_condition_moments`
+and inference on a CPU encode long image conditions with :func:`encode_condition_moments`
 (:func:`fourdnex.model.fusion.encode_image_conditions`); the rest runs diffusers' chunks.
 """
 
