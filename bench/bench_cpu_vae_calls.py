@@ -1,8 +1,9 @@
 """Inference's VAE calls for one sample on the CPU, the way they ran and the way they run now, at the demo's sizes.
 
-The condition (frame 0, zeros after it; 25 frames, fused width) encoded in diffusers' chunks against
+An image's condition (frame 0, zeros after it; 25 frames, fused width) encoded in diffusers' chunks against
 :func:`fourdnex.model.fusion.encode_image_conditions` (only what depends on frame 0, where that spends fewer FLOPs;
-its FLOP count included, as inference pays it once per shape), and the decode of a sample's RGB and XYZ latents as
+its FLOP count included, as inference pays it once per shape), a condition given every frame in the chunks against
+:func:`fourdnex.model.fusion.encode_on_cpu` (over the whole clip), and the decode of a sample's RGB and XYZ latents as
 one VAE call each against one call for both (:meth:`fourdnex.generate.pipeline.FourDNeXPipeline.decode_latents`),
 the new ones with contiguous weights, then with the convolutions' weights in channels-last memory (as inference
 holds them on a CPU: :func:`fourdnex.generate.acceleration.apply_acceleration`). Seconds, each the fastest of
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fourdnex.model import whole_clip
-from fourdnex.model.fusion import condition_video, encode_image_conditions, encode_latents
+from fourdnex.model.fusion import condition_video, encode_image_conditions, encode_latents, encode_on_cpu
 from fourdnex.model.loading import channels_last_convolutions, load_vae
 
 
@@ -59,19 +60,25 @@ def main() -> None:
 
     separate = lambda: torch.cat([vae.decode(z[None], return_dict=False)[0] for z in latents])  # noqa: E731
     together = lambda: vae.decode(latents, return_dict=False)[0]  # noqa: E731
+    video = torch.rand(condition.shape, generator=generator) * 2 - 1  # a condition given every frame
     with torch.no_grad():
         condition_rows = [fastest(lambda: encode_latents(vae, condition), args.runs), fastest(new_condition, args.runs)]
+        video_rows = [fastest(lambda: encode_latents(vae, video), args.runs), fastest(lambda: encode_on_cpu(vae, video),
+                                                                                      args.runs)]  # fmt: skip
         decode_rows = [fastest(separate, args.runs), fastest(together, args.runs)]
         channels_last_convolutions(vae)
         condition_rows.append(fastest(new_condition, args.runs))
+        video_rows.append(fastest(lambda: encode_on_cpu(vae, video), args.runs))
         decode_rows.append(fastest(together, args.runs))
     print(f"{torch.get_num_threads()} torch threads\n")
     print("| call | before (s) | now, contiguous weights (s) | now, channels-last weights (s) | speed-up | largest "
           "difference / std |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    names = (f"condition 1 x {' x '.join(map(str, condition.shape[2:]))}",
+    shape = " x ".join(map(str, condition.shape[2:]))
+    names = (f"image condition 1 x {shape}", f"video condition 1 x {shape}",
              f"decode RGB and XYZ, {frames} latent frames of {args.height // 8} x {args.width // 8}")  # fmt: skip
-    for name, ((old, before), (new, _), (last, after)) in zip(names, (condition_rows, decode_rows), strict=True):
+    rows = (condition_rows, video_rows, decode_rows)
+    for name, ((old, before), (new, _), (last, after)) in zip(names, rows, strict=True):
         difference = float((after - before).abs().max() / before.std())
         print(f"| {name} | {old:.2f} | {new:.2f} | {last:.2f} | {old / last:.2f}x | {difference:.1e} |")
 

@@ -50,7 +50,7 @@ def accelerated(config: AccelerationConfig):
 
 
 def test_a_cpu_holds_the_vae_convolutions_channels_last(example_image, exact):
-    """On a CPU the VAE's convolution weights are held in channels-last memory (its decode 2.2x as fast there): the
+    """On a CPU the VAE's convolution weights are held in channels-last memory (its decode about 2x as fast there): the
     sample is the same to rounding."""
     pipe, _ = accelerated(AccelerationConfig())
     convolutions = [m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)]

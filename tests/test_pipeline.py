@@ -92,6 +92,32 @@ def test_a_long_image_condition_is_diffusers_latents(tiny_pipe, example_image):
     assert (condition - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_a_video_condition_is_diffusers_latents(tiny_pipe, example_image, monkeypatch):
+    """Given every frame, one sample's condition is encoded over the whole clip on a CPU: what the transformer sees is
+    diffusers' latents of the condition video to rounding."""
+    from fourdnex.model import whole_clip
+    from fourdnex.model.fusion import condition_frames
+
+    whole = []
+    encode_moments = whole_clip.encode_moments
+    monkeypatch.setattr(whole_clip, "encode_moments", lambda vae, x: whole.append(x.shape) or encode_moments(vae, x))
+    seen = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    frames = [example_image.transpose(k % 2) for k in range(5)]  # the image, mirrored every other frame
+    try:
+        tiny_pipe(frames, "a cat", given_frames=range(5), generator=torch.Generator().manual_seed(0),
+                  **{**SMALL, "num_inference_steps": 1})  # fmt: skip
+    finally:
+        hook.remove()
+    pixels = tiny_pipe.video_processor.preprocess(frames, height=32, width=48)  # (5, 3, H, W)
+    video = condition_frames(pixels.transpose(0, 1)[None], torch.ones(1, 5, dtype=torch.bool), "rgbxyz")
+    expected = vae_normalize(tiny_pipe.vae, tiny_pipe.vae.encode(video).latent_dist.mode())
+    condition = seen[0][:, 20:]
+    assert whole == [video.shape]  # one call over the whole clip
+    assert condition.shape == expected.shape == (1, 16, 2, 4, 12)
+    assert (condition - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize(("call_pixels", "calls"), [(None, 1), (5 * 32 * 48, 2)])
 def test_both_modalities_decode_in_one_call_where_they_fit(tiny_pipe, monkeypatch, call_pixels, calls):
     """A sample's RGB and XYZ videos decode in one VAE call where both fit VAE_CALL_PIXELS, else one call each; the

@@ -207,7 +207,7 @@ def apply_acceleration(pipe, config: AccelerationConfig, device: torch.device) -
         pipe.vae.enable_tiling()
     if device.type == "cpu":
         # the convolutions' weights in channels-last memory: on a 2-core CPU the decode of a sample's two videos
-        # 2.2x as fast, its condition 1.05-1.1x (BENCHMARKS.md, "The CPU's VAE calls")
+        # 1.9-2.3x as fast (BENCHMARKS.md, "The CPU's VAE calls")
         channels_last_convolutions(pipe.vae)
 
     # 5. Approximate caching of transformer calls.

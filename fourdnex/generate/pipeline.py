@@ -34,6 +34,7 @@ from fourdnex.model.fusion import (
     denormalize_xyz,
     encode_image_conditions,
     encode_latents,
+    encode_on_cpu,
     split_width,
     vae_denormalize,
 )
@@ -221,11 +222,13 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         given[:, given_frames] = True
         video = condition_frames(frames, given, modalities)  # (B, 3, F, H, W')
         per_call = videos_per_vae_call(video[0, 0].numel())
-        # an image's condition, on a CPU, only where it depends on frame 0 where that spends fewer FLOPs (at 25 x 192 x
-        # 288 3x as fast: BENCHMARKS.md, "The CPU's VAE calls"; on a GPU not yet timed, and its whole-clip layers
-        # hold more memory than the chunks)
-        image_on_cpu = given_frames == [0] and get_module_execution_device(self.vae).type == "cpu"
-        encode = encode_image_conditions if image_on_cpu else encode_latents
+        # on a CPU an image's condition only where it depends on frame 0 where that spends fewer FLOPs (at 25 x 192 x
+        # 288 3x as fast), other conditions of one sample over the whole clip (2.7x: BENCHMARKS.md, "The CPU's VAE
+        # calls"); on a GPU diffusers' chunks (the others not yet timed there, and their whole-clip layers hold more
+        # memory than the chunks)
+        encode = encode_latents
+        if get_module_execution_device(self.vae).type == "cpu":
+            encode = encode_image_conditions if given_frames == [0] else encode_on_cpu
         condition_latents = torch.cat([encode(self.vae, part) for part in video.split(per_call)])
         condition_latents = condition_latents.to(device)  # (B, 16, T, h, w')
         mask = condition_mask(given, latent_h, latent_w, modalities)  # (B, 4, T, h, w')
