@@ -223,9 +223,9 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         video = condition_frames(frames, given, modalities)  # (B, 3, F, H, W')
         per_call = videos_per_vae_call(video[0, 0].numel())
         # on a CPU an image's condition only where it depends on frame 0 where that spends fewer FLOPs (at 25 x 192 x
-        # 288 3x as fast), other conditions of one sample over the whole clip (2.7x: BENCHMARKS.md, "The CPU's VAE
-        # calls"); on a GPU diffusers' chunks (the others not yet timed there, and their whole-clip layers hold more
-        # memory than the chunks)
+        # 288 3x as fast), other conditions of one sample over the whole clip (2.6-2.9x: BENCHMARKS.md, "The CPU's VAE
+        # calls"); on a GPU diffusers' chunks (neither is timed there yet, and their whole-clip layers hold more memory
+        # than the chunks)
         encode = encode_latents
         if get_module_execution_device(self.vae).type == "cpu":
             encode = encode_image_conditions if given_frames == [0] else encode_on_cpu

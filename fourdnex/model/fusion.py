@@ -169,7 +169,7 @@ def encode_image_conditions(vae, video: torch.Tensor) -> torch.Tensor:
 def encode_on_cpu(vae, video: torch.Tensor) -> torch.Tensor:
     """Condition videos ``(B, 3, F, H, W)`` in [-1, 1] -> the latents :func:`encode_latents` gives them, on a CPU: a
     single video over the whole clip (:func:`fourdnex.model.whole_clip.encode_moments`, the same latents to rounding),
-    where diffusers' chunks take a slow path for a batch of one (a fused 25 x 192 x 576 video: 3.9 s against 10.4 s
+    where diffusers' chunks take a slow path for a batch of one (a fused 25 x 192 x 576 video: 3.5 s against 10.2 s
     with channels-last weights), a batch in the chunks, faster from two videos on. Inference's conditions other than
     an image's (:func:`encode_image_conditions`)."""
     from fourdnex.model.whole_clip import encode_moments, whole_clip_vae
