@@ -337,7 +337,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKLWan
 
     from fourdnex.model.fast_vae import fuse_norm_silu, pad_in_convolutions
-    from fourdnex.model.fusion import condition_video, encode_latents, vae_normalize
+    from fourdnex.model.fusion import condition_video, encode_latents, mode_latents
     from fourdnex.model.whole_clip import encode_condition_moments, encode_moments, skips_zero_tail, whole_clip_vae
 
     device = device_of(args.device)
@@ -381,7 +381,7 @@ def print_vae_variants(args: argparse.Namespace) -> None:
                 moments = encode_moments(model, x.to(model.dtype))
             else:
                 return encode_latents(model, x)
-            return vae_normalize(model, moments[:, : model.config.z_dim].float())
+            return mode_latents(model, moments)
 
         try:
             tic = time.perf_counter()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import timed
 from fourdnex.files import write_json
-from fourdnex.model.fusion import condition_frames, condition_video, encode_latents, vae_normalize, video_pixels
+from fourdnex.model.fusion import condition_frames, condition_video, encode_latents, mode_latents, video_pixels
 from fourdnex.model.loading import load_vae
 from fourdnex.model.whole_clip import decode_whole, encode_condition_moments, encode_moments, whole_clip_vae
 from fourdnex.train.data import VaeConditionEncoder, draw_given
@@ -65,7 +65,7 @@ def gpu_conditions(args: argparse.Namespace) -> None:
     encoder = VaeConditionEncoder(load_vae(args.model_path), device)
     ways = {
         "diffusers' chunks": lambda: encode_latents(chunked, videos),
-        "whole clip": lambda: vae_normalize(whole, encode_moments(whole, videos)[:, : whole.config.z_dim].float()),
+        "whole clip": lambda: mode_latents(whole, encode_moments(whole, videos)),
         "whole clip, channels-last (the trainer's encoder)": lambda: encoder(videos),
     }
     rows, reference = [], None

@@ -53,12 +53,18 @@ def videos_per_vae_call(pixels: int) -> int:
     return max(1, VAE_CALL_PIXELS // pixels)
 
 
+def decodes_together(modalities: int, pixels: int) -> bool:
+    """Whether the videos of ``modalities`` modalities of ``pixels`` each (all of a part's samples) decode in one VAE
+    call: where there are several and they fit :data:`VAE_CALL_PIXELS`."""
+    return modalities > 1 and modalities * pixels <= VAE_CALL_PIXELS
+
+
 def decode_videos_per_call(pixels: int, batch: int, modalities: int = 2) -> int:
     """How many videos of ``pixels`` one decode call takes for a batch of ``batch`` samples of ``modalities`` videos
     each: the samples of a part (:data:`VAE_CALL_PIXELS` worth of all their videos, at least one sample), all their
-    videos together where they fit, else one modality's."""
+    videos together where they fit (:func:`decodes_together`), else one modality's."""
     samples = min(batch, videos_per_vae_call(pixels * modalities))
-    return samples * modalities if samples * modalities * pixels <= VAE_CALL_PIXELS else samples
+    return samples * modalities if decodes_together(modalities, samples * pixels) else samples
 
 
 #: The condition of one sample: an image (frame 0), or one image per given frame, in frame order.
@@ -298,7 +304,7 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
             halves = {"rgb": latents}
         if self._split_decoding:
             videos = self._decode_on_two_processes(halves)
-        elif len(halves) > 1 and len(halves) * self._pixels(latents) <= VAE_CALL_PIXELS:
+        elif decodes_together(len(halves), self._pixels(next(iter(halves.values())))):
             # both modalities in one VAE call: on a CPU 2.7x as fast as a call each at 25 x 192 x 288 (BENCHMARKS.md,
             # "The CPU's VAE calls")
             joined = self._vae_decode(torch.cat(list(halves.values())))
@@ -309,9 +315,9 @@ class FourDNeXPipeline(WanImageToVideoPipeline):
         return (None if rgb is None else (rgb / 2 + 0.5).clamp(0, 1)), (None if xyz is None else xyz.clamp(-1, 1))
 
     def _pixels(self, latents: torch.Tensor) -> int:
-        """Pixels (frames x height x width) of the videos of one modality of fused latents ``(B, 16, T, h, 2w)``."""
+        """Pixels (frames x height x width) of the videos that one modality's latents ``(B, 16, T, h, w)`` decode to."""
         batch, _, frames, height, width = latents.shape
-        return batch * video_frames(frames) * height * (width // 2) * self.vae_scale_factor_spatial**2
+        return batch * video_frames(frames) * height * width * self.vae_scale_factor_spatial**2
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents ``(B, 16, T, h, w)`` -> VAE output ``(B, 3, F, H, W)`` on the VAE's device."""

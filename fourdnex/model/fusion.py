@@ -148,6 +148,12 @@ def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
     return vae_normalize(vae, z.float())
 
 
+def mode_latents(vae, moments: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's moments ``(B, 2 z_dim, T, h, w)`` (means, then log variances) -> the latents
+    :func:`encode_latents` gives: the mode after the VAE's own normalization, float32."""
+    return vae_normalize(vae, moments[:, : vae.config.z_dim].float())
+
+
 def encode_image_conditions(vae, video: torch.Tensor) -> torch.Tensor:
     """Condition videos ``(B, 3, F, H, W)`` whose frames after the first are zeros (an image's condition) -> the
     latents :func:`encode_latents` gives them; where that spends fewer FLOPs
@@ -162,8 +168,9 @@ def encode_image_conditions(vae, video: torch.Tensor) -> torch.Tensor:
 
     if not skips_zero_tail(vae.config, tuple(video.shape)):
         return encode_latents(vae, video)
-    moments = encode_condition_moments(whole_clip_vae(vae), video.to(get_module_execution_device(vae), vae.dtype))
-    return vae_normalize(vae, moments[:, : vae.config.z_dim].float())
+    return mode_latents(
+        vae, encode_condition_moments(whole_clip_vae(vae), video.to(get_module_execution_device(vae), vae.dtype))
+    )
 
 
 def encode_on_cpu(vae, video: torch.Tensor) -> torch.Tensor:
@@ -172,12 +179,13 @@ def encode_on_cpu(vae, video: torch.Tensor) -> torch.Tensor:
     where diffusers' chunks take a slow path for a batch of one (a fused 25 x 192 x 576 video: 3.5 s against 10.2 s
     with channels-last weights), a batch in the chunks, faster from two videos on. Inference's conditions other than
     an image's (:func:`encode_image_conditions`)."""
+    from diffusers.utils.torch_utils import get_module_execution_device
+
     from fourdnex.model.whole_clip import encode_moments, whole_clip_vae
 
     if len(video) > 1:
         return encode_latents(vae, video)
-    moments = encode_moments(whole_clip_vae(vae), video.to(vae.device, vae.dtype))
-    return vae_normalize(vae, moments[:, : vae.config.z_dim].float())
+    return mode_latents(vae, encode_moments(whole_clip_vae(vae), video.to(get_module_execution_device(vae), vae.dtype)))
 
 
 def vae_round_trip(vae, videos: torch.Tensor) -> torch.Tensor:

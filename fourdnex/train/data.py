@@ -30,7 +30,7 @@ import torch
 from fourdnex import files
 from fourdnex.config import video_frames
 from fourdnex.data.cache import CachedSample, LatentCache, read_cached_frames
-from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents, vae_normalize, video_pixels
+from fourdnex.model.fusion import condition_frames, condition_mask, encode_latents, mode_latents, video_pixels
 from fourdnex.model.loading import channels_last_convolutions
 from fourdnex.model.whole_clip import encode_moments, runs_whole_clip, whole_clip_vae
 from fourdnex.runtime import worker_processes
@@ -201,8 +201,7 @@ class VaeConditionEncoder:
         if not self.whole_clip:
             return encode_latents(self.vae, videos.to(self.device))
         videos = videos.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last_3d)
-        means = encode_moments(self.vae, videos)[:, : self.vae.config.z_dim]  # the posterior's mode
-        return vae_normalize(self.vae, means.float())
+        return mode_latents(self.vae, encode_moments(self.vae, videos))
 
 
 def read_batch(cache: LatentCache, draws: Draws) -> list[CachedSample]:
