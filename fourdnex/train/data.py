@@ -273,15 +273,14 @@ class HeldCache:
     held (``patterns``), so that a step encodes only the samples given random key frames.
 
     :meth:`read` holds a cache's files; :mod:`fourdnex.train.rendered` holds the synthetic generator's clips encoded
-    in memory, and where a run trains while they are made, fills the rows as they come (``ready``: the clips held at
-    construction, the first ones; :meth:`add_prompts` and :meth:`encode_patterns` hold the later ones' prompts and
-    conditions).
+    in memory, and where a run trains while they are made, fills the rows as they come (:meth:`add_prompts` and
+    :meth:`encode_patterns` hold their prompts and conditions).
     """
 
     def __init__(
         self, x0: torch.Tensor, image: torch.Tensor, prompts: torch.Tensor, prompt_of: torch.Tensor, modalities: str,
         cond: torch.Tensor | None = None, first: torch.Tensor | None = None, frames: torch.Tensor | None = None,
-        encoder: VaeConditionEncoder | None = None, ready: int | None = None,
+        encoder: VaeConditionEncoder | None = None,
     ) -> None:  # fmt: skip
         if (cond is None) == (first is None):
             raise ValueError("a held set holds either the image conditions or the first frames they are encoded from")
@@ -292,7 +291,7 @@ class HeldCache:
         self.prompt_of = prompt_of.to(self.device)
         self.patterns: dict[str, torch.Tensor] = {}
         if frames is not None and encoder is not None:
-            self.encode_patterns(0, len(x0) if ready is None else ready, encoder)
+            self.encode_patterns(0, len(x0), encoder)
 
     @classmethod
     def read(

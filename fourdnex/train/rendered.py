@@ -208,11 +208,9 @@ class ClipRenderer:
         for _ in range(count):
             item = self._queue.popleft()
             self._fill()
-            if not item.done():
-                waiting = time.perf_counter()
-                item.result()
-                self._waited += time.perf_counter() - waiting
+            waiting = time.perf_counter()
             batch.append(item.result())
+            self._waited += time.perf_counter() - waiting
         return batch
 
     def _next_batch(self) -> int:
@@ -317,8 +315,8 @@ class ClipRenderer:
         self, start: int, stop: int, rows: dict[str, torch.Tensor], sums: list[dict], prompt_of: list[int],
         new_prompts: list[torch.Tensor],
     ) -> None:  # fmt: skip
-        """Hold clips ``start .. stop - 1``: the first ones make the held set (and its XYZ statistics, those of the
-        first :attr:`first_clips` clips), the later ones fill its rows."""
+        """Hold clips ``start .. stop - 1``: the first hold makes the held set, empty, and its XYZ statistics (those
+        of the first :attr:`first_clips` clips); every hold fills its clips' rows."""
         cfg = self.cfg
         if self.held is None:
             merged = merge_stats([{"xyz_latent_sums": s} for s in sums[: self.first_clips]], {})
@@ -340,23 +338,18 @@ class ClipRenderer:
             stats = self.facts.stats
             x0 = fuse_width(rgb, normalize_xyz(xyz, stats.xyz_latent_mean, stats.xyz_latent_std))
         rows["x0"] = x0
-        index = torch.tensor(prompt_of, dtype=torch.long)
-        if self.held is None:
+        if self.held is None:  # every clip's rows, filled as they are held
             per_clip = sum(t[0].numel() * t.element_size() for t in rows.values())
             place = holding_device(self._device, per_clip * self.count)
-            held = {name: t.new_empty((self.count, *t.shape[1:]), device=place) for name, t in rows.items()}
-            for name, tensor in rows.items():
-                held[name][start:stop] = tensor
-            prompt_index = torch.zeros(self.count, dtype=torch.long)
-            prompt_index[start:stop] = index
+            empty = {name: t.new_empty((self.count, *t.shape[1:]), device=place) for name, t in rows.items()}
+            no_prompts = new_prompts[0].new_empty((0, *new_prompts[0].shape))
             self.held = HeldCache(
-                held["x0"], held["image"], torch.stack(new_prompts), prompt_index, cfg.modalities, held["cond"],
-                frames=held.get("frames"), encoder=self._pattern_encoder, ready=stop,
+                empty["x0"], empty["image"], no_prompts, torch.zeros(self.count, dtype=torch.long), cfg.modalities,
+                empty["cond"], frames=empty.get("frames"),
             )  # fmt: skip
-            return
         held = self.held
         held.x0[start:stop], held.image[start:stop], held.cond[start:stop] = rows["x0"], rows["image"], rows["cond"]
-        held.prompt_of[start:stop] = index.to(held.device)
+        held.prompt_of[start:stop] = torch.tensor(prompt_of, dtype=torch.long, device=held.device)
         if new_prompts:
             held.add_prompts(torch.stack(new_prompts))
         if held.frames is not None:
